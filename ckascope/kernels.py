@@ -1,0 +1,229 @@
+"""Kernel matrices and HSIC estimators as small pure functions.
+
+Every function is batched over leading dimensions: a Gram matrix has shape (..., n, n) and a
+feature matrix (..., n, p). The formulas are those of DESIGN.md ("The math"):
+
+- linear kernel K = X Xᵀ; RBF kernel K_ij = exp(-D²_ij / (2σ²)), σ² = f² · median(D²) over all n²
+  entries with NumPy's even-count rule;
+- HSIC0(K, L) = tr(K H L H) / (n-1)² (biased), HSIC1(K, L) = <U(K), U(L)> / (n(n-3)) (unbiased,
+  Song et al. 2012, in the U-centred form of Székely & Rizzo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ckascope.errors import InputError
+
+Kernel = Literal["linear", "rbf"]
+KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Turns TF32 off for CUDA matmuls inside the block and restores the previous setting.
+
+    TF32 keeps 10 mantissa bits (relative error ~1e-3), three orders of magnitude above the 1e-6
+    the Gram matrices need.
+    """
+    backend = torch.backends.cuda.matmul
+    if hasattr(backend, "fp32_precision"):  # torch >= 2.9
+        old_precision = backend.fp32_precision
+        backend.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            backend.fp32_precision = old_precision
+        return
+    old_tf32 = backend.allow_tf32
+    backend.allow_tf32 = False
+    try:
+        yield
+    finally:
+        backend.allow_tf32 = old_tf32
+
+
+def check_kernel(kernel: str, sigma_frac: float) -> None:
+    """Raises InputError for an unknown kernel name or a non-positive RBF bandwidth fraction."""
+    if kernel not in KERNELS:
+        raise InputError(f"unknown kernel {kernel!r}. Hint: use one of {', '.join(KERNELS)}")
+    if not sigma_frac > 0:
+        raise InputError(f"sigma_frac must be > 0, got {sigma_frac}. Hint: the paper uses 0.5-1")
+
+
+def center_features(x: Tensor) -> Tensor:
+    """Subtracts the mean example: (..., n, p) -> (..., n, p).
+
+    Both HSIC estimators are invariant to it, and it removes the cancellation that makes
+    float32 Grams of deep-layer features lose all their digits.
+    """
+    return x - x.mean(dim=-2, keepdim=True)
+
+
+def linear_gram(x: Tensor) -> Tensor:
+    """Linear kernel matrix: (..., n, p) -> (..., n, n)."""
+    with ieee_fp32_matmul():
+        return x @ x.transpose(-1, -2)
+
+
+def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Linear Gram of the column-centred, flattened features of one layer.
+
+    The column mean is accumulated in float64. Rounded to ``dtype`` it differs from the exact
+    mean by the same vector for every example, i.e. by a shift both HSIC estimators ignore, and
+    the float32 subtraction of two nearby numbers is exact; so even features whose spread is
+    1e-6 of their mean keep their digits.
+
+    Args:
+        x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
+        dtype: float32 or float64, the precision of the product.
+
+    Returns:
+        (n, n) Gram matrix in ``dtype``.
+    """
+    flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
+    mean = flat.mean(dim=0, dtype=torch.float64)  # (p,)
+    return linear_gram(flat.to(dtype) - mean.to(dtype))
+
+
+def sq_dists_from_gram(gram: Tensor) -> Tensor:
+    """Squared Euclidean distances from a linear Gram: (..., n, n) -> (..., n, n).
+
+    D²_ij = G_ii + G_jj - 2 G_ij. Rounding can leave tiny negative entries; a squared distance is
+    non-negative by definition, so those are set to 0 (and the diagonal to exactly 0).
+    """
+    sq_norms = gram.diagonal(dim1=-2, dim2=-1)  # (..., n)
+    d2 = (sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2) - 2 * gram).clamp_min(0)
+    d2.diagonal(dim1=-2, dim2=-1).zero_()
+    return d2
+
+
+def sq_dists(x: Tensor) -> Tensor:
+    """Squared Euclidean distances between examples: (..., n, p) -> (..., n, n)."""
+    return sq_dists_from_gram(linear_gram(center_features(x)))
+
+
+def numpy_median(values: Tensor) -> Tensor:
+    """Median over the last dimension with NumPy's rule: the mean of the two middle values.
+
+    ``torch.median`` returns the lower middle value, and ``torch.quantile`` refuses more than 2²⁴
+    elements in older torch releases (n > 4096 examples); ``kthvalue`` has neither problem.
+
+    Args:
+        values: (..., m).
+
+    Returns:
+        (...,) medians.
+    """
+    m = values.shape[-1]
+    lower = values.kthvalue((m + 1) // 2, dim=-1).values
+    if m % 2:
+        return lower
+    upper = values.kthvalue(m // 2 + 1, dim=-1).values
+    return (lower + upper) / 2
+
+
+def rbf_sigma2(d2: Tensor, sigma_frac: float) -> Tensor:
+    """σ² = sigma_frac² · median of all n² squared distances: (..., n, n) -> (...,)."""
+    return sigma_frac**2 * numpy_median(d2.flatten(-2))
+
+
+def rbf_from_sq_dists(d2: Tensor, sigma2: Tensor) -> Tensor:
+    """RBF kernel exp(-D² / (2σ²)) from squared distances (..., n, n) and σ² (...,)."""
+    return torch.exp(-d2 / (2 * sigma2[..., None, None]))
+
+
+def rbf_gram(x: Tensor, sigma_frac: float = 1.0) -> Tensor:
+    """RBF kernel matrix with the median-heuristic bandwidth: (..., n, p) -> (..., n, n)."""
+    d2 = sq_dists(x)
+    return rbf_from_sq_dists(d2, rbf_sigma2(d2, sigma_frac))
+
+
+def kernel_from_gram(
+    gram: Tensor, kernel: Kernel, sigma_frac: float = 1.0, sigma2: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Turns linear Grams of centred features into the chosen kernel matrices.
+
+    Args:
+        gram: (..., n, n) linear Gram matrices.
+        kernel: "linear" (returned as is) or "rbf".
+        sigma_frac: RBF bandwidth fraction f.
+        sigma2: (...,) fixed RBF bandwidths; None computes them from these Grams.
+
+    Returns:
+        The kernel matrices (..., n, n) and the σ² used (None for the linear kernel).
+    """
+    if kernel == "linear":
+        return gram, None
+    d2 = sq_dists_from_gram(gram)
+    if sigma2 is None:
+        sigma2 = rbf_sigma2(d2, sigma_frac)
+    return rbf_from_sq_dists(d2, sigma2), sigma2
+
+
+def center_gram(k: Tensor) -> Tensor:
+    """Double centring H K H with H = I - 11ᵀ/n: (..., n, n) -> (..., n, n)."""
+    return (
+        k
+        - k.mean(dim=-1, keepdim=True)
+        - k.mean(dim=-2, keepdim=True)
+        + k.mean(dim=(-2, -1), keepdim=True)
+    )
+
+
+def ucenter_gram(k: Tensor) -> Tensor:
+    """U-centring (Székely & Rizzo 2014) of K̃, the kernel matrix with its diagonal zeroed.
+
+    U_ij = K̃_ij - row_i/(n-2) - col_j/(n-2) + total/((n-1)(n-2)) off the diagonal, 0 on it.
+
+    Args:
+        k: (..., n, n) kernel matrices, n >= 4.
+
+    Returns:
+        (..., n, n) U-centred matrices.
+    """
+    n = k.shape[-1]
+    if n < 4:
+        raise InputError(f"the unbiased HSIC needs n >= 4 examples per batch, got {n}")
+    k = k.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    row = k.sum(dim=-1, keepdim=True) / (n - 2)  # (..., n, 1)
+    col = k.sum(dim=-2, keepdim=True) / (n - 2)  # (..., 1, n)
+    total = k.sum(dim=(-2, -1), keepdim=True) / ((n - 1) * (n - 2))
+    u = k - row - col + total
+    u.diagonal(dim1=-2, dim2=-1).zero_()
+    return u
+
+
+def hsic0(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 (L is the paper's name)
+    """Biased HSIC tr(K H L H) / (n-1)²: two (..., n, n) -> (...,)."""
+    n = k.shape[-1]
+    return (center_gram(k) * l.transpose(-1, -2)).sum(dim=(-2, -1)) / (n - 1) ** 2
+
+
+def hsic1(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 (L is the paper's name)
+    """Unbiased HSIC <U(K), U(L)> / (n(n-3)): two (..., n, n) -> (...,), n >= 4."""
+    n = k.shape[-1]
+    return (ucenter_gram(k) * ucenter_gram(l)).sum(dim=(-2, -1)) / (n * (n - 3))
+
+
+def cka_from_hsic(cross: Tensor, self_a: Tensor, self_b: Tensor) -> Tensor:
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), NaN where a self term is not positive.
+
+    Args:
+        cross: (La, Lb) cross terms.
+        self_a: (La,) self terms of side a.
+        self_b: (Lb,) self terms of side b.
+
+    Returns:
+        (La, Lb) CKA values; rows/columns of non-positive (or NaN) self terms are NaN, never
+        clamped.
+    """
+    valid = (self_a > 0)[:, None] & (self_b > 0)[None, :]
+    denom = torch.sqrt(self_a.clamp_min(0)[:, None] * self_b.clamp_min(0)[None, :])
+    return torch.where(valid, cross / denom, torch.full_like(cross, float("nan")))

@@ -1,0 +1,248 @@
+"""``MinibatchCKA``: minibatch CKA (Nguyen, Raghu, Kornblith 2021) as a torchmetrics accumulator.
+
+Over k batches, CKA_ij = mean_b HSIC1(K_ib, L_jb) / sqrt(mean_b HSIC1(K_ib, K_ib) · mean_b
+HSIC1(L_jb, L_jb)), a ratio of means. The states are float64 sums registered with
+``dist_reduce_fx="sum"``, so DDP ranks combine exactly and memory does not grow with k.
+
+Short batches: with ``weighting="batch"`` (default, the published estimator) every batch counts
+once, whatever its size; ``weighting="examples"`` weights each batch's HSIC terms by its example
+count n_b, which lowers the influence of a small, noisy last batch. Either way the estimate is
+unbiased per batch; the two differ only in how the batches are averaged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ckascope.cka import batch_hsic_terms, check_batch_size, warn_degenerate
+from ckascope.errors import InputError, NumericalError
+from ckascope.kernels import (
+    Kernel,
+    centered_gram,
+    check_kernel,
+    cka_from_hsic,
+    kernel_from_gram,
+    rbf_sigma2,
+    sq_dists_from_gram,
+)
+
+Bandwidth = Literal["batch", "first"]
+Weighting = Literal["batch", "examples"]
+GramDtype = Literal["auto", "float32", "float64"]
+
+#: Largest feature count for which ``gram_dtype="auto"`` builds Grams in float64: below it the
+#: n² p product costs less than the float64 n² work every batch needs anyway.
+FLOAT64_MAX_FEATURES = 4096
+
+
+def gram_dtype_for(x: Tensor, gram_dtype: GramDtype) -> torch.dtype:
+    """The precision in which to build the Gram of features x (n, ...)."""
+    if gram_dtype == "float64" or x.dtype == torch.float64:
+        return torch.float64
+    if gram_dtype == "float32":
+        return torch.float32
+    return torch.float64 if x[0].numel() <= FLOAT64_MAX_FEATURES else torch.float32
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}. Hint: use one of {', '.join(choices)}")
+
+
+class MinibatchCKA(Metric):
+    """Accumulates the (La, Lb) minibatch CKA matrix between two sets of layers.
+
+    Args:
+        num_layers_a: Number of layers La on side a.
+        num_layers_b: Number of layers Lb on side b.
+        kernel: "linear" or "rbf".
+        sigma_frac: RBF bandwidth fraction f, σ² = f² · median of the batch's squared distances.
+        bandwidth: RBF σ² from each batch ("batch") or fixed per layer from the first batch
+            ("first"; under DDP rank 0's first batch is broadcast).
+        weighting: How batches are averaged: "batch" (each once) or "examples" (by size).
+        gram_dtype: Precision of the Gram products; "auto" uses float64 for layers with at most
+            ``FLOAT64_MAX_FEATURES`` features and float32 (TF32 off) above.
+        layer_names_a: Names used in warnings and errors (default "a[i]").
+        layer_names_b: Names used in warnings and errors (default "b[j]").
+        **kwargs: Passed to ``torchmetrics.Metric``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    cross: Tensor
+    self_a: Tensor
+    self_b: Tensor
+    num_batches: Tensor
+    num_examples: Tensor
+    sigma2_a: Tensor
+    sigma2_b: Tensor
+
+    def __init__(
+        self,
+        num_layers_a: int,
+        num_layers_b: int,
+        *,
+        kernel: Kernel = "linear",
+        sigma_frac: float = 1.0,
+        bandwidth: Bandwidth = "batch",
+        weighting: Weighting = "batch",
+        gram_dtype: GramDtype = "auto",
+        layer_names_a: Sequence[str] | None = None,
+        layer_names_b: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_layers_a < 1 or num_layers_b < 1:
+            raise InputError(
+                f"need at least one layer per side, got {num_layers_a} x {num_layers_b}"
+            )
+        check_kernel(kernel, sigma_frac)
+        _check_choice(bandwidth, ("batch", "first"), "bandwidth")
+        _check_choice(weighting, ("batch", "examples"), "weighting")
+        _check_choice(gram_dtype, ("auto", "float32", "float64"), "gram_dtype")
+        self.num_layers_a, self.num_layers_b = num_layers_a, num_layers_b
+        self.kernel, self.sigma_frac, self.bandwidth = kernel, sigma_frac, bandwidth
+        self.weighting, self.gram_dtype = weighting, gram_dtype
+        self.layer_names_a = _names(layer_names_a, num_layers_a, "a")
+        self.layer_names_b = _names(layer_names_b, num_layers_b, "b")
+        f64 = torch.float64
+        self.add_state("cross", torch.zeros(num_layers_a, num_layers_b, dtype=f64), "sum")
+        self.add_state("self_a", torch.zeros(num_layers_a, dtype=f64), "sum")
+        self.add_state("self_b", torch.zeros(num_layers_b, dtype=f64), "sum")
+        self.add_state("num_batches", torch.zeros((), dtype=torch.int64), "sum")
+        self.add_state("num_examples", torch.zeros((), dtype=torch.int64), "sum")
+        self.register_buffer("sigma2_a", torch.full((num_layers_a,), float("nan"), dtype=f64))
+        self.register_buffer("sigma2_b", torch.full((num_layers_b,), float("nan"), dtype=f64))
+        # torchmetrics wraps only ``update``; the Gram entry point needs the same bookkeeping
+        # (update count, invalidating the cached ``compute`` result).
+        self.update_grams = self._wrap_update(self.update_grams)  # type: ignore[method-assign]
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        # torchmetrics squeezes one-element results to 0-d; a 1x1 CKA matrix must stay (1, 1).
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(wrapped)
+        def shaped(*args: Any, **kwargs: Any) -> Any:
+            return wrapped(*args, **kwargs).reshape(self.num_layers_a, self.num_layers_b)
+
+        return shaped
+
+    def update(self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor]) -> None:
+        """Adds one batch given as features.
+
+        Args:
+            feats_a: La tensors (n, ...), one per layer of side a, over the same n examples.
+            feats_b: Lb tensors (n, ...), one per layer of side b.
+        """
+        self._accumulate(self._grams(feats_a, "a"), self._grams(feats_b, "b"))
+
+    def _grams(self, feats: Sequence[Tensor], side: str) -> list[Tensor]:
+        names = self.layer_names_a if side == "a" else self.layer_names_b
+        if len(feats) != len(names):
+            raise InputError(f"side {side} expects {len(names)} layers, got {len(feats)}")
+        for name, f in zip(names, feats, strict=True):
+            if f.ndim < 2:
+                raise InputError(
+                    f"layer {name!r} has shape {tuple(f.shape)}; features must be (n, ...)"
+                )
+        return [centered_gram(f, gram_dtype_for(f, self.gram_dtype)) for f in feats]
+
+    def update_grams(
+        self, grams_a: Sequence[Tensor] | Tensor, grams_b: Sequence[Tensor] | Tensor
+    ) -> None:
+        """Adds one batch given as linear Gram matrices of column-centred features.
+
+        The RBF kernel, if chosen, is derived from these Grams through squared distances.
+
+        Args:
+            grams_a: (La, n, n) tensor or La tensors (n, n), e.g. from ``ActivationRecorder``.
+            grams_b: (Lb, n, n) tensor or Lb tensors (n, n).
+        """
+        self._accumulate(grams_a, grams_b)
+
+    def _accumulate(
+        self, grams_a: Sequence[Tensor] | Tensor, grams_b: Sequence[Tensor] | Tensor
+    ) -> None:
+        ga = self._stack(grams_a, self.layer_names_a, "a")  # (La, n, n)
+        gb = self._stack(grams_b, self.layer_names_b, "b")  # (Lb, n, n)
+        n = ga.shape[-1]
+        if gb.shape[-1] != n:
+            raise InputError(
+                f"sides a and b hold different example counts ({n} vs {gb.shape[-1]}). "
+                "Hint: feed the same images to both sides"
+            )
+        check_batch_size(n, debiased=True)
+        ka = self._kernel(ga, "a")
+        kb = self._kernel(gb, "b")
+        cross, self_a, self_b = batch_hsic_terms(ka, kb, debiased=True)
+        weight = float(n) if self.weighting == "examples" else 1.0
+        self.cross += weight * cross
+        self.self_a += weight * self_a
+        self.self_b += weight * self_b
+        self.num_batches += 1
+        self.num_examples += n
+
+    def _stack(self, grams: Sequence[Tensor] | Tensor, names: list[str], side: str) -> Tensor:
+        g = grams if isinstance(grams, Tensor) else torch.stack(list(grams))
+        if g.ndim != 3 or g.shape[0] != len(names) or g.shape[1] != g.shape[2]:
+            raise InputError(
+                f"side {side} expects Grams of shape ({len(names)}, n, n), got {tuple(g.shape)}"
+            )
+        g = g.to(device=self.cross.device, dtype=torch.float64)
+        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        if not bool(finite.all()):
+            bad = [names[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise NumericalError(
+                f"NaN or Inf activations in layer(s) {', '.join(bad)} (side {side}). "
+                "Hint: check the model's numerics (e.g. float16 overflow) or the input images"
+            )
+        return g
+
+    def _kernel(self, grams: Tensor, side: str) -> Tensor:
+        sigma2 = None
+        if self.kernel == "rbf" and self.bandwidth == "first":
+            sigma2 = self.sigma2_a if side == "a" else self.sigma2_b
+            if bool(torch.isnan(sigma2).any()):
+                first = rbf_sigma2(sq_dists_from_gram(grams), self.sigma_frac)
+                sigma2.copy_(_from_rank_zero(first))
+        return kernel_from_gram(grams, self.kernel, self.sigma_frac, sigma2)[0]
+
+    def compute(self) -> Tensor:
+        """The (La, Lb) float64 CKA matrix.
+
+        Layers whose HSIC(K, K) is not positive get NaN rows/columns and a warning naming them.
+        """
+        warn_degenerate(self.self_a, self.layer_names_a, "a")
+        warn_degenerate(self.self_b, self.layer_names_b, "b")
+        return cka_from_hsic(self.cross, self.self_a, self.self_b)
+
+    def reset(self) -> None:
+        """Clears the sums and, for ``bandwidth="first"``, the fixed bandwidths."""
+        super().reset()
+        self.sigma2_a.fill_(float("nan"))
+        self.sigma2_b.fill_(float("nan"))
+
+
+def _names(names: Sequence[str] | None, count: int, side: str) -> list[str]:
+    if names is None:
+        return [f"{side}[{i}]" for i in range(count)]
+    if len(names) != count:
+        raise InputError(f"got {len(names)} layer names for {count} layers on side {side}")
+    return list(names)
+
+
+def _from_rank_zero(value: Tensor) -> Tensor:
+    """Rank 0's value on every rank, so a fixed RBF bandwidth is the same across DDP ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.broadcast(value, src=0)
+    return value

@@ -1,0 +1,178 @@
+"""``ActivationRecorder``: forward hooks that live only inside a ``with`` block.
+
+Each hook reduces its module's output at once (a copy, a flattened copy, a global average pool
+or the centred Gram matrix), so later in-place operations cannot change what was recorded and a
+224-px activation never has to be kept when only its (n, n) Gram is needed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ckascope.errors import InputError
+from ckascope.kernels import centered_gram
+from ckascope.layers import LayerSpec, resolve_layers
+from ckascope.metric import GramDtype, gram_dtype_for
+
+Reduce = Literal["none", "flatten", "gap", "gram"] | Callable[[Tensor], Tensor]
+Mode = Literal["eval", "train", "keep"]
+
+
+def _gap(t: Tensor) -> Tensor:
+    """Global average pool over every dimension after the channel one: (n, c, ...) -> (n, c)."""
+    return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.clone()
+
+
+def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Tensor], Tensor]:
+    """The function a hook applies to a module output (n, ...).
+
+    Args:
+        reduce: "none" (copy), "flatten" ((n, p) copy), "gap" ((n, c) mean over space), "gram"
+            ((n, n) linear Gram of the centred flattened features) or a callable.
+        gram_dtype: Precision of the Gram for ``reduce="gram"`` (see ``MinibatchCKA``).
+
+    Returns:
+        A function from a detached output to a new tensor that shares no memory with it.
+    """
+    if callable(reduce):
+        return reduce
+    reducers: dict[str, Callable[[Tensor], Tensor]] = {
+        "none": lambda t: t.clone(),
+        "flatten": lambda t: t.reshape(t.shape[0], -1).clone(),
+        "gap": _gap,
+        "gram": lambda t: centered_gram(t, gram_dtype_for(t, gram_dtype)),
+    }
+    if reduce not in reducers:
+        raise InputError(f"unknown reduce {reduce!r}. Hint: use one of {', '.join(reducers)}")
+    return reducers[reduce]
+
+
+def select_output(output: Any, key: str | None, name: str) -> Tensor:
+    """The tensor to record from a module output.
+
+    That is the output itself, the first tensor of a tuple/list, or ``output[key]`` of a dict.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        if key is None or key not in output:
+            raise InputError(
+                f"layer {name!r} returns a dict with keys {sorted(output)}. Hint: pass "
+                "output_key= to choose one"
+            )
+        return select_output(output[key], None, name)
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, Tensor):
+                return item
+    raise InputError(f"layer {name!r} returned {type(output).__name__}, which holds no tensor")
+
+
+class ActivationRecorder:
+    """Records (reduced) outputs of chosen modules during forward passes.
+
+    Example:
+        >>> with ActivationRecorder(model, "blocks", reduce="gap") as rec:
+        ...     model(images)
+        ...     feats = rec.pop()  # {"maxpool": (n, 64), "layer1.0": (n, 256), ...}
+
+    Hooks exist only inside the block and are removed on exit, also when the forward raises.
+    Inside the block the model is in the chosen mode and its parameters do not require grad;
+    both are restored on exit. Recorded tensors are detached, so no autograd graph is kept.
+
+    Args:
+        model: The network.
+        layers: Names, glob patterns, a predicate or a preset (see ``resolve_layers``).
+        reduce: What each hook keeps (see ``make_reducer``).
+        output_key: The key to record from modules that return dicts.
+        mode: Put the model in "eval" (default) or "train" mode, or "keep" its flags.
+        gram_dtype: Precision of Grams for ``reduce="gram"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = "blocks",
+        *,
+        reduce: Reduce = "none",
+        output_key: str | None = None,
+        mode: Mode = "eval",
+        gram_dtype: GramDtype = "auto",
+    ) -> None:
+        if mode not in ("eval", "train", "keep"):
+            raise InputError(f"unknown mode {mode!r}. Hint: use eval, train or keep")
+        self.model = model
+        self.layer_names = resolve_layers(model, layers)
+        self.output_key = output_key
+        self.mode = mode
+        self._reduce = make_reducer(reduce, gram_dtype)
+        self._records: list[tuple[str, Tensor]] = []
+        self._handles: list[RemovableHandle] = []
+        self._training: dict[nn.Module, bool] = {}
+        self._requires_grad: dict[nn.Parameter, bool] = {}
+
+    def __enter__(self) -> ActivationRecorder:
+        if self._handles:
+            raise RuntimeError("this ActivationRecorder is already active")
+        self._training = {m: m.training for m in self.model.modules()}
+        self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            if self.mode != "keep":
+                self.model.train(self.mode == "train")
+            self.model.requires_grad_(False)
+            for name in self.layer_names:
+                module = self.model.get_submodule(name)
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+        finally:
+            self._handles.clear()
+            for module, training in self._training.items():
+                module.training = training
+            for param, flag in self._requires_grad.items():
+                param.requires_grad_(flag)
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tensor = select_output(output, self.output_key, name).detach()
+            with torch.no_grad():
+                self._records.append((name, self._reduce(tensor)))
+
+        return hook
+
+    def pop(self) -> dict[str, Tensor]:
+        """Returns what was recorded since the last call, in execution order, and forgets it.
+
+        A module that ran k > 1 times yields ``name#0`` .. ``name#{k-1}``.
+        """
+        counts = Counter(name for name, _ in self._records)
+        seen: Counter[str] = Counter()
+        out: dict[str, Tensor] = {}
+        for name, value in self._records:
+            key = f"{name}#{seen[name]}" if counts[name] > 1 else name
+            seen[name] += 1
+            out[key] = value
+        self._records = []
+        return out

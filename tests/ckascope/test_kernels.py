@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckascope import kernels as K
+from ckascope.errors import InputError
+from tests import reference as ref
+
+
+def _x(n: int = 12, p: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 101, 1000])
+def test_numpy_median_matches_numpy_even_and_odd(m: int) -> None:
+    values = torch.randint(0, 5, (3, m), generator=torch.Generator().manual_seed(m)).double()
+    values += torch.rand(3, m, generator=torch.Generator().manual_seed(1)).round(decimals=1)
+    expected = np.median(values.numpy(), axis=-1)
+    np.testing.assert_array_equal(K.numpy_median(values).numpy(), expected)
+
+
+def test_numpy_median_beyond_quantile_limit() -> None:
+    # n = 4098 examples -> n² = 16.8M entries > 2**24, where older torch.quantile refuses.
+    m = 4098 * 4098
+    values = torch.rand(m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(K.numpy_median(values)) == float(np.median(values.numpy()))
+
+
+def test_sq_dists_and_rbf_match_reference() -> None:
+    x = _x()
+    np.testing.assert_allclose(K.sq_dists(x).numpy(), ref.sq_distances(x), atol=1e-12)
+    for f in (0.3, 1.0, 2.0):
+        np.testing.assert_allclose(K.rbf_gram(x, f).numpy(), ref.rbf_kernel(x, f), atol=1e-12)
+
+
+def test_rbf_gram_is_batched_over_leading_dims() -> None:
+    xs = torch.stack([_x(seed=s) for s in range(3)])  # (3, n, p)
+    batched = K.rbf_gram(xs, 0.7)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i].numpy(), ref.rbf_kernel(xs[i], 0.7), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "rbf"])
+def test_hsic_estimators_match_reference(name: str) -> None:
+    x, y = _x(10, 5, 1), _x(10, 9, 2)
+    k = K.linear_gram(x) if name == "linear" else K.rbf_gram(x)
+    l = K.linear_gram(y) if name == "linear" else K.rbf_gram(y)  # noqa: E741
+    kr, lr = ref.kernel(x, name), ref.kernel(y, name)
+    assert float(K.hsic0(k, l)) == pytest.approx(ref.hsic0(kr, lr), rel=1e-12, abs=1e-14)
+    assert float(K.hsic1(k, l)) == pytest.approx(ref.hsic1(kr, lr), rel=1e-12, abs=1e-14)
+
+
+def test_hsic_batched_over_leading_dims() -> None:
+    ks = torch.stack([K.linear_gram(_x(seed=s)) for s in range(4)]).reshape(2, 2, 12, 12)
+    ls = torch.stack([K.linear_gram(_x(seed=10 + s)) for s in range(4)]).reshape(2, 2, 12, 12)
+    got = K.hsic1(ks, ls)
+    assert got.shape == (2, 2)
+    for i in range(2):
+        for j in range(2):
+            assert float(got[i, j]) == pytest.approx(ref.hsic1(ks[i, j].numpy(), ls[i, j].numpy()))
+
+
+def test_ucentred_matrix_has_zero_diagonal_and_row_sums() -> None:
+    u = K.ucenter_gram(K.rbf_gram(_x()))
+    np.testing.assert_allclose(torch.diagonal(u).numpy(), 0.0, atol=0)
+    np.testing.assert_allclose(u.sum(dim=1).numpy(), 0.0, atol=1e-12)
+
+
+def test_hsic1_can_be_negative_and_ignores_constant_row_shift() -> None:
+    values = []
+    for seed in range(20):
+        x, y = _x(8, 3, seed), _x(8, 3, 100 + seed)
+        values.append(float(K.hsic1(K.linear_gram(x), K.linear_gram(y))))
+        shifted = float(K.hsic1(K.linear_gram(x + 5.0), K.linear_gram(y - 3.0)))
+        assert shifted == pytest.approx(values[-1], rel=1e-9, abs=1e-12)
+    assert min(values) < 0 < max(values)
+
+
+def test_hsic1_needs_four_examples() -> None:
+    with pytest.raises(InputError, match="n >= 4"):
+        K.ucenter_gram(torch.eye(3, dtype=torch.float64))
+
+
+def test_centered_gram_equals_double_centred_linear_kernel() -> None:
+    x = _x() * 10 + 100
+    got = K.centered_gram(x, torch.float64)
+    expected = K.center_gram(K.linear_gram(x))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-9)
+
+
+def test_kernel_from_gram_uses_fixed_sigma() -> None:
+    x = _x()
+    gram = K.centered_gram(x, torch.float64)
+    k, s2 = K.kernel_from_gram(gram, "rbf", 1.0, torch.tensor(3.0, dtype=torch.float64))
+    assert float(s2) == 3.0
+    np.testing.assert_allclose(k.numpy(), ref.rbf_kernel(x, sigma2=3.0), atol=1e-12)
+
+
+def test_cka_from_hsic_marks_non_positive_self_terms_nan() -> None:
+    cross = torch.ones(2, 2, dtype=torch.float64)
+    out = K.cka_from_hsic(
+        cross, torch.tensor([1.0, 0.0]).double(), torch.tensor([4.0, -1.0]).double()
+    )
+    assert float(out[0, 0]) == 0.5
+    assert torch.isnan(out[1]).all()
+    assert torch.isnan(out[:, 1]).all()
+
+
+@pytest.mark.parametrize(("kernel", "frac"), [("poly", 1.0), ("linear", 0.0), ("rbf", -1.0)])
+def test_check_kernel_rejects_bad_values(kernel: str, frac: float) -> None:
+    with pytest.raises(InputError):
+        K.check_kernel(kernel, frac)
