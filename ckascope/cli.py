@@ -2,13 +2,316 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from torch import nn
 
 from ckascope import __version__
 from ckascope.cliutils import FriendlyGroup
+from ckascope.compare import MAX_SCALE, PROTOCOLS, RESIZE_MODES, compare_models, compare_scales
+from ckascope.distributed import init_distributed
+from ckascope.errors import InputError
+from ckascope.kernels import KERNELS
+from ckascope.models import build_model, load_checkpoint
+from ckascope.plot import save_figures
+from ckascope.result import CKAResult, check_output_dir
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="ckascope")
 def main() -> None:
     """See how every layer of a CNN reacts when the same images arrive at another scale."""
+
+
+def parse_layers(text: str) -> str | list[str]:
+    """``blocks`` stays a preset; ``a,b.*`` becomes a list of names and patterns."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InputError("--layers is empty. Hint: use a preset (blocks, stages, leaves) or names")
+    return items[0] if len(items) == 1 else items
+
+
+def resolve_model(
+    name: str | None, weights: str, checkpoint: Path | None, num_classes: int | None, seed: int
+) -> nn.Module:
+    """The model a set of --model/--weights/--checkpoint options names."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, arch=name)
+    if name is None:
+        raise InputError(
+            "no model given. Hint: pass --model NAME (e.g. resnet50) or --checkpoint FILE"
+        )
+    return build_model(name, weights, num_classes=num_classes, seed=seed)
+
+
+def model_label(name: str | None, checkpoint: Path | None) -> str:
+    """How a model is called in settings and figures."""
+    return name or (checkpoint.stem if checkpoint else "model")
+
+
+def default_out(args: dict[str, Any]) -> Path:
+    """ckascope-out/<model>_<a>-<b> or ckascope-out/<a>_vs_<b>_<scale>."""
+    a = model_label(args["model"], args["checkpoint"])
+    if args["model_b"] or args["checkpoint_b"]:
+        b = model_label(args["model_b"], args["checkpoint_b"])
+        return Path("ckascope-out") / f"{a}_vs_{b}_{args['scale']}"
+    return Path("ckascope-out") / f"{a}_{args['scales'][0]}-{args['scales'][1]}"
+
+
+def summary_table(result: CKAResult) -> Table:
+    """Same-layer CKA per layer, or for two models each row's best-matching column."""
+    table = Table(title="Cross-scale CKA" if result.has_diagonal else "Best match per layer")
+    if result.has_diagonal:
+        for column in ("layer", "CKA", "± std"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for row in result.diagonal().itertuples():
+            table.add_row(str(row.layer), f"{row.mean:.4f}", f"{row.std:.4f}")
+        return table
+    for column in ("layer a", "best layer b", "CKA"):
+        table.add_column(column)
+    for i, name in enumerate(result.layers_a):
+        row = np.nan_to_num(result.matrix[i], nan=-np.inf)
+        j = int(row.argmax())
+        table.add_row(name, result.layers_b[j], f"{result.matrix[i, j]:.4f}")
+    return table
+
+
+def _options(f: Any) -> Any:
+    options = [
+        click.option("--model", "-m", help="torchvision model name (ckascope models lists them)."),
+        click.option(
+            "--weights",
+            default="default",
+            show_default=True,
+            help="none | default | enum name (IMAGENET1K_V2).",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(path_type=Path),
+            help="Local checkpoint (state dict for --model, or an MSUN checkpoint).",
+        ),
+        click.option(
+            "--model-b", help="Second model: compare two models at --scale instead of two scales."
+        ),
+        click.option(
+            "--weights-b", default="default", show_default=True, help="Weights of the second model."
+        ),
+        click.option(
+            "--checkpoint-b",
+            type=click.Path(path_type=Path),
+            help="Checkpoint of the second model.",
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=2),
+            help="Classes of randomly initialised models (default 1000).",
+        ),
+        click.option(
+            "--data",
+            help="ImageFolder dir, NAME:PATH (cifar10:~/data), or omit for the synthetic set.",
+        ),
+        click.option(
+            "--scales",
+            type=click.IntRange(1, MAX_SCALE),
+            nargs=2,
+            help="Two input scales in px  [default: 32 224].",
+        ),
+        click.option(
+            "--scale",
+            type=click.IntRange(1, MAX_SCALE),
+            default=224,
+            show_default=True,
+            help="Input scale when comparing two models.",
+        ),
+        click.option(
+            "--layers",
+            default="blocks",
+            show_default=True,
+            help="Preset (blocks|stages|leaves), names or patterns, comma-separated.",
+        ),
+        click.option("--layers-b", help="Layers of the second model (default: --layers)."),
+        click.option("--kernel", type=click.Choice(KERNELS), default="linear", show_default=True),
+        click.option(
+            "--sigma-frac",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="RBF bandwidth: sigma² = f² · median D².",
+        ),
+        click.option(
+            "--bandwidth",
+            type=click.Choice(["batch", "first"]),
+            default="batch",
+            show_default=True,
+            help="RBF sigma per batch, or fixed from the first batch.",
+        ),
+        click.option(
+            "--weighting",
+            type=click.Choice(["batch", "examples"]),
+            default="batch",
+            show_default=True,
+            help="Weight of a short batch.",
+        ),
+        click.option(
+            "--protocol",
+            type=click.Choice(PROTOCOLS),
+            default="upsample",
+            show_default=True,
+            help="upsample: back to the base size; native: fed at the scale.",
+        ),
+        click.option(
+            "--resize-mode", type=click.Choice(RESIZE_MODES), default="bilinear", show_default=True
+        ),
+        click.option("--antialias/--no-antialias", default=False, show_default=True),
+        click.option(
+            "--base-size",
+            type=click.IntRange(4, MAX_SCALE),
+            default=224,
+            show_default=True,
+            help="Centre-crop size of the base images.",
+        ),
+        click.option(
+            "--resize-size",
+            type=click.IntRange(4, MAX_SCALE),
+            default=256,
+            show_default=True,
+            help="Short side before the centre crop.",
+        ),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option(
+            "--num-images",
+            type=click.IntRange(min=1),
+            help="Random subset size per sweep [default: all; 1280 synthetic].",
+        ),
+        click.option(
+            "--repeats",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Sweeps over random permutations (the paper: 10).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="DataLoader worker processes.",
+        ),
+        click.option(
+            "--gram-dtype",
+            type=click.Choice(["auto", "float32", "float64"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            help="Output folder [default: ckascope-out/<model>_<a>-<b>].",
+        ),
+        click.option(
+            "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
+        ),
+        click.option("--no-figures", is_flag=True, help="Skip the PNG/PDF figures."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command(context_settings=CONTEXT)
+@_options
+def compare(**args: Any) -> None:
+    """Layer-by-layer CKA of one model at two input scales, or of two models.
+
+    \b
+    Examples:
+      ckascope compare --model resnet18 --weights none --scales 32 224
+      ckascope compare --model resnet50 --data ~/imagenet/val --repeats 10
+      ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
+    """
+    two_models = bool(args["model_b"] or args["checkpoint_b"])
+    if two_models and args["scales"]:
+        raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
+    args["scales"] = tuple(args["scales"] or (32, 224))
+    out = args["out"] or default_out(args)
+    check_output_dir(out, args["overwrite"])
+    dist = init_distributed(args["device"])
+    result = _run(args, two_models, dist.rank, dist.world_size, dist.device)
+    if dist.is_main:
+        result.save(
+            out, overwrite=args["overwrite"], extra=None if args["no_figures"] else _figures(result)
+        )
+        _report(result, out)
+
+
+def _figures(result: CKAResult) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        save_figures(result, folder)
+
+    return write
+
+
+def _run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: Any) -> CKAResult:
+    model_a = resolve_model(
+        args["model"], args["weights"], args["checkpoint"], args["num_classes"], args["seed"]
+    )
+    settings = {"model": model_label(args["model"], args["checkpoint"]), "weights": args["weights"],
+                "checkpoint": str(args["checkpoint"]) if args["checkpoint"] else None, "data": args["data"] or "shapes"}  # fmt: skip
+    common = {
+        "layers": parse_layers(args["layers"]), "protocol": args["protocol"], "base_size": args["base_size"],
+        "resize_size": args["resize_size"], "resize_mode": args["resize_mode"], "antialias": args["antialias"],
+        "device": device, "gram_dtype": args["gram_dtype"], "kernel": args["kernel"], "sigma_frac": args["sigma_frac"],
+        "bandwidth": args["bandwidth"], "weighting": args["weighting"], "batch_size": args["batch_size"],
+        "repeats": args["repeats"], "num_images": args["num_images"], "seed": args["seed"],
+        "num_workers": args["workers"], "progress": sys.stderr.isatty(), "rank": rank, "world_size": world,
+    }  # fmt: skip
+    if not two_models:
+        return compare_scales(model_a, args["data"], args["scales"], settings=settings, **common)
+    model_b = resolve_model(
+        args["model_b"], args["weights_b"], args["checkpoint_b"], args["num_classes"], args["seed"]
+    )
+    settings.update(model_b=model_label(args["model_b"], args["checkpoint_b"]), weights_b=args["weights_b"],
+                    checkpoint_b=str(args["checkpoint_b"]) if args["checkpoint_b"] else None)  # fmt: skip
+    layers_b = parse_layers(args["layers_b"]) if args["layers_b"] else None
+    return compare_models(
+        model_a,
+        model_b,
+        args["data"],
+        scale=args["scale"],
+        layers_b=layers_b,
+        settings=settings,
+        **common,
+    )
+
+
+def _report(result: CKAResult, out: Path) -> None:
+    console = Console()
+    console.print(summary_table(result))
+    s = result.settings
+    console.print(
+        f"{s['images_used']} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
+        + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
+    )
+    for name in sorted(p.name for p in out.iterdir()):
+        console.print(f"  {out / name}")
+
+
+@main.command(name="models", context_settings=CONTEXT)
+def models_command() -> None:
+    """List the torchvision model names --model accepts."""
+    from ckascope.models import list_models
+
+    click.echo("\n".join(list_models()))

@@ -74,10 +74,9 @@ def linear_gram(x: Tensor) -> Tensor:
 def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Linear Gram of the column-centred, flattened features of one layer.
 
-    The column mean is accumulated in float64. Rounded to ``dtype`` it differs from the exact
-    mean by the same vector for every example, i.e. by a shift both HSIC estimators ignore, and
-    the float32 subtraction of two nearby numbers is exact; so even features whose spread is
-    1e-6 of their mean keep their digits.
+    The mean is computed in ``dtype``: its rounding error is the same vector for every example,
+    a shift both HSIC estimators ignore, so even float32 features whose spread is 1e-6 of their
+    mean keep their digits (see tests/ckascope/test_stability.py).
 
     Args:
         x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
@@ -86,9 +85,8 @@ def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     Returns:
         (n, n) Gram matrix in ``dtype``.
     """
-    flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
-    mean = flat.mean(dim=0, dtype=torch.float64)  # (p,)
-    return linear_gram(flat.to(dtype) - mean.to(dtype))
+    flat = x.detach().reshape(x.shape[0], -1).to(dtype)  # (n, p)
+    return linear_gram(flat - flat.mean(dim=0))
 
 
 def sq_dists_from_gram(gram: Tensor) -> Tensor:

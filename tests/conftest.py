@@ -5,8 +5,15 @@ import os
 import pytest
 import torch
 
-# Two cores: one intra-op thread per test worker keeps the suite fast and results reproducible.
-torch.set_num_threads(int(os.environ.get("CKASCOPE_TEST_THREADS", "2")))
+# Two cores shared by two xdist workers: more intra-op threads than cores makes OpenMP spin and
+# small ops run 30x slower, so each worker gets one thread (two in a plain single-process run).
+torch.set_num_threads(
+    int(
+        os.environ.get(
+            "CKASCOPE_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+        )
+    )
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

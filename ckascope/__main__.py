@@ -1,0 +1,5 @@
+"""``python -m ckascope`` runs the command line (also under ``torchrun -m ckascope``)."""
+
+from ckascope.cli import main
+
+main()

@@ -1,0 +1,418 @@
+"""Cross-scale and cross-model CKA: the sweep behind ``ckascope compare``.
+
+For every batch of base images (224 px by default) each side makes its input on the device
+(resizing to its scale), runs one forward pass under ``torch.inference_mode()`` with hooks that
+turn every chosen layer's output into its centred Gram matrix, and the two stacks of Grams go to
+``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of the images
+give the mean and std of the paper's study.
+
+Under ``torchrun`` each process takes every world_size-th batch of the same permutation, so the
+batches, and therefore the float64 sums the processes combine, are those of a single process.
+Batches of fewer than 4 images (a short remainder) are dropped: the unbiased HSIC needs 4.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ckascope.data import (
+    Batch,
+    build_dataset,
+    collate_skip,
+    eval_transform,
+    subset_indices,
+    warn_skipped,
+)
+from ckascope.distributed import all_reduce_sum
+from ckascope.errors import InputError
+from ckascope.kernels import Kernel, check_kernel
+from ckascope.layers import LayerSpec
+from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
+from ckascope.recorder import ActivationRecorder
+from ckascope.result import CKAResult
+
+Protocol = Literal["upsample", "native"]
+PROTOCOLS = ("upsample", "native")
+RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+MAX_SCALE = 4096
+
+
+def check_scale(size: int) -> None:
+    """Raises InputError unless 1 <= size <= MAX_SCALE."""
+    if not isinstance(size, int) or not 1 <= size <= MAX_SCALE:
+        raise InputError(f"scales must be integers in 1..{MAX_SCALE} px, got {size!r}")
+
+
+def resize(images: Tensor, size: int, mode: str = "bilinear", antialias: bool = False) -> Tensor:
+    """Resizes a batch (n, C, H, W) to (n, C, size, size) (identity when already that size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    align = False if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(
+        images, size=(size, size), mode=mode, align_corners=align, antialias=antialias
+    )
+
+
+@dataclass(frozen=True)
+class ScaleView:
+    """How a side sees the base images: resized to ``size``, then (``upsample``) back up.
+
+    Attributes:
+        size: The scale s in pixels.
+        protocol: "upsample" (resize to s and back to ``reference_size``: a fixed-size model sees
+            every scale at its input size, as in the paper) or "native" (fed at s).
+        reference_size: The model's input size for ``upsample`` (the base image size).
+        mode: Interpolation mode of ``F.interpolate``.
+        antialias: Antialiasing when downscaling (the paper's code uses none).
+    """
+
+    size: int
+    protocol: Protocol = "upsample"
+    reference_size: int = 224
+    mode: str = "bilinear"
+    antialias: bool = False
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """(n, C, H, W) base images -> the batch this side's model sees."""
+        small = resize(images, self.size, self.mode, self.antialias)
+        if self.protocol == "native":
+            return small
+        return resize(small, self.reference_size, self.mode, self.antialias)
+
+
+def check_view_options(protocol: str, mode: str) -> None:
+    """Raises InputError for an unknown scale protocol or resize mode."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
+    if mode not in RESIZE_MODES:
+        raise InputError(
+            f"unknown resize mode {mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
+        )
+
+
+@dataclass
+class Side:
+    """One side of a comparison: a model, its hooked layers and how it sees the images."""
+
+    model: nn.Module
+    recorder: ActivationRecorder
+    view: Callable[[Tensor], Tensor]
+    forward: Callable[[Tensor], Any]
+    label: Callable[[str], str]
+
+    def grams(self, images: Tensor) -> tuple[list[str], Tensor]:
+        """Layer labels and their Grams (L, n, n) for one batch of base images."""
+        with self.recorder:
+            self.forward(self.view(images))
+            recorded = self.recorder.pop()
+        if not recorded:
+            raise InputError(
+                "none of the chosen layers ran in the forward pass. Hint: check --layers"
+            )
+        return [self.label(n) for n in recorded], torch.stack(list(recorded.values()))
+
+
+def make_side(
+    model: nn.Module,
+    layers: LayerSpec,
+    view: Callable[[Tensor], Tensor],
+    gram_dtype: GramDtype = "auto",
+    output_key: str | None = None,
+) -> Side:
+    """A side that hooks ``layers`` of ``model`` and runs its plain forward."""
+    recorder = ActivationRecorder(
+        model, layers, reduce="gram", gram_dtype=gram_dtype, output_key=output_key
+    )
+    return Side(model, recorder, view, model, lambda name: name)
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Options of the sweep over the images, shared by both kinds of comparison."""
+
+    kernel: Kernel = "linear"
+    sigma_frac: float = 1.0
+    bandwidth: Bandwidth = "batch"
+    weighting: Weighting = "batch"
+    batch_size: int = 128
+    repeats: int = 1
+    num_images: int | None = None
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def check(self) -> None:
+        """Raises InputError for values no sweep can use."""
+        check_kernel(self.kernel, self.sigma_frac)
+        if self.batch_size < 4:
+            raise InputError(
+                f"--batch-size must be at least 4 (the unbiased HSIC needs 4), got {self.batch_size}"
+            )
+        if self.repeats < 1:
+            raise InputError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.num_workers < 0:
+            raise InputError(f"--workers must be >= 0, got {self.num_workers}")
+
+
+def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
+    batches = [indices[i : i + opts.batch_size] for i in range(0, len(indices), opts.batch_size)]
+    batches = [b for b in batches if len(b) >= 4]
+    if len(batches) < opts.world_size:
+        raise InputError(
+            f"{len(indices)} images make {len(batches)} batches of >= 4, fewer than the "
+            f"{opts.world_size} processes. Hint: use more --num-images or a smaller --batch-size"
+        )
+    return batches[opts.rank :: opts.world_size]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+class _Sweep:
+    """Runs the repeats of one comparison and collects the per-repeat matrices."""
+
+    def __init__(
+        self, side_a: Side, side_b: Side, dataset: Dataset[Any], opts: SweepOptions
+    ) -> None:
+        self.side_a, self.side_b, self.dataset, self.opts = side_a, side_b, dataset, opts
+        self.device = _device_of(side_a.model)
+        self.layers_a: list[str] = []
+        self.layers_b: list[str] = []
+        self.images_used = 0
+        self.skipped = 0
+
+    def run(self) -> list[Tensor]:
+        count = len(self.dataset)  # type: ignore[arg-type]
+        o = self.opts
+        plans = [
+            _rank_batches(subset_indices(count, o.num_images, o.seed + r), o)
+            for r in range(o.repeats)
+        ]
+        total = sum(len(p) for p in plans)
+        show = self.opts.progress and self.opts.rank == 0
+        with Progress(disable=not show, transient=True) as bar, torch.inference_mode():
+            task = bar.add_task("CKA", total=total)
+            return [self._repeat(plan, lambda: bar.advance(task)) for plan in plans]
+
+    def _loader(self, plan: list[list[int]]) -> Iterator[Batch]:
+        return iter(
+            DataLoader(
+                self.dataset,
+                batch_sampler=plan,
+                collate_fn=collate_skip,
+                num_workers=self.opts.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        )
+
+    def _repeat(self, plan: list[list[int]], advance: Callable[[], None]) -> Tensor:
+        metric: MinibatchCKA | None = None
+        for batch in self._loader(plan):
+            warn_skipped(batch.skipped)
+            self.skipped += len(batch.skipped)
+            if len(batch.images) >= 4:
+                metric = self._update(metric, batch.images.to(self.device, non_blocking=True))
+            advance()
+        if metric is None:
+            raise InputError("no batch of at least 4 readable images. Hint: check --data")
+        return metric.compute()
+
+    def _update(self, metric: MinibatchCKA | None, images: Tensor) -> MinibatchCKA:
+        names_a, grams_a = self.side_a.grams(images)
+        names_b, grams_b = self.side_b.grams(images.to(_device_of(self.side_b.model)))
+        if metric is None:
+            metric = self._new_metric(names_a, names_b)
+        elif (names_a, names_b) != (self.layers_a, self.layers_b):
+            raise InputError(
+                "the recorded layers changed between batches (data-dependent control flow?)"
+            )
+        metric.update_grams(grams_a, grams_b)
+        self.images_used += len(images)
+        return metric
+
+    def _new_metric(self, names_a: list[str], names_b: list[str]) -> MinibatchCKA:
+        self.layers_a, self.layers_b = names_a, names_b
+        o = self.opts
+        return MinibatchCKA(
+            len(names_a), len(names_b), kernel=o.kernel, sigma_frac=o.sigma_frac, bandwidth=o.bandwidth,
+            weighting=o.weighting, layer_names_a=names_a, layer_names_b=names_b,
+        ).to(self.device)  # fmt: skip
+
+
+def run_comparison(
+    side_a: Side, side_b: Side, dataset: Dataset[Any], opts: SweepOptions, settings: dict[str, Any]
+) -> CKAResult:
+    """Sweeps the images ``opts.repeats`` times and returns the result (on every rank).
+
+    Args:
+        side_a: The rows of the matrix.
+        side_b: The columns.
+        dataset: Base images, (image (3, H, W) float, label) pairs.
+        opts: Sweep options.
+        settings: Settings to record with the result (sweep options are added).
+    """
+    opts.check()
+    start = time.perf_counter()
+    sweep = _Sweep(side_a, side_b, dataset, opts)
+    modes = [(m, m.training) for m in (side_a.model, side_b.model)]
+    try:
+        matrices = sweep.run()
+    finally:
+        for model, training in modes:
+            model.train(training)
+    device = sweep.device
+    settings = {
+        **settings,
+        **{k: v for k, v in vars(opts).items() if k not in ("progress", "rank")},
+        "images_used": int(all_reduce_sum(sweep.images_used, device)),
+        "images_skipped": int(all_reduce_sum(sweep.skipped, device)),
+        "device": str(device),
+    }
+    return CKAResult(
+        torch.stack(matrices).cpu().numpy(), sweep.layers_a, sweep.layers_b, settings,
+        elapsed=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def as_dataset(
+    data: Dataset[Any] | str | None,
+    base_size: int,
+    resize_size: int | None,
+    num_images: int | None,
+    seed: int,
+) -> Dataset[Any]:
+    """A dataset object as is, or the one a ``--data`` spec names with the eval transform."""
+    if data is None or isinstance(data, str):
+        count = num_images or 1280  # the synthetic set's size when nothing else says
+        return build_dataset(
+            data, "val", eval_transform(base_size, resize_size), num_images=count, seed=seed
+        )
+    return data
+
+
+def compare_scales(
+    model: nn.Module,
+    data: Dataset[Any] | str | None = None,
+    scales: Sequence[int] = (32, 224),
+    *,
+    layers: LayerSpec = "blocks",
+    protocol: Protocol = "upsample",
+    base_size: int = 224,
+    resize_size: int | None = 256,
+    resize_mode: str = "bilinear",
+    antialias: bool = False,
+    device: str | torch.device | None = None,
+    gram_dtype: GramDtype = "auto",
+    settings: dict[str, Any] | None = None,
+    **sweep: Any,
+) -> CKAResult:
+    """CKA between the layers of one model seeing the same images at two scales.
+
+    Args:
+        model: Any module; multi-path models (MSUN) route each scale through its path.
+        data: A dataset of (image, label), a ``--data`` spec, or None for the synthetic set.
+        scales: (s_a, s_b): rows see the images at s_a, columns at s_b.
+        layers: Layer names, patterns, a predicate or a preset.
+        protocol: "upsample" (resize to s and back to ``base_size``) or "native".
+        base_size: Side of the base images (centre crop), and the model's input size.
+        resize_size: Short side before the centre crop (None: straight to ``base_size``).
+        resize_mode: Interpolation for the scales.
+        antialias: Antialias when downscaling.
+        device: Move the model there first; None keeps it where it is.
+        gram_dtype: Precision of the Grams (see ``MinibatchCKA``).
+        settings: Extra settings to record (e.g. the model's name and weights).
+        **sweep: ``SweepOptions`` fields: kernel, sigma_frac, bandwidth, weighting, batch_size,
+            repeats, num_images, seed, num_workers, progress, rank, world_size.
+
+    Returns:
+        The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).
+    """
+    if len(scales) != 2:
+        raise InputError(f"give exactly two scales, got {list(scales)}")
+    for s in scales:
+        check_scale(s)
+    check_view_options(protocol, resize_mode)
+    if device is not None:
+        model.to(device)
+    opts = SweepOptions(**sweep)
+    dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
+    views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
+    side_a, side_b = (make_side(model, layers, v, gram_dtype) for v in views)
+    info = {"mode": "scales", "scales": list(scales), "protocol": protocol, "base_size": base_size,
+            "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
+            "layers": _describe(layers), "gram_dtype": gram_dtype}  # fmt: skip
+    return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
+
+
+def compare_models(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Dataset[Any] | str | None = None,
+    *,
+    scale: int = 224,
+    layers: LayerSpec = "blocks",
+    layers_b: LayerSpec | None = None,
+    protocol: Protocol = "upsample",
+    base_size: int = 224,
+    resize_size: int | None = 256,
+    resize_mode: str = "bilinear",
+    antialias: bool = False,
+    device: str | torch.device | None = None,
+    gram_dtype: GramDtype = "auto",
+    settings: dict[str, Any] | None = None,
+    **sweep: Any,
+) -> CKAResult:
+    """CKA between the layers of two models seeing the same images at one scale.
+
+    Args:
+        model_a: Rows of the matrix.
+        model_b: Columns of the matrix.
+        data: A dataset, a ``--data`` spec, or None for the synthetic set.
+        scale: Input scale for both models (see ``compare_scales`` for the protocol).
+        layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
+        layers_b: Layers of model_b.
+        protocol: See ``compare_scales``.
+        base_size: See ``compare_scales``.
+        resize_size: See ``compare_scales``.
+        resize_mode: See ``compare_scales``.
+        antialias: See ``compare_scales``.
+        device: Move both models there first; None keeps them where they are.
+        gram_dtype: Precision of the Grams.
+        settings: Extra settings to record.
+        **sweep: ``SweepOptions`` fields.
+    """
+    check_scale(scale)
+    check_view_options(protocol, resize_mode)
+    for model in (model_a, model_b):
+        if device is not None:
+            model.to(device)
+    opts = SweepOptions(**sweep)
+    dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
+    view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
+    side_a = make_side(model_a, layers, view, gram_dtype)
+    side_b = make_side(model_b, layers if layers_b is None else layers_b, view, gram_dtype)
+    info = {"mode": "models", "scales": [scale, scale], "protocol": protocol, "base_size": base_size,
+            "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
+            "layers": _describe(layers), "layers_b": _describe(layers_b), "gram_dtype": gram_dtype}  # fmt: skip
+    return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
+
+
+def _describe(layers: LayerSpec | None) -> Any:
+    if layers is None or isinstance(layers, str):
+        return layers
+    if callable(layers):
+        return getattr(layers, "__name__", "predicate")
+    return list(layers)

@@ -1,0 +1,238 @@
+"""Image sources: ImageFolder directories, torchvision datasets on disk, the synthetic set.
+
+Specs, as given to ``--data``:
+
+- ``shapes`` — the synthetic set (``ckascope.shapes``), drawn on the fly; nothing on disk.
+- ``NAME:PATH`` — a torchvision dataset already downloaded under PATH, e.g. ``cifar10:~/data``,
+  ``stl10:/data/stl``; nothing is downloaded (``list_datasets()`` names them).
+- ``PATH`` — an ImageFolder directory (one sub-folder per class). For training, ``PATH/train``
+  and ``PATH/val``.
+
+Unreadable images (truncated, zero-byte, not an image, or beyond PIL's decompression-bomb limit)
+are skipped with a warning naming the file, and counted: one bad JPEG in a folder of 50 000
+should not end an hour-long run, and the count is reported with every result so nothing is lost
+silently. Grayscale, palette, CMYK and alpha images are converted to RGB (alpha is dropped);
+16-bit images are scaled to 8 bits rather than clipped.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import v2
+
+from ckascope.errors import InputError, hint_close
+from ckascope.shapes import SyntheticShapes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Errors PIL raises for files that are not (complete, sane) images.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _split_train(name: str) -> Callable[..., Dataset[Any]]:
+    cls = getattr(torchvision.datasets, name)
+    return lambda root, split, transform: cls(root, train=split == "train", transform=transform)
+
+
+def _split_named(name: str, train: str, val: str) -> Callable[..., Dataset[Any]]:
+    cls = getattr(torchvision.datasets, name)
+    return lambda root, split, transform: cls(
+        root, split=train if split == "train" else val, transform=transform
+    )
+
+
+#: torchvision datasets that can be read from disk: name -> factory(root, split, transform).
+TORCHVISION_DATASETS: dict[str, Callable[..., Dataset[Any]]] = {
+    "cifar10": _split_train("CIFAR10"),
+    "cifar100": _split_train("CIFAR100"),
+    "mnist": _split_train("MNIST"),
+    "fashionmnist": _split_train("FashionMNIST"),
+    "kmnist": _split_train("KMNIST"),
+    "stl10": _split_named("STL10", "train", "test"),
+    "svhn": _split_named("SVHN", "train", "test"),
+    "food101": _split_named("Food101", "train", "test"),
+    "flowers102": _split_named("Flowers102", "train", "val"),
+    "pets": _split_named("OxfordIIITPet", "trainval", "test"),
+    "imagenet": _split_named("ImageNet", "train", "val"),
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted before the colon in ``NAME:PATH`` specs (plus ``shapes``)."""
+    return ["shapes", *sorted(TORCHVISION_DATASETS)]
+
+
+def to_rgb(image: Any) -> Any:
+    """Any PIL image to 8-bit RGB; tensors with one channel are repeated to three."""
+    if isinstance(image, Tensor):
+        return image.expand(3, *image.shape[-2:]) if image.shape[-3] == 1 else image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(
+            np.clip(arr / _white(arr, image.mode) * 255, 0, 255).round().astype(np.uint8), "L"
+        )
+    return image.convert("RGB")
+
+
+def _white(arr: np.ndarray, mode: str) -> float:
+    """The value that means white: 1 for float images in [0, 1], else the bit depth's maximum."""
+    top = float(arr.max())
+    if mode == "F":
+        return 1.0 if top <= 1 else top
+    return 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+
+
+def eval_transform(crop: int = 224, resize: int | None = 256, normalize: bool = True) -> v2.Compose:
+    """Resize the short side to ``resize``, centre-crop ``crop``, scale to [0, 1], normalise.
+
+    Args:
+        crop: Output side in pixels.
+        resize: Short side before the crop; None resizes straight to ``crop``.
+        normalize: Apply ImageNet mean/std.
+
+    Returns:
+        A transform from a PIL image or uint8 tensor to a (3, crop, crop) float tensor.
+    """
+    steps: list[Any] = [
+        v2.Lambda(to_rgb),
+        v2.ToImage(),
+        v2.Resize(resize or crop, antialias=True),
+        v2.CenterCrop(crop),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    if normalize:
+        steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    return v2.Compose(steps)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in for an image that could not be read."""
+
+    path: str
+    reason: str
+
+
+class SafeImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder that returns ``Skipped`` for unreadable files instead of raising."""
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = to_rgb(img)
+        except IMAGE_ERRORS as e:
+            return Skipped(path, f"{type(e).__name__}: {e}")
+        return (self.transform(image) if self.transform else image), target
+
+
+@dataclass
+class Batch:
+    """A collated batch and the images that had to be skipped from it."""
+
+    images: Tensor  # (n, 3, H, W)
+    labels: Tensor  # (n,)
+    skipped: list[Skipped]
+
+
+def collate_skip(items: Sequence[Any]) -> Batch:
+    """Collates (image, label) pairs, setting ``Skipped`` items aside."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images, labels = default_collate(good)
+    return Batch(images, labels, skipped)
+
+
+def warn_skipped(skipped: Sequence[Skipped]) -> None:
+    """One warning per unreadable image, naming it."""
+    for item in skipped:
+        warnings.warn(
+            f"skipped unreadable image {item.path} ({item.reason})", RuntimeWarning, stacklevel=2
+        )
+
+
+def build_dataset(
+    spec: str | None,
+    split: str = "val",
+    transform: Any = None,
+    *,
+    num_images: int = 1280,
+    seed: int = 0,
+) -> Dataset[Any]:
+    """The dataset named by a ``--data`` spec.
+
+    Args:
+        spec: "shapes" or None (synthetic), "NAME:PATH" (torchvision on disk), or a directory.
+        split: "train" or "val".
+        transform: Applied to each image (PIL image or uint8 tensor).
+        num_images: Size of the synthetic set (ignored by the others).
+        seed: Seed of the synthetic set.
+
+    Returns:
+        A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
+    """
+    if spec in (None, "shapes"):
+        return SyntheticShapes(split, num_images, seed=seed, transform=transform)
+    name, sep, root = spec.partition(":")
+    if sep and len(name) > 1 and not os.path.isabs(spec):  # "C:\\..." and "/a:b" are paths
+        if name not in TORCHVISION_DATASETS:
+            raise InputError(hint_close(name, list_datasets(), what="dataset"))
+        return _torchvision_dataset(name, root, split, transform)
+    return _image_folder(Path(spec).expanduser(), split, transform)
+
+
+def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Dataset[Any]:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise InputError(
+            f"dataset directory {path} does not exist. Hint: check the path after '{name}:'"
+        )
+    try:
+        return TORCHVISION_DATASETS[name](str(path), split, transform)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise InputError(
+            f"no usable {name} {split} data under {path} ({e}). Hint: download it with torchvision "
+            "on a machine with internet and copy the folder here; nothing is downloaded"
+        ) from e
+
+
+def _image_folder(path: Path, split: str, transform: Any) -> Dataset[Any]:
+    if not path.is_dir():
+        raise InputError(
+            f"data directory {path} does not exist. Hint: give an ImageFolder directory, "
+            f"NAME:PATH with NAME in {', '.join(list_datasets()[1:])}, or omit --data for the "
+            "synthetic set"
+        )
+    root = path / split if (path / split).is_dir() else path
+    try:
+        return SafeImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise InputError(
+            f"no images found in {root} ({e}). Hint: an ImageFolder needs one sub-folder per "
+            "class holding .jpg/.png files"
+        ) from e
+
+
+def subset_indices(total: int, num_images: int | None, seed: int) -> list[int]:
+    """A random subset (or permutation when ``num_images`` is None) of range(total)."""
+    if total == 0:
+        raise InputError("the dataset is empty. Hint: check --data")
+    if num_images is not None and not 1 <= num_images <= total:
+        raise InputError(f"--num-images must be in 1..{total} for this data, got {num_images}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[: num_images or total].tolist()

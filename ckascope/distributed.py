@@ -1,0 +1,75 @@
+"""torchrun support shared by ``ckascope compare`` and ``msun train``.
+
+Under ``torchrun --nproc_per_node N`` the environment names each process's rank; the process
+group uses NCCL when the processes have GPUs and gloo otherwise. A single process needs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ckascope.errors import InputError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank, number of processes, and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints summaries."""
+        return self.rank == 0
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto``/None -> cuda when available, else cpu; other names are checked.
+
+    Raises:
+        InputError: CUDA asked for but not available, or an unknown device string.
+    """
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {name!r}. Hint: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} but CUDA is not available here. Hint: use --device cpu")
+    return device
+
+
+def init_distributed(device: str | None = "auto") -> DistInfo:
+    """Joins the torchrun process group when started by torchrun; otherwise a single process.
+
+    Args:
+        device: "auto", "cpu", "cuda" or "cuda:N"; under torchrun with CUDA each process takes
+            the GPU of its local rank.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = resolve_device(device)
+    if world == 1:
+        return DistInfo(0, 1, base)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if base.type == "cuda":
+        base = torch.device("cuda", local_rank)
+        torch.cuda.set_device(base)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), base)
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum of a number over all processes (the number itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())

@@ -1,0 +1,240 @@
+"""Models for ckascope: torchvision classification models by name, their weights, and checkpoints.
+
+Weights are ``none`` (random init from a seed), ``default`` (torchvision's DEFAULT enum), or an enum
+member name such as ``IMAGENET1K_V2``. Pretrained files come from the torch hub cache; a missing
+file is downloaded with a short timeout, and offline that fails within seconds with a message
+naming ``--weights none`` and ``--checkpoint``.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` only. A plain state dict needs the
+architecture's name; a self-describing checkpoint names a registered builder and carries the
+config to rebuild the model (the format msun writes):
+
+    {"format": "ckascope-model", "builder": "msun", "config": {...}, "state_dict": {...}}
+
+Builders are looked up in ``CHECKPOINT_BUILDERS`` and imported only when such a checkpoint is
+loaded, so ckascope never imports msun otherwise, and a checkpoint cannot name arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import socket
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model_weights
+from torchvision.models._api import WeightsEnum
+
+from ckascope.errors import InputError, WeightsUnavailableError, hint_close
+
+#: Seconds a weight download may stall before it counts as offline.
+DOWNLOAD_TIMEOUT = 10.0
+CHECKPOINT_FORMAT = "ckascope-model"
+#: Registered builders of self-describing checkpoints: name -> "module:function(config)".
+CHECKPOINT_BUILDERS: dict[str, str] = {"msun": "msun.checkpoint:model_from_config"}
+
+
+def list_models() -> list[str]:
+    """Names of torchvision's image classification models."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(arch: str) -> None:
+    """Raises InputError with close matches for a name that is not a torchvision classifier."""
+    if arch not in list_models():
+        raise InputError(hint_close(arch, list_models(), what="model"))
+
+
+def resolve_weights(arch: str, weights: str | None) -> WeightsEnum | None:
+    """Turns "none" / "default" / an enum member name into a torchvision weights enum (or None).
+
+    Args:
+        arch: torchvision model name, e.g. "resnet50".
+        weights: None or "none", "default", "IMAGENET1K_V2" or "ResNet50_Weights.IMAGENET1K_V2".
+
+    Returns:
+        The weights enum member, or None for random initialisation.
+    """
+    check_arch(arch)
+    if weights is None or weights.lower() == "none":
+        return None
+    enum = get_model_weights(arch)
+    member = weights.rpartition(".")[2]
+    if member.lower() == "default":
+        return enum.DEFAULT
+    if member not in enum.__members__:
+        choices = ["none", "default", *enum.__members__]
+        raise InputError(hint_close(weights, choices, what=f"weights for {arch}"))
+    return enum[member]
+
+
+def weights_file(weights: WeightsEnum) -> Path:
+    """Where torch's hub cache keeps the file of ``weights``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(weights.url))
+
+
+def ensure_weights_file(weights: WeightsEnum) -> Path:
+    """Returns the cached weight file, downloading it first when missing.
+
+    Raises:
+        WeightsUnavailableError: The file is not cached and the download failed (offline).
+    """
+    dest = weights_file(weights)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(dest.name)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        torch.hub.download_url_to_file(
+            weights.url, str(dest), match.group(1) if match else None, progress=sys.stderr.isatty()
+        )
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+        raise WeightsUnavailableError(
+            f"pretrained weights {weights} are not cached at {dest} and could not be downloaded "
+            f"({e}). Hint: pass --weights none for random weights, --checkpoint FILE for a local "
+            "file, or copy the file to that path"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return dest
+
+
+def build_model(
+    arch: str, weights: str | None = "none", *, num_classes: int | None = None, seed: int = 0
+) -> nn.Module:
+    """A torchvision classification model in eval mode.
+
+    Args:
+        arch: torchvision model name.
+        weights: "none" (random, seeded), "default", or an enum member name.
+        num_classes: Output classes for random init (default 1000); must match pretrained ones.
+        seed: Seed of the random initialisation (the global RNG is left untouched).
+
+    Returns:
+        The model, on CPU, in eval mode.
+    """
+    enum = resolve_weights(arch, weights)
+    if enum is not None:
+        classes = len(enum.meta["categories"])
+        if num_classes not in (None, classes):
+            raise InputError(
+                f"{enum} has {classes} classes, not {num_classes}. Hint: drop --num-classes"
+            )
+        ensure_weights_file(enum)
+        model: nn.Module = torchvision.models.get_model(arch, weights=enum)
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(
+            arch, weights=None, **_random_kwargs(arch, num_classes)
+        )
+    return model.eval()
+
+
+def _random_kwargs(arch: str, num_classes: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": num_classes or 1000}
+    if arch in ("googlenet", "inception_v3"):  # no auxiliary heads; avoids the init warning
+        kwargs.update(aux_logits=False, init_weights=True)
+    return kwargs
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors for bad files.
+
+    Raises:
+        InputError: Missing, truncated, corrupted, or holding pickled code (refused).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"checkpoint {p} does not exist. Hint: check the path")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"refusing to load {p}: it holds Python objects other than tensors and plain "
+            "containers, which could run code (only weights_only checkpoints are accepted)"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:
+    """Loads a model from a self-describing checkpoint, or a state dict for ``arch``.
+
+    Args:
+        path: The file.
+        arch: torchvision model name; required for plain state dicts, checked otherwise.
+
+    Returns:
+        The model, on CPU, in eval mode.
+    """
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, Mapping) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        return _from_self_describing(ckpt, path, arch)
+    state = _state_dict_of(ckpt, path)
+    if arch is None:
+        raise InputError(
+            f"{path} is a plain state dict. Hint: name its architecture with --model NAME"
+        )
+    model = build_model(arch, "none", num_classes=_num_classes(state))
+    _load_state(model, state, path, arch)
+    return model.eval()
+
+
+def _from_self_describing(
+    ckpt: Mapping[str, Any], path: str | os.PathLike[str], arch: str | None
+) -> nn.Module:
+    name = ckpt.get("builder")
+    if name not in CHECKPOINT_BUILDERS:
+        raise InputError(
+            f"{path} names an unknown model builder {name!r}; known: "
+            f"{', '.join(CHECKPOINT_BUILDERS)}"
+        )
+    config = dict(ckpt.get("config") or {})
+    if arch is not None and config.get("arch") not in (None, arch):
+        raise InputError(
+            f"{path} holds a {config.get('arch')} model, not {arch}. Hint: drop --model"
+        )
+    module_name, _, func_name = CHECKPOINT_BUILDERS[name].partition(":")
+    builder: Callable[[dict[str, Any]], nn.Module] = getattr(
+        importlib.import_module(module_name), func_name
+    )
+    model = builder(config)
+    _load_state(model, _state_dict_of(ckpt, path), path, str(config.get("arch", name)))
+    return model.eval()
+
+
+def _state_dict_of(ckpt: Any, path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
+    if isinstance(ckpt, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(ckpt.get(key), Mapping):
+                return ckpt[key]  # type: ignore[no-any-return]
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt
+    raise InputError(f"{path} holds no state dict (expected tensors by parameter name)")
+
+
+def _num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The output width of the last 2-D weight (the classifier's)."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(weights[-1].shape[0]) if weights else None
+
+
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any, arch: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise InputError(
+            f"{path} does not fit a {arch} model ({first[0].strip()}). Hint: check --model"
+        ) from e

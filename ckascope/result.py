@@ -1,0 +1,271 @@
+"""``CKAResult``: a CKA matrix with its layer names, every setting and the library versions.
+
+Saved as a directory:
+
+- ``result.json`` — format marker, layers, settings, versions, elapsed time, mean and std
+  matrices (readable without NumPy);
+- ``matrices.npz`` — ``matrices`` (R, La, Lb) per repeat, ``mean``, ``std``, float64;
+- ``cka.csv`` — the tidy table (``to_frame()``): one row per (repeat, layer_a, layer_b).
+
+A directory is written in a staging folder beside it and moved into place at the end, so an
+interruption leaves either the previous result or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ckascope.errors import InputError
+from ckascope.fileio import atomic_write, write_json
+
+RESULT_FORMAT = "ckascope-result"
+RESULT_VERSION = 1
+FILES = ("result.json", "matrices.npz", "cka.csv")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a result."""
+    import torch
+    import torchvision
+
+    from ckascope import __version__
+
+    return {
+        "ckascope": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class CKAResult:
+    """Layer-by-layer CKA between side a (rows) and side b (columns).
+
+    Attributes:
+        matrices: (R, La, Lb) float64, one matrix per repeat (sweep over a random permutation).
+        layers_a: La row names.
+        layers_b: Lb column names.
+        settings: Every option that produced the result (model, data, scales, kernel, ...).
+        versions: Library versions.
+        elapsed: Seconds the computation took.
+    """
+
+    matrices: np.ndarray
+    layers_a: list[str]
+    layers_b: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    elapsed: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.matrices = np.asarray(self.matrices, dtype=np.float64)
+        if self.matrices.ndim == 2:
+            self.matrices = self.matrices[None]
+        expected = (len(self.layers_a), len(self.layers_b))
+        if self.matrices.ndim != 3 or self.matrices.shape[1:] != expected:
+            raise InputError(
+                f"matrices of shape {self.matrices.shape} do not fit {expected} layers"
+            )
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(La, Lb) mean over repeats."""
+        return self.matrices.mean(axis=0)  # type: ignore[no-any-return]
+
+    @property
+    def std(self) -> np.ndarray:
+        """(La, Lb) sample standard deviation over repeats (zeros for a single repeat)."""
+        if len(self.matrices) < 2:
+            return np.zeros_like(self.matrix)
+        return self.matrices.std(axis=0, ddof=1)  # type: ignore[no-any-return]
+
+    @property
+    def repeats(self) -> int:
+        """Number of sweeps R."""
+        return len(self.matrices)
+
+    @property
+    def has_diagonal(self) -> bool:
+        """Whether row i and column i are the same layer of the same model."""
+        return self.layers_a == self.layers_b and self.settings.get("mode") != "models"
+
+    def diagonal(self) -> pd.DataFrame:
+        """Same-layer CKA: one row per layer with ``mean`` and ``std`` over repeats.
+
+        Raises:
+            InputError: The two sides have different layers (e.g. two different models).
+        """
+        if not self.has_diagonal:
+            raise InputError(
+                "this result compares two models (or different layers), so it has no same-layer "
+                "diagonal. Hint: compare one model at two scales, or index .matrix yourself"
+            )
+        idx = np.arange(len(self.layers_a))
+        frame: pd.DataFrame = pd.DataFrame(
+            {
+                "layer": self.layers_a,
+                "depth": idx,
+                "mean": self.matrix[idx, idx],
+                "std": self.std[idx, idx],
+            }
+        )
+        return frame
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: repeat, index_a, layer_a, index_b, layer_b, cka."""
+        r, la, lb = np.meshgrid(
+            np.arange(self.repeats),
+            np.arange(len(self.layers_a)),
+            np.arange(len(self.layers_b)),
+            indexing="ij",
+        )
+        frame: pd.DataFrame = pd.DataFrame(
+            {
+                "repeat": r.ravel(),
+                "index_a": la.ravel(),
+                "layer_a": np.asarray(self.layers_a, dtype=object)[la.ravel()],
+                "index_b": lb.ravel(),
+                "layer_b": np.asarray(self.layers_b, dtype=object)[lb.ravel()],
+                "cka": self.matrices.ravel(),
+            }
+        )
+        return frame
+
+    def _json(self) -> dict[str, Any]:
+        def listed(a: np.ndarray) -> list[list[float | None]]:
+            return [[None if np.isnan(v) else float(v) for v in row] for row in a]
+
+        return {
+            "format": RESULT_FORMAT,
+            "version": RESULT_VERSION,
+            "layers_a": self.layers_a,
+            "layers_b": self.layers_b,
+            "repeats": self.repeats,
+            "settings": self.settings,
+            "versions": self.versions,
+            "elapsed": self.elapsed,
+            "matrix": listed(self.matrix),
+            "std": listed(self.std),
+        }
+
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        overwrite: bool = False,
+        extra: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Writes the result (and whatever ``extra`` writes into the folder) atomically.
+
+        Args:
+            directory: Output folder; an existing one must be empty or hold a ckascope result,
+                unless ``overwrite``.
+            overwrite: Replace a folder that holds something else.
+            extra: Called with the staging folder to add files (e.g. figures).
+
+        Returns:
+            The output folder.
+        """
+        dest = Path(directory)
+        check_output_dir(dest, overwrite)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            self._write_files(staging)
+            if extra is not None:
+                extra(staging)
+            _swap_in(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return dest
+
+    def _write_files(self, folder: Path) -> None:
+        atomic_write(
+            folder / "matrices.npz",
+            lambda f: np.savez(f, matrices=self.matrices, mean=self.matrix, std=self.std),
+        )
+        atomic_write(folder / "cka.csv", lambda f: self.to_frame().to_csv(f, index=False))
+        write_json(folder / "result.json", self._json())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CKAResult:
+        """Reads a result written by ``save``."""
+        folder = Path(directory)
+        meta = _read_meta(folder)
+        try:
+            with np.load(folder / "matrices.npz") as npz:
+                matrices = npz["matrices"]
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{folder}/matrices.npz is missing or unreadable ({e})") from e
+        return cls(
+            matrices,
+            meta["layers_a"],
+            meta["layers_b"],
+            meta["settings"],
+            meta["versions"],
+            meta["elapsed"],
+        )
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / "result.json"
+    if not path.is_file():
+        raise InputError(
+            f"{folder} holds no ckascope result (no result.json). Hint: run ckascope compare --out {folder}"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != RESULT_FORMAT:
+        raise InputError(f"{path} is not a ckascope result")
+    return meta
+
+
+def is_result_dir(path: Path) -> bool:
+    """Whether ``path`` holds a result written by ckascope."""
+    try:
+        _read_meta(path)
+    except InputError:
+        return False
+    return True
+
+
+def check_output_dir(dest: Path, overwrite: bool) -> None:
+    """Refuses a folder that exists and holds something other than a ckascope result.
+
+    Raises:
+        InputError: ``dest`` is a file, or a non-empty foreign folder and not ``overwrite``.
+    """
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"output {dest} exists and is a file. Hint: choose another --out")
+    if dest.is_dir() and any(dest.iterdir()) and not is_result_dir(dest) and not overwrite:
+        raise InputError(
+            f"output folder {dest} exists and does not hold a ckascope result. "
+            "Hint: choose another --out or pass --overwrite"
+        )
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    """Moves the finished staging folder to ``dest``, replacing what was there."""
+    if not dest.exists():
+        staging.rename(dest)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    trash.rmdir()
+    dest.rename(trash)
+    staging.rename(dest)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckascope.cli import main
+from ckascope.result import CKAResult
+
+SMALL = ["--weights", "none", "--num-classes", "10", "--base-size", "48", "--resize-size", "56",
+         "--scales", "16", "48", "--batch-size", "8", "--num-images", "16", "--layers", "stages"]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_compare_writes_result_figures_and_summary(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["compare", "--model", "resnet18", *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Cross-scale CKA" in result.stdout
+    assert "layer4" in result.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "cka.csv",
+        "curve.pdf",
+        "curve.png",
+        "heatmap.pdf",
+        "heatmap.png",
+        "matrices.npz",
+        "result.json",
+    ]
+    saved = CKAResult.load(out)
+    assert saved.settings["model"] == "resnet18"
+    assert saved.settings["scales"] == [16, 48]
+    assert saved.settings["weights"] == "none"
+    assert saved.settings["images_used"] == 16
+
+
+def test_compare_two_models(tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    args = [
+        "compare",
+        "--model",
+        "resnet18",
+        "--model-b",
+        "resnet34",
+        "--weights-b",
+        "none",
+        "--scale",
+        "32",
+    ]
+    small = SMALL[:8] + SMALL[11:]  # everything but --scales 16 48
+    result = CliRunner().invoke(main, [*args, *small, "--out", str(out), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "Best match per layer" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cka.csv", "matrices.npz", "result.json"]
+    assert CKAResult.load(out).settings["model_b"] == "resnet34"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--model", "resnet5O"], 2, "did you mean 'resnet50'"),
+        (["--model", "resnet18", "--scales", "0", "224"], 2, "range"),
+        (["--model", "resnet18", "--scales", "32"], 2, "'--scales'"),
+        (["--model", "resnet18", "--layers", "layer9"], 2, "unknown layer"),
+        (["--model", "resnet18", "--batch-size", "2"], 2, "at least 4"),
+        (["--model", "resnet18", "--device", "cuda:0"], 2, "CUDA is not available"),
+        (["--model", "resnet18", "--data", "/no/such/folder"], 2, "does not exist"),
+        (["--model", "resnet18", "--model-b", "resnet34", "--scales", "32", "224"], 2, "--scale S"),
+        ([], 2, "no model given"),
+    ],
+)
+def test_bad_input_one_line_no_traceback_no_files(
+    tmp_path: Path, args: list[str], code: int, needle: str
+) -> None:
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compare", "--weights", "none", *args, "--out", str(out)])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_foreign_output_folder_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not touch")
+    result = CliRunner().invoke(main, ["compare", "--model", "resnet18", *SMALL, "--out", str(out)])
+    assert result.exit_code == 2
+    assert "--overwrite" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_subprocess_and_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
+    single, double = tmp_path / "single", tmp_path / "double"
+    cmd = [
+        "compare",
+        "--model",
+        "resnet18",
+        *SMALL,
+        "--num-images",
+        "32",
+        "--repeats",
+        "2",
+        "--no-figures",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "ckascope", *cmd, "--out", str(single)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ckascope",
+    ]
+    two = subprocess.run(
+        [*run, *cmd, "--out", str(double)], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert two.returncode == 0, two.stderr
+    a, b = CKAResult.load(single), CKAResult.load(double)
+    assert b.settings["world_size"] == 2
+    assert a.settings["world_size"] == 1
+    assert a.settings["images_used"] == b.settings["images_used"] == 64
+    np.testing.assert_allclose(b.matrices, a.matrices, rtol=0, atol=1e-12)

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ckascope import models
+from ckascope.compare import ScaleView, compare_models, compare_scales
+from ckascope.data import build_dataset, eval_transform, subset_indices
+from ckascope.errors import InputError
+from ckascope.result import CKAResult
+from tests import reference as ref
+
+BASE = 48
+LAYERS = ["maxpool", "layer1", "layer2", "layer4"]
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return models.build_model("resnet18", "none", num_classes=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.utils.data.Dataset:
+    # Drawn once: the sweeps below index the same 40 images many times.
+    shapes = build_dataset(None, "val", eval_transform(BASE, 56), num_images=40, seed=0)
+    images, labels = zip(*(shapes[i] for i in range(len(shapes))), strict=True)
+    return torch.utils.data.TensorDataset(torch.stack(images), torch.tensor(labels))
+
+
+def _independent(
+    model: nn.Module, data, scales: tuple[int, int], num_images: int, batch: int, seed: int
+) -> np.ndarray:
+    """Own hooks, float64 NumPy reference: no ckascope code except the index draw."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: feats.__setitem__(n, o.detach().clone())
+        )
+        for n in LAYERS
+    ]
+    idx = subset_indices(len(data), num_images, seed)
+    batches_a, batches_b = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(idx), batch):
+                chunk = idx[start : start + batch]
+                if len(chunk) < 4:
+                    continue
+                images = torch.stack([data[i][0] for i in chunk])
+                for s, out in zip(scales, (batches_a, batches_b), strict=False):
+                    x = (
+                        F.interpolate(images, size=s, mode="bilinear", align_corners=False)
+                        if s != BASE
+                        else images
+                    )
+                    x = (
+                        F.interpolate(x, size=BASE, mode="bilinear", align_corners=False)
+                        if s != BASE
+                        else x
+                    )
+                    model(x)
+                    out.append([feats[n].double().numpy() for n in LAYERS])
+    finally:
+        for h in handles:
+            h.remove()
+    return ref.minibatch_cka(batches_a, batches_b)
+
+
+def test_end_to_end_equals_independent_computation(model: nn.Module, data) -> None:
+    result = compare_scales(
+        model, data, (16, BASE), layers=LAYERS, base_size=BASE, batch_size=8, num_images=26, seed=5
+    )
+    expected = _independent(model, data, (16, BASE), 26, 8, 5)
+    assert result.layers_a == LAYERS == result.layers_b
+    assert result.settings["images_used"] == 24  # the remainder batch of 2 is dropped
+    np.testing.assert_allclose(result.matrix, expected, atol=1e-6)
+
+
+def test_same_seed_same_result_and_repeats(model: nn.Module, data) -> None:
+    kw = {"layers": "stages", "base_size": BASE, "batch_size": 8, "num_images": 16}
+    one = compare_scales(model, data, (24, BASE), seed=1, **kw)
+    again = compare_scales(model, data, (24, BASE), seed=1, **kw)
+    np.testing.assert_array_equal(one.matrices, again.matrices)
+    three = compare_scales(model, data, (24, BASE), seed=1, repeats=3, **kw)
+    assert three.matrices.shape == (3, 5, 5)
+    np.testing.assert_array_equal(three.matrices[0], one.matrices[0])
+    seed2 = compare_scales(model, data, (24, BASE), seed=2, **kw)
+    np.testing.assert_array_equal(three.matrices[1], seed2.matrices[0])
+    np.testing.assert_allclose(three.std, three.matrices.std(axis=0, ddof=1))
+    assert not np.array_equal(three.matrices[0], three.matrices[1])
+
+
+def test_model_mode_restored_and_same_scale_gives_identity(model: nn.Module, data) -> None:
+    model.train()
+    try:
+        result = compare_scales(
+            model, data, (BASE, BASE), layers="stages", base_size=BASE, batch_size=8, num_images=16
+        )
+        assert model.training
+    finally:
+        model.eval()
+    np.testing.assert_allclose(np.diag(result.matrix), 1.0, atol=1e-12)
+
+
+def test_compare_models_and_cross_block(model: nn.Module, data) -> None:
+    other = models.build_model("resnet34", "none", num_classes=10, seed=1)
+    kw = {"scale": 32, "base_size": BASE, "batch_size": 8, "num_images": 16}
+    both = compare_models(model, other, data, layers="stages", **kw)
+    assert both.matrix.shape == (5, 5)
+    assert both.settings["mode"] == "models"
+    with pytest.raises(InputError, match="same-layer"):
+        both.diagonal()
+    self_cmp = compare_models(model, model, data, layers="stages", **kw)
+    np.testing.assert_allclose(np.diag(self_cmp.matrix), 1.0, atol=1e-12)
+
+
+def test_scale_view_protocols() -> None:
+    x = torch.randn(2, 3, 64, 64)
+    assert ScaleView(16, "native", 64)(x).shape == (2, 3, 16, 16)
+    up = ScaleView(16, "upsample", 64)(x)
+    assert up.shape == (2, 3, 64, 64)
+    expected = F.interpolate(F.interpolate(x, size=16, mode="bilinear"), size=64, mode="bilinear")
+    torch.testing.assert_close(up, expected)
+    assert ScaleView(64, "upsample", 64)(x) is x
+
+
+def test_native_protocol_runs_small_inputs(model: nn.Module, data) -> None:
+    result = compare_scales(
+        model,
+        data,
+        (32, BASE),
+        protocol="native",
+        layers="stages",
+        base_size=BASE,
+        batch_size=8,
+        num_images=8,
+    )
+    assert result.settings["protocol"] == "native"
+    assert np.isfinite(result.matrix).all()
+
+
+def test_save_load_round_trip_and_frame(model: nn.Module, data, tmp_path: Path) -> None:
+    result = compare_scales(
+        model,
+        data,
+        (16, BASE),
+        layers="stages",
+        base_size=BASE,
+        batch_size=8,
+        num_images=16,
+        repeats=2,
+    )
+    out = result.save(tmp_path / "res")
+    assert sorted(p.name for p in out.iterdir()) == ["cka.csv", "matrices.npz", "result.json"]
+    back = CKAResult.load(out)
+    np.testing.assert_array_equal(back.matrices, result.matrices)
+    assert back.layers_a == result.layers_a
+    assert back.settings == result.settings
+    frame = back.to_frame()
+    assert len(frame) == 2 * 5 * 5
+    assert set(frame.columns) == {
+        "repeat",
+        "index_a",
+        "layer_a",
+        "index_b",
+        "layer_b",
+        "cka",
+    }
+    row = frame[(frame.repeat == 1) & (frame.index_a == 2) & (frame.index_b == 3)]
+    assert float(row.cka.iloc[0]) == result.matrices[1, 2, 3]
+    import pandas as pd
+
+    assert pd.read_csv(out / "cka.csv").shape == frame.shape
+
+
+def test_output_folder_rules(tmp_path: Path) -> None:
+    result = CKAResult(np.eye(2), ["a", "b"], ["a", "b"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="--overwrite"):
+        result.save(foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    result.save(foreign, overwrite=True)
+    assert not (foreign / "notes.txt").exists()
+    result.save(foreign)  # ours now: replacing a previous result is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result.save(empty)
+
+
+def test_failed_save_leaves_previous_result_and_no_staging(tmp_path: Path) -> None:
+    dest = tmp_path / "res"
+    CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(dest)
+
+    def boom(folder: Path) -> None:
+        (folder / "half.png").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        CKAResult(np.zeros((2, 2)), ["a", "b"], ["a", "b"], {"run": 2}).save(dest, extra=boom)
+    assert CKAResult.load(dest).settings == {"run": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scales": (0, 224)}, "1..4096"),
+        ({"scales": (32, 5000)}, "1..4096"),
+        ({"scales": (32,)}, "exactly two"),
+        ({"batch_size": 3}, "at least 4"),
+        ({"protocol": "crop"}, "unknown protocol"),
+        ({"resize_mode": "lanczos"}, "resize mode"),
+        ({"layers": ["nope"]}, "unknown layer"),
+        ({"num_images": 5000}, r"1\.\.40"),
+        ({"kernel": "poly"}, "unknown kernel"),
+        ({"repeats": 0}, "repeats"),
+    ],
+)
+def test_bad_arguments(model: nn.Module, data, kwargs: dict, match: str) -> None:
+    kw = {"scales": (16, BASE), "base_size": BASE, "batch_size": 8, "num_images": 8, **kwargs}
+    with pytest.raises(InputError, match=match):
+        compare_scales(model, data, **kw)
+
+
+def test_too_few_images_for_processes(model: nn.Module, data) -> None:
+    with pytest.raises(InputError, match="fewer than the 2 processes"):
+        compare_scales(
+            model, data, (16, BASE), base_size=BASE, batch_size=8, num_images=8, world_size=2
+        )

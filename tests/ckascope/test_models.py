@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from ckascope import models
+from ckascope.errors import InputError, WeightsUnavailableError
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
+
+
+def test_list_models_and_unknown_name_hint() -> None:
+    assert {"resnet50", "densenet121", "vgg16_bn", "mobilenet_v2"} <= set(models.list_models())
+    with pytest.raises(InputError, match="did you mean 'resnet50'"):
+        models.check_arch("resnet5O")
+
+
+def test_resolve_weights() -> None:
+    enum = torchvision.models.ResNet50_Weights
+    assert models.resolve_weights("resnet50", "none") is None
+    assert models.resolve_weights("resnet50", None) is None
+    assert models.resolve_weights("resnet50", "default") is enum.DEFAULT
+    assert models.resolve_weights("resnet50", "IMAGENET1K_V1") is enum.IMAGENET1K_V1
+    assert (
+        models.resolve_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2") is enum.IMAGENET1K_V2
+    )
+    with pytest.raises(InputError, match="IMAGENET1K_V1"):
+        models.resolve_weights("resnet50", "IMAGENET1K_V3")
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = models.build_model("resnet18", "none", num_classes=7, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = models.build_model("resnet18", "none", num_classes=7, seed=1)
+    c = models.build_model("resnet18", "none", num_classes=7, seed=2)
+    assert not a.training
+    assert a.fc.out_features == 7
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_offline_without_cached_weights_fails_fast(empty_torch_home: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="--weights none"):
+        models.build_model("resnet18", "default")
+    assert time.perf_counter() - start < models.DOWNLOAD_TIMEOUT + 20
+    assert not any(empty_torch_home.rglob("*.pth"))
+
+
+def test_cached_weights_are_loaded(empty_torch_home: Path) -> None:
+    enum = torchvision.models.ResNet18_Weights.DEFAULT
+    source = torchvision.models.resnet18()
+    path = models.weights_file(enum)
+    assert str(path).startswith(str(empty_torch_home))
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    model = models.build_model("resnet18", "default")
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    with pytest.raises(InputError, match="1000 classes"):
+        models.build_model("resnet18", "default", num_classes=10)
+
+
+def test_plain_state_dict_checkpoint(tmp_path: Path) -> None:
+    source = models.build_model("resnet18", "none", num_classes=5, seed=3)
+    path = tmp_path / "r18.pt"
+    torch.save(source.state_dict(), path)
+    loaded = models.load_checkpoint(path, arch="resnet18")
+    assert torch.equal(loaded.fc.weight, source.fc.weight)
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
+    assert torch.equal(
+        models.load_checkpoint(tmp_path / "wrapped.pt", "resnet18").fc.bias, source.fc.bias
+    )
+    with pytest.raises(InputError, match="--model NAME"):
+        models.load_checkpoint(path)
+    with pytest.raises(InputError, match="does not fit a resnet34"):
+        models.load_checkpoint(path, arch="resnet34")
+
+
+class Evil:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned",))
+
+
+def test_hostile_and_broken_checkpoints(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": Evil()}, evil)
+    with pytest.raises(InputError, match="refusing to load"):
+        models.load_checkpoint(evil, "resnet18")
+    good = tmp_path / "good.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(InputError, match="truncated or corrupted"):
+        models.load_checkpoint(truncated, "resnet18")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(pickle.dumps([1, 2, 3]) + b"garbage")
+    with pytest.raises(InputError):
+        models.load_checkpoint(junk, "resnet18")
+    with pytest.raises(InputError, match="does not exist"):
+        models.load_checkpoint(tmp_path / "missing.pt", "resnet18")
+
+
+def test_self_describing_checkpoint_with_unknown_builder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(
+        {
+            "format": models.CHECKPOINT_FORMAT,
+            "builder": "os:system",
+            "config": {},
+            "state_dict": {},
+        },
+        path,
+    )
+    with pytest.raises(InputError, match="unknown model builder"):
+        models.load_checkpoint(path)

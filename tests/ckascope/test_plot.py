@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ckascope.errors import InputError
+from ckascope.plot import curve, heatmap, save_figures
+from ckascope.result import CKAResult
+
+
+def _result(mode: str = "scales", nan: bool = False) -> CKAResult:
+    rng = np.random.default_rng(0)
+    mats = rng.uniform(0, 1, (3, 4, 4))
+    if nan:
+        mats[:, 1, :] = np.nan
+    layers = ["stem", "l1", "l2", "l3"]
+    return CKAResult(
+        mats,
+        layers,
+        layers,
+        {"mode": mode, "scales": [32, 224], "model": "toy", "kernel": "linear"},
+    )
+
+
+def test_figures_render_from_a_saved_result_without_a_model(tmp_path: Path) -> None:
+    folder = _result().save(tmp_path / "r")
+    loaded = CKAResult.load(folder)
+    paths = save_figures(loaded, tmp_path)
+    assert sorted(p.name for p in paths) == ["curve.pdf", "curve.png", "heatmap.pdf", "heatmap.png"]
+    for p in paths:
+        assert p.stat().st_size > 1000
+    with Image.open(tmp_path / "heatmap.png") as img:
+        assert img.size[0] > 300
+
+
+def test_heatmap_marks_nan_and_fixes_colour_scale() -> None:
+    fig = heatmap(_result(nan=True))
+    ax = fig.axes[0]
+    mesh = ax.collections[0]
+    assert mesh.get_clim() == (0.0, 1.0)
+    assert ax.patch.get_hatch() == "xx"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["NaN"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stem", "l1", "l2", "l3"]
+
+
+def test_heatmap_widens_scale_for_values_outside_unit_interval() -> None:
+    r = _result()
+    r.matrices[:, 0, 0] = -0.5
+    assert heatmap(r).axes[0].collections[0].get_clim()[0] < 0
+
+
+def test_curve_overlays_results_with_std_band() -> None:
+    fig = curve([_result(), _result()], labels=["vanilla", "msun"])
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2
+    assert len(ax.collections) == 2
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), np.diag(_result().matrix))
+
+
+def test_two_model_results_get_only_a_heatmap(tmp_path: Path) -> None:
+    paths = save_figures(_result(mode="models"), tmp_path)
+    assert sorted(p.name for p in paths) == ["heatmap.pdf", "heatmap.png"]
+    with pytest.raises(InputError, match="no same-layer"):
+        curve(_result(mode="models"))
