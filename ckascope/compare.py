@@ -297,9 +297,8 @@ def as_dataset(
     """A dataset object as is, or the one a ``--data`` spec names with the eval transform."""
     if data is None or isinstance(data, str):
         count = num_images or 1280  # the synthetic set's size when nothing else says
-        return build_dataset(
-            data, "val", eval_transform(base_size, resize_size), num_images=count, seed=seed
-        )
+        transform = eval_transform(base_size, resize_size)
+        return build_dataset(data, "val", transform, num_images=count, seed=seed, synthetic_size=base_size)
     return data
 
 

@@ -173,6 +173,7 @@ def build_dataset(
     *,
     num_images: int = 1280,
     seed: int = 0,
+    synthetic_size: int = 224,
 ) -> Dataset[Any]:
     """The dataset named by a ``--data`` spec.
 
@@ -182,12 +183,13 @@ def build_dataset(
         transform: Applied to each image (PIL image or uint8 tensor).
         num_images: Size of the synthetic set (ignored by the others).
         seed: Seed of the synthetic set.
+        synthetic_size: Canvas side of the synthetic images.
 
     Returns:
         A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
     """
     if spec in (None, "shapes"):
-        return SyntheticShapes(split, num_images, seed=seed, transform=transform)
+        return SyntheticShapes(split, num_images, seed=seed, size=synthetic_size, transform=transform)
     name, sep, root = spec.partition(":")
     if sep and len(name) > 1 and not os.path.isabs(spec):  # "C:\\..." and "/a:b" are paths
         if name not in TORCHVISION_DATASETS:

@@ -160,12 +160,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not a disallowed class: not a checkpoint at all
+            raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?)") from e
         raise InputError(
             f"refusing to load {p}: it holds Python objects other than tensors and plain "
             "containers, which could run code (only weights_only checkpoints are accepted)"
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e}") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
+        raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e!r}") from e
 
 
 def load_checkpoint(path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:

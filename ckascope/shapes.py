@@ -6,10 +6,14 @@ orientation) and "speckles" (random square 2-3 px cells, isotropic). Both textur
 not periodic, so downscaling to 32 px (7-px sampling, with or without antialiasing) leaves
 nearly uncorrelated samples of the same 50/50 colour mix and no trace of the texture's kind,
 while the outer shape survives: at 32 px at most the shape half of the label is recoverable, at
-224 px all of it (tests/ckascope/test_shapes.py measures both). That makes input scale matter the way it
-does for ImageNet objects, with no files to download: every image is drawn on the fly (about a
-millisecond), deterministically from (seed, split, index), with random position, size, rotation,
-colours, background gradient and noise.
+224 px all of it (tests/ckascope/test_shapes.py measures both). That makes input scale matter the
+way it does for ImageNet objects, with no files to download: every image is drawn on the fly
+(about 3 ms at 224 px), deterministically from (seed, split, index), with random position, size,
+rotation, colours, background gradient and noise.
+
+The canvas defaults to 224 px. A smaller canvas (``size``) scales the geometry but keeps the
+texture's pixel size, so a fast CPU experiment at 96 px keeps the same structure: texture gone
+at about 1/7 of the canvas, shapes still there.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ RENDER_SIZE = 224
 
 @dataclass(frozen=True)
 class ShapeParams:
-    """Everything random about one image, in pixels of a RENDER_SIZE canvas."""
+    """Everything random about one image: geometry in canvas fractions, texture in pixels."""
 
     label: int
-    center: tuple[float, float]
-    radius: float
+    center: tuple[float, float]  # fractions of the canvas side
+    radius: float  # fraction of the canvas side
     angle: float
     texture_angle: float
     grain: float
@@ -49,12 +53,9 @@ def sample_params(seed: int, split: str, index: int) -> ShapeParams:
     """Draws the parameters of image ``index`` of ``split`` from a seeded generator."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     label = int(rng.integers(len(CLASSES)))
-    radius = float(rng.uniform(0.22, 0.38) * RENDER_SIZE)
+    radius = float(rng.uniform(0.22, 0.38))
     margin = 0.8 * radius
-    center = (
-        float(rng.uniform(margin, RENDER_SIZE - margin)),
-        float(rng.uniform(margin, RENDER_SIZE - margin)),
-    )
+    center = (float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)))
     colors = _contrasting_colors(rng)
     return ShapeParams(
         label=label,
@@ -106,7 +107,7 @@ def _texture(texture: str, x: Tensor, y: Tensor, params: ShapeParams) -> Tensor:
     """
     ct, st = math.cos(params.texture_angle), math.sin(params.texture_angle)
     length = params.dash if texture == "dashes" else params.grain
-    cells = 2 * math.ceil(RENDER_SIZE * 1.5 / params.grain)  # covers the rotated canvas
+    cells = 2 * math.ceil(float(x.max()) * 1.5 / params.grain)  # covers the rotated canvas
     iu = torch.floor((ct * x + st * y) / params.grain).long() + cells // 2
     iv = torch.floor((-st * x + ct * y) / length).long() + cells // 2
     generator = torch.Generator().manual_seed(params.noise_seed + 1)
@@ -114,8 +115,9 @@ def _texture(texture: str, x: Tensor, y: Tensor, params: ShapeParams) -> Tensor:
 
 
 def _grid(size: int) -> tuple[Tensor, Tensor]:
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * (RENDER_SIZE / size)
-    x, y = torch.meshgrid(coords, coords, indexing="xy")  # (size, size) each
+    """Pixel-centre coordinates x, y, each (size, size)."""
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    x, y = torch.meshgrid(coords, coords, indexing="xy")
     return x, y
 
 
@@ -124,21 +126,21 @@ def render(params: ShapeParams, size: int = RENDER_SIZE) -> Tensor:
 
     Args:
         params: From ``sample_params``.
-        size: Output side in pixels; the scene is defined on a 224-px canvas and sampled at
-            ``size`` (use 224 and resize with antialiasing for smaller images).
+        size: Canvas side in pixels; the geometry scales with it, the texture keeps its pixels.
 
     Returns:
         (3, size, size) uint8 image.
     """
     x, y = _grid(size)
-    dx, dy = x - params.center[0], y - params.center[1]
+    dx, dy = x - params.center[0] * size, y - params.center[1] * size
     ca, sa = math.cos(params.angle), math.sin(params.angle)
-    u, v = (ca * dx + sa * dy) / params.radius, (-sa * dx + ca * dy) / params.radius
+    radius = params.radius * size
+    u, v = (ca * dx + sa * dy) / radius, (-sa * dx + ca * dy) / radius
     shape, texture = CLASSES[params.label].split("-")
     inside = _shape_mask(shape, u, v)
     pattern = _texture(texture, x, y, params)
     colors = torch.as_tensor(params.colors, dtype=torch.float32)  # (4, 3)
-    t = (x + y) / (2 * RENDER_SIZE)  # background gradient along the diagonal
+    t = (x + y) / (2 * size)  # background gradient along the diagonal
     background = colors[0, :, None, None] * (1 - t) + colors[3, :, None, None] * t
     foreground = torch.where(pattern, colors[1, :, None, None], colors[2, :, None, None])
     image = torch.where(inside, foreground, background)
@@ -153,17 +155,25 @@ class SyntheticShapes(Dataset[tuple[Any, int]]):
         split: "train" or "val" (disjoint random streams).
         num_images: Length of the dataset.
         seed: Seed of the whole set; the same (seed, split, index) always gives the same image.
-        transform: Applied to the (3, 224, 224) uint8 tensor.
+        size: Canvas side in pixels (see the module docstring).
+        transform: Applied to the (3, size, size) uint8 tensor.
     """
 
     classes: tuple[str, ...] = CLASSES
 
     def __init__(
-        self, split: str = "val", num_images: int = 1280, *, seed: int = 0, transform: Any = None
+        self,
+        split: str = "val",
+        num_images: int = 1280,
+        *,
+        seed: int = 0,
+        size: int = RENDER_SIZE,
+        transform: Any = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.split, self.num_images, self.seed, self.transform = split, num_images, seed, transform
+        self.size = size
 
     def __len__(self) -> int:
         return self.num_images
@@ -172,5 +182,5 @@ class SyntheticShapes(Dataset[tuple[Any, int]]):
         if not 0 <= index < self.num_images:
             raise IndexError(index)
         params = sample_params(self.seed, self.split, index)
-        image: Any = render(params)
+        image: Any = render(params, self.size)
         return (self.transform(image) if self.transform else image), params.label

@@ -106,8 +106,12 @@ def test_hostile_and_broken_checkpoints(tmp_path: Path) -> None:
         models.load_checkpoint(truncated, "resnet18")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(pickle.dumps([1, 2, 3]) + b"garbage")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="not a readable checkpoint"):
         models.load_checkpoint(junk, "resnet18")
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"hello, this is not a checkpoint")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        models.load_checkpoint(text, "resnet18")
     with pytest.raises(InputError, match="does not exist"):
         models.load_checkpoint(tmp_path / "missing.pt", "resnet18")
 

@@ -66,8 +66,8 @@ def test_outer_shape_survives_32px() -> None:
     for i in range(20):
         p = sample_params(0, "val", i)
         ca, sa = math.cos(p.angle), math.sin(p.angle)
-        dx, dy = x - p.center[0], y - p.center[1]
-        u, v = (ca * dx + sa * dy) / p.radius, (-sa * dx + ca * dy) / p.radius
+        dx, dy = x - p.center[0] * 224, y - p.center[1] * 224
+        u, v = (ca * dx + sa * dy) / (p.radius * 224), (-sa * dx + ca * dy) / (p.radius * 224)
         mask = _shape_mask(CLASSES[p.label].split("-")[0], u, v).float()[None, None]
         small = F.interpolate(mask, size=32, mode="bilinear", align_corners=False)
         back = F.interpolate(small, size=224, mode="bilinear", align_corners=False) > 0.5

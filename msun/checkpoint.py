@@ -1,0 +1,124 @@
+"""Self-describing MSUN checkpoints, readable with ``torch.load(weights_only=True)``.
+
+One file::
+
+    {"format": "ckascope-model", "builder": "msun",
+     "config": {"arch", "split_at", "scales", "num_classes", "routing"},
+     "state_dict": {...}, **extra}
+
+``ckascope.models.load_checkpoint`` finds :func:`model_from_config` through its builder registry,
+so ckascope loads these files without importing msun until it meets one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckascope.errors import InputError
+from ckascope.fileio import torch_save
+from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
+from msun.model import MSUN, build_msun
+
+BUILDER = "msun"
+CONFIG_KEYS = ("arch", "split_at", "scales", "num_classes", "routing")
+RESERVED = ("format", "builder", "config", "state_dict")
+
+
+def save_checkpoint(model: MSUN, path: str | os.PathLike[str], **extra: Any) -> None:
+    """Writes ``model`` (config + state dict) and ``extra`` entries atomically.
+
+    Args:
+        model: The network.
+        path: Destination file.
+        **extra: More entries (e.g. optimizer state, epoch); they must hold only tensors,
+            dicts, lists, str, int, float, bool and None to stay loadable.
+
+    Raises:
+        InputError: An extra key collides with the format's own keys.
+    """
+    clash = sorted(set(extra) & set(RESERVED))
+    if clash:
+        raise InputError(f"extra checkpoint keys {clash} are reserved: {', '.join(RESERVED)}")
+    torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "builder": BUILDER,
+            "config": model.config(),
+            "state_dict": model.state_dict(),
+            **extra,
+        },
+        path,
+    )
+
+
+def model_from_config(config: Mapping[str, Any]) -> MSUN:
+    """A randomly initialised MSUN with the structure ``config`` describes.
+
+    Raises:
+        InputError: Missing or unknown keys, or values ``build_msun`` refuses.
+    """
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if missing or unknown:
+        raise InputError(
+            f"bad MSUN config (missing {missing}, unknown {unknown}). "
+            f"Hint: the keys are {', '.join(CONFIG_KEYS)}"
+        )
+    return build_msun(
+        str(config["arch"]),
+        split_at=str(config["split_at"]),
+        scales=list(config["scales"]),
+        num_classes=config["num_classes"],
+        routing=list(config["routing"]),
+    )
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:
+    """Rebuilds the MSUN saved in ``path``.
+
+    Args:
+        path: A file written by :func:`save_checkpoint`.
+        arch: If given, the architecture the checkpoint must hold.
+
+    Returns:
+        The model on CPU, in eval mode.
+
+    Raises:
+        InputError: Missing, corrupt or unsafe file; not an MSUN checkpoint; another
+            architecture than ``arch``; a state dict that does not fit the config.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, Mapping) or ckpt.get("builder") != BUILDER:
+        raise InputError(
+            f"{path} is not an MSUN checkpoint. Hint: use a file written by msun "
+            "(ckascope.models.load_checkpoint reads plain torchvision state dicts)"
+        )
+    config = ckpt.get("config")
+    if not isinstance(config, Mapping):
+        raise InputError(f"{path} has no MSUN config. Hint: the file is damaged; re-save it")
+    if arch is not None and config.get("arch") != arch:
+        raise InputError(
+            f"{path} holds a {config.get('arch')} MSUN, not {arch}. Hint: drop --model"
+        )
+    with torch.device("meta"):  # structure only: the state dict provides every tensor
+        model = model_from_config(config)
+    _load_state(model, ckpt.get("state_dict"), path)
+    return model.eval()
+
+
+def _load_state(model: MSUN, state: Any, path: str | os.PathLike[str]) -> None:
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise InputError(f"{path} holds no state dict. Hint: the file is damaged; re-save it")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()
+        raise InputError(
+            f"{path} does not fit an MSUN {model.arch} split at {model.split_at} ({detail})"
+        ) from e

@@ -1,0 +1,202 @@
+"""Parameter and FLOP accounting of an MSUN against its vanilla backbone.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on meta-device copies of the
+models (shapes only: no compute, no memory), one image (batch size 1) under ``torch.no_grad()``.
+That counter counts convolutions and matrix products, as 2 FLOPs per multiply-accumulate
+(so MACs = FLOPs / 2); element-wise ops, pooling, BatchNorm and the bilinear interpolations
+(input resize and unified resize) are not counted, for MSUN and vanilla alike.
+
+Two protocols over the 13 test sizes 32, 48, ..., 224, each routed by the model's routing table:
+
+- ``accuracy``: the input is resized to the routed path's nominal size (how accuracy is
+  measured);
+- ``native``: the routed path is fed the input at its own size (how the paper's "fewer FLOPs"
+  claim is computed).
+
+Both are compared with a vanilla model that runs every input at 224.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from msun.backbones import meta_model
+from msun.model import MSUN, build_msun, eval_mode
+
+#: The evaluation's test sizes: 32, 48, ..., 224.
+TEST_SIZES = tuple(range(32, 225, 16))
+VANILLA_SIZE = 224
+PROTOCOLS = ("accuracy", "native")
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Parameter counts per part of an MSUN and of its vanilla backbone."""
+
+    subnets: tuple[int, ...]
+    trunk: int
+    head: int
+    total: int
+    vanilla: int
+
+
+@dataclass(frozen=True)
+class SizeRow:
+    """FLOPs of the routed model at one test size (one image)."""
+
+    size: int
+    path: int
+    accuracy: int
+    native: int
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs over the test sizes under both protocols, vanilla at 224, parameter counts."""
+
+    config: dict[str, Any]
+    rows: tuple[SizeRow, ...]
+    path_flops: tuple[int, ...]
+    vanilla: int
+    parameters: Parameters
+
+    def mean(self, protocol: str) -> float:
+        """Mean FLOPs per image over the test sizes under ``protocol``."""
+        return float(sum(getattr(row, protocol) for row in self.rows)) / len(self.rows)
+
+    def saving(self, protocol: str) -> float:
+        """Percent fewer FLOPs than vanilla at 224 under ``protocol`` (negative: more)."""
+        return 100.0 * (1.0 - self.mean(protocol) / self.vanilla)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: per-size rows, means, savings and parameter counts."""
+        return {
+            **self.config,
+            "sizes": [asdict(row) for row in self.rows],
+            "flops_per_path_at_nominal_size": list(self.path_flops),
+            "vanilla_flops_at_224": self.vanilla,
+            "mean_flops": {p: self.mean(p) for p in PROTOCOLS},
+            "fewer_flops_percent": {p: self.saving(p) for p in PROTOCOLS},
+            "parameters": asdict(self.parameters),
+            "counted": "FLOPs = 2 x MACs of convolutions and matrix products, batch size 1",
+        }
+
+
+def _count(run: Callable[[torch.Tensor], torch.Tensor], size: int) -> int:
+    """FLOPs of ``run`` on one meta image (1, 3, size, size)."""
+    x = torch.empty(1, 3, size, size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run(x)
+    return int(counter.get_total_flops())
+
+
+def meta_twin(model: MSUN) -> MSUN:
+    """``model`` itself if it lives on the meta device, else a structural copy there."""
+    if all(p.is_meta for p in model.parameters()):
+        return model
+    config = model.config()
+    with torch.device("meta"):
+        return build_msun(config.pop("arch"), **config)
+
+
+def path_flops(model: MSUN, k: int, size: int) -> int:
+    """FLOPs of path k on one (1, 3, size, size) image fed at that size (no input resize)."""
+    with eval_mode(meta_twin(model)) as twin:
+        assert isinstance(twin, MSUN)
+        return _count(lambda x: twin.forward_path(x, k, resize=False), size)
+
+
+def path_macs(model: MSUN, k: int, size: int) -> int:
+    """Multiply-accumulates of path k at ``size``: half its FLOPs."""
+    return path_flops(model, k, size) // 2
+
+
+def vanilla_flops(arch: str, size: int = VANILLA_SIZE, num_classes: int = 1000) -> int:
+    """FLOPs of the vanilla torchvision model on one (1, 3, size, size) image."""
+    model = meta_model(arch, num_classes).eval()
+    return _count(model, size)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_parameters(model: MSUN) -> Parameters:
+    """Parameters of each subnet, the trunk, the head, the whole MSUN and the vanilla model."""
+    return Parameters(
+        subnets=tuple(_numel(s) for s in model.subnets),
+        trunk=_numel(model.trunk),
+        head=_numel(model.head),
+        total=_numel(model),
+        vanilla=_numel(meta_model(model.arch, model.num_classes)),
+    )
+
+
+def flops_report(model: MSUN, sizes: tuple[int, ...] = TEST_SIZES) -> FlopsReport:
+    """FLOPs of the routed model at each test size under both protocols, and vanilla at 224."""
+    twin = meta_twin(model)
+    counts: dict[tuple[int, int], int] = {}
+
+    def count(k: int, size: int) -> int:
+        if (k, size) not in counts:
+            counts[k, size] = path_flops(twin, k, size)
+        return counts[k, size]
+
+    at_nominal = tuple(count(k, s) for k, s in enumerate(twin.scales))
+    rows = [SizeRow(s, k, at_nominal[k], count(k, s)) for s in sizes for k in [twin.route(s)]]
+    return FlopsReport(
+        config={**model.config(), "unified_size": model.unified_size},
+        rows=tuple(rows),
+        path_flops=at_nominal,
+        vanilla=vanilla_flops(model.arch, VANILLA_SIZE, model.num_classes),
+        parameters=count_parameters(model),
+    )
+
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:.3f}"
+
+
+def flops_table(report: FlopsReport) -> Table:
+    """Per test size: routed path, GFLOPs under both protocols and vanilla at 224; then means."""
+    scales = report.config["scales"]
+    table = Table(
+        title=f"{report.config['arch']} MSUN (trunk from {report.config['split_at']}): "
+        "GFLOPs per image",
+        caption="accuracy: input resized to the path's nominal size; native: fed at its size. "
+        "Interpolations are not counted.",
+    )
+    for name in ("size", "path", "accuracy", "native", "vanilla @224"):
+        table.add_column(name, justify="right")
+    for row in report.rows:
+        path = f"S{row.path + 1} ({scales[row.path]})"
+        table.add_row(str(row.size), path, _g(row.accuracy), _g(row.native), _g(report.vanilla))
+    means = [_g(report.mean(p)) for p in PROTOCOLS]
+    table.add_section()
+    table.add_row("mean", "", *means, _g(report.vanilla))
+    savings = [f"{report.saving(p):.2f} %" for p in PROTOCOLS]
+    table.add_row("fewer FLOPs", "", *savings, "")
+    return table
+
+
+def parameters_table(report: FlopsReport) -> Table:
+    """Parameter counts (millions) per part, of the MSUN and of the vanilla model."""
+    params = report.parameters
+    table = Table(title="parameters (M)")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    for k, (count, scale) in enumerate(zip(params.subnets, report.config["scales"], strict=True)):
+        table.add_row(f"subnet S{k + 1} ({scale})", f"{count / 1e6:.3f}")
+    for name, count in (("trunk", params.trunk), ("head", params.head)):
+        table.add_row(name, f"{count / 1e6:.3f}")
+    table.add_section()
+    table.add_row("MSUN total", f"{params.total / 1e6:.3f}")
+    table.add_row("vanilla", f"{params.vanilla / 1e6:.3f}")
+    return table

@@ -1,0 +1,117 @@
+"""FLOP and parameter accounting, and the ``msun flops`` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.flop_counter import FlopCounterMode
+
+import msun
+from msun.cli import main
+from msun.flops import TEST_SIZES, flops_report
+from msun.model import MSUN
+
+
+def _meta(arch: str, **kwargs: object) -> MSUN:
+    with torch.device("meta"):
+        return msun.build_msun(arch, **kwargs)  # type: ignore[arg-type]
+
+
+def test_test_sizes() -> None:
+    assert TEST_SIZES == (32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224)
+
+
+def test_largest_path_at_224_costs_what_vanilla_costs() -> None:
+    model = _meta("resnet50")
+    assert msun.path_flops(model, 2, 224) == msun.vanilla_flops("resnet50", 224)
+    assert msun.path_macs(model, 2, 224) * 2 == msun.path_flops(model, 2, 224)
+
+
+def test_meta_counts_equal_counts_of_a_real_forward() -> None:
+    torch.manual_seed(0)
+    model = msun.build_msun("resnet18", num_classes=5).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.forward_path(torch.zeros(1, 3, 48, 48), 1, resize=False)
+    assert msun.path_flops(model, 1, 48) == counter.get_total_flops()
+    assert model.training is False
+    model.train()
+    msun.path_flops(model, 0, 32)
+    assert all(m.training for m in model.modules())
+
+
+def test_resnet18_s1_flops_by_hand() -> None:
+    # The trunk sees the same 56x56 input on every path, so two paths differ by their stems
+    # and layer1 (four 3x3 64->64 convs) only. MACs = out_h * out_w * c_out * c_in * k * k.
+    model = _meta("resnet18")
+    s1 = 34 * 34 * 64 * 3 * 3 * 3 + 4 * 34 * 34 * 64 * 64 * 9  # 3x3/1 pad 2 at 32 -> 34
+    s3 = 112 * 112 * 64 * 3 * 7 * 7 + 4 * 56 * 56 * 64 * 64 * 9  # 7x7/2 -> 112, pool -> 56
+    difference = msun.path_flops(model, 0, 32) - msun.path_flops(model, 2, 224)
+    assert difference == 2 * (s1 - s3)
+
+
+def test_report_means_by_hand() -> None:
+    model = _meta("resnet18", num_classes=10)
+    report = flops_report(model)
+    accuracy, native = [], []
+    for size in TEST_SIZES:
+        k = model.route(size)
+        accuracy.append(msun.path_flops(model, k, model.scales[k]))
+        native.append(msun.path_flops(model, k, size))
+    vanilla = msun.vanilla_flops("resnet18", 224, num_classes=10)
+    assert [row.path for row in report.rows] == [0] + [1] * 6 + [2] * 6
+    assert report.mean("accuracy") == pytest.approx(sum(accuracy) / 13)
+    assert report.mean("native") == pytest.approx(sum(native) / 13)
+    assert report.vanilla == vanilla
+    assert report.saving("native") == pytest.approx(100 * (1 - sum(native) / 13 / vanilla))
+    assert report.to_dict()["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_report_of_a_real_model_uses_its_structure() -> None:
+    torch.manual_seed(0)
+    real = msun.build_msun("resnet18", scales=(32, 224), routing=(100,), num_classes=5)
+    report = flops_report(real)
+    assert [row.path for row in report.rows] == [0] * 5 + [1] * 8
+    assert report.path_flops == tuple(msun.path_flops(real, k, s) for k, s in enumerate((32, 224)))
+
+
+def test_cli_json_matches_the_library() -> None:
+    args = ["flops", "--model", "resnet18", "--scales", "32", "128", "224", "--num-classes", "7"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    report = flops_report(_meta("resnet18", num_classes=7))
+    assert data["scales"] == [32, 128, 224]
+    assert data["mean_flops"]["native"] == pytest.approx(report.mean("native"))
+    assert data["fewer_flops_percent"]["accuracy"] == pytest.approx(report.saving("accuracy"))
+    assert [row["size"] for row in data["sizes"]] == list(TEST_SIZES)
+    assert data["parameters"]["vanilla"] == report.parameters.vanilla
+
+
+def test_cli_table() -> None:
+    args = ["flops", "--model", "resnet18", "--split-at", "layer3", "--scales", "64,224"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for text in ("trunk from layer3", "fewer FLOPs", "S2 (224)", "MSUN total", "vanilla"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--model", "resnet51"], "did you mean resnet50"),
+        (["--model", "resnet18", "--split-at", "layer9"], "layer1, layer2, layer3, layer4"),
+        (["--model", "resnet18", "--scales", "224", "32"], "increasing order"),
+        (["--model", "resnet18", "--scales", "-32", "224"], "positive"),
+        (["--model", "resnet18", "--scales", "32", "x"], "not a list of integers"),
+        (["--model", "resnet18", "--num-classes", "1"], ">= 2"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], match: str) -> None:
+    result = CliRunner().invoke(main, ["flops", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ")
+    assert match in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
