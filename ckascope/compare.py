@@ -28,6 +28,7 @@ from ckascope.data import (
     Batch,
     build_dataset,
     collate_skip,
+    dataset_len,
     eval_transform,
     subset_indices,
     warn_skipped,
@@ -195,7 +196,7 @@ class _Sweep:
         self.skipped = 0
 
     def run(self) -> list[Tensor]:
-        count = len(self.dataset)  # type: ignore[arg-type]
+        count = dataset_len(self.dataset)
         o = self.opts
         plans = [
             _rank_batches(subset_indices(count, o.num_images, o.seed + r), o)
@@ -298,7 +299,9 @@ def as_dataset(
     if data is None or isinstance(data, str):
         count = num_images or 1280  # the synthetic set's size when nothing else says
         transform = eval_transform(base_size, resize_size)
-        return build_dataset(data, "val", transform, num_images=count, seed=seed, synthetic_size=base_size)
+        return build_dataset(
+            data, "val", transform, num_images=count, seed=seed, synthetic_size=base_size
+        )
     return data
 
 

@@ -189,7 +189,9 @@ def build_dataset(
         A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
     """
     if spec in (None, "shapes"):
-        return SyntheticShapes(split, num_images, seed=seed, size=synthetic_size, transform=transform)
+        return SyntheticShapes(
+            split, num_images, seed=seed, size=synthetic_size, transform=transform
+        )
     name, sep, root = spec.partition(":")
     if sep and len(name) > 1 and not os.path.isabs(spec):  # "C:\\..." and "/a:b" are paths
         if name not in TORCHVISION_DATASETS:
@@ -228,6 +230,11 @@ def _image_folder(path: Path, split: str, transform: Any) -> Dataset[Any]:
             f"no images found in {root} ({e}). Hint: an ImageFolder needs one sub-folder per "
             "class holding .jpg/.png files"
         ) from e
+
+
+def dataset_len(dataset: Dataset[Any]) -> int:
+    """len() of a map-style dataset (``Dataset`` itself does not promise ``__len__``)."""
+    return len(dataset)  # type: ignore[arg-type]
 
 
 def subset_indices(total: int, num_images: int | None, seed: int) -> list[int]:

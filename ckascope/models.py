@@ -39,7 +39,10 @@ from ckascope.errors import InputError, WeightsUnavailableError, hint_close
 DOWNLOAD_TIMEOUT = 10.0
 CHECKPOINT_FORMAT = "ckascope-model"
 #: Registered builders of self-describing checkpoints: name -> "module:function(config)".
-CHECKPOINT_BUILDERS: dict[str, str] = {"msun": "msun.checkpoint:model_from_config"}
+CHECKPOINT_BUILDERS: dict[str, str] = {
+    "msun": "msun.checkpoint:model_from_config",
+    "torchvision": "ckascope.models:model_from_config",
+}
 
 
 def list_models() -> list[str]:
@@ -141,6 +144,16 @@ def build_model(
     return model.eval()
 
 
+def model_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """A randomly initialised torchvision model from ``{"arch", "num_classes"}``.
+
+    The builder of self-describing torchvision checkpoints (msun's vanilla and MST runs).
+    """
+    if "arch" not in config:
+        raise InputError("a torchvision checkpoint config needs 'arch'")
+    return build_model(str(config["arch"]), "none", num_classes=config.get("num_classes"))
+
+
 def _random_kwargs(arch: str, num_classes: int | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_classes": num_classes or 1000}
     if arch in ("googlenet", "inception_v3"):  # no auxiliary heads; avoids the init warning
@@ -166,8 +179,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"refusing to load {p}: it holds Python objects other than tensors and plain "
             "containers, which could run code (only weights_only checkpoints are accepted)"
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
-        raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?): {e!r}") from e
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+        IndexError,
+    ) as e:
+        raise InputError(
+            f"{p} is not a readable checkpoint (truncated or corrupted?): {e!r}"
+        ) from e
 
 
 def load_checkpoint(path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:

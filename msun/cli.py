@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 import torch
+from click.core import ParameterSource
 from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
 
 from ckascope.cliutils import FriendlyGroup
+from ckascope.data import build_dataset, collate_skip, dataset_len, eval_transform, subset_indices
+from ckascope.distributed import init_distributed
+from ckascope.fileio import atomic_write, write_json
 from msun import __version__
+from msun.backbones import split_points
+from msun.config import FIELDS, TrainConfig, load_yaml, merge, parse_sizes
+from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
+from msun.evaluate import frame as eval_frame
 from msun.flops import flops_report, flops_table, parameters_table
 from msun.model import build_msun
+from msun.plot import save_accuracy_figure
+from msun.train import main as train_main
 
 _INTEGER = re.compile(r"-?\d+")
 
@@ -89,6 +104,173 @@ def flops(
     console = Console()
     console.print(flops_table(report))
     console.print(parameters_table(report))
+
+
+@main.command(name="split-points")
+@click.argument("arch")
+def split_points_command(arch: str) -> None:
+    """List the legal --split-at values of ARCH, in forward order."""
+    click.echo("\n".join(split_points(arch)))
+
+
+def _click_type(name: str, hint: Any) -> dict[str, Any]:
+    """click keyword arguments for one TrainConfig field."""
+    meta = FIELDS[name].metadata
+    kwargs: dict[str, Any] = {
+        "help": meta["help"],
+        "default": FIELDS[name].default,
+        "show_default": True,
+    }
+    if "choices" in meta:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif name == "scales":
+        kwargs.update(
+            default=",".join(map(str, TrainConfig().scales)),
+            callback=_int_list,
+            metavar="S [S ...]",
+        )
+    else:
+        base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+        kwargs["type"] = base[0]
+    return kwargs
+
+
+def _train_options(f: Any) -> Any:
+    hints = typing.get_type_hints(TrainConfig)
+    for name in reversed(list(FIELDS)):
+        flag = "--" + name.replace("_", "-")
+        if hints[name] is bool:
+            f = click.option(
+                f"{flag}/--no-{flag[2:]}",
+                default=FIELDS[name].default,
+                help=FIELDS[name].metadata["help"],
+            )(f)
+        else:
+            f = click.option(flag, **_click_type(name, hints[name]))(f)
+    return f
+
+
+@main.command(cls=ListOptionCommand, context_settings={"max_content_width": 110})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML file of options (flags win).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@_train_options
+@click.pass_context
+def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **values: Any) -> None:
+    """Train MSUN, MST or vanilla with the published recipe (one CPU, one GPU, or torchrun).
+
+    \b
+    Examples:
+      msun train --model resnet50 --method msun --split-at layer2 --data ~/imagenet --out runs/r50
+      msun train --model resnet18 --data shapes --image-size 96 --scales 16 48 96 --epochs 8
+      torchrun --nproc_per_node 8 -m msun train --config recipe.yaml
+    """
+    given = {
+        k: v
+        for k, v in values.items()
+        if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
+    }
+    cfg = merge(load_yaml(config_file) if config_file else {}, given)
+    out = train_main(cfg, resume=resume)
+    Console().print(
+        f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
+    )
+
+
+@main.command(name="eval", cls=ListOptionCommand, context_settings={"max_content_width": 110})
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    default="shapes",
+    show_default=True,
+    help="ImageFolder root (val/ is used), NAME:PATH, or shapes.",
+)
+@click.option(
+    "--sizes",
+    help="Test sizes, start:stop:step or a list  [default: the run's eval sizes, else 32:224:16].",
+)
+@click.option("--protocol", type=click.Choice(["resize", "native"]), default="resize", show_default=True,
+              help="MSUN path input: resized to its nominal size (accuracy), or as it is (native).")  # fmt: skip
+@click.option(
+    "--paths",
+    type=click.Choice(["all", "routed"]),
+    default="all",
+    show_default=True,
+    help="Evaluate every path, or only the routed one.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Centre-crop size of the test images [the run's image size].",
+)
+@click.option(
+    "--num-val",
+    type=click.IntRange(min=1),
+    help="Evaluate on a random subset of this many images [all; synthetic 2000].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("msun-eval"),
+    show_default=True,
+    help="Folder for eval.csv, eval.json, figure4.png/pdf.",
+)
+def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
+    """Top-1/top-5 over test sizes for every CHECKPOINT; the paper's Figure 4.
+
+    MSUN checkpoints are routed by their fixed routing table (never the best path per size on
+    this set); vanilla and MST checkpoints see each test image resized back to their training
+    size. The per-path table shows what each MSUN path would score.
+    """
+    loaded = [load_for_eval(p) for p in checkpoints]
+    sizes = parse_sizes(opts["sizes"] or loaded[0].eval_sizes or "32:224:16")
+    info = init_distributed(opts["device"])
+    image_size = opts["image_size"] or loaded[0].train_size
+    dataset = build_dataset(opts["data"], "val", eval_transform(image_size, round(image_size * 256 / 224)),
+                            num_images=opts["num_val"] or 2000, synthetic_size=image_size)  # fmt: skip
+    keep = subset_indices(
+        dataset_len(dataset),
+        opts["num_val"] if opts["num_val"] and opts["num_val"] < dataset_len(dataset) else None,
+        0,
+    )
+    mine = keep[info.rank :: info.world_size]
+    batches = [mine[i : i + opts["batch_size"]] for i in range(0, len(mine), opts["batch_size"])]
+    loader = DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
+    )
+    evaluated = evaluate_checkpoints(
+        loaded, loader, sizes, protocol=opts["protocol"], paths=opts["paths"], device=info.device
+    )
+    if info.is_main:
+        _write_eval(evaluated, opts["out"])
+
+
+def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
+    write_json(out / "eval.json", [ev.summary() for ev in evaluated])
+    save_accuracy_figure(evaluated, out)
+    table = Table(title=f"top-1 (%) per test size, {evaluated[0].result.protocol} protocol")
+    table.add_column("size", justify="right")
+    for ev in evaluated:
+        table.add_column(f"{ev.name}\n({ev.method})", justify="right")
+    for i, size in enumerate(evaluated[0].result.sizes):
+        table.add_row(str(size), *(f"{ev.result.routed_top1[i]:.2f}" for ev in evaluated))
+    table.add_row("mean", *(f"{ev.result.mean_top1:.2f}" for ev in evaluated), style="bold")
+    table.add_row("GFLOPs", *(f"{ev.mean_flops / 1e9:.3f}" for ev in evaluated))
+    table.add_row("params (M)", *(f"{ev.parameters / 1e6:.3f}" for ev in evaluated))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"wrote {out / 'eval.csv'}, {out / 'eval.json'}, {out / 'figure4.png'}, {out / 'figure4.pdf'}"
+    )
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m msun.cli train ...

@@ -116,6 +116,17 @@ def test_hostile_and_broken_checkpoints(tmp_path: Path) -> None:
         models.load_checkpoint(tmp_path / "missing.pt", "resnet18")
 
 
+def test_self_describing_torchvision_checkpoint(tmp_path: Path) -> None:
+    source = models.build_model("resnet18", "none", num_classes=4, seed=5)
+    path = tmp_path / "tv.pt"
+    payload = {"arch": "resnet18", "num_classes": 4}
+    torch.save({"format": models.CHECKPOINT_FORMAT, "builder": "torchvision", "config": payload, "state_dict": source.state_dict()}, path)
+    loaded = models.load_checkpoint(path)
+    assert torch.equal(loaded.fc.weight, source.fc.weight)
+    with pytest.raises(InputError, match="not resnet34"):
+        models.load_checkpoint(path, arch="resnet34")
+
+
 def test_self_describing_checkpoint_with_unknown_builder_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     torch.save(

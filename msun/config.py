@@ -1,0 +1,236 @@
+"""Training configuration: the published recipe as defaults, YAML files, flags that win.
+
+The recipe (MSUN_SPEC.md): SGD momentum 0.9, weight decay 2e-5 on all parameters, RandomResizedCrop
+224 (scale 0.08-1, bicubic) + horizontal flip, 5 warm-up epochs from 0.01·lr then cosine to
+0.01·lr, mixed precision, gradient clipping 1.0, 90 epochs (MobileNetV2 300). The learning rate
+scales linearly with the global batch: 0.5 per 1024 images for the ResNet family (ResNet-50's
+published setting), 0.1 per 256 for the other backbones.
+
+``resolve`` turns every "derive it" default (None) into the value actually used; the resolved
+config is written to the run folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ckascope.errors import InputError, hint_close
+
+METHODS = ("msun", "mst", "vanilla")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+#: Keys that do not change the trajectory of the weights, so ``--resume`` may change them.
+RESUMABLE_CHANGES = frozenset(
+    {"workers", "tensorboard", "save_every", "eval_every", "device", "out", "num_val", "eval_sizes"}
+)
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``msun train``; None means "derive from the recipe" (see ``resolve``)."""
+
+    model: str = _opt(
+        "resnet50", "Backbone (msun: ResNet/ResNeXt/WRN/DenseNet/VGG/MobileNetV2 families)."
+    )
+    method: str = _opt("msun", "msun, mst (multi-scale training) or vanilla.", choices=METHODS)
+    split_at: str | None = _opt(
+        None, "First stage of the shared trunk (msun split-points lists them) [published]."
+    )
+    scales: tuple[int, ...] = _opt(
+        (32, 128, 224), "Nominal sizes of the subnets (msun) / training scales (mst)."
+    )
+    data: str = _opt(
+        "shapes", "ImageFolder root with train/ and val/, NAME:PATH, or shapes (synthetic)."
+    )
+    out: str = _opt("runs/msun", "Run folder: checkpoints, metrics, config.")
+    num_classes: int | None = _opt(None, "Classes [from the data].")
+    weights: str = _opt(
+        "none", "Initialise from pretrained vanilla weights: none, default or an enum name."
+    )
+    epochs: int | None = _opt(None, "Epochs [90; MobileNetV2 300].")
+    batch_size: int = _opt(256, "Global batch size (all processes and accumulation steps).")
+    lr: float | None = _opt(
+        None, "Peak learning rate [0.5/1024 images for ResNets, 0.1/256 otherwise]."
+    )
+    momentum: float = _opt(0.9, "SGD momentum.")
+    weight_decay: float = _opt(2e-5, "Weight decay on all parameters.")
+    warmup_epochs: float = _opt(5.0, "Linear warm-up epochs.")
+    warmup_factor: float = _opt(0.01, "Warm-up starts at this fraction of the peak lr.")
+    min_lr_factor: float = _opt(0.01, "Cosine decay ends at this fraction of the peak lr.")
+    image_size: int = _opt(224, "Training crop size (and the synthetic canvas).")
+    crop_scale_min: float = _opt(0.08, "Smallest RandomResizedCrop area fraction.")
+    grad_clip: float = _opt(1.0, "Gradient-norm clipping.")
+    amp: str = _opt(
+        "auto",
+        "Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, none.",
+        choices=AMP_MODES,
+    )
+    si_weight: float = _opt(1.0, "lambda, weight of the scale-invariance loss.")
+    si_threshold: float | None = _opt(
+        None, "tau, dead zone of the scale-invariance loss [0.01 resnet50, else 0.001]."
+    )
+    si_pairs: str = _opt(
+        "all",
+        "Scale-invariance pairs: all, or largest (the authors' later revision).",
+        choices=("all", "largest"),
+    )
+    accum_steps: int = _opt(1, "Gradient accumulation steps per optimiser step.")
+    steps_per_epoch: int | None = _opt(None, "Cap on optimiser steps per epoch.")
+    num_train: int | None = _opt(
+        None, "Training images (random subset; synthetic: set size) [all; 20000 synthetic]."
+    )
+    num_val: int | None = _opt(None, "Validation images [all; 2000 synthetic].")
+    eval_sizes: str = _opt(
+        "32:224:16", "Test sizes for validation: start:stop:step or a comma list."
+    )
+    eval_every: int = _opt(1, "Validate every N epochs (and after the last).")
+    save_every: int | None = _opt(None, "Also save last.pt every N optimiser steps.")
+    workers: int = _opt(0, "DataLoader worker processes per training process.")
+    seed: int = _opt(0, "Seed of initialisation, data order and augmentation.")
+    deterministic: bool = _opt(False, "Deterministic algorithms (bit-exact resume on CPU).")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    compile: bool = _opt(False, "torch.compile the training step.")
+    tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+    init_from: str | None = _opt(None, "Fine-tune from this checkpoint (msun or torchvision).")
+    linear_probe: bool = _opt(False, "With --init-from: train only the new classifier.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able values (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping of option names (dashes or underscores) to values."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{p} must hold a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge(*layers: Mapping[str, Any]) -> TrainConfig:
+    """Defaults, then each mapping in turn (later ones win); unknown keys are refused."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in FIELDS:
+                raise InputError(hint_close(key, FIELDS, what="config key"))
+            values[key] = value
+    if "scales" in values and values["scales"] is not None:
+        values["scales"] = tuple(int(s) for s in values["scales"])
+    return TrainConfig(**values)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``32:224:16`` (start:stop:step, stop included) or ``32,64,128`` to a list of sizes."""
+    try:
+        if ":" in text:
+            start, stop, step = (int(t) for t in text.split(":"))
+            sizes = list(range(start, stop + 1, step))
+        else:
+            sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise InputError(
+            f"bad sizes {text!r}. Hint: use start:stop:step (32:224:16) or 32,64,128"
+        ) from e
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"bad sizes {text!r}: need at least one size >= 1")
+    return sizes
+
+
+def is_resnet_family(arch: str) -> bool:
+    """ResNet, ResNeXt and Wide-ResNet share ResNet-50's published learning rate."""
+    return arch.startswith(("resnet", "resnext", "wide_resnet"))
+
+
+def default_lr(arch: str, batch_size: int) -> float:
+    """The published learning rate scaled linearly to ``batch_size``."""
+    return (0.5 / 1024 if is_resnet_family(arch) else 0.1 / 256) * batch_size
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raises InputError for values no run can use."""
+    choices = {"method": METHODS, "amp": AMP_MODES, "si_pairs": ("all", "largest")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise InputError(
+                f"{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
+            )
+    positive = ("batch_size", "image_size", "accum_steps", "eval_every")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every", "num_classes"):
+        value = getattr(cfg, key)
+        if value is not None and value < (2 if key == "num_classes" else 1):
+            raise InputError(
+                f"--{key.replace('_', '-')} must be >= {2 if key == 'num_classes' else 1}, got {value}"
+            )
+    if not 0 < cfg.crop_scale_min <= 1:
+        raise InputError(f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise InputError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.linear_probe and cfg.init_from is None:
+        raise InputError(
+            "--linear-probe trains only the classifier of a trained model. Hint: add --init-from CKPT"
+        )
+    parse_sizes(cfg.eval_sizes)
+
+
+def resolve(
+    cfg: TrainConfig, *, num_classes: int, default_split: str | None, default_threshold: float
+) -> TrainConfig:
+    """The config with every derived default filled in.
+
+    Args:
+        cfg: The merged config.
+        num_classes: Classes found in the training data (used unless set).
+        default_split: The published split point of the architecture (msun only).
+        default_threshold: The published scale-invariance dead zone of the architecture.
+    """
+    return dataclasses.replace(
+        cfg,
+        num_classes=cfg.num_classes or num_classes,
+        epochs=cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90),
+        lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
+        split_at=cfg.split_at or (default_split if cfg.method == "msun" else None),
+        si_threshold=default_threshold if cfg.si_threshold is None else cfg.si_threshold,
+    )
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every trajectory-changing key that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML text."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,168 @@
+"""Training data for msun: augmentation, and a batch plan that makes every run reproducible.
+
+The order of the images is a function of (seed, epoch) and the augmentation of each image a
+function of (seed, epoch, index), whatever the number of processes, workers or restarts. A global
+batch is cut into world_size x accum_steps micro-batches; process r takes micro-batches
+r*accum .. r*accum + accum - 1. A run resumed from any checkpoint therefore repeats exactly the
+steps it lost, and W processes see the same micro-batches as one process with
+``--accum-steps W``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from ckascope.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_dataset,
+    collate_skip,
+    dataset_len,
+    eval_transform,
+    to_rgb,
+)
+from ckascope.distributed import DistInfo
+from ckascope.errors import InputError
+from msun.config import TrainConfig
+
+#: Size of the synthetic training / validation sets when --num-train / --num-val are not given.
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 20000, 2000
+
+Plan = list[list[tuple[int, int]]]
+
+
+def train_transform(size: int, crop_scale_min: float) -> v2.Compose:
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation (the recipe)."""
+    crop = v2.RandomResizedCrop(
+        size,
+        scale=(crop_scale_min, 1.0),
+        interpolation=v2.InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+    return v2.Compose([
+        v2.Lambda(to_rgb), v2.ToImage(), crop, v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+
+
+class SeededItems(Dataset[Any]):
+    """Item ``(index, seed)`` draws its random augmentation from ``seed``, in any process."""
+
+    def __init__(self, base: Dataset[Any]) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return dataset_len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[index]
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**62)
+
+
+def steps_per_epoch(num_images: int, cfg: TrainConfig) -> int:
+    """Optimiser steps per epoch: full global batches only, capped by --steps-per-epoch."""
+    steps = num_images // cfg.batch_size
+    if steps == 0:
+        raise InputError(
+            f"{num_images} training images make no batch of {cfg.batch_size}. Hint: lower --batch-size"
+        )
+    return min(steps, cfg.steps_per_epoch or steps)
+
+
+def micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Images per process per forward pass; BatchNorm needs at least 2."""
+    micro, rest = divmod(cfg.batch_size, world_size * cfg.accum_steps)
+    if rest or micro < 2:
+        raise InputError(
+            f"--batch-size {cfg.batch_size} must split into {world_size} process(es) x "
+            f"{cfg.accum_steps} accumulation step(s) of at least 2 images each (BatchNorm needs 2). "
+            "Hint: use a multiple of their product, at least twice it"
+        )
+    return micro
+
+
+def epoch_plan(num_images: int, epoch: int, cfg: TrainConfig, info: DistInfo) -> Plan:
+    """This process's micro-batches of one epoch, as lists of (index, augmentation seed)."""
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(num_images, generator=generator).tolist()
+    micro = micro_batch(cfg, info.world_size)
+    plan = []
+    for step in range(steps_per_epoch(num_images, cfg)):
+        batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        for m in range(cfg.accum_steps):
+            start = (info.rank * cfg.accum_steps + m) * micro
+            plan.append([(i, item_seed(cfg.seed, epoch, i)) for i in batch[start : start + micro]])
+    return plan
+
+
+def make_loader(
+    dataset: Dataset[Any], batches: list[Any], cfg: TrainConfig, device: torch.device
+) -> DataLoader[Any]:
+    """A DataLoader over explicit batches.
+
+    It gets its own generator, so creating it does not draw from the global RNG (whose state
+    a checkpoint restores for dropout).
+    """
+    return DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator(),
+    )  # fmt: skip
+
+
+def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[int]]:
+    """This process's share of the validation images, in batches."""
+    mine = list(range(info.rank, num_images, info.world_size))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
+    """The training set (seeded augmentation), the validation set and the number of classes.
+
+    Raises:
+        InputError: Missing/empty data, or train and val with different classes.
+    """
+    size = cfg.image_size
+    train = build_dataset(cfg.data, "train", train_transform(size, cfg.crop_scale_min),
+                          num_images=cfg.num_train or SYNTHETIC_TRAIN, seed=cfg.seed, synthetic_size=size)  # fmt: skip
+    val = build_dataset(cfg.data, "val", eval_transform(size, round(size * 256 / 224)),
+                        num_images=cfg.num_val or SYNTHETIC_VAL, seed=cfg.seed, synthetic_size=size)  # fmt: skip
+    classes, val_classes = _classes(train), _classes(val)
+    if classes != val_classes:
+        raise InputError(
+            f"train and val hold different classes ({len(classes or [])} vs {len(val_classes or [])}). "
+            "Hint: give both folders the same class sub-folders"
+        )
+    if classes is None and cfg.num_classes is None:
+        raise InputError(
+            f"{type(train).__name__} does not name its classes. Hint: pass --num-classes N"
+        )
+    count = cfg.num_classes if classes is None else len(classes)
+    return (
+        SeededItems(_subset(train, cfg.num_train, cfg.seed)),
+        _subset(val, cfg.num_val, cfg.seed + 1),
+        int(count or 0),
+    )
+
+
+def _classes(dataset: Dataset[Any]) -> list[str] | None:
+    classes = getattr(dataset, "classes", None)
+    return None if classes is None else [str(c) for c in classes]
+
+
+def _subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
+    size = dataset_len(dataset)
+    if count is None or count >= size:
+        return dataset
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return Subset(dataset, keep)

@@ -1,0 +1,297 @@
+"""Multi-scale evaluation: top-1/top-5 per test size, per path and for the routed model.
+
+Protocol (MSUN_SPEC.md): resize 256 -> centre crop 224 (the val loader) -> resize (bilinear, no
+antialias) to s for every test size s. Vanilla and MST models see the image resized back up to
+their training size (224). An MSUN runs every path on it, each either resized to the path's
+nominal size (protocol ``resize``, the published accuracy protocol) or fed as it is
+(``native``); the routed model's accuracy is that of the path its fixed routing table picks for
+s. Routing is never chosen on the evaluation set: the per-path table lets a reader see the
+oracle, the routed column is the honest number.
+
+Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from ckascope.models import load_checkpoint, read_checkpoint
+from msun.flops import flops_report, vanilla_flops
+from msun.model import MSUN, resize_square
+
+Protocol = Literal["resize", "native"]
+
+
+class TopKCounts(Metric):
+    """Correct top-1 / top-5 counts per (test size, path) and images per test size.
+
+    Args:
+        num_sizes: Number of test sizes S.
+        num_paths: Number of paths P (1 for a plain network).
+    """
+
+    full_state_update = False
+    correct1: Tensor
+    correct5: Tensor
+    total: Tensor
+
+    def __init__(self, num_sizes: int, num_paths: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("correct1", "correct5"):
+            self.add_state(
+                name, torch.zeros(num_sizes, num_paths, dtype=torch.float64), dist_reduce_fx="sum"
+            )
+        self.add_state("total", torch.zeros(num_sizes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, size_index: int, path: int, logits: Tensor, labels: Tensor) -> None:
+        """Adds one batch of logits (n, C) for one test size and path."""
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (n, k)
+        hits = top == labels[:, None]
+        self.correct1[size_index, path] += hits[:, 0].sum()
+        self.correct5[size_index, path] += hits.any(dim=1).sum()
+
+    def add_images(self, size_index: int, count: int) -> None:
+        """Counts the images of one batch at one test size."""
+        self.total[size_index] += count
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """Top-1 and top-5 accuracy in percent, each (S, P)."""
+        denom = self.total.clamp_min(1)[:, None]
+        return 100 * self.correct1 / denom, 100 * self.correct5 / denom
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one model over the test sizes.
+
+    Attributes:
+        sizes: Test sizes.
+        top1: (S, P) percent per size and path (P = 1 for vanilla/MST).
+        top5: (S, P).
+        routed: (S,) path index used per size (zeros for a plain network).
+        protocol: "resize" or "native" (MSUN), "upsample" (plain networks).
+        info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
+    """
+
+    sizes: list[int]
+    top1: np.ndarray
+    top5: np.ndarray
+    routed: list[int]
+    protocol: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def routed_top1(self) -> np.ndarray:
+        """(S,) top-1 of the routed model."""
+        top: np.ndarray = self.top1[np.arange(len(self.sizes)), self.routed]
+        return top
+
+    @property
+    def routed_top5(self) -> np.ndarray:
+        """(S,) top-5 of the routed model."""
+        top: np.ndarray = self.top5[np.arange(len(self.sizes)), self.routed]
+        return top
+
+    @property
+    def mean_top1(self) -> float:
+        """Routed top-1 averaged over the test sizes (the paper's headline number)."""
+        return float(self.routed_top1.mean())
+
+    def frame(self) -> pd.DataFrame:
+        """One row per size: routed top-1/top-5, the path, and top-1 of every path."""
+        data: dict[str, Any] = {
+            "size": self.sizes,
+            "path": self.routed,
+            "top1": self.routed_top1,
+            "top5": self.routed_top5,
+        }
+        if self.top1.shape[1] > 1:
+            for k in range(self.top1.shape[1]):
+                data[f"top1_path{k}"] = self.top1[:, k]
+        frame: pd.DataFrame = pd.DataFrame(data)
+        return frame
+
+
+def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        images, labels = (batch.images, batch.labels) if hasattr(batch, "images") else batch
+        if len(images):
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    sizes: Sequence[int],
+    *,
+    protocol: Protocol = "resize",
+    train_size: int = 224,
+    paths: Literal["all", "routed"] = "all",
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Top-1/top-5 of ``model`` at every test size (the model's mode is restored afterwards).
+
+    Args:
+        model: An MSUN, or a plain classifier (vanilla / MST).
+        loader: Yields (images (n, 3, 224, 224), labels (n,)) or ``ckascope.data.Batch``.
+        sizes: Test sizes.
+        protocol: MSUN path input: "resize" to the nominal size, or "native".
+        train_size: Size plain networks were trained at (test images are resized back to it).
+        paths: Run every MSUN path ("all", for the per-path table) or only the routed one.
+        amp_dtype: Autocast dtype, or None for full precision.
+    """
+    device = next(model.parameters()).device
+    is_msun = isinstance(model, MSUN)
+    num_paths = model.num_paths if isinstance(model, MSUN) else 1
+    counts = TopKCounts(len(sizes), num_paths).to(device)
+    routed = [model.route(s) for s in sizes] if isinstance(model, MSUN) else [0] * len(sizes)
+    training = model.training
+    model.eval()
+    try:
+        for images, labels in _batches(loader, device):
+            for i, size in enumerate(sizes):
+                x = resize_square(images, size)
+                counts.add_images(i, len(labels))
+                todo = range(num_paths) if paths == "all" else [routed[i]]
+                for k in todo:
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                    ):
+                        logits = _logits(model, x, k, is_msun, protocol, train_size)
+                    counts.update(i, k, logits.float(), labels)
+    finally:
+        model.train(training)
+    top1, top5 = (t.cpu().numpy() for t in counts.compute())
+    if paths == "routed":  # paths that did not run have no accuracy, not 0 %
+        ran = np.zeros_like(top1, dtype=bool)
+        ran[np.arange(len(sizes)), routed] = True
+        top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
+    return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
+
+
+def _logits(
+    model: nn.Module, x: Tensor, k: int, is_msun: bool, protocol: str, train_size: int
+) -> Tensor:
+    if is_msun:
+        return model.forward_path(x, k, resize=protocol == "resize")  # type: ignore[operator, no-any-return]
+    return model(resize_square(x, train_size))  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Evaluated:
+    """One checkpoint's evaluation with what the paper's Figure 4 shows next to it."""
+
+    name: str
+    result: EvalResult
+    method: str
+    parameters: int
+    flops: list[int]  # per test size, one image, under the evaluation's protocol
+
+    @property
+    def mean_flops(self) -> float:
+        """Mean FLOPs per image over the test sizes."""
+        return float(np.mean(self.flops))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able numbers of this checkpoint."""
+        r = self.result
+        return {
+            "checkpoint": self.name, "method": self.method, "protocol": r.protocol, "sizes": r.sizes,
+            "top1": r.routed_top1.tolist(), "top5": r.routed_top5.tolist(), "path": r.routed,
+            "mean_top1": r.mean_top1, "mean_top5": float(r.routed_top5.mean()),
+            "top1_per_path": _nan_to_none(r.top1), "flops": self.flops, "mean_flops": self.mean_flops,
+            "parameters": self.parameters, **r.info,
+        }  # fmt: skip
+
+
+def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
+
+
+def flops_per_size(
+    model: nn.Module, sizes: Sequence[int], protocol: str, arch: str, train_size: int
+) -> list[int]:
+    """FLOPs of one image at each test size.
+
+    For an MSUN the routed path, at its nominal size (``resize``) or the test size (``native``);
+    for a plain network, the network at its training size.
+    """
+    if isinstance(model, MSUN):
+        report = flops_report(model, tuple(sizes))
+        return [row.accuracy if protocol == "resize" else row.native for row in report.rows]
+    return [vanilla_flops(arch, train_size, _classes_of(model))] * len(sizes)
+
+
+def _classes_of(model: nn.Module) -> int:
+    return int([m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
+
+
+def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
+    """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag."""
+    rows = []
+    for ev in evaluated:
+        r = ev.result
+        for i, size in enumerate(r.sizes):
+            for k in range(r.top1.shape[1]):
+                if not np.isnan(r.top1[i, k]):
+                    rows.append({"checkpoint": ev.name, "method": ev.method, "protocol": r.protocol, "size": size,
+                                 "path": k, "routed": k == r.routed[i], "top1": r.top1[i, k], "top5": r.top5[i, k],
+                                 "flops": ev.flops[i] if k == r.routed[i] else None})  # fmt: skip
+    table: pd.DataFrame = pd.DataFrame(rows)
+    return table
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint ready to evaluate."""
+
+    name: str
+    model: nn.Module
+    method: str
+    arch: str
+    train_size: int
+    eval_sizes: str | None
+
+
+def load_for_eval(path: Path) -> Loaded:
+    """Any self-describing checkpoint (msun train writes them), with its training settings."""
+    ckpt = read_checkpoint(path)
+    model = load_checkpoint(path)
+    train = ckpt.get("train_config") or {} if isinstance(ckpt, Mapping) else {}
+    method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
+    arch = str((ckpt.get("config") or {}).get("arch", "?")) if isinstance(ckpt, Mapping) else "?"
+    name = path.parent.name if path.stem in ("last", "best") else path.stem
+    return Loaded(
+        name, model, method, arch, int(train.get("image_size", 224)), train.get("eval_sizes")
+    )
+
+
+def evaluate_checkpoints(
+    loaded: Sequence[Loaded], loader: Iterable[Any], sizes: Sequence[int], *, protocol: Protocol,
+    paths: Literal["all", "routed"], device: torch.device,
+) -> list[Evaluated]:  # fmt: skip
+    """Evaluates every model on the same batches and counts its FLOPs and parameters."""
+    out = []
+    for item in loaded:
+        model = item.model.to(device)
+        result = evaluate(
+            model, loader, sizes, protocol=protocol, train_size=item.train_size, paths=paths
+        )
+        flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.train_size)
+        params = sum(p.numel() for p in model.parameters())
+        out.append(Evaluated(item.name, result, item.method, params, flops))
+    return out

@@ -1,0 +1,199 @@
+"""The run folder of ``msun train``: checkpoints, resume, lock, interrupts and metric logs.
+
+A training checkpoint is a self-describing model checkpoint (ckascope and ``msun eval`` load it
+as a model) plus what a resumed run needs: optimiser, schedule, grad scaler, progress, RNG
+states and the resolved config. Everything is written atomically; a crash mid-write leaves the
+previous file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ckascope.errors import InputError
+from ckascope.fileio import torch_save, write_text
+from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
+from msun.config import TrainConfig, differences
+from msun.model import MSUN
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the next epoch and step to run, and the best score so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
+    """The self-describing part of a checkpoint (builder, config, state dict)."""
+    if isinstance(model, MSUN):
+        builder, config = "msun", model.config()
+    else:
+        builder, config = "torchvision", {"arch": arch, "num_classes": _num_classes(model)}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "builder": builder,
+        "config": config,
+        "state_dict": model.state_dict(),
+    }
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int([m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
+
+
+def rng_state() -> dict[str, Any]:
+    """CPU and CUDA generator states (dropout masks depend on them)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+@dataclass
+class Trainables:
+    """The live objects a checkpoint saves and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def save_state(path: Path, t: Trainables, cfg: TrainConfig, state: TrainState) -> None:
+    """Writes a training checkpoint atomically."""
+    progress = {k: v for k, v in asdict(state).items() if k != "history"}
+    torch_save(
+        {
+            **model_payload(t.model, cfg.model),
+            "train_config": cfg.to_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "progress": progress,
+            "history": state.history,
+            "rng": rng_state(),
+        },
+        path,
+    )
+
+
+def restore_state(path: Path, t: Trainables) -> TrainState:
+    """Loads a training checkpoint into the live objects; returns where to continue."""
+    ckpt = read_checkpoint(path)
+    t.model.load_state_dict(ckpt["state_dict"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.scheduler.load_state_dict(ckpt["scheduler"])
+    t.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return TrainState(**ckpt["progress"], history=list(ckpt.get("history", [])))
+
+
+def check_resume(path: Path, cfg: TrainConfig) -> None:
+    """Refuses to resume from a checkpoint whose trajectory-changing settings differ.
+
+    Raises:
+        InputError: Naming every differing key with its saved and current value.
+    """
+    if not path.is_file():
+        raise InputError(f"--resume but {path} does not exist. Hint: start without --resume")
+    saved = read_checkpoint(path).get("train_config")
+    if not isinstance(saved, Mapping):
+        raise InputError(f"{path} is not a training checkpoint of msun train")
+    diff = differences(saved, cfg.to_dict())
+    if diff:
+        raise InputError(
+            f"--resume with a config that differs from {path}: {'; '.join(diff)}. "
+            "Hint: repeat the original options, or train into a new --out"
+        )
+
+
+class RunLock:
+    """An exclusive lock on the run folder.
+
+    ``flock`` locks belong to the open file, so the kernel drops the lock when the process dies,
+    however it dies: a stale ``.lock`` file left by a crash never blocks the next run.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            owner = self.path.read_text().strip() or "another process"
+            raise InputError(
+                f"{self.path.parent} is in use by a running msun train ({owner}). "
+                "Hint: wait for it to finish or choose another --out"
+            ) from e
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """Inside the block, SIGINT (Ctrl-C) and SIGTERM only set a flag the loop checks."""
+    hit = [False]
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        hit[0] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: hit[0]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is set on any (the flag itself without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl and metrics.csv, one row per epoch, rewritten atomically."""
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(folder / "metrics.csv", buf.getvalue())
