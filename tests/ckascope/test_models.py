@@ -120,7 +120,15 @@ def test_self_describing_torchvision_checkpoint(tmp_path: Path) -> None:
     source = models.build_model("resnet18", "none", num_classes=4, seed=5)
     path = tmp_path / "tv.pt"
     payload = {"arch": "resnet18", "num_classes": 4}
-    torch.save({"format": models.CHECKPOINT_FORMAT, "builder": "torchvision", "config": payload, "state_dict": source.state_dict()}, path)
+    torch.save(
+        {
+            "format": models.CHECKPOINT_FORMAT,
+            "builder": "torchvision",
+            "config": payload,
+            "state_dict": source.state_dict(),
+        },
+        path,
+    )
     loaded = models.load_checkpoint(path)
     assert torch.equal(loaded.fc.weight, source.fc.weight)
     with pytest.raises(InputError, match="not resnet34"):

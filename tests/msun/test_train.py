@@ -1,0 +1,395 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner, Result
+
+from ckascope import models
+from msun import MSUN, build_msun, save_checkpoint
+from msun.cli import main
+from msun.config import TrainConfig
+from msun.objective import Objective
+from msun.runstate import RunLock
+from msun.train import build_network
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
+        "--num-train", "32", "--num-val", "8", "--eval-sizes", "16,32", "--lr", "0.05"]  # fmt: skip
+
+
+def _train(out: Path, *extra: str) -> Result:
+    return CliRunner().invoke(main, ["train", *TINY, "--out", str(out), *extra])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _subprocess(*args: str) -> list[str]:
+    return [sys.executable, "-m", "msun", "train", *TINY, *args]
+
+
+@pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
+def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    result = _train(out, "--method", method, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.yaml"} <= names
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["val_top1_mean"] <= 100 for r in rows)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == method
+    assert config["lr"] == 0.05
+    assert config["epochs"] == 2
+    assert config["num_classes"] == 10
+    assert config["si_threshold"] == 0.001
+    model = models.load_checkpoint(out / "last.pt")
+    assert isinstance(model, MSUN) == (method == "msun")
+    if method == "msun":
+        assert {"ce_16", "ce_32", "si"} <= set(rows[0])
+        assert config["split_at"] == "layer2"
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["progress"]["epoch"] == 2
+    assert ckpt["train_config"] == config
+
+
+@pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
+def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
+    cfg = TrainConfig(
+        model="resnet18",
+        method=method,
+        scales=(16, 32),
+        image_size=32,
+        num_classes=4,
+        si_threshold=0.0,
+    )
+    model = build_network(cfg)
+    objective = Objective(model, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    losses = []
+    for _ in range(12):
+        loss, terms = objective(images, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert set(terms) == (
+        {"ce_16", "ce_32", "si"}
+        if method == "msun"
+        else {"ce_16", "ce_32"}
+        if method == "mst"
+        else {"ce"}
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    common = ["--epochs", "2", "--save-every", "1", "--deterministic", "--num-train", "48"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    done = subprocess.run(
+        _subprocess(*common, "--out", str(full)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(
+        _subprocess(*common, "--out", str(killed)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    resumed = subprocess.run(
+        _subprocess(*common, "--out", str(killed), "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(full / "last.pt"), _weights(killed / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["global_step"] == 12
+
+
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) -> None:
+    common = ["--method", "msun", "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0"]
+    one = subprocess.run(
+        _subprocess(*common, "--accum-steps", "2", "--out", str(tmp_path / "one")),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "msun",
+        "train",
+    ]
+    two = subprocess.run(
+        [*run, *TINY, *common, "--out", str(tmp_path / "two")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr
+    a, b = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    params = [
+        k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
+    moved = max(
+        float(
+            (a[k] - build_msun("resnet18", scales=(16, 32), num_classes=10).state_dict()[k])
+            .abs()
+            .max()
+        )
+        for k in params[:3]
+    )
+    assert moved > 0
+    for key in params:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    save_checkpoint(msun_model, tmp_path / "msun.pt")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(tmp_path / "msun.pt"),
+            "--sizes",
+            "16,24,32",
+            "--image-size",
+            "32",
+            "--num-val",
+            "12",
+            "--batch-size",
+            "5",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "eval.json").read_text())[0]
+    from ckascope.data import build_dataset, eval_transform, subset_indices
+
+    data = build_dataset("shapes", "val", eval_transform(32, 37), num_images=12, synthetic_size=32)
+    idx = subset_indices(len(data), None, 0)
+    images = torch.stack([data[i][0] for i in idx])
+    labels = torch.tensor([data[i][1] for i in idx])
+    with torch.no_grad():
+        for i, size in enumerate([16, 24, 32]):
+            x = (
+                torch.nn.functional.interpolate(
+                    images, size=(size, size), mode="bilinear", align_corners=False
+                )
+                if size != 32
+                else images
+            )
+            for k in range(2):
+                pred = msun_model.forward_path(x, k).argmax(1)
+                assert summary["top1_per_path"][i][k] == pytest.approx(
+                    100 * float((pred == labels).float().mean())
+                )
+            assert summary["path"][i] == (0 if size <= 16 else 1)
+    assert summary["mean_top1"] == pytest.approx(np.mean(summary["top1"]))
+    assert {p.name for p in out.iterdir()} == {
+        "eval.csv",
+        "eval.json",
+        "figure4.png",
+        "figure4.pdf",
+    }
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "1").exit_code == 0
+    result = _train(out, "--epochs", "1", "--resume", "--seed", "3")
+    assert result.exit_code == 2
+    assert "seed: 0 -> 3" in result.stderr
+    again = _train(out, "--epochs", "1")
+    assert again.exit_code == 2
+    assert "--resume" in again.stderr
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    with RunLock(out):
+        result = _train(out, "--epochs", "1")
+    assert result.exit_code == 2
+    assert "in use" in result.stderr
+    assert _train(out, "--epochs", "1").exit_code == 0  # the lock went with its holder
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    result = _train(
+        out,
+        "--epochs",
+        "2",
+        "--lr",
+        "1e6",
+        "--grad-clip",
+        "1e9",
+        "--save-every",
+        "1",
+        "--warmup-epochs",
+        "0",
+    )
+    assert result.exit_code == 1
+    assert "NaN" in result.stderr
+    assert "at step" in result.stderr
+    if (out / "last.pt").exists():
+        assert all(
+            torch.isfinite(t).all()
+            for t in _weights(out / "last.pt").values()
+            if t.is_floating_point()
+        )
+
+
+def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    proc = subprocess.Popen(
+        _subprocess("--epochs", "50", "--out", str(out)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err
+    assert "Traceback" not in err
+    progress = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert progress["global_step"] >= 4
+
+
+def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
+    assert _train(tmp_path / "src", "--epochs", "1").exit_code == 0
+    src = tmp_path / "src" / "last.pt"
+    probe = tmp_path / "probe"
+    result = _train(
+        probe,
+        "--epochs",
+        "1",
+        "--init-from",
+        str(src),
+        "--num-classes",
+        "10",
+        "--linear-probe",
+        "--image-size",
+        "16",
+        "--eval-sizes",
+        "16",
+    )
+    assert result.exit_code == 0, result.output
+    before, after = _weights(src), _weights(probe / "last.pt")
+    changed = {
+        k
+        for k in after
+        if k in before
+        and before[k].shape == after[k].shape
+        and not torch.equal(before[k], after[k])
+    }
+    assert changed == {"head.fc.weight", "head.fc.bias"}
+    tuned = tmp_path / "tuned"
+    assert (
+        _train(
+            tuned,
+            "--epochs",
+            "1",
+            "--init-from",
+            str(src),
+            "--image-size",
+            "16",
+            "--eval-sizes",
+            "16",
+        ).exit_code
+        == 0
+    )
+    after_ft = _weights(tuned / "last.pt")
+    assert not torch.equal(
+        before["subnets.0.conv1.weight"], after_ft["subnets.0.conv1.weight"]
+    )  # routed: 16 px -> path 0
+    assert torch.equal(before["subnets.1.conv1.weight"], after_ft["subnets.1.conv1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--method", "distill"], "'--method'"),
+        (["--data", "/no/such/dir"], "does not exist"),
+        (["--batch-size", "1"], "at least 2 images"),
+        (["--split-at", "layer9"], "layer1"),
+        (["--scales", "32", "16"], "increasing"),
+        (["--linear-probe"], "--init-from"),
+        (["--eval-sizes", "a:b"], "start:stop:step"),
+        (["--resume"], "does not exist"),
+        (["--tensorboard"], "tensorboard"),
+    ],
+)
+def test_bad_input_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    if "--tensorboard" in args and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed: the option works")
+    result = _train(tmp_path / "bad", "--epochs", "1", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_class_mismatch_between_train_and_val(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for c in classes:
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / c / "0.png")
+    result = _train(tmp_path / "out", "--data", str(tmp_path / "d"))
+    assert result.exit_code == 2
+    assert "different classes" in result.stderr
