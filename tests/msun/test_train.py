@@ -380,7 +380,8 @@ def test_bad_input_one_line(tmp_path: Path, args: list[str], needle: str) -> Non
     result = _train(tmp_path / "bad", "--epochs", "1", *args)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
 
 
 def test_class_mismatch_between_train_and_val(tmp_path: Path) -> None:
