@@ -62,28 +62,8 @@ def check_batch_size(n: int, debiased: bool) -> None:
         )
 
 
-def _vectorize(centred: Tensor, debiased: bool) -> tuple[Tensor, float]:
-    """Flattens centred kernel matrices for the all-pairs product.
-
-    U-centred matrices are symmetric with a zero diagonal, so their strict upper triangle holds
-    all the information at half the size; the factor 2 goes into the returned scale.
-
-    Args:
-        centred: (L, n, n) centred kernel matrices (U-centred when ``debiased``).
-        debiased: Whether the matrices are U-centred.
-
-    Returns:
-        (L, m) vectors and the scale that turns their inner products into HSIC values.
-    """
-    n = centred.shape[-1]
-    if not debiased:
-        return centred.flatten(1), 1.0 / (n - 1) ** 2  # (L, n²)
-    iu = torch.triu_indices(n, n, offset=1, device=centred.device)
-    return centred[:, iu[0], iu[1]], 2.0 / (n * (n - 3))  # (L, n(n-1)/2)
-
-
 def batch_hsic_terms(
-    ka: Tensor, kb: Tensor, *, debiased: bool = True
+    ka: Tensor, kb: Tensor, *, debiased: bool = True, overwrite: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HSIC of every layer pair of one batch from one matrix product.
 
@@ -91,15 +71,23 @@ def batch_hsic_terms(
         ka: (La, n, n) float64 kernel matrices of side a.
         kb: (Lb, n, n) float64 kernel matrices of side b, same examples.
         debiased: Unbiased HSIC1 (U-centring) or biased HSIC0 (double centring).
+        overwrite: U-centre ``ka`` and ``kb`` in place (the caller's copies, no longer needed).
 
     Returns:
         cross (La, Lb) = HSIC(K_i, L_j), self_a (La,) = HSIC(K_i, K_i), self_b (Lb,).
     """
-    centre = ucenter_gram if debiased else center_gram
-    va, scale = _vectorize(centre(ka), debiased)
-    vb, _ = _vectorize(centre(kb), debiased)
+    n = ka.shape[-1]
+    if debiased:
+        ca, cb = ucenter_gram(ka, inplace=overwrite), ucenter_gram(kb, inplace=overwrite)
+        scale = 1.0 / (n * (n - 3))
+    else:
+        ca, cb = center_gram(ka), center_gram(kb)
+        scale = 1.0 / (n - 1) ** 2
+    # Flattened, all pairs are one matrix product; the full n² (rather than the symmetric upper
+    # triangle) is faster, as gathering a triangle costs more memory traffic than it saves.
+    va, vb = ca.flatten(1), cb.flatten(1)  # (La, n²), (Lb, n²)
     cross = (va @ vb.T) * scale
-    return cross, (va * va).sum(dim=1) * scale, (vb * vb).sum(dim=1) * scale
+    return cross, torch.linalg.vecdot(va, va, dim=1) * scale, torch.linalg.vecdot(vb, vb, dim=1) * scale
 
 
 def warn_degenerate(self_terms: Tensor, names: Sequence[str], side: str) -> None:

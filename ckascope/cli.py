@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from ckascope import __version__
+from ckascope import __version__, plugins
 from ckascope.cliutils import FriendlyGroup
 from ckascope.compare import MAX_SCALE, PROTOCOLS, RESIZE_MODES, compare_models, compare_scales
 from ckascope.distributed import init_distributed
@@ -22,6 +23,7 @@ from ckascope.kernels import KERNELS
 from ckascope.models import build_model, load_checkpoint
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir
+from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, SplitSuggestion, suggest_split
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -54,8 +56,10 @@ def resolve_model(
 
 
 def model_label(name: str | None, checkpoint: Path | None) -> str:
-    """How a model is called in settings and figures."""
-    return name or (checkpoint.stem if checkpoint else "model")
+    """How a model is called in settings and figures (a run's folder for last.pt / best.pt)."""
+    if name or checkpoint is None:
+        return name or "model"
+    return checkpoint.parent.name if checkpoint.stem in ("last", "best") else checkpoint.stem
 
 
 def default_out(args: dict[str, Any]) -> Path:
@@ -241,20 +245,30 @@ def compare(**args: Any) -> None:
       ckascope compare --model resnet18 --weights none --scales 32 224
       ckascope compare --model resnet50 --data ~/imagenet/val --repeats 10
       ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
+      ckascope compare --checkpoint runs/msun/last.pt --scales 32 224   # each scale its path
     """
+    out = args["out"] or default_out(args)
+    check_output_dir(out, args["overwrite"])
+    result, is_main = _analyse(args)
+    if is_main:
+        _save(result, out, args)
+        _report(result, out)
+
+
+def _analyse(args: dict[str, Any]) -> tuple[CKAResult, bool]:
+    """Runs the comparison the options describe (under torchrun: this process's share)."""
     two_models = bool(args["model_b"] or args["checkpoint_b"])
     if two_models and args["scales"]:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
     args["scales"] = tuple(args["scales"] or (32, 224))
-    out = args["out"] or default_out(args)
-    check_output_dir(out, args["overwrite"])
     dist = init_distributed(args["device"])
-    result = _run(args, two_models, dist.rank, dist.world_size, dist.device)
-    if dist.is_main:
-        result.save(
-            out, overwrite=args["overwrite"], extra=None if args["no_figures"] else _figures(result)
-        )
-        _report(result, out)
+    return _run(args, two_models, dist.rank, dist.world_size, dist.device), dist.is_main
+
+
+def _save(result: CKAResult, out: Path, args: dict[str, Any]) -> None:
+    result.save(
+        out, overwrite=args["overwrite"], extra=None if args["no_figures"] else _figures(result)
+    )
 
 
 def _figures(result: CKAResult) -> Callable[[Path], None]:
@@ -315,3 +329,92 @@ def models_command() -> None:
     from ckascope.models import list_models
 
     click.echo("\n".join(list_models()))
+
+
+def _candidates(result: CKAResult, split_points: str | None) -> list[SplitCandidate]:
+    """The vocabulary: given on the command line, or msun's for the analysed architecture."""
+    if split_points:
+        return [SplitCandidate(p.strip()) for p in split_points.split(",") if p.strip()]
+    if result.settings.get("paths"):
+        raise InputError(
+            "this result is of a multi-path (MSUN) model, which is already split. Hint: analyse the vanilla model"
+        )
+    arch = str(result.settings.get("model"))
+    return list(plugins.load("split_candidates")(arch))
+
+
+def _fmt(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.3f}"
+
+
+def split_table(suggestion: SplitSuggestion) -> Table:
+    """One row per candidate; the chosen one in bold."""
+    table = Table(title=f"Split points (threshold {suggestion.threshold})")
+    for column in (
+        "--split-at",
+        "trunk input",
+        "input CKA",
+        "lowest CKA in subnets",
+        "extra params (M)",
+        "mean GMACs",
+        "consistent",
+    ):
+        table.add_column(column)
+    for row in suggestion.rows:
+        c = row.candidate
+
+        table.add_row(
+            c.name, row.input_layer or "-", _fmt(row.input_cka), f"{_fmt(row.min_subnet_cka)} ({row.min_subnet_layer or '-'})",
+            _fmt(c.extra_params, 1e6), _fmt(c.macs, 1e9), "yes" if row.consistent(suggestion.threshold) else "no",
+            style="bold" if c.name == suggestion.choice else None,
+        )  # fmt: skip
+    return table
+
+
+@main.command(name="suggest-split", context_settings=CONTEXT)
+@click.option(
+    "--from",
+    "from_dir",
+    type=click.Path(path_type=Path),
+    help="A saved compare result (otherwise run one with the options below).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_THRESHOLD,
+    show_default=True,
+    help="Minimum cross-scale CKA of the trunk's input.",
+)
+@click.option("--split-points", help="Comma-separated legal split points [msun's for the model].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@_options
+def suggest_split_command(
+    from_dir: Path | None, threshold: float, split_points: str | None, as_json: bool, **args: Any
+) -> None:
+    """Where to split a backbone into per-scale subnets and a shared trunk (for msun train).
+
+    The first legal split point whose trunk input has same-layer cross-scale CKA >= threshold:
+    the scale-sensitive layers before it become per-scale subnets. The printed value is what
+    msun train --split-at takes.
+
+    \b
+    Examples:
+      ckascope suggest-split --from ckascope-out/resnet50_32-224
+      ckascope suggest-split --model resnet50 --scales 32 224 --data ~/imagenet/val
+    """
+    if from_dir is not None:
+        result, is_main = CKAResult.load(from_dir), True
+    else:
+        result, is_main = _analyse(args)
+        if is_main and args["out"] is not None:
+            check_output_dir(args["out"], args["overwrite"])
+            _save(result, args["out"], args)
+    if not is_main:
+        return
+    suggestion = suggest_split(result, _candidates(result, split_points), threshold=threshold)
+    if as_json:
+        click.echo(json.dumps(suggestion.to_dict(), indent=2))
+        return
+    console = Console()
+    console.print(split_table(suggestion))
+    console.print(f"--split-at {suggestion.choice}: {suggestion.reason}")

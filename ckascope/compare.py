@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,9 @@ from ckascope.data import (
 from ckascope.distributed import all_reduce_sum
 from ckascope.errors import InputError
 from ckascope.kernels import Kernel, check_kernel
-from ckascope.layers import LayerSpec
+from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
+from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
 
@@ -110,8 +111,8 @@ class Side:
     forward: Callable[[Tensor], Any]
     label: Callable[[str], str]
 
-    def grams(self, images: Tensor) -> tuple[list[str], Tensor]:
-        """Layer labels and their Grams (L, n, n) for one batch of base images."""
+    def grams(self, images: Tensor) -> tuple[list[str], list[Tensor]]:
+        """Layer labels and their Grams, L tensors (n, n), for one batch of base images."""
         with self.recorder:
             self.forward(self.view(images))
             recorded = self.recorder.pop()
@@ -119,7 +120,7 @@ class Side:
             raise InputError(
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
-        return [self.label(n) for n in recorded], torch.stack(list(recorded.values()))
+        return [self.label(n) for n in recorded], list(recorded.values())
 
 
 def make_side(
@@ -134,6 +135,50 @@ def make_side(
         model, layers, reduce="gram", gram_dtype=gram_dtype, output_key=output_key
     )
     return Side(model, recorder, view, model, lambda name: name)
+
+
+def path_side(
+    model: nn.Module, layers: LayerSpec, view: ScaleView, gram_dtype: GramDtype = "auto"
+) -> Side:
+    """A side of a multi-path model: the scale's routed path, its layers by canonical name.
+
+    Layers are resolved on the largest path (the vanilla structure), so presets name the same
+    layer roles in every path. Under ``upsample`` the path gets the image resized to its
+    nominal size (the accuracy protocol), under ``native`` the image as it is.
+    """
+    paths = cast(MultiPathModel, model)
+    k = paths.route(view.size)
+    names = resolve_layers(PathView(model, paths.num_paths - 1), layers)
+    path = PathView(model, k)
+    present = {n for n, _ in path.named_modules()}
+    recorder = ActivationRecorder(
+        path, [n for n in names if n in present], reduce="gram", gram_dtype=gram_dtype
+    )
+    native = ScaleView(view.size, "native", view.reference_size, view.mode, view.antialias)
+    resize = view.protocol == "upsample"
+    return Side(
+        model,
+        recorder,
+        native,
+        lambda x: paths.forward_path(x, k, resize=resize),
+        lambda name: name,
+    )
+
+
+def side_for(model: nn.Module, layers: LayerSpec, view: ScaleView, gram_dtype: GramDtype) -> Side:
+    """``path_side`` for multi-path models, ``make_side`` for the others."""
+    if is_multipath(model):
+        return path_side(model, layers, view, gram_dtype)
+    return make_side(model, layers, view, gram_dtype)
+
+
+def _paths(models: Sequence[nn.Module], sizes: Sequence[int]) -> dict[str, Any]:
+    """The routed path of each side, for the settings of multi-path comparisons."""
+    routed = [
+        cast(MultiPathModel, m).route(s) if is_multipath(m) else None
+        for m, s in zip(models, sizes, strict=True)
+    ]
+    return {"paths": routed} if any(r is not None for r in routed) else {}
 
 
 @dataclass(frozen=True)
@@ -352,10 +397,10 @@ def compare_scales(
     opts = SweepOptions(**sweep)
     dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
     views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
-    side_a, side_b = (make_side(model, layers, v, gram_dtype) for v in views)
+    side_a, side_b = (side_for(model, layers, v, gram_dtype) for v in views)
     info = {"mode": "scales", "scales": list(scales), "protocol": protocol, "base_size": base_size,
             "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
-            "layers": _describe(layers), "gram_dtype": gram_dtype}  # fmt: skip
+            "layers": _describe(layers), "gram_dtype": gram_dtype, **_paths([model, model], scales)}  # fmt: skip
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
 
 
@@ -404,11 +449,12 @@ def compare_models(
     opts = SweepOptions(**sweep)
     dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
     view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
-    side_a = make_side(model_a, layers, view, gram_dtype)
-    side_b = make_side(model_b, layers if layers_b is None else layers_b, view, gram_dtype)
+    side_a = side_for(model_a, layers, view, gram_dtype)
+    side_b = side_for(model_b, layers if layers_b is None else layers_b, view, gram_dtype)
     info = {"mode": "models", "scales": [scale, scale], "protocol": protocol, "base_size": base_size,
             "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
-            "layers": _describe(layers), "layers_b": _describe(layers_b), "gram_dtype": gram_dtype}  # fmt: skip
+            "layers": _describe(layers), "layers_b": _describe(layers_b), "gram_dtype": gram_dtype,
+            **_paths([model_a, model_b], [scale, scale])}  # fmt: skip
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
 
 

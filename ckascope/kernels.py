@@ -174,13 +174,14 @@ def center_gram(k: Tensor) -> Tensor:
     )
 
 
-def ucenter_gram(k: Tensor) -> Tensor:
+def ucenter_gram(k: Tensor, *, inplace: bool = False) -> Tensor:
     """U-centring (Székely & Rizzo 2014) of K̃, the kernel matrix with its diagonal zeroed.
 
     U_ij = K̃_ij - row_i/(n-2) - col_j/(n-2) + total/((n-1)(n-2)) off the diagonal, 0 on it.
 
     Args:
         k: (..., n, n) kernel matrices, n >= 4.
+        inplace: Overwrite ``k`` (saves a copy of L x n x n values per batch).
 
     Returns:
         (..., n, n) U-centred matrices.
@@ -188,12 +189,13 @@ def ucenter_gram(k: Tensor) -> Tensor:
     n = k.shape[-1]
     if n < 4:
         raise InputError(f"the unbiased HSIC needs n >= 4 examples per batch, got {n}")
-    k = k.clone()
-    k.diagonal(dim1=-2, dim2=-1).zero_()
-    row = k.sum(dim=-1, keepdim=True) / (n - 2)  # (..., n, 1)
-    col = k.sum(dim=-2, keepdim=True) / (n - 2)  # (..., 1, n)
-    total = k.sum(dim=(-2, -1), keepdim=True) / ((n - 1) * (n - 2))
-    u = k - row - col + total
+    u = k if inplace else k.clone()
+    u.diagonal(dim1=-2, dim2=-1).zero_()
+    row = u.sum(dim=-1, keepdim=True)  # (..., n, 1)
+    col = u.sum(dim=-2, keepdim=True)  # (..., 1, n)
+    total = row.sum(dim=-2, keepdim=True)  # (..., 1, 1)
+    # In place: the matrices are large (L x n x n) and memory traffic is the cost here.
+    u.sub_(row, alpha=1 / (n - 2)).sub_(col, alpha=1 / (n - 2)).add_(total, alpha=1 / ((n - 1) * (n - 2)))
     u.diagonal(dim1=-2, dim2=-1).zero_()
     return u
 

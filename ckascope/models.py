@@ -11,19 +11,18 @@ config to rebuild the model (the format msun writes):
 
     {"format": "ckascope-model", "builder": "msun", "config": {...}, "state_dict": {...}}
 
-Builders are looked up in ``CHECKPOINT_BUILDERS`` and imported only when such a checkpoint is
+Builders are entries of ``ckascope.plugins`` and imported only when such a checkpoint is
 loaded, so ckascope never imports msun otherwise, and a checkpoint cannot name arbitrary code.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import socket
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +32,14 @@ from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models._api import WeightsEnum
 
+from ckascope import plugins
 from ckascope.errors import InputError, WeightsUnavailableError, hint_close
 
 #: Seconds a weight download may stall before it counts as offline.
 DOWNLOAD_TIMEOUT = 10.0
 CHECKPOINT_FORMAT = "ckascope-model"
-#: Registered builders of self-describing checkpoints: name -> "module:function(config)".
-CHECKPOINT_BUILDERS: dict[str, str] = {
-    "msun": "msun.checkpoint:model_from_config",
-    "torchvision": "ckascope.models:model_from_config",
-}
+#: Builders of self-describing checkpoints, by the "builder" a checkpoint names.
+CHECKPOINT_BUILDERS = ("msun", "torchvision")
 
 
 def list_models() -> list[str]:
@@ -230,11 +227,7 @@ def _from_self_describing(
         raise InputError(
             f"{path} holds a {config.get('arch')} model, not {arch}. Hint: drop --model"
         )
-    module_name, _, func_name = CHECKPOINT_BUILDERS[name].partition(":")
-    builder: Callable[[dict[str, Any]], nn.Module] = getattr(
-        importlib.import_module(module_name), func_name
-    )
-    model = builder(config)
+    model: nn.Module = plugins.load(f"builder:{name}")(config)
     _load_state(model, _state_dict_of(ckpt, path), path, str(config.get("arch", name)))
     return model.eval()
 

@@ -14,6 +14,7 @@ interruption leaves either the previous result or the new one, never a mix.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -181,6 +182,7 @@ class CKAResult:
         dest = Path(directory)
         check_output_dir(dest, overwrite)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(dest)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         try:
             self._write_files(staging)
@@ -252,11 +254,23 @@ def check_output_dir(dest: Path, overwrite: bool) -> None:
     """
     if dest.exists() and not dest.is_dir():
         raise InputError(f"output {dest} exists and is a file. Hint: choose another --out")
+    ancestor = dest
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out")
     if dest.is_dir() and any(dest.iterdir()) and not is_result_dir(dest) and not overwrite:
         raise InputError(
             f"output folder {dest} exists and does not hold a ckascope result. "
             "Hint: choose another --out or pass --overwrite"
         )
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Staging folders of a run that was killed (SIGKILL) while saving to ``dest``."""
+    for pattern in (f".{dest.name}.*.tmp", f".{dest.name}.*.old"):
+        for stale in dest.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_in(staging: Path, dest: Path) -> None:

@@ -43,7 +43,11 @@ class TrainConfig:
     )
     method: str = _opt("msun", "msun, mst (multi-scale training) or vanilla.", choices=METHODS)
     split_at: str | None = _opt(
-        None, "First stage of the shared trunk (msun split-points lists them) [published]."
+        None,
+        "First stage of the shared trunk (msun split-points lists them), or auto (from CKA) [published].",
+    )
+    cka_from: str | None = _opt(
+        None, "With --split-at auto: a saved ckascope compare result of this architecture."
     )
     scales: tuple[int, ...] = _opt(
         (32, 128, 224), "Nominal sizes of the subnets (msun) / training scales (mst)."
@@ -191,6 +195,14 @@ def check(cfg: TrainConfig) -> None:
         raise InputError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.workers < 0:
         raise InputError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.method != "msun" and (cfg.split_at is not None or cfg.cka_from is not None):
+        raise InputError(
+            f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets"
+        )
+    if cfg.cka_from is not None and cfg.split_at != "auto":
+        raise InputError(
+            "--cka-from is the analysis behind --split-at auto. Hint: add --split-at auto"
+        )
     if cfg.linear_probe and cfg.init_from is None:
         raise InputError(
             "--linear-probe trains only the classifier of a trained model. Hint: add --init-from CKPT"
@@ -198,15 +210,12 @@ def check(cfg: TrainConfig) -> None:
     parse_sizes(cfg.eval_sizes)
 
 
-def resolve(
-    cfg: TrainConfig, *, num_classes: int, default_split: str | None, default_threshold: float
-) -> TrainConfig:
-    """The config with every derived default filled in.
+def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> TrainConfig:
+    """The config with the derived defaults filled in (the split point is the model's to fill).
 
     Args:
         cfg: The merged config.
         num_classes: Classes found in the training data (used unless set).
-        default_split: The published split point of the architecture (msun only).
         default_threshold: The published scale-invariance dead zone of the architecture.
     """
     return dataclasses.replace(
@@ -214,7 +223,6 @@ def resolve(
         num_classes=cfg.num_classes or num_classes,
         epochs=cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90),
         lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
-        split_at=cfg.split_at or (default_split if cfg.method == "msun" else None),
         si_threshold=default_threshold if cfg.si_threshold is None else cfg.si_threshold,
     )
 

@@ -133,15 +133,24 @@ class RunLock:
     """An exclusive lock on the run folder.
 
     ``flock`` locks belong to the open file, so the kernel drops the lock when the process dies,
-    however it dies: a stale ``.lock`` file left by a crash never blocks the next run.
+    however it dies: a stale ``.lock`` file left by a crash never blocks the next run. A folder
+    the lock created is removed again when the run fails before writing anything into it.
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".lock"
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--out {folder} is a file. Hint: choose a folder")
+        self._created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the run folder {folder} ({e.strerror}). Hint: choose a writable --out") from e
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,10 +166,14 @@ class RunLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        folder = self.path.parent
+        if exc_type is not None and self._created and [p.name for p in folder.iterdir()] == [".lock"]:
+            self.path.unlink()
+            folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from ckascope.distributed import DistInfo, init_distributed
 from ckascope.errors import CKAScopeError, InputError
 from ckascope.fileio import atomic_path, write_text
 from ckascope.models import build_model, load_checkpoint, read_checkpoint
+from msun import autosplit
 from msun import config as C
 from msun.data import datasets as make_datasets
 from msun.data import epoch_plan, make_loader, micro_batch, steps_per_epoch, val_batches
@@ -273,14 +274,12 @@ def validate(loop: Loop) -> EvalResult:
 # ----------------------------------------------------------------------------- main
 
 
-def _prepare(cfg: C.TrainConfig, info: DistInfo) -> tuple[C.TrainConfig, Loop]:
+def _prepare(cfg: C.TrainConfig, info: DistInfo, resume: bool) -> tuple[C.TrainConfig, Loop]:
     train_set, val_set, classes = make_datasets(cfg)
-    cfg = C.resolve(
-        cfg,
-        num_classes=classes,
-        default_split=None,
-        default_threshold=default_si_threshold(cfg.model),
-    )
+    cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
+    if cfg.split_at == "auto":
+        split = autosplit.choose(cfg, Path(cfg.out), write=info.is_main, resume=resume)
+        cfg = dataclasses.replace(cfg, split_at=split)
     micro_batch(cfg, info.world_size)
     routed = cfg.init_from is not None
     model, train_size = load_init(cfg) if routed else (build_network(cfg), cfg.image_size)
@@ -393,7 +392,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     out = Path(cfg.out)
     console = Console(quiet=not info.is_main)
     with RunLock(out) if info.is_main else contextlib.nullcontext():
-        cfg, loop = _prepare(cfg, info)
+        cfg, loop = _prepare(cfg, info, resume)
         state = _start(loop, resume)
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))

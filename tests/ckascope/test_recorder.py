@@ -144,7 +144,7 @@ def test_reducers_gap_flatten_gram() -> None:
     for reduce, expected in [
         ("gap", y.mean(dim=(2, 3))),
         ("flatten", y.flatten(1)),
-        ("gram", centered_gram(y, torch.float64)),
+        ("gram", centered_gram(y, torch.float32)),
     ]:
         with ActivationRecorder(model, ["0"], reduce=reduce) as rec:
             model(x)

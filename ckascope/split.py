@@ -1,0 +1,197 @@
+"""Where to split a backbone into per-scale subnets and a shared trunk, from cross-scale CKA.
+
+The rule. The trunk is shared by every input scale, so its input should already look the same
+at every scale: walking the legal split points in forward order, choose the first one whose
+input (the output of the last analysed layer before the trunk) has a same-layer cross-scale CKA
+of at least ``threshold``. The scale-sensitive shallow layers before it stay in per-scale
+subnets; everything after is shared. The earliest such point also keeps the extra parameters of
+the subnets smallest.
+
+The default threshold, 0.8, is where CKA is conventionally read as "highly similar". On the
+paper's ResNet-50 curve (stem 0.53, layer1's blocks 0.85-0.86, layer2's 0.83-0.90, ...) it
+separates the scale-sensitive stem from layer1's outputs and picks ``layer2``, the published
+split. When no split point reaches the threshold, the one whose input is most scale-consistent
+is chosen (the earliest on ties) and the reason says so; when all do, the earliest.
+
+A split point is placed among the analysed layers by module name: its trunk starts at the first
+analysed layer that is, or lies inside, the split module, or that follows it among numbered
+siblings (``features.26`` follows ``features.24``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ckascope.errors import InputError
+from ckascope.result import CKAResult
+
+DEFAULT_THRESHOLD = 0.8
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class SplitCandidate:
+    """A legal split point.
+
+    Attributes:
+        name: The value ``msun train --split-at`` takes (e.g. "layer2", "denseblock2").
+        module: Name of the module where the trunk starts in the analysed model (e.g.
+            "features.denseblock2"); defaults to ``name``.
+        extra_params: Parameters the per-scale subnets add to the vanilla model, if known.
+        macs: Mean multiply-accumulates per image of the routed model, if known.
+    """
+
+    name: str
+    module: str = ""
+    extra_params: int | None = None
+    macs: float | None = None
+
+    @property
+    def trunk_module(self) -> str:
+        """The module where the trunk starts."""
+        return self.module or self.name
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """How one candidate looks in the analysis."""
+
+    candidate: SplitCandidate
+    input_layer: str | None
+    input_cka: float | None
+    min_subnet_cka: float | None
+    min_subnet_layer: str | None
+
+    def consistent(self, threshold: float) -> bool:
+        """Whether the trunk's input reaches the threshold."""
+        return self.input_cka is not None and self.input_cka >= threshold
+
+
+@dataclass(frozen=True)
+class SplitSuggestion:
+    """The chosen split point, why, and the table of candidates."""
+
+    choice: str
+    reason: str
+    threshold: float
+    rows: list[SplitRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        rows = [
+            {**asdict(r.candidate), **{k: v for k, v in asdict(r).items() if k != "candidate"},
+             "consistent": r.consistent(self.threshold)}
+            for r in self.rows
+        ]  # fmt: skip
+        return {
+            "choice": self.choice,
+            "reason": self.reason,
+            "threshold": self.threshold,
+            "candidates": rows,
+        }
+
+
+def _inside_or_after(layer: str, module: str) -> bool:
+    base = layer.split("#")[0]
+    if base == module or base.startswith(module + "."):
+        return True
+    return _sibling_order(base, module) == 1
+
+
+def _sibling_order(layer: str, module: str) -> int:
+    """1 if ``layer`` follows ``module`` among numbered siblings, -1 if it precedes, else 0."""
+    a, b = _NUMBERED.match(layer), _NUMBERED.match(module)
+    if not (a and b) or a.group(1) != b.group(1):
+        return 0
+    return 1 if int(a.group(2)) > int(b.group(2)) else -1
+
+
+def position(layers: Sequence[str], module: str) -> int | None:
+    """Index of the first analysed layer in the trunk starting at ``module``.
+
+    ``len(layers)`` when every analysed layer precedes it among numbered siblings; None when
+    the module cannot be placed among these layers at all.
+    """
+    for i, layer in enumerate(layers):
+        if _inside_or_after(layer, module):
+            return i
+    if any(_sibling_order(layer.split("#")[0], module) == -1 for layer in layers):
+        return len(layers)
+    return None
+
+
+def _row(candidate: SplitCandidate, layers: list[str], diag: list[float]) -> SplitRow | None:
+    pos = position(layers, candidate.trunk_module)
+    if pos is None:
+        return None
+    if pos == 0:
+        return SplitRow(candidate, None, None, None, None)
+    finite = [(v, layers[i]) for i, v in enumerate(diag[:pos]) if not math.isnan(v)]
+    low = min(finite) if finite else (None, None)
+    value = diag[pos - 1]
+    return SplitRow(
+        candidate, layers[pos - 1], None if math.isnan(value) else value, low[0], low[1]
+    )
+
+
+def suggest_split(
+    result: CKAResult,
+    split_points: Sequence[str | SplitCandidate],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> SplitSuggestion:
+    """Applies the rule of the module docstring to a cross-scale result.
+
+    Args:
+        result: A result of one model at two scales (it needs a same-layer diagonal).
+        split_points: Legal split points in forward order (names, or candidates with costs).
+        threshold: Minimum CKA of the trunk's input, in [0, 1].
+
+    Returns:
+        The suggestion; ``choice`` is always one of ``split_points``.
+
+    Raises:
+        InputError: Threshold outside [0, 1], no diagonal, or split points that do not fit the
+            analysed layers.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(
+            f"the threshold must be in [0, 1], got {threshold}. Hint: the default is {DEFAULT_THRESHOLD}"
+        )
+    diagonal = result.diagonal()
+    layers, diag = list(diagonal["layer"]), [float(v) for v in diagonal["mean"]]
+    candidates = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
+    rows = [r for r in (_row(c, layers, diag) for c in candidates) if r is not None]
+    if not any(r.input_cka is not None for r in rows):
+        names = ", ".join(c.name for c in candidates)
+        raise InputError(
+            f"the split points ({names}) do not fit the analysed layers ({', '.join(layers[:6])}, ...). "
+            "Hint: give the split points of this model's family, and analyse layers before and after them"
+        )
+    return _choose(rows, threshold)
+
+
+def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
+    for row in rows:
+        if row.consistent(threshold):
+            earlier = [r for r in rows if r is not row and rows.index(r) < rows.index(row)]
+            why = (
+                f"the trunk's input ({row.input_layer}) has cross-scale CKA {row.input_cka:.3f} >= {threshold}"
+                + (
+                    ", while every earlier split point's input is below it"
+                    if earlier
+                    else ", the earliest legal split point"
+                )
+            )
+            return SplitSuggestion(row.candidate.name, why, threshold, rows)
+    measured = [r for r in rows if r.input_cka is not None]
+    best = max(measured, key=lambda r: (r.input_cka, -rows.index(r)))
+    why = (
+        f"no split point's input reaches CKA {threshold}; {best.input_layer} is the most scale-consistent "
+        f"trunk input ({best.input_cka:.3f}). Hint: a lower --threshold, or more layers in the analysis"
+    )
+    return SplitSuggestion(best.candidate.name, why, threshold, rows)

@@ -1,0 +1,170 @@
+"""Rebuilds the paper-style figures from the project's own runs on the synthetic set.
+
+    python figures/make_figures.py                                # the committed figures (hours on 2 CPU cores)
+    python figures/make_figures.py --quick --out /tmp/figs-quick  # a smoke run in minutes
+
+Steps (each training run is skipped when its folder already holds the finished run, so a rerun
+only re-evaluates and redraws):
+
+1. train vanilla, MST and MSUN (split layer2) on the same backbone, data and budget;
+2. Figure 4: ``msun eval`` of the three over the test sizes (accuracy, mean FLOPs, parameters);
+3. Figure 2 and heatmaps: ``ckascope compare`` of the trained vanilla model and the trained MSUN
+   (routed paths) at the smallest vs the largest scale, mean +- std over sweeps;
+4. the loop: ``ckascope suggest-split`` on the vanilla model's analysis;
+5. the split-point ablation: MSUN trained with the trunk starting at layer1..layer4, mean
+   accuracy over the test sizes against the split point.
+
+Writes <out>/*.png (default: this folder) and <out>/data/*.json, the numbers each PNG was drawn
+from, and the CKA results under <out>/data/cka_*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+
+from ckascope.compare import compare_scales
+from ckascope.data import build_dataset, collate_skip, eval_transform, subset_indices
+from ckascope.fileio import atomic_path, write_json
+from ckascope.models import load_checkpoint, read_checkpoint
+from ckascope.plot import curve, heatmap
+from ckascope.result import CKAResult
+from ckascope.split import suggest_split
+from msun.config import TrainConfig, parse_sizes
+from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
+from msun.plot import accuracy_vs_size
+from msun.splits import split_candidates
+from msun.train import main as train
+
+HERE = Path(__file__).resolve().parent
+SPLITS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """The training and analysis settings of the committed figures (or of a smoke run)."""
+    if quick:
+        return {"image_size": 32, "scales": (8, 16, 32), "num_train": 64, "num_val": 32, "epochs": 1,
+                "batch_size": 16, "eval_sizes": "8:32:8", "cka_images": 32, "cka_repeats": 2}  # fmt: skip
+    return {"image_size": 96, "scales": (16, 48, 96), "num_train": 6000, "num_val": 1000, "epochs": 3,
+            "batch_size": 32, "eval_sizes": "16:96:8", "cka_images": 512, "cka_repeats": 3}  # fmt: skip
+
+
+def train_config(s: dict[str, Any], method: str, out: Path, split: str | None = None) -> TrainConfig:
+    """One run of the comparison: resnet18 from scratch on the synthetic set, same budget for all."""
+    return TrainConfig(
+        model="resnet18", method=method, split_at=split, scales=s["scales"], data="shapes", out=str(out),
+        image_size=s["image_size"], num_train=s["num_train"], num_val=s["num_val"], epochs=s["epochs"],
+        batch_size=s["batch_size"], lr=0.1, warmup_epochs=0.3, eval_sizes=s["eval_sizes"], seed=0,
+    )  # fmt: skip
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """Whether the run folder already holds this run, trained to the end."""
+    last = Path(cfg.out) / "last.pt"
+    if not last.is_file():
+        return False
+    ckpt = read_checkpoint(last)
+    return bool(ckpt["progress"]["epoch"] >= int(cfg.epochs or 0) and ckpt["train_config"]["method"] == cfg.method)
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Trains unless already done; returns the final checkpoint."""
+    if not finished(cfg):
+        for stale in Path(cfg.out).glob("*.pt"):
+            stale.unlink()
+        start = time.perf_counter()
+        train(cfg)
+        print(f"trained {cfg.out} in {time.perf_counter() - start:.0f} s")
+    return Path(cfg.out) / "last.pt"
+
+
+def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]:
+    """``msun eval`` of the checkpoints on the same validation images."""
+    size = s["image_size"]
+    data = build_dataset("shapes", "val", eval_transform(size, round(size * 256 / 224)), num_images=s["num_val"], synthetic_size=size)
+    idx = subset_indices(len(data), None, 0)
+    loader = DataLoader(data, batch_sampler=[idx[i : i + 64] for i in range(0, len(idx), 64)], collate_fn=collate_skip)
+    loaded = [load_for_eval(p) for p in checkpoints]
+    return evaluate_checkpoints(loaded, loader, parse_sizes(s["eval_sizes"]), protocol="resize", paths="all", device=torch.device("cpu"))
+
+
+def png(fig: Figure, out: Path, name: str) -> Path:
+    """Writes <out>/<name>.png atomically."""
+    path = out / f"{name}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    return path
+
+
+def cka(checkpoint: Path, s: dict[str, Any], name: str, out: Path) -> CKAResult:
+    """Cross-scale CKA of a trained model at its smallest vs largest scale."""
+    model = load_checkpoint(checkpoint)
+    scales = (min(s["scales"]), max(s["scales"]))
+    result = compare_scales(
+        model, "shapes", scales, base_size=s["image_size"], resize_size=round(s["image_size"] * 256 / 224),
+        num_images=s["cka_images"], batch_size=64, repeats=s["cka_repeats"], settings={"model": name},
+    )  # fmt: skip
+    result.save(out / "data" / f"cka_{name}", overwrite=True)
+    return result
+
+
+def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Mean accuracy over the test sizes against the split point."""
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["split_at"] for r in rows], [r["mean_top1"] for r in rows], marker="o")
+    for r in rows:
+        ax.annotate(f"{r['mean_top1']:.1f}%\n+{r['extra_params'] / 1e6:.2f} M", (r["split_at"], r["mean_top1"]),
+                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)  # fmt: skip
+    ax.set_xlabel("split point (first stage of the shared trunk)")
+    ax.set_ylabel("mean top-1 over test sizes (%)")
+    ax.set_title("MSUN split-point ablation (resnet18, synthetic)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke settings (figures are not the committed ones)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/figures"), help="where the training runs live")
+    parser.add_argument("--out", type=Path, default=HERE, help="where the PNGs and data go")
+    args = parser.parse_args()
+    s, out = settings(args.quick), args.out
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    runs = {m: run(train_config(s, m, args.runs / m, "layer2" if m == "msun" else None)) for m in ("vanilla", "mst", "msun")}
+
+    evaluated = evaluate_runs([runs["vanilla"], runs["mst"], runs["msun"]], s)
+    write_json(out / "data" / "fig4_accuracy.json", {"settings": _plain(s), "models": [e.summary() for e in evaluated]})
+    png(accuracy_vs_size(evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"), out, "fig4_accuracy")
+
+    vanilla_cka, msun_cka = cka(runs["vanilla"], s, "vanilla", out), cka(runs["msun"], s, "msun", out)
+    png(curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]), out, "fig2_cross_scale_cka")
+    png(heatmap(vanilla_cka, title="vanilla resnet18"), out, "heatmap_vanilla")
+    png(heatmap(msun_cka, title="MSUN resnet18 (routed paths)"), out, "heatmap_msun")
+
+    suggestion = suggest_split(vanilla_cka, split_candidates("resnet18", s["scales"]))
+    write_json(out / "data" / "suggest_split_vanilla.json", suggestion.to_dict())
+
+    ablation = [run(train_config(s, "msun", args.runs / f"msun_{split}", split)) if split != "layer2" else runs["msun"] for split in SPLITS]
+    results = evaluate_runs(ablation, s)
+    costs = {c.name: c.extra_params for c in split_candidates("resnet18", s["scales"])}
+    rows = [{"split_at": split, "mean_top1": e.result.mean_top1, "extra_params": costs[split], "mean_flops": e.mean_flops}
+            for split, e in zip(SPLITS, results, strict=True)]  # fmt: skip
+    write_json(out / "data" / "ablation_split.json", {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice})
+    png(ablation_figure(rows), out, "ablation_split")
+    print(json.dumps({"suggest_split": suggestion.choice, "ablation": rows}, indent=2))
+
+
+def _plain(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
+
+
+if __name__ == "__main__":
+    main()

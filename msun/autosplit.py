@@ -1,0 +1,70 @@
+"""``msun train --split-at auto``: the split point from a cross-scale CKA analysis.
+
+The analysis is a saved ``ckascope compare`` result (``--cka-from``) or, when pretrained
+weights of the architecture are available, one run now on the validation images: the pretrained
+vanilla model at the smallest and the largest training scale. ``ckascope.split`` applies its
+rule to msun's split points; the analysis and the choice are saved beside the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from ckascope.cli import split_table
+from ckascope.compare import compare_scales
+from ckascope.errors import InputError, WeightsUnavailableError
+from ckascope.fileio import write_json
+from ckascope.models import build_model, read_checkpoint
+from ckascope.result import CKAResult
+from ckascope.split import SplitSuggestion, suggest_split
+from msun.config import TrainConfig
+from msun.splits import split_candidates
+
+#: Images of the on-the-fly analysis (the paper used 1280; this is a quick, stable estimate).
+ANALYSIS_IMAGES = 512
+
+
+def analysis(cfg: TrainConfig) -> CKAResult:
+    """The cross-scale CKA result the choice is made from."""
+    if cfg.cka_from:
+        result = CKAResult.load(cfg.cka_from)
+        if result.settings.get("model") != cfg.model:
+            raise InputError(
+                f"--cka-from {cfg.cka_from} analysed {result.settings.get('model')}, not {cfg.model}. "
+                "Hint: analyse the architecture you train"
+            )
+        return result
+    try:
+        model = build_model(cfg.model, "default")
+    except WeightsUnavailableError as e:
+        raise InputError(
+            f"--split-at auto needs a CKA analysis, and pretrained {cfg.model} weights are not "
+            f"available here. Hint: pass --cka-from DIR (from ckascope compare --model {cfg.model} "
+            "--out DIR) or name the split with --split-at"
+        ) from e
+    scales = (min(cfg.scales), max(cfg.scales))
+    return compare_scales(model, cfg.data, scales, base_size=cfg.image_size, num_images=ANALYSIS_IMAGES,
+                          seed=cfg.seed, settings={"model": cfg.model, "weights": "default"})  # fmt: skip
+
+
+def choose(cfg: TrainConfig, out: Path, *, write: bool, resume: bool) -> str:
+    """The split point for ``--split-at auto`` (a resumed run keeps the one it chose)."""
+    last = out / "last.pt"
+    if resume and last.is_file():
+        saved = read_checkpoint(last).get("train_config") or {}
+        return str(saved.get("split_at"))
+    result = analysis(cfg)
+    suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
+    if write:
+        _record(result, suggestion, out)
+    return suggestion.choice
+
+
+def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
+    result.save(out / "split-analysis", overwrite=True)
+    write_json(out / "split-analysis" / "suggestion.json", suggestion.to_dict())
+    console = Console()
+    console.print(split_table(suggestion))
+    console.print(f"--split-at auto -> {suggestion.choice}: {suggestion.reason}")
