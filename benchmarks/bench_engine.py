@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ckascope import MinibatchCKA
-from ckascope.cka import batch_hsic_terms
+from ckascope.functional import batch_hsic_terms
 from ckascope.kernels import centered_gram, hsic1, ucenter_gram
 
 

@@ -1,5 +1,5 @@
 """``python -m ckascope`` runs the command line (also under ``torchrun -m ckascope``)."""
 
-from ckascope.cli import main
+from ckascope.entry import ckascope
 
-main()
+ckascope()

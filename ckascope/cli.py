@@ -247,20 +247,26 @@ def compare(**args: Any) -> None:
       ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
       ckascope compare --checkpoint runs/msun/last.pt --scales 32 224   # each scale its path
     """
+    two_models = _check_sides(args)
     out = args["out"] or default_out(args)
     check_output_dir(out, args["overwrite"])
-    result, is_main = _analyse(args)
+    result, is_main = _analyse(args, two_models)
     if is_main:
         _save(result, out, args)
         _report(result, out)
 
 
-def _analyse(args: dict[str, Any]) -> tuple[CKAResult, bool]:
-    """Runs the comparison the options describe (under torchrun: this process's share)."""
+def _check_sides(args: dict[str, Any]) -> bool:
+    """Whether two models are compared; fills in the default scales of one model."""
     two_models = bool(args["model_b"] or args["checkpoint_b"])
     if two_models and args["scales"]:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
     args["scales"] = tuple(args["scales"] or (32, 224))
+    return two_models
+
+
+def _analyse(args: dict[str, Any], two_models: bool) -> tuple[CKAResult, bool]:
+    """Runs the comparison the options describe (under torchrun: this process's share)."""
     dist = init_distributed(args["device"])
     return _run(args, two_models, dist.rank, dist.world_size, dist.device), dist.is_main
 
@@ -405,9 +411,11 @@ def suggest_split_command(
     if from_dir is not None:
         result, is_main = CKAResult.load(from_dir), True
     else:
-        result, is_main = _analyse(args)
-        if is_main and args["out"] is not None:
+        two_models = _check_sides(args)
+        if args["out"] is not None:
             check_output_dir(args["out"], args["overwrite"])
+        result, is_main = _analyse(args, two_models)
+        if is_main and args["out"] is not None:
             _save(result, args["out"], args)
     if not is_main:
         return

@@ -195,7 +195,9 @@ def ucenter_gram(k: Tensor, *, inplace: bool = False) -> Tensor:
     col = u.sum(dim=-2, keepdim=True)  # (..., 1, n)
     total = row.sum(dim=-2, keepdim=True)  # (..., 1, 1)
     # In place: the matrices are large (L x n x n) and memory traffic is the cost here.
-    u.sub_(row, alpha=1 / (n - 2)).sub_(col, alpha=1 / (n - 2)).add_(total, alpha=1 / ((n - 1) * (n - 2)))
+    u.sub_(row, alpha=1 / (n - 2)).sub_(col, alpha=1 / (n - 2)).add_(
+        total, alpha=1 / ((n - 1) * (n - 2))
+    )
     u.diagonal(dim1=-2, dim2=-1).zero_()
     return u
 

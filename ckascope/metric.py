@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ckascope.cka import batch_hsic_terms, check_batch_size, warn_degenerate
 from ckascope.errors import InputError, NumericalError
+from ckascope.functional import batch_hsic_terms, check_batch_size, warn_degenerate
 from ckascope.kernels import (
     Kernel,
     centered_gram,

@@ -258,7 +258,9 @@ def check_output_dir(dest: Path, overwrite: bool) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out")
+        raise InputError(
+            f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out"
+        )
     if dest.is_dir() and any(dest.iterdir()) and not is_result_dir(dest) and not overwrite:
         raise InputError(
             f"output folder {dest} exists and does not hold a ckascope result. "

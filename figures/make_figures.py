@@ -56,7 +56,9 @@ def settings(quick: bool) -> dict[str, Any]:
             "batch_size": 32, "eval_sizes": "16:96:8", "cka_images": 512, "cka_repeats": 3}  # fmt: skip
 
 
-def train_config(s: dict[str, Any], method: str, out: Path, split: str | None = None) -> TrainConfig:
+def train_config(
+    s: dict[str, Any], method: str, out: Path, split: str | None = None
+) -> TrainConfig:
     """One run of the comparison: resnet18 from scratch on the synthetic set, same budget for all."""
     return TrainConfig(
         model="resnet18", method=method, split_at=split, scales=s["scales"], data="shapes", out=str(out),
@@ -71,7 +73,10 @@ def finished(cfg: TrainConfig) -> bool:
     if not last.is_file():
         return False
     ckpt = read_checkpoint(last)
-    return bool(ckpt["progress"]["epoch"] >= int(cfg.epochs or 0) and ckpt["train_config"]["method"] == cfg.method)
+    return bool(
+        ckpt["progress"]["epoch"] >= int(cfg.epochs or 0)
+        and ckpt["train_config"]["method"] == cfg.method
+    )
 
 
 def run(cfg: TrainConfig) -> Path:
@@ -88,11 +93,28 @@ def run(cfg: TrainConfig) -> Path:
 def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]:
     """``msun eval`` of the checkpoints on the same validation images."""
     size = s["image_size"]
-    data = build_dataset("shapes", "val", eval_transform(size, round(size * 256 / 224)), num_images=s["num_val"], synthetic_size=size)
+    data = build_dataset(
+        "shapes",
+        "val",
+        eval_transform(size, round(size * 256 / 224)),
+        num_images=s["num_val"],
+        synthetic_size=size,
+    )
     idx = subset_indices(len(data), None, 0)
-    loader = DataLoader(data, batch_sampler=[idx[i : i + 64] for i in range(0, len(idx), 64)], collate_fn=collate_skip)
+    loader = DataLoader(
+        data,
+        batch_sampler=[idx[i : i + 64] for i in range(0, len(idx), 64)],
+        collate_fn=collate_skip,
+    )
     loaded = [load_for_eval(p) for p in checkpoints]
-    return evaluate_checkpoints(loaded, loader, parse_sizes(s["eval_sizes"]), protocol="resize", paths="all", device=torch.device("cpu"))
+    return evaluate_checkpoints(
+        loaded,
+        loader,
+        parse_sizes(s["eval_sizes"]),
+        protocol="resize",
+        paths="all",
+        device=torch.device("cpu"),
+    )
 
 
 def png(fig: Figure, out: Path, name: str) -> Path:
@@ -131,33 +153,68 @@ def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke settings (figures are not the committed ones)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/figures"), help="where the training runs live")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke settings (figures are not the committed ones)",
+    )
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs/figures"), help="where the training runs live"
+    )
     parser.add_argument("--out", type=Path, default=HERE, help="where the PNGs and data go")
     args = parser.parse_args()
     s, out = settings(args.quick), args.out
     (out / "data").mkdir(parents=True, exist_ok=True)
-    runs = {m: run(train_config(s, m, args.runs / m, "layer2" if m == "msun" else None)) for m in ("vanilla", "mst", "msun")}
+    runs = {
+        m: run(train_config(s, m, args.runs / m, "layer2" if m == "msun" else None))
+        for m in ("vanilla", "mst", "msun")
+    }
 
     evaluated = evaluate_runs([runs["vanilla"], runs["mst"], runs["msun"]], s)
-    write_json(out / "data" / "fig4_accuracy.json", {"settings": _plain(s), "models": [e.summary() for e in evaluated]})
-    png(accuracy_vs_size(evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"), out, "fig4_accuracy")
+    write_json(
+        out / "data" / "fig4_accuracy.json",
+        {"settings": _plain(s), "models": [e.summary() for e in evaluated]},
+    )
+    png(
+        accuracy_vs_size(
+            evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"
+        ),
+        out,
+        "fig4_accuracy",
+    )
 
-    vanilla_cka, msun_cka = cka(runs["vanilla"], s, "vanilla", out), cka(runs["msun"], s, "msun", out)
-    png(curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]), out, "fig2_cross_scale_cka")
+    vanilla_cka, msun_cka = (
+        cka(runs["vanilla"], s, "vanilla", out),
+        cka(runs["msun"], s, "msun", out),
+    )
+    png(
+        curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]),
+        out,
+        "fig2_cross_scale_cka",
+    )
     png(heatmap(vanilla_cka, title="vanilla resnet18"), out, "heatmap_vanilla")
     png(heatmap(msun_cka, title="MSUN resnet18 (routed paths)"), out, "heatmap_msun")
 
     suggestion = suggest_split(vanilla_cka, split_candidates("resnet18", s["scales"]))
     write_json(out / "data" / "suggest_split_vanilla.json", suggestion.to_dict())
 
-    ablation = [run(train_config(s, "msun", args.runs / f"msun_{split}", split)) if split != "layer2" else runs["msun"] for split in SPLITS]
+    ablation = [
+        run(train_config(s, "msun", args.runs / f"msun_{split}", split))
+        if split != "layer2"
+        else runs["msun"]
+        for split in SPLITS
+    ]
     results = evaluate_runs(ablation, s)
     costs = {c.name: c.extra_params for c in split_candidates("resnet18", s["scales"])}
     rows = [{"split_at": split, "mean_top1": e.result.mean_top1, "extra_params": costs[split], "mean_flops": e.mean_flops}
             for split, e in zip(SPLITS, results, strict=True)]  # fmt: skip
-    write_json(out / "data" / "ablation_split.json", {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice})
+    write_json(
+        out / "data" / "ablation_split.json",
+        {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice},
+    )
     png(ablation_figure(rows), out, "ablation_split")
     print(json.dumps({"suggest_split": suggestion.choice, "ablation": rows}, indent=2))
 

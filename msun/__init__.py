@@ -1,12 +1,31 @@
-"""msun: the Multi-scale Unified Network (arXiv 2403.18294) on torchvision backbones."""
+"""msun: the Multi-scale Unified Network (arXiv 2403.18294) on torchvision backbones.
 
-from msun.backbones import split_points, supported_archs
-from msun.checkpoint import load_checkpoint, model_from_config, save_checkpoint
-from msun.flops import count_parameters, flops_report, path_flops, path_macs, vanilla_flops
-from msun.losses import default_si_threshold, scale_invariance_loss
-from msun.model import MSUN, build_msun
+The public names load on first use (PEP 562), like ckascope's.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "MSUN": "msun.model",
+    "build_msun": "msun.model",
+    "count_parameters": "msun.flops",
+    "default_si_threshold": "msun.losses",
+    "flops_report": "msun.flops",
+    "load_checkpoint": "msun.checkpoint",
+    "model_from_config": "msun.checkpoint",
+    "path_flops": "msun.flops",
+    "path_macs": "msun.flops",
+    "save_checkpoint": "msun.checkpoint",
+    "scale_invariance_loss": "msun.losses",
+    "split_points": "msun.backbones",
+    "supported_archs": "msun.backbones",
+    "vanilla_flops": "msun.flops",
+}
 
 __all__ = [
     "MSUN",
@@ -25,3 +44,17 @@ __all__ = [
     "supported_archs",
     "vanilla_flops",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'msun' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+if TYPE_CHECKING:
+    from msun.backbones import split_points, supported_archs
+    from msun.checkpoint import load_checkpoint, model_from_config, save_checkpoint
+    from msun.flops import count_parameters, flops_report, path_flops, path_macs, vanilla_flops
+    from msun.losses import default_si_threshold, scale_invariance_loss
+    from msun.model import MSUN, build_msun

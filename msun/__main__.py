@@ -1,5 +1,5 @@
 """``python -m msun`` runs the command line (also under ``torchrun -m msun``)."""
 
-from msun.cli import main
+from msun.entry import main
 
 main()

@@ -150,7 +150,9 @@ class RunLock:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create the run folder {folder} ({e.strerror}). Hint: choose a writable --out") from e
+            raise InputError(
+                f"cannot create the run folder {folder} ({e.strerror}). Hint: choose a writable --out"
+            ) from e
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,7 +173,11 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
         folder = self.path.parent
-        if exc_type is not None and self._created and [p.name for p in folder.iterdir()] == [".lock"]:
+        if (
+            exc_type is not None
+            and self._created
+            and [p.name for p in folder.iterdir()] == [".lock"]
+        ):
             self.path.unlink()
             folder.rmdir()
 

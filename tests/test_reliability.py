@@ -52,9 +52,26 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     two = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"mode": "models", "model": "resnet18"})
     two.save(tmp_path / "two_models")
-    other = CKAResult(np.eye(2), ["features.0", "features.1"], ["features.0", "features.1"], {"mode": "scales", "model": "efficientnet_b0"})
+    other = CKAResult(
+        np.eye(2),
+        ["features.0", "features.1"],
+        ["features.0", "features.1"],
+        {"mode": "scales", "model": "efficientnet_b0"},
+    )
     other.save(tmp_path / "unsupported")
-    return {name: tmp_path / name for name in ("empty", "afile", "foreign", "corrupt.pt", "evil.pt", "bad.yaml", "unknown.yaml", "list.yaml", "two_models", "unsupported")}
+    names = (
+        "empty",
+        "afile",
+        "foreign",
+        "corrupt.pt",
+        "evil.pt",
+        "bad.yaml",
+        "unknown.yaml",
+        "list.yaml",
+        "two_models",
+        "unsupported",
+    )
+    return {name.replace(".pt", "").replace(".", "_"): tmp_path / name for name in names}
 
 
 C, S, F, T, E = "compare", "suggest-split", "flops", "train", "eval"
@@ -78,10 +95,25 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("ckascope", C, ["--model", "resnet18", "--data", "mnist:{empty}"], "no usable mnist"),
     ("ckascope", C, ["--model", "resnet18", "--data", "{empty}"], "no images found"),
     ("ckascope", C, ["--model", "resnet18", "--device", "tpu9"], "unknown device"),
-    ("ckascope", C, ["--model", "resnet18", "--model-b", "resnet34", "--scales", "32", "224"], "--scale S"),
-    ("ckascope", C, ["--model", "resnet18", "--checkpoint", "{empty}/missing.pt"], "does not exist"),
-    ("ckascope", C, ["--model", "resnet18", "--checkpoint", "{corrupt.pt}"], "not a readable checkpoint"),
-    ("ckascope", C, ["--model", "resnet18", "--checkpoint", "{evil.pt}"], "refusing to load"),
+    (
+        "ckascope",
+        C,
+        ["--model", "resnet18", "--model-b", "resnet34", "--scales", "32", "224"],
+        "--scale S",
+    ),
+    (
+        "ckascope",
+        C,
+        ["--model", "resnet18", "--checkpoint", "{empty}/missing.pt"],
+        "does not exist",
+    ),
+    (
+        "ckascope",
+        C,
+        ["--model", "resnet18", "--checkpoint", "{corrupt}"],
+        "not a readable checkpoint",
+    ),
+    ("ckascope", C, ["--model", "resnet18", "--checkpoint", "{evil}"], "refusing to load"),
     ("ckascope", C, ["--model", "resnet18", "--out", "{foreign}"], "--overwrite"),
     ("ckascope", C, ["--model", "resnet18", "--out", "{afile}"], "is a file"),
     ("ckascope", C, ["--model", "resnet18", "--out", "{afile}/sub"], "not a writable folder"),
@@ -102,45 +134,53 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("msun", T, [*TINY_TRAIN, "--data", "/no/such/dir"], "does not exist"),
     ("msun", T, [*TINY_TRAIN, "--batch-size", "1"], "at least 2 images"),
     ("msun", T, [*TINY_TRAIN, "--config", "{empty}/missing.yaml"], "does not exist"),
-    ("msun", T, [*TINY_TRAIN, "--config", "{bad.yaml}"], "not valid YAML"),
-    ("msun", T, [*TINY_TRAIN, "--config", "{unknown.yaml}"], "did you mean 'model'"),
-    ("msun", T, [*TINY_TRAIN, "--config", "{list.yaml}"], "mapping"),
+    ("msun", T, [*TINY_TRAIN, "--config", "{bad_yaml}"], "not valid YAML"),
+    ("msun", T, [*TINY_TRAIN, "--config", "{unknown_yaml}"], "did you mean 'model'"),
+    ("msun", T, [*TINY_TRAIN, "--config", "{list_yaml}"], "mapping"),
     ("msun", T, [*TINY_TRAIN, "--resume"], "does not exist"),
     ("msun", T, [*TINY_TRAIN, "--linear-probe"], "--init-from"),
-    ("msun", T, [*TINY_TRAIN, "--init-from", "{corrupt.pt}"], "not a readable checkpoint"),
+    ("msun", T, [*TINY_TRAIN, "--init-from", "{corrupt}"], "not a readable checkpoint"),
     ("msun", T, [*TINY_TRAIN, "--lr", "-1"], "--lr"),
     ("msun", T, [*TINY_TRAIN, "--epochs", "0"], "--epochs"),
     ("msun", T, [*TINY_TRAIN, "--out", "{afile}"], "is a file"),
     ("msun", T, [*TINY_TRAIN, "--method", "mst", "--split-at", "layer2"], "no subnets"),
     ("msun", T, [*TINY_TRAIN, "--model", "efficientnet_b0"], "efficientnet_b0"),
     ("msun", E, ["{empty}/missing.pt"], "does not exist"),
-    ("msun", E, ["{corrupt.pt}"], "not a readable checkpoint"),
-    ("msun", E, ["{evil.pt}"], "refusing to load"),
+    ("msun", E, ["{corrupt}"], "not a readable checkpoint"),
+    ("msun", E, ["{evil}"], "refusing to load"),
     ("msun", E, [], "CHECKPOINTS"),
 ]
 
 
 def _snapshot(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*")}
+    return set(root.rglob("*"))
 
 
-@pytest.mark.parametrize(("tool", "command", "args", "needle"), CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("tool", "command", "args", "needle"), CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_wrong_invocations(
-    tool: str, command: str, args: list[str], needle: str, files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tool: str,
+    command: str,
+    args: list[str],
+    needle: str,
+    files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # default output folders would land here
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    argv = [command, *(a.format(**files) for a in args)]
-    if tool == "ckascope" and command == C:
-        argv += TINY_COMPARE if "--weights" not in args else TINY_COMPARE[2:]
-    if tool == "msun" and command == T and "--out" not in args:
-        argv += ["--out", str(tmp_path / "run")]
+    defaults = TINY_COMPARE if (tool, command) == ("ckascope", C) else []
+    if (tool, command) == ("msun", T):
+        defaults = ["--out", str(tmp_path / "run")]
+    argv = [command, *defaults, *(a.format(**files) for a in args)]  # the case's options win
     before = _snapshot(tmp_path)
     result = CliRunner().invoke(ckascope_main if tool == "ckascope" else msun_main, argv)
     assert result.exit_code != 0, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ") and needle in lines[0], lines[0]
+    assert len(lines) == 1, (result.exit_code, result.output, result.exception)
+    assert lines[0].startswith("Error: "), lines[0]
+    assert needle in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert _snapshot(tmp_path) - before == set()
 
@@ -154,12 +194,16 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_compare_leaves_no_partial_result_and_a_rerun_succeeds(tmp_path: Path, sig: signal.Signals) -> None:
+def test_killed_compare_leaves_no_partial_result_and_a_rerun_succeeds(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "ckascope", "compare", "--model", "resnet18", *TINY_COMPARE[:-4], "--num-images", "64",
            "--batch-size", "8", "--out", str(out)]  # fmt: skip
     for delay in (0.5, 3.0, 6.0):  # early (imports), mid-sweep, late (possibly while saving)
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(delay)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -167,22 +211,30 @@ def test_killed_compare_leaves_no_partial_result_and_a_rerun_succeeds(tmp_path: 
             continue  # it finished first: a complete result, which is fine too
         assert "Traceback" not in err
         leftovers = [p.name for p in tmp_path.iterdir() if p.name != "res"]
-        assert all(name.startswith(".res.") for name in leftovers)  # only hidden staging of a SIGKILL
+        assert all(
+            name.startswith(".res.") for name in leftovers
+        )  # only hidden staging of a SIGKILL
         if out.exists():
             CKAResult.load(out)  # complete, never partial
-    done = subprocess.run(cmd + ["--overwrite"], env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cmd, "--overwrite"], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert CKAResult.load(out).settings["images_used"] == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # the rerun removed any staging
 
 
-def test_broken_images_are_skipped_counted_and_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broken_images_are_skipped_counted_and_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "imgs" / "cls"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "rgb.png")
     Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(root / "gray.png")
-    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(
+        root / "cmyk.jpg"
+    )
     Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / "deep.png")
     Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(root / "huge.png")
     (root / "zero.jpg").write_bytes(b"")
@@ -201,7 +253,9 @@ def test_half_precision_and_tuple_output_models_compare(tmp_path: Path) -> None:
     from ckascope.compare import compare_scales
     from ckascope.models import build_model
 
-    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    )
     model = build_model("resnet18", "none", num_classes=10).to(torch.bfloat16)
     view = torch.utils.data.TensorDataset(data.tensors[0].to(torch.bfloat16), data.tensors[1])
     result = compare_scales(model, view, (16, 32), layers="stages", base_size=32, batch_size=8)
@@ -216,5 +270,7 @@ def test_half_precision_and_tuple_output_models_compare(tmp_path: Path) -> None:
             out = self.body(x)
             return out, {"logits": out}
 
-    tuple_result = compare_scales(TupleNet(), data, (16, 32), layers=["body.layer1", "body.fc"], base_size=32, batch_size=8)
+    tuple_result = compare_scales(
+        TupleNet(), data, (16, 32), layers=["body.layer1", "body.fc"], base_size=32, batch_size=8
+    )
     assert tuple_result.layers_a == ["body.layer1", "body.fc"]

@@ -15,12 +15,34 @@ from ckascope.result import CKAResult
 from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, position, suggest_split
 
 # MSUN_SPEC.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
-PAPER = [0.53, 0.85, 0.86, 0.86, 0.90, 0.84, 0.83, 0.84, 0.82, 0.80, 0.77, 0.78, 0.77, 0.77, 0.71, 0.65, 0.39]
-R50_LAYERS = ["maxpool"] + [f"layer{s}.{i}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for i in range(n)]
+PAPER = [
+    0.53,
+    0.85,
+    0.86,
+    0.86,
+    0.90,
+    0.84,
+    0.83,
+    0.84,
+    0.82,
+    0.80,
+    0.77,
+    0.78,
+    0.77,
+    0.77,
+    0.71,
+    0.65,
+    0.39,
+]
+R50_LAYERS = ["maxpool"] + [
+    f"layer{s}.{i}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for i in range(n)
+]
 R50_SPLITS = ["layer1", "layer2", "layer3", "layer4"]
 
 
-def _result(diag: list[float], layers: list[str], mode: str = "scales", repeats: int = 1) -> CKAResult:
+def _result(
+    diag: list[float], layers: list[str], mode: str = "scales", repeats: int = 1
+) -> CKAResult:
     mats = np.stack([np.diag(diag)] * repeats)
     return CKAResult(mats, layers, layers, {"mode": mode, "model": "resnet50", "scales": [32, 224]})
 
@@ -30,16 +52,25 @@ def test_the_papers_resnet50_curve_picks_layer2() -> None:
     assert s.choice == "layer2"
     assert s.threshold == DEFAULT_THRESHOLD
     rows = {r.candidate.name: r for r in s.rows}
-    assert rows["layer1"].input_layer == "maxpool" and rows["layer1"].input_cka == 0.53
-    assert rows["layer2"].input_layer == "layer1.2" and rows["layer2"].input_cka == 0.86
-    assert rows["layer3"].input_layer == "layer2.3" and rows["layer4"].input_layer == "layer3.5"
-    assert rows["layer4"].min_subnet_cka == 0.53 and rows["layer4"].min_subnet_layer == "maxpool"
-    assert "layer1.2" in s.reason and "0.860" in s.reason
+    assert rows["layer1"].input_layer == "maxpool"
+    assert rows["layer1"].input_cka == 0.53
+    assert rows["layer2"].input_layer == "layer1.2"
+    assert rows["layer2"].input_cka == 0.86
+    assert rows["layer3"].input_layer == "layer2.3"
+    assert rows["layer4"].input_layer == "layer3.5"
+    assert rows["layer4"].min_subnet_cka == 0.53
+    assert rows["layer4"].min_subnet_layer == "maxpool"
+    assert "layer1.2" in s.reason
+    assert "0.860" in s.reason
 
 
-@pytest.mark.parametrize(("threshold", "choice"), [(0.5, "layer1"), (0.86, "layer2"), (0.861, "layer2"), (0.0, "layer1")])
+@pytest.mark.parametrize(
+    ("threshold", "choice"), [(0.5, "layer1"), (0.86, "layer2"), (0.861, "layer2"), (0.0, "layer1")]
+)
 def test_threshold_moves_the_choice(threshold: float, choice: str) -> None:
-    assert suggest_split(_result(PAPER, R50_LAYERS), R50_SPLITS, threshold=threshold).choice == choice
+    assert (
+        suggest_split(_result(PAPER, R50_LAYERS), R50_SPLITS, threshold=threshold).choice == choice
+    )
 
 
 def test_all_below_picks_the_most_consistent_input_earliest_on_ties() -> None:
@@ -51,7 +82,8 @@ def test_all_below_picks_the_most_consistent_input_earliest_on_ties() -> None:
 
 def test_all_above_picks_the_earliest() -> None:
     s = suggest_split(_result([0.95] * 17, R50_LAYERS), R50_SPLITS)
-    assert s.choice == "layer1" and "earliest" in s.reason
+    assert s.choice == "layer1"
+    assert "earliest" in s.reason
 
 
 def test_ties_at_the_threshold_count_as_consistent() -> None:
@@ -61,7 +93,10 @@ def test_ties_at_the_threshold_count_as_consistent() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-0.2, 1.0), min_size=17, max_size=17), st.floats(0.0, 1.0))
 def test_choice_is_always_a_legal_split_point(diag: list[float], threshold: float) -> None:
-    assert suggest_split(_result(diag, R50_LAYERS), R50_SPLITS, threshold=threshold).choice in R50_SPLITS
+    assert (
+        suggest_split(_result(diag, R50_LAYERS), R50_SPLITS, threshold=threshold).choice
+        in R50_SPLITS
+    )
 
 
 def test_nan_layers_never_count_as_consistent() -> None:
@@ -72,16 +107,31 @@ def test_nan_layers_never_count_as_consistent() -> None:
 
 
 def test_placement_of_split_points_in_other_families() -> None:
-    vgg = ["features.2", "features.5", "features.9", "features.12", "features.16", "features.19", "features.22", "features.26"]
+    vgg = [
+        "features.2",
+        "features.5",
+        "features.9",
+        "features.12",
+        "features.16",
+        "features.19",
+        "features.22",
+        "features.26",
+    ]
     assert position(vgg, "features.24") == 7
     assert position(vgg, "features.30") == len(vgg)
-    dense = ["features.pool0", "features.denseblock1", "features.transition1", "features.denseblock2"]
+    dense = [
+        "features.pool0",
+        "features.denseblock1",
+        "features.transition1",
+        "features.denseblock2",
+    ]
     assert position(dense, "features.denseblock2") == 3
     assert position(["layer1.0#0", "layer2.0#0"], "layer2") == 1
     assert position(dense, "layer3") is None
     cand = [SplitCandidate("denseblock2", "features.denseblock2", 123, 4.5e9)]
     s = suggest_split(_result([0.5, 0.9, 0.95, 0.7], dense), cand)
-    assert s.choice == "denseblock2" and s.rows[0].input_layer == "features.transition1"
+    assert s.choice == "denseblock2"
+    assert s.rows[0].input_layer == "features.transition1"
     assert s.to_dict()["candidates"][0]["extra_params"] == 123
 
 
@@ -97,7 +147,9 @@ def test_bad_input() -> None:
 def test_cli_from_saved_result_table_and_json(tmp_path: Path) -> None:
     folder = _result(PAPER, R50_LAYERS, repeats=2).save(tmp_path / "r50")
     runner = CliRunner()
-    table = runner.invoke(main, ["suggest-split", "--from", str(folder), "--split-points", ",".join(R50_SPLITS)])
+    table = runner.invoke(
+        main, ["suggest-split", "--from", str(folder), "--split-points", ",".join(R50_SPLITS)]
+    )
     assert table.exit_code == 0, table.output
     assert "--split-at layer2" in table.stdout
     out = runner.invoke(main, ["suggest-split", "--from", str(folder), "--json"])

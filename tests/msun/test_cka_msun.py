@@ -40,16 +40,30 @@ def test_path_view_uses_canonical_names(tiny: torch.nn.Module) -> None:
     assert view.get_submodule("layer2.0") is tiny.trunk.layer2[0]
 
 
-def test_routed_paths_aligned_by_canonical_name_equal_a_direct_computation(tiny: torch.nn.Module, data) -> None:
-    result = compare_scales(tiny, data, (16, 32), layers=["layer1.1", "layer3.1"], base_size=32, batch_size=8, num_images=16)
+def test_routed_paths_aligned_by_canonical_name_equal_a_direct_computation(
+    tiny: torch.nn.Module, data
+) -> None:
+    result = compare_scales(
+        tiny,
+        data,
+        (16, 32),
+        layers=["layer1.1", "layer3.1"],
+        base_size=32,
+        batch_size=8,
+        num_images=16,
+    )
     assert result.layers_a == result.layers_b == ["layer1.1", "layer3.1"]
     assert result.settings["paths"] == [0, 1]
     feats: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):  # noqa: ANN202
+    def keep(name: str):
         return lambda m, i, o: feats.__setitem__(name, o.detach().clone())
 
-    modules = {"s0": tiny.subnets[0].layer1[1], "s1": tiny.subnets[1].layer1[1], "t": tiny.trunk.layer3[1]}
+    modules = {
+        "s0": tiny.subnets[0].layer1[1],
+        "s1": tiny.subnets[1].layer1[1],
+        "t": tiny.trunk.layer3[1],
+    }
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
     idx = subset_indices(len(data), None, 0)
     batches_a, batches_b = [], []
@@ -57,7 +71,9 @@ def test_routed_paths_aligned_by_canonical_name_equal_a_direct_computation(tiny:
         with torch.no_grad():
             for start in (0, 8):
                 images = torch.stack([data[i][0] for i in idx[start : start + 8]])
-                tiny.forward_path(F.interpolate(images, size=16, mode="bilinear", align_corners=False), 0)
+                tiny.forward_path(
+                    F.interpolate(images, size=16, mode="bilinear", align_corners=False), 0
+                )
                 batches_a.append([feats["s0"].double().numpy(), feats["t"].double().numpy()])
                 tiny.forward_path(images, 1)
                 batches_b.append([feats["s1"].double().numpy(), feats["t"].double().numpy()])
@@ -67,7 +83,9 @@ def test_routed_paths_aligned_by_canonical_name_equal_a_direct_computation(tiny:
     np.testing.assert_allclose(result.matrix, ref.minibatch_cka(batches_a, batches_b), atol=1e-6)
 
 
-def test_cli_compare_on_an_msun_checkpoint_and_overlay(tiny: torch.nn.Module, tmp_path: Path) -> None:
+def test_cli_compare_on_an_msun_checkpoint_and_overlay(
+    tiny: torch.nn.Module, tmp_path: Path
+) -> None:
     save_checkpoint(tiny, tmp_path / "msun.pt")
     out = tmp_path / "cmp"
     args = ["compare", "--checkpoint", str(tmp_path / "msun.pt"), "--scales", "16", "32", "--base-size", "32",
@@ -75,10 +93,12 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(tiny: torch.nn.Module, tm
     result = CliRunner().invoke(ckascope_main, args)
     assert result.exit_code == 0, result.output
     saved = CKAResult.load(out)
-    assert saved.layers_a[:2] == ["maxpool", "layer1.0"] and len(saved.layers_a) == 9
+    assert saved.layers_a[:2] == ["maxpool", "layer1.0"]
+    assert len(saved.layers_a) == 9
     assert saved.settings["paths"] == [0, 1]
     split = CliRunner().invoke(ckascope_main, ["suggest-split", "--from", str(out)])
-    assert split.exit_code == 2 and "already split" in split.stderr
+    assert split.exit_code == 2
+    assert "already split" in split.stderr
 
 
 def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
@@ -89,22 +109,32 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
              "--num-train", "16", "--num-val", "8", "--eval-sizes", "16,32", "--epochs", "1", "--out", str(run)]  # fmt: skip
-    result = CliRunner().invoke(msun_main, [*train, "--split-at", "auto", "--cka-from", str(analysis)])
+    result = CliRunner().invoke(
+        msun_main, [*train, "--split-at", "auto", "--cka-from", str(analysis)]
+    )
     assert result.exit_code == 0, result.output
     suggestion = (run / "split-analysis" / "suggestion.json").read_text()
     choice = __import__("json").loads(suggestion)["choice"]
     assert torch.load(run / "last.pt", weights_only=True)["config"]["split_at"] == choice
     assert f"--split-at auto -> {choice}" in result.stdout
-    again = CliRunner().invoke(msun_main, [*train, "--split-at", "auto", "--cka-from", str(analysis), "--resume", "--epochs", "1"])
+    again = CliRunner().invoke(
+        msun_main,
+        [*train, "--split-at", "auto", "--cka-from", str(analysis), "--resume", "--epochs", "1"],
+    )
     assert again.exit_code == 0, again.output
 
 
-def test_split_at_auto_without_analysis_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_at_auto_without_analysis_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     args = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
             "--num-train", "16", "--num-val", "8", "--epochs", "1", "--split-at", "auto", "--out", str(tmp_path / "r")]  # fmt: skip
     result = CliRunner().invoke(msun_main, args)
     assert result.exit_code == 2
     assert "--cka-from" in result.stderr
-    wrong = CliRunner().invoke(msun_main, [*args[:-2], "--method", "vanilla", "--out", str(tmp_path / "v")])
-    assert wrong.exit_code == 2 and "no subnets" in wrong.stderr
+    wrong = CliRunner().invoke(
+        msun_main, [*args[:-2], "--method", "vanilla", "--out", str(tmp_path / "v")]
+    )
+    assert wrong.exit_code == 2
+    assert "no subnets" in wrong.stderr

@@ -87,7 +87,11 @@ def batch_hsic_terms(
     # triangle) is faster, as gathering a triangle costs more memory traffic than it saves.
     va, vb = ca.flatten(1), cb.flatten(1)  # (La, n²), (Lb, n²)
     cross = (va @ vb.T) * scale
-    return cross, torch.linalg.vecdot(va, va, dim=1) * scale, torch.linalg.vecdot(vb, vb, dim=1) * scale
+    return (
+        cross,
+        torch.linalg.vecdot(va, va, dim=1) * scale,
+        torch.linalg.vecdot(vb, vb, dim=1) * scale,
+    )
 
 
 def warn_degenerate(self_terms: Tensor, names: Sequence[str], side: str) -> None:
