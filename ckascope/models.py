@@ -200,8 +200,17 @@ def load_checkpoint(path: str | os.PathLike[str], arch: str | None = None) -> nn
     Returns:
         The model, on CPU, in eval mode.
     """
-    ckpt = read_checkpoint(path)
-    if isinstance(ckpt, Mapping) and ckpt.get("format") == CHECKPOINT_FORMAT:
+    return model_from_checkpoint(read_checkpoint(path), path, arch)
+
+
+def is_self_describing(ckpt: Any) -> bool:
+    """Whether a loaded checkpoint names its builder and config."""
+    return isinstance(ckpt, Mapping) and ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def model_from_checkpoint(ckpt: Any, path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:
+    """``load_checkpoint`` for a checkpoint already read with ``read_checkpoint``."""
+    if is_self_describing(ckpt):
         return _from_self_describing(ckpt, path, arch)
     state = _state_dict_of(ckpt, path)
     if arch is None:

@@ -13,7 +13,7 @@ Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ckascope.models import load_checkpoint, read_checkpoint
+from ckascope.models import model_from_checkpoint, read_checkpoint
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN, resize_square
 
@@ -270,10 +270,10 @@ class Loaded:
 def load_for_eval(path: Path) -> Loaded:
     """Any self-describing checkpoint (msun train writes them), with its training settings."""
     ckpt = read_checkpoint(path)
-    model = load_checkpoint(path)
-    train = ckpt.get("train_config") or {} if isinstance(ckpt, Mapping) else {}
+    model = model_from_checkpoint(ckpt, path)  # only self-describing checkpoints get this far
+    train = ckpt.get("train_config") or {}
     method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
-    arch = str((ckpt.get("config") or {}).get("arch", "?")) if isinstance(ckpt, Mapping) else "?"
+    arch = str(ckpt["config"].get("arch", "?"))
     name = path.parent.name if path.stem in ("last", "best") else path.stem
     return Loaded(
         name, model, method, arch, int(train.get("image_size", 224)), train.get("eval_sizes")

@@ -32,7 +32,7 @@ from ckascope.data import dataset_len, warn_skipped
 from ckascope.distributed import DistInfo, init_distributed
 from ckascope.errors import CKAScopeError, InputError
 from ckascope.fileio import atomic_path, write_text
-from ckascope.models import build_model, load_checkpoint, read_checkpoint
+from ckascope.models import build_model, is_self_describing, model_from_checkpoint, read_checkpoint
 from msun import autosplit
 from msun import config as C
 from msun.data import datasets as make_datasets
@@ -96,19 +96,16 @@ def build_network(cfg: C.TrainConfig) -> nn.Module:
 def load_init(cfg: C.TrainConfig) -> tuple[nn.Module, int]:
     """``--init-from``: a trained model with a new classifier, and the size it was trained at."""
     path = Path(str(cfg.init_from))
-    model = load_checkpoint(path, arch=None if _self_describing(path) else cfg.model)
+    ckpt = read_checkpoint(path)
+    described = is_self_describing(ckpt)
+    model = model_from_checkpoint(ckpt, path, arch=None if described else cfg.model)
     torch.manual_seed(cfg.seed)
     replace_classifier(model, int(cfg.num_classes or 2))
     if cfg.linear_probe:
         model.requires_grad_(False)
         [m for m in model.modules() if isinstance(m, nn.Linear)][-1].requires_grad_(True)
-    saved = read_checkpoint(path).get("train_config") or {}
+    saved = (ckpt.get("train_config") if described else None) or {}
     return model.train(), int(saved.get("image_size", 224))
-
-
-def _self_describing(path: Path) -> bool:
-    ckpt = read_checkpoint(path)
-    return isinstance(ckpt, dict) and "builder" in ckpt
 
 
 def make_optimizer(model: nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
