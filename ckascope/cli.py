@@ -20,10 +20,10 @@ from ckascope.compare import MAX_SCALE, PROTOCOLS, RESIZE_MODES, compare_models,
 from ckascope.distributed import init_distributed
 from ckascope.errors import InputError
 from ckascope.kernels import KERNELS
-from ckascope.models import build_model, load_checkpoint
+from ckascope.models import build_model, checkpoint_label, load_checkpoint
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir
-from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, SplitSuggestion, suggest_split
+from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, split_table, suggest_split
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -59,7 +59,7 @@ def model_label(name: str | None, checkpoint: Path | None) -> str:
     """How a model is called in settings and figures (a run's folder for last.pt / best.pt)."""
     if name or checkpoint is None:
         return name or "model"
-    return checkpoint.parent.name if checkpoint.stem in ("last", "best") else checkpoint.stem
+    return checkpoint_label(checkpoint)
 
 
 def default_out(args: dict[str, Any]) -> Path:
@@ -186,9 +186,7 @@ def _options(f: Any) -> Any:
         click.option(
             "--resize-size",
             type=click.IntRange(4, MAX_SCALE),
-            default=256,
-            show_default=True,
-            help="Short side before the centre crop.",
+            help="Short side before the centre crop  [default: base size x 256/224].",
         ),
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option(
@@ -322,7 +320,7 @@ def _report(result: CKAResult, out: Path) -> None:
     console.print(summary_table(result))
     s = result.settings
     console.print(
-        f"{s['images_used']} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
+        f"{s['images_used'] // result.repeats} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
     for name in sorted(p.name for p in out.iterdir()):
@@ -347,34 +345,6 @@ def _candidates(result: CKAResult, split_points: str | None) -> list[SplitCandid
         )
     arch = str(result.settings.get("model"))
     return list(plugins.load("split_candidates")(arch))
-
-
-def _fmt(value: float | None, scale: float = 1.0) -> str:
-    return "-" if value is None else f"{value / scale:.3f}"
-
-
-def split_table(suggestion: SplitSuggestion) -> Table:
-    """One row per candidate; the chosen one in bold."""
-    table = Table(title=f"Split points (threshold {suggestion.threshold})")
-    for column in (
-        "--split-at",
-        "trunk input",
-        "input CKA",
-        "lowest CKA in subnets",
-        "extra params (M)",
-        "mean GMACs",
-        "consistent",
-    ):
-        table.add_column(column)
-    for row in suggestion.rows:
-        c = row.candidate
-
-        table.add_row(
-            c.name, row.input_layer or "-", _fmt(row.input_cka), f"{_fmt(row.min_subnet_cka)} ({row.min_subnet_layer or '-'})",
-            _fmt(c.extra_params, 1e6), _fmt(c.macs, 1e9), "yes" if row.consistent(suggestion.threshold) else "no",
-            style="bold" if c.name == suggestion.choice else None,
-        )  # fmt: skip
-    return table
 
 
 @main.command(name="suggest-split", context_settings=CONTEXT)

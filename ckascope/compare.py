@@ -30,6 +30,7 @@ from ckascope.data import (
     collate_skip,
     dataset_len,
     eval_transform,
+    resize_for,
     subset_indices,
     warn_skipped,
 )
@@ -91,13 +92,17 @@ class ScaleView:
         return resize(small, self.reference_size, self.mode, self.antialias)
 
 
-def check_view_options(protocol: str, mode: str) -> None:
-    """Raises InputError for an unknown scale protocol or resize mode."""
+def check_view_options(protocol: str, mode: str, antialias: bool) -> None:
+    """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
     if mode not in RESIZE_MODES:
         raise InputError(
             f"unknown resize mode {mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
+        )
+    if antialias and mode not in ("bilinear", "bicubic"):
+        raise InputError(
+            f"--antialias works with bilinear and bicubic resizing, not {mode}. Hint: drop --antialias"
         )
 
 
@@ -109,10 +114,9 @@ class Side:
     recorder: ActivationRecorder
     view: Callable[[Tensor], Tensor]
     forward: Callable[[Tensor], Any]
-    label: Callable[[str], str]
 
     def grams(self, images: Tensor) -> tuple[list[str], list[Tensor]]:
-        """Layer labels and their Grams, L tensors (n, n), for one batch of base images."""
+        """Layer names and their Grams, L tensors (n, n), for one batch of base images."""
         with self.recorder:
             self.forward(self.view(images))
             recorded = self.recorder.pop()
@@ -120,7 +124,7 @@ class Side:
             raise InputError(
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
-        return [self.label(n) for n in recorded], list(recorded.values())
+        return list(recorded), list(recorded.values())
 
 
 def make_side(
@@ -134,11 +138,15 @@ def make_side(
     recorder = ActivationRecorder(
         model, layers, reduce="gram", gram_dtype=gram_dtype, output_key=output_key
     )
-    return Side(model, recorder, view, model, lambda name: name)
+    return Side(model, recorder, view, model)
 
 
 def path_side(
-    model: nn.Module, layers: LayerSpec, view: ScaleView, gram_dtype: GramDtype = "auto"
+    model: nn.Module,
+    layers: LayerSpec,
+    view: ScaleView,
+    gram_dtype: GramDtype = "auto",
+    output_key: str | None = None,
 ) -> Side:
     """A side of a multi-path model: the scale's routed path, its layers by canonical name.
 
@@ -152,24 +160,27 @@ def path_side(
     path = PathView(model, k)
     present = {n for n, _ in path.named_modules()}
     recorder = ActivationRecorder(
-        path, [n for n in names if n in present], reduce="gram", gram_dtype=gram_dtype
+        path,
+        [n for n in names if n in present],
+        reduce="gram",
+        gram_dtype=gram_dtype,
+        output_key=output_key,
     )
     native = ScaleView(view.size, "native", view.reference_size, view.mode, view.antialias)
     resize = view.protocol == "upsample"
-    return Side(
-        model,
-        recorder,
-        native,
-        lambda x: paths.forward_path(x, k, resize=resize),
-        lambda name: name,
-    )
+    return Side(model, recorder, native, lambda x: paths.forward_path(x, k, resize=resize))
 
 
-def side_for(model: nn.Module, layers: LayerSpec, view: ScaleView, gram_dtype: GramDtype) -> Side:
+def side_for(
+    model: nn.Module,
+    layers: LayerSpec,
+    view: ScaleView,
+    gram_dtype: GramDtype,
+    output_key: str | None,
+) -> Side:
     """``path_side`` for multi-path models, ``make_side`` for the others."""
-    if is_multipath(model):
-        return path_side(model, layers, view, gram_dtype)
-    return make_side(model, layers, view, gram_dtype)
+    make = path_side if is_multipath(model) else make_side
+    return make(model, layers, view, gram_dtype, output_key)
 
 
 def _paths(models: Sequence[nn.Module], sizes: Sequence[int]) -> dict[str, Any]:
@@ -313,12 +324,7 @@ def run_comparison(
     opts.check()
     start = time.perf_counter()
     sweep = _Sweep(side_a, side_b, dataset, opts)
-    modes = [(m, m.training) for m in (side_a.model, side_b.model)]
-    try:
-        matrices = sweep.run()
-    finally:
-        for model, training in modes:
-            model.train(training)
+    matrices = sweep.run()  # each side's recorder restores its modules' own train/eval flags
     device = sweep.device
     settings = {
         **settings,
@@ -358,11 +364,12 @@ def compare_scales(
     layers: LayerSpec = "blocks",
     protocol: Protocol = "upsample",
     base_size: int = 224,
-    resize_size: int | None = 256,
+    resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
     device: str | torch.device | None = None,
     gram_dtype: GramDtype = "auto",
+    output_key: str | None = None,
     settings: dict[str, Any] | None = None,
     **sweep: Any,
 ) -> CKAResult:
@@ -375,11 +382,12 @@ def compare_scales(
         layers: Layer names, patterns, a predicate or a preset.
         protocol: "upsample" (resize to s and back to ``base_size``) or "native".
         base_size: Side of the base images (centre crop), and the model's input size.
-        resize_size: Short side before the centre crop (None: straight to ``base_size``).
+        resize_size: Short side before the centre crop (None: base_size * 256 / 224).
         resize_mode: Interpolation for the scales.
         antialias: Antialias when downscaling.
         device: Move the model there first; None keeps it where it is.
         gram_dtype: Precision of the Grams (see ``MinibatchCKA``).
+        output_key: The key to record from layers that return dicts.
         settings: Extra settings to record (e.g. the model's name and weights).
         **sweep: ``SweepOptions`` fields: kernel, sigma_frac, bandwidth, weighting, batch_size,
             repeats, num_images, seed, num_workers, progress, rank, world_size.
@@ -391,15 +399,15 @@ def compare_scales(
         raise InputError(f"give exactly two scales, got {list(scales)}")
     for s in scales:
         check_scale(s)
-    check_view_options(protocol, resize_mode)
+    check_view_options(protocol, resize_mode, antialias)
     if device is not None:
         model.to(device)
     opts = SweepOptions(**sweep)
     dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
     views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
-    side_a, side_b = (side_for(model, layers, v, gram_dtype) for v in views)
+    side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
     info = {"mode": "scales", "scales": list(scales), "protocol": protocol, "base_size": base_size,
-            "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
+            "resize_size": resize_for(base_size, resize_size), "resize_mode": resize_mode, "antialias": antialias,
             "layers": _describe(layers), "gram_dtype": gram_dtype, **_paths([model, model], scales)}  # fmt: skip
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
 
@@ -414,11 +422,12 @@ def compare_models(
     layers_b: LayerSpec | None = None,
     protocol: Protocol = "upsample",
     base_size: int = 224,
-    resize_size: int | None = 256,
+    resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
     device: str | torch.device | None = None,
     gram_dtype: GramDtype = "auto",
+    output_key: str | None = None,
     settings: dict[str, Any] | None = None,
     **sweep: Any,
 ) -> CKAResult:
@@ -438,21 +447,24 @@ def compare_models(
         antialias: See ``compare_scales``.
         device: Move both models there first; None keeps them where they are.
         gram_dtype: Precision of the Grams.
+        output_key: The key to record from layers that return dicts.
         settings: Extra settings to record.
         **sweep: ``SweepOptions`` fields.
     """
     check_scale(scale)
-    check_view_options(protocol, resize_mode)
+    check_view_options(protocol, resize_mode, antialias)
     for model in (model_a, model_b):
         if device is not None:
             model.to(device)
     opts = SweepOptions(**sweep)
     dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
     view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
-    side_a = side_for(model_a, layers, view, gram_dtype)
-    side_b = side_for(model_b, layers if layers_b is None else layers_b, view, gram_dtype)
+    side_a = side_for(model_a, layers, view, gram_dtype, output_key)
+    side_b = side_for(
+        model_b, layers if layers_b is None else layers_b, view, gram_dtype, output_key
+    )
     info = {"mode": "models", "scales": [scale, scale], "protocol": protocol, "base_size": base_size,
-            "resize_size": resize_size, "resize_mode": resize_mode, "antialias": antialias,
+            "resize_size": resize_for(base_size, resize_size), "resize_mode": resize_mode, "antialias": antialias,
             "layers": _describe(layers), "layers_b": _describe(layers_b), "gram_dtype": gram_dtype,
             **_paths([model_a, model_b], [scale, scale])}  # fmt: skip
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})

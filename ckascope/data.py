@@ -87,19 +87,41 @@ def to_rgb(image: Any) -> Any:
 
 
 def _white(arr: np.ndarray, mode: str) -> float:
-    """The value that means white: 1 for float images in [0, 1], else the bit depth's maximum."""
+    """The value that means white.
+
+    The bit depth's maximum (16-bit: 65535, even for a dark image), 1 for float images in [0, 1],
+    and for 32-bit integers the smallest depth that holds the data.
+    """
     top = float(arr.max())
     if mode == "F":
         return 1.0 if top <= 1 else top
+    if mode.startswith("I;16"):
+        return 65535.0
     return 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
 
 
-def eval_transform(crop: int = 224, resize: int | None = 256, normalize: bool = True) -> v2.Compose:
-    """Resize the short side to ``resize``, centre-crop ``crop``, scale to [0, 1], normalise.
+def resize_for(crop: int, resize: int | None = None) -> int:
+    """The short side before a centre crop of ``crop``: ``resize``, or ImageNet's 256/224 ratio.
+
+    Raises:
+        InputError: ``resize`` smaller than ``crop`` (the crop would pad with black).
+    """
+    side = round(crop * 256 / 224) if resize is None else resize
+    if side < crop:
+        raise InputError(
+            f"--resize-size {side} is smaller than the crop {crop}. Hint: use at least {crop}"
+        )
+    return side
+
+
+def eval_transform(
+    crop: int = 224, resize: int | None = None, normalize: bool = True
+) -> v2.Compose:
+    """Resize the short side, centre-crop ``crop``, scale to [0, 1], normalise.
 
     Args:
         crop: Output side in pixels.
-        resize: Short side before the crop; None resizes straight to ``crop``.
+        resize: Short side before the crop; None keeps ImageNet's ratio (256 for 224).
         normalize: Apply ImageNet mean/std.
 
     Returns:
@@ -108,7 +130,7 @@ def eval_transform(crop: int = 224, resize: int | None = 256, normalize: bool = 
     steps: list[Any] = [
         v2.Lambda(to_rgb),
         v2.ToImage(),
-        v2.Resize(resize or crop, antialias=True),
+        v2.Resize(resize_for(crop, resize), antialias=True),
         v2.CenterCrop(crop),
         v2.ToDtype(torch.float32, scale=True),
     ]
@@ -174,6 +196,7 @@ def build_dataset(
     num_images: int = 1280,
     seed: int = 0,
     synthetic_size: int = 224,
+    require_split: bool = False,
 ) -> Dataset[Any]:
     """The dataset named by a ``--data`` spec.
 
@@ -184,6 +207,8 @@ def build_dataset(
         num_images: Size of the synthetic set (ignored by the others).
         seed: Seed of the synthetic set.
         synthetic_size: Canvas side of the synthetic images.
+        require_split: An ImageFolder root must hold ``split/`` (training must never validate
+            on its own images); otherwise the root itself is used when ``split/`` is absent.
 
     Returns:
         A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
@@ -197,7 +222,7 @@ def build_dataset(
         if name not in TORCHVISION_DATASETS:
             raise InputError(hint_close(name, list_datasets(), what="dataset"))
         return _torchvision_dataset(name, root, split, transform)
-    return _image_folder(Path(spec).expanduser(), split, transform)
+    return _image_folder(Path(spec).expanduser(), split, transform, require_split)
 
 
 def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Dataset[Any]:
@@ -215,12 +240,16 @@ def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Da
         ) from e
 
 
-def _image_folder(path: Path, split: str, transform: Any) -> Dataset[Any]:
+def _image_folder(path: Path, split: str, transform: Any, require_split: bool) -> Dataset[Any]:
     if not path.is_dir():
         raise InputError(
             f"data directory {path} does not exist. Hint: give an ImageFolder directory, "
             f"NAME:PATH with NAME in {', '.join(list_datasets()[1:])}, or omit --data for the "
             "synthetic set"
+        )
+    if require_split and not (path / split).is_dir():
+        raise InputError(
+            f"{path} has no {split}/ folder. Hint: training needs PATH/train and PATH/val, one sub-folder per class in each"
         )
     root = path / split if (path / split).is_dir() else path
     try:

@@ -64,3 +64,8 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def json_matrix(a: Any) -> list[list[float | None]]:
+    """A 2-D array as nested lists for JSON, NaN as null (JSON has no NaN)."""
+    return [[None if v != v else float(v) for v in row] for row in a]

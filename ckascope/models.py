@@ -158,6 +158,12 @@ def _random_kwargs(arch: str, num_classes: int | None) -> dict[str, Any]:
     return kwargs
 
 
+def checkpoint_label(path: str | os.PathLike[str]) -> str:
+    """How a checkpoint is called in results: its run folder for ``last.pt`` / ``best.pt``."""
+    p = Path(path)
+    return p.parent.name if p.stem in ("last", "best") else p.stem
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors for bad files.
 
@@ -208,7 +214,9 @@ def is_self_describing(ckpt: Any) -> bool:
     return isinstance(ckpt, Mapping) and ckpt.get("format") == CHECKPOINT_FORMAT
 
 
-def model_from_checkpoint(ckpt: Any, path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:
+def model_from_checkpoint(
+    ckpt: Any, path: str | os.PathLike[str], arch: str | None = None
+) -> nn.Module:
     """``load_checkpoint`` for a checkpoint already read with ``read_checkpoint``."""
     if is_self_describing(ckpt):
         return _from_self_describing(ckpt, path, arch)
@@ -217,7 +225,8 @@ def model_from_checkpoint(ckpt: Any, path: str | os.PathLike[str], arch: str | N
         raise InputError(
             f"{path} is a plain state dict. Hint: name its architecture with --model NAME"
         )
-    model = build_model(arch, "none", num_classes=_num_classes(state))
+    with torch.device("meta"):  # structure only: the state dict provides every tensor
+        model = build_model(arch, "none", num_classes=_num_classes(state))
     _load_state(model, state, path, arch)
     return model.eval()
 
@@ -236,8 +245,12 @@ def _from_self_describing(
         raise InputError(
             f"{path} holds a {config.get('arch')} model, not {arch}. Hint: drop --model"
         )
-    model: nn.Module = plugins.load(f"builder:{name}")(config)
-    _load_state(model, _state_dict_of(ckpt, path), path, str(config.get("arch", name)))
+    with torch.device("meta"):  # structure only: the state dict provides every tensor
+        model: nn.Module = plugins.load(f"builder:{name}")(config)
+    what = str(config.get("arch", name)) + (
+        f" MSUN split at {config.get('split_at')}" if name == "msun" else ""
+    )
+    _load_state(model, _state_dict_of(ckpt, path), path, what)
     return model.eval()
 
 
@@ -257,11 +270,20 @@ def _num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     return int(weights[-1].shape[0]) if weights else None
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any, arch: str) -> None:
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any, what: str) -> None:
+    """Loads ``state`` into a model built on the meta device, taking its tensors as they are."""
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:2] or [str(e)]
+        keys = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that differ
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
         raise InputError(
-            f"{path} does not fit a {arch} model ({first[0].strip()}). Hint: check --model"
+            f"{path} does not fit a {what} model ({detail}). Hint: check --model"
         ) from e
+    problems = [
+        f"{len(v)} {kind} key(s), e.g. {v[0]}"
+        for kind, v in (("missing", keys.missing_keys), ("unexpected", keys.unexpected_keys))
+        if v
+    ]
+    if problems or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        detail = "; ".join(problems) or "tensors missing"
+        raise InputError(f"{path} does not fit a {what} model ({detail}). Hint: check --model")

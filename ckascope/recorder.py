@@ -121,6 +121,7 @@ class ActivationRecorder:
     def __enter__(self) -> ActivationRecorder:
         if self._handles:
             raise RuntimeError("this ActivationRecorder is already active")
+        self._records = []  # nothing from an earlier block whose forward raised
         self._training = {m: m.training for m in self.model.modules()}
         self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
         try:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ckascope.errors import InputError
-from ckascope.fileio import atomic_write, write_json
+from ckascope.fileio import atomic_write, json_matrix, write_json
 
 RESULT_FORMAT = "ckascope-result"
 RESULT_VERSION = 1
@@ -145,9 +145,6 @@ class CKAResult:
         return frame
 
     def _json(self) -> dict[str, Any]:
-        def listed(a: np.ndarray) -> list[list[float | None]]:
-            return [[None if np.isnan(v) else float(v) for v in row] for row in a]
-
         return {
             "format": RESULT_FORMAT,
             "version": RESULT_VERSION,
@@ -157,8 +154,8 @@ class CKAResult:
             "settings": self.settings,
             "versions": self.versions,
             "elapsed": self.elapsed,
-            "matrix": listed(self.matrix),
-            "std": listed(self.std),
+            "matrix": json_matrix(self.matrix),
+            "std": json_matrix(self.std),
         }
 
     def save(
@@ -269,10 +266,18 @@ def check_output_dir(dest: Path, overwrite: bool) -> None:
 
 
 def _remove_leftovers(dest: Path) -> None:
-    """Staging folders of a run that was killed (SIGKILL) while saving to ``dest``."""
-    for pattern in (f".{dest.name}.*.tmp", f".{dest.name}.*.old"):
-        for stale in dest.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+    """Cleans up after a run killed (SIGKILL) while saving to ``dest``.
+
+    Unfinished staging folders go. A previous result moved aside (``.old``) just before the kill
+    comes back when ``dest`` is missing, so one of the two results always survives.
+    """
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(dest.parent.glob(f".{dest.name}.*.old")):
+        if not dest.exists() and is_result_dir(old):
+            old.rename(dest)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _swap_in(staging: Path, dest: Path) -> None:

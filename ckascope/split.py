@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rich.table import Table
+
 from ckascope.errors import InputError
 from ckascope.result import CKAResult
 
@@ -195,3 +197,30 @@ def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
         f"trunk input ({best.input_cka:.3f}). Hint: a lower --threshold, or more layers in the analysis"
     )
     return SplitSuggestion(best.candidate.name, why, threshold, rows)
+
+
+def _fmt(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.3f}"
+
+
+def split_table(suggestion: SplitSuggestion) -> Table:
+    """One row per candidate (rich table); the chosen one in bold."""
+    table = Table(title=f"Split points (threshold {suggestion.threshold})")
+    for column in (
+        "--split-at",
+        "trunk input",
+        "input CKA",
+        "lowest CKA in subnets",
+        "extra params (M)",
+        "mean GMACs",
+        "consistent",
+    ):
+        table.add_column(column)
+    for row in suggestion.rows:
+        c = row.candidate
+        table.add_row(
+            c.name, row.input_layer or "-", _fmt(row.input_cka), f"{_fmt(row.min_subnet_cka)} ({row.min_subnet_layer or '-'})",
+            _fmt(c.extra_params, 1e6), _fmt(c.macs, 1e9), "yes" if row.consistent(suggestion.threshold) else "no",
+            style="bold" if c.name == suggestion.choice else None,
+        )  # fmt: skip
+    return table

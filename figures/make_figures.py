@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from ckascope.models import load_checkpoint, read_checkpoint
 from ckascope.plot import curve, heatmap
 from ckascope.result import CKAResult
 from ckascope.split import suggest_split
-from msun.config import TrainConfig, parse_sizes
+from msun.config import RESUMABLE_CHANGES, TrainConfig, parse_sizes
 from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
 from msun.plot import accuracy_vs_size
 from msun.splits import split_candidates
@@ -72,27 +71,29 @@ def train_config(
     )  # fmt: skip
 
 
-def finished(cfg: TrainConfig) -> bool:
-    """Whether the run folder already holds this run, trained to the end."""
+def run(cfg: TrainConfig) -> Path:
+    """Trains, resumes an interrupted run, or reuses a finished one; returns its last.pt.
+
+    Raises:
+        SystemExit: The folder holds a run with other settings (never overwritten).
+    """
     last = Path(cfg.out) / "last.pt"
     if not last.is_file():
-        return False
-    ckpt = read_checkpoint(last)
-    return bool(
-        ckpt["progress"]["epoch"] >= int(cfg.epochs or 0)
-        and ckpt["train_config"]["method"] == cfg.method
-    )
-
-
-def run(cfg: TrainConfig) -> Path:
-    """Trains unless already done; returns the final checkpoint."""
-    if not finished(cfg):
-        for stale in Path(cfg.out).glob("*.pt"):
-            stale.unlink()
-        start = time.perf_counter()
         train(cfg)
-        print(f"trained {cfg.out} in {time.perf_counter() - start:.0f} s")
-    return Path(cfg.out) / "last.pt"
+        return last
+    ckpt = read_checkpoint(last)
+    saved = ckpt["train_config"]
+    wanted = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items() if v is not None
+    }
+    other = [k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if other:
+        raise SystemExit(
+            f"{cfg.out} holds a run with other settings ({', '.join(other)}); move it away or pass --runs"
+        )
+    if ckpt["progress"]["epoch"] < int(cfg.epochs or 0):
+        train(cfg, resume=True)
+    return last
 
 
 def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]:
@@ -101,7 +102,7 @@ def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]
     data = build_dataset(
         "shapes",
         "val",
-        eval_transform(size, round(size * 256 / 224)),
+        eval_transform(size),
         num_images=s["num_val"],
         synthetic_size=size,
     )
@@ -135,7 +136,7 @@ def cka(checkpoint: Path, s: dict[str, Any], name: str, out: Path) -> CKAResult:
     model = load_checkpoint(checkpoint)
     scales = (min(s["scales"]), max(s["scales"]))
     result = compare_scales(
-        model, "shapes", scales, base_size=s["image_size"], resize_size=round(s["image_size"] * 256 / 224),
+        model, "shapes", scales, base_size=s["image_size"],
         num_images=s["cka_images"], batch_size=64, repeats=s["cka_repeats"], settings={"model": name},
     )  # fmt: skip
     result.save(out / "data" / f"cka_{name}", overwrite=True)
@@ -155,6 +156,62 @@ def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
     ax.set_title("MSUN split-point ablation (resnet18, synthetic)")
     ax.grid(alpha=0.3)
     return fig
+
+
+def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
+    """Accuracy vs test size of vanilla, MST and MSUN, with mean accuracy, FLOPs, parameters."""
+    evaluated = evaluate_runs([runs["vanilla"], runs["mst"], runs["msun"]], s)
+    write_json(
+        out / "data" / "fig4_accuracy.json",
+        {"settings": _plain(s), "models": [e.summary() for e in evaluated]},
+    )
+    png(
+        accuracy_vs_size(
+            evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"
+        ),
+        out,
+        "fig4_accuracy",
+    )
+
+
+def figure2(runs: dict[str, Path], s: dict[str, Any], out: Path) -> CKAResult:
+    """Same-layer cross-scale CKA of vanilla vs MSUN, and both heatmaps; returns vanilla's."""
+    vanilla_cka, msun_cka = (
+        cka(runs["vanilla"], s, "vanilla", out),
+        cka(runs["msun"], s, "msun", out),
+    )
+    png(
+        curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]),
+        out,
+        "fig2_cross_scale_cka",
+    )
+    png(heatmap(vanilla_cka, title="vanilla resnet18"), out, "heatmap_vanilla")
+    png(heatmap(msun_cka, title="MSUN resnet18 (routed paths)"), out, "heatmap_msun")
+    return vanilla_cka
+
+
+def ablation(
+    runs: dict[str, Path], s: dict[str, Any], out: Path, folder: Path, analysis: CKAResult
+) -> list[dict[str, Any]]:
+    """MSUN with every split point: mean accuracy against the split, and what suggest-split picks."""
+    candidates = split_candidates("resnet18", s["scales"])
+    suggestion = suggest_split(analysis, candidates)
+    write_json(out / "data" / "suggest_split_vanilla.json", suggestion.to_dict())
+    checkpoints = [
+        runs["msun"]
+        if split == "layer2"
+        else run(train_config(s, "msun", folder / f"msun_{split}", split))
+        for split in SPLITS
+    ]
+    costs = {c.name: c.extra_params for c in candidates}
+    rows = [{"split_at": split, "mean_top1": e.result.mean_top1, "extra_params": costs[split], "mean_flops": e.mean_flops}
+            for split, e in zip(SPLITS, evaluate_runs(checkpoints, s), strict=True)]  # fmt: skip
+    write_json(
+        out / "data" / "ablation_split.json",
+        {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice},
+    )
+    png(ablation_figure(rows), out, "ablation_split")
+    return rows
 
 
 def main() -> None:
@@ -177,51 +234,10 @@ def main() -> None:
         m: run(train_config(s, m, args.runs / m, "layer2" if m == "msun" else None))
         for m in ("vanilla", "mst", "msun")
     }
-
-    evaluated = evaluate_runs([runs["vanilla"], runs["mst"], runs["msun"]], s)
-    write_json(
-        out / "data" / "fig4_accuracy.json",
-        {"settings": _plain(s), "models": [e.summary() for e in evaluated]},
-    )
-    png(
-        accuracy_vs_size(
-            evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"
-        ),
-        out,
-        "fig4_accuracy",
-    )
-
-    vanilla_cka, msun_cka = (
-        cka(runs["vanilla"], s, "vanilla", out),
-        cka(runs["msun"], s, "msun", out),
-    )
-    png(
-        curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]),
-        out,
-        "fig2_cross_scale_cka",
-    )
-    png(heatmap(vanilla_cka, title="vanilla resnet18"), out, "heatmap_vanilla")
-    png(heatmap(msun_cka, title="MSUN resnet18 (routed paths)"), out, "heatmap_msun")
-
-    suggestion = suggest_split(vanilla_cka, split_candidates("resnet18", s["scales"]))
-    write_json(out / "data" / "suggest_split_vanilla.json", suggestion.to_dict())
-
-    ablation = [
-        run(train_config(s, "msun", args.runs / f"msun_{split}", split))
-        if split != "layer2"
-        else runs["msun"]
-        for split in SPLITS
-    ]
-    results = evaluate_runs(ablation, s)
-    costs = {c.name: c.extra_params for c in split_candidates("resnet18", s["scales"])}
-    rows = [{"split_at": split, "mean_top1": e.result.mean_top1, "extra_params": costs[split], "mean_flops": e.mean_flops}
-            for split, e in zip(SPLITS, results, strict=True)]  # fmt: skip
-    write_json(
-        out / "data" / "ablation_split.json",
-        {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice},
-    )
-    png(ablation_figure(rows), out, "ablation_split")
-    print(json.dumps({"suggest_split": suggestion.choice, "ablation": rows}, indent=2))
+    figure4(runs, s, out)
+    analysis = figure2(runs, s, out)
+    rows = ablation(runs, s, out, args.runs, analysis)
+    print(json.dumps(rows, indent=2))
 
 
 def _plain(s: dict[str, Any]) -> dict[str, Any]:

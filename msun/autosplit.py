@@ -3,22 +3,26 @@
 The analysis is a saved ``ckascope compare`` result (``--cka-from``) or, when pretrained
 weights of the architecture are available, one run now on the validation images: the pretrained
 vanilla model at the smallest and the largest training scale. ``ckascope.split`` applies its
-rule to msun's split points; the analysis and the choice are saved beside the run.
+rule to msun's split points. Rank 0 decides and writes the analysis beside the run; the other
+processes receive the choice. A resumed run keeps the split it chose.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import torch.distributed as dist
 from rich.console import Console
 
-from ckascope.cli import split_table
 from ckascope.compare import compare_scales
+from ckascope.distributed import DistInfo
 from ckascope.errors import InputError, WeightsUnavailableError
 from ckascope.fileio import write_json
-from ckascope.models import build_model, read_checkpoint
+from ckascope.models import build_model
 from ckascope.result import CKAResult
-from ckascope.split import SplitSuggestion, suggest_split
+from ckascope.split import SplitSuggestion, split_table, suggest_split
 from msun.config import TrainConfig
 from msun.splits import split_candidates
 
@@ -26,7 +30,7 @@ from msun.splits import split_candidates
 ANALYSIS_IMAGES = 512
 
 
-def analysis(cfg: TrainConfig) -> CKAResult:
+def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
     """The cross-scale CKA result the choice is made from."""
     if cfg.cka_from:
         result = CKAResult.load(cfg.cka_from)
@@ -46,20 +50,22 @@ def analysis(cfg: TrainConfig) -> CKAResult:
         ) from e
     scales = (min(cfg.scales), max(cfg.scales))
     return compare_scales(model, cfg.data, scales, base_size=cfg.image_size, num_images=ANALYSIS_IMAGES,
-                          seed=cfg.seed, settings={"model": cfg.model, "weights": "default"})  # fmt: skip
+                          seed=cfg.seed, device=info.device, settings={"model": cfg.model, "weights": "default"})  # fmt: skip
 
 
-def choose(cfg: TrainConfig, out: Path, *, write: bool, resume: bool) -> str:
-    """The split point for ``--split-at auto`` (a resumed run keeps the one it chose)."""
-    last = out / "last.pt"
-    if resume and last.is_file():
-        saved = read_checkpoint(last).get("train_config") or {}
-        return str(saved.get("split_at"))
-    result = analysis(cfg)
-    suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
-    if write:
-        _record(result, suggestion, out)
-    return suggestion.choice
+def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) -> str:
+    """The split point for ``--split-at auto``."""
+    if saved is not None:
+        return str(saved["train_config"]["split_at"])
+    choice = [""]
+    if info.is_main:
+        result = analysis(cfg, info)
+        suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
+        _record(result, suggestion, Path(cfg.out))
+        choice[0] = suggestion.choice
+    if info.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:

@@ -74,6 +74,13 @@ class Head(nn.Module):
         return classifier(torch.flatten(x, 1))  # type: ignore[no-any-return]
 
 
+def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the classifier: the last linear layer, in every supported family."""
+    name, module = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    assert isinstance(module, nn.Linear)
+    return name, module
+
+
 @dataclass
 class Parts:
     """A torchvision model cut at ``split_at``; all three share the model's modules."""

@@ -16,11 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ckascope.errors import InputError
 from ckascope.fileio import torch_save
-from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
+from ckascope.models import CHECKPOINT_FORMAT, model_from_checkpoint, read_checkpoint
 from msun.model import MSUN, build_msun
 
 BUILDER = "msun"
@@ -78,7 +76,7 @@ def model_from_config(config: Mapping[str, Any]) -> MSUN:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:
-    """Rebuilds the MSUN saved in ``path``.
+    """Rebuilds the MSUN saved in ``path`` (through ``ckascope.models.load_checkpoint``).
 
     Args:
         path: A file written by :func:`save_checkpoint`.
@@ -97,28 +95,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
             f"{path} is not an MSUN checkpoint. Hint: use a file written by msun "
             "(ckascope.models.load_checkpoint reads plain torchvision state dicts)"
         )
-    config = ckpt.get("config")
-    if not isinstance(config, Mapping):
-        raise InputError(f"{path} has no MSUN config. Hint: the file is damaged; re-save it")
-    if arch is not None and config.get("arch") != arch:
-        raise InputError(
-            f"{path} holds a {config.get('arch')} MSUN, not {arch}. Hint: drop --model"
-        )
-    with torch.device("meta"):  # structure only: the state dict provides every tensor
-        model = model_from_config(config)
-    _load_state(model, ckpt.get("state_dict"), path)
-    return model.eval()
-
-
-def _load_state(model: MSUN, state: Any, path: str | os.PathLike[str]) -> None:
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise InputError(f"{path} holds no state dict. Hint: the file is damaged; re-save it")
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()
-        raise InputError(
-            f"{path} does not fit an MSUN {model.arch} split at {model.split_at} ({detail})"
-        ) from e
+    model = model_from_checkpoint(ckpt, path, arch)
+    assert isinstance(model, MSUN)  # the "msun" builder makes one
+    return model

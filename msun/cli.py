@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from ckascope.distributed import init_distributed
 from ckascope.fileio import atomic_write, write_json
 from msun import __version__
 from msun.backbones import split_points
-from msun.config import FIELDS, TrainConfig, load_yaml, merge, parse_sizes
-from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
+from msun.config import FIELDS, TrainConfig, load_yaml, merge, option_type, parse_sizes
+from msun.evaluate import Evaluated, check_classes, evaluate_checkpoints, load_for_eval
 from msun.evaluate import frame as eval_frame
 from msun.flops import flops_report, flops_table, parameters_table
 from msun.model import build_msun
@@ -113,7 +112,7 @@ def split_points_command(arch: str) -> None:
     click.echo("\n".join(split_points(arch)))
 
 
-def _click_type(name: str, hint: Any) -> dict[str, Any]:
+def _click_type(name: str) -> dict[str, Any]:
     """click keyword arguments for one TrainConfig field."""
     meta = FIELDS[name].metadata
     kwargs: dict[str, Any] = {
@@ -130,23 +129,21 @@ def _click_type(name: str, hint: Any) -> dict[str, Any]:
             metavar="S [S ...]",
         )
     else:
-        base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-        kwargs["type"] = base[0]
+        kwargs["type"] = option_type(name)[0]
     return kwargs
 
 
 def _train_options(f: Any) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
+    """One click option per TrainConfig field (booleans as --x/--no-x flags)."""
     for name in reversed(list(FIELDS)):
         flag = "--" + name.replace("_", "-")
-        if hints[name] is bool:
+        if option_type(name)[0] is bool:
+            help_text = FIELDS[name].metadata["help"]
             f = click.option(
-                f"{flag}/--no-{flag[2:]}",
-                default=FIELDS[name].default,
-                help=FIELDS[name].metadata["help"],
+                f"{flag}/--no-{flag[2:]}", default=FIELDS[name].default, help=help_text
             )(f)
         else:
-            f = click.option(flag, **_click_type(name, hints[name]))(f)
+            f = click.option(flag, **_click_type(name))(f)
     return f
 
 
@@ -185,9 +182,7 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--data",
-    default="shapes",
-    show_default=True,
-    help="ImageFolder root (val/ is used), NAME:PATH, or shapes.",
+    help="ImageFolder root (val/ is used), NAME:PATH, or shapes  [default: the first run's data].",
 )
 @click.option(
     "--sizes",
@@ -233,12 +228,18 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     sizes = parse_sizes(opts["sizes"] or loaded[0].eval_sizes or "32:224:16")
     info = init_distributed(opts["device"])
     image_size = opts["image_size"] or loaded[0].train_size
-    dataset = build_dataset(opts["data"], "val", eval_transform(image_size, round(image_size * 256 / 224)),
-                            num_images=opts["num_val"] or 2000, synthetic_size=image_size)  # fmt: skip
+    data = opts["data"] or loaded[0].data
+    dataset = build_dataset(
+        data,
+        "val",
+        eval_transform(image_size),
+        num_images=opts["num_val"] or 2000,
+        synthetic_size=image_size,
+    )
+    check_classes(loaded, dataset, data)
+    count = dataset_len(dataset)
     keep = subset_indices(
-        dataset_len(dataset),
-        opts["num_val"] if opts["num_val"] and opts["num_val"] < dataset_len(dataset) else None,
-        0,
+        count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, 0
     )
     mine = keep[info.rank :: info.world_size]
     batches = [mine[i : i + opts["batch_size"]] for i in range(0, len(mine), opts["batch_size"])]

@@ -13,7 +13,9 @@ config is written to the run folder and into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -138,10 +140,47 @@ def merge(*layers: Mapping[str, Any]) -> TrainConfig:
         for key, value in layer.items():
             if key not in FIELDS:
                 raise InputError(hint_close(key, FIELDS, what="config key"))
-            values[key] = value
-    if "scales" in values and values["scales"] is not None:
-        values["scales"] = tuple(int(s) for s in values["scales"])
+            values[key] = coerce(key, value)
     return TrainConfig(**values)
+
+
+def option_type(key: str) -> tuple[Any, bool]:
+    """The type of option ``key`` and whether it may be None (``int | None`` -> (int, True))."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    if isinstance(hint, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None)), True
+    return hint, False
+
+
+def coerce(key: str, value: Any) -> Any:
+    """``value`` as the type of option ``key`` (YAML reads ``1e-3`` as a string, for one).
+
+    Raises:
+        InputError: A value that is not of that type, naming the option and what it takes.
+    """
+    kind, optional = option_type(key)
+    if value is None and optional:
+        return None
+    try:
+        return _as(kind, value)
+    except (TypeError, ValueError):
+        kind = (
+            "integers like 32 128 224" if key == "scales" else getattr(kind, "__name__", str(kind))
+        )
+        raise InputError(f"{key.replace('_', '-')} takes {kind}, got {value!r}") from None
+
+
+def _as(kind: Any, value: Any) -> Any:
+    if typing.get_origin(kind) is tuple:
+        items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+        return tuple(_as(int, v) for v in items)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if kind is int and isinstance(value, (bool, float)):
+        raise TypeError(value)
+    return kind(value)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -171,30 +210,40 @@ def default_lr(arch: str, batch_size: int) -> float:
     return (0.5 / 1024 if is_resnet_family(arch) else 0.1 / 256) * batch_size
 
 
+def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or test(v)
+
+
+#: The range of every numeric option: a test and how to say it.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "image_size", "accum_steps", "eval_every")},
+    **{k: (_optional(lambda v: v >= 1), ">= 1") for k in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every")},
+    "num_classes": (_optional(lambda v: v >= 2), ">= 2"),
+    "workers": (lambda v: v >= 0, ">= 0"),
+    "lr": (_optional(lambda v: v > 0), "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
+    "si_weight": (lambda v: v >= 0, ">= 0"),
+    "si_threshold": (_optional(lambda v: v >= 0), ">= 0"),
+}  # fmt: skip
+
+
 def check(cfg: TrainConfig) -> None:
     """Raises InputError for values no run can use."""
     choices = {"method": METHODS, "amp": AMP_MODES, "si_pairs": ("all", "largest")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise InputError(
-                f"{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
+                f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
             )
-    positive = ("batch_size", "image_size", "accum_steps", "eval_every")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every", "num_classes"):
-        value = getattr(cfg, key)
-        if value is not None and value < (2 if key == "num_classes" else 1):
-            raise InputError(
-                f"--{key.replace('_', '-')} must be >= {2 if key == 'num_classes' else 1}, got {value}"
-            )
-    if not 0 < cfg.crop_scale_min <= 1:
-        raise InputError(f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise InputError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {cfg.workers}")
+    for key, (test, wanted) in RANGES.items():
+        if not test(getattr(cfg, key)):
+            raise InputError(f"--{key.replace('_', '-')} must be {wanted}, got {getattr(cfg, key)}")
     if cfg.method != "msun" and (cfg.split_at is not None or cfg.cka_from is not None):
         raise InputError(
             f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets"

@@ -10,6 +10,7 @@ steps it lost, and W processes see the same micro-batches as one process with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -106,17 +107,31 @@ def epoch_plan(num_images: int, epoch: int, cfg: TrainConfig, info: DistInfo) ->
     return plan
 
 
-def make_loader(
-    dataset: Dataset[Any], batches: list[Any], cfg: TrainConfig, device: torch.device
-) -> DataLoader[Any]:
-    """A DataLoader over explicit batches.
+class PlanSampler:
+    """A batch sampler whose batches are set before each pass over the data.
 
-    It gets its own generator, so creating it does not draw from the global RNG (whose state
-    a checkpoint restores for dropout).
+    It lets one DataLoader, with persistent workers, serve every epoch of a run.
+    """
+
+    def __init__(self) -> None:
+        self.plan: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.plan))
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def make_loader(dataset: Dataset[Any], cfg: TrainConfig, device: torch.device) -> DataLoader[Any]:
+    """A DataLoader whose batches come from a ``PlanSampler``.
+
+    It gets its own generator, so creating it does not draw from the global RNG (whose state a
+    checkpoint restores for dropout).
     """
     return DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator(),
+        dataset, batch_sampler=PlanSampler(), collate_fn=collate_skip, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0, generator=torch.Generator(),
     )  # fmt: skip
 
 
@@ -133,10 +148,14 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         InputError: Missing/empty data, or train and val with different classes.
     """
     size = cfg.image_size
-    train = build_dataset(cfg.data, "train", train_transform(size, cfg.crop_scale_min),
-                          num_images=cfg.num_train or SYNTHETIC_TRAIN, seed=cfg.seed, synthetic_size=size)  # fmt: skip
-    val = build_dataset(cfg.data, "val", eval_transform(size, round(size * 256 / 224)),
-                        num_images=cfg.num_val or SYNTHETIC_VAL, seed=cfg.seed, synthetic_size=size)  # fmt: skip
+    train = build_dataset(
+        cfg.data, "train", train_transform(size, cfg.crop_scale_min), num_images=cfg.num_train or SYNTHETIC_TRAIN,
+        seed=cfg.seed, synthetic_size=size, require_split=True,
+    )  # fmt: skip
+    val = build_dataset(
+        cfg.data, "val", eval_transform(size), num_images=cfg.num_val or SYNTHETIC_VAL,
+        seed=cfg.seed, synthetic_size=size, require_split=True,
+    )  # fmt: skip
     classes, val_classes = _classes(train), _classes(val)
     if classes != val_classes:
         raise InputError(
@@ -146,6 +165,10 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     if classes is None and cfg.num_classes is None:
         raise InputError(
             f"{type(train).__name__} does not name its classes. Hint: pass --num-classes N"
+        )
+    if classes is not None and cfg.num_classes not in (None, len(classes)):
+        raise InputError(
+            f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
     count = cfg.num_classes if classes is None else len(classes)
     return (

@@ -24,9 +24,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ckascope.models import model_from_checkpoint, read_checkpoint
+from ckascope.compare import resize
+from ckascope.errors import InputError
+from ckascope.fileio import json_matrix
+from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
+from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
-from msun.model import MSUN, resize_square
+from msun.model import MSUN
 
 Protocol = Literal["resize", "native"]
 
@@ -64,10 +68,14 @@ class TopKCounts(Metric):
         """Counts the images of one batch at one test size."""
         self.total[size_index] += count
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        """Top-1 and top-5 accuracy in percent, each (S, P)."""
+    def compute(self) -> Tensor:
+        """Top-1 and top-5 accuracy in percent, stacked: (2, S, P).
+
+        One tensor of at least two elements, which torchmetrics never squeezes (it squeezes
+        one-element results, which would break a single size and path).
+        """
         denom = self.total.clamp_min(1)[:, None]
-        return 100 * self.correct1 / denom, 100 * self.correct5 / denom
+        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom])
 
 
 @dataclass
@@ -161,18 +169,18 @@ def evaluate(
     try:
         for images, labels in _batches(loader, device):
             for i, size in enumerate(sizes):
-                x = resize_square(images, size)
+                x = resize(images, size)
                 counts.add_images(i, len(labels))
                 todo = range(num_paths) if paths == "all" else [routed[i]]
                 for k in todo:
                     with torch.autocast(
                         device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                     ):
-                        logits = _logits(model, x, k, is_msun, protocol, train_size)
+                        logits = _logits(model, x, k, protocol, train_size)
                     counts.update(i, k, logits.float(), labels)
     finally:
         model.train(training)
-    top1, top5 = (t.cpu().numpy() for t in counts.compute())
+    top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
@@ -180,12 +188,12 @@ def evaluate(
     return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
 
 
-def _logits(
-    model: nn.Module, x: Tensor, k: int, is_msun: bool, protocol: str, train_size: int
-) -> Tensor:
-    if is_msun:
-        return model.forward_path(x, k, resize=protocol == "resize")  # type: ignore[operator, no-any-return]
-    return model(resize_square(x, train_size))  # type: ignore[no-any-return]
+def _logits(model: nn.Module, x: Tensor, k: int, protocol: str, train_size: int) -> Tensor:
+    """Path k's logits for an MSUN; a plain network's on the image resized to its training size."""
+    if isinstance(model, MSUN):
+        return model.forward_path(x, k, resize=protocol == "resize")
+    logits: Tensor = model(resize(x, train_size))
+    return logits
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -213,13 +221,9 @@ class Evaluated:
             "checkpoint": self.name, "method": self.method, "protocol": r.protocol, "sizes": r.sizes,
             "top1": r.routed_top1.tolist(), "top5": r.routed_top5.tolist(), "path": r.routed,
             "mean_top1": r.mean_top1, "mean_top5": float(r.routed_top5.mean()),
-            "top1_per_path": _nan_to_none(r.top1), "flops": self.flops, "mean_flops": self.mean_flops,
+            "top1_per_path": json_matrix(r.top1), "flops": self.flops, "mean_flops": self.mean_flops,
             "parameters": self.parameters, **r.info,
         }  # fmt: skip
-
-
-def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
 
 
 def flops_per_size(
@@ -233,11 +237,7 @@ def flops_per_size(
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))
         return [row.accuracy if protocol == "resize" else row.native for row in report.rows]
-    return [vanilla_flops(arch, train_size, _classes_of(model))] * len(sizes)
-
-
-def _classes_of(model: nn.Module) -> int:
-    return int([m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
+    return [vanilla_flops(arch, train_size, classifier(model)[1].out_features)] * len(sizes)
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
@@ -265,6 +265,7 @@ class Loaded:
     arch: str
     train_size: int
     eval_sizes: str | None
+    data: str  # what it was trained on
 
 
 def load_for_eval(path: Path) -> Loaded:
@@ -274,10 +275,29 @@ def load_for_eval(path: Path) -> Loaded:
     train = ckpt.get("train_config") or {}
     method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
     arch = str(ckpt["config"].get("arch", "?"))
-    name = path.parent.name if path.stem in ("last", "best") else path.stem
-    return Loaded(
-        name, model, method, arch, int(train.get("image_size", 224)), train.get("eval_sizes")
+    name = checkpoint_label(path)
+    size, sizes, data = (
+        int(train.get("image_size", 224)),
+        train.get("eval_sizes"),
+        str(train.get("data", "shapes")),
     )
+    return Loaded(name, model, method, arch, size, sizes, data)
+
+
+def check_classes(loaded: Sequence[Loaded], dataset: Any, data: str) -> None:
+    """Refuses to score a model on data with another number of classes.
+
+    Raises:
+        InputError: Naming the checkpoint, its classes, and the data's.
+    """
+    classes = getattr(dataset, "classes", None)
+    for item in loaded:
+        outputs = classifier(item.model)[1].out_features
+        if classes is not None and outputs != len(classes):
+            raise InputError(
+                f"{item.name} predicts {outputs} classes, but {data} holds {len(classes)}. "
+                "Hint: evaluate on the data it was trained on (--data)"
+            )
 
 
 def evaluate_checkpoints(

@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
+from ckascope.compare import resize as resize_images
 from ckascope.errors import InputError
 from ckascope.models import build_model
 from msun.backbones import Head, backbone_for, check_split, make_subnets
@@ -27,18 +27,6 @@ from msun.backbones import Head, backbone_for, check_split, make_subnets
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
 MAX_SUBNETS = 5
 _PART = re.compile(r"^(?:subnets(?:\.(\d+))?|trunk|head)(?:\.|$)")
-
-
-def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize (align_corners=False, no antialias) of (B, C, H, W) to (B, C, size, size).
-
-    The identity when the input already has that size (bilinear resampling at scale 1 is exact).
-    """
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(
-        x, size=(size, size), mode="bilinear", align_corners=False, antialias=False
-    )
 
 
 @contextlib.contextmanager
@@ -170,7 +158,7 @@ class MSUN(nn.Module):
 
     def unify(self, z: torch.Tensor) -> torch.Tensor:
         """Resizes a subnet output (B, C, h, w) to (B, C, unified_size, unified_size)."""
-        return resize_square(z, self.unified_size)
+        return resize_images(z, self.unified_size)
 
     def forward_subnet(self, x: torch.Tensor, k: int, *, resize: bool = True) -> torch.Tensor:
         """z_k: subnet k's output resized to the unified size.
@@ -187,7 +175,7 @@ class MSUN(nn.Module):
         self._check_input(x)
         k = self._check_path(k)
         if resize:
-            x = resize_square(x, self.scales[k])
+            x = resize_images(x, self.scales[k])
         return self.unify(self.subnets[k](x))
 
     def forward_features(

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ckascope.compare import resize
 from msun.config import TrainConfig
 from msun.losses import scale_invariance_loss
-from msun.model import MSUN, resize_square
+from msun.model import MSUN
 
 Terms = dict[str, Tensor]
 
@@ -48,8 +49,7 @@ class Objective(nn.Module):
             return self._msun(images, labels)
         if self.mode == "mst":
             logits = [
-                self.model(resize_square(resize_square(images, s), self.cfg.image_size))
-                for s in self.cfg.scales
+                self.model(resize(resize(images, s), self.cfg.image_size)) for s in self.cfg.scales
             ]
             return _summed(
                 {
@@ -58,7 +58,7 @@ class Objective(nn.Module):
                 }
             )
         if self.mode == "routed" and not isinstance(self.model, MSUN):
-            images = resize_square(images, self.train_size)
+            images = resize(images, self.train_size)
         return _summed({"ce": F.cross_entropy(self.model(images), labels)})
 
     def _msun(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Terms]:

@@ -28,6 +28,7 @@ from torch import nn
 from ckascope.errors import InputError
 from ckascope.fileio import torch_save, write_text
 from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
+from msun.backbones import classifier
 from msun.config import TrainConfig, differences
 from msun.model import MSUN
 
@@ -58,7 +59,7 @@ def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
 
 
 def _num_classes(model: nn.Module) -> int:
-    return int([m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
+    return classifier(model)[1].out_features
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,9 +98,30 @@ def save_state(path: Path, t: Trainables, cfg: TrainConfig, state: TrainState) -
     )
 
 
-def restore_state(path: Path, t: Trainables) -> TrainState:
+def saved_run(folder: Path, resume: bool) -> Mapping[str, Any] | None:
+    """The training checkpoint to continue from (read once), or None for a new run.
+
+    Raises:
+        InputError: ``--resume`` without a run, a folder that holds a run but no ``--resume``,
+            or a file that is not a training checkpoint.
+    """
+    last = folder / "last.pt"
+    if not resume:
+        if last.exists():
+            raise InputError(
+                f"{folder} already holds a training run. Hint: add --resume to continue it, or choose another --out"
+            )
+        return None
+    if not last.is_file():
+        raise InputError(f"--resume but {last} does not exist. Hint: start without --resume")
+    ckpt = read_checkpoint(last)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("train_config"), Mapping):
+        raise InputError(f"{last} is not a training checkpoint of msun train")
+    return ckpt
+
+
+def restore_state(ckpt: Mapping[str, Any], t: Trainables) -> TrainState:
     """Loads a training checkpoint into the live objects; returns where to continue."""
-    ckpt = read_checkpoint(path)
     t.model.load_state_dict(ckpt["state_dict"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
@@ -110,21 +132,16 @@ def restore_state(path: Path, t: Trainables) -> TrainState:
     return TrainState(**ckpt["progress"], history=list(ckpt.get("history", [])))
 
 
-def check_resume(path: Path, cfg: TrainConfig) -> None:
+def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
     """Refuses to resume from a checkpoint whose trajectory-changing settings differ.
 
     Raises:
         InputError: Naming every differing key with its saved and current value.
     """
-    if not path.is_file():
-        raise InputError(f"--resume but {path} does not exist. Hint: start without --resume")
-    saved = read_checkpoint(path).get("train_config")
-    if not isinstance(saved, Mapping):
-        raise InputError(f"{path} is not a training checkpoint of msun train")
-    diff = differences(saved, cfg.to_dict())
+    diff = differences(ckpt["train_config"], cfg.to_dict())
     if diff:
         raise InputError(
-            f"--resume with a config that differs from {path}: {'; '.join(diff)}. "
+            f"--resume with a config that differs from {cfg.out}/last.pt: {'; '.join(diff)}. "
             "Hint: repeat the original options, or train into a new --out"
         )
 

@@ -1,6 +1,6 @@
 """Split-point candidates with their costs, for ``ckascope suggest-split``.
 
-ckascope loads :func:`split_candidates` by name (``ckascope.cli.SPLIT_CANDIDATES``) only when it
+ckascope loads :func:`split_candidates` by name (``ckascope.plugins``, "split_candidates") only when it
 needs msun's vocabulary, so ckascope itself never imports msun.
 """
 

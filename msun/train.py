@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +25,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
 from ckascope.data import dataset_len, warn_skipped
 from ckascope.distributed import DistInfo, init_distributed
 from ckascope.errors import CKAScopeError, InputError
-from ckascope.fileio import atomic_path, write_text
+from ckascope.fileio import write_text
 from ckascope.models import build_model, is_self_describing, model_from_checkpoint, read_checkpoint
 from msun import autosplit
 from msun import config as C
+from msun.backbones import classifier
+from msun.data import (
+    PlanSampler,
+    epoch_plan,
+    make_loader,
+    micro_batch,
+    steps_per_epoch,
+    val_batches,
+)
 from msun.data import datasets as make_datasets
-from msun.data import epoch_plan, make_loader, micro_batch, steps_per_epoch, val_batches
 from msun.evaluate import EvalResult, evaluate
 from msun.losses import default_si_threshold
 from msun.model import MSUN, build_msun
@@ -50,12 +58,13 @@ from msun.runstate import (
     interrupt_flag,
     restore_state,
     save_state,
+    saved_run,
     write_metrics,
 )
 
 
 class TrainingStopError(CKAScopeError):
-    """Training ended early on a NaN loss; the message names the checkpoint kept."""
+    """Training cannot go on (NaN loss, out of memory); the message says what was kept."""
 
 
 class TrainingInterruptedError(TrainingStopError):
@@ -68,52 +77,75 @@ class TrainingInterruptedError(TrainingStopError):
 
 
 def replace_classifier(model: nn.Module, num_classes: int) -> None:
-    """Swaps the last linear layer for a freshly initialised one with ``num_classes`` outputs."""
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    old = model.get_submodule(name)
+    """Swaps the classifier for a freshly initialised one with ``num_classes`` outputs."""
+    name, old = classifier(model)
     parent, _, child = name.rpartition(".")
-    new = nn.Linear(old.in_features, num_classes)  # type: ignore[arg-type]
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    setattr(
+        model.get_submodule(parent) if parent else model,
+        child,
+        nn.Linear(old.in_features, num_classes),
+    )
 
 
 def build_network(cfg: C.TrainConfig) -> nn.Module:
     """The network of a resolved config: random init (seeded) or pretrained vanilla weights."""
+    assert cfg.num_classes is not None, "resolve the config first"
     torch.manual_seed(cfg.seed)
     weights = None if cfg.weights == "none" else cfg.weights
-    classes = cfg.num_classes or 1000
+    classes = 1000 if weights else cfg.num_classes  # pretrained weights come with 1000 classes
+    model: nn.Module
     if cfg.method == "msun":
-        model: nn.Module = build_msun(cfg.model, split_at=cfg.split_at, scales=cfg.scales,
-                                      num_classes=1000 if weights else classes, weights=weights)  # fmt: skip
+        model = build_msun(
+            cfg.model,
+            split_at=cfg.split_at,
+            scales=cfg.scales,
+            num_classes=classes,
+            weights=weights,
+        )
     else:
         model = build_model(
             cfg.model, weights or "none", num_classes=None if weights else classes, seed=cfg.seed
         )
-    if weights and classes != 1000:
-        replace_classifier(model, classes)
+    if classes != cfg.num_classes:
+        replace_classifier(model, cfg.num_classes)
     return model.train()
 
 
-def load_init(cfg: C.TrainConfig) -> tuple[nn.Module, int]:
-    """``--init-from``: a trained model with a new classifier, and the size it was trained at."""
-    path = Path(str(cfg.init_from))
-    ckpt = read_checkpoint(path)
-    described = is_self_describing(ckpt)
-    model = model_from_checkpoint(ckpt, path, arch=None if described else cfg.model)
+def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, str]:
+    """Architecture and method of a fine-tuning run: the ``--init-from`` checkpoint's."""
+    if init is None or not is_self_describing(init):
+        return cfg.model, cfg.method if init is None else "vanilla"
+    return str(init["config"]["arch"]), "msun" if init.get("builder") == "msun" else "vanilla"
+
+
+def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, int]:
+    """``--init-from``: the trained model with a new classifier, and the size it was trained at.
+
+    An MSUN trains only the path the dataset's images are routed to (the others would get no
+    gradient); ``--linear-probe`` trains only the new classifier.
+    """
+    assert cfg.num_classes is not None, "resolve the config first"
+    model = model_from_checkpoint(
+        init, str(cfg.init_from), arch=None if is_self_describing(init) else cfg.model
+    )
     torch.manual_seed(cfg.seed)
-    replace_classifier(model, int(cfg.num_classes or 2))
+    replace_classifier(model, cfg.num_classes)
+    if isinstance(model, MSUN):
+        routed = model.route(cfg.image_size)
+        for k, subnet in enumerate(model.subnets):
+            subnet.requires_grad_(k == routed)
     if cfg.linear_probe:
         model.requires_grad_(False)
-        [m for m in model.modules() if isinstance(m, nn.Linear)][-1].requires_grad_(True)
-    saved = (ckpt.get("train_config") if described else None) or {}
+        classifier(model)[1].requires_grad_(True)
+    saved = init.get("train_config") or {}
     return model.train(), int(saved.get("image_size", 224))
 
 
 def make_optimizer(model: nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
     """SGD with momentum and weight decay on all trainable parameters (as published)."""
+    assert cfg.lr is not None, "resolve the config first"
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(
-        params, lr=float(cfg.lr or 0.1), momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, start: float, floor: float) -> float:
@@ -127,8 +159,10 @@ def lr_factor(step: int, total: int, warmup: int, start: float, floor: float) ->
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: C.TrainConfig, steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step schedule for ``steps`` optimiser steps per epoch."""
-    total, warmup = steps * int(cfg.epochs or 1), round(steps * cfg.warmup_epochs)
+    """The per-step schedule for ``steps`` optimiser steps per epoch (warm-up within the run)."""
+    assert cfg.epochs is not None, "resolve the config first"
+    total = steps * cfg.epochs
+    warmup = min(round(steps * cfg.warmup_epochs), total)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.warmup_factor, cfg.min_lr_factor)
     )
@@ -151,8 +185,8 @@ class Loop:
     info: DistInfo
     objective: nn.Module  # the Objective, wrapped in DDP / torch.compile when used
     trainables: Trainables
-    train_set: Dataset[Any]
-    val_set: Dataset[Any]
+    train_loader: DataLoader[Any]  # one loader for the run: persistent workers, batches swapped
+    val_loader: DataLoader[Any]
     amp: torch.dtype | None
     out: Path
     writer: Any = None  # TensorBoard SummaryWriter (rank 0, --tensorboard)
@@ -161,6 +195,13 @@ class Loop:
     def model(self) -> nn.Module:
         """The bare network."""
         return self.trainables.model
+
+    def plan_batches(self, loader: DataLoader[Any], batches: list[Any]) -> Iterator[Any]:
+        """Iterates ``loader`` over ``batches``."""
+        sampler = loader.batch_sampler
+        assert isinstance(sampler, PlanSampler)
+        sampler.plan = batches
+        return iter(loader)
 
 
 def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
@@ -176,9 +217,13 @@ def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = batch.labels.to(device, non_blocking=True)
-    no_sync = getattr(loop.objective, "no_sync", None)
-    with (no_sync() if no_sync and not sync else contextlib.nullcontext()), \
-            torch.autocast(device.type, dtype=loop.amp or torch.float32, enabled=loop.amp is not None):  # fmt: skip
+    no_sync = getattr(
+        loop.objective, "no_sync", None
+    )  # DDP: reduce gradients on the last micro-batch only
+    autocast = torch.autocast(
+        device.type, dtype=loop.amp or torch.float32, enabled=loop.amp is not None
+    )
+    with no_sync() if no_sync and not sync else contextlib.nullcontext(), autocast:
         loss, terms = loop.objective(images, labels)
         loop.trainables.scaler.scale(loss / loop.cfg.accum_steps).backward()
     for key, value in {"loss": loss.detach(), **terms}.items():
@@ -199,35 +244,48 @@ def _optimizer_step(loop: Loop) -> None:
     t.scheduler.step()
 
 
-def train_one_epoch(loop: Loop, state: TrainState, stop: Any, bar: Progress) -> dict[str, float]:
+def _nan_stop(loop: Loop, state: TrainState) -> TrainingStopError:
+    last = loop.out / "last.pt"
+    kept = (
+        f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was saved yet"
+    )
+    return TrainingStopError(
+        f"loss became NaN/Inf at step {state.global_step + 1} (epoch {state.epoch + 1}); {kept}. "
+        "Hint: lower --lr, or use --amp bf16/none"
+    )
+
+
+def _interrupted(loop: Loop, state: TrainState) -> TrainingInterruptedError:
+    _save(loop, state)
+    return TrainingInterruptedError(
+        f"interrupted at step {state.global_step}; continue with --resume (from {loop.out / 'last.pt'})"
+    )
+
+
+def train_one_epoch(
+    loop: Loop, state: TrainState, stop: Callable[[], bool], bar: Progress
+) -> dict[str, float]:
     """Runs the rest of epoch ``state.epoch`` from ``state.step_in_epoch``.
 
     Returns:
         Mean loss terms over the epoch's steps run here, learning rate and images/s.
     """
     cfg, accum = loop.cfg, loop.cfg.accum_steps
-    plan = epoch_plan(dataset_len(loop.train_set), state.epoch, cfg, loop.info)
-    batches = iter(
-        make_loader(loop.train_set, plan[state.step_in_epoch * accum :], cfg, loop.info.device)
-    )
+    plan = epoch_plan(dataset_len(loop.train_loader.dataset), state.epoch, cfg, loop.info)
+    steps = len(plan) // accum
+    batches = loop.plan_batches(loop.train_loader, plan[state.step_in_epoch * accum :])
     task = bar.add_task(
-        f"epoch {state.epoch + 1}/{cfg.epochs}",
-        total=len(plan) // accum,
-        completed=state.step_in_epoch,
+        f"epoch {state.epoch + 1}/{cfg.epochs}", total=steps, completed=state.step_in_epoch
     )
     meters: dict[str, MeanMetric] = {}
     _set_train_mode(loop)
-    start, images = time.perf_counter(), 0
-    while state.step_in_epoch < len(plan) // accum:
+    start, first_step = time.perf_counter(), state.step_in_epoch
+    while state.step_in_epoch < steps:
         losses = [_micro_step(loop, next(batches), m == accum - 1, meters) for m in range(accum)]
         if any_rank(not bool(torch.isfinite(torch.stack(losses)).all()), loop.info.device):
-            raise TrainingStopError(
-                f"loss became NaN/Inf at step {state.global_step + 1} (epoch {state.epoch + 1}); weights "
-                f"before it are kept in {loop.out / 'last.pt'} (last save). Hint: lower --lr or use --amp none"
-            )
+            raise _nan_stop(loop, state)
         _optimizer_step(loop)
         state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
-        images += cfg.batch_size
         bar.update(
             task,
             advance=1,
@@ -236,16 +294,14 @@ def train_one_epoch(loop: Loop, state: TrainState, stop: Any, bar: Progress) -> 
         if cfg.save_every and state.global_step % cfg.save_every == 0:
             _save(loop, state)
         if any_rank(stop(), loop.info.device):
-            _save(loop, state)
-            raise TrainingInterruptedError(
-                f"interrupted at step {state.global_step}; resume with --resume from {loop.out / 'last.pt'}"
-            )
+            raise _interrupted(loop, state)
     bar.remove_task(task)
     seconds = time.perf_counter() - start
-    stats = {k: float(m.compute()) for k, m in meters.items()}
+    images = (state.step_in_epoch - first_step) * cfg.batch_size
+    lr = float(loop.trainables.scheduler.get_last_lr()[0])
     return {
-        **stats,
-        "lr": float(loop.trainables.scheduler.get_last_lr()[0]),
+        **{k: float(m.compute()) for k, m in meters.items()},
+        "lr": lr,
         "images_per_s": images / max(seconds, 1e-9),
         "train_seconds": seconds,
     }
@@ -255,37 +311,103 @@ def _set_train_mode(loop: Loop) -> None:
     """Training mode; a linear probe keeps its frozen backbone (BatchNorm statistics) in eval."""
     loop.model.train(not loop.cfg.linear_probe)
     if loop.cfg.linear_probe:
-        [m for m in loop.model.modules() if isinstance(m, nn.Linear)][-1].train()
+        classifier(loop.model)[1].train()
 
 
 def validate(loop: Loop) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set."""
     batch = max(2, loop.cfg.batch_size // loop.info.world_size)
-    batches = val_batches(dataset_len(loop.val_set), batch, loop.info)
+    batches = loop.plan_batches(
+        loop.val_loader, val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)
+    )
     return evaluate(
-        loop.model, make_loader(loop.val_set, batches, loop.cfg, loop.info.device), C.parse_sizes(loop.cfg.eval_sizes),
-        train_size=loop.cfg.image_size, paths="all", amp_dtype=loop.amp,
+        loop.model, batches, C.parse_sizes(loop.cfg.eval_sizes), train_size=loop.cfg.image_size, paths="all", amp_dtype=loop.amp
     )  # fmt: skip
+
+
+def _epoch_row(
+    state: TrainState, stats: dict[str, float], result: EvalResult | None
+) -> dict[str, Any]:
+    """One line of metrics.csv: the epoch's training terms and, when validated, its accuracy."""
+    row: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.global_step, **stats}
+    if result is None:
+        return row
+    row["val_top1_mean"] = result.mean_top1
+    row.update(
+        {f"val_top1_{s}": float(v) for s, v in zip(result.sizes, result.routed_top1, strict=True)}
+    )
+    if result.top1.shape[1] > 1:
+        row.update(
+            {
+                f"val_top1_path{k}_mean": float(result.top1[:, k].mean())
+                for k in range(result.top1.shape[1])
+            }
+        )
+    return row
+
+
+def _end_of_epoch(loop: Loop, state: TrainState, stats: dict[str, float], console: Console) -> None:
+    """Validates, logs and saves ``last.pt`` (and ``best.pt``, written first, when it improved)."""
+    last_epoch = state.epoch + 1 == loop.cfg.epochs
+    result = validate(loop) if (state.epoch + 1) % loop.cfg.eval_every == 0 or last_epoch else None
+    row = _epoch_row(state, stats, result)
+    state.history.append(row)
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    if result is not None and result.mean_top1 > state.best:
+        state.best = result.mean_top1
+        _save(loop, state, "best.pt")  # before last.pt: a crash between the two redoes this epoch
+    _save(loop, state)
+    if loop.info.is_main:
+        write_metrics(loop.out, state.history)
+        for key, value in row.items():
+            if loop.writer is not None and isinstance(value, float):
+                loop.writer.add_scalar(key, value, state.epoch)
+        shown = (
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in row.items()
+            if not k.startswith("val_top1_") or k == "val_top1_mean"
+        )
+        console.print(" | ".join(shown))
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def _prepare(cfg: C.TrainConfig, info: DistInfo, resume: bool) -> tuple[C.TrainConfig, Loop]:
+def _configure(
+    cfg: C.TrainConfig, info: DistInfo, saved: Mapping[str, Any] | None
+) -> tuple[C.TrainConfig, Dataset[Any], Dataset[Any], Mapping[str, Any] | None]:
+    """The resolved config, the datasets and the ``--init-from`` checkpoint.
+
+    Everything is checked before anything is written; the ``--split-at auto`` analysis, which
+    writes, comes last.
+    """
+    init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    arch, method = init_arch(init, cfg)
+    cfg = dataclasses.replace(cfg, model=arch, method=method)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
-    if cfg.split_at == "auto":
-        split = autosplit.choose(cfg, Path(cfg.out), write=info.is_main, resume=resume)
-        cfg = dataclasses.replace(cfg, split_at=split)
     micro_batch(cfg, info.world_size)
-    routed = cfg.init_from is not None
-    model, train_size = load_init(cfg) if routed else (build_network(cfg), cfg.image_size)
+    if cfg.split_at == "auto":
+        cfg = dataclasses.replace(cfg, split_at=autosplit.choose(cfg, saved, info))
+    return cfg, train_set, val_set, init
+
+
+def _build(
+    cfg: C.TrainConfig,
+    info: DistInfo,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any],
+    init: Mapping[str, Any] | None,
+) -> tuple[C.TrainConfig, Loop]:
+    model, train_size = (
+        load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
+    )
     if isinstance(model, MSUN):
         cfg = dataclasses.replace(cfg, split_at=model.split_at, scales=model.scales)
     model.to(info.device)
     if info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    objective: nn.Module = Objective(model, cfg, routed=routed, train_size=train_size)
+    objective: nn.Module = Objective(model, cfg, routed=init is not None, train_size=train_size)
     if info.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[info.device.index] if info.device.type == "cuda" else None
@@ -295,20 +417,16 @@ def _prepare(cfg: C.TrainConfig, info: DistInfo, resume: bool) -> tuple[C.TrainC
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(dataset_len(train_set), cfg))
     amp = amp_dtype(cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
-    trainables = Trainables(model, optimizer, scheduler, scaler)
-    loop = Loop(
-        cfg,
-        info,
-        objective,
-        trainables,
-        train_set,
-        val_set,
-        amp,
-        Path(cfg.out),
-        _tensorboard(cfg, info),
+    trainables = Trainables(
+        model,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16),
     )
-    return cfg, loop
+    loaders = make_loader(train_set, cfg, info.device), make_loader(val_set, cfg, info.device)
+    return cfg, Loop(
+        cfg, info, objective, trainables, *loaders, amp, Path(cfg.out), _tensorboard(cfg, info)
+    )
 
 
 def _tensorboard(cfg: C.TrainConfig, info: DistInfo) -> Any:
@@ -326,57 +444,34 @@ def _tensorboard(cfg: C.TrainConfig, info: DistInfo) -> Any:
 
 def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
-    micro, lr = micro_batch(cfg, info.world_size), float(cfg.lr or 0)
+    micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
         f"{cfg.method} {cfg.model}" + (f" split at {cfg.split_at}, scales {list(cfg.scales)}" if cfg.method == "msun" else "")
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epochs on {info.device}"
     )  # fmt: skip
-
-
-def _end_of_epoch(loop: Loop, state: TrainState, stats: dict[str, float], console: Console) -> None:
-    result = (
-        validate(loop)
-        if (state.epoch + 1) % loop.cfg.eval_every == 0 or state.epoch + 1 == loop.cfg.epochs
-        else None
-    )
-    row: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.global_step, **stats}
-    if result is not None:
-        row["val_top1_mean"] = result.mean_top1
-        row.update(
-            {
-                f"val_top1_{s}": float(v)
-                for s, v in zip(result.sizes, result.routed_top1, strict=True)
-            }
-        )
-        if result.top1.shape[1] > 1:
-            row.update(
-                {
-                    f"val_top1_path{k}_mean": float(result.top1[:, k].mean())
-                    for k in range(result.top1.shape[1])
-                }
-            )
-    state.history.append(row)
-    state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    improved = result is not None and result.mean_top1 > state.best
-    if improved:
-        state.best = result.mean_top1  # type: ignore[union-attr]
-    _save(loop, state)
-    if loop.info.is_main:
-        if improved:
-            with atomic_path(loop.out / "best.pt") as tmp:
-                shutil.copyfile(loop.out / "last.pt", tmp)
-        write_metrics(loop.out, state.history)
-        for key, value in row.items():
-            if loop.writer is not None and isinstance(value, float):
-                loop.writer.add_scalar(key, value, state.epoch)
+    if cfg.warmup_epochs >= (cfg.epochs or 0):
         console.print(
-            " | ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in row.items()
-                if not k.startswith("val_top1_") or k == "val_top1_mean"
-            )
+            f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"
         )
+
+
+def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
+    show = loop.info.is_main and sys.stderr.isatty()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with interrupt_flag() as stop, Progress(*columns, disable=not show, transient=True) as bar:
+        while state.epoch < (loop.cfg.epochs or 0):
+            stats = train_one_epoch(loop, state, stop, bar)
+            _end_of_epoch(loop, state, stats, console)
+            if any_rank(stop(), loop.info.device):  # Ctrl-C during validation: last.pt is saved
+                raise TrainingInterruptedError(
+                    f"interrupted after epoch {state.epoch}; continue with --resume"
+                )
 
 
 def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
@@ -386,35 +481,24 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    out = Path(cfg.out)
-    console = Console(quiet=not info.is_main)
+    out, console = Path(cfg.out), Console(quiet=not info.is_main)
     with RunLock(out) if info.is_main else contextlib.nullcontext():
-        cfg, loop = _prepare(cfg, info, resume)
-        state = _start(loop, resume)
+        saved = saved_run(out, resume)
+        cfg, train_set, val_set, init = _configure(cfg, info, saved)
+        cfg, loop = _build(cfg, info, train_set, val_set, init)
+        if saved is not None:
+            check_resume(saved, cfg)
+        state = restore_state(saved, loop.trainables) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))
+            if state.history:  # a run killed between its checkpoint and its logs
+                write_metrics(out, state.history)
         _announce(loop, console)
-        show = info.is_main and sys.stderr.isatty()
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        with interrupt_flag() as stop, Progress(*columns, disable=not show, transient=True) as bar:
-            while state.epoch < int(cfg.epochs or 0):
-                stats = train_one_epoch(loop, state, stop, bar)
-                _end_of_epoch(loop, state, stats, console)
+        try:
+            _run_epochs(loop, state, console)
+        except torch.cuda.OutOfMemoryError as e:
+            micro = micro_batch(cfg, info.world_size)
+            raise TrainingStopError(
+                f"out of GPU memory with {micro} images per process and step. Hint: lower --batch-size or raise --accum-steps"
+            ) from e
     return out
-
-
-def _start(loop: Loop, resume: bool) -> TrainState:
-    last = loop.out / "last.pt"
-    if resume:
-        check_resume(last, loop.cfg)
-        return restore_state(last, loop.trainables)
-    if last.exists():
-        raise InputError(
-            f"{loop.out} already holds a training run. Hint: add --resume to continue it, or choose another --out"
-        )
-    return TrainState()

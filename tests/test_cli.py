@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -35,11 +36,25 @@ def test_module_entry_points_and_unknown_command() -> None:
     ]
 
 
-def test_cli_module_is_not_installed_as_top_level_package() -> None:
-    import importlib.metadata
-
-    files = importlib.metadata.files("ckascope") or []
-    assert not any(str(f) == "cli.py" for f in files)
+def test_wheel_installs_the_two_packages_and_no_top_level_cli(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("ckascope-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {
+            name.split("/")[0]
+            for name in zf.namelist()
+            if not name.split("/")[0].endswith(".dist-info")
+        }
+        entry_points = zf.read(
+            next(n for n in zf.namelist() if n.endswith("entry_points.txt"))
+        ).decode()
+    assert tops == {"ckascope", "msun"}
+    assert "ckascope = ckascope.entry:ckascope" in entry_points
+    assert "msun = msun.entry:main" in entry_points
 
 
 def test_models_listing() -> None:

@@ -167,9 +167,9 @@ def test_wrong_invocations(
     files: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    offline: Path,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # default output folders would land here
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     defaults = TINY_COMPARE if (tool, command) == ("ckascope", C) else []
     if (tool, command) == ("msun", T):
         defaults = ["--out", str(tmp_path / "run")]

@@ -234,3 +234,34 @@ def test_too_few_images_for_processes(model: nn.Module, data) -> None:
         compare_scales(
             model, data, (16, BASE), base_size=BASE, batch_size=8, num_images=8, world_size=2
         )
+
+
+def test_base_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn.Module) -> None:
+    result = compare_scales(
+        model, None, (16, 48), layers="stages", base_size=48, batch_size=8, num_images=8
+    )
+    assert result.settings["resize_size"] == 55  # 48 * 256 / 224, not 256
+    with pytest.raises(InputError, match="smaller than the crop"):
+        compare_scales(
+            model, None, (16, 48), base_size=48, resize_size=40, batch_size=8, num_images=8
+        )
+    with pytest.raises(InputError, match="--antialias works with bilinear"):
+        compare_scales(
+            model,
+            None,
+            (16, 48),
+            base_size=48,
+            resize_mode="nearest",
+            antialias=True,
+            batch_size=8,
+            num_images=8,
+        )
+
+
+def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> None:
+    CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(tmp_path / "res")
+    (tmp_path / "res").rename(tmp_path / ".res.abc.old")  # killed between the two renames
+    (tmp_path / ".res.def.tmp").mkdir()  # and its unfinished staging folder
+    CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 2}).save(tmp_path / "res")
+    assert CKAResult.load(tmp_path / "res").settings == {"run": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]

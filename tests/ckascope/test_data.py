@@ -157,3 +157,8 @@ def test_subset_indices() -> None:
         subset_indices(100, 101, seed=0)
     with pytest.raises(InputError, match="empty"):
         subset_indices(0, None, seed=0)
+
+
+def test_dark_16_bit_images_are_scaled_by_their_depth_not_their_maximum() -> None:
+    dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))  # 200 / 65535: nearly black
+    assert np.asarray(to_rgb(dark)).max() == 1

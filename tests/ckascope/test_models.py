@@ -13,12 +13,6 @@ from ckascope import models
 from ckascope.errors import InputError, WeightsUnavailableError
 
 
-@pytest.fixture
-def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path / "torch"
-
-
 def test_list_models_and_unknown_name_hint() -> None:
     assert {"resnet50", "densenet121", "vgg16_bn", "mobilenet_v2"} <= set(models.list_models())
     with pytest.raises(InputError, match="did you mean 'resnet50'"):
@@ -51,19 +45,19 @@ def test_random_init_is_seeded_and_leaves_global_rng_alone() -> None:
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
-def test_offline_without_cached_weights_fails_fast(empty_torch_home: Path) -> None:
+def test_offline_without_cached_weights_fails_fast(offline: Path) -> None:
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="--weights none"):
         models.build_model("resnet18", "default")
     assert time.perf_counter() - start < models.DOWNLOAD_TIMEOUT + 20
-    assert not any(empty_torch_home.rglob("*.pth"))
+    assert not any(offline.rglob("*.pth"))
 
 
-def test_cached_weights_are_loaded(empty_torch_home: Path) -> None:
+def test_cached_weights_are_loaded(offline: Path) -> None:
     enum = torchvision.models.ResNet18_Weights.DEFAULT
     source = torchvision.models.resnet18()
     path = models.weights_file(enum)
-    assert str(path).startswith(str(empty_torch_home))
+    assert str(path).startswith(str(offline))
     path.parent.mkdir(parents=True)
     torch.save(source.state_dict(), path)
     model = models.build_model("resnet18", "default")

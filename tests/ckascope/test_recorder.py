@@ -189,3 +189,14 @@ def test_reentry_is_refused() -> None:
     with rec, pytest.raises(RuntimeError, match="already active"), rec:
         pass
     assert _no_hooks(model)
+
+
+def test_records_of_a_failed_forward_do_not_leak_into_the_next_block() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2))  # the second layer always fails
+    rec = ActivationRecorder(model, ["0"])
+    with pytest.raises(RuntimeError), rec:
+        model(torch.randn(2, 3))
+    with rec:
+        model[0](torch.randn(2, 3))
+        assert len(rec.pop()["0"]) == 2
+        assert rec.pop() == {}

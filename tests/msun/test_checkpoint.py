@@ -74,7 +74,7 @@ def test_ckascope_loads_it_through_the_registry(model: MSUN, saved: Path) -> Non
 
 
 def test_wrong_arch(saved: Path) -> None:
-    with pytest.raises(InputError, match="holds a resnet18 MSUN, not resnet50"):
+    with pytest.raises(InputError, match="holds a resnet18 model, not resnet50"):
         msun.load_checkpoint(saved, arch="resnet50")
     assert isinstance(msun.load_checkpoint(saved, arch="resnet18"), MSUN)
 
@@ -83,7 +83,7 @@ def test_state_that_does_not_fit_the_config(saved: Path, tmp_path: Path) -> None
     raw = torch.load(saved, weights_only=True)
     raw["config"]["split_at"] = "layer3"
     torch.save(raw, tmp_path / "edited.pt")
-    with pytest.raises(InputError, match="does not fit an MSUN resnet18 split at layer3"):
+    with pytest.raises(InputError, match="does not fit a resnet18 MSUN split at layer3 model"):
         msun.load_checkpoint(tmp_path / "edited.pt")
     raw["config"]["arch"] = "resnet99"
     torch.save(raw, tmp_path / "edited.pt")
@@ -166,14 +166,7 @@ def test_pretrained_needs_its_classes(tmp_path: Path, monkeypatch: pytest.Monkey
         msun.build_msun("resnet18", weights="IMAGENET1K_V9")
 
 
-def test_offline_without_cached_weights_fails_fast(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there: no network
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
+def test_offline_without_cached_weights_fails_fast(offline: Path) -> None:
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError, match="--weights none"):
         msun.build_msun("resnet18", weights="imagenet")

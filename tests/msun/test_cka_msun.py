@@ -124,10 +124,7 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
 
 
-def test_split_at_auto_without_analysis_offline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -> None:
     args = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
             "--num-train", "16", "--num-val", "8", "--epochs", "1", "--split-at", "auto", "--out", str(tmp_path / "r")]  # fmt: skip
     result = CliRunner().invoke(msun_main, args)

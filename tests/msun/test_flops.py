@@ -52,7 +52,7 @@ def test_resnet18_s1_flops_by_hand() -> None:
     assert difference == 2 * (s1 - s3)
 
 
-def test_report_means_by_hand() -> None:
+def test_report_means_equal_the_per_size_path_counts() -> None:
     model = _meta("resnet18", num_classes=10)
     report = flops_report(model)
     accuracy, native = [], []

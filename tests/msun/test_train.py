@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
 from click.testing import CliRunner, Result
 
 from ckascope import models
+from ckascope.result import CKAResult
 from msun import MSUN, build_msun, save_checkpoint
 from msun.cli import main
 from msun.config import TrainConfig
@@ -104,7 +106,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    common = ["--epochs", "2", "--save-every", "1", "--deterministic", "--num-train", "48"]
+    common = [
+        "--epochs",
+        "3",
+        "--save-every",
+        "1",
+        "--deterministic",
+        "--num-train",
+        "64",
+    ]  # 24 steps
     full, killed = tmp_path / "full", tmp_path / "killed"
     done = subprocess.run(
         _subprocess(*common, "--out", str(full)),
@@ -124,10 +134,12 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: P
         deadline = time.time() + 300
         while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # anywhere, even mid-save
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # it died mid-run, not after finishing
+    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["global_step"] < 24
     resumed = subprocess.run(
         _subprocess(*common, "--out", str(killed), "--resume"),
         env=_env(),
@@ -140,7 +152,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: P
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["global_step"] == 12
+    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["global_step"] == 24
 
 
 def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) -> None:
@@ -176,15 +188,9 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) 
     params = [
         k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     ]
-    moved = max(
-        float(
-            (a[k] - build_msun("resnet18", scales=(16, 32), num_classes=10).state_dict()[k])
-            .abs()
-            .max()
-        )
-        for k in params[:3]
-    )
-    assert moved > 0
+    torch.manual_seed(0)  # the runs' initialisation (seed 0): training must have moved away from it
+    start = build_msun("resnet18", scales=(16, 32), num_classes=10).state_dict()
+    assert max(float((a[k] - start[k]).abs().max()) for k in params) > 1e-4
     for key in params:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -394,3 +400,82 @@ def test_class_mismatch_between_train_and_val(tmp_path: Path) -> None:
     result = _train(tmp_path / "out", "--data", str(tmp_path / "d"))
     assert result.exit_code == 2
     assert "different classes" in result.stderr
+
+
+def test_an_image_folder_without_train_and_val_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / c / "0.png")
+    result = _train(tmp_path / "out", "--data", str(tmp_path / "flat"))
+    assert result.exit_code == 2
+    assert "has no train/ folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
+    assert _train(tmp_path / "src", "--method", "vanilla", "--epochs", "1").exit_code == 0
+    args = ["train", "--init-from", str(tmp_path / "src" / "last.pt"), "--image-size", "32", "--batch-size", "8",
+            "--num-train", "16", "--num-val", "8", "--eval-sizes", "32", "--epochs", "1", "--out", str(tmp_path / "ft")]  # fmt: skip
+    result = CliRunner().invoke(main, args)  # no --model: the default resnet50 must not leak in
+    assert result.exit_code == 0, result.output
+    tuned = models.load_checkpoint(tmp_path / "ft" / "last.pt")
+    assert isinstance(tuned, torchvision.models.ResNet)
+    assert len(tuned.layer1) == 2
+    assert yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["model"] == "resnet18"
+
+
+def test_num_classes_must_match_the_data(tmp_path: Path) -> None:
+    result = _train(tmp_path / "out", "--num-classes", "5")
+    assert result.exit_code == 2
+    assert "holds 10 classes" in result.stderr
+
+
+def test_yaml_values_are_read_as_their_option_types(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 2e-2\nscales: 16 32\nepochs: 1\nmethod: msun\n")
+    flags = [
+        "--model",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-train",
+        "32",
+        "--num-val",
+        "8",
+        "--eval-sizes",
+        "16,32",
+    ]
+    result = CliRunner().invoke(
+        main, ["train", *flags, "--config", str(config), "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] == 0.02
+    assert saved["scales"] == [16, 32]
+    config.write_text("epochs: 1.5\n")
+    bad = CliRunner().invoke(
+        main, ["train", *TINY, "--config", str(config), "--out", str(tmp_path / "bad")]
+    )
+    assert bad.exit_code == 2
+    assert "epochs takes int" in bad.stderr
+
+
+def test_split_at_auto_refusals_write_nothing(tmp_path: Path) -> None:
+    analysis = CKAResult(
+        np.eye(2),
+        ["maxpool", "layer1.0"],
+        ["maxpool", "layer1.0"],
+        {"mode": "scales", "model": "resnet18"},
+    )
+    analysis.save(tmp_path / "analysis")
+    out = tmp_path / "run"
+    result = _train(
+        out, "--split-at", "auto", "--cka-from", str(tmp_path / "analysis"), "--batch-size", "1"
+    )
+    assert result.exit_code == 2
+    assert "at least 2 images" in result.stderr
+    assert not out.exists()
