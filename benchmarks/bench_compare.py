@@ -114,9 +114,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gpu-batch", type=int, default=128)
     g = p.add_argument_group("peers")
     g.add_argument(
-        "--distinct-images", type=int, default=1024,
+        "--distinct-images",
+        type=int,
+        default=1024,
         help="at most this many distinct images are rendered; more are cycled",
-    )  # fmt: skip
+    )
     g.add_argument("--torch-cka-no-grad", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--ckatorch-mode", choices=["auto", "stacked", "streamed"], default="auto")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "compare.json")
@@ -127,19 +129,29 @@ def make_spec(name: str, args: argparse.Namespace, tmp: Path) -> Spec:
     """The workload's spec; renders its images into ``tmp`` (untimed, once for every tool)."""
     if name == "mlp-cpu":
         return MLPSpec(
-            args.mlp_depth, args.mlp_width, args.mlp_images, args.mlp_batch, "cpu",
-            args.mlp_init, args.seed,
-        )  # fmt: skip
+            args.mlp_depth,
+            args.mlp_width,
+            args.mlp_images,
+            args.mlp_batch,
+            "cpu",
+            args.mlp_init,
+            args.seed,
+        )
     gpu = name == "resnet50-gpu"
     images = args.gpu_images if gpu else args.num_images
     start = time.perf_counter()
     pool = render_pool(min(images, args.distinct_images), args.image_size, args.seed)
     print(f"rendered {len(pool)} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return ResNetSpec(
-        args.gpu_model if gpu else args.cpu_model, tuple(args.scales), args.image_size, images,
-        args.gpu_batch if gpu else args.batch_size, "cuda" if gpu else "cpu",
-        pool_file(tmp, name, pool), args.seed,
-    )  # fmt: skip
+        args.gpu_model if gpu else args.cpu_model,
+        tuple(args.scales),
+        args.image_size,
+        images,
+        args.gpu_batch if gpu else args.batch_size,
+        "cuda" if gpu else "cpu",
+        pool_file(tmp, name, pool),
+        args.seed,
+    )
 
 
 def score(row: dict[str, Any], reference: dict[str, Any]) -> None:
@@ -174,8 +186,14 @@ def run_workload(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         rows.append(row)
     summary = summarize(rows)
     checks = targets(name, rows, summary["overhead"])
-    return {"spec": spec, "tools": tools, "reference": reference, "rows": rows,
-            "targets": checks, **summary}  # fmt: skip
+    return {
+        "spec": spec,
+        "tools": tools,
+        "reference": reference,
+        "rows": rows,
+        "targets": checks,
+        **summary,
+    }
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,8 +252,13 @@ def targets(name: str, rows: list[dict[str, Any]], overhead: float | None) -> li
 
 def tool_table() -> str:
     rows = [{"tool": k, **vars(v)} for k, v in TOOLS.items()]
-    columns = [("tool", "tool"), ("call", "call"), ("estimator", "estimator"),
-               ("precision", "precision"), ("capture", "layer capture")]  # fmt: skip
+    columns = [
+        ("tool", "tool"),
+        ("call", "call"),
+        ("estimator", "estimator"),
+        ("precision", "precision"),
+        ("capture", "layer capture"),
+    ]
     return markdown_table(rows, columns)
 
 
@@ -254,8 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             results[name] = run_workload(name, args, Path(tmp))
             print(report(name, results[name]) + "\n", flush=True)
-    payload = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args),
-               "machine": info, "workloads": results}  # fmt: skip
+    payload = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "args": vars(args),
+        "machine": info,
+        "workloads": results,
+    }
     write_json(args.out, payload)
     print(f"wrote {args.out}")
 

@@ -117,9 +117,15 @@ def images_sweep(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     rows = []
     for n in counts:
         spec = ResNetSpec(
-            args.model, tuple(args.scales), args.image_size, n, args.batch_size, args.device,
-            path, args.seed,
-        )  # fmt: skip
+            args.model,
+            tuple(args.scales),
+            args.image_size,
+            n,
+            args.batch_size,
+            args.device,
+            path,
+            args.seed,
+        )
         rows.append(point(spec, args, n, n))
     return rows
 
@@ -128,9 +134,14 @@ def layers_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for depth in args.layers:
         spec = MLPSpec(
-            depth, args.mlp_width, args.mlp_images, args.mlp_batch, args.device, "kaiming",
+            depth,
+            args.mlp_width,
+            args.mlp_images,
+            args.mlp_batch,
+            args.device,
+            "kaiming",
             args.seed,
-        )  # fmt: skip
+        )
         rows.append(point(spec, args, depth, depth))
     return rows
 
@@ -233,8 +244,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"layers: MLP width {args.mlp_width}, {args.mlp_images} inputs, batch {args.mlp_batch}"
         )
         print(report(title, "layers", rows, results["layers"]["fit"]) + "\n", flush=True)
-    payload = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args),
-               "machine": info, "results": results}  # fmt: skip
+    payload = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "args": vars(args),
+        "machine": info,
+        "results": results,
+    }
     write_json(args.out, payload)
     png = args.plot or args.out.with_suffix(".png")
     plot(png, results, describe_machine(info))

@@ -152,9 +152,14 @@ def prepare_pytorch_cka(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
 
     def run() -> np.ndarray:
         [matrix] = compute_cka(
-            side_a, side_b, loader, layers=names_a, model2_layers=names_b,
-            device=work.device, progress=False,
-        )  # fmt: skip
+            side_a,
+            side_b,
+            loader,
+            layers=names_a,
+            model2_layers=names_b,
+            device=work.device,
+            progress=False,
+        )
         out: np.ndarray = matrix.double().cpu().numpy()
         return out
 
@@ -172,9 +177,14 @@ def prepare_torch_cka(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
         with grad, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "identical names", "no second dataloader"
             tool = CKA(
-                side_a, side_b, model1_name="a", model2_name="b", model1_layers=names_a,
-                model2_layers=names_b, device=str(work.device),
-            )  # fmt: skip
+                side_a,
+                side_b,
+                model1_name="a",
+                model2_name="b",
+                model1_layers=names_a,
+                model2_layers=names_b,
+                device=str(work.device),
+            )
             tool.compare(loader, loader)
         result = tool.export()
         if result["model1_layers"] != names_a or result["model2_layers"] != names_b:

@@ -249,16 +249,29 @@ def _resnet_workload(spec: ResNetSpec) -> Workload:
 
     def run_ckascope(data: Dataset[Any]) -> Any:
         return compare_scales(
-            model, data, spec.scales, layers="blocks", base_size=spec.image_size,
-            batch_size=spec.batch_size, seed=spec.seed, device=device,
-        )  # fmt: skip
+            model,
+            data,
+            spec.scales,
+            layers="blocks",
+            base_size=spec.image_size,
+            batch_size=spec.batch_size,
+            seed=spec.seed,
+            device=device,
+        )
 
     layers = resolve_layers(model, "blocks")
     return Workload(
-        model, model, ScaleInput(small, spec.image_size), ScaleInput(large, spec.image_size),
-        layers, layers, dataset, batch_plan(spec.num_images, spec.batch_size, spec.seed),
-        device, run_ckascope,
-    )  # fmt: skip
+        model,
+        model,
+        ScaleInput(small, spec.image_size),
+        ScaleInput(large, spec.image_size),
+        layers,
+        layers,
+        dataset,
+        batch_plan(spec.num_images, spec.batch_size, spec.seed),
+        device,
+        run_ckascope,
+    )
 
 
 def _mlp_workload(spec: MLPSpec) -> Workload:
@@ -270,14 +283,29 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
 
     def run_ckascope(data: Dataset[Any]) -> Any:
         return compare_models(
-            model_a, model_b, data, scale=1, base_size=1, layers=layers,
-            batch_size=spec.batch_size, seed=spec.seed, device=device,
-        )  # fmt: skip
+            model_a,
+            model_b,
+            data,
+            scale=1,
+            base_size=1,
+            layers=layers,
+            batch_size=spec.batch_size,
+            seed=spec.seed,
+            device=device,
+        )
 
     return Workload(
-        model_a, model_b, identity, identity, layers, layers, dataset,
-        batch_plan(spec.num_images, spec.batch_size, spec.seed), device, run_ckascope,
-    )  # fmt: skip
+        model_a,
+        model_b,
+        identity,
+        identity,
+        layers,
+        layers,
+        dataset,
+        batch_plan(spec.num_images, spec.batch_size, spec.seed),
+        device,
+        run_ckascope,
+    )
 
 
 def ckascope_matrix(work: Workload, data: Dataset[Any] | None = None) -> np.ndarray:

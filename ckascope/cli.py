@@ -286,23 +286,44 @@ def _run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: 
     model_a = resolve_model(
         args["model"], args["weights"], args["checkpoint"], args["num_classes"], args["seed"]
     )
-    settings = {"model": model_label(args["model"], args["checkpoint"]), "weights": args["weights"],
-                "checkpoint": str(args["checkpoint"]) if args["checkpoint"] else None, "data": args["data"] or "shapes"}  # fmt: skip
+    settings = {
+        "model": model_label(args["model"], args["checkpoint"]),
+        "weights": args["weights"],
+        "checkpoint": str(args["checkpoint"]) if args["checkpoint"] else None,
+        "data": args["data"] or "shapes",
+    }
     common = {
-        "layers": parse_layers(args["layers"]), "protocol": args["protocol"], "base_size": args["base_size"],
-        "resize_size": args["resize_size"], "resize_mode": args["resize_mode"], "antialias": args["antialias"],
-        "device": device, "gram_dtype": args["gram_dtype"], "kernel": args["kernel"], "sigma_frac": args["sigma_frac"],
-        "bandwidth": args["bandwidth"], "weighting": args["weighting"], "batch_size": args["batch_size"],
-        "repeats": args["repeats"], "num_images": args["num_images"], "seed": args["seed"],
-        "num_workers": args["workers"], "progress": sys.stderr.isatty(), "rank": rank, "world_size": world,
-    }  # fmt: skip
+        "layers": parse_layers(args["layers"]),
+        "protocol": args["protocol"],
+        "base_size": args["base_size"],
+        "resize_size": args["resize_size"],
+        "resize_mode": args["resize_mode"],
+        "antialias": args["antialias"],
+        "device": device,
+        "gram_dtype": args["gram_dtype"],
+        "kernel": args["kernel"],
+        "sigma_frac": args["sigma_frac"],
+        "bandwidth": args["bandwidth"],
+        "weighting": args["weighting"],
+        "batch_size": args["batch_size"],
+        "repeats": args["repeats"],
+        "num_images": args["num_images"],
+        "seed": args["seed"],
+        "num_workers": args["workers"],
+        "progress": sys.stderr.isatty(),
+        "rank": rank,
+        "world_size": world,
+    }
     if not two_models:
         return compare_scales(model_a, args["data"], args["scales"], settings=settings, **common)
     model_b = resolve_model(
         args["model_b"], args["weights_b"], args["checkpoint_b"], args["num_classes"], args["seed"]
     )
-    settings.update(model_b=model_label(args["model_b"], args["checkpoint_b"]), weights_b=args["weights_b"],
-                    checkpoint_b=str(args["checkpoint_b"]) if args["checkpoint_b"] else None)  # fmt: skip
+    settings.update(
+        model_b=model_label(args["model_b"], args["checkpoint_b"]),
+        weights_b=args["weights_b"],
+        checkpoint_b=str(args["checkpoint_b"]) if args["checkpoint_b"] else None,
+    )
     layers_b = parse_layers(args["layers_b"]) if args["layers_b"] else None
     return compare_models(
         model_a,

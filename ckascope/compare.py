@@ -304,9 +304,15 @@ class _Sweep:
         self.layers_a, self.layers_b = names_a, names_b
         o = self.opts
         return MinibatchCKA(
-            len(names_a), len(names_b), kernel=o.kernel, sigma_frac=o.sigma_frac, bandwidth=o.bandwidth,
-            weighting=o.weighting, layer_names_a=names_a, layer_names_b=names_b,
-        ).to(self.device)  # fmt: skip
+            len(names_a),
+            len(names_b),
+            kernel=o.kernel,
+            sigma_frac=o.sigma_frac,
+            bandwidth=o.bandwidth,
+            weighting=o.weighting,
+            layer_names_a=names_a,
+            layer_names_b=names_b,
+        ).to(self.device)
 
 
 def run_comparison(
@@ -334,9 +340,12 @@ def run_comparison(
         "device": str(device),
     }
     return CKAResult(
-        torch.stack(matrices).cpu().numpy(), sweep.layers_a, sweep.layers_b, settings,
+        torch.stack(matrices).cpu().numpy(),
+        sweep.layers_a,
+        sweep.layers_b,
+        settings,
         elapsed=time.perf_counter() - start,
-    )  # fmt: skip
+    )
 
 
 def as_dataset(
@@ -406,9 +415,18 @@ def compare_scales(
     dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
     views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
     side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
-    info = {"mode": "scales", "scales": list(scales), "protocol": protocol, "base_size": base_size,
-            "resize_size": resize_for(base_size, resize_size), "resize_mode": resize_mode, "antialias": antialias,
-            "layers": _describe(layers), "gram_dtype": gram_dtype, **_paths([model, model], scales)}  # fmt: skip
+    info = {
+        "mode": "scales",
+        "scales": list(scales),
+        "protocol": protocol,
+        "base_size": base_size,
+        "resize_size": resize_for(base_size, resize_size),
+        "resize_mode": resize_mode,
+        "antialias": antialias,
+        "layers": _describe(layers),
+        "gram_dtype": gram_dtype,
+        **_paths([model, model], scales),
+    }
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
 
 
@@ -463,10 +481,19 @@ def compare_models(
     side_b = side_for(
         model_b, layers if layers_b is None else layers_b, view, gram_dtype, output_key
     )
-    info = {"mode": "models", "scales": [scale, scale], "protocol": protocol, "base_size": base_size,
-            "resize_size": resize_for(base_size, resize_size), "resize_mode": resize_mode, "antialias": antialias,
-            "layers": _describe(layers), "layers_b": _describe(layers_b), "gram_dtype": gram_dtype,
-            **_paths([model_a, model_b], [scale, scale])}  # fmt: skip
+    info = {
+        "mode": "models",
+        "scales": [scale, scale],
+        "protocol": protocol,
+        "base_size": base_size,
+        "resize_size": resize_for(base_size, resize_size),
+        "resize_mode": resize_mode,
+        "antialias": antialias,
+        "layers": _describe(layers),
+        "layers_b": _describe(layers_b),
+        "gram_dtype": gram_dtype,
+        **_paths([model_a, model_b], [scale, scale]),
+    }
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
 
 

@@ -32,12 +32,29 @@ PRESETS = ("blocks", "stages", "leaves")
 #: Class names of the block modules of torchvision's classification models.
 BLOCK_CLASSES = frozenset(
     {
-        "BasicBlock", "Bottleneck", "InvertedResidual", "_InvertedResidual", "_DenseBlock",
-        "_Transition", "CNBlock", "MBConv", "FusedMBConv", "ResBottleneckBlock", "EncoderBlock",
-        "SwinTransformerBlock", "SwinTransformerBlockV2", "Fire", "Inception", "InceptionA",
-        "InceptionB", "InceptionC", "InceptionD", "InceptionE", "MaxVitBlock",
+        "BasicBlock",
+        "Bottleneck",
+        "InvertedResidual",
+        "_InvertedResidual",
+        "_DenseBlock",
+        "_Transition",
+        "CNBlock",
+        "MBConv",
+        "FusedMBConv",
+        "ResBottleneckBlock",
+        "EncoderBlock",
+        "SwinTransformerBlock",
+        "SwinTransformerBlockV2",
+        "Fire",
+        "Inception",
+        "InceptionA",
+        "InceptionB",
+        "InceptionC",
+        "InceptionD",
+        "InceptionE",
+        "MaxVitBlock",
     }
-)  # fmt: skip
+)
 
 Named = list[tuple[str, nn.Module]]
 

@@ -54,9 +54,17 @@ def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
     ax.patch.set_hatch("xx")
     ax.patch.set_edgecolor("0.55")
     sns.heatmap(
-        m, ax=ax, vmin=vmin, vmax=vmax, cmap="magma", square=True, mask=~np.isfinite(m),
-        xticklabels=result.layers_b, yticklabels=result.layers_a, cbar_kws={"label": "CKA"},
-    )  # fmt: skip
+        m,
+        ax=ax,
+        vmin=vmin,
+        vmax=vmax,
+        cmap="magma",
+        square=True,
+        mask=~np.isfinite(m),
+        xticklabels=result.layers_b,
+        yticklabels=result.layers_a,
+        cbar_kws={"label": "CKA"},
+    )
     ax.invert_yaxis()
     label_a, label_b = side_labels(result)
     ax.set_xlabel(label_b)

@@ -85,10 +85,13 @@ class SplitSuggestion:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         rows = [
-            {**asdict(r.candidate), **{k: v for k, v in asdict(r).items() if k != "candidate"},
-             "consistent": r.consistent(self.threshold)}
+            {
+                **asdict(r.candidate),
+                **{k: v for k, v in asdict(r).items() if k != "candidate"},
+                "consistent": r.consistent(self.threshold),
+            }
             for r in self.rows
-        ]  # fmt: skip
+        ]
         return {
             "choice": self.choice,
             "reason": self.reason,
@@ -219,8 +222,13 @@ def split_table(suggestion: SplitSuggestion) -> Table:
     for row in suggestion.rows:
         c = row.candidate
         table.add_row(
-            c.name, row.input_layer or "-", _fmt(row.input_cka), f"{_fmt(row.min_subnet_cka)} ({row.min_subnet_layer or '-'})",
-            _fmt(c.extra_params, 1e6), _fmt(c.macs, 1e9), "yes" if row.consistent(suggestion.threshold) else "no",
+            c.name,
+            row.input_layer or "-",
+            _fmt(row.input_cka),
+            f"{_fmt(row.min_subnet_cka)} ({row.min_subnet_layer or '-'})",
+            _fmt(c.extra_params, 1e6),
+            _fmt(c.macs, 1e9),
+            "yes" if row.consistent(suggestion.threshold) else "no",
             style="bold" if c.name == suggestion.choice else None,
-        )  # fmt: skip
+        )
     return table

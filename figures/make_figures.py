@@ -49,10 +49,28 @@ SPLITS = ("layer1", "layer2", "layer3", "layer4")
 def settings(quick: bool) -> dict[str, Any]:
     """The training and analysis settings of the committed figures (or of a smoke run)."""
     if quick:
-        return {"image_size": 32, "scales": (8, 16, 32), "num_train": 64, "num_val": 32, "epochs": 1,
-                "batch_size": 16, "eval_sizes": "8:32:8", "cka_images": 32, "cka_repeats": 2}  # fmt: skip
-    return {"image_size": 64, "scales": (16, 32, 64), "num_train": 8000, "num_val": 1000, "epochs": 8,
-            "batch_size": 32, "eval_sizes": "16:64:8", "cka_images": 512, "cka_repeats": 3}  # fmt: skip
+        return {
+            "image_size": 32,
+            "scales": (8, 16, 32),
+            "num_train": 64,
+            "num_val": 32,
+            "epochs": 1,
+            "batch_size": 16,
+            "eval_sizes": "8:32:8",
+            "cka_images": 32,
+            "cka_repeats": 2,
+        }
+    return {
+        "image_size": 64,
+        "scales": (16, 32, 64),
+        "num_train": 8000,
+        "num_val": 1000,
+        "epochs": 8,
+        "batch_size": 32,
+        "eval_sizes": "16:64:8",
+        "cka_images": 512,
+        "cka_repeats": 3,
+    }
 
 
 def train_config(
@@ -64,11 +82,24 @@ def train_config(
     warm-up epochs, and crops of at least 35 % of the image (smaller ones often hold no object).
     """
     return TrainConfig(
-        model="resnet18", method=method, split_at=split, scales=s["scales"], data="shapes", out=str(out),
-        image_size=s["image_size"], num_train=s["num_train"], num_val=s["num_val"], epochs=s["epochs"],
-        batch_size=s["batch_size"], lr=0.05, warmup_epochs=0.3, crop_scale_min=0.35, eval_sizes=s["eval_sizes"],
-        eval_every=2, seed=0,
-    )  # fmt: skip
+        model="resnet18",
+        method=method,
+        split_at=split,
+        scales=s["scales"],
+        data="shapes",
+        out=str(out),
+        image_size=s["image_size"],
+        num_train=s["num_train"],
+        num_val=s["num_val"],
+        epochs=s["epochs"],
+        batch_size=s["batch_size"],
+        lr=0.05,
+        warmup_epochs=0.3,
+        crop_scale_min=0.35,
+        eval_sizes=s["eval_sizes"],
+        eval_every=2,
+        seed=0,
+    )
 
 
 def run(cfg: TrainConfig) -> Path:
@@ -136,9 +167,15 @@ def cka(checkpoint: Path, s: dict[str, Any], name: str, out: Path) -> CKAResult:
     model = load_checkpoint(checkpoint)
     scales = (min(s["scales"]), max(s["scales"]))
     result = compare_scales(
-        model, "shapes", scales, base_size=s["image_size"],
-        num_images=s["cka_images"], batch_size=64, repeats=s["cka_repeats"], settings={"model": name},
-    )  # fmt: skip
+        model,
+        "shapes",
+        scales,
+        base_size=s["image_size"],
+        num_images=s["cka_images"],
+        batch_size=64,
+        repeats=s["cka_repeats"],
+        settings={"model": name},
+    )
     result.save(out / "data" / f"cka_{name}", overwrite=True)
     return result
 
@@ -149,8 +186,14 @@ def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
     ax = fig.subplots()
     ax.plot([r["split_at"] for r in rows], [r["mean_top1"] for r in rows], marker="o")
     for r in rows:
-        ax.annotate(f"{r['mean_top1']:.1f}%\n+{r['extra_params'] / 1e6:.2f} M", (r["split_at"], r["mean_top1"]),
-                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{r['mean_top1']:.1f}%\n+{r['extra_params'] / 1e6:.2f} M",
+            (r["split_at"], r["mean_top1"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xlabel("split point (first stage of the shared trunk)")
     ax.set_ylabel("mean top-1 over test sizes (%)")
     ax.set_title("MSUN split-point ablation (resnet18, synthetic)")
@@ -204,8 +247,15 @@ def ablation(
         for split in SPLITS
     ]
     costs = {c.name: c.extra_params for c in candidates}
-    rows = [{"split_at": split, "mean_top1": e.result.mean_top1, "extra_params": costs[split], "mean_flops": e.mean_flops}
-            for split, e in zip(SPLITS, evaluate_runs(checkpoints, s), strict=True)]  # fmt: skip
+    rows = [
+        {
+            "split_at": split,
+            "mean_top1": e.result.mean_top1,
+            "extra_params": costs[split],
+            "mean_flops": e.mean_flops,
+        }
+        for split, e in zip(SPLITS, evaluate_runs(checkpoints, s), strict=True)
+    ]
     write_json(
         out / "data" / "ablation_split.json",
         {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice},

@@ -49,8 +49,16 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
             "--out DIR) or name the split with --split-at"
         ) from e
     scales = (min(cfg.scales), max(cfg.scales))
-    return compare_scales(model, cfg.data, scales, base_size=cfg.image_size, num_images=ANALYSIS_IMAGES,
-                          seed=cfg.seed, device=info.device, settings={"model": cfg.model, "weights": "default"})  # fmt: skip
+    return compare_scales(
+        model,
+        cfg.data,
+        scales,
+        base_size=cfg.image_size,
+        num_images=ANALYSIS_IMAGES,
+        seed=cfg.seed,
+        device=info.device,
+        settings={"model": cfg.model, "weights": "default"},
+    )
 
 
 def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) -> str:

@@ -32,10 +32,17 @@ from torch.nn import functional as F
 from ckascope.errors import InputError
 
 RESNETS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    "wide_resnet50_2", "wide_resnet101_2",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
 DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
 VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 MOBILENETS = ("mobilenet_v2",)
@@ -114,9 +121,15 @@ def _replace_conv(parent: nn.Module, name: str, kernel: int, padding: int, init:
         old.stride, old.padding = (1, 1), (padding, padding)
         return
     new = nn.Conv2d(
-        old.in_channels, old.out_channels, kernel, stride=1, padding=padding,
-        bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
-    )  # fmt: skip
+        old.in_channels,
+        old.out_channels,
+        kernel,
+        stride=1,
+        padding=padding,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     init(new.weight)
     if new.bias is not None:
         nn.init.zeros_(new.bias)
@@ -286,8 +299,9 @@ class MobileNetV2Backbone(Backbone):
     def remove_downsamplings(self, shallow: nn.Sequential, m: int) -> None:
         """m=1: stem conv 3x3/1; m>=2: stem conv 1x1/1 and the next m-1 blocks at stride 1."""
         stem = shallow.get_submodule("features.0")
-        _replace_conv(stem, "0", kernel=3 if m == 1 else 1, padding=1 if m == 1 else 0,
-                      init=_mobilenet_init)  # fmt: skip
+        _replace_conv(
+            stem, "0", kernel=3 if m == 1 else 1, padding=1 if m == 1 else 0, init=_mobilenet_init
+        )
         for block, conv in self._strided_convs(shallow)[: m - 1]:
             conv.stride = (1, 1)
             block.stride = 1  # type: ignore[assignment]

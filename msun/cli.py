@@ -80,9 +80,12 @@ def main() -> None:
 @click.option("--model", "arch", required=True, help="Backbone, e.g. resnet50.")
 @click.option("--split-at", default=None, help="First stage of the shared trunk [published].")
 @click.option(
-    "--scales", default="32,128,224", metavar="S [S ...]", callback=_int_list,
+    "--scales",
+    default="32,128,224",
+    metavar="S [S ...]",
+    callback=_int_list,
     help="Nominal input size of each subnet, ascending.  [default: 32 128 224]",
-)  # fmt: skip
+)
 @click.option("--num-classes", type=int, default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of tables.")
 def flops(
@@ -188,8 +191,13 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
     "--sizes",
     help="Test sizes, start:stop:step or a list  [default: the run's eval sizes, else 32:224:16].",
 )
-@click.option("--protocol", type=click.Choice(["resize", "native"]), default="resize", show_default=True,
-              help="MSUN path input: resized to its nominal size (accuracy), or as it is (native).")  # fmt: skip
+@click.option(
+    "--protocol",
+    type=click.Choice(["resize", "native"]),
+    default="resize",
+    show_default=True,
+    help="MSUN path input: resized to its nominal size (accuracy), or as it is (native).",
+)
 @click.option(
     "--paths",
     type=click.Choice(["all", "routed"]),

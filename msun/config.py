@@ -216,8 +216,14 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 #: The range of every numeric option: a test and how to say it.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "image_size", "accum_steps", "eval_every")},
-    **{k: (_optional(lambda v: v >= 1), ">= 1") for k in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every")},
+    **{
+        k: (lambda v: v >= 1, ">= 1")
+        for k in ("batch_size", "image_size", "accum_steps", "eval_every")
+    },
+    **{
+        k: (_optional(lambda v: v >= 1), ">= 1")
+        for k in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every")
+    },
     "num_classes": (_optional(lambda v: v >= 2), ">= 2"),
     "workers": (lambda v: v >= 0, ">= 0"),
     "lr": (_optional(lambda v: v > 0), "> 0"),
@@ -230,7 +236,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "grad_clip": (lambda v: v > 0, "> 0"),
     "si_weight": (lambda v: v >= 0, ">= 0"),
     "si_threshold": (_optional(lambda v: v >= 0), ">= 0"),
-}  # fmt: skip
+}
 
 
 def check(cfg: TrainConfig) -> None:

@@ -44,10 +44,16 @@ def train_transform(size: int, crop_scale_min: float) -> v2.Compose:
         interpolation=v2.InterpolationMode.BICUBIC,
         antialias=True,
     )
-    return v2.Compose([
-        v2.Lambda(to_rgb), v2.ToImage(), crop, v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb),
+            v2.ToImage(),
+            crop,
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class SeededItems(Dataset[Any]):
@@ -130,9 +136,14 @@ def make_loader(dataset: Dataset[Any], cfg: TrainConfig, device: torch.device) -
     checkpoint restores for dropout).
     """
     return DataLoader(
-        dataset, batch_sampler=PlanSampler(), collate_fn=collate_skip, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0, generator=torch.Generator(),
-    )  # fmt: skip
+        dataset,
+        batch_sampler=PlanSampler(),
+        collate_fn=collate_skip,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator(),
+    )
 
 
 def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[int]]:
@@ -149,13 +160,23 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     """
     size = cfg.image_size
     train = build_dataset(
-        cfg.data, "train", train_transform(size, cfg.crop_scale_min), num_images=cfg.num_train or SYNTHETIC_TRAIN,
-        seed=cfg.seed, synthetic_size=size, require_split=True,
-    )  # fmt: skip
+        cfg.data,
+        "train",
+        train_transform(size, cfg.crop_scale_min),
+        num_images=cfg.num_train or SYNTHETIC_TRAIN,
+        seed=cfg.seed,
+        synthetic_size=size,
+        require_split=True,
+    )
     val = build_dataset(
-        cfg.data, "val", eval_transform(size), num_images=cfg.num_val or SYNTHETIC_VAL,
-        seed=cfg.seed, synthetic_size=size, require_split=True,
-    )  # fmt: skip
+        cfg.data,
+        "val",
+        eval_transform(size),
+        num_images=cfg.num_val or SYNTHETIC_VAL,
+        seed=cfg.seed,
+        synthetic_size=size,
+        require_split=True,
+    )
     classes, val_classes = _classes(train), _classes(val)
     if classes != val_classes:
         raise InputError(

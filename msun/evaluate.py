@@ -218,12 +218,21 @@ class Evaluated:
         """JSON-able numbers of this checkpoint."""
         r = self.result
         return {
-            "checkpoint": self.name, "method": self.method, "protocol": r.protocol, "sizes": r.sizes,
-            "top1": r.routed_top1.tolist(), "top5": r.routed_top5.tolist(), "path": r.routed,
-            "mean_top1": r.mean_top1, "mean_top5": float(r.routed_top5.mean()),
-            "top1_per_path": json_matrix(r.top1), "flops": self.flops, "mean_flops": self.mean_flops,
-            "parameters": self.parameters, **r.info,
-        }  # fmt: skip
+            "checkpoint": self.name,
+            "method": self.method,
+            "protocol": r.protocol,
+            "sizes": r.sizes,
+            "top1": r.routed_top1.tolist(),
+            "top5": r.routed_top5.tolist(),
+            "path": r.routed,
+            "mean_top1": r.mean_top1,
+            "mean_top5": float(r.routed_top5.mean()),
+            "top1_per_path": json_matrix(r.top1),
+            "flops": self.flops,
+            "mean_flops": self.mean_flops,
+            "parameters": self.parameters,
+            **r.info,
+        }
 
 
 def flops_per_size(
@@ -248,9 +257,19 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
         for i, size in enumerate(r.sizes):
             for k in range(r.top1.shape[1]):
                 if not np.isnan(r.top1[i, k]):
-                    rows.append({"checkpoint": ev.name, "method": ev.method, "protocol": r.protocol, "size": size,
-                                 "path": k, "routed": k == r.routed[i], "top1": r.top1[i, k], "top5": r.top5[i, k],
-                                 "flops": ev.flops[i] if k == r.routed[i] else None})  # fmt: skip
+                    rows.append(
+                        {
+                            "checkpoint": ev.name,
+                            "method": ev.method,
+                            "protocol": r.protocol,
+                            "size": size,
+                            "path": k,
+                            "routed": k == r.routed[i],
+                            "top1": r.top1[i, k],
+                            "top5": r.top5[i, k],
+                            "flops": ev.flops[i] if k == r.routed[i] else None,
+                        }
+                    )
     table: pd.DataFrame = pd.DataFrame(rows)
     return table
 
@@ -301,9 +320,14 @@ def check_classes(loaded: Sequence[Loaded], dataset: Any, data: str) -> None:
 
 
 def evaluate_checkpoints(
-    loaded: Sequence[Loaded], loader: Iterable[Any], sizes: Sequence[int], *, protocol: Protocol,
-    paths: Literal["all", "routed"], device: torch.device,
-) -> list[Evaluated]:  # fmt: skip
+    loaded: Sequence[Loaded],
+    loader: Iterable[Any],
+    sizes: Sequence[int],
+    *,
+    protocol: Protocol,
+    paths: Literal["all", "routed"],
+    device: torch.device,
+) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters."""
     out = []
     for item in loaded:

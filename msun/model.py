@@ -284,10 +284,15 @@ def build_msun(
     split = check_split(backbone, vanilla, arch, split_at)
     parts = backbone.split(vanilla, split)
     model = MSUN(
-        arch=arch, split_at=split, scales=scale_tuple, routing=route_tuple,
-        num_classes=num_classes, subnets=make_subnets(backbone, parts.shallow, scale_tuple),
-        trunk=parts.trunk, head=parts.head,
-    )  # fmt: skip
+        arch=arch,
+        split_at=split,
+        scales=scale_tuple,
+        routing=route_tuple,
+        num_classes=num_classes,
+        subnets=make_subnets(backbone, parts.shallow, scale_tuple),
+        trunk=parts.trunk,
+        head=parts.head,
+    )
     return model.train()
 
 

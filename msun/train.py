@@ -217,9 +217,8 @@ def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = batch.labels.to(device, non_blocking=True)
-    no_sync = getattr(
-        loop.objective, "no_sync", None
-    )  # DDP: reduce gradients on the last micro-batch only
+    # DDP: reduce gradients on the last micro-batch of the step only.
+    no_sync = getattr(loop.objective, "no_sync", None)
     autocast = torch.autocast(
         device.type, dtype=loop.amp or torch.float32, enabled=loop.amp is not None
     )
@@ -321,8 +320,13 @@ def validate(loop: Loop) -> EvalResult:
         loop.val_loader, val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)
     )
     return evaluate(
-        loop.model, batches, C.parse_sizes(loop.cfg.eval_sizes), train_size=loop.cfg.image_size, paths="all", amp_dtype=loop.amp
-    )  # fmt: skip
+        loop.model,
+        batches,
+        C.parse_sizes(loop.cfg.eval_sizes),
+        train_size=loop.cfg.image_size,
+        paths="all",
+        amp_dtype=loop.amp,
+    )
 
 
 def _epoch_row(
@@ -446,10 +450,11 @@ def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
     micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
-        f"{cfg.method} {cfg.model}" + (f" split at {cfg.split_at}, scales {list(cfg.scales)}" if cfg.method == "msun" else "")
+        f"{cfg.method} {cfg.model}"
+        + (f" split at {cfg.split_at}, scales {list(cfg.scales)}" if cfg.method == "msun" else "")
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epochs on {info.device}"
-    )  # fmt: skip
+    )
     if cfg.warmup_epochs >= (cfg.epochs or 0):
         console.print(
             f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"

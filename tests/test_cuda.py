@@ -41,9 +41,32 @@ def test_compare_on_cuda_equals_cpu() -> None:
 
 
 def test_msun_train_step_on_cuda_with_bf16(tmp_path: Path) -> None:
-    args = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
-            "--num-train", "16", "--num-val", "8", "--eval-sizes", "16,32", "--epochs", "1", "--device", "cuda",
-            "--amp", "bf16", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--scales",
+        "16",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-train",
+        "16",
+        "--num-val",
+        "8",
+        "--eval-sizes",
+        "16,32",
+        "--epochs",
+        "1",
+        "--device",
+        "cuda",
+        "--amp",
+        "bf16",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = CliRunner().invoke(msun_main, args)
     assert result.exit_code == 0, result.output
     assert (

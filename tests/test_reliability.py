@@ -27,10 +27,39 @@ from ckascope.result import CKAResult
 from msun.cli import main as msun_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_COMPARE = ["--weights", "none", "--num-classes", "10", "--base-size", "32", "--resize-size", "37",
-                "--batch-size", "8", "--num-images", "16", "--layers", "stages"]  # fmt: skip
-TINY_TRAIN = ["--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
-              "--num-train", "16", "--num-val", "8", "--epochs", "1"]  # fmt: skip
+TINY_COMPARE = [
+    "--weights",
+    "none",
+    "--num-classes",
+    "10",
+    "--base-size",
+    "32",
+    "--resize-size",
+    "37",
+    "--batch-size",
+    "8",
+    "--num-images",
+    "16",
+    "--layers",
+    "stages",
+]
+TINY_TRAIN = [
+    "--model",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--scales",
+    "16",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-train",
+    "16",
+    "--num-val",
+    "8",
+    "--epochs",
+    "1",
+]
 
 
 class Evil:
@@ -198,8 +227,21 @@ def test_killed_compare_leaves_no_partial_result_and_a_rerun_succeeds(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "ckascope", "compare", "--model", "resnet18", *TINY_COMPARE[:-4], "--num-images", "64",
-           "--batch-size", "8", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ckascope",
+        "compare",
+        "--model",
+        "resnet18",
+        *TINY_COMPARE[:-4],
+        "--num-images",
+        "64",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+    ]
     for delay in (0.5, 3.0, 6.0):  # early (imports), mid-sweep, late (possibly while saving)
         proc = subprocess.Popen(
             cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

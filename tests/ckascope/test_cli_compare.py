@@ -13,8 +13,25 @@ from click.testing import CliRunner
 from ckascope.cli import main
 from ckascope.result import CKAResult
 
-SMALL = ["--weights", "none", "--num-classes", "10", "--base-size", "48", "--resize-size", "56",
-         "--scales", "16", "48", "--batch-size", "8", "--num-images", "16", "--layers", "stages"]  # fmt: skip
+SMALL = [
+    "--weights",
+    "none",
+    "--num-classes",
+    "10",
+    "--base-size",
+    "48",
+    "--resize-size",
+    "56",
+    "--scales",
+    "16",
+    "48",
+    "--batch-size",
+    "8",
+    "--num-images",
+    "16",
+    "--layers",
+    "stages",
+]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -58,9 +58,12 @@ def test_file_is_plain_data(saved: Path) -> None:
     assert raw["format"] == ckascope.models.CHECKPOINT_FORMAT
     assert raw["builder"] == "msun"
     assert raw["config"] == {
-        "arch": "resnet18", "split_at": "layer2", "scales": [16, 32, 64], "num_classes": 5,
+        "arch": "resnet18",
+        "split_at": "layer2",
+        "scales": [16, 32, 64],
+        "num_classes": 5,
         "routing": [20, 40],
-    }  # fmt: skip
+    }
     assert raw["epoch"] == 3
     assert raw["history"] == [0.5, 0.25]
 

@@ -88,8 +88,24 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
 ) -> None:
     save_checkpoint(tiny, tmp_path / "msun.pt")
     out = tmp_path / "cmp"
-    args = ["compare", "--checkpoint", str(tmp_path / "msun.pt"), "--scales", "16", "32", "--base-size", "32",
-            "--resize-size", "37", "--num-images", "16", "--batch-size", "8", "--out", str(out)]  # fmt: skip
+    args = [
+        "compare",
+        "--checkpoint",
+        str(tmp_path / "msun.pt"),
+        "--scales",
+        "16",
+        "32",
+        "--base-size",
+        "32",
+        "--resize-size",
+        "37",
+        "--num-images",
+        "16",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(ckascope_main, args)
     assert result.exit_code == 0, result.output
     saved = CKAResult.load(out)
@@ -103,12 +119,52 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
 
 def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     analysis = tmp_path / "analysis"
-    args = ["compare", "--model", "resnet18", "--weights", "none", "--num-classes", "10", "--scales", "16", "32",
-            "--base-size", "32", "--resize-size", "37", "--num-images", "16", "--batch-size", "8", "--out", str(analysis)]  # fmt: skip
+    args = [
+        "compare",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--num-classes",
+        "10",
+        "--scales",
+        "16",
+        "32",
+        "--base-size",
+        "32",
+        "--resize-size",
+        "37",
+        "--num-images",
+        "16",
+        "--batch-size",
+        "8",
+        "--out",
+        str(analysis),
+    ]
     assert CliRunner().invoke(ckascope_main, args).exit_code == 0
     run = tmp_path / "run"
-    train = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
-             "--num-train", "16", "--num-val", "8", "--eval-sizes", "16,32", "--epochs", "1", "--out", str(run)]  # fmt: skip
+    train = [
+        "train",
+        "--model",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--scales",
+        "16",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-train",
+        "16",
+        "--num-val",
+        "8",
+        "--eval-sizes",
+        "16,32",
+        "--epochs",
+        "1",
+        "--out",
+        str(run),
+    ]
     result = CliRunner().invoke(
         msun_main, [*train, "--split-at", "auto", "--cka-from", str(analysis)]
     )
@@ -125,8 +181,28 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
 
 
 def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -> None:
-    args = ["train", "--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
-            "--num-train", "16", "--num-val", "8", "--epochs", "1", "--split-at", "auto", "--out", str(tmp_path / "r")]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--scales",
+        "16",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-train",
+        "16",
+        "--num-val",
+        "8",
+        "--epochs",
+        "1",
+        "--split-at",
+        "auto",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     result = CliRunner().invoke(msun_main, args)
     assert result.exit_code == 2
     assert "--cka-from" in result.stderr

@@ -80,9 +80,10 @@ def _conv(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
     return tuple(module.kernel_size), tuple(module.stride), tuple(module.padding)  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize(("arch", "conv", "pool"), [("resnet50", "conv1", "maxpool"),
-                                                    ("densenet121", "features.conv0",
-                                                     "features.pool0")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "conv", "pool"),
+    [("resnet50", "conv1", "maxpool"), ("densenet121", "features.conv0", "features.pool0")],
+)
 def test_resnet_and_densenet_stems(
     published: dict[str, MSUN], arch: str, conv: str, pool: str
 ) -> None:
@@ -145,8 +146,12 @@ def test_stem_rule_for_other_subnet_counts() -> None:
 def test_split_points_in_forward_order() -> None:
     assert msun.split_points("resnet50") == ["layer1", "layer2", "layer3", "layer4"]
     assert msun.split_points("densenet121") == [f"denseblock{i}" for i in range(1, 5)]
-    assert msun.split_points("vgg16_bn") == ["features.7", "features.14", "features.24",
-                                             "features.34"]  # fmt: skip
+    assert msun.split_points("vgg16_bn") == [
+        "features.7",
+        "features.14",
+        "features.24",
+        "features.34",
+    ]
     assert msun.split_points("vgg16") == ["features.5", "features.10", "features.17", "features.24"]
     assert msun.split_points("mobilenet_v2") == [f"features.{i}" for i in range(1, 19)]
 

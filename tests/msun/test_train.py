@@ -27,8 +27,25 @@ from msun.runstate import RunLock
 from msun.train import build_network
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--model", "resnet18", "--image-size", "32", "--scales", "16", "32", "--batch-size", "8",
-        "--num-train", "32", "--num-val", "8", "--eval-sizes", "16,32", "--lr", "0.05"]  # fmt: skip
+TINY = [
+    "--model",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--scales",
+    "16",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-train",
+    "32",
+    "--num-val",
+    "8",
+    "--eval-sizes",
+    "16,32",
+    "--lr",
+    "0.05",
+]
 
 
 def _train(out: Path, *extra: str) -> Result:
@@ -416,8 +433,25 @@ def test_an_image_folder_without_train_and_val_is_refused(tmp_path: Path) -> Non
 
 def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
     assert _train(tmp_path / "src", "--method", "vanilla", "--epochs", "1").exit_code == 0
-    args = ["train", "--init-from", str(tmp_path / "src" / "last.pt"), "--image-size", "32", "--batch-size", "8",
-            "--num-train", "16", "--num-val", "8", "--eval-sizes", "32", "--epochs", "1", "--out", str(tmp_path / "ft")]  # fmt: skip
+    args = [
+        "train",
+        "--init-from",
+        str(tmp_path / "src" / "last.pt"),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-train",
+        "16",
+        "--num-val",
+        "8",
+        "--eval-sizes",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "ft"),
+    ]
     result = CliRunner().invoke(main, args)  # no --model: the default resnet50 must not leak in
     assert result.exit_code == 0, result.output
     tuned = models.load_checkpoint(tmp_path / "ft" / "last.pt")
