@@ -1,10 +1,13 @@
 """Rebuilds the paper-style figures from the project's own runs on the synthetic set.
 
     python figures/make_figures.py                                # the committed figures (~1.5 h on 2 CPU cores)
-    python figures/make_figures.py --quick --out /tmp/figs-quick  # a smoke run in minutes
+    python figures/make_figures.py --quick --out /tmp/figs-quick --runs /tmp/figs-quick/runs  # smoke run
 
-Steps (each training run is skipped when its folder already holds the finished run, so a rerun
-only re-evaluates and redraws):
+Training runs live under ``--runs`` (default ``runs/figures``): a finished run is reused (a rerun
+only re-evaluates and redraws), an interrupted one resumed, and a folder holding a run with other
+settings refused.
+
+Steps:
 
 1. train vanilla, MST and MSUN (split layer2) on the same backbone, data and budget;
 2. Figure 4: ``msun eval`` of the three over the test sizes (accuracy, mean FLOPs, parameters);

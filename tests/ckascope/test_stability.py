@@ -1,4 +1,4 @@
-"""Deep float32 features whose spread is ~1e-6 of their mean: where float32 peers return NaN."""
+"""Deep float32 features nearly constant across images: exact here, wrong from un-centred Grams."""
 
 from __future__ import annotations
 
