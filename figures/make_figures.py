@@ -9,8 +9,9 @@ settings refused.
 
 Steps:
 
-1. train vanilla, MST and MSUN (split layer2) on the same backbone, data and budget;
-2. Figure 4: ``msun eval`` of the three over the test sizes (accuracy, mean FLOPs, parameters);
+1. train vanilla, MST and MSUN (split layer2; the published SI term and the authors' revision)
+   on the same backbone, data and budget;
+2. Figure 4: ``msun eval`` of the four over the test sizes (accuracy, mean FLOPs, parameters);
 3. Figure 2 and heatmaps: ``ckascope compare`` of the trained vanilla model and the trained MSUN
    (routed paths) at the smallest vs the largest scale, mean +- std over sweeps;
 4. the loop: ``ckascope suggest-split`` on the vanilla model's analysis;
@@ -47,6 +48,14 @@ from msun.train import main as train
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("layer1", "layer2", "layer3", "layer4")
+# Figure 4's runs: folder name -> (method, split, SI options). MSUN with the published SI term
+# (weight 1, all pairs) and with the authors' later revision (weight 0.1, against the largest).
+RUNS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "vanilla": ("vanilla", None, {}),
+    "mst": ("mst", None, {}),
+    "msun": ("msun", "layer2", {}),
+    "msun_si0.1_largest": ("msun", "layer2", {"si_weight": 0.1, "si_pairs": "largest"}),
+}
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -82,12 +91,13 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 def train_config(
-    s: dict[str, Any], method: str, out: Path, split: str | None = None
+    s: dict[str, Any], method: str, out: Path, split: str | None = None, **si: Any
 ) -> TrainConfig:
     """One run of the comparison: resnet18 from scratch on the synthetic set, same budget for all.
 
     The recipe's optimiser and schedule shape, at a CPU-sized budget: lr 0.05 for batch 32, 0.3
     warm-up epochs, and crops of at least 35 % of the image (smaller ones often hold no object).
+    ``si`` overrides the scale-invariance options (``si_weight``, ``si_pairs``).
     """
     return TrainConfig(
         model="resnet18",
@@ -107,6 +117,7 @@ def train_config(
         eval_sizes=s["eval_sizes"],
         eval_every=2,
         seed=0,
+        **si,
     )
 
 
@@ -211,7 +222,7 @@ def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
 
 def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
     """Accuracy vs test size of vanilla, MST and MSUN, with mean accuracy, FLOPs, parameters."""
-    evaluated = evaluate_runs([runs["vanilla"], runs["mst"], runs["msun"]], s)
+    evaluated = evaluate_runs([runs[m] for m in RUNS], s)
     write_json(
         out / "data" / "fig4_accuracy.json",
         {"settings": _plain(s), "models": [e.summary() for e in evaluated]},
@@ -241,14 +252,16 @@ def figure2(runs: dict[str, Path], s: dict[str, Any], out: Path) -> CKAResult:
     return vanilla_cka
 
 
-def ablation(
-    runs: dict[str, Path], s: dict[str, Any], out: Path, folder: Path, analysis: CKAResult
-) -> list[dict[str, Any]]:
-    """MSUN with every split point (the ablation budget): mean accuracy against the split, and
-    what suggest-split picks from the trained vanilla model's analysis."""
-    candidates = split_candidates("resnet18", s["scales"])
-    suggestion = suggest_split(analysis, candidates)
+def the_loop(s: dict[str, Any], out: Path, analysis: CKAResult) -> str:
+    """``suggest-split`` on the trained vanilla model's analysis; returns the choice."""
+    suggestion = suggest_split(analysis, split_candidates("resnet18", s["scales"]))
     write_json(out / "data" / "suggest_split_vanilla.json", suggestion.to_dict())
+    return suggestion.choice
+
+
+def ablation(s: dict[str, Any], out: Path, folder: Path, choice: str) -> list[dict[str, Any]]:
+    """MSUN with every split point (the ablation budget): mean accuracy against the split."""
+    candidates = split_candidates("resnet18", s["scales"])
     budget = {**s, **s["ablation"]}
     checkpoints = [
         run(train_config(budget, "msun", folder / f"ablation_{split}", split)) for split in SPLITS
@@ -265,7 +278,7 @@ def ablation(
     ]
     write_json(
         out / "data" / "ablation_split.json",
-        {"settings": _plain(s), "rows": rows, "suggest_split": suggestion.choice},
+        {"settings": _plain(s), "rows": rows, "suggest_split": choice},
     )
     png(ablation_figure(rows), out, "ablation_split")
     return rows
@@ -284,16 +297,23 @@ def main() -> None:
         "--runs", type=Path, default=Path("runs/figures"), help="where the training runs live"
     )
     parser.add_argument("--out", type=Path, default=HERE, help="where the PNGs and data go")
+    parser.add_argument(
+        "--skip-ablation",
+        action="store_true",
+        help="stop after Figure 4, Figure 2 and the heatmaps",
+    )
     args = parser.parse_args()
     s, out = settings(args.quick), args.out
     (out / "data").mkdir(parents=True, exist_ok=True)
     runs = {
-        m: run(train_config(s, m, args.runs / m, "layer2" if m == "msun" else None))
-        for m in ("vanilla", "mst", "msun")
+        name: run(train_config(s, method, args.runs / name, split, **si))
+        for name, (method, split, si) in RUNS.items()
     }
     figure4(runs, s, out)
-    analysis = figure2(runs, s, out)
-    rows = ablation(runs, s, out, args.runs, analysis)
+    choice = the_loop(s, out, figure2(runs, s, out))
+    if args.skip_ablation:
+        return
+    rows = ablation(s, out, args.runs, choice)
     print(json.dumps(rows, indent=2))
 
 
