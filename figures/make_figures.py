@@ -1,6 +1,6 @@
 """Rebuilds the paper-style figures from the project's own runs on the synthetic set.
 
-    python figures/make_figures.py                                # the committed figures (~1.5 h on 2 CPU cores)
+    python figures/make_figures.py                                # the committed figures (~2 h on 2 CPU cores)
     python figures/make_figures.py --quick --out /tmp/figs-quick --runs /tmp/figs-quick/runs  # smoke run
 
 Training runs live under ``--runs`` (default ``runs/figures``): a finished run is reused (a rerun
