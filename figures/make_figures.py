@@ -236,20 +236,25 @@ def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
     )
 
 
+# Figure 2's models: run name -> label. Every MSUN is measured through its routed paths.
+CKA_LABELS = {
+    "vanilla": "vanilla",
+    "msun": "MSUN, published SI (λ 1)",
+    "msun_si0.1_largest": "MSUN, revised SI (λ 0.1)",
+}
+
+
 def figure2(runs: dict[str, Path], s: dict[str, Any], out: Path) -> CKAResult:
-    """Same-layer cross-scale CKA of vanilla vs MSUN, and both heatmaps; returns vanilla's."""
-    vanilla_cka, msun_cka = (
-        cka(runs["vanilla"], s, "vanilla", out),
-        cka(runs["msun"], s, "msun", out),
-    )
+    """Same-layer cross-scale CKA of vanilla and the MSUNs, and their heatmaps; returns vanilla's."""
+    results = {name: cka(runs[name], s, name, out) for name in CKA_LABELS}
     png(
-        curve([vanilla_cka, msun_cka], labels=["vanilla", "MSUN (routed paths)"]),
+        curve(list(results.values()), labels=list(CKA_LABELS.values())),
         out,
         "fig2_cross_scale_cka",
     )
-    png(heatmap(vanilla_cka, title="vanilla resnet18"), out, "heatmap_vanilla")
-    png(heatmap(msun_cka, title="MSUN resnet18 (routed paths)"), out, "heatmap_msun")
-    return vanilla_cka
+    for name, result in results.items():
+        png(heatmap(result, title=f"{CKA_LABELS[name]}, resnet18"), out, f"heatmap_{name}")
+    return results["vanilla"]
 
 
 def the_loop(s: dict[str, Any], out: Path, analysis: CKAResult) -> str:
