@@ -418,11 +418,7 @@ def compare_scales(
     info = {
         "mode": "scales",
         "scales": list(scales),
-        "protocol": protocol,
-        "base_size": base_size,
-        "resize_size": resize_for(base_size, resize_size),
-        "resize_mode": resize_mode,
-        "antialias": antialias,
+        **_view_info(protocol, base_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "gram_dtype": gram_dtype,
         **_paths([model, model], scales),
@@ -484,17 +480,26 @@ def compare_models(
     info = {
         "mode": "models",
         "scales": [scale, scale],
-        "protocol": protocol,
-        "base_size": base_size,
-        "resize_size": resize_for(base_size, resize_size),
-        "resize_mode": resize_mode,
-        "antialias": antialias,
+        **_view_info(protocol, base_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "layers_b": _describe(layers_b),
         "gram_dtype": gram_dtype,
         **_paths([model_a, model_b], [scale, scale]),
     }
     return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
+
+
+def _view_info(
+    protocol: str, base_size: int, resize_size: int | None, resize_mode: str, antialias: bool
+) -> dict[str, Any]:
+    """The result settings that say how the images were prepared and resized."""
+    return {
+        "protocol": protocol,
+        "base_size": base_size,
+        "resize_size": resize_for(base_size, resize_size),
+        "resize_mode": resize_mode,
+        "antialias": antialias,
+    }
 
 
 def _describe(layers: LayerSpec | None) -> Any:

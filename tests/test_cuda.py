@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from ckascope import MinibatchCKA, compare_scales
 from ckascope.models import build_model
 from msun.cli import main as msun_main
+from tests import tinyrun
 
 pytestmark = pytest.mark.cuda
 
@@ -43,23 +44,7 @@ def test_compare_on_cuda_equals_cpu() -> None:
 def test_msun_train_step_on_cuda_with_bf16(tmp_path: Path) -> None:
     args = [
         "train",
-        "--model",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--scales",
-        "16",
-        "32",
-        "--batch-size",
-        "8",
-        "--num-train",
-        "16",
-        "--num-val",
-        "8",
-        "--eval-sizes",
-        "16,32",
-        "--epochs",
-        "1",
+        *tinyrun.TRAIN,
         "--device",
         "cuda",
         "--amp",

@@ -25,6 +25,7 @@ from ckascope.cli import main as ckascope_main
 from ckascope.data import SafeImageFolder, Skipped, eval_transform
 from ckascope.result import CKAResult
 from msun.cli import main as msun_main
+from tests import tinyrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_COMPARE = [
@@ -43,23 +44,7 @@ TINY_COMPARE = [
     "--layers",
     "stages",
 ]
-TINY_TRAIN = [
-    "--model",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--scales",
-    "16",
-    "32",
-    "--batch-size",
-    "8",
-    "--num-train",
-    "16",
-    "--num-val",
-    "8",
-    "--epochs",
-    "1",
-]
+TINY_TRAIN = tinyrun.TRAIN
 
 
 class Evil:

@@ -18,6 +18,7 @@ from ckascope.result import CKAResult
 from msun import build_msun, save_checkpoint
 from msun.cli import main as msun_main
 from tests import reference as ref
+from tests import tinyrun
 
 
 @pytest.fixture(scope="module")
@@ -143,28 +144,7 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     ]
     assert CliRunner().invoke(ckascope_main, args).exit_code == 0
     run = tmp_path / "run"
-    train = [
-        "train",
-        "--model",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--scales",
-        "16",
-        "32",
-        "--batch-size",
-        "8",
-        "--num-train",
-        "16",
-        "--num-val",
-        "8",
-        "--eval-sizes",
-        "16,32",
-        "--epochs",
-        "1",
-        "--out",
-        str(run),
-    ]
+    train = ["train", *tinyrun.TRAIN, "--out", str(run)]
     result = CliRunner().invoke(
         msun_main, [*train, "--split-at", "auto", "--cka-from", str(analysis)]
     )
@@ -183,21 +163,7 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
 def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -> None:
     args = [
         "train",
-        "--model",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--scales",
-        "16",
-        "32",
-        "--batch-size",
-        "8",
-        "--num-train",
-        "16",
-        "--num-val",
-        "8",
-        "--epochs",
-        "1",
+        *tinyrun.TRAIN,
         "--split-at",
         "auto",
         "--out",

@@ -25,27 +25,10 @@ from msun.config import TrainConfig
 from msun.objective import Objective
 from msun.runstate import RunLock
 from msun.train import build_network
+from tests import tinyrun
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "--model",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--scales",
-    "16",
-    "32",
-    "--batch-size",
-    "8",
-    "--num-train",
-    "32",
-    "--num-val",
-    "8",
-    "--eval-sizes",
-    "16,32",
-    "--lr",
-    "0.05",
-]
+TINY = [*tinyrun.MODEL, "--num-train", "32", "--lr", "0.05"]
 
 
 def _train(out: Path, *extra: str) -> Result:
