@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import markdown_table
 
 from ckascope import MinibatchCKA
 from ckascope.functional import batch_hsic_terms
@@ -61,7 +62,7 @@ def engine_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[
     ka, kb = grams(layers, batch, width, 0), grams(layers, batch, width, 1)
     batched, _, _ = batch_hsic_terms(ka, kb)
     torch.testing.assert_close(batched, per_pair_loop(ka, kb), rtol=1e-9, atol=1e-12)
-    rows = []
+    rows: list[dict[str, object]] = []
     for name, fn, reps in [
         ("batched product (ckascope)", lambda: batch_hsic_terms(ka, kb), repeats),
         ("per-pair loop, U-centred once", lambda: per_pair_loop(ka, kb), max(1, repeats // 5)),
@@ -73,25 +74,17 @@ def engine_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[
 
 def memory_rows(layers: int, batch: int, width: int, counts: list[int]) -> list[dict[str, object]]:
     ga, gb = grams(layers, batch, width, 2), grams(layers, batch, width, 3)
-    rows = []
+    rows: list[dict[str, object]] = []
     for count in counts:
         metric = MinibatchCKA(layers, layers)
         for _ in range(count):
             metric.update_grams(ga, gb)
         metric.compute()
-        state = sum(t.numel() * t.element_size() for t in metric.metric_state.values())  # type: ignore[union-attr]
+        tensors = [t for t in metric.metric_state.values() if isinstance(t, torch.Tensor)]
+        state = sum(t.numel() * t.element_size() for t in tensors)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append({"batches": count, "state_bytes": state, "peak_rss_mib": rss})
     return rows
-
-
-def table(rows: list[dict[str, object]]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -111,7 +104,7 @@ def main() -> None:
         f"## {args.layers} x {args.layers} layers, batch {args.batch}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n"
     )
-    print(table(engine) + "\n\n" + table(memory))
+    print(markdown_table(engine) + "\n\n" + markdown_table(memory))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

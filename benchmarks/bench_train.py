@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import markdown_table
 
 from ckascope.compare import resize
 from ckascope.distributed import DistInfo
@@ -97,16 +98,6 @@ def loader_rate(cfg: TrainConfig, workers: int, batches: int) -> float:
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
 
-def table(rows: list[dict[str, object]]) -> str:
-    keys = list(rows[0])
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += [
-        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
-        for r in rows
-    ]
-    return "\n".join(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,9 +132,9 @@ def main() -> None:
         f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}\n"
     )
     print(
-        table([cost])
+        markdown_table([cost])
         + f"\n\ntraining step: {step_rate:.1f} images/s (forward + backward)\n\n"
-        + table(loaders)
+        + markdown_table(loaders)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

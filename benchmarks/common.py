@@ -418,8 +418,12 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``rows``; ``columns`` are (key, header) pairs."""
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] | None = None
+) -> str:
+    """A markdown table of ``rows``; ``columns`` are (key, header) pairs (default: every key)."""
+    if columns is None:
+        columns = [(key, key) for key in rows[0]]
     lines = [
         "| " + " | ".join(header for _, header in columns) + " |",
         "|" + "---|" * len(columns),

@@ -35,7 +35,13 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from ckascope.compare import Protocol, compare_scales
-from ckascope.data import build_dataset, collate_skip, eval_transform, subset_indices
+from ckascope.data import (
+    build_dataset,
+    collate_skip,
+    dataset_len,
+    eval_transform,
+    subset_indices,
+)
 from ckascope.fileio import atomic_path, write_json
 from ckascope.models import load_checkpoint, read_checkpoint
 from ckascope.plot import curve, heatmap
@@ -155,7 +161,7 @@ def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]
         num_images=s["num_val"],
         synthetic_size=size,
     )
-    idx = subset_indices(len(data), None, 0)
+    idx = subset_indices(dataset_len(data), None, 0)
     loader = DataLoader(
         data,
         batch_sampler=[idx[i : i + 64] for i in range(0, len(idx), 64)],
