@@ -12,9 +12,9 @@ Steps:
 1. train vanilla, MST and MSUN (split layer2; the published SI term and the authors' revision)
    on the same backbone, data and budget;
 2. Figure 4: ``msun eval`` of the four over the test sizes (accuracy, mean FLOPs, parameters);
-3. Figure 2 and heatmaps: ``ckascope compare`` of the trained vanilla model (resized back, and
-   fed natively) and the trained MSUNs (routed paths) at the smallest vs the largest scale, mean
-   +- std over sweeps;
+3. Figure 2 and heatmaps: ``ckascope compare`` of the trained vanilla model and the trained MSUNs
+   (routed paths) at the smallest vs the largest scale, mean +- std over sweeps; linear CKA, and
+   RBF CKA as a check on linear CKA's sensitivity to a few large-norm images;
 4. the loop: ``ckascope suggest-split`` on the vanilla model's analysis;
 5. the split-point ablation: MSUN (revised SI) trained with the trunk starting at layer1..layer4
    on the same budget, mean accuracy over the test sizes against the split point.
@@ -34,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from ckascope.compare import Protocol, compare_scales
+from ckascope.compare import compare_scales
 from ckascope.data import (
     build_dataset,
     collate_skip,
@@ -43,6 +43,7 @@ from ckascope.data import (
     subset_indices,
 )
 from ckascope.fileio import atomic_path, write_json
+from ckascope.kernels import Kernel
 from ckascope.models import load_checkpoint, read_checkpoint
 from ckascope.plot import curve, heatmap
 from ckascope.result import CKAResult
@@ -187,7 +188,7 @@ def png(fig: Figure, out: Path, name: str) -> Path:
 
 
 def cka(
-    checkpoint: Path, s: dict[str, Any], name: str, out: Path, protocol: Protocol = "upsample"
+    checkpoint: Path, s: dict[str, Any], name: str, out: Path, kernel: Kernel = "linear"
 ) -> CKAResult:
     """Cross-scale CKA of a trained model at its smallest vs largest scale."""
     model = load_checkpoint(checkpoint)
@@ -200,27 +201,41 @@ def cka(
         num_images=s["cka_images"],
         batch_size=64,
         repeats=s["cka_repeats"],
-        protocol=protocol,
+        kernel=kernel,
         settings={"model": name},
     )
     result.save(out / "data" / f"cka_{name}", overwrite=True)
     return result
 
 
-def ablation_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Mean accuracy over the test sizes against the split point."""
+def ablation_figure(rows: list[dict[str, Any]], choice: str | None = None) -> Figure:
+    """Mean accuracy over the test sizes against the split point; ``choice`` (suggest-split's)
+    is ringed."""
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
-    ax.plot([r["split_at"] for r in rows], [r["mean_top1"] for r in rows], marker="o")
+    splits, means = [r["split_at"] for r in rows], [r["mean_top1"] for r in rows]
+    ax.plot(splits, means, marker="o")
+    if choice is not None and choice in splits:
+        ax.scatter(
+            [choice],
+            [means[splits.index(choice)]],
+            s=220,
+            facecolors="none",
+            edgecolors="C3",
+            linewidths=1.5,
+            label=f"suggest-split: {choice}",
+        )
+        ax.legend(loc="lower left", fontsize=8)
     for r in rows:
         ax.annotate(
             f"{r['mean_top1']:.1f}%\n+{r['extra_params'] / 1e6:.2f} M",
             (r["split_at"], r["mean_top1"]),
             textcoords="offset points",
-            xytext=(0, 8),
+            xytext=(0, 10),
             ha="center",
             fontsize=8,
         )
+    ax.margins(x=0.1, y=0.25)
     ax.set_xlabel("split point (first stage of the shared trunk)")
     ax.set_ylabel("mean top-1 over test sizes (%)")
     ax.set_title("MSUN split-point ablation (resnet18, synthetic, revised SI)")
@@ -244,27 +259,25 @@ def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
     )
 
 
-# Figure 2's curves: result name -> (run, protocol, label). An MSUN is measured through its routed
-# paths, and its small-scale path runs at that scale (the accuracy protocol), so the deep layers
-# see far fewer positions than at 64 px: vanilla fed natively at 16 px is the fair reference there.
-CKA_CURVES: dict[str, tuple[str, Protocol, str]] = {
-    "vanilla": ("vanilla", "upsample", "vanilla (16 px resized back to 64)"),
-    "vanilla_native": ("vanilla", "native", "vanilla, fed at 16 px"),
-    "msun": ("msun", "upsample", "MSUN, published SI (λ 1)"),
-    "msun_si0.1_largest": ("msun_si0.1_largest", "upsample", "MSUN, revised SI (λ 0.1)"),
+# Figure 2's models: run name -> label. Every MSUN is measured through its routed paths.
+CKA_LABELS = {
+    "vanilla": "vanilla",
+    "msun": "MSUN, published SI (λ 1)",
+    "msun_si0.1_largest": "MSUN, revised SI (λ 0.1)",
 }
 
 
 def figure2(runs: dict[str, Path], s: dict[str, Any], out: Path) -> CKAResult:
     """Same-layer cross-scale CKA of vanilla and the MSUNs, and their heatmaps; returns vanilla's."""
-    results = {
-        name: cka(runs[run_name], s, name, out, protocol)
-        for name, (run_name, protocol, _) in CKA_CURVES.items()
-    }
-    labels = {name: label for name, (_, _, label) in CKA_CURVES.items()}
-    png(curve(list(results.values()), labels=list(labels.values())), out, "fig2_cross_scale_cka")
+    results = {name: cka(runs[name], s, name, out) for name in CKA_LABELS}
+    labels = list(CKA_LABELS.values())
+    png(curve(list(results.values()), labels=labels), out, "fig2_cross_scale_cka")
     for name, result in results.items():
-        png(heatmap(result, title=f"{labels[name]}, resnet18"), out, f"heatmap_{name}")
+        png(heatmap(result, title=f"{CKA_LABELS[name]}, resnet18"), out, f"heatmap_{name}")
+    # Again with the RBF kernel (median bandwidth): in the revised MSUN's deep trunk a few images
+    # have feature norms up to 19x the median and dominate linear CKA (figures/outliers.py).
+    rbf = [cka(runs[name], s, f"{name}_rbf", out, kernel="rbf") for name in CKA_LABELS]
+    png(curve(rbf, labels=labels), out, "fig2_cross_scale_cka_rbf")
     return results["vanilla"]
 
 
@@ -288,19 +301,14 @@ def ablation(
     ]
     costs = {c.name: c.extra_params for c in split_candidates("resnet18", s["scales"])}
     rows = [
-        {
-            "split_at": split,
-            "mean_top1": e.result.mean_top1,
-            "extra_params": costs[split],
-            "mean_flops": e.mean_flops,
-        }
+        {"split_at": split, "extra_params": costs[split], **e.summary()}
         for split, e in zip(SPLITS, evaluate_runs(checkpoints, s), strict=True)
     ]
     write_json(
         out / "data" / "ablation_split.json",
         {"settings": _plain(s), "si": si, "rows": rows, "suggest_split": choice},
     )
-    png(ablation_figure(rows), out, "ablation_split")
+    png(ablation_figure(rows, choice), out, "ablation_split")
     return rows
 
 
