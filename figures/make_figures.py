@@ -65,7 +65,7 @@ RUNS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "msun_si0.1_largest": ("msun", "layer2", {"si_weight": 0.1, "si_pairs": "largest"}),
 }
 # The ablation varies the split of this run (same budget and SI; its own split point is reused):
-# with the published SI term no split leaves the initial plateau at this budget (Figure 4).
+# the published SI term leaves MSUN on its initial plateau at this budget (Figure 4).
 ABLATION_RUN = "msun_si0.1_largest"
 
 
@@ -209,8 +209,7 @@ def cka(
 
 
 def ablation_figure(rows: list[dict[str, Any]], choice: str | None = None) -> Figure:
-    """Mean accuracy over the test sizes against the split point; ``choice`` (suggest-split's)
-    is ringed."""
+    """Mean accuracy over the test sizes against the split point, suggest-split's ``choice`` ringed."""
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
     splits, means = [r["split_at"] for r in rows], [r["mean_top1"] for r in rows]

@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", type=Path, default=Path("runs/figures/msun_si0.1_largest/last.pt")
     )
+    parser.add_argument("--image-size", type=int, default=64, help="the run's training size")
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument("--drop", type=float, default=0.02, help="top fraction of norms dropped")
     parser.add_argument("--out", type=Path, default=HERE / "data" / "outliers.json")
@@ -75,10 +76,11 @@ def main() -> None:
     model = load_checkpoint(args.checkpoint).eval()
     if not is_multipath(model):
         raise SystemExit(f"{args.checkpoint} is not an MSUN checkpoint")
+    size = args.image_size
     data = build_dataset(
-        "shapes", "val", eval_transform(64), num_images=args.num_images, synthetic_size=64
+        "shapes", "val", eval_transform(size), num_images=args.num_images, synthetic_size=size
     )
-    images = torch.stack([data[i][0] for i in range(args.num_images)])  # (n, 3, 64, 64)
+    images = torch.stack([data[i][0] for i in range(args.num_images)])  # (n, 3, size, size)
     small, large = (
         features(model, 0, images),
         features(model, cast(MultiPathModel, model).num_paths - 1, images),
