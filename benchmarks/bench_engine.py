@@ -9,7 +9,6 @@ Prints markdown tables and writes benchmarks/results/engine.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import markdown_table
+from common import markdown_table, write_json
 
 from ckascope import MinibatchCKA
 from ckascope.functional import batch_hsic_terms
@@ -105,16 +104,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n"
     )
     print(markdown_table(engine) + "\n\n" + markdown_table(memory))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "engine": engine,
-                "memory": memory,
-            },
-            indent=2,
-        )
+    write_json(
+        args.out,
+        {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "engine": engine,
+            "memory": memory,
+        },
     )
 
 

@@ -16,7 +16,6 @@ Prints markdown tables and writes benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import markdown_table
+from common import markdown_table, write_json
 
 from ckascope.compare import resize
 from ckascope.distributed import DistInfo
@@ -136,17 +135,14 @@ def main() -> None:
         + f"\n\ntraining step: {step_rate:.1f} images/s (forward + backward)\n\n"
         + markdown_table(loaders)
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "overhead": cost,
-                "step_images_per_s": step_rate,
-                "loader": loaders,
-            },
-            indent=2,
-        )
+    write_json(
+        args.out,
+        {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "overhead": cost,
+            "step_images_per_s": step_rate,
+            "loader": loaders,
+        },
     )
 
 
