@@ -11,24 +11,14 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import markdown_table, write_json
+from common import markdown_table, median_time, write_json
 
 from ckascope import MinibatchCKA
 from ckascope.functional import batch_hsic_terms
 from ckascope.kernels import centered_gram, hsic1, ucenter_gram
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def grams(layers: int, batch: int, width: int, seed: int) -> torch.Tensor:
@@ -67,7 +57,7 @@ def engine_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[
         ("per-pair loop, U-centred once", lambda: per_pair_loop(ka, kb), max(1, repeats // 5)),
         ("per-pair HSIC1 from scratch", lambda: per_pair_naive(ka, kb), 1),
     ]:
-        rows.append({"method": name, "seconds_per_batch": timed(fn, reps)})
+        rows.append({"method": name, "seconds_per_batch": median_time(fn, reps)})
     return rows
 
 

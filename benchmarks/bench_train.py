@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import markdown_table, write_json
+from common import markdown_table, median_time, write_json
 
 from ckascope.compare import resize
 from ckascope.distributed import DistInfo
@@ -33,16 +32,6 @@ from msun import build_msun
 from msun.config import TrainConfig
 from msun.data import PlanSampler, SeededItems, epoch_plan, make_loader, train_transform
 from msun.objective import Objective
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def overhead(cfg: TrainConfig, repeats: int) -> dict[str, float]:
@@ -65,8 +54,8 @@ def overhead(cfg: TrainConfig, repeats: int) -> dict[str, float]:
 
         return run
 
-    step = median_seconds(msun_step, repeats)
-    paths = [median_seconds(path_step(k), repeats) for k in range(len(cfg.scales))]
+    step = median_time(msun_step, repeats)
+    paths = [median_time(path_step(k), repeats) for k in range(len(cfg.scales))]
     return {
         "msun_step_s": step,
         "sum_of_paths_s": sum(paths),

@@ -303,6 +303,13 @@ def measure(
     return Measurement(seconds, worst, load), result  # type: ignore[return-value]
 
 
+def median_time(
+    fn: Callable[[], object], repeats: int, device: torch.device | None = None
+) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (``measure``)."""
+    return measure(lambda: fn, device or torch.device("cpu"), repeats, warmup=fn)[0].median
+
+
 # --- independent float64 reference ------------------------------------------------------------
 
 
