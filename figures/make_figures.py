@@ -139,9 +139,7 @@ def run(cfg: TrainConfig) -> Path:
         return last
     ckpt = read_checkpoint(last)
     saved = ckpt["train_config"]
-    wanted = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items() if v is not None
-    }
+    wanted = {k: v for k, v in _plain(cfg.to_dict()).items() if v is not None}
     other = [k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if other:
         raise SystemExit(
@@ -242,7 +240,7 @@ def ablation_figure(rows: list[dict[str, Any]], choice: str | None = None) -> Fi
     return fig
 
 
-def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
+def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> dict[str, Evaluated]:
     """Accuracy vs test size of vanilla, MST and MSUN, with mean accuracy, FLOPs, parameters."""
     evaluated = evaluate_runs([runs[m] for m in RUNS], s)
     write_json(
@@ -256,6 +254,7 @@ def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> None:
         out,
         "fig4_accuracy",
     )
+    return dict(zip(RUNS, evaluated, strict=True))
 
 
 # Figure 2's models: run name -> label. Every MSUN is measured through its routed paths.
@@ -288,20 +287,23 @@ def the_loop(s: dict[str, Any], out: Path, analysis: CKAResult) -> str:
 
 
 def ablation(
-    s: dict[str, Any], out: Path, runs: dict[str, Path], folder: Path, choice: str
+    s: dict[str, Any], out: Path, evaluated: dict[str, Evaluated], folder: Path, choice: str
 ) -> list[dict[str, Any]]:
-    """MSUN with every split point, else as ``ABLATION_RUN``: mean accuracy against the split."""
+    """MSUN with every split point, else as ``ABLATION_RUN`` (whose evaluation in ``evaluated``,
+    Figure 4's, is reused): mean accuracy against the split."""
     method, reused, si = RUNS[ABLATION_RUN]
-    checkpoints = [
-        runs[ABLATION_RUN]
-        if split == reused
-        else run(train_config(s, method, folder / f"ablation_{split}", split, **si))
+    assert reused is not None  # an MSUN run has its split
+    trained = {
+        split: run(train_config(s, method, folder / f"ablation_{split}", split, **si))
         for split in SPLITS
-    ]
+        if split != reused
+    }
+    results = dict(zip(trained, evaluate_runs(list(trained.values()), s), strict=True))
+    results[reused] = evaluated[ABLATION_RUN]
     costs = {c.name: c.extra_params for c in split_candidates("resnet18", s["scales"])}
     rows = [
-        {"split_at": split, "extra_params": costs[split], **e.summary()}
-        for split, e in zip(SPLITS, evaluate_runs(checkpoints, s), strict=True)
+        {"split_at": split, "extra_params": costs[split], **results[split].summary()}
+        for split in SPLITS
     ]
     write_json(
         out / "data" / "ablation_split.json",
@@ -336,11 +338,11 @@ def main() -> None:
         name: run(train_config(s, method, args.runs / name, split, **si))
         for name, (method, split, si) in RUNS.items()
     }
-    figure4(runs, s, out)
+    evaluated = figure4(runs, s, out)
     choice = the_loop(s, out, figure2(runs, s, out))
     if args.skip_ablation:
         return
-    rows = ablation(s, out, runs, args.runs, choice)
+    rows = ablation(s, out, evaluated, args.runs, choice)
     print(json.dumps(rows, indent=2))
 
 
