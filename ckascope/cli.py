@@ -16,7 +16,15 @@ from torch import nn
 
 from ckascope import __version__, plugins
 from ckascope.cliutils import FriendlyGroup
-from ckascope.compare import MAX_SCALE, PROTOCOLS, RESIZE_MODES, compare_models, compare_scales
+from ckascope.compare import (
+    MAX_SCALE,
+    PROTOCOLS,
+    RESIZE_MODES,
+    base_size_for,
+    compare_models,
+    compare_scales,
+    default_scales,
+)
 from ckascope.distributed import init_distributed
 from ckascope.errors import InputError
 from ckascope.kernels import KERNELS
@@ -121,20 +129,20 @@ def _options(f: Any) -> Any:
         ),
         click.option(
             "--data",
-            help="ImageFolder dir, NAME:PATH (cifar10:~/data), or omit for the synthetic set.",
+            help="ImageFolder dir, NAME:PATH (cifar10:~/data, fashionmnist:DIR of idx files), "
+            "fashionmnist (Debian's dataset-fashion-mnist; 28 px), or omit for the synthetic set.",
         ),
         click.option(
             "--scales",
             type=click.IntRange(1, MAX_SCALE),
             nargs=2,
-            help="Two input scales in px  [default: 32 224].",
+            help="Two input scales in px  [default: base/7 and base: 32 224, or 4 28 on "
+            "Fashion-MNIST].",
         ),
         click.option(
             "--scale",
             type=click.IntRange(1, MAX_SCALE),
-            default=224,
-            show_default=True,
-            help="Input scale when comparing two models.",
+            help="Input scale when comparing two models  [default: the base size].",
         ),
         click.option(
             "--layers",
@@ -179,14 +187,14 @@ def _options(f: Any) -> Any:
         click.option(
             "--base-size",
             type=click.IntRange(4, MAX_SCALE),
-            default=224,
-            show_default=True,
-            help="Centre-crop size of the base images.",
+            help="Centre-crop size of the base images  [default: the data's native size "
+            "(28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
         ),
         click.option(
             "--resize-size",
             type=click.IntRange(4, MAX_SCALE),
-            help="Short side before the centre crop  [default: base size x 256/224].",
+            help="Short side before the centre crop  [default: base size x 256/224; the base "
+            "size (whole image) for the small-image sets].",
         ),
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option(
@@ -242,6 +250,7 @@ def compare(**args: Any) -> None:
     Examples:
       ckascope compare --model resnet18 --weights none --scales 32 224
       ckascope compare --model resnet50 --data ~/imagenet/val --repeats 10
+      ckascope compare --model resnet18 --weights none --data fashionmnist --scales 7 28
       ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
       ckascope compare --checkpoint runs/msun/last.pt --scales 32 224   # each scale its path
     """
@@ -259,7 +268,9 @@ def _check_sides(args: dict[str, Any]) -> bool:
     two_models = bool(args["model_b"] or args["checkpoint_b"])
     if two_models and args["scales"]:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
-    args["scales"] = tuple(args["scales"] or (32, 224))
+    args["base_size"] = base_size_for(args["data"], args["base_size"])
+    args["scales"] = tuple(args["scales"] or default_scales(args["base_size"]))
+    args["scale"] = args["scale"] or args["base_size"]
     return two_models
 
 

@@ -29,7 +29,9 @@ from ckascope.data import (
     build_dataset,
     collate_skip,
     dataset_len,
+    default_resize,
     eval_transform,
+    native_size,
     resize_for,
     subset_indices,
     warn_skipped,
@@ -358,21 +360,33 @@ def as_dataset(
     """A dataset object as is, or the one a ``--data`` spec names with the eval transform."""
     if data is None or isinstance(data, str):
         count = num_images or 1280  # the synthetic set's size when nothing else says
-        transform = eval_transform(base_size, resize_size)
+        transform = eval_transform(base_size, default_resize(data, base_size, resize_size))
         return build_dataset(
             data, "val", transform, num_images=count, seed=seed, synthetic_size=base_size
         )
     return data
 
 
+def base_size_for(data: Dataset[Any] | str | None, base_size: int | None) -> int:
+    """``base_size``, else the native side of the images a spec names (28 for Fashion-MNIST), else 224."""
+    if base_size is not None:
+        return base_size
+    return (native_size(data) if isinstance(data, str) else None) or 224
+
+
+def default_scales(base_size: int) -> tuple[int, int]:
+    """The paper's pair (32, 224) scaled to ``base_size``: (base/7, base)."""
+    return max(1, round(base_size / 7)), base_size
+
+
 def compare_scales(
     model: nn.Module,
     data: Dataset[Any] | str | None = None,
-    scales: Sequence[int] = (32, 224),
+    scales: Sequence[int] | None = None,
     *,
     layers: LayerSpec = "blocks",
     protocol: Protocol = "upsample",
-    base_size: int = 224,
+    base_size: int | None = None,
     resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
@@ -387,11 +401,14 @@ def compare_scales(
     Args:
         model: Any module; multi-path models (MSUN) route each scale through its path.
         data: A dataset of (image, label), a ``--data`` spec, or None for the synthetic set.
-        scales: (s_a, s_b): rows see the images at s_a, columns at s_b.
+        scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(base/7, base): the
+            paper's (32, 224) for 224-px base images].
         layers: Layer names, patterns, a predicate or a preset.
         protocol: "upsample" (resize to s and back to ``base_size``) or "native".
-        base_size: Side of the base images (centre crop), and the model's input size.
-        resize_size: Short side before the centre crop (None: base_size * 256 / 224).
+        base_size: Side of the base images (centre crop), and the model's input size [the
+            native side of a small-image set named by ``data`` (28 for Fashion-MNIST), else 224].
+        resize_size: Short side before the centre crop [base_size * 256 / 224; the base size
+            itself, no crop, for sets of small whole images].
         resize_mode: Interpolation for the scales.
         antialias: Antialias when downscaling.
         device: Move the model there first; None keeps it where it is.
@@ -404,6 +421,8 @@ def compare_scales(
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).
     """
+    base_size = base_size_for(data, base_size)
+    scales = default_scales(base_size) if scales is None else scales
     if len(scales) != 2:
         raise InputError(f"give exactly two scales, got {list(scales)}")
     for s in scales:
@@ -418,7 +437,7 @@ def compare_scales(
     info = {
         "mode": "scales",
         "scales": list(scales),
-        **_view_info(protocol, base_size, resize_size, resize_mode, antialias),
+        **_view_info(data, protocol, base_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "gram_dtype": gram_dtype,
         **_paths([model, model], scales),
@@ -431,11 +450,11 @@ def compare_models(
     model_b: nn.Module,
     data: Dataset[Any] | str | None = None,
     *,
-    scale: int = 224,
+    scale: int | None = None,
     layers: LayerSpec = "blocks",
     layers_b: LayerSpec | None = None,
     protocol: Protocol = "upsample",
-    base_size: int = 224,
+    base_size: int | None = None,
     resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
@@ -451,7 +470,7 @@ def compare_models(
         model_a: Rows of the matrix.
         model_b: Columns of the matrix.
         data: A dataset, a ``--data`` spec, or None for the synthetic set.
-        scale: Input scale for both models (see ``compare_scales`` for the protocol).
+        scale: Input scale for both models [the base size] (see ``compare_scales``).
         layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
         layers_b: Layers of model_b.
         protocol: See ``compare_scales``.
@@ -465,6 +484,8 @@ def compare_models(
         settings: Extra settings to record.
         **sweep: ``SweepOptions`` fields.
     """
+    base_size = base_size_for(data, base_size)
+    scale = base_size if scale is None else scale
     check_scale(scale)
     check_view_options(protocol, resize_mode, antialias)
     for model in (model_a, model_b):
@@ -480,7 +501,7 @@ def compare_models(
     info = {
         "mode": "models",
         "scales": [scale, scale],
-        **_view_info(protocol, base_size, resize_size, resize_mode, antialias),
+        **_view_info(data, protocol, base_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "layers_b": _describe(layers_b),
         "gram_dtype": gram_dtype,
@@ -490,13 +511,20 @@ def compare_models(
 
 
 def _view_info(
-    protocol: str, base_size: int, resize_size: int | None, resize_mode: str, antialias: bool
+    data: Dataset[Any] | str | None,
+    protocol: str,
+    base_size: int,
+    resize_size: int | None,
+    resize_mode: str,
+    antialias: bool,
 ) -> dict[str, Any]:
     """The result settings that say how the images were prepared and resized."""
+    spec = data if isinstance(data, str) else None
     return {
         "protocol": protocol,
+        "native_size": native_size(spec),
         "base_size": base_size,
-        "resize_size": resize_for(base_size, resize_size),
+        "resize_size": resize_for(base_size, default_resize(spec, base_size, resize_size)),
         "resize_mode": resize_mode,
         "antialias": antialias,
     }

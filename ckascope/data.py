@@ -4,7 +4,11 @@ Specs, as given to ``--data``:
 
 - ``shapes`` — the synthetic set (``ckascope.shapes``), drawn on the fly; nothing on disk.
 - ``NAME:PATH`` — a torchvision dataset already downloaded under PATH, e.g. ``cifar10:~/data``,
-  ``stl10:/data/stl``; nothing is downloaded (``list_datasets()`` names them).
+  ``stl10:/data/stl``; nothing is downloaded (``list_datasets()`` names them). For ``mnist``,
+  ``fashionmnist`` and ``kmnist`` PATH may also be any folder holding the original idx files,
+  gzipped or not (``ckascope.idxdata``).
+- ``fashionmnist`` (no path) — the copy Debian's ``dataset-fashion-mnist`` package installs
+  (``./fashionmnist`` names a folder of that name instead).
 - ``PATH`` — an ImageFolder directory (one sub-folder per class). For training, ``PATH/train``
   and ``PATH/val``.
 
@@ -33,6 +37,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from ckascope.errors import InputError, hint_close
+from ckascope.idxdata import IDX_DATASETS, IDX_SIZE, idx_dataset
 from ckascope.shapes import SyntheticShapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,9 +62,6 @@ def _split_named(name: str, train: str, val: str) -> Callable[..., Dataset[Any]]
 TORCHVISION_DATASETS: dict[str, Callable[..., Dataset[Any]]] = {
     "cifar10": _split_train("CIFAR10"),
     "cifar100": _split_train("CIFAR100"),
-    "mnist": _split_train("MNIST"),
-    "fashionmnist": _split_train("FashionMNIST"),
-    "kmnist": _split_train("KMNIST"),
     "stl10": _split_named("STL10", "train", "test"),
     "svhn": _split_named("SVHN", "train", "test"),
     "food101": _split_named("Food101", "train", "test"),
@@ -69,9 +71,40 @@ TORCHVISION_DATASETS: dict[str, Callable[..., Dataset[Any]]] = {
 }
 
 
+#: Sets of small whole images and their side in pixels. Their eval transform resizes the whole
+#: image to the crop size: ImageNet's resize-then-centre-crop would cut the object's edges off.
+NATIVE_SIZES = {
+    **dict.fromkeys(IDX_DATASETS, IDX_SIZE),
+    "cifar10": 32,
+    "cifar100": 32,
+    "svhn": 32,
+    "stl10": 96,
+}
+
+
 def list_datasets() -> list[str]:
     """Names accepted before the colon in ``NAME:PATH`` specs (plus ``shapes``)."""
-    return ["shapes", *sorted(TORCHVISION_DATASETS)]
+    return ["shapes", *sorted([*TORCHVISION_DATASETS, *IDX_DATASETS])]
+
+
+def dataset_name(spec: str | None) -> str | None:
+    """The dataset a ``--data`` spec names ("fashionmnist:DIR" -> "fashionmnist"), else None."""
+    if spec is None or spec == "shapes":
+        return None
+    if spec in IDX_DATASETS:
+        return spec
+    name, sep, _ = spec.partition(":")
+    return name if sep and len(name) > 1 and not os.path.isabs(spec) else None
+
+
+def native_size(spec: str | None) -> int | None:
+    """Side in pixels of every image of the set a spec names (28 for Fashion-MNIST), else None."""
+    return NATIVE_SIZES.get(dataset_name(spec) or "")
+
+
+def default_resize(spec: str | None, crop: int, resize: int | None = None) -> int | None:
+    """``resize``, else the crop itself for sets of whole small images, else None (ImageNet's)."""
+    return crop if resize is None and native_size(spec) else resize
 
 
 def to_rgb(image: Any) -> Any:
@@ -201,7 +234,8 @@ def build_dataset(
     """The dataset named by a ``--data`` spec.
 
     Args:
-        spec: "shapes" or None (synthetic), "NAME:PATH" (torchvision on disk), or a directory.
+        spec: "shapes" or None (synthetic), "NAME:PATH" (torchvision on disk, or a folder of
+            MNIST-family idx files), "fashionmnist" (the system package's copy), or a directory.
         split: "train" or "val".
         transform: Applied to each image (PIL image or uint8 tensor).
         num_images: Size of the synthetic set (ignored by the others).
@@ -217,8 +251,12 @@ def build_dataset(
         return SyntheticShapes(
             split, num_images, seed=seed, size=synthetic_size, transform=transform
         )
+    if spec in IDX_DATASETS:  # a bare name: the system package's copy (./mnist is a folder)
+        return idx_dataset(spec, None, split, transform)
     name, sep, root = spec.partition(":")
     if sep and len(name) > 1 and not os.path.isabs(spec):  # "C:\\..." and "/a:b" are paths
+        if name in IDX_DATASETS:
+            return idx_dataset(name, root, split, transform)
         if name not in TORCHVISION_DATASETS:
             raise InputError(hint_close(name, list_datasets(), what="dataset"))
         return _torchvision_dataset(name, root, split, transform)

@@ -16,12 +16,11 @@ this gives exactly the structures of the authors' code (MSUN_SPEC.md); it extend
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,6 @@ RESNETS = (
 DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
 VGGS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 MOBILENETS = ("mobilenet_v2",)
-
-ConvInit = Callable[[torch.Tensor], object]
 
 
 class Head(nn.Module):
@@ -109,11 +106,11 @@ def _features_split(features: nn.Sequential, index: int) -> tuple[nn.Sequential,
     return shallow, trunk
 
 
-def _replace_conv(parent: nn.Module, name: str, kernel: int, padding: int, init: ConvInit) -> None:
-    """Makes ``parent.name`` a stride-1 conv; a changed kernel size gets fresh weights.
+def _replace_conv(parent: nn.Module, name: str, kernel: int, padding: int) -> None:
+    """Makes ``parent.name`` a stride-1 conv; a changed kernel size means a new conv.
 
-    A conv whose kernel size is unchanged keeps its weights (they still fit), which is how
-    the smaller subnets copy every tensor whose shape matches.
+    A conv whose kernel size is unchanged keeps its (fresh) weights; a new one keeps
+    ``nn.Conv2d``'s own default initialisation, as in the authors' modules.
     """
     old = parent.get_submodule(name)
     assert isinstance(old, nn.Conv2d)
@@ -130,9 +127,6 @@ def _replace_conv(parent: nn.Module, name: str, kernel: int, padding: int, init:
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
-    init(new.weight)
-    if new.bias is not None:
-        nn.init.zeros_(new.bias)
     parent.register_module(name, new)
 
 
@@ -189,7 +183,7 @@ class ResNetBackbone(Backbone):
         return 2  # conv1 (stride 2) and maxpool (stride 2)
 
     def remove_downsamplings(self, shallow: nn.Sequential, m: int) -> None:  # noqa: D102
-        _shrink_stem(shallow, "conv1", "maxpool", m, _kaiming_fan_out)
+        _shrink_stem(shallow, "conv1", "maxpool", m)
 
 
 class DenseNetBackbone(Backbone):
@@ -217,21 +211,15 @@ class DenseNetBackbone(Backbone):
         return 2  # conv0 (stride 2) and pool0 (stride 2)
 
     def remove_downsamplings(self, shallow: nn.Sequential, m: int) -> None:  # noqa: D102
-        _shrink_stem(
-            shallow.get_submodule("features"), "conv0", "pool0", m, nn.init.kaiming_normal_
-        )
+        _shrink_stem(shallow.get_submodule("features"), "conv0", "pool0", m)
 
 
-def _kaiming_fan_out(weight: torch.Tensor) -> object:
-    return nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
-
-
-def _shrink_stem(stem: nn.Module, conv: str, pool: str, m: int, init: ConvInit) -> None:
+def _shrink_stem(stem: nn.Module, conv: str, pool: str, m: int) -> None:
     """ResNet-style stems: m=1 -> conv 5x5/1 pad 2 + max-pool; m=2 -> conv 3x3/1 pad 2, no pool.
 
     The pool is replaced by ``nn.Identity`` under the same name so layer names stay aligned.
     """
-    _replace_conv(stem, conv, kernel=5 if m == 1 else 3, padding=2, init=init)
+    _replace_conv(stem, conv, kernel=5 if m == 1 else 3, padding=2)
     if m >= 2:
         stem.register_module(pool, nn.Identity())
 
@@ -299,9 +287,7 @@ class MobileNetV2Backbone(Backbone):
     def remove_downsamplings(self, shallow: nn.Sequential, m: int) -> None:
         """m=1: stem conv 3x3/1; m>=2: stem conv 1x1/1 and the next m-1 blocks at stride 1."""
         stem = shallow.get_submodule("features.0")
-        _replace_conv(
-            stem, "0", kernel=3 if m == 1 else 1, padding=1 if m == 1 else 0, init=_mobilenet_init
-        )
+        _replace_conv(stem, "0", kernel=3 if m == 1 else 1, padding=1 if m == 1 else 0)
         for block, conv in self._strided_convs(shallow)[: m - 1]:
             conv.stride = (1, 1)
             block.stride = 1  # type: ignore[assignment]
@@ -316,10 +302,6 @@ class MobileNetV2Backbone(Backbone):
             for conv in block.modules()
             if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2)
         ]
-
-
-def _mobilenet_init(weight: torch.Tensor) -> object:
-    return nn.init.kaiming_normal_(weight, mode="fan_out")
 
 
 def _index(split_at: str) -> int:
@@ -410,14 +392,18 @@ def stem_reductions(scales: Sequence[int], downsamplings: int) -> list[int]:
 
 
 def make_subnets(
-    backbone: Backbone, shallow: nn.Sequential, scales: Sequence[int]
+    backbone: Backbone, shallows: Sequence[nn.Sequential], scales: Sequence[int]
 ) -> nn.ModuleList:
-    """One subnet per scale: the largest is ``shallow`` itself, the others changed deep copies."""
-    reductions = stem_reductions(scales, backbone.downsamplings(shallow))
-    subnets = []
-    for m in reductions[:-1]:
-        subnet = copy.deepcopy(shallow)
+    """One subnet per scale from its own shallow part; all but the largest lose down-samplings.
+
+    Args:
+        backbone: The family's adapter.
+        shallows: One shallow part per scale, each cut from its own model (the authors build
+            every subnet from a freshly initialised model, so no two start with equal weights).
+        scales: Nominal sizes, ascending; the last subnet stays as it is.
+    """
+    reductions = stem_reductions(scales, backbone.downsamplings(shallows[-1]))
+    for shallow, m in zip(shallows, reductions, strict=True):
         if m > 0:
-            backbone.remove_downsamplings(subnet, m)
-        subnets.append(subnet)
-    return nn.ModuleList([*subnets, shallow])
+            backbone.remove_downsamplings(shallow, m)
+    return nn.ModuleList(shallows)

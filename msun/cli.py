@@ -16,12 +16,28 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from ckascope.cliutils import FriendlyGroup
-from ckascope.data import build_dataset, collate_skip, dataset_len, eval_transform, subset_indices
+from ckascope.data import (
+    build_dataset,
+    collate_skip,
+    dataset_len,
+    default_resize,
+    eval_transform,
+    subset_indices,
+)
 from ckascope.distributed import init_distributed
 from ckascope.fileio import atomic_write, write_json
 from msun import __version__
 from msun.backbones import split_points
-from msun.config import FIELDS, TrainConfig, load_yaml, merge, option_type, parse_sizes
+from msun.config import (
+    FIELDS,
+    TrainConfig,
+    load_yaml,
+    merge,
+    option_type,
+    paper_sizes,
+    parse_sizes,
+    sizes_text,
+)
 from msun.evaluate import Evaluated, check_classes, evaluate_checkpoints, load_for_eval
 from msun.evaluate import frame as eval_frame
 from msun.flops import flops_report, flops_table, parameters_table
@@ -189,7 +205,8 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 )
 @click.option(
     "--sizes",
-    help="Test sizes, start:stop:step or a list  [default: the run's eval sizes, else 32:224:16].",
+    help="Test sizes, start:stop:step or a list  [default: the run's eval sizes, else the "
+    "paper's 13 sizes from image-size/7 to image-size].",
 )
 @click.option(
     "--protocol",
@@ -233,14 +250,16 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     size. The per-path table shows what each MSUN path would score.
     """
     loaded = [load_for_eval(p) for p in checkpoints]
-    sizes = parse_sizes(opts["sizes"] or loaded[0].eval_sizes or "32:224:16")
     info = init_distributed(opts["device"])
     image_size = opts["image_size"] or loaded[0].train_size
+    sizes = parse_sizes(
+        opts["sizes"] or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
+    )
     data = opts["data"] or loaded[0].data
     dataset = build_dataset(
         data,
         "val",
-        eval_transform(image_size),
+        eval_transform(image_size, default_resize(data, image_size)),
         num_images=opts["num_val"] or 2000,
         synthetic_size=image_size,
     )

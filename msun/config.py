@@ -2,7 +2,8 @@
 
 The recipe (MSUN_SPEC.md): SGD momentum 0.9, weight decay 2e-5 on all parameters, RandomResizedCrop
 224 (scale 0.08-1, bicubic) + horizontal flip, 5 warm-up epochs from 0.01·lr then cosine to
-0.01·lr, mixed precision, gradient clipping 1.0, 90 epochs (MobileNetV2 300). The learning rate
+0.01·lr, mixed precision, gradient clipping 1.0 for MSUN only (the authors' vanilla and MST
+trainers do not clip), 90 epochs (MobileNetV2 300). The learning rate
 scales linearly with the global batch: 0.5 per 1024 images for the ResNet family (ResNet-50's
 published setting), 0.1 per 256 for the other backbones.
 
@@ -13,6 +14,7 @@ config is written to the run folder and into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -74,7 +76,10 @@ class TrainConfig:
     min_lr_factor: float = _opt(0.01, "Cosine decay ends at this fraction of the peak lr.")
     image_size: int = _opt(224, "Training crop size (and the synthetic canvas).")
     crop_scale_min: float = _opt(0.08, "Smallest RandomResizedCrop area fraction.")
-    grad_clip: float = _opt(1.0, "Gradient-norm clipping.")
+    grad_clip: float | None = _opt(
+        None,
+        "Gradient-norm clipping, 0 = off [1.0 for msun, off for vanilla and mst, as the authors].",
+    )
     amp: str = _opt(
         "auto",
         "Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, none.",
@@ -82,7 +87,8 @@ class TrainConfig:
     )
     si_weight: float = _opt(1.0, "lambda, weight of the scale-invariance loss.")
     si_threshold: float | None = _opt(
-        None, "tau, dead zone of the scale-invariance loss [0.01 resnet50, else 0.001]."
+        None,
+        "tau, dead zone of the scale-invariance loss [0.01 ResNet family, else 0.001].",
     )
     si_pairs: str = _opt(
         "all",
@@ -95,8 +101,10 @@ class TrainConfig:
         None, "Training images (random subset; synthetic: set size) [all; 20000 synthetic]."
     )
     num_val: int | None = _opt(None, "Validation images [all; 2000 synthetic].")
-    eval_sizes: str = _opt(
-        "32:224:16", "Test sizes for validation: start:stop:step or a comma list."
+    eval_sizes: str | None = _opt(
+        None,
+        "Test sizes for validation: start:stop:step or a comma list [the paper's 13 sizes "
+        "scaled to --image-size: 1/7 .. 1 of it, 32:224:16 at 224].",
     )
     eval_every: int = _opt(1, "Validate every N epochs (and after the last).")
     save_every: int | None = _opt(None, "Also save last.pt every N optimiser steps.")
@@ -233,7 +241,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "grad_clip": (lambda v: v > 0, "> 0"),
+    "grad_clip": (_optional(lambda v: v >= 0), ">= 0 (0 = off)"),
     "si_weight": (lambda v: v >= 0, ">= 0"),
     "si_threshold": (_optional(lambda v: v >= 0), ">= 0"),
 }
@@ -262,7 +270,25 @@ def check(cfg: TrainConfig) -> None:
         raise InputError(
             "--linear-probe trains only the classifier of a trained model. Hint: add --init-from CKPT"
         )
-    parse_sizes(cfg.eval_sizes)
+    if cfg.eval_sizes is not None:
+        parse_sizes(cfg.eval_sizes)
+
+
+def paper_sizes(image_size: int) -> list[int]:
+    """The paper's 13 test sizes (32, 48, ..., 224 for 224) scaled to ``image_size``.
+
+    1/7 .. 1 of the training size in 12 equal steps, rounded (4, 6, ..., 28 for 28); sizes that
+    round to the same pixel count appear once.
+    """
+    return sorted({max(1, round(image_size * (2 + i) / 14)) for i in range(13)})
+
+
+def sizes_text(sizes: list[int]) -> str:
+    """``start:stop:step`` for evenly spaced sizes, else a comma list (``parse_sizes``' input)."""
+    steps = {b - a for a, b in itertools.pairwise(sizes)}
+    if len(steps) == 1:
+        return f"{sizes[0]}:{sizes[-1]}:{steps.pop()}"
+    return ",".join(map(str, sizes))
 
 
 def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> TrainConfig:
@@ -279,6 +305,10 @@ def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> 
         epochs=cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90),
         lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
         si_threshold=default_threshold if cfg.si_threshold is None else cfg.si_threshold,
+        grad_clip=(1.0 if cfg.method == "msun" else 0.0)
+        if cfg.grad_clip is None
+        else cfg.grad_clip,
+        eval_sizes=cfg.eval_sizes or sizes_text(paper_sizes(cfg.image_size)),
     )
 
 

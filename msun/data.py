@@ -23,6 +23,7 @@ from ckascope.data import (
     build_dataset,
     collate_skip,
     dataset_len,
+    default_resize,
     eval_transform,
     to_rgb,
 )
@@ -171,7 +172,7 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     val = build_dataset(
         cfg.data,
         "val",
-        eval_transform(size),
+        eval_transform(size, default_resize(cfg.data, size)),
         num_images=cfg.num_val or SYNTHETIC_VAL,
         seed=cfg.seed,
         synthetic_size=size,

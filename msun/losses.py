@@ -3,8 +3,8 @@
 L = sum_k CE(logits_k, y) + weight * sum_{(i, j)} [MSE(z_i, z_j) >= threshold] * MSE(z_i, z_j),
 
 where z_k is path k's subnet output after the resize to the unified size (not normalised, not
-pooled). The published setting is weight 1 over all pairs with threshold 0.01 for ResNet-50 and
-0.001 for the other backbones; the authors' later revision used weight 0.1 against the largest
+pooled). The published setting is weight 1 over all pairs with threshold 0.01 for the ResNet
+family and 0.001 for the other backbones; the authors' later revision used weight 0.1 against the largest
 path only (``pairs="largest"``).
 """
 
@@ -24,13 +24,15 @@ PAIRS = ("all", "largest")
 
 
 def default_si_threshold(arch: str) -> float:
-    """The published dead-zone threshold tau: 0.01 for ResNet-50, 0.001 for other backbones.
+    """The authors' dead-zone threshold tau: 0.01 for the ResNet family, 0.001 for the others.
+
+    Every ResNet-family file of the authors' code (resnet18_l2, resnext50_l2, resnet50) uses
+    0.01; DenseNet, VGG and MobileNetV2 use 0.001.
 
     Raises:
         InputError: ``arch`` is not supported.
     """
-    backbone_for(arch)
-    return 0.01 if arch == "resnet50" else 0.001
+    return 0.01 if backbone_for(arch).family == "resnet" else 0.001
 
 
 def path_pairs(num_paths: int, pairs: str) -> list[tuple[int, int]]:

@@ -283,13 +283,19 @@ def build_msun(
     vanilla = _vanilla(arch, weights, num_classes)
     split = check_split(backbone, vanilla, arch, split_at)
     parts = backbone.split(vanilla, split)
+    # Each smaller subnet from its own model, built after the largest path's: with the same
+    # seed the largest path starts exactly as a vanilla network.
+    smaller = [
+        backbone.split(_vanilla(arch, weights, num_classes), split).shallow
+        for _ in scale_tuple[:-1]
+    ]
     model = MSUN(
         arch=arch,
         split_at=split,
         scales=scale_tuple,
         routing=route_tuple,
         num_classes=num_classes,
-        subnets=make_subnets(backbone, parts.shallow, scale_tuple),
+        subnets=make_subnets(backbone, [*smaller, parts.shallow], scale_tuple),
         trunk=parts.trunk,
         head=parts.head,
     )

@@ -233,10 +233,11 @@ def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric
 
 def _optimizer_step(loop: Loop) -> None:
     t = loop.trainables
-    t.scaler.unscale_(t.optimizer)
-    torch.nn.utils.clip_grad_norm_(
-        [p for p in t.model.parameters() if p.requires_grad], loop.cfg.grad_clip
-    )
+    if loop.cfg.grad_clip:  # 0 = off (the recipe for vanilla and MST)
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in t.model.parameters() if p.requires_grad], loop.cfg.grad_clip
+        )
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
@@ -315,6 +316,7 @@ def _set_train_mode(loop: Loop) -> None:
 
 def validate(loop: Loop) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set."""
+    assert loop.cfg.eval_sizes is not None, "resolve the config first"
     batch = max(2, loop.cfg.batch_size // loop.info.world_size)
     batches = loop.plan_batches(
         loop.val_loader, val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)

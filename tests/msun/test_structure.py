@@ -216,13 +216,35 @@ def test_supported_archs_cover_the_families() -> None:
     assert set(archs) <= set(torchvision.models.list_models())
 
 
-def test_smaller_subnets_keep_every_tensor_that_still_fits() -> None:
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_every_subnet_starts_from_its_own_fresh_model(arch: str) -> None:
     torch.manual_seed(0)
-    model = msun.build_msun("mobilenet_v2", num_classes=5)
-    s1, s2, s3 = (s.state_dict() for s in model.subnets)
-    # S2's stem is 3x3 at stride 1 instead of 2: same shape, so the weights are kept.
-    for name, tensor in s3.items():
-        torch.testing.assert_close(s2[name], tensor, rtol=0, atol=0)
-        if name != "features.0.0.weight":
-            torch.testing.assert_close(s1[name], tensor, rtol=0, atol=0)
-    assert s1["features.0.0.weight"].shape == (32, 3, 1, 1)
+    model = msun.build_msun(arch, num_classes=5)
+    states = [s.state_dict() for s in model.subnets]
+    convs = [n for n, t in states[-1].items() if t.ndim == 4]
+    for small in states[:-1]:
+        for name in convs:
+            if small[name].shape == states[-1][name].shape:
+                assert not torch.equal(small[name], states[-1][name]), name
+    # Built first, the largest path (subnet, trunk, head) starts as a vanilla model of the seed.
+    torch.manual_seed(0)
+    vanilla = torchvision.models.get_model(arch, num_classes=5).state_dict()
+    path = {
+        MSUN.canonical_name(n): t
+        for n, t in model.state_dict().items()
+        if MSUN.path_of(n) in (None, model.num_paths - 1)
+    }
+    assert path.keys() == vanilla.keys()
+    for name, tensor in vanilla.items():
+        torch.testing.assert_close(path[name], tensor, rtol=0, atol=0)
+
+
+def test_new_stems_keep_the_default_conv_initialisation() -> None:
+    torch.manual_seed(0)
+    model = msun.build_msun("resnet18", num_classes=5)
+    stem = model.subnets[0].get_submodule("conv1")
+    assert stem.kernel_size == (3, 3)
+    # nn.Conv2d's default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1 / (3 * 3 * 3) ** 0.5
+    assert stem.weight.abs().max() <= bound
+    assert stem.weight.abs().max() > 0.9 * bound

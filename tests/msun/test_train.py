@@ -58,7 +58,8 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: st
     assert config["lr"] == 0.05
     assert config["epochs"] == 2
     assert config["num_classes"] == 10
-    assert config["si_threshold"] == 0.001
+    assert config["si_threshold"] == 0.01  # the authors' tau for the ResNet family
+    assert config["grad_clip"] == (1.0 if method == "msun" else 0.0)
     model = models.load_checkpoint(out / "last.pt")
     assert isinstance(model, MSUN) == (method == "msun")
     if method == "msun":

@@ -1,0 +1,95 @@
+"""The authors' recipe where it differs from a literal reading of the paper (MSUN_SPEC.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import msun
+from msun import build_msun, save_checkpoint
+from msun.cli import main
+from msun.config import paper_sizes, parse_sizes, sizes_text
+from tests import tinyrun
+
+ONE_STEP = [*tinyrun.TRAIN, "--steps-per-epoch", "1", "--lr", "0.5"]
+
+
+def _weights(out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    result = CliRunner().invoke(main, ["train", *ONE_STEP, "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    state: dict[str, torch.Tensor] = torch.load(out / "last.pt", weights_only=False)["state_dict"]
+    return state
+
+
+def _config(out: Path) -> dict[str, object]:
+    config: dict[str, object] = yaml.safe_load((out / "config.yaml").read_text())
+    return config
+
+
+def test_vanilla_and_mst_are_not_clipped_by_default_msun_is(tmp_path: Path) -> None:
+    default = _weights(tmp_path / "default", "--method", "vanilla")
+    unclipped = _weights(tmp_path / "huge", "--method", "vanilla", "--grad-clip", "1e9")
+    clipped = _weights(tmp_path / "clipped", "--method", "vanilla", "--grad-clip", "1.0")
+    for name, tensor in default.items():
+        torch.testing.assert_close(tensor, unclipped[name], rtol=0, atol=0)
+    assert any(not torch.equal(t, clipped[n]) for n, t in default.items())
+    assert _config(tmp_path / "default")["grad_clip"] == 0.0
+    _weights(tmp_path / "msun", "--method", "msun")
+    assert _config(tmp_path / "msun")["grad_clip"] == 1.0
+    _weights(tmp_path / "mst", "--method", "mst")
+    assert _config(tmp_path / "mst")["grad_clip"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("arch", "tau"),
+    [
+        ("resnet18", 0.01),
+        ("resnet50", 0.01),
+        ("resnext50_32x4d", 0.01),
+        ("wide_resnet50_2", 0.01),
+        ("densenet121", 0.001),
+        ("vgg16_bn", 0.001),
+        ("mobilenet_v2", 0.001),
+    ],
+)
+def test_si_threshold_is_the_authors_per_family(arch: str, tau: float) -> None:
+    assert msun.default_si_threshold(arch) == tau
+
+
+def test_paper_sizes_are_the_13_sizes_scaled_to_the_training_size() -> None:
+    assert paper_sizes(224) == list(range(32, 225, 16))
+    assert paper_sizes(28) == list(range(4, 29, 2))
+    assert paper_sizes(56) == list(range(8, 57, 4))
+    assert sizes_text(paper_sizes(224)) == "32:224:16"
+    for size in (32, 64, 96, 100):
+        sizes = paper_sizes(size)
+        assert len(sizes) == 13
+        assert sizes[0] == round(size / 7)
+        assert sizes[-1] == size
+        assert parse_sizes(sizes_text(sizes)) == sizes
+    assert len(paper_sizes(7)) < 13  # sizes that round alike appear once
+
+
+def test_validation_defaults_to_sizes_scaled_to_the_image_size(tmp_path: Path) -> None:
+    args = [a for a in tinyrun.TRAIN if a not in ("--eval-sizes", "16,32")]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert parse_sizes(str(_config(out)["eval_sizes"])) == paper_sizes(32)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {f"val_top1_{s}" for s in paper_sizes(32)} <= row.keys()
+
+
+def test_eval_without_run_sizes_uses_the_scaled_paper_sizes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(build_msun("resnet18", scales=(8, 28), num_classes=10), tmp_path / "m.pt")
+    out = tmp_path / "eval"
+    args = ["eval", str(tmp_path / "m.pt"), "--image-size", "28", "--num-val", "4"]
+    result = CliRunner().invoke(main, [*args, "--paths", "routed", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "eval.json").read_text())[0]["sizes"] == list(range(4, 29, 2))
