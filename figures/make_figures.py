@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,12 @@ def train_config(
     )
 
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig, ignore: Collection[str] = ()) -> Path:
     """Trains, resumes an interrupted run, or reuses a finished one; returns its last.pt.
+
+    Args:
+        cfg: The run's settings.
+        ignore: Settings the finished run resolved itself (``split_at`` of ``--split-at auto``).
 
     Raises:
         SystemExit: The folder holds a run with other settings (never overwritten).
@@ -140,7 +145,8 @@ def run(cfg: TrainConfig) -> Path:
     ckpt = read_checkpoint(last)
     saved = ckpt["train_config"]
     wanted = {k: v for k, v in _plain(cfg.to_dict()).items() if v is not None}
-    other = [k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    skip = RESUMABLE_CHANGES | set(ignore)
+    other = [k for k, v in wanted.items() if k not in skip and saved.get(k) != v]
     if other:
         raise SystemExit(
             f"{cfg.out} holds a run with other settings ({', '.join(other)}); move it away or pass --runs"
@@ -206,7 +212,11 @@ def cka(
     return result
 
 
-def ablation_figure(rows: list[dict[str, Any]], choice: str | None = None) -> Figure:
+def ablation_figure(
+    rows: list[dict[str, Any]],
+    choice: str | None = None,
+    title: str = "MSUN split-point ablation (resnet18, synthetic, revised SI)",
+) -> Figure:
     """Mean accuracy over the test sizes against the split point, suggest-split's ``choice`` ringed."""
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -235,7 +245,7 @@ def ablation_figure(rows: list[dict[str, Any]], choice: str | None = None) -> Fi
     ax.margins(x=0.1, y=0.25)
     ax.set_xlabel("split point (first stage of the shared trunk)")
     ax.set_ylabel("mean top-1 over test sizes (%)")
-    ax.set_title("MSUN split-point ablation (resnet18, synthetic, revised SI)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     return fig
 
