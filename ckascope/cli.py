@@ -10,12 +10,11 @@ from typing import Any
 
 import click
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from ckascope import __version__, plugins
-from ckascope.cliutils import FriendlyGroup
+from ckascope.cliutils import FriendlyGroup, make_console
 from ckascope.compare import (
     MAX_SCALE,
     PROTOCOLS,
@@ -30,7 +29,7 @@ from ckascope.errors import InputError
 from ckascope.kernels import KERNELS
 from ckascope.models import build_model, checkpoint_label, load_checkpoint
 from ckascope.plot import save_figures
-from ckascope.result import CKAResult, check_output_dir
+from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, split_table, suggest_split
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -83,10 +82,13 @@ def summary_table(result: CKAResult) -> Table:
     """Same-layer CKA per layer, or for two models each row's best-matching column."""
     table = Table(title="Cross-scale CKA" if result.has_diagonal else "Best match per layer")
     if result.has_diagonal:
-        for column in ("layer", "CKA", "± std"):
+        spread = result.repeats > 1  # one sweep has no spread to show
+        for column in ("layer", "CKA", "± std")[: 3 if spread else 2]:
             table.add_column(column, justify="left" if column == "layer" else "right")
         for row in result.diagonal().itertuples():
-            table.add_row(str(row.layer), f"{row.mean:.4f}", f"{row.std:.4f}")
+            table.add_row(
+                str(row.layer), f"{row.mean:.4f}", *([f"{row.std:.4f}"] if spread else [])
+            )
         return table
     for column in ("layer a", "best layer b", "CKA"):
         table.add_column(column)
@@ -229,11 +231,10 @@ def _options(f: Any) -> Any:
         click.option(
             "--out",
             type=click.Path(path_type=Path),
-            help="Output folder [default: ckascope-out/<model>_<a>-<b>].",
+            help="Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free "
+            "<...>-2, -3: a default never replaces a result].",
         ),
-        click.option(
-            "--overwrite", is_flag=True, help="Replace an output folder that holds something else."
-        ),
+        click.option("--overwrite", is_flag=True, help="Let --out replace what its folder holds."),
         click.option("--no-figures", is_flag=True, help="Skip the PNG/PDF figures."),
     ]
     for option in reversed(options):
@@ -255,7 +256,7 @@ def compare(**args: Any) -> None:
       ckascope compare --checkpoint runs/msun/last.pt --scales 32 224   # each scale its path
     """
     two_models = _check_sides(args)
-    out = args["out"] or default_out(args)
+    out = args["out"] or next_free(default_out(args))  # a default never replaces a result
     check_output_dir(out, args["overwrite"])
     result, is_main = _analyse(args, two_models)
     if is_main:
@@ -348,13 +349,14 @@ def _run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: 
 
 
 def _report(result: CKAResult, out: Path) -> None:
-    console = Console()
+    console = make_console()
     console.print(summary_table(result))
     s = result.settings
     console.print(
         f"{s['images_used'] // result.repeats} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
+    console.print(f"result written to {out}/:")
     for name in sorted(p.name for p in out.iterdir()):
         console.print(f"  {out / name}")
 
@@ -425,6 +427,6 @@ def suggest_split_command(
     if as_json:
         click.echo(json.dumps(suggestion.to_dict(), indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(split_table(suggestion))
     console.print(f"--split-at {suggestion.choice}: {suggestion.reason}")

@@ -11,8 +11,18 @@ import sys
 from typing import Any, NoReturn
 
 import click
+from rich.console import Console
 
 from ckascope.errors import CKAScopeError
+
+#: Width of tables written to a pipe or file: wide enough not to cut a summary table.
+PIPE_WIDTH = 200
+
+
+def make_console(**kwargs: Any) -> Console:
+    """A rich Console; on a terminal as wide as it, into a pipe ``PIPE_WIDTH`` (rich's 80 cuts)."""
+    width = None if sys.stdout.isatty() else PIPE_WIDTH
+    return Console(width=width, **kwargs)
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -14,8 +14,8 @@ Batches of fewer than 4 images (a short remainder) are dropped: the unbiased HSI
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -240,36 +240,63 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+Source = Dataset[Any] | Iterable[Any]  # a dataset, or a loader whose batches are used as they come
+
+
+def as_batch(item: Any) -> Batch:
+    """A loader's batch as a ``Batch``: a Batch, images (n, C, H, W), or (images, labels, ...).
+
+    Raises:
+        InputError: Anything else, saying what a batch may be.
+    """
+    if isinstance(item, Batch):
+        return item
+    images = item[0] if isinstance(item, (tuple, list)) and item else item
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise InputError(
+            f"a loader's batch must be images (n, C, H, W) or (images, labels), got {type(item).__name__}"
+            + (f" of shape {tuple(images.shape)}" if isinstance(images, Tensor) else "")
+        )
+    labels = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+    return Batch(images, labels if isinstance(labels, Tensor) else torch.empty(0), [])
+
+
 class _Sweep:
     """Runs the repeats of one comparison and collects the per-repeat matrices."""
 
-    def __init__(
-        self, side_a: Side, side_b: Side, dataset: Dataset[Any], opts: SweepOptions
-    ) -> None:
-        self.side_a, self.side_b, self.dataset, self.opts = side_a, side_b, dataset, opts
+    def __init__(self, side_a: Side, side_b: Side, source: Source, opts: SweepOptions) -> None:
+        self.side_a, self.side_b, self.source, self.opts = side_a, side_b, source, opts
         self.device = _device_of(side_a.model)
         self.layers_a: list[str] = []
         self.layers_b: list[str] = []
         self.images_used = 0
         self.skipped = 0
 
-    def run(self) -> list[Tensor]:
-        count = dataset_len(self.dataset)
-        o = self.opts
+    def _sweeps(self) -> list[tuple[Callable[[], Iterator[Batch]], int | None]]:
+        """Per sweep: a maker of its batches and their number (None: a loader without len)."""
+        source, o = self.source, self.opts
+        if not isinstance(source, Dataset):  # a loader: one sweep over its batches as they come
+            size = len(source) if isinstance(source, Sized) else None
+            return [(lambda: map(as_batch, source), size)]
+        count = dataset_len(source)
         plans = [
             _rank_batches(subset_indices(count, o.num_images, o.seed + r), o)
             for r in range(o.repeats)
         ]
-        total = sum(len(p) for p in plans)
+        return [(lambda p=plan: self._loader(p), len(plan)) for plan in plans]  # type: ignore[misc]
+
+    def run(self) -> list[Tensor]:
+        sweeps = self._sweeps()
+        total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
         with Progress(disable=not show, transient=True) as bar, torch.inference_mode():
             task = bar.add_task("CKA", total=total)
-            return [self._repeat(plan, lambda: bar.advance(task)) for plan in plans]
+            return [self._repeat(make(), lambda: bar.advance(task)) for make, _ in sweeps]
 
     def _loader(self, plan: list[list[int]]) -> Iterator[Batch]:
         return iter(
             DataLoader(
-                self.dataset,
+                cast(Dataset[Any], self.source),
                 batch_sampler=plan,
                 collate_fn=collate_skip,
                 num_workers=self.opts.num_workers,
@@ -277,9 +304,9 @@ class _Sweep:
             )
         )
 
-    def _repeat(self, plan: list[list[int]], advance: Callable[[], None]) -> Tensor:
+    def _repeat(self, batches: Iterator[Batch], advance: Callable[[], None]) -> Tensor:
         metric: MinibatchCKA | None = None
-        for batch in self._loader(plan):
+        for batch in batches:
             warn_skipped(batch.skipped)
             self.skipped += len(batch.skipped)
             if len(batch.images) >= 4:
@@ -318,25 +345,32 @@ class _Sweep:
 
 
 def run_comparison(
-    side_a: Side, side_b: Side, dataset: Dataset[Any], opts: SweepOptions, settings: dict[str, Any]
+    side_a: Side, side_b: Side, source: Source, opts: SweepOptions, settings: dict[str, Any]
 ) -> CKAResult:
     """Sweeps the images ``opts.repeats`` times and returns the result (on every rank).
 
     Args:
         side_a: The rows of the matrix.
         side_b: The columns.
-        dataset: Base images, (image (3, H, W) float, label) pairs.
+        source: Base images: a dataset of (image (3, H, W) float, label) pairs, or a loader
+            (any iterable) whose batches are used as they come, in one sweep.
         opts: Sweep options.
         settings: Settings to record with the result (sweep options are added).
     """
     opts.check()
+    loader = not isinstance(source, Dataset)
+    if loader:
+        check_loader_options(opts)
     start = time.perf_counter()
-    sweep = _Sweep(side_a, side_b, dataset, opts)
+    sweep = _Sweep(side_a, side_b, source, opts)
     matrices = sweep.run()  # each side's recorder restores its modules' own train/eval flags
     device = sweep.device
+    options = {k: v for k, v in vars(opts).items() if k not in ("progress", "rank")}
+    if loader:  # the loader decided these
+        options.update(batch_size=None, num_workers=None, batches="the caller's loader")
     settings = {
         **settings,
-        **{k: v for k, v in vars(opts).items() if k not in ("progress", "rank")},
+        **options,
         "images_used": int(all_reduce_sum(sweep.images_used, device)),
         "images_skipped": int(all_reduce_sum(sweep.skipped, device)),
         "device": str(device),
@@ -350,24 +384,54 @@ def run_comparison(
     )
 
 
-def as_dataset(
-    data: Dataset[Any] | str | None,
+def check_loader_options(opts: SweepOptions) -> None:
+    """Refuses the sweep options a loader decides itself.
+
+    Raises:
+        InputError: ``num_images`` or ``repeats`` set for a loader.
+    """
+    if opts.num_images is not None or opts.repeats != 1:
+        raise InputError(
+            "with a DataLoader (or any iterable of batches) ckascope uses its batches as they "
+            "come, in one sweep: num_images and repeats do not apply (nor batch_size and "
+            "num_workers). Hint: subset and batch in the loader, or pass its dataset instead"
+        )
+
+
+#: Images of a sweep over the synthetic set when ``num_images`` is not given (the paper's 1280).
+SYNTHETIC_SWEEP = 1280
+
+
+def synthetic_pool(opts: SweepOptions) -> tuple[int, SweepOptions]:
+    """The synthetic set's size, and the options with its sweep size filled in.
+
+    The set holds ``num_images x repeats`` images, so that the sweeps draw different random
+    subsets (as the paper's 1280 of 50 000) and their std measures something.
+    """
+    sweep = opts.num_images or SYNTHETIC_SWEEP
+    return sweep * opts.repeats, replace(opts, num_images=sweep)
+
+
+def as_source(
+    data: Source | str | None,
     base_size: int,
     resize_size: int | None,
-    num_images: int | None,
-    seed: int,
-) -> Dataset[Any]:
-    """A dataset object as is, or the one a ``--data`` spec names with the eval transform."""
-    if data is None or isinstance(data, str):
-        count = num_images or 1280  # the synthetic set's size when nothing else says
-        transform = eval_transform(base_size, default_resize(data, base_size, resize_size))
-        return build_dataset(
-            data, "val", transform, num_images=count, seed=seed, synthetic_size=base_size
-        )
-    return data
+    opts: SweepOptions,
+) -> tuple[Source, SweepOptions]:
+    """A dataset or loader as is, or the set a ``--data`` spec names with the eval transform."""
+    if not (data is None or isinstance(data, str)):
+        return data, opts
+    count = opts.num_images or SYNTHETIC_SWEEP
+    if data in (None, "shapes"):
+        count, opts = synthetic_pool(opts)
+    transform = eval_transform(base_size, default_resize(data, base_size, resize_size))
+    dataset = build_dataset(
+        data, "val", transform, num_images=count, seed=opts.seed, synthetic_size=base_size
+    )
+    return dataset, opts
 
 
-def base_size_for(data: Dataset[Any] | str | None, base_size: int | None) -> int:
+def base_size_for(data: Source | str | None, base_size: int | None) -> int:
     """``base_size``, else the native side of the images a spec names (28 for Fashion-MNIST), else 224."""
     if base_size is not None:
         return base_size
@@ -381,7 +445,7 @@ def default_scales(base_size: int) -> tuple[int, int]:
 
 def compare_scales(
     model: nn.Module,
-    data: Dataset[Any] | str | None = None,
+    data: Source | str | None = None,
     scales: Sequence[int] | None = None,
     *,
     layers: LayerSpec = "blocks",
@@ -400,7 +464,8 @@ def compare_scales(
 
     Args:
         model: Any module; multi-path models (MSUN) route each scale through its path.
-        data: A dataset of (image, label), a ``--data`` spec, or None for the synthetic set.
+        data: A dataset of (image, label), a ``--data`` spec, None for the synthetic set, or a
+            DataLoader (any iterable of image batches or (images, labels)) used as it comes.
         scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(base/7, base): the
             paper's (32, 224) for 224-px base images].
         layers: Layer names, patterns, a predicate or a preset.
@@ -430,8 +495,7 @@ def compare_scales(
     check_view_options(protocol, resize_mode, antialias)
     if device is not None:
         model.to(device)
-    opts = SweepOptions(**sweep)
-    dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
+    source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
     views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
     side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
     info = {
@@ -442,13 +506,13 @@ def compare_scales(
         "gram_dtype": gram_dtype,
         **_paths([model, model], scales),
     }
-    return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
+    return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
 
 
 def compare_models(
     model_a: nn.Module,
     model_b: nn.Module,
-    data: Dataset[Any] | str | None = None,
+    data: Source | str | None = None,
     *,
     scale: int | None = None,
     layers: LayerSpec = "blocks",
@@ -469,7 +533,7 @@ def compare_models(
     Args:
         model_a: Rows of the matrix.
         model_b: Columns of the matrix.
-        data: A dataset, a ``--data`` spec, or None for the synthetic set.
+        data: A dataset, a ``--data`` spec, None for the synthetic set, or a loader.
         scale: Input scale for both models [the base size] (see ``compare_scales``).
         layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
         layers_b: Layers of model_b.
@@ -491,8 +555,7 @@ def compare_models(
     for model in (model_a, model_b):
         if device is not None:
             model.to(device)
-    opts = SweepOptions(**sweep)
-    dataset = as_dataset(data, base_size, resize_size, opts.num_images, opts.seed)
+    source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
     view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
     side_a = side_for(model_a, layers, view, gram_dtype, output_key)
     side_b = side_for(
@@ -507,11 +570,11 @@ def compare_models(
         "gram_dtype": gram_dtype,
         **_paths([model_a, model_b], [scale, scale]),
     }
-    return run_comparison(side_a, side_b, dataset, opts, {**info, **(settings or {})})
+    return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
 
 
 def _view_info(
-    data: Dataset[Any] | str | None,
+    data: Source | str | None,
     protocol: str,
     base_size: int,
     resize_size: int | None,

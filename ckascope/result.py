@@ -168,9 +168,8 @@ class CKAResult:
         """Writes the result (and whatever ``extra`` writes into the folder) atomically.
 
         Args:
-            directory: Output folder; an existing one must be empty or hold a ckascope result,
-                unless ``overwrite``.
-            overwrite: Replace a folder that holds something else.
+            directory: Output folder; an existing one must be empty unless ``overwrite``.
+            overwrite: Replace what the folder holds (an earlier result or other files).
             extra: Called with the staging folder to add files (e.g. figures).
 
         Returns:
@@ -244,10 +243,10 @@ def is_result_dir(path: Path) -> bool:
 
 
 def check_output_dir(dest: Path, overwrite: bool) -> None:
-    """Refuses a folder that exists and holds something other than a ckascope result.
+    """Refuses a folder that exists and holds anything (an earlier result too) unless ``overwrite``.
 
     Raises:
-        InputError: ``dest`` is a file, or a non-empty foreign folder and not ``overwrite``.
+        InputError: ``dest`` is a file, or a non-empty folder and not ``overwrite``.
     """
     if dest.exists() and not dest.is_dir():
         raise InputError(f"output {dest} exists and is a file. Hint: choose another --out")
@@ -258,11 +257,21 @@ def check_output_dir(dest: Path, overwrite: bool) -> None:
         raise InputError(
             f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out"
         )
-    if dest.is_dir() and any(dest.iterdir()) and not is_result_dir(dest) and not overwrite:
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        held = "an earlier ckascope result" if is_result_dir(dest) else "files of another kind"
         raise InputError(
-            f"output folder {dest} exists and does not hold a ckascope result. "
-            "Hint: choose another --out or pass --overwrite"
+            f"output folder {dest} holds {held}. Hint: choose another --out, or pass --overwrite "
+            "to replace it"
         )
+
+
+def next_free(dest: Path) -> Path:
+    """``dest`` when it is free (missing or empty), else the first free ``dest-2``, ``dest-3``, ..."""
+    candidate, n = dest, 1
+    while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
+        n += 1
+        candidate = dest.with_name(f"{dest.name}-{n}")
+    return candidate
 
 
 def _remove_leftovers(dest: Path) -> None:

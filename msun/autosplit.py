@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from rich.console import Console
 
+from ckascope.cliutils import make_console
 from ckascope.compare import compare_scales
 from ckascope.distributed import DistInfo
 from ckascope.errors import InputError, WeightsUnavailableError
@@ -79,6 +79,6 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
 def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
     result.save(out / "split-analysis", overwrite=True)
     write_json(out / "split-analysis" / "suggestion.json", suggestion.to_dict())
-    console = Console()
+    console = make_console()
     console.print(split_table(suggestion))
     console.print(f"--split-at auto -> {suggestion.choice}: {suggestion.reason}")

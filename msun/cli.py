@@ -11,11 +11,10 @@ from typing import Any
 import click
 import torch
 from click.core import ParameterSource
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from ckascope.cliutils import FriendlyGroup
+from ckascope.cliutils import FriendlyGroup, make_console
 from ckascope.data import (
     build_dataset,
     collate_skip,
@@ -119,7 +118,7 @@ def flops(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(flops_table(report))
     console.print(parameters_table(report))
 
@@ -192,7 +191,7 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
     }
     cfg = merge(load_yaml(config_file) if config_file else {}, given)
     out = train_main(cfg, resume=resume)
-    Console().print(
+    make_console().print(
         f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
     )
 
@@ -294,7 +293,7 @@ def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     table.add_row("mean", *(f"{ev.result.mean_top1:.2f}" for ev in evaluated), style="bold")
     table.add_row("GFLOPs", *(f"{ev.mean_flops / 1e9:.3f}" for ev in evaluated))
     table.add_row("params (M)", *(f"{ev.parameters / 1e6:.3f}" for ev in evaluated))
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         f"wrote {out / 'eval.csv'}, {out / 'eval.json'}, {out / 'figure4.png'}, {out / 'figure4.pdf'}"

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
+from ckascope.cliutils import make_console
 from ckascope.data import dataset_len, warn_skipped
 from ckascope.distributed import DistInfo, init_distributed
 from ckascope.errors import CKAScopeError, InputError
@@ -488,7 +489,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    out, console = Path(cfg.out), Console(quiet=not info.is_main)
+    out, console = Path(cfg.out), make_console(quiet=not info.is_main)
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)
         cfg, train_set, val_set, init = _configure(cfg, info, saved)

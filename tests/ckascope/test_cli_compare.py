@@ -163,3 +163,36 @@ def test_subprocess_and_torchrun_two_processes_equal_one(tmp_path: Path) -> None
     assert a.settings["world_size"] == 1
     assert a.settings["images_used"] == b.settings["images_used"] == 64
     np.testing.assert_allclose(b.matrices, a.matrices, rtol=0, atol=1e-12)
+
+
+def test_a_default_output_folder_never_replaces_a_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--model", "resnet18", *SMALL, "--no-figures"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    default = Path("ckascope-out/resnet18_16-48")
+    before = (default / "result.json").read_bytes()
+    second = CliRunner().invoke(main, [*args, "--kernel", "rbf"])
+    assert second.exit_code == 0, second.output
+    assert "result written to ckascope-out/resnet18_16-48-2/" in second.output
+    assert (default / "result.json").read_bytes() == before
+    assert CKAResult.load(Path("ckascope-out/resnet18_16-48-2")).settings["kernel"] == "rbf"
+    explicit = CliRunner().invoke(main, [*args, "--out", str(default)])
+    assert explicit.exit_code == 2
+    assert "earlier ckascope result" in explicit.stderr
+    assert (default / "result.json").read_bytes() == before
+    replaced = CliRunner().invoke(main, [*args, "--out", str(default), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_one_sweep_prints_no_std_column_and_pipes_are_not_cut(tmp_path: Path) -> None:
+    args = ["compare", "-m", "resnet18", *SMALL, "--no-figures", "--out"]
+    one = CliRunner().invoke(main, [*args, str(tmp_path / "a")])
+    assert one.exit_code == 0, one.output
+    assert "± std" not in one.output
+    long = tmp_path / ("b" * 90)  # rich cuts at 80 columns when not on a terminal
+    two = CliRunner().invoke(main, [*args, str(long), "--repeats", "2"])
+    assert "± std" in two.output
+    assert f"  {long / 'matrices.npz'}\n" in two.output

@@ -188,7 +188,9 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     assert (foreign / "notes.txt").read_text() == "mine"
     result.save(foreign, overwrite=True)
     assert not (foreign / "notes.txt").exists()
-    result.save(foreign)  # ours now: replacing a previous result is fine
+    with pytest.raises(InputError, match="earlier ckascope result"):
+        result.save(foreign)  # an earlier result is replaced only when asked
+    result.save(foreign, overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()
     result.save(empty)
@@ -203,7 +205,9 @@ def test_failed_save_leaves_previous_result_and_no_staging(tmp_path: Path) -> No
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        CKAResult(np.zeros((2, 2)), ["a", "b"], ["a", "b"], {"run": 2}).save(dest, extra=boom)
+        CKAResult(np.zeros((2, 2)), ["a", "b"], ["a", "b"], {"run": 2}).save(
+            dest, overwrite=True, extra=boom
+        )
     assert CKAResult.load(dest).settings == {"run": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
@@ -265,3 +269,48 @@ def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> Non
     CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 2}).save(tmp_path / "res")
     assert CKAResult.load(tmp_path / "res").settings == {"run": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+def test_a_dataloader_is_used_batch_by_batch_like_its_dataset(model: nn.Module, data) -> None:
+    idx = subset_indices(len(data), None, 0)
+    plan = [idx[i : i + 8] for i in range(0, len(idx), 8)]
+    kwargs = {"layers": LAYERS, "base_size": BASE}
+    direct = compare_scales(model, data, (16, BASE), batch_size=8, **kwargs)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=plan)
+    via_loader = compare_scales(model, loader, (16, BASE), **kwargs)
+    images_only = [torch.stack([data[i][0] for i in batch]) for batch in plan]
+    via_list = compare_scales(model, images_only, (16, BASE), **kwargs)
+    np.testing.assert_allclose(via_loader.matrix, direct.matrix, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(via_list.matrix, direct.matrix, rtol=0, atol=1e-12)
+    assert via_loader.settings["batches"] == "the caller's loader"
+    assert via_loader.settings["batch_size"] is None
+    assert via_loader.settings["images_used"] == len(data)
+
+
+@pytest.mark.parametrize("option", [{"num_images": 8}, {"repeats": 2}])
+def test_options_a_loader_decides_are_refused(model: nn.Module, data, option: dict) -> None:
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    with pytest.raises(InputError, match="do not apply"):
+        compare_scales(model, loader, (16, BASE), layers=LAYERS, base_size=BASE, **option)
+
+
+def test_a_loader_batch_that_is_not_images_is_refused(model: nn.Module) -> None:
+    with pytest.raises(InputError, match=r"images \(n, C, H, W\)"):
+        compare_scales(model, [torch.zeros(3, 8, 8)], (16, BASE), layers=LAYERS, base_size=BASE)
+
+
+def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:
+    result = compare_scales(
+        model,
+        None,
+        (16, BASE),
+        layers=LAYERS,
+        base_size=BASE,
+        num_images=8,
+        batch_size=8,
+        repeats=3,
+    )
+    assert result.repeats == 3
+    assert result.settings["num_images"] == 8
+    assert result.settings["images_used"] == 24
+    assert np.all(np.diag(result.std) > 1e-4)  # three different draws of 8 from 24 images
