@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from ckascope.compare import (
     default_scales,
 )
 from ckascope.distributed import init_distributed
-from ckascope.errors import InputError
+from ckascope.errors import InputError, WeightsUnavailableError
 from ckascope.kernels import KERNELS
-from ckascope.models import build_model, checkpoint_label, load_checkpoint
+from ckascope.models import build_model, checkpoint_label, load_checkpoint, weights_input_size
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, split_table, suggest_split
@@ -50,16 +49,31 @@ def parse_layers(text: str) -> str | list[str]:
 
 
 def resolve_model(
-    name: str | None, weights: str, checkpoint: Path | None, num_classes: int | None, seed: int
+    name: str | None,
+    weights: str,
+    checkpoint: Path | None,
+    num_classes: int | None,
+    seed: int,
+    suffix: str = "",
 ) -> nn.Module:
-    """The model a set of --model/--weights/--checkpoint options names."""
+    """The model a set of --model/--weights/--checkpoint options names.
+
+    ``suffix`` "-b" names the second model's options (--weights-b ...) in the hints.
+    """
     if checkpoint is not None:
         return load_checkpoint(checkpoint, arch=name)
     if name is None:
         raise InputError(
             "no model given. Hint: pass --model NAME (e.g. resnet50) or --checkpoint FILE"
         )
-    return build_model(name, weights, num_classes=num_classes, seed=seed)
+    try:
+        return build_model(name, weights, num_classes=num_classes, seed=seed)
+    except WeightsUnavailableError as e:
+        if not suffix:
+            raise
+        for flag in ("--weights", "--checkpoint"):
+            e.args = (str(e).replace(f"{flag} ", f"{flag}{suffix} "),)
+        raise
 
 
 def model_label(name: str | None, checkpoint: Path | None) -> str:
@@ -189,8 +203,9 @@ def _options(f: Any) -> Any:
         click.option(
             "--base-size",
             type=click.IntRange(4, MAX_SCALE),
-            help="Centre-crop size of the base images  [default: the data's native size "
-            "(28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
+            help="Centre-crop size of the base images  [default: the size pretrained weights "
+            "expect (299 inception_v3), else the data's native size (28 for mnist/fashionmnist/"
+            "kmnist, 32 cifar/svhn, 96 stl10), else 224].",
         ),
         click.option(
             "--resize-size",
@@ -269,7 +284,11 @@ def _check_sides(args: dict[str, Any]) -> bool:
     two_models = bool(args["model_b"] or args["checkpoint_b"])
     if two_models and args["scales"]:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
-    args["base_size"] = base_size_for(args["data"], args["base_size"])
+    # The size pretrained weights expect (299 for inception_v3) comes before the data's own.
+    expected = (
+        weights_input_size(args["model"], args["weights"]) if not args["checkpoint"] else None
+    )
+    args["base_size"] = base_size_for(args["data"], args["base_size"] or expected)
     args["scales"] = tuple(args["scales"] or default_scales(args["base_size"]))
     args["scale"] = args["scale"] or args["base_size"]
     return two_models
@@ -322,14 +341,19 @@ def _run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: 
         "num_images": args["num_images"],
         "seed": args["seed"],
         "num_workers": args["workers"],
-        "progress": sys.stderr.isatty(),
+        "progress": True,  # a bar on a terminal, a line every few seconds elsewhere
         "rank": rank,
         "world_size": world,
     }
     if not two_models:
         return compare_scales(model_a, args["data"], args["scales"], settings=settings, **common)
     model_b = resolve_model(
-        args["model_b"], args["weights_b"], args["checkpoint_b"], args["num_classes"], args["seed"]
+        args["model_b"],
+        args["weights_b"],
+        args["checkpoint_b"],
+        args["num_classes"],
+        args["seed"],
+        suffix="-b",
     )
     settings.update(
         model_b=model_label(args["model_b"], args["checkpoint_b"]),

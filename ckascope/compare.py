@@ -20,7 +20,6 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -42,6 +41,7 @@ from ckascope.kernels import Kernel, check_kernel
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
+from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
 
@@ -119,14 +119,34 @@ class Side:
 
     def grams(self, images: Tensor) -> tuple[list[str], list[Tensor]]:
         """Layer names and their Grams, L tensors (n, n), for one batch of base images."""
+        x = self.view(images)
         with self.recorder:
-            self.forward(self.view(images))
+            try:
+                self.forward(x)
+            except (AssertionError, RuntimeError) as e:
+                if isinstance(e, torch.OutOfMemoryError) or not _size_refusal(e):
+                    raise
+                raise InputError(
+                    f"the model cannot run on {tuple(x.shape[-2:])}-px inputs "
+                    f"({' '.join(str(e).split())}). Hint: a fixed-size model (ViT, Swin, ...) "
+                    "needs --protocol upsample, which feeds every scale at the base size; a CNN "
+                    "needs a larger scale"
+                ) from e
             recorded = self.recorder.pop()
         if not recorded:
             raise InputError(
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
         return list(recorded), list(recorded.values())
+
+
+def _size_refusal(error: Exception) -> bool:
+    """Whether a forward pass failed because of the input's size.
+
+    torchvision's fixed-size models assert it (ViT: "Wrong image height!"); a convolution or
+    pooling larger than its input says "... size ...".
+    """
+    return isinstance(error, AssertionError) or "size" in str(error).lower()
 
 
 def make_side(
@@ -289,7 +309,7 @@ class _Sweep:
         sweeps = self._sweeps()
         total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
-        with Progress(disable=not show, transient=True) as bar, torch.inference_mode():
+        with make_progress(show) as bar, torch.inference_mode():
             task = bar.add_task("CKA", total=total)
             return [self._repeat(make(), lambda: bar.advance(task)) for make, _ in sweeps]
 

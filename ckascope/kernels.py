@@ -11,6 +11,7 @@ feature matrix (..., n, p). The formulas are those of DESIGN.md ("The math"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -52,8 +53,10 @@ def check_kernel(kernel: str, sigma_frac: float) -> None:
     """Raises InputError for an unknown kernel name or a non-positive RBF bandwidth fraction."""
     if kernel not in KERNELS:
         raise InputError(f"unknown kernel {kernel!r}. Hint: use one of {', '.join(KERNELS)}")
-    if not sigma_frac > 0:
-        raise InputError(f"sigma_frac must be > 0, got {sigma_frac}. Hint: the paper uses 0.5-1")
+    if not 0 < sigma_frac < math.inf:
+        raise InputError(
+            f"sigma_frac must be a finite number > 0, got {sigma_frac}. Hint: the paper uses 0.5-1"
+        )
 
 
 def center_features(x: Tensor) -> Tensor:

@@ -141,6 +141,18 @@ def build_model(
     return model.eval()
 
 
+def weights_input_size(arch: str | None, weights: str | None) -> int | None:
+    """The crop size pretrained weights were trained at (299 for inception_v3), else None.
+
+    Read from the weights' own eval transforms; nothing is loaded or downloaded.
+    """
+    if arch is None or weights in (None, "none"):
+        return None
+    enum = resolve_weights(arch, weights)
+    crop = getattr(enum.transforms(), "crop_size", None) if enum is not None else None
+    return int(crop[0]) if crop else None
+
+
 def model_from_config(config: Mapping[str, Any]) -> nn.Module:
     """A randomly initialised torchvision model from ``{"arch", "num_classes"}``.
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 from click.core import ParameterSource
 from rich.table import Table
@@ -273,10 +274,32 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
     )
     evaluated = evaluate_checkpoints(
-        loaded, loader, sizes, protocol=opts["protocol"], paths=opts["paths"], device=info.device
+        loaded,
+        loader,
+        sizes,
+        protocol=opts["protocol"],
+        paths=opts["paths"],
+        device=info.device,
+        progress=info.is_main,
     )
     if info.is_main:
         _write_eval(evaluated, opts["out"])
+
+
+def path_table(ev: Evaluated) -> Table:
+    """Top-1 of every MSUN path at every size; the routed path's cell is starred."""
+    r = ev.result
+    table = Table(title=f"{ev.name}: top-1 (%) per path, * routed")
+    table.add_column("size", justify="right")
+    for k in range(r.top1.shape[1]):
+        table.add_column(f"path {k}", justify="right")
+    for i, size in enumerate(r.sizes):
+        cells = [
+            "-" if np.isnan(v) else f"{v:.2f}" + ("*" if k == r.routed[i] else "")
+            for k, v in enumerate(r.top1[i])
+        ]
+        table.add_row(str(size), *cells)
+    return table
 
 
 def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
@@ -295,6 +318,9 @@ def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     table.add_row("params (M)", *(f"{ev.parameters / 1e6:.3f}" for ev in evaluated))
     console = make_console()
     console.print(table)
+    for ev in evaluated:
+        if ev.result.top1.shape[1] > 1:
+            console.print(path_table(ev))
     console.print(
         f"wrote {out / 'eval.csv'}, {out / 'eval.json'}, {out / 'figure4.png'}, {out / 'figure4.pdf'}"
     )

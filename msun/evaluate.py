@@ -13,7 +13,7 @@ Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from ckascope.compare import resize
 from ckascope.errors import InputError
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
+from ckascope.progress import Reporter, make_progress
 from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
@@ -147,6 +148,7 @@ def evaluate(
     train_size: int = 224,
     paths: Literal["all", "routed"] = "all",
     amp_dtype: torch.dtype | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 of ``model`` at every test size (the model's mode is restored afterwards).
 
@@ -158,6 +160,7 @@ def evaluate(
         train_size: Size plain networks were trained at (test images are resized back to it).
         paths: Run every MSUN path ("all", for the per-path table) or only the routed one.
         amp_dtype: Autocast dtype, or None for full precision.
+        on_batch: Called after each batch (progress).
     """
     device = next(model.parameters()).device
     is_msun = isinstance(model, MSUN)
@@ -178,6 +181,8 @@ def evaluate(
                     ):
                         logits = _logits(model, x, k, protocol, train_size)
                     counts.update(i, k, logits.float(), labels)
+            if on_batch is not None:
+                on_batch()
     finally:
         model.train(training)
     top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
@@ -327,15 +332,41 @@ def evaluate_checkpoints(
     protocol: Protocol,
     paths: Literal["all", "routed"],
     device: torch.device,
+    progress: bool = False,
 ) -> list[Evaluated]:
-    """Evaluates every model on the same batches and counts its FLOPs and parameters."""
+    """Evaluates every model on the same batches and counts its FLOPs and parameters.
+
+    ``progress`` shows a bar per checkpoint (lines every few seconds without a terminal).
+    """
     out = []
-    for item in loaded:
-        model = item.model.to(device)
-        result = evaluate(
-            model, loader, sizes, protocol=protocol, train_size=item.train_size, paths=paths
-        )
-        flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.train_size)
-        params = sum(p.numel() for p in model.parameters())
-        out.append(Evaluated(item.name, result, item.method, params, flops))
+    with make_progress(progress) as bar:
+        for item in loaded:
+            out.append(_evaluate_one(item, loader, sizes, protocol, paths, device, bar))
     return out
+
+
+def _evaluate_one(
+    item: Loaded,
+    loader: Iterable[Any],
+    sizes: Sequence[int],
+    protocol: Protocol,
+    paths: Literal["all", "routed"],
+    device: torch.device,
+    bar: Reporter,
+) -> Evaluated:
+    total = len(loader) if isinstance(loader, Sized) else None
+    task = bar.add_task(f"eval {item.name} ({len(sizes)} sizes)", total=total)
+    model = item.model.to(device)
+    result = evaluate(
+        model,
+        loader,
+        sizes,
+        protocol=protocol,
+        train_size=item.train_size,
+        paths=paths,
+        on_batch=lambda: bar.advance(task),
+    )
+    bar.remove_task(task)
+    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.train_size)
+    params = sum(p.numel() for p in model.parameters())
+    return Evaluated(item.name, result, item.method, params, flops)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +32,7 @@ from ckascope.distributed import DistInfo, init_distributed
 from ckascope.errors import CKAScopeError, InputError
 from ckascope.fileio import write_text
 from ckascope.models import build_model, is_self_describing, model_from_checkpoint, read_checkpoint
+from ckascope.progress import Reporter, make_progress
 from msun import autosplit
 from msun import config as C
 from msun.backbones import classifier
@@ -264,7 +263,7 @@ def _interrupted(loop: Loop, state: TrainState) -> TrainingInterruptedError:
 
 
 def train_one_epoch(
-    loop: Loop, state: TrainState, stop: Callable[[], bool], bar: Progress
+    loop: Loop, state: TrainState, stop: Callable[[], bool], bar: Reporter
 ) -> dict[str, float]:
     """Runs the rest of epoch ``state.epoch`` from ``state.step_in_epoch``.
 
@@ -315,21 +314,24 @@ def _set_train_mode(loop: Loop) -> None:
         classifier(loop.model)[1].train()
 
 
-def validate(loop: Loop) -> EvalResult:
+def validate(loop: Loop, bar: Reporter) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set."""
     assert loop.cfg.eval_sizes is not None, "resolve the config first"
     batch = max(2, loop.cfg.batch_size // loop.info.world_size)
-    batches = loop.plan_batches(
-        loop.val_loader, val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)
-    )
-    return evaluate(
+    plan = val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)
+    sizes = C.parse_sizes(loop.cfg.eval_sizes)
+    task = bar.add_task(f"validation ({len(sizes)} sizes)", total=len(plan))
+    result = evaluate(
         loop.model,
-        batches,
-        C.parse_sizes(loop.cfg.eval_sizes),
+        loop.plan_batches(loop.val_loader, plan),
+        sizes,
         train_size=loop.cfg.image_size,
         paths="all",
         amp_dtype=loop.amp,
+        on_batch=lambda: bar.advance(task),
     )
+    bar.remove_task(task)
+    return result
 
 
 def _epoch_row(
@@ -353,10 +355,13 @@ def _epoch_row(
     return row
 
 
-def _end_of_epoch(loop: Loop, state: TrainState, stats: dict[str, float], console: Console) -> None:
+def _end_of_epoch(
+    loop: Loop, state: TrainState, stats: dict[str, float], console: Console, bar: Reporter
+) -> None:
     """Validates, logs and saves ``last.pt`` (and ``best.pt``, written first, when it improved)."""
     last_epoch = state.epoch + 1 == loop.cfg.epochs
-    result = validate(loop) if (state.epoch + 1) % loop.cfg.eval_every == 0 or last_epoch else None
+    due = (state.epoch + 1) % loop.cfg.eval_every == 0 or last_epoch
+    result = validate(loop, bar) if due else None
     row = _epoch_row(state, stats, result)
     state.history.append(row)
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -465,17 +470,10 @@ def _announce(loop: Loop, console: Console) -> None:
 
 
 def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
-    show = loop.info.is_main and sys.stderr.isatty()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with interrupt_flag() as stop, Progress(*columns, disable=not show, transient=True) as bar:
+    with interrupt_flag() as stop, make_progress(loop.info.is_main) as bar:
         while state.epoch < (loop.cfg.epochs or 0):
             stats = train_one_epoch(loop, state, stop, bar)
-            _end_of_epoch(loop, state, stats, console)
+            _end_of_epoch(loop, state, stats, console, bar)
             if any_rank(stop(), loop.info.device):  # Ctrl-C during validation: last.pt is saved
                 raise TrainingInterruptedError(
                     f"interrupted after epoch {state.epoch}; continue with --resume"

@@ -142,3 +142,28 @@ def test_self_describing_checkpoint_with_unknown_builder_is_refused(tmp_path: Pa
     )
     with pytest.raises(InputError, match="unknown model builder"):
         models.load_checkpoint(path)
+
+
+def test_the_input_size_pretrained_weights_expect() -> None:
+    assert models.weights_input_size("inception_v3", "default") == 299
+    assert models.weights_input_size("resnet50", "IMAGENET1K_V2") == 224
+    assert models.weights_input_size("resnet50", "none") is None
+    assert models.weights_input_size(None, "default") is None
+
+
+def test_compare_defaults_to_the_size_the_weights_expect() -> None:
+    from ckascope.cli import _check_sides
+
+    args = {
+        "model": "inception_v3",
+        "weights": "default",
+        "checkpoint": None,
+        "model_b": None,
+        "checkpoint_b": None,
+        "data": None,
+        "base_size": None,
+        "scales": None,
+        "scale": None,
+    }
+    _check_sides(args)
+    assert (args["base_size"], args["scales"]) == (299, (43, 299))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,7 @@ def test_eval_without_run_sizes_uses_the_scaled_paper_sizes(tmp_path: Path) -> N
     result = CliRunner().invoke(main, [*args, "--paths", "routed", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "eval.json").read_text())[0]["sizes"] == list(range(4, 29, 2))
+    assert "path 1" in result.output  # the per-path table --help promises
+    assert re.search(r"\d+\.\d\d\*", result.output)  # the routed path's cell
+    assert "validation" not in result.output
+    assert "eval m (13 sizes): 1/1 (" in result.output  # progress without a terminal

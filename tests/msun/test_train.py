@@ -43,6 +43,14 @@ def _subprocess(*args: str) -> list[str]:
     return [sys.executable, "-m", "msun", "train", *TINY, *args]
 
 
+def test_training_and_validation_report_progress_without_a_terminal(tmp_path: Path) -> None:
+    result = _train(tmp_path / "run", "--method", "msun", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1 loss" in result.output
+    assert ": 4/4 (" in result.output  # 32 images, batch 8: the epoch's last step is reported
+    assert "validation (2 sizes): 1/1 (" in result.output
+
+
 @pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
 def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: str) -> None:
     out = tmp_path / method
