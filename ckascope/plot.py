@@ -32,10 +32,12 @@ def side_labels(result: CKAResult) -> tuple[str, str]:
 def _title(result: CKAResult) -> str:
     s = result.settings
     kind = f"{s.get('kernel', 'linear')} CKA"
-    model = s.get("model", "")
-    return f"{model} {kind}".strip() + (
-        f", mean of {result.repeats} sweeps" if result.repeats > 1 else ""
-    )
+    model = str(s.get("model", ""))
+    if s.get("mode") == "models":
+        model = f"{model} vs {s.get('model_b', 'model b')}, {kind} at {s.get('scales', ['?'])[0]} px"
+    else:
+        model = f"{model} {kind}".strip()
+    return model + (f", mean of {result.repeats} sweeps" if result.repeats > 1 else "")
 
 
 def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
@@ -47,8 +49,12 @@ def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
     finite = m[np.isfinite(m)]
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
-    size = 3 + 0.28 * max(len(result.layers_a), len(result.layers_b))
-    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+    # The canvas follows the matrix's shape (square cells), plus room for labels and colour bar.
+    cell = 0.32
+    fig = Figure(
+        figsize=(3.2 + cell * len(result.layers_b), 2.6 + cell * len(result.layers_a)),
+        layout="constrained",
+    )
     ax = fig.subplots()
     ax.set_facecolor("0.85")
     ax.patch.set_hatch("xx")
@@ -63,8 +69,9 @@ def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
         mask=~np.isfinite(m),
         xticklabels=result.layers_b,
         yticklabels=result.layers_a,
-        cbar_kws={"label": "CKA"},
+        cbar_kws={"label": "CKA", "shrink": 0.8},
     )
+    ax.tick_params(axis="y", labelrotation=0)
     ax.invert_yaxis()
     label_a, label_b = side_labels(result)
     ax.set_xlabel(label_b)

@@ -65,3 +65,31 @@ def test_two_model_results_get_only_a_heatmap(tmp_path: Path) -> None:
     assert sorted(p.name for p in paths) == ["heatmap.pdf", "heatmap.png"]
     with pytest.raises(InputError, match="no same-layer"):
         curve(_result(mode="models"))
+
+
+def _layers(n: int) -> list[str]:
+    return ["maxpool", *(f"layer{1 + i // 12}.{i % 12}" for i in range(n - 1))]
+
+
+def _no_overlap(labels: list) -> bool:
+    boxes = sorted(
+        (b for b in (t.get_window_extent() for t in labels) if b.width), key=lambda b: b.y0
+    )
+    return all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:], strict=False))
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(9, 17), (17, 9), (50, 50)])
+def test_heatmaps_fill_their_canvas_with_readable_labels(rows: int, cols: int) -> None:
+    settings = {"mode": "models", "model": "resnet18", "model_b": "resnet34", "scales": [224, 224]}
+    result = CKAResult(
+        np.random.default_rng(0).random((rows, cols)), _layers(rows), _layers(cols), settings
+    )
+    fig = heatmap(result)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert "resnet18" in ax.get_title()
+    assert "resnet34" in ax.get_title()
+    assert all(t.get_rotation() == 0 for t in ax.get_yticklabels())
+    assert _no_overlap(ax.get_yticklabels())
+    canvas = fig.bbox.width * fig.bbox.height
+    assert ax.get_window_extent().width * ax.get_window_extent().height > 0.3 * canvas
