@@ -305,7 +305,7 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
 
 def accuracy_figure(acc: dict[str, Any]) -> Figure:
     """Routed top-1 vs test size, mean ± std over seeds; MSUN's best path per size dashed."""
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax = fig.subplots()
     for i, (name, a) in enumerate(acc.items()):
         mean, std = np.array(a["routed"]["mean"]), np.array(a["routed"]["std"])
@@ -328,7 +328,7 @@ def accuracy_figure(acc: dict[str, Any]) -> Figure:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
     seeds = next(iter(acc.values()))["seeds"]
     ax.set_title(f"Fashion-MNIST, resnet18, routed top-1 (mean ± std over {seeds} seeds)")
     return fig

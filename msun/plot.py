@@ -17,7 +17,7 @@ from msun.evaluate import Evaluated
 
 def accuracy_vs_size(evaluated: Sequence[Evaluated], *, title: str | None = None) -> Figure:
     """Routed top-1 per test size for every evaluated checkpoint."""
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
     for ev in evaluated:
         r = ev.result
@@ -29,7 +29,7 @@ def accuracy_vs_size(evaluated: Sequence[Evaluated], *, title: str | None = None
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
     ax.set_title(title or f"Accuracy vs test size ({evaluated[0].result.protocol} protocol)")
     return fig
 
