@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,14 @@ from ckascope.data import (
 )
 from ckascope.distributed import all_reduce_sum
 from ckascope.errors import InputError
-from ckascope.kernels import Kernel, check_kernel
+from ckascope.kernels import check_kernel
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
-
-Protocol = Literal["upsample", "native"]
-PROTOCOLS = ("upsample", "native")
-RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
-MAX_SCALE = 4096
+from ckascope.vocab import MAX_SCALE, PROTOCOLS, RESIZE_MODES, Kernel, Protocol
 
 
 def check_scale(size: int) -> None:

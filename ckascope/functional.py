@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ckascope.errors import InputError, NumericalError
 from ckascope.kernels import (
-    Kernel,
     center_gram,
     centered_gram,
     check_kernel,
@@ -24,6 +23,7 @@ from ckascope.kernels import (
     kernel_from_gram,
     ucenter_gram,
 )
+from ckascope.vocab import Kernel
 
 ArrayLike = Tensor | np.ndarray[Any, Any]
 

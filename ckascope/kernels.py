@@ -14,15 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ckascope.errors import InputError
-
-Kernel = Literal["linear", "rbf"]
-KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
+from ckascope.vocab import KERNELS, Kernel
 
 
 @contextmanager

@@ -23,7 +23,6 @@ from torchmetrics import Metric
 from ckascope.errors import InputError, NumericalError
 from ckascope.functional import batch_hsic_terms, check_batch_size, warn_degenerate
 from ckascope.kernels import (
-    Kernel,
     centered_gram,
     check_kernel,
     cka_from_hsic,
@@ -31,6 +30,7 @@ from ckascope.kernels import (
     rbf_sigma2,
     sq_dists_from_gram,
 )
+from ckascope.vocab import Kernel
 
 Bandwidth = Literal["batch", "first"]
 Weighting = Literal["batch", "examples"]

@@ -34,7 +34,9 @@ def _title(result: CKAResult) -> str:
     kind = f"{s.get('kernel', 'linear')} CKA"
     model = str(s.get("model", ""))
     if s.get("mode") == "models":
-        model = f"{model} vs {s.get('model_b', 'model b')}, {kind} at {s.get('scales', ['?'])[0]} px"
+        model = (
+            f"{model} vs {s.get('model_b', 'model b')}, {kind} at {s.get('scales', ['?'])[0]} px"
+        )
     else:
         model = f"{model} {kind}".strip()
     return model + (f", mean of {result.repeats} sweeps" if result.repeats > 1 else "")

@@ -30,8 +30,8 @@ from rich.table import Table
 
 from ckascope.errors import InputError
 from ckascope.result import CKAResult
+from ckascope.vocab import DEFAULT_THRESHOLD
 
-DEFAULT_THRESHOLD = 0.8
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
 

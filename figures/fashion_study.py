@@ -52,11 +52,11 @@ from ckascope.data import (  # noqa: E402
     subset_indices,
 )
 from ckascope.fileio import write_json, write_text  # noqa: E402
-from ckascope.kernels import Kernel  # noqa: E402
 from ckascope.models import load_checkpoint, read_checkpoint  # noqa: E402
 from ckascope.plot import curve, heatmap  # noqa: E402
 from ckascope.result import CKAResult  # noqa: E402
 from ckascope.split import suggest_split  # noqa: E402
+from ckascope.vocab import Kernel  # noqa: E402
 from msun.config import TrainConfig, paper_sizes  # noqa: E402
 from msun.evaluate import evaluate_checkpoints, load_for_eval  # noqa: E402
 from msun.splits import split_candidates  # noqa: E402

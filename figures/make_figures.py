@@ -44,11 +44,11 @@ from ckascope.data import (
     subset_indices,
 )
 from ckascope.fileio import atomic_path, write_json
-from ckascope.kernels import Kernel
 from ckascope.models import load_checkpoint, read_checkpoint
 from ckascope.plot import curve, heatmap
 from ckascope.result import CKAResult
 from ckascope.split import suggest_split
+from ckascope.vocab import Kernel
 from msun.config import RESUMABLE_CHANGES, TrainConfig, parse_sizes
 from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
 from msun.plot import accuracy_vs_size

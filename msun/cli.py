@@ -6,28 +6,13 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
-import torch
 from click.core import ParameterSource
-from rich.table import Table
-from torch.utils.data import DataLoader
 
 from ckascope.cliutils import FriendlyGroup, make_console
-from ckascope.data import (
-    build_dataset,
-    collate_skip,
-    dataset_len,
-    default_resize,
-    eval_transform,
-    subset_indices,
-)
-from ckascope.distributed import init_distributed
-from ckascope.fileio import atomic_write, write_json
 from msun import __version__
-from msun.backbones import split_points
 from msun.config import (
     FIELDS,
     TrainConfig,
@@ -38,12 +23,14 @@ from msun.config import (
     parse_sizes,
     sizes_text,
 )
-from msun.evaluate import Evaluated, check_classes, evaluate_checkpoints, load_for_eval
-from msun.evaluate import frame as eval_frame
-from msun.flops import flops_report, flops_table, parameters_table
-from msun.model import build_msun
-from msun.plot import save_accuracy_figure
-from msun.train import main as train_main
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from msun.evaluate import Evaluated
+
+# torch and everything built on it are imported inside the commands, so that --help, a usage
+# error or a typo answers at once instead of after seconds of imports.
 
 _INTEGER = re.compile(r"-?\d+")
 
@@ -113,6 +100,11 @@ def flops(
     runs at the input's own size (the paper's FLOPs claim). Counted with
     torch.utils.flop_counter on the meta device (convolutions and matrix products only).
     """
+    import torch
+
+    from msun.flops import flops_report, flops_table, parameters_table
+    from msun.model import build_msun
+
     with torch.device("meta"):  # structure only: counting needs no weights
         model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes)
     report = flops_report(model.eval())
@@ -128,6 +120,8 @@ def flops(
 @click.argument("arch")
 def split_points_command(arch: str) -> None:
     """List the legal --split-at values of ARCH, in forward order."""
+    from msun.backbones import split_points
+
     click.echo("\n".join(split_points(arch)))
 
 
@@ -191,6 +185,8 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
         if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
     }
     cfg = merge(load_yaml(config_file) if config_file else {}, given)
+    from msun.train import main as train_main
+
     out = train_main(cfg, resume=resume)
     make_console().print(
         f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
@@ -249,6 +245,19 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     this set); vanilla and MST checkpoints see each test image resized back to their training
     size. The per-path table shows what each MSUN path would score.
     """
+    from torch.utils.data import DataLoader
+
+    from ckascope.data import (
+        build_dataset,
+        collate_skip,
+        dataset_len,
+        default_resize,
+        eval_transform,
+        subset_indices,
+    )
+    from ckascope.distributed import init_distributed
+    from msun.evaluate import check_classes, evaluate_checkpoints, load_for_eval
+
     loaded = [load_for_eval(p) for p in checkpoints]
     info = init_distributed(opts["device"])
     image_size = opts["image_size"] or loaded[0].train_size
@@ -288,6 +297,9 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
 
 def path_table(ev: Evaluated) -> Table:
     """Top-1 of every MSUN path at every size; the routed path's cell is starred."""
+    import numpy as np
+    from rich.table import Table
+
     r = ev.result
     table = Table(title=f"{ev.name}: top-1 (%) per path, * routed")
     table.add_column("size", justify="right")
@@ -303,6 +315,12 @@ def path_table(ev: Evaluated) -> Table:
 
 
 def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
+    from rich.table import Table
+
+    from ckascope.fileio import atomic_write, write_json
+    from msun.evaluate import frame as eval_frame
+    from msun.plot import save_accuracy_figure
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
     write_json(out / "eval.json", [ev.summary() for ev in evaluated])

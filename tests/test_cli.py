@@ -76,3 +76,15 @@ def test_models_listing() -> None:
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0
     assert "resnet50" in result.stdout.split()
+
+
+def test_help_and_usage_errors_do_not_import_torch() -> None:
+    code = (
+        "import sys; from click.testing import CliRunner; "
+        "import ckascope.cli as c, msun.cli as m; "
+        "r = [CliRunner().invoke(g, a) for g, a in ((c.main, ['compare', '--help']), "
+        "(m.main, ['train', '--help']), (m.main, ['eval', '--help']), (c.main, ['compare', '--scales', 'x']))]; "
+        "print([x.exit_code for x in r], 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0, 0, 0, 2] False"  # --help answers in a blink

@@ -152,7 +152,7 @@ def test_the_input_size_pretrained_weights_expect() -> None:
 
 
 def test_compare_defaults_to_the_size_the_weights_expect() -> None:
-    from ckascope.cli import _check_sides
+    from ckascope.commands import check_sides as _check_sides
 
     args = {
         "model": "inception_v3",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def _no_overlap(labels: list) -> bool:
     boxes = sorted(
         (b for b in (t.get_window_extent() for t in labels) if b.width), key=lambda b: b.y0
     )
-    return all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:], strict=False))
+    return all(a.y1 <= b.y0 + 0.5 for a, b in itertools.pairwise(boxes))
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(9, 17), (17, 9), (50, 50)])

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ckascope.cli import main
 from ckascope.errors import InputError
 from ckascope.result import CKAResult
-from ckascope.split import DEFAULT_THRESHOLD, SplitCandidate, position, suggest_split
+from ckascope.split import SplitCandidate, position, suggest_split
+from ckascope.vocab import DEFAULT_THRESHOLD
 
 # MSUN_SPEC.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
 PAPER = [

@@ -1,0 +1,22 @@
+"""The vocabulary of options shared by the library and the command lines.
+
+Plain values only (no torch): the command line builds its options from them, so ``--help`` and
+usage errors answer without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+#: Kernels of the CKA engine.
+Kernel = Literal["linear", "rbf"]
+KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
+
+#: How the small-scale input reaches the model: back up to the base size, or at its own size.
+Protocol = Literal["upsample", "native"]
+PROTOCOLS = ("upsample", "native")
+RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+MAX_SCALE = 4096
+
+#: Minimum same-layer cross-scale CKA of the shared trunk's input (``suggest-split``).
+DEFAULT_THRESHOLD = 0.8
