@@ -115,7 +115,7 @@ class Side:
 
     def grams(self, images: Tensor) -> tuple[list[str], list[Tensor]]:
         """Layer names and their Grams, L tensors (n, n), for one batch of base images."""
-        x = self.view(images)
+        x = self.view(images).to(_dtype_of(self.model))  # a bf16/fp16 model gets its own dtype
         with self.recorder:
             try:
                 self.forward(x)
@@ -249,6 +249,12 @@ def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
             f"{opts.world_size} processes. Hint: use more --num-images or a smaller --batch-size"
         )
     return batches[opts.rank :: opts.world_size]
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's first floating parameter (float32 for none)."""
+    params = (p for p in model.parameters() if p.is_floating_point())
+    return next((p.dtype for p in params), torch.float32)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -66,8 +66,12 @@ def center_features(x: Tensor) -> Tensor:
 
 
 def linear_gram(x: Tensor) -> Tensor:
-    """Linear kernel matrix: (..., n, p) -> (..., n, n)."""
-    with ieee_fp32_matmul():
+    """Linear kernel matrix: (..., n, p) -> (..., n, n), in x's dtype even under autocast.
+
+    A caller's autocast would run the product in bf16/fp16 (relative error 2-3e-3; fp16
+    overflows past 65504, which a ResNet's early layers reach at 224 px).
+    """
+    with ieee_fp32_matmul(), torch.autocast(x.device.type, enabled=False):
         return x @ x.transpose(-1, -2)
 
 

@@ -314,3 +314,25 @@ def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:
     assert result.settings["num_images"] == 8
     assert result.settings["images_used"] == 24
     assert np.all(np.diag(result.std) > 1e-4)  # three different draws of 8 from 24 images
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_measured(model: nn.Module, data, dtype: torch.dtype) -> None:
+    kwargs = {"layers": LAYERS, "base_size": BASE, "batch_size": 20}
+    full = compare_scales(model, data, (16, BASE), **kwargs)
+    half = models.build_model("resnet18", "none", num_classes=10, seed=0).to(dtype)
+    result = compare_scales(half, data, (16, BASE), **kwargs)
+    np.testing.assert_allclose(result.matrix, full.matrix, atol=0.05)  # the model's own rounding
+
+
+def test_grams_stay_full_precision_under_a_callers_autocast() -> None:
+    from ckascope.kernels import centered_gram
+
+    x = torch.randn(32, 3, 20, 20) * 300  # fp16 would overflow: |G_ij| reaches ~1e8
+    flat = x.double().reshape(32, -1)
+    expected = (flat - flat.mean(0)) @ (flat - flat.mean(0)).T
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            gram = centered_gram(x, torch.float32)
+        assert gram.dtype == torch.float32
+        torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-2 * 300**2)
