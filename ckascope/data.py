@@ -202,6 +202,14 @@ class Batch:
     labels: Tensor  # (n,)
     skipped: list[Skipped]
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies; DataLoader(pin_memory=True) calls this on custom batch types.
+
+        Without it the loader returns the batch as it is, and ``non_blocking`` copies to the GPU
+        come from pageable memory (synchronous).
+        """
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+
 
 def collate_skip(items: Sequence[Any]) -> Batch:
     """Collates (image, label) pairs, setting ``Skipped`` items aside."""

@@ -162,3 +162,28 @@ def test_subset_indices() -> None:
 def test_dark_16_bit_images_are_scaled_by_their_depth_not_their_maximum() -> None:
     dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))  # 200 / 65535: nearly black
     assert np.asarray(to_rgb(dark)).max() == 1
+
+
+def test_the_loaders_pin_memory_step_pins_our_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned: list[torch.Tensor] = []
+
+    def fake_pin(self: torch.Tensor, *args: object) -> torch.Tensor:  # no GPU here to pin for
+        pinned.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = collate_skip(
+        [(torch.zeros(3, 4, 4), 1), Skipped("x.jpg", "bad"), (torch.ones(3, 4, 4), 0)]
+    )
+    out = pin_memory(batch)  # what DataLoader(pin_memory=True) does to each batch
+    assert isinstance(out, type(batch))
+    assert [t.shape for t in pinned] == [(2, 3, 4, 4), (2,)]
+    assert out.skipped == batch.skipped
+
+
+@pytest.mark.cuda
+def test_batches_are_really_pinned_on_a_gpu_machine() -> None:
+    batch = collate_skip([(torch.zeros(3, 4, 4), 1)])
+    assert batch.pin_memory().images.is_pinned()
