@@ -19,7 +19,7 @@ from torch import nn
 from ckascope import plugins
 from ckascope.cliutils import make_console
 from ckascope.compare import base_size_for, compare_models, compare_scales, default_scales
-from ckascope.distributed import init_distributed
+from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError, WeightsUnavailableError
 from ckascope.models import build_model, checkpoint_label, load_checkpoint, weights_input_size
 from ckascope.plot import save_figures
@@ -105,7 +105,10 @@ def run_compare(args: dict[str, Any]) -> None:
     two_models = check_sides(args)
     out = args["out"] or next_free(default_out(args))  # a default never replaces a result
     check_output_dir(out, args["overwrite"])
-    result, is_main = analyse(args, two_models)
+    try:
+        result, is_main = analyse(args, two_models)
+    finally:
+        close_distributed()
     if is_main:
         save(result, out, args)
         report(result, out)
@@ -125,7 +128,10 @@ def run_suggest_split(
         two_models = check_sides(args)
         if args["out"] is not None:
             check_output_dir(args["out"], args["overwrite"])
-        result, is_main = analyse(args, two_models)
+        try:
+            result, is_main = analyse(args, two_models)
+        finally:
+            close_distributed()
         if is_main and args["out"] is not None:
             save(result, args["out"], args)
     if not is_main:

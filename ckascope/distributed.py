@@ -43,7 +43,20 @@ def resolve_device(name: str | None) -> torch.device:
         raise InputError(f"unknown device {name!r}. Hint: use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name} but CUDA is not available here. Hint: use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        check_gpu_index(device.index, f"--device {name}")
     return device
+
+
+def check_gpu_index(index: int, what: str) -> None:
+    """Raises InputError unless GPU ``index`` is visible to this process."""
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise InputError(
+            f"{what} asks for GPU {index}, but this process sees {count} GPU(s) "
+            f"(cuda:0..cuda:{count - 1}). Hint: choose a visible GPU; CUDA_VISIBLE_DEVICES and "
+            "--nproc_per_node must leave one per process"
+        )
 
 
 def init_distributed(device: str | None = "auto") -> DistInfo:
@@ -53,17 +66,34 @@ def init_distributed(device: str | None = "auto") -> DistInfo:
         device: "auto", "cpu", "cuda" or "cuda:N"; under torchrun with CUDA each process takes
             the GPU of its local rank.
     """
+    global _OWNED
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = resolve_device(device)
     if world == 1:
+        if base.type == "cuda" and base.index is not None:
+            torch.cuda.set_device(base)  # kernels and allocations go where the model is
         return DistInfo(0, 1, base)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
+        check_gpu_index(local_rank, f"torchrun's LOCAL_RANK {local_rank}")
         base = torch.device("cuda", local_rank)
         torch.cuda.set_device(base)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
+        _OWNED = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), base)
+
+
+#: Whether this module started the process group (and so may end it).
+_OWNED = False
+
+
+def close_distributed() -> None:
+    """Ends the process group ``init_distributed`` started; a caller's own group is left alone."""
+    global _OWNED
+    if _OWNED and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:

@@ -185,9 +185,13 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
         if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
     }
     cfg = merge(load_yaml(config_file) if config_file else {}, given)
+    from ckascope.distributed import close_distributed
     from msun.train import main as train_main
 
-    out = train_main(cfg, resume=resume)
+    try:
+        out = train_main(cfg, resume=resume)
+    finally:
+        close_distributed()
     make_console().print(
         f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
     )
@@ -255,7 +259,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         eval_transform,
         subset_indices,
     )
-    from ckascope.distributed import init_distributed
+    from ckascope.distributed import close_distributed, init_distributed
     from msun.evaluate import check_classes, evaluate_checkpoints, load_for_eval
 
     loaded = [load_for_eval(p) for p in checkpoints]
@@ -282,15 +286,18 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     loader = DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
     )
-    evaluated = evaluate_checkpoints(
-        loaded,
-        loader,
-        sizes,
-        protocol=opts["protocol"],
-        paths=opts["paths"],
-        device=info.device,
-        progress=info.is_main,
-    )
+    try:
+        evaluated = evaluate_checkpoints(
+            loaded,
+            loader,
+            sizes,
+            protocol=opts["protocol"],
+            paths=opts["paths"],
+            device=info.device,
+            progress=info.is_main,
+        )
+    finally:
+        close_distributed()
     if info.is_main:
         _write_eval(evaluated, opts["out"])
 
