@@ -168,9 +168,18 @@ def make_scheduler(
     )
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` made concrete for ``device``: bf16 on CUDA, none on CPU; others as they are.
+
+    The resolved value is what the config and checkpoints keep, so a CPU run resumed on a GPU
+    is refused (``--amp`` differs) instead of silently switching to bf16.
+    """
+    return amp if amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+
+
 def amp_dtype(cfg: C.TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 on CUDA for "auto", full precision on CPU."""
-    choice = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    """Autocast dtype of the run (``auto``: bf16 on CUDA, full precision on CPU)."""
+    choice = resolve_amp(cfg.amp, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
 
 
@@ -398,6 +407,7 @@ def _configure(
     cfg = dataclasses.replace(cfg, model=arch, method=method)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
     if cfg.split_at == "auto":
         cfg = dataclasses.replace(cfg, split_at=autosplit.choose(cfg, saved, info))

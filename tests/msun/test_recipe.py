@@ -98,3 +98,15 @@ def test_eval_without_run_sizes_uses_the_scaled_paper_sizes(tmp_path: Path) -> N
     assert re.search(r"\d+\.\d\d\*", result.output)  # the routed path's cell
     assert "validation" not in result.output
     assert "eval m (13 sizes): 1/1 (" in result.output  # progress without a terminal
+
+
+def test_amp_auto_is_stored_resolved_so_a_device_change_cannot_slip_in(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _weights(out, "--method", "vanilla")
+    assert _config(out)["amp"] == "none"  # auto on this CPU
+    result = CliRunner().invoke(
+        main,
+        ["train", *ONE_STEP, "--method", "vanilla", "--out", str(out), "--resume", "--amp", "bf16"],
+    )
+    assert result.exit_code == 2
+    assert "amp: 'none' -> 'bf16'" in result.output
