@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ckascope.distributed import DistInfo
 from ckascope.errors import InputError
 from ckascope.fileio import torch_save, write_text
 from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
@@ -62,12 +63,43 @@ def _num_classes(model: nn.Module) -> int:
     return classifier(model)[1].out_features
 
 
-def rng_state() -> dict[str, Any]:
-    """CPU and CUDA generator states (dropout masks depend on them)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generator states: CPU, and its own GPU's (dropout masks depend on them).
+
+    One GPU's state, not every visible GPU's: a run resumed with fewer GPUs must still load it.
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    """Every process's ``rng_state``, in rank order (a collective call under torchrun)."""
+    mine = rng_state(info.device)
+    if info.world_size == 1:
+        return [mine]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(saved: Mapping[str, Any], info: DistInfo) -> None:
+    """Sets this process's generators from a checkpoint's ``rng`` entry.
+
+    Rank r takes the state rank r saved (rank r mod the saved count after a change of world
+    size). Checkpoints written before per-rank states kept rank 0's CPU state and a list of
+    every visible GPU's; their entry for this GPU is used when it exists.
+    """
+    ranks = saved.get("ranks") or [saved]
+    mine = ranks[info.rank % len(ranks)]
+    torch.set_rng_state(mine["torch"])
+    cuda = mine.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # the older format: one state per visible GPU
+        index = info.device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and info.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, info.device)
 
 
 @dataclass
@@ -80,8 +112,10 @@ class Trainables:
     scaler: torch.amp.GradScaler
 
 
-def save_state(path: Path, t: Trainables, cfg: TrainConfig, state: TrainState) -> None:
-    """Writes a training checkpoint atomically."""
+def save_state(
+    path: Path, t: Trainables, cfg: TrainConfig, state: TrainState, rng: list[dict[str, Any]]
+) -> None:
+    """Writes a training checkpoint atomically; ``rng`` holds every process's generators."""
     progress = {k: v for k, v in asdict(state).items() if k != "history"}
     torch_save(
         {
@@ -92,7 +126,7 @@ def save_state(path: Path, t: Trainables, cfg: TrainConfig, state: TrainState) -
             "scaler": t.scaler.state_dict(),
             "progress": progress,
             "history": state.history,
-            "rng": rng_state(),
+            "rng": {"ranks": rng},
         },
         path,
     )
@@ -120,15 +154,13 @@ def saved_run(folder: Path, resume: bool) -> Mapping[str, Any] | None:
     return ckpt
 
 
-def restore_state(ckpt: Mapping[str, Any], t: Trainables) -> TrainState:
+def restore_state(ckpt: Mapping[str, Any], t: Trainables, info: DistInfo) -> TrainState:
     """Loads a training checkpoint into the live objects; returns where to continue."""
     t.model.load_state_dict(ckpt["state_dict"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
     t.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    restore_rng(ckpt["rng"], info)
     return TrainState(**ckpt["progress"], history=list(ckpt.get("history", [])))
 
 

@@ -55,6 +55,7 @@ from msun.runstate import (
     TrainState,
     any_rank,
     check_resume,
+    gather_rng,
     interrupt_flag,
     restore_state,
     save_state,
@@ -214,8 +215,10 @@ class Loop:
 
 
 def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
+    """Every process gives its generator states (collective); rank 0 writes the checkpoint."""
+    rng = gather_rng(loop.info)
     if loop.info.is_main:
-        save_state(loop.out / name, loop.trainables, loop.cfg, state)
+        save_state(loop.out / name, loop.trainables, loop.cfg, state, rng)
 
 
 def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric]) -> torch.Tensor:
@@ -504,7 +507,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
         cfg, loop = _build(cfg, info, train_set, val_set, init)
         if saved is not None:
             check_resume(saved, cfg)
-        state = restore_state(saved, loop.trainables) if saved is not None else TrainState()
+        state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))
             if state.history:  # a run killed between its checkpoint and its logs

@@ -202,6 +202,24 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) 
     assert max(float((a[k] - start[k]).abs().max()) for k in params) > 1e-4
     for key in params:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    rngs = [torch.load(tmp_path / r / "last.pt")["rng"]["ranks"] for r in ("one", "two")]
+    assert [len(r) for r in rngs] == [1, 2]  # every process's generators, not rank 0's only
+
+
+def test_each_rank_resumes_its_own_generators() -> None:
+    from ckascope.distributed import DistInfo
+    from msun.runstate import restore_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append({"torch": torch.get_rng_state()})
+    cpu = torch.device("cpu")
+    for rank in (0, 1):
+        restore_rng({"ranks": states}, DistInfo(rank, 2, cpu))
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    restore_rng({"torch": states[1]["torch"], "cuda": []}, DistInfo(0, 1, cpu))  # older format
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"])
 
 
 def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
