@@ -3,8 +3,8 @@
 The analysis is a saved ``ckascope compare`` result (``--cka-from``) or, when pretrained
 weights of the architecture are available, one run now on the validation images: the pretrained
 vanilla model at the smallest and the largest training scale. ``ckascope.split`` applies its
-rule to msun's split points. Rank 0 decides and writes the analysis beside the run; the other
-processes receive the choice. A resumed run keeps the split it chose.
+rule to msun's split points. Every process takes part in the analysis and reaches the same
+choice; rank 0 writes the analysis beside the run. A resumed run keeps the split it chose.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch.distributed as dist
 
 from ckascope.cliutils import make_console
 from ckascope.compare import compare_scales
@@ -57,23 +55,26 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         num_images=ANALYSIS_IMAGES,
         seed=cfg.seed,
         device=info.device,
+        rank=info.rank,
+        world_size=info.world_size,
         settings={"model": cfg.model, "weights": "default"},
     )
 
 
 def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) -> str:
-    """The split point for ``--split-at auto``."""
+    """The split point for ``--split-at auto``.
+
+    Every process takes part in the analysis (under torchrun its sweep is shared out and its
+    sums combined, which are collective calls: rank 0 alone would wait forever), so every
+    process reaches the same result and the same choice; rank 0 records it.
+    """
     if saved is not None:
         return str(saved["train_config"]["split_at"])
-    choice = [""]
+    result = analysis(cfg, info)
+    suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
     if info.is_main:
-        result = analysis(cfg, info)
-        suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
         _record(result, suggestion, Path(cfg.out))
-        choice[0] = suggestion.choice
-    if info.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    return suggestion.choice
 
 
 def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:

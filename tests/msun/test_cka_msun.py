@@ -177,3 +177,31 @@ def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -
     )
     assert wrong.exit_code == 2
     assert "no subnets" in wrong.stderr
+
+
+def test_split_at_auto_under_torchrun_runs_the_analysis_on_every_rank(tmp_path: Path) -> None:
+    """Without --cka-from the analysis is collective: rank 0 alone would hang (gloo, 2 ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from ckascope import models
+
+    weights = models.resolve_weights("resnet18", "default")
+    assert weights is not None
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    dest = tmp_path / "hub" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    dest.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), dest)  # stands in for ImageNet's
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "msun", "train", *tinyrun.TRAIN, "--split-at", "auto", "--out", str(run)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "split-analysis" / "suggestion.json").is_file()
+    saved = CKAResult.load(run / "split-analysis")
+    assert saved.settings["world_size"] == 2
