@@ -211,6 +211,7 @@ def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: A
         "num_images": args["num_images"],
         "seed": args["seed"],
         "num_workers": args["workers"],
+        "tf32": args["tf32"],
         "progress": True,  # a bar on a terminal, a line every few seconds elsewhere
         "rank": rank,
         "world_size": world,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -37,7 +38,7 @@ from ckascope.data import (
 )
 from ckascope.distributed import all_reduce_sum
 from ckascope.errors import InputError
-from ckascope.kernels import check_kernel
+from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
@@ -226,6 +227,7 @@ class SweepOptions:
     progress: bool = False
     rank: int = 0
     world_size: int = 1
+    tf32: bool = False
 
     def check(self) -> None:
         """Raises InputError for values no sweep can use."""
@@ -311,7 +313,9 @@ class _Sweep:
         sweeps = self._sweeps()
         total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
-        with make_progress(show) as bar, torch.inference_mode():
+        # Exact by default: TF32 convolutions (cuDNN's default) move CKA by ~1e-3 on a GPU.
+        exact = nullcontext() if self.opts.tf32 else ieee_fp32("conv")
+        with make_progress(show) as bar, torch.inference_mode(), exact:
             task = bar.add_task("CKA", total=total)
             return [self._repeat(make(), lambda: bar.advance(task)) for make, _ in sweeps]
 
@@ -503,7 +507,8 @@ def compare_scales(
         output_key: The key to record from layers that return dicts.
         settings: Extra settings to record (e.g. the model's name and weights).
         **sweep: ``SweepOptions`` fields: kernel, sigma_frac, bandwidth, weighting, batch_size,
-            repeats, num_images, seed, num_workers, progress, rank, world_size.
+            repeats, num_images, seed, num_workers, progress, rank, world_size, tf32
+            (allow TF32 convolutions on CUDA; off by default: exact CKA).
 
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).

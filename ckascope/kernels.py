@@ -21,29 +21,55 @@ from torch import Tensor
 from ckascope.errors import InputError
 from ckascope.vocab import KERNELS, Kernel
 
+#: The CUDA ops whose float32 precision ``ieee_fp32`` controls: new-API backend, legacy flag.
+_TF32_OPS = {
+    "matmul": (lambda: torch.backends.cuda.matmul, "cublas"),
+    "conv": (lambda: getattr(torch.backends.cudnn, "conv"), "cudnn"),  # noqa: B009 (not in stubs)
+}
+
 
 @contextmanager
-def ieee_fp32_matmul() -> Iterator[None]:
-    """Turns TF32 off for CUDA matmuls inside the block and restores the previous setting.
+def ieee_fp32(*ops: str) -> Iterator[None]:
+    """Turns TF32 off for the named CUDA ops ("matmul", "conv") inside the block, then restores.
 
     TF32 keeps 10 mantissa bits (relative error ~1e-3), three orders of magnitude above the 1e-6
-    the Gram matrices need.
+    the Grams need; TF32 convolutions put the same error into the activations themselves.
+    torch >= 2.9 has ``fp32_precision`` per op, whose getter returns the resolved value and
+    which must not be mixed with the legacy ``allow_tf32`` flags (that raises): only it is used,
+    and an op that was inheriting its parent's value is given ``"none"`` (inherit) back, so a
+    later global change still reaches it. Older torch: the ``allow_tf32`` flags.
     """
-    backend = torch.backends.cuda.matmul
-    if hasattr(backend, "fp32_precision"):  # torch >= 2.9
-        old_precision = backend.fp32_precision
-        backend.fp32_precision = "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        parent = torch.backends.cudnn.fp32_precision  # the "cuda" level both ops inherit from
+        backends = [_TF32_OPS[op][0]() for op in ops]
+        old = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
         try:
             yield
         finally:
-            backend.fp32_precision = old_precision
+            for b, value in zip(backends, old, strict=True):
+                b.fp32_precision = "none" if value == parent else value
         return
-    old_tf32 = backend.allow_tf32
-    backend.allow_tf32 = False
+    with _legacy_tf32_off(ops):
+        yield
+
+
+@contextmanager
+def _legacy_tf32_off(ops: tuple[str, ...]) -> Iterator[None]:
+    flags = {
+        "cublas": (torch.backends.cuda.matmul, "allow_tf32"),
+        "cudnn": (torch.backends.cudnn, "allow_tf32"),
+    }
+    targets = [flags[_TF32_OPS[op][1]] for op in ops]
+    old = [getattr(obj, name) for obj, name in targets]
+    for obj, name in targets:
+        setattr(obj, name, False)
     try:
         yield
     finally:
-        backend.allow_tf32 = old_tf32
+        for (obj, name), value in zip(targets, old, strict=True):
+            setattr(obj, name, value)
 
 
 def check_kernel(kernel: str, sigma_frac: float) -> None:
@@ -71,7 +97,7 @@ def linear_gram(x: Tensor) -> Tensor:
     A caller's autocast would run the product in bf16/fp16 (relative error 2-3e-3; fp16
     overflows past 65504, which a ResNet's early layers reach at 224 px).
     """
-    with ieee_fp32_matmul(), torch.autocast(x.device.type, enabled=False):
+    with ieee_fp32("matmul"), torch.autocast(x.device.type, enabled=False):
         return x @ x.transpose(-1, -2)
 
 

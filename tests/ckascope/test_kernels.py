@@ -112,3 +112,41 @@ def test_cka_from_hsic_marks_non_positive_self_terms_nan() -> None:
 def test_check_kernel_rejects_bad_values(kernel: str, frac: float) -> None:
     with pytest.raises(InputError):
         K.check_kernel(kernel, frac)
+
+
+def test_tf32_is_off_inside_and_inheritance_survives() -> None:
+    import torch
+
+    from ckascope.kernels import ieee_fp32
+
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv")
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
+    generic = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"  # a user who enabled TF32 globally
+        with ieee_fp32("matmul", "conv"):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        torch.backends.fp32_precision = "ieee"  # a later global change still applies
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        torch.backends.fp32_precision = generic
+
+
+def test_a_comparison_runs_its_convolutions_without_tf32_unless_asked() -> None:
+    import torch
+
+    from ckascope import models
+    from ckascope.compare import compare_scales
+
+    model = models.build_model("resnet18", "none", num_classes=10)
+    seen: list[str] = []
+    conv = getattr(torch.backends.cudnn, "conv")
+    model.conv1.register_forward_hook(lambda *_: seen.append(str(conv.fp32_precision)))
+    kwargs = {"layers": ["layer1"], "base_size": 32, "num_images": 8, "batch_size": 8}
+    exact = compare_scales(model, None, (16, 32), **kwargs)
+    fast = compare_scales(model, None, (16, 32), tf32=True, **kwargs)
+    assert seen[:2] == ["ieee", "ieee"]
+    assert "ieee" not in seen[2:]
+    assert (exact.settings["tf32"], fast.settings["tf32"]) == (False, True)
