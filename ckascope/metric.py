@@ -83,6 +83,8 @@ class MinibatchCKA(Metric):
     self_b: Tensor
     num_batches: Tensor
     num_examples: Tensor
+    nonfinite_a: Tensor
+    nonfinite_b: Tensor
     sigma2_a: Tensor
     sigma2_b: Tensor
 
@@ -120,6 +122,11 @@ class MinibatchCKA(Metric):
         self.add_state("self_b", torch.zeros(num_layers_b, dtype=f64), "sum")
         self.add_state("num_batches", torch.zeros((), dtype=torch.int64), "sum")
         self.add_state("num_examples", torch.zeros((), dtype=torch.int64), "sum")
+        # Batches with NaN/Inf activations per layer: counted on the device and checked in
+        # compute(), so that a batch costs no host-device synchronisation.
+        self.add_state("nonfinite_a", torch.zeros(num_layers_a, dtype=f64), "sum")
+        self.add_state("nonfinite_b", torch.zeros(num_layers_b, dtype=f64), "sum")
+        self._sigma_fixed = False  # bandwidth="first": set by the first batch
         self.register_buffer("sigma2_a", torch.full((num_layers_a,), float("nan"), dtype=f64))
         self.register_buffer("sigma2_b", torch.full((num_layers_b,), float("nan"), dtype=f64))
         # torchmetrics wraps only ``update``; the Gram entry point needs the same bookkeeping
@@ -174,6 +181,8 @@ class MinibatchCKA(Metric):
     ) -> None:
         ga = self._stack(grams_a, self.layer_names_a, "a")  # (La, n, n)
         gb = self._stack(grams_b, self.layer_names_b, "b")  # (Lb, n, n)
+        self.nonfinite_a += _nonfinite(ga)
+        self.nonfinite_b += _nonfinite(gb)
         n = ga.shape[-1]
         if gb.shape[-1] != n:
             raise InputError(
@@ -192,7 +201,7 @@ class MinibatchCKA(Metric):
         self.num_examples += n
 
     def _stack(self, grams: Sequence[Tensor] | Tensor, names: list[str], side: str) -> Tensor:
-        """A float64 copy (L, n, n) of the Grams, ours to overwrite, checked for shape and NaN."""
+        """A float64 copy (L, n, n) of the Grams, ours to overwrite, checked for shape."""
         shapes = {tuple(g.shape) for g in grams}
         n = next(iter(shapes))[-1] if len(shapes) == 1 else -1
         if len(grams) != len(names) or shapes != {(n, n)}:
@@ -201,31 +210,36 @@ class MinibatchCKA(Metric):
         g = torch.empty(len(names), n, n, dtype=torch.float64, device=self.cross.device)
         for i, gram in enumerate(grams):
             g[i].copy_(gram)  # converts to float64 on the way: one pass, no extra copy
-        # |G_ij| <= sqrt(G_ii G_jj): a non-finite entry (NaN/Inf features, float32 overflow)
-        # always shows on the diagonal, so checking L x n values is enough.
-        finite = torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all(dim=1)  # (L,)
-        if not bool(finite.all()):
-            bad = [names[i] for i in torch.nonzero(~finite).flatten().tolist()]
-            raise NumericalError(
-                f"NaN or Inf activations in layer(s) {', '.join(bad)} (side {side}). "
-                "Hint: check the model's numerics (e.g. float16 overflow) or the input images"
-            )
         return g
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:
         sigma2 = None
         if self.kernel == "rbf" and self.bandwidth == "first":
             sigma2 = self.sigma2_a if side == "a" else self.sigma2_b
-            if bool(torch.isnan(sigma2).any()):
+            if not self._sigma_fixed:
                 first = rbf_sigma2(sq_dists_from_gram(grams), self.sigma_frac)
                 sigma2.copy_(_from_rank_zero(first))
+                self._sigma_fixed = side == "b"  # both sides set by the first batch
         return kernel_from_gram(grams, self.kernel, self.sigma_frac, sigma2)[0]
 
     def compute(self) -> Tensor:
         """The (La, Lb) float64 CKA matrix.
 
         Layers whose HSIC(K, K) is not positive get NaN rows/columns and a warning naming them.
+
+        Raises:
+            NumericalError: NaN/Inf activations in some batch, naming the layers.
         """
+        for side, counts, names in (
+            ("a", self.nonfinite_a, self.layer_names_a),
+            ("b", self.nonfinite_b, self.layer_names_b),
+        ):
+            if bool((counts > 0).any()):  # the one synchronisation, once per sweep
+                bad = [names[i] for i in torch.nonzero(counts > 0).flatten().tolist()]
+                raise NumericalError(
+                    f"NaN or Inf activations in layer(s) {', '.join(bad)} (side {side}). "
+                    "Hint: check the model's numerics (e.g. float16 overflow) or the input images"
+                )
         warn_degenerate(self.self_a, self.layer_names_a, "a")
         warn_degenerate(self.self_b, self.layer_names_b, "b")
         return cka_from_hsic(self.cross, self.self_a, self.self_b)
@@ -235,6 +249,16 @@ class MinibatchCKA(Metric):
         super().reset()
         self.sigma2_a.fill_(float("nan"))
         self.sigma2_b.fill_(float("nan"))
+        self._sigma_fixed = False
+
+
+def _nonfinite(grams: Tensor) -> Tensor:
+    """(L,) 1.0 for each Gram (L, n, n) holding NaN/Inf, computed on the device.
+
+    |G_ij| <= sqrt(G_ii G_jj): a non-finite entry (NaN/Inf features, float32 overflow) always
+    shows on the diagonal, so checking L x n values is enough.
+    """
+    return (~torch.isfinite(grams.diagonal(dim1=-2, dim2=-1)).all(dim=1)).double()
 
 
 def _names(names: Sequence[str] | None, count: int, side: str) -> list[str]:

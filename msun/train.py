@@ -24,7 +24,6 @@ from rich.console import Console
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric
 
 from ckascope.cliutils import make_console
 from ckascope.data import dataset_len, warn_skipped
@@ -221,7 +220,50 @@ def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
         save_state(loop.out / name, loop.trainables, loop.cfg, state, rng)
 
 
-def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric]) -> torch.Tensor:
+class TermSums:
+    """Running sums of the logged loss terms, kept on the device until the epoch ends.
+
+    A torchmetrics ``MeanMetric`` per term and micro-batch would cost host-device syncs (its
+    NaN check) on every call; the epoch's means need one all-reduce and one copy at its end.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: Mapping[str, torch.Tensor]) -> None:
+        """Adds one micro-batch's detached scalar terms."""
+        for key, value in terms.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def means(self, info: DistInfo) -> dict[str, float]:
+        """Mean of every term over the micro-batches of all processes."""
+        if not self.sums:
+            return {}
+        stacked = torch.stack(list(self.sums.values()))  # (terms,)
+        if info.world_size > 1:
+            torch.distributed.all_reduce(stacked)
+        values = (stacked / (self.count * info.world_size)).tolist()  # the epoch's one sync
+        return dict(zip(self.sums, values, strict=True))
+
+
+def _step_check(losses: list[torch.Tensor], stop: bool, info: DistInfo) -> tuple[bool, bool, float]:
+    """(a loss is NaN/Inf on any rank, a stop was asked on any rank, the last loss).
+
+    The step's one synchronisation (plus one all-reduce under torchrun): every check that
+    needs the host reads the same small tensor.
+    """
+    stacked = torch.stack(losses).double()  # (accum,)
+    flags = torch.stack([(~torch.isfinite(stacked)).any().double(), stacked.new_tensor(stop)])
+    if info.world_size > 1:
+        torch.distributed.all_reduce(flags)
+    values = torch.cat([flags, stacked]).tolist()
+    return values[0] > 0, values[1] > 0, values[-1]
+
+
+def _micro_step(loop: Loop, batch: Any, sync: bool, meters: TermSums) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its (detached) loss."""
     warn_skipped(batch.skipped)
     device = loop.info.device
@@ -237,8 +279,7 @@ def _micro_step(loop: Loop, batch: Any, sync: bool, meters: dict[str, MeanMetric
     with no_sync() if no_sync and not sync else contextlib.nullcontext(), autocast:
         loss, terms = loop.objective(images, labels)
         loop.trainables.scaler.scale(loss / loop.cfg.accum_steps).backward()
-    for key, value in {"loss": loss.detach(), **terms}.items():
-        meters.setdefault(key, MeanMetric().to(device)).update(value.float())
+    meters.add({"loss": loss, **terms})
     detached: torch.Tensor = loss.detach()
     return detached
 
@@ -289,30 +330,29 @@ def train_one_epoch(
     task = bar.add_task(
         f"epoch {state.epoch + 1}/{cfg.epochs}", total=steps, completed=state.step_in_epoch
     )
-    meters: dict[str, MeanMetric] = {}
+    meters = TermSums()
     _set_train_mode(loop)
     start, first_step = time.perf_counter(), state.step_in_epoch
     while state.step_in_epoch < steps:
         losses = [_micro_step(loop, next(batches), m == accum - 1, meters) for m in range(accum)]
-        if any_rank(not bool(torch.isfinite(torch.stack(losses)).all()), loop.info.device):
+        nonfinite, stopping, last = _step_check(losses, stop(), loop.info)
+        if nonfinite:
             raise _nan_stop(loop, state)
         _optimizer_step(loop)
         state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
         bar.update(
-            task,
-            advance=1,
-            description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {float(losses[-1]):.3f}",
+            task, advance=1, description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {last:.3f}"
         )
         if cfg.save_every and state.global_step % cfg.save_every == 0:
             _save(loop, state)
-        if any_rank(stop(), loop.info.device):
+        if stopping:
             raise _interrupted(loop, state)
     bar.remove_task(task)
     seconds = time.perf_counter() - start
     images = (state.step_in_epoch - first_step) * cfg.batch_size
     lr = float(loop.trainables.scheduler.get_last_lr()[0])
     return {
-        **{k: float(m.compute()) for k, m in meters.items()},
+        **meters.means(loop.info),
         "lr": lr,
         "images_per_s": images / max(seconds, 1e-9),
         "train_seconds": seconds,

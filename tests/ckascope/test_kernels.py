@@ -119,7 +119,7 @@ def test_tf32_is_off_inside_and_inheritance_survives() -> None:
 
     from ckascope.kernels import ieee_fp32
 
-    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
     generic = torch.backends.fp32_precision
@@ -142,7 +142,7 @@ def test_a_comparison_runs_its_convolutions_without_tf32_unless_asked() -> None:
 
     model = models.build_model("resnet18", "none", num_classes=10)
     seen: list[str] = []
-    conv = getattr(torch.backends.cudnn, "conv")
+    conv = torch.backends.cudnn.conv
     model.conv1.register_forward_hook(lambda *_: seen.append(str(conv.fp32_precision)))
     kwargs = {"layers": ["layer1"], "base_size": 32, "num_images": 8, "batch_size": 8}
     exact = compare_scales(model, None, (16, 32), **kwargs)
