@@ -110,7 +110,11 @@ class TrainConfig:
     save_every: int | None = _opt(None, "Also save last.pt every N optimiser steps.")
     workers: int = _opt(0, "DataLoader worker processes per training process.")
     seed: int = _opt(0, "Seed of initialisation, data order and augmentation.")
-    deterministic: bool = _opt(False, "Deterministic algorithms (bit-exact resume on CPU).")
+    deterministic: bool = _opt(
+        False,
+        "Deterministic algorithms (bit-exact resume on CPU; on CUDA sets CUBLAS_WORKSPACE_CONFIG, "
+        "ops without a deterministic kernel warn by name).",
+    )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     compile: bool = _opt(False, "torch.compile the training step.")
     tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -266,6 +267,11 @@ def _step_check(losses: list[torch.Tensor], stop: bool, info: DistInfo) -> tuple
 def _micro_step(loop: Loop, batch: Any, sync: bool, meters: TermSums) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its (detached) loss."""
     warn_skipped(batch.skipped)
+    if len(batch.images) == 0:  # checked on the host: the batch is still on the CPU
+        raise TrainingStopError(
+            f"every image of a micro-batch was unreadable ({len(batch.skipped)} file(s), named "
+            "in the warnings above). Hint: remove or repair them, or raise --batch-size"
+        )
     device = loop.info.device
     images = batch.images.to(device, non_blocking=True)
     if device.type == "cuda":
@@ -536,10 +542,13 @@ def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
 def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     """Trains as ``cfg`` says; returns the run folder (last.pt, best.pt, metrics, config)."""
     C.check(cfg)
-    info = init_distributed(cfg.device)
     if cfg.deterministic:
+        # cuBLAS needs its workspace fixed before its first handle; ops with no deterministic
+        # kernel (e.g. some CUDA interpolation backward passes) warn by name and stay as they are.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    info = init_distributed(cfg.device)
     out, console = Path(cfg.out), make_console(quiet=not info.is_main)
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)

@@ -523,3 +523,31 @@ def test_split_at_auto_refusals_write_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "at least 2 images" in result.stderr
     assert not out.exists()
+
+
+def test_a_micro_batch_of_only_unreadable_images_is_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = tmp_path / "d" / split / c
+            folder.mkdir(parents=True)
+            for i in range(4):
+                if split == "train":
+                    (folder / f"{i}.png").write_bytes(b"not an image")
+                else:
+                    Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    result = _train(tmp_path / "out", "--data", str(tmp_path / "d"), "--num-train", "8")
+    assert result.exit_code == 1
+    assert "every image of a micro-batch was unreadable" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_deterministic_fixes_the_cublas_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    result = _train(tmp_path / "out", "--epochs", "1", "--steps-per-epoch", "1", "--deterministic")
+    assert result.exit_code == 0, result.output
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    torch.use_deterministic_algorithms(False)
