@@ -141,17 +141,19 @@ def check_resume(device: str) -> dict[str, Any]:
         for first, second in (("cuda", "cpu"), ("cpu", "cuda")):
             run = Path(tmp) / f"{first}-{second}"
             base = [*TINY, "--amp", "none", "--epochs", "2", "--out", str(run)]
-            _killed_after_one_epoch(_msun("train", *base, "--device", first), run)
+            killed = _killed_after_one_epoch(_msun("train", *base, "--device", first), run)
+            one_epoch = len((run / "metrics.jsonl").read_text().splitlines()) == 1
             two = _run(_msun("train", *base, "--device", second, "--resume"), timeout=300)
             rows = (run / "metrics.jsonl").read_text().splitlines() if two.returncode == 0 else []
-            ok = len(rows) == 2
+            ok = killed and one_epoch and len(rows) == 2  # the second epoch ran on the other
             out[f"{first}->{second}"] = ok or two.stderr.strip().splitlines()[-1:]
             out["ok"] &= ok
     return out
 
 
-def _killed_after_one_epoch(cmd: list[str], run: Path) -> None:
-    """Starts a 2-epoch run and kills it once its first epoch is logged (last.pt is saved)."""
+def _killed_after_one_epoch(cmd: list[str], run: Path) -> bool:
+    """Starts a 2-epoch run and kills it once its first epoch is logged; whether it was killed
+    (a run that finished both epochs first would make the resume test nothing)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -161,8 +163,10 @@ def _killed_after_one_epoch(cmd: list[str], run: Path) -> None:
         if time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    finished = proc.poll() is not None
     proc.kill()
     proc.wait()
+    return not finished
 
 
 def check_nccl(device: str) -> dict[str, Any]:

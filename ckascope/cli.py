@@ -59,8 +59,8 @@ def _options(f: Any) -> Any:
             "--scales",
             type=click.IntRange(1, MAX_SCALE),
             nargs=2,
-            help="Two input scales in px  [default: base/7 and base: 32 224, or 4 28 on "
-            "Fashion-MNIST].",
+            help="Two input scales in px  [default: base/7 and the base size, e.g. 32 224; "
+            "4 28 for Fashion-MNIST with --weights none].",
         ),
         click.option(
             "--scale",

@@ -153,6 +153,8 @@ def check_sides(args: dict[str, Any]) -> bool:
     # The size pretrained weights expect (299 for inception_v3) comes before the data's own.
     expected = (
         weights_input_size(args["model"], args["weights"]) if not args["checkpoint"] else None
+    ) or (
+        weights_input_size(args["model_b"], args["weights_b"]) if not args["checkpoint_b"] else None
     )
     args["base_size"] = base_size_for(args["data"], args["base_size"] or expected)
     args["scales"] = tuple(args["scales"] or default_scales(args["base_size"]))

@@ -1,6 +1,6 @@
 """Cross-scale and cross-model CKA: the sweep behind ``ckascope compare``.
 
-For every batch of base images (224 px by default) each side makes its input on the device
+For every batch of base images (224 px, or the native size of a small-image set, by default) each side makes its input on the device
 (resizing to its scale), runs one forward pass under ``torch.inference_mode()`` with hooks that
 turn every chosen layer's output into its centred Gram matrix, and the two stacks of Grams go to
 ``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of the images
@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ckascope.data import (
     Batch,
@@ -137,13 +137,20 @@ class Side:
         return list(recorded), list(recorded.values())
 
 
-def _size_refusal(error: Exception) -> bool:
-    """Whether a forward pass failed because of the input's size.
+#: What torch and torchvision say when an input is too small or not the size a model is built for.
+SIZE_REFUSALS = (
+    "wrong image",  # ViT: "Wrong image height! Expected 224 but got 32!"
+    "input image size",
+    "output size is too small",  # pooling
+    "kernel size can't be greater than actual input size",  # convolution
+    "calculated padded input size",
+)
 
-    torchvision's fixed-size models assert it (ViT: "Wrong image height!"); a convolution or
-    pooling larger than its input says "... size ...".
-    """
-    return isinstance(error, AssertionError) or "size" in str(error).lower()
+
+def _size_refusal(error: Exception) -> bool:
+    """Whether a forward pass failed because of the input's size (by the library's message)."""
+    text = str(error).lower()
+    return any(known in text for known in SIZE_REFUSALS)
 
 
 def make_side(
@@ -267,6 +274,15 @@ def _device_of(model: nn.Module) -> torch.device:
 Source = Dataset[Any] | Iterable[Any]  # a dataset, or a loader whose batches are used as they come
 
 
+def _is_loader(source: Source) -> bool:
+    """A loader (any iterable of batches, an IterableDataset too), not a map-style dataset.
+
+    Under torchrun every process sweeps the whole loader it is given: shard it yourself
+    (e.g. ``DistributedSampler``) or pass the dataset, which ckascope shares out.
+    """
+    return isinstance(source, IterableDataset) or not isinstance(source, Dataset)
+
+
 def as_batch(item: Any) -> Batch:
     """A loader's batch as a ``Batch``: a Batch, images (n, C, H, W), or (images, labels, ...).
 
@@ -280,6 +296,11 @@ def as_batch(item: Any) -> Batch:
         raise InputError(
             f"a loader's batch must be images (n, C, H, W) or (images, labels), got {type(item).__name__}"
             + (f" of shape {tuple(images.shape)}" if isinstance(images, Tensor) else "")
+        )
+    if not images.is_floating_point():
+        raise InputError(
+            f"a loader's images are {images.dtype}, not float. Hint: end its transform with "
+            "ToDtype(torch.float32, scale=True) and the model's normalisation"
         )
     labels = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
     return Batch(images, labels if isinstance(labels, Tensor) else torch.empty(0), [])
@@ -299,10 +320,11 @@ class _Sweep:
     def _sweeps(self) -> list[tuple[Callable[[], Iterator[Batch]], int | None]]:
         """Per sweep: a maker of its batches and their number (None: a loader without len)."""
         source, o = self.source, self.opts
-        if not isinstance(source, Dataset):  # a loader: one sweep over its batches as they come
-            size = len(source) if isinstance(source, Sized) else None
-            return [(lambda: map(as_batch, source), size)]
-        count = dataset_len(source)
+        if _is_loader(source):  # one sweep over its batches as they come
+            loader = cast(Iterable[Any], source)
+            size = len(loader) if isinstance(loader, Sized) else None
+            return [(lambda: map(as_batch, loader), size)]
+        count = dataset_len(cast(Dataset[Any], source))
         plans = [
             _rank_batches(subset_indices(count, o.num_images, o.seed + r), o)
             for r in range(o.repeats)
@@ -384,7 +406,7 @@ def run_comparison(
         settings: Settings to record with the result (sweep options are added).
     """
     opts.check()
-    loader = not isinstance(source, Dataset)
+    loader = _is_loader(source)
     if loader:
         check_loader_options(opts)
     start = time.perf_counter()

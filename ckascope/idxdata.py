@@ -13,6 +13,7 @@ training images), so nothing is left on disk and nothing is downloaded.
 from __future__ import annotations
 
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,15 @@ def read_tensors(files: dict[str, Path]) -> tuple[torch.Tensor, torch.Tensor]:
                 read_image_file(str(plain["images"])),
                 read_label_file(str(plain["labels"])),
             )
-        except (AssertionError, TypeError, ValueError, RuntimeError, OSError) as e:
+        except (
+            AssertionError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+            OSError,
+            KeyError,
+            IndexError,
+        ) as e:
             raise InputError(
                 f"{files['images'].parent} does not hold valid idx files ({type(e).__name__}: {e}). "
                 "Hint: use the original *-idx3-ubyte / *-idx1-ubyte files"
@@ -90,7 +99,7 @@ def _decompressed(path: Path, tmp: Path) -> Path:
         return path
     try:
         return Path(extract_archive(str(path), str(tmp)))
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"{path} is not a readable gzip file ({e})") from e
 
 
@@ -143,6 +152,8 @@ def idx_dataset(name: str, root: str | None, split: str, transform: Any = None) 
     Raises:
         InputError: No such folder, files missing there, or no system copy installed.
     """
+    if root is not None and not root.strip():
+        raise InputError(f"no folder after '{name}:'. Hint: {name}:DIR, or {name} alone")
     folder = _system_copy(name) if root is None else Path(root).expanduser()
     if not folder.is_dir():
         raise InputError(

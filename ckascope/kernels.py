@@ -37,7 +37,9 @@ def ieee_fp32(*ops: str) -> Iterator[None]:
     torch >= 2.9 has ``fp32_precision`` per op, whose getter returns the resolved value and
     which must not be mixed with the legacy ``allow_tf32`` flags (that raises): only it is used,
     and an op that was inheriting its parent's value is given ``"none"`` (inherit) back, so a
-    later global change still reaches it. Older torch: the ``allow_tf32`` flags.
+    later global change still reaches it (the API cannot tell an inherited value from the same
+    value set explicitly: the latter also comes back as inheriting). Older torch: the
+    ``allow_tf32`` flags.
     """
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         parent = torch.backends.cudnn.fp32_precision  # the "cuda" level both ops inherit from

@@ -30,8 +30,8 @@ class _Task:
     description: str
     total: float | None
     completed: float
-    start: float  # perf_counter at the start, and at the last line printed
-    printed: float
+    start: float  # perf_counter at the start
+    printed: float  # perf_counter at the last line printed
     start_count: float
 
 

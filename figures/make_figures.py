@@ -43,6 +43,7 @@ from ckascope.data import (
     eval_transform,
     subset_indices,
 )
+from ckascope.distributed import resolve_device
 from ckascope.fileio import atomic_path, write_json
 from ckascope.models import load_checkpoint, read_checkpoint
 from ckascope.plot import curve, heatmap
@@ -54,6 +55,7 @@ from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
 from msun.plot import accuracy_vs_size
 from msun.splits import split_candidates
 from msun.train import main as train
+from msun.train import resolve_amp
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("layer1", "layer2", "layer3", "layer4")
@@ -145,6 +147,7 @@ def run(cfg: TrainConfig, ignore: Collection[str] = ()) -> Path:
     ckpt = read_checkpoint(last)
     saved = ckpt["train_config"]
     wanted = {k: v for k, v in _plain(cfg.to_dict()).items() if v is not None}
+    wanted["amp"] = resolve_amp(cfg.amp, resolve_device(cfg.device))  # stored resolved
     skip = RESUMABLE_CHANGES | set(ignore)
     other = [k for k, v in wanted.items() if k not in skip and saved.get(k) != v]
     if other:

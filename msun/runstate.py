@@ -170,12 +170,25 @@ def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
     Raises:
         InputError: Naming every differing key with its saved and current value.
     """
-    diff = differences(ckpt["train_config"], cfg.to_dict())
+    saved = dict(ckpt["train_config"])
+    if saved.get("amp") == "auto":  # saved before amp was stored resolved: it meant this device's
+        saved["amp"] = cfg.amp
+    diff = differences(saved, cfg.to_dict())
     if diff:
         raise InputError(
             f"--resume with a config that differs from {cfg.out}/last.pt: {'; '.join(diff)}. "
-            "Hint: repeat the original options, or train into a new --out"
+            f"Hint: repeat the original options{_old_defaults(saved, cfg)}, or train into a new --out"
         )
+
+
+def _old_defaults(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
+    """Flags that give back defaults of runs made before the authors' recipe became the default."""
+    flags = [
+        f"--{key.replace('_', '-')} {saved[key]:g}"
+        for key in ("grad_clip", "si_threshold")
+        if isinstance(saved.get(key), (int, float)) and saved[key] != getattr(cfg, key)
+    ]
+    return f" (older defaults: {' '.join(flags)})" if flags else ""
 
 
 class RunLock:

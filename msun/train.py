@@ -267,7 +267,10 @@ def _step_check(losses: list[torch.Tensor], stop: bool, info: DistInfo) -> tuple
 def _micro_step(loop: Loop, batch: Any, sync: bool, meters: TermSums) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its (detached) loss."""
     warn_skipped(batch.skipped)
-    if len(batch.images) == 0:  # checked on the host: the batch is still on the CPU
+    # Checked on the host (the batch is still on the CPU). Under torchrun the failing process
+    # ends the job: torchrun stops the other workers, which would otherwise wait for its
+    # gradients.
+    if len(batch.images) == 0:
         raise TrainingStopError(
             f"every image of a micro-batch was unreadable ({len(batch.skipped)} file(s), named "
             "in the warnings above). Hint: remove or repair them, or raise --batch-size"

@@ -297,6 +297,9 @@ def test_options_a_loader_decides_are_refused(model: nn.Module, data, option: di
 def test_a_loader_batch_that_is_not_images_is_refused(model: nn.Module) -> None:
     with pytest.raises(InputError, match=r"images \(n, C, H, W\)"):
         compare_scales(model, [torch.zeros(3, 8, 8)], (16, BASE), layers=LAYERS, base_size=BASE)
+    raw = [torch.zeros(4, 3, BASE, BASE, dtype=torch.uint8)]
+    with pytest.raises(InputError, match="ToDtype"):
+        compare_scales(model, raw, (16, BASE), layers=LAYERS, base_size=BASE)
 
 
 def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:

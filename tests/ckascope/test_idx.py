@@ -96,6 +96,13 @@ def test_corrupt_and_mismatched_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(InputError, match="gzip"):
         build_dataset(f"mnist:{tmp_path}", "train")
+    damaged = bytearray(gzip.compress(bytes(range(256)) * 40))
+    damaged[30:60] = b"x" * 30  # a gzip header, then a broken deflate stream
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="gzip"):
+        build_dataset(f"mnist:{tmp_path}", "train")
+    with pytest.raises(InputError, match="no folder after"):
+        build_dataset("mnist:", "train")
     other = tmp_path / "other"
     _write_idx(other, 4, gz=False)
     (other / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 3) + bytes(3))

@@ -110,3 +110,15 @@ def test_amp_auto_is_stored_resolved_so_a_device_change_cannot_slip_in(tmp_path:
     )
     assert result.exit_code == 2
     assert "amp: 'none' -> 'bf16'" in result.output
+
+
+def test_runs_made_under_the_older_defaults_still_resume(tmp_path: Path) -> None:
+    from msun.config import TrainConfig
+    from msun.runstate import check_resume
+
+    cfg = TrainConfig(method="vanilla", amp="none", grad_clip=0.0, si_threshold=0.01, out="r")
+    saved = {**cfg.to_dict(), "amp": "auto"}  # amp was stored unresolved before
+    check_resume({"train_config": saved}, cfg)
+    saved.update(grad_clip=1.0, si_threshold=0.001)
+    with pytest.raises(Exception, match=r"older defaults: --grad-clip 1 --si-threshold 0\.001"):
+        check_resume({"train_config": saved}, cfg)
