@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # make_figures, beside this script
 
-from make_figures import ablation_figure, png, run  # noqa: E402
+from make_figures import ablation_figure, budget, png, run  # noqa: E402
 
 from ckascope.compare import compare_scales  # noqa: E402
 from ckascope.data import (  # noqa: E402
@@ -121,11 +121,7 @@ def train_config(s: dict[str, Any], name: str, seed: int, out: Path, **change: A
         scales=tuple(s["scales"]),
         data=s["data"],
         out=str(out),
-        image_size=s["image_size"],
-        num_train=s["num_train"],
-        num_val=s["num_val"],
-        epochs=s["epochs"],
-        batch_size=s["batch_size"],
+        **budget(s),
         warmup_epochs=s["epochs"] * 5 / 90,  # the recipe's 5 of 90 epochs
         crop_scale_min=s["crop_scale_min"],
         eval_every=s["epochs"],

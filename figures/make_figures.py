@@ -99,6 +99,11 @@ def settings(quick: bool) -> dict[str, Any]:
     }
 
 
+def budget(s: dict[str, Any]) -> dict[str, Any]:
+    """The size of a run: image size, images, epochs and batch (the same for every method)."""
+    return {k: s[k] for k in ("image_size", "num_train", "num_val", "epochs", "batch_size")}
+
+
 def train_config(
     s: dict[str, Any], method: str, out: Path, split: str | None = None, **si: Any
 ) -> TrainConfig:
@@ -115,11 +120,7 @@ def train_config(
         scales=s["scales"],
         data="shapes",
         out=str(out),
-        image_size=s["image_size"],
-        num_train=s["num_train"],
-        num_val=s["num_val"],
-        epochs=s["epochs"],
-        batch_size=s["batch_size"],
+        **budget(s),
         lr=0.05,
         warmup_epochs=0.3,
         crop_scale_min=0.35,

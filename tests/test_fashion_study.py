@@ -3,10 +3,8 @@ everything it made, and the committed study redrawn from its data with tables th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,20 +12,14 @@ import numpy as np
 import pytest
 
 from tests.ckascope.test_idx import _write_idx
+from tests.scripts import FIGURES, load_figure_script
 
-FIGURES = Path(__file__).resolve().parent.parent / "figures"
 COMMITTED = FIGURES / "fashion"
 
 
 @pytest.fixture(scope="module")
 def study() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fashion_study", FIGURES / "fashion_study.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fashion_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_figure_script("fashion_study")
 
 
 def test_quick_study_runs_end_to_end_and_reuses_what_it_made(

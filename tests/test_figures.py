@@ -3,9 +3,7 @@ overwritten."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,19 +15,12 @@ import torch
 from ckascope.plot import curve, heatmap
 from ckascope.result import CKAResult
 from msun.splits import split_candidates
-
-FIGURES = Path(__file__).resolve().parent.parent / "figures"
+from tests.scripts import FIGURES, load_figure_script
 
 
 @pytest.fixture(scope="module")
 def mf() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_figures", FIGURES / "make_figures.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_figures"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_figure_script("make_figures")
 
 
 @pytest.mark.parametrize(("suffix", "kernel"), [("", "linear"), ("_rbf", "rbf")])
@@ -89,11 +80,7 @@ def test_run_reuses_a_finished_run_and_refuses_other_settings(
 
 
 def test_outliers_diagnostic_finds_a_dominating_image() -> None:
-    spec = importlib.util.spec_from_file_location("outliers", FIGURES / "outliers.py")
-    assert spec is not None
-    assert spec.loader is not None
-    outliers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(outliers)
+    outliers = load_figure_script("outliers")
     gen = torch.Generator().manual_seed(0)
     b = torch.randn(200, 16, generator=gen, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
