@@ -430,7 +430,7 @@ def redraw(out: Path) -> None:
             out,
             f"heatmap_{n}",
         )
-    title = "Split-point ablation (Fashion-MNIST, resnet18, published SI, seed 0)"
+    title = "Split ablation (Fashion-MNIST, published SI, seed 0)"
     png(ablation_figure(loop["rows"], loop["suggestion"]["choice"], title), out, "ablation_split")
     write_text(out / "RESULTS.md", results_markdown(acc, loop, saved["settings"]))
 
