@@ -285,7 +285,8 @@ def main() -> None:
     if args.device == "cuda":  # a CPU dry run checks the script, not the GPU: nothing is kept
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
     failed = [r["check"] for r in rows if r.get("ok") is False]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    skipped = sum("skipped" in r for r in rows)
+    print(f"{len(rows) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped")
     sys.exit(1 if failed else 0)
 
 
