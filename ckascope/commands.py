@@ -20,7 +20,7 @@ from ckascope import plugins
 from ckascope.cliutils import make_console
 from ckascope.compare import base_size_for, compare_models, compare_scales, default_scales
 from ckascope.distributed import close_distributed, init_distributed
-from ckascope.errors import InputError, WeightsUnavailableError
+from ckascope.errors import InputError
 from ckascope.models import build_model, checkpoint_label, load_checkpoint, weights_input_size
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
@@ -53,14 +53,7 @@ def resolve_model(
         raise InputError(
             "no model given. Hint: pass --model NAME (e.g. resnet50) or --checkpoint FILE"
         )
-    try:
-        return build_model(name, weights, num_classes=num_classes, seed=seed)
-    except WeightsUnavailableError as e:
-        if not suffix:
-            raise
-        for flag in ("--weights", "--checkpoint"):
-            e.args = (str(e).replace(f"{flag} ", f"{flag}{suffix} "),)
-        raise
+    return build_model(name, weights, num_classes=num_classes, seed=seed, suffix=suffix)
 
 
 def model_label(name: str | None, checkpoint: Path | None) -> str:

@@ -81,8 +81,10 @@ def weights_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(weights.url))
 
 
-def ensure_weights_file(weights: WeightsEnum) -> Path:
+def ensure_weights_file(weights: WeightsEnum, suffix: str = "") -> Path:
     """Returns the cached weight file, downloading it first when missing.
+
+    ``suffix`` names the options of the model in the hint ("-b": ``--weights-b``).
 
     Raises:
         WeightsUnavailableError: The file is not cached and the download failed (offline).
@@ -101,7 +103,7 @@ def ensure_weights_file(weights: WeightsEnum) -> Path:
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
         raise WeightsUnavailableError(
             f"pretrained weights {weights} are not cached at {dest} and could not be downloaded "
-            f"({e}). Hint: pass --weights none for random weights, --checkpoint FILE for a local "
+            f"({e}). Hint: pass --weights{suffix} none for random weights, --checkpoint{suffix} FILE for a local "
             "file, or copy the file to that path"
         ) from e
     finally:
@@ -110,7 +112,12 @@ def ensure_weights_file(weights: WeightsEnum) -> Path:
 
 
 def build_model(
-    arch: str, weights: str | None = "none", *, num_classes: int | None = None, seed: int = 0
+    arch: str,
+    weights: str | None = "none",
+    *,
+    num_classes: int | None = None,
+    seed: int = 0,
+    suffix: str = "",
 ) -> nn.Module:
     """A torchvision classification model in eval mode.
 
@@ -119,6 +126,7 @@ def build_model(
         weights: "none" (random, seeded), "default", or an enum member name.
         num_classes: Output classes for random init (default 1000); must match pretrained ones.
         seed: Seed of the random initialisation (the global RNG is left untouched).
+        suffix: The command-line options' suffix in hints ("-b" for the second model).
 
     Returns:
         The model, on CPU, in eval mode.
@@ -130,7 +138,7 @@ def build_model(
             raise InputError(
                 f"{enum} has {classes} classes, not {num_classes}. Hint: drop --num-classes"
             )
-        ensure_weights_file(enum)
+        ensure_weights_file(enum, suffix)
         model: nn.Module = torchvision.models.get_model(arch, weights=enum)
         return model.eval()
     with torch.random.fork_rng(devices=[]):

@@ -150,8 +150,8 @@ def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
 def evaluated(last: Path, s: dict[str, Any], cache: Path) -> dict[str, Any]:
     """``msun eval`` summary of one checkpoint (every path), cached beside the study's data."""
     config = read_checkpoint(last)["train_config"]
-    if cache.is_file() and read_json(cache)["train_config"] == config:
-        saved: dict[str, Any] = read_json(cache)
+    saved: dict[str, Any] | None = read_json(cache) if cache.is_file() else None
+    if saved is not None and saved["train_config"] == config:
         return saved
     (ev,) = evaluate_checkpoints(
         [load_for_eval(last)],
