@@ -1,14 +1,15 @@
 """Functional CKA: exact full-batch CKA of two representations and the batched layer-pair terms.
 
 ``batch_hsic_terms`` is the engine's core: for La x Lb layer pairs it needs one matrix product of
-the stacked centred kernel matrices, ``vec(U(K_a)) @ vec(U(K_b))ᵀ``, instead of La·Lb traces.
+the stacked kernel matrices, ``vec(K_a) @ vec(K_b)ᵀ``, plus (L, n) corrections, instead of La·Lb
+traces.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from ckascope.kernels import (
     check_kernel,
     cka_from_hsic,
     kernel_from_gram,
-    ucenter_gram,
 )
 from ckascope.vocab import Kernel
 
@@ -63,35 +63,107 @@ def check_batch_size(n: int, debiased: bool) -> None:
 
 
 def batch_hsic_terms(
-    ka: Tensor, kb: Tensor, *, debiased: bool = True, overwrite: bool = False
+    ka: Tensor, kb: Tensor, *, debiased: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HSIC of every layer pair of one batch from one matrix product.
+
+    The inputs are only read: a caller may pass Grams it keeps (or a workspace it reuses).
 
     Args:
         ka: (La, n, n) float64 kernel matrices of side a.
         kb: (Lb, n, n) float64 kernel matrices of side b, same examples.
-        debiased: Unbiased HSIC1 (U-centring) or biased HSIC0 (double centring).
-        overwrite: U-centre ``ka`` and ``kb`` in place (the caller's copies, no longer needed).
+        debiased: Unbiased HSIC1 or biased HSIC0 (double centring).
 
     Returns:
         cross (La, Lb) = HSIC(K_i, L_j), self_a (La,) = HSIC(K_i, K_i), self_b (Lb,).
     """
-    n = ka.shape[-1]
     if debiased:
-        ca, cb = ucenter_gram(ka, inplace=overwrite), ucenter_gram(kb, inplace=overwrite)
-        scale = 1.0 / (n * (n - 3))
-    else:
-        ca, cb = center_gram(ka), center_gram(kb)
-        scale = 1.0 / (n - 1) ** 2
-    # Flattened, all pairs are one matrix product; the full n² (rather than the symmetric upper
-    # triangle) is faster, as gathering a triangle costs more memory traffic than it saves.
-    va, vb = ca.flatten(1), cb.flatten(1)  # (La, n²), (Lb, n²)
-    cross = (va @ vb.T) * scale
-    return (
-        cross,
-        torch.linalg.vecdot(va, va, dim=1) * scale,
-        torch.linalg.vecdot(vb, vb, dim=1) * scale,
+        return hsic1_terms(ka, kb)
+    n = ka.shape[-1]
+    va, vb = center_gram(ka).flatten(1), center_gram(kb).flatten(1)  # (La, n²), (Lb, n²)
+    scale = 1.0 / (n - 1) ** 2
+    return (va @ vb.T) * scale, _sq_norms(va) * scale, _sq_norms(vb) * scale
+
+
+class KernelStats(NamedTuple):
+    """What HSIC1 needs of kernel matrices K (L, n, n) besides <K_a, K_b>, all float64.
+
+    Attributes:
+        diag: (L, n) diagonals.
+        rows: (L, n) row sums of K̃, K with its diagonal zeroed.
+        sq_norm: (L,) <K̃, K̃>.
+    """
+
+    diag: Tensor
+    rows: Tensor
+    sq_norm: Tensor
+
+
+def kernel_stats(k: Tensor) -> KernelStats:
+    """``KernelStats`` of float64 kernel matrices (L, n, n), computed in one batch."""
+    diag = k.diagonal(dim1=-2, dim2=-1)  # (L, n)
+    flat = k.flatten(1)  # (L, n²)
+    sq_norm = torch.einsum("ij,ij->i", flat, flat) - torch.einsum("ij,ij->i", diag, diag)
+    return KernelStats(diag, k.sum(dim=-1) - diag, sq_norm)
+
+
+def hsic1_terms(
+    ka: Tensor, kb: Tensor, stats_a: KernelStats | None = None, stats_b: KernelStats | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """HSIC1 of all pairs in Song et al.'s form, equal to <U(K), U(L)> / (n(n-3)).
+
+    tr(K̃L̃) = <K, L> - Σ_i K_ii L_ii and K̃1 = K1 - diag(K), so nothing is U-centred or
+    copied: the cost is the one (La, n²) x (n², Lb) product plus O(L n²) reads, fewer when the
+    caller computed the stats while each matrix was still in cache. Every term is float64
+    (the inputs are), where the terms' cancellation costs at most p/n of 1e-16.
+
+    Args:
+        ka: (La, n, n) float64 kernel matrices; only read.
+        kb: (Lb, n, n) float64 kernel matrices of the same examples; only read.
+        stats_a: ``kernel_stats(ka)`` if already known.
+        stats_b: ``kernel_stats(kb)`` if already known.
+
+    Returns:
+        cross (La, Lb), self_a (La,), self_b (Lb,).
+    """
+    n = ka.shape[-1]
+    a = kernel_stats(ka) if stats_a is None else stats_a
+    b = kernel_stats(kb) if stats_b is None else stats_b
+    sa, sb = a.rows.sum(dim=-1), b.rows.sum(dim=-1)  # 1ᵀK̃1: (L,)
+    c2, c3 = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2)
+    cross = (
+        _inner_products(ka.flatten(1), kb.flatten(1))
+        - a.diag @ b.diag.T
+        + c2 * torch.outer(sa, sb)
+        - c3 * (a.rows @ b.rows.T)
     )
+    scale = 1.0 / (n * (n - 3))
+    self_a = a.sq_norm + c2 * sa * sa - c3 * _sq_norms(a.rows)
+    self_b = b.sq_norm + c2 * sb * sb - c3 * _sq_norms(b.rows)
+    return cross * scale, self_a * scale, self_b * scale
+
+
+def _inner_products(va: Tensor, vb: Tensor, chunks: int = 8) -> Tensor:
+    """The product va @ vb.T of (La, m) and (Lb, m) with m >> La, Lb: (La, Lb).
+
+    On a CPU, MKL runs such a product (a tiny output, a long inner dimension) on few threads;
+    cut into ``chunks`` slices of the inner dimension, one batched product keeps every core
+    busy (1.4-1.8x faster at 50 x 65 536 on 2 cores), and the partial sums add in float64.
+    """
+    m = va.shape[1]
+    if va.device.type != "cpu" or m < 64 * chunks or va.stride(1) != 1 or vb.stride(1) != 1:
+        return va @ vb.T
+    width = m // chunks
+    body = chunks * width
+    # Views, not copies: slice c of row l starts at l * row_stride + c * width.
+    a = va.as_strided((chunks, len(va), width), (width, va.stride(0), 1))  # (chunks, La, width)
+    b = vb.as_strided((chunks, width, len(vb)), (width, 1, vb.stride(0)))  # (chunks, width, Lb)
+    return torch.bmm(a, b).sum(dim=0) + va[:, body:] @ vb[:, body:].T
+
+
+def _sq_norms(v: Tensor) -> Tensor:
+    """Squared norms of the rows of v (L, m) -> (L,), without an (L, m) temporary."""
+    return torch.einsum("ij,ij->i", v, v)
 
 
 def warn_degenerate(self_terms: Tensor, names: Sequence[str], side: str) -> None:

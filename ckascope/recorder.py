@@ -8,7 +8,8 @@ or the centred Gram matrix), so later in-place operations cannot change what was
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Literal
 
@@ -30,6 +31,22 @@ def _gap(t: Tensor) -> Tensor:
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.clone()
 
 
+class GramReducer:
+    """``reduce="gram"``: the centred Gram of each output, the centring done in a reused buffer."""
+
+    def __init__(self, gram_dtype: GramDtype) -> None:
+        self.gram_dtype = gram_dtype
+        self._scratch: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """The (n, n) centred Gram of one output (n, ...)."""
+        dtype = gram_dtype_for(t, self.gram_dtype)
+        key = (t.shape[0], t[0].numel(), dtype, t.device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(key[:2], dtype=dtype, device=t.device)
+        return centered_gram(t, dtype, self._scratch[key])
+
+
 def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Tensor], Tensor]:
     """The function a hook applies to a module output (n, ...).
 
@@ -47,7 +64,7 @@ def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Te
         "none": lambda t: t.clone(),
         "flatten": lambda t: t.reshape(t.shape[0], -1).clone(),
         "gap": _gap,
-        "gram": lambda t: centered_gram(t, gram_dtype_for(t, gram_dtype)),
+        "gram": GramReducer(gram_dtype),
     }
     if reduce not in reducers:
         raise InputError(f"unknown reduce {reduce!r}. Hint: use one of {', '.join(reducers)}")
@@ -117,6 +134,8 @@ class ActivationRecorder:
         self._handles: list[RemovableHandle] = []
         self._training: dict[nn.Module, bool] = {}
         self._requires_grad: dict[nn.Parameter, bool] = {}
+        #: Hooks ignore outputs while True (see ``recording``).
+        self.paused = False
 
     def __enter__(self) -> ActivationRecorder:
         if self._handles:
@@ -155,8 +174,24 @@ class ActivationRecorder:
             for param, flag in self._requires_grad.items():
                 param.requires_grad_(flag)
 
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Records only inside this block, and is paused after it.
+
+        For recorders that stay active over many forward passes, several of them hooked into
+        one model (one per input scale): each records its own pass, and the hooks are added
+        and the model's flags saved once rather than per batch.
+        """
+        self._records, self.paused = [], False
+        try:
+            yield
+        finally:
+            self.paused = True
+
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.paused:
+                return
             tensor = select_output(output, self.output_key, name).detach()
             with torch.no_grad():
                 self._records.append((name, self._reduce(tensor)))

@@ -232,3 +232,32 @@ def test_bad_updates() -> None:
         metric.update([torch.randn(6)], [torch.randn(6, 2)])
     with pytest.raises(InputError, match="Grams of shape"):
         metric.update_grams(torch.randn(1, 5, 4), torch.randn(1, 5, 5))
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_float32_gram_list_and_float64_stack_give_the_same_matrix(kernel: str) -> None:
+    # A list of float32 Grams goes through the reused workspace and per-layer statistics; a
+    # float64 stack is read as it is, its statistics computed in one batch.
+    a, b = _batches([40, 40, 12])
+    via_list, via_stack = MinibatchCKA(3, 2, kernel=kernel), MinibatchCKA(3, 2, kernel=kernel)
+    for fa, fb in zip(a, b, strict=True):
+        ga = [((f - f.mean(0)) @ (f - f.mean(0)).T).float() for f in fa]
+        gb = [((f - f.mean(0)) @ (f - f.mean(0)).T).float() for f in fb]
+        via_list.update_grams(ga, gb)
+        via_stack.update_grams(torch.stack(ga).double(), torch.stack(gb).double())
+    got = via_list.compute().numpy()
+    np.testing.assert_allclose(got, via_stack.compute().numpy(), rtol=0, atol=1e-12)
+    assert np.isfinite(got).all()
+
+
+def test_caller_grams_are_never_modified() -> None:
+    a, b = _batches([16])
+    ga = torch.stack([(f - f.mean(0)) @ (f - f.mean(0)).T for f in a[0]])
+    gb = [(f - f.mean(0)) @ (f - f.mean(0)).T for f in b[0]]
+    before_a, before_b = ga.clone(), [g.clone() for g in gb]
+    metric = MinibatchCKA(3, 2)
+    metric.update_grams(ga, gb)
+    metric.update_grams(ga, gb)
+    torch.testing.assert_close(ga, before_a, rtol=0, atol=0)
+    for g, old in zip(gb, before_b, strict=True):
+        torch.testing.assert_close(g, old, rtol=0, atol=0)

@@ -200,3 +200,61 @@ def test_records_of_a_failed_forward_do_not_leak_into_the_next_block() -> None:
         model[0](torch.randn(2, 3))
         assert len(rec.pop()["0"]) == 2
         assert rec.pop() == {}
+
+
+def test_gram_reducer_reuses_its_buffer_without_mixing_layers() -> None:
+    # Square layers: the centring buffer and the Gram have one shape, and every layer shares it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+    x = torch.randn(8, 8)
+    outputs = [model[0](x)]
+    outputs += [model[1](outputs[0]), model[2](model[1](outputs[0]))]
+    outputs.append(model[3](outputs[2]))
+    names = ["0", "1", "2", "3"]
+    with ActivationRecorder(model, names, reduce="gram", gram_dtype="float32") as rec:
+        for _ in range(2):
+            model(x)
+            got = rec.pop()
+            for name, y in zip(names, outputs, strict=True):
+                want = centered_gram(y.detach(), torch.float64).float()
+                torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5)
+
+
+def test_recording_lets_recorders_on_one_model_take_turns() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    first = ActivationRecorder(model, ["0"], reduce="flatten")
+    second = ActivationRecorder(model, ["0", "1"], reduce="flatten")
+    x, y = torch.randn(4, 3), torch.randn(5, 3)
+    with first, second:
+        first.paused = second.paused = True
+        with first.recording():
+            model(x)
+        with second.recording():
+            model(y)
+        model(x)  # both paused: nobody records
+        assert list(first.pop()) == ["0"]
+        assert first.pop() == {}
+        recorded = second.pop()
+        assert list(recorded) == ["0", "1"]
+        assert recorded["0"].shape == (5, 3)
+    assert _no_hooks(model)
+
+
+def test_a_comparison_leaves_no_hook_after_success_or_failure() -> None:
+    from ckascope.compare import compare_scales
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    images = torch.utils.data.TensorDataset(torch.rand(8, 3, 16, 16), torch.zeros(8))
+    compare_scales(model, images, (8, 16), layers=["0", "1"], batch_size=8, progress=False)
+    assert _no_hooks(model)
+    with pytest.raises(InputError, match="cannot run on"):  # a 3x3 conv on 2-px images
+        compare_scales(
+            model,
+            images,
+            (2, 16),
+            layers=["0", "1"],
+            protocol="native",
+            batch_size=8,
+            progress=False,
+        )
+    assert _no_hooks(model)
