@@ -95,6 +95,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tools", nargs="+", choices=PEERS, help="default: every tool that fits")
     p.add_argument("--threads", type=int, help="torch threads (default: every available core)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool (median)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds in which every tool runs --repeats times in a fresh process, in turn; the "
+        "median is over all rounds' runs (a busy machine then slows every tool alike)",
+    )
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("resnet18-cpu")
     g.add_argument("--cpu-model", default="resnet18")
@@ -174,13 +181,15 @@ def run_workload(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     if "error" in reference:
         raise RuntimeError(f"the reference failed on {name}: {reference['error']}")
     reference["seconds"] = time.perf_counter() - start
+    rounds: dict[str, list[dict[str, Any]]] = {tool: [] for tool in ["bare", *tools]}
+    for r in range(args.rounds):  # the tools take turns, so a busy spell hits them alike
+        for tool in rounds:
+            print(f"[{name}] round {r + 1}/{args.rounds}: {tool} ...", file=sys.stderr, flush=True)
+            job = run_isolated_row(tool_job, tool, spec, args.threads, args.repeats, opts)
+            rounds[tool].append({"tool": tool, **job})
     rows = []
-    for tool in ["bare", *tools]:
-        print(f"[{name}] {tool} ...", file=sys.stderr, flush=True)
-        row = {
-            "tool": tool,
-            **run_isolated_row(tool_job, tool, spec, args.threads, args.repeats, opts),
-        }
+    for tool, runs in rounds.items():
+        row = merge_rounds(runs)
         row["estimator"] = TOOLS[tool].estimator
         score(row, reference)
         rows.append(row)
@@ -194,6 +203,23 @@ def run_workload(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         "targets": checks,
         **summary,
     }
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a tool's rounds: the median of all their timed runs, the largest memory."""
+    row = dict(runs[0])
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {**row, "error": failed[0]["error"]}
+    row["seconds"] = [t for r in runs for t in r["seconds"]]
+    row["median_s"] = float(np.median(row["seconds"]))
+    loads = [r["load_before"] for r in runs if r.get("load_before") is not None]
+    row["load_before"] = max(loads, default=None)
+    for key in ("peak_rss_mib", "extra_rss_mib", "cuda_peak_mib", "cuda_extra_mib"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = max(values, default=None)
+    row["rounds"] = len(runs)
+    return row
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Engine cost per batch: one matrix product for all layer pairs vs a loop over pairs, and the
-memory of the accumulator vs the number of batches.
+"""Engine cost per batch: one matrix product for all layer pairs vs a loop over pairs, what each
+step of the engine's design buys, and the memory of the accumulator vs the number of batches.
 
     python benchmarks/bench_engine.py --layers 50 --batch 256 --width 512
+    python benchmarks/bench_engine.py --layers 50 --batch 256 --width 256 --ablation-only
 
 Prints markdown tables and writes benchmarks/results/engine.json.
 """
@@ -9,15 +10,19 @@ Prints markdown tables and writes benchmarks/results/engine.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import resource
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from common import markdown_table, median_time, write_json
 
-from ckascope import MinibatchCKA
-from ckascope.functional import batch_hsic_terms
+from ckascope import MinibatchCKA, functional
+from ckascope.functional import batch_hsic_terms, hsic1_terms
 from ckascope.kernels import centered_gram, hsic1, ucenter_gram
 
 
@@ -61,6 +66,117 @@ def engine_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[
     return rows
 
 
+# --- ablation: the steps from the previous engine to the present one ------------------------------
+#
+# Input: what the hooks hand the metric per batch, La + Lb float32 Grams of centred features.
+# Every variant returns the same (cross, self_a, self_b) up to float64 rounding (checked).
+
+
+def _fresh_stack(grams: list[torch.Tensor]) -> torch.Tensor:
+    stack = torch.empty(len(grams), *grams[0].shape, dtype=torch.float64)
+    for i, g in enumerate(grams):
+        stack[i].copy_(g)
+    return stack
+
+
+def previous_engine(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Up to commit 9e80c28: a fresh float64 stack, U-centred in place, one product."""
+    ua, ub = (
+        ucenter_gram(_fresh_stack(ga), inplace=True),
+        ucenter_gram(_fresh_stack(gb), inplace=True),
+    )
+    n = ga[0].shape[-1]
+    va, vb = ua.flatten(1), ub.flatten(1)
+    scale = 1.0 / (n * (n - 3))
+    return (
+        (va @ vb.T) * scale,
+        torch.linalg.vecdot(va, va, dim=1) * scale,
+        torch.linalg.vecdot(vb, vb, dim=1) * scale,
+    )
+
+
+def song_form(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Step 1: Song et al.'s form on the fresh stacks (no U-centring), one plain product.
+
+    That is ``hsic1_terms`` with its sliced product swapped for the plain one, for this
+    measurement only.
+    """
+    sliced = functional._inner_products
+
+    def plain(va: torch.Tensor, vb: torch.Tensor, chunks: int = 8) -> torch.Tensor:
+        return va @ vb.T
+
+    functional._inner_products = plain
+    try:
+        return hsic1_terms(_fresh_stack(ga), _fresh_stack(gb))
+    finally:
+        functional._inner_products = sliced
+
+
+def sliced_product(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Step 2: + the product cut into slices of the inner dimension (hsic1_terms as is)."""
+    return hsic1_terms(_fresh_stack(ga), _fresh_stack(gb))
+
+
+def ablation_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[str, object]]:
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(batch, width, generator=g).relu() for _ in range(2 * layers)]
+    grams_ = [centered_gram(f, torch.float32) for f in feats]
+    ga, gb = grams_[:layers], grams_[layers:]
+    metric = MinibatchCKA(layers, layers)
+
+    def present() -> None:  # step 3: reused workspace, per-layer statistics (the metric today)
+        metric.update_grams(ga, gb)
+
+    variants: list[tuple[str, Callable[[], object]]] = [
+        (
+            "previous engine: fresh float64 stack, U-centring, one product",
+            lambda: previous_engine(ga, gb),
+        ),
+        ("1. Song's form: no U-centring, inputs only read", lambda: song_form(ga, gb)),
+        ("2. + product in slices of the inner dimension", lambda: sliced_product(ga, gb)),
+        ("3. + reused workspace, statistics per layer (MinibatchCKA now)", present),
+    ]
+    want = previous_engine(ga, gb)
+    tolerance = 1e-10 * float(want[1].abs().max())  # of the largest self term
+    for step in (song_form, sliced_product):
+        for got, ref_ in zip(step(ga, gb), want, strict=True):
+            torch.testing.assert_close(got, ref_, rtol=0, atol=tolerance)
+    peer = _pytorch_cka_engine(ga, gb)
+    if peer is not None:
+        variants.append(("pytorch-cka 1.1.3's engine on the same Grams (float32)", peer))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for _ in range(repeats + 1):  # interleaved, so a busy moment hits every variant alike
+        for name, fn in variants:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return [
+        {
+            "method": name,
+            "ms_per_batch_median": 1e3 * statistics.median(t[1:]),
+            "ms_per_batch_min": 1e3 * min(t[1:]),
+        }
+        for name, t in times.items()
+    ]
+
+
+def _pytorch_cka_engine(
+    ga: list[torch.Tensor], gb: list[torch.Tensor]
+) -> Callable[[], object] | None:
+    if importlib.util.find_spec("cka") is None:
+        return None
+    from cka.hsic import hsic  # pytorch-cka 1.1.3: float32 stacked Grams, Song's form
+
+    sums = [torch.zeros(len(ga), len(gb)), torch.zeros(len(ga)), torch.zeros(len(gb))]
+
+    def run() -> None:
+        for total, term in zip(sums, hsic(torch.stack(ga), torch.stack(gb)), strict=True):
+            total += term
+
+    return run
+
+
 def memory_rows(layers: int, batch: int, width: int, counts: list[int]) -> list[dict[str, object]]:
     ga, gb = grams(layers, batch, width, 2), grams(layers, batch, width, 3)
     rows: list[dict[str, object]] = []
@@ -83,25 +199,29 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--ablation-repeats", type=int, default=30)
+    parser.add_argument(
+        "--ablation-only", action="store_true", help="only the engine's design steps"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "engine.json"
     )
     args = parser.parse_args()
-    engine = engine_rows(args.layers, args.batch, args.width, args.repeats)
-    memory = memory_rows(args.layers, args.batch, args.width, args.batches)
     print(
-        f"## {args.layers} x {args.layers} layers, batch {args.batch}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n"
+        f"## {args.layers} x {args.layers} layers, batch {args.batch}, width {args.width}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}\n"
     )
-    print(markdown_table(engine) + "\n\n" + markdown_table(memory))
-    write_json(
-        args.out,
-        {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "engine": engine,
-            "memory": memory,
-        },
-    )
+    ablation = ablation_rows(args.layers, args.batch, args.width, args.ablation_repeats)
+    print(markdown_table(ablation))
+    out: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    out["ablation"] = ablation
+    if not args.ablation_only:
+        engine = engine_rows(args.layers, args.batch, args.width, args.repeats)
+        memory = memory_rows(args.layers, args.batch, args.width, args.batches)
+        print("\n" + markdown_table(engine) + "\n\n" + markdown_table(memory))
+        out.update(engine=engine, memory=memory)
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -32,6 +31,7 @@ from ckascope.compare import compare_models, compare_scales
 from ckascope.data import build_dataset, eval_transform, subset_indices
 from ckascope.layers import resolve_layers
 from ckascope.models import build_model
+from ckascope.views import ScaleView
 
 View = Callable[[Tensor], Tensor]
 
@@ -73,27 +73,6 @@ def batch_plan(total: int, batch_size: int, seed: int = 0) -> list[list[int]]:
 
 
 # --- views and models -------------------------------------------------------------------------
-
-
-def _resize(images: Tensor, size: int) -> Tensor:
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(
-        images, size=(size, size), mode="bilinear", align_corners=False, antialias=False
-    )
-
-
-class ScaleInput:
-    """The paper's ``upsample`` protocol: resize to ``size`` and back to ``reference``.
-
-    Bilinear, no antialias, as ckascope's ``ScaleView(size, "upsample", reference)``.
-    """
-
-    def __init__(self, size: int, reference: int) -> None:
-        self.size, self.reference = size, reference
-
-    def __call__(self, images: Tensor) -> Tensor:
-        return _resize(_resize(images, self.size), self.reference)
 
 
 def identity(x: Tensor) -> Tensor:
@@ -263,8 +242,8 @@ def _resnet_workload(spec: ResNetSpec) -> Workload:
     return Workload(
         model,
         model,
-        ScaleInput(small, spec.image_size),
-        ScaleInput(large, spec.image_size),
+        ScaleView(small, "upsample", spec.image_size),
+        ScaleView(large, "upsample", spec.image_size),
         layers,
         layers,
         dataset,

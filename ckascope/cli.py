@@ -32,7 +32,7 @@ def _options(f: Any) -> Any:
         click.option(
             "--checkpoint",
             type=click.Path(path_type=Path),
-            help="Local checkpoint (state dict for --model, or an MSUN checkpoint).",
+            help="Local checkpoint (state dict for --model, or a self-describing one).",
         ),
         click.option(
             "--model-b", help="Second model: compare two models at --scale instead of two scales."
@@ -181,7 +181,7 @@ def compare(**args: Any) -> None:
       ckascope compare --model resnet50 --data ~/imagenet/val --repeats 10
       ckascope compare --model resnet18 --weights none --data fashionmnist --scales 7 28
       ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
-      ckascope compare --checkpoint runs/msun/last.pt --scales 32 224   # each scale its path
+      ckascope compare --checkpoint run/last.pt --scales 32 224  # multi-path: each scale its path
     """
     from ckascope.commands import run_compare
 
@@ -210,17 +210,17 @@ def models_command() -> None:
     show_default=True,
     help="Minimum cross-scale CKA of the trunk's input.",
 )
-@click.option("--split-points", help="Comma-separated legal split points [msun's for the model].")
+@click.option("--split-points", help="Comma-separated legal split points [the model family's].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @_options
 def suggest_split_command(
     from_dir: Path | None, threshold: float, split_points: str | None, as_json: bool, **args: Any
 ) -> None:
-    """Where to split a backbone into per-scale subnets and a shared trunk (for msun train).
+    """Where to split a backbone into per-scale subnets and a shared trunk.
 
     The first legal split point whose trunk input has same-layer cross-scale CKA >= threshold:
     the scale-sensitive layers before it become per-scale subnets. The printed value is what
-    msun train --split-at takes.
+    a multi-scale trainer's --split-at takes.
 
     \b
     Examples:

@@ -21,7 +21,14 @@ from ckascope.cliutils import make_console
 from ckascope.compare import base_size_for, compare_models, compare_scales, default_scales
 from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError
-from ckascope.models import build_model, checkpoint_label, load_checkpoint, weights_input_size
+from ckascope.models import (
+    build_model,
+    checkpoint_label,
+    is_self_describing,
+    model_from_checkpoint,
+    read_checkpoint,
+    weights_input_size,
+)
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import SplitCandidate, split_table, suggest_split
@@ -42,18 +49,23 @@ def resolve_model(
     num_classes: int | None,
     seed: int,
     suffix: str = "",
-) -> nn.Module:
-    """The model a set of --model/--weights/--checkpoint options names.
+) -> tuple[nn.Module, str | None]:
+    """The model a set of --model/--weights/--checkpoint options names, and its architecture.
 
-    ``suffix`` "-b" names the second model's options (--weights-b ...) in the hints.
+    The architecture is --model's, else the one a self-describing checkpoint records (None if
+    it records none). ``suffix`` "-b" names the second model's options (--weights-b ...) in the
+    hints.
     """
     if checkpoint is not None:
-        return load_checkpoint(checkpoint, arch=name)
+        ckpt = read_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt, checkpoint, name)
+        config = (ckpt.get("config") or {}) if is_self_describing(ckpt) else {}
+        return model, name or config.get("arch")
     if name is None:
         raise InputError(
             "no model given. Hint: pass --model NAME (e.g. resnet50) or --checkpoint FILE"
         )
-    return build_model(name, weights, num_classes=num_classes, seed=seed, suffix=suffix)
+    return build_model(name, weights, num_classes=num_classes, seed=seed, suffix=suffix), name
 
 
 def model_label(name: str | None, checkpoint: Path | None) -> str:
@@ -179,11 +191,12 @@ def figures(result: CKAResult) -> Callable[[Path], None]:
 
 def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: Any) -> CKAResult:
     """This process's comparison as the options describe it."""
-    model_a = resolve_model(
+    model_a, arch_a = resolve_model(
         args["model"], args["weights"], args["checkpoint"], args["num_classes"], args["seed"]
     )
     settings = {
         "model": model_label(args["model"], args["checkpoint"]),
+        "arch": arch_a,
         "weights": args["weights"],
         "checkpoint": str(args["checkpoint"]) if args["checkpoint"] else None,
         "data": args["data"] or "shapes",
@@ -213,7 +226,7 @@ def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: A
     }
     if not two_models:
         return compare_scales(model_a, args["data"], args["scales"], settings=settings, **common)
-    model_b = resolve_model(
+    model_b, arch_b = resolve_model(
         args["model_b"],
         args["weights_b"],
         args["checkpoint_b"],
@@ -223,6 +236,7 @@ def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: A
     )
     settings.update(
         model_b=model_label(args["model_b"], args["checkpoint_b"]),
+        arch_b=arch_b,
         weights_b=args["weights_b"],
         checkpoint_b=str(args["checkpoint_b"]) if args["checkpoint_b"] else None,
     )
@@ -253,12 +267,25 @@ def report(result: CKAResult, out: Path) -> None:
 
 
 def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandidate]:
-    """The vocabulary: given on the command line, or msun's for the analysed architecture."""
+    """The vocabulary: given on the command line, or a registered family's for the architecture."""
     if split_points:
         return [SplitCandidate(p.strip()) for p in split_points.split(",") if p.strip()]
     if result.settings.get("paths"):
         raise InputError(
-            "this result is of a multi-path (MSUN) model, which is already split. Hint: analyse the vanilla model"
+            "this result is of a multi-path model, which is already split. Hint: analyse the "
+            "single-path (vanilla) model"
         )
-    arch = str(result.settings.get("model"))
-    return list(plugins.load("split_candidates")(arch))
+    return split_vocabulary(str(result.arch))
+
+
+def split_vocabulary(arch: str) -> list[SplitCandidate]:
+    """The split points of ``arch`` from the first registered family that knows it."""
+    families = plugins.list_entries("split_vocabularies")
+    for family in families:
+        candidates = plugins.load("split_vocabularies", family)(arch)
+        if candidates is not None:
+            return list(candidates)
+    raise InputError(
+        f"no registered model family knows the split points of {arch!r} (families: "
+        f"{', '.join(families) or 'none'}). Hint: pass --split-points"
+    )

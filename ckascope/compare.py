@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from typing_extensions import Unpack
 
 from ckascope.data import (
     Batch,
@@ -45,64 +45,8 @@ from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
-from ckascope.vocab import MAX_SCALE, PROTOCOLS, RESIZE_MODES, Kernel, Protocol
-
-
-def check_scale(size: int) -> None:
-    """Raises InputError unless 1 <= size <= MAX_SCALE."""
-    if not isinstance(size, int) or not 1 <= size <= MAX_SCALE:
-        raise InputError(f"scales must be integers in 1..{MAX_SCALE} px, got {size!r}")
-
-
-def resize(images: Tensor, size: int, mode: str = "bilinear", antialias: bool = False) -> Tensor:
-    """Resizes a batch (n, C, H, W) to (n, C, size, size) (identity when already that size)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    align = False if mode in ("bilinear", "bicubic") else None
-    return F.interpolate(
-        images, size=(size, size), mode=mode, align_corners=align, antialias=antialias
-    )
-
-
-@dataclass(frozen=True)
-class ScaleView:
-    """How a side sees the base images: resized to ``size``, then (``upsample``) back up.
-
-    Attributes:
-        size: The scale s in pixels.
-        protocol: "upsample" (resize to s and back to ``reference_size``: a fixed-size model sees
-            every scale at its input size, as in the paper) or "native" (fed at s).
-        reference_size: The model's input size for ``upsample`` (the base image size).
-        mode: Interpolation mode of ``F.interpolate``.
-        antialias: Antialiasing when downscaling (the paper's code uses none).
-    """
-
-    size: int
-    protocol: Protocol = "upsample"
-    reference_size: int = 224
-    mode: str = "bilinear"
-    antialias: bool = False
-
-    def __call__(self, images: Tensor) -> Tensor:
-        """(n, C, H, W) base images -> the batch this side's model sees."""
-        small = resize(images, self.size, self.mode, self.antialias)
-        if self.protocol == "native":
-            return small
-        return resize(small, self.reference_size, self.mode, self.antialias)
-
-
-def check_view_options(protocol: str, mode: str, antialias: bool) -> None:
-    """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
-    if mode not in RESIZE_MODES:
-        raise InputError(
-            f"unknown resize mode {mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
-        )
-    if antialias and mode not in ("bilinear", "bicubic"):
-        raise InputError(
-            f"--antialias works with bilinear and bicubic resizing, not {mode}. Hint: drop --antialias"
-        )
+from ckascope.views import ScaleView, check_scale, check_view_options
+from ckascope.vocab import Kernel, Protocol
 
 
 @dataclass
@@ -247,6 +191,24 @@ class SweepOptions:
             raise InputError(f"--repeats must be at least 1, got {self.repeats}")
         if self.num_workers < 0:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
+
+
+class SweepKwargs(TypedDict, total=False):
+    """``SweepOptions`` as keyword arguments, so a type checker sees what ``**sweep`` takes."""
+
+    kernel: Kernel
+    sigma_frac: float
+    bandwidth: Bandwidth
+    weighting: Weighting
+    batch_size: int
+    repeats: int
+    num_images: int | None
+    seed: int
+    num_workers: int
+    progress: bool
+    rank: int
+    world_size: int
+    tf32: bool
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
@@ -518,12 +480,12 @@ def compare_scales(
     gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
     settings: dict[str, Any] | None = None,
-    **sweep: Any,
+    **sweep: Unpack[SweepKwargs],
 ) -> CKAResult:
     """CKA between the layers of one model seeing the same images at two scales.
 
     Args:
-        model: Any module; multi-path models (MSUN) route each scale through its path.
+        model: Any module; multi-path models route each scale through its path.
         data: A dataset of (image, label), a ``--data`` spec, None for the synthetic set, or a
             DataLoader (any iterable of image batches or (images, labels)) used as it comes.
         scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(base/7, base): the
@@ -587,7 +549,7 @@ def compare_models(
     gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
     settings: dict[str, Any] | None = None,
-    **sweep: Any,
+    **sweep: Unpack[SweepKwargs],
 ) -> CKAResult:
     """CKA between the layers of two models seeing the same images at one scale.
 

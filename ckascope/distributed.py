@@ -1,4 +1,4 @@
-"""torchrun support shared by ``ckascope compare`` and ``msun train``.
+"""torchrun support shared by ``ckascope compare`` and the trainers built on ckascope.
 
 Under ``torchrun --nproc_per_node N`` the environment names each process's rank; the process
 group uses NCCL when the processes have GPUs and gloo otherwise. A single process needs nothing.

@@ -1,4 +1,4 @@
-"""Typed errors shared by ckascope and msun.
+"""Typed errors shared by ckascope and the packages built on it.
 
 Every error a user can cause carries a message that says what was wrong and what to do instead.
 The command-line tools print ``str(error)`` as one line and exit with ``error.exit_code``.

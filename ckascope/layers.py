@@ -1,6 +1,6 @@
 """Layer selection: module names, glob patterns, predicates and the presets blocks/stages/leaves.
 
-Presets work on any torchvision CNN and on containers of them (such as an MSUN model):
+Presets work on any torchvision CNN and on containers of them (such as a multi-path model):
 
 - ``blocks``: the stem output and every block output (residual, dense block and transition,
   inverted-residual, ConvNeXt/EfficientNet/RegNet/ViT/Swin blocks, ...); for plain networks

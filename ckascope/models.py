@@ -7,12 +7,13 @@ naming ``--weights none`` and ``--checkpoint``.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` only. A plain state dict needs the
 architecture's name; a self-describing checkpoint names a registered builder and carries the
-config to rebuild the model (the format msun writes):
+config to rebuild the model:
 
-    {"format": "ckascope-model", "builder": "msun", "config": {...}, "state_dict": {...}}
+    {"format": "ckascope-model", "builder": "<name>", "config": {...}, "state_dict": {...}}
 
-Builders are entries of ``ckascope.plugins`` and imported only when such a checkpoint is
-loaded, so ckascope never imports msun otherwise, and a checkpoint cannot name arbitrary code.
+Builders are the ``model_builders`` entries of ``ckascope.plugins`` (torchvision's is built in,
+other families declare theirs as entry points), imported only when such a checkpoint is loaded;
+a checkpoint cannot name arbitrary code.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from ckascope.errors import InputError, WeightsUnavailableError, hint_close
 #: Seconds a weight download may stall before it counts as offline.
 DOWNLOAD_TIMEOUT = 10.0
 CHECKPOINT_FORMAT = "ckascope-model"
-#: Builders of self-describing checkpoints, by the "builder" a checkpoint names.
-CHECKPOINT_BUILDERS = ("msun", "torchvision")
 
 
 def list_models() -> list[str]:
@@ -164,7 +163,7 @@ def weights_input_size(arch: str | None, weights: str | None) -> int | None:
 def model_from_config(config: Mapping[str, Any]) -> nn.Module:
     """A randomly initialised torchvision model from ``{"arch", "num_classes"}``.
 
-    The builder of self-describing torchvision checkpoints (msun's vanilla and MST runs).
+    The builder of self-describing torchvision checkpoints (a family's single-path baselines).
     """
     if "arch" not in config:
         raise InputError("a torchvision checkpoint config needs 'arch'")
@@ -254,11 +253,12 @@ def model_from_checkpoint(
 def _from_self_describing(
     ckpt: Mapping[str, Any], path: str | os.PathLike[str], arch: str | None
 ) -> nn.Module:
-    name = ckpt.get("builder")
-    if name not in CHECKPOINT_BUILDERS:
+    name = str(ckpt.get("builder"))
+    if name not in plugins.list_entries("model_builders"):
         raise InputError(
             f"{path} names an unknown model builder {name!r}; known: "
-            f"{', '.join(CHECKPOINT_BUILDERS)}"
+            f"{', '.join(plugins.list_entries('model_builders'))}. Hint: install the package "
+            "that wrote it"
         )
     config = dict(ckpt.get("config") or {})
     if arch is not None and config.get("arch") not in (None, arch):
@@ -266,10 +266,9 @@ def _from_self_describing(
             f"{path} holds a {config.get('arch')} model, not {arch}. Hint: drop --model"
         )
     with torch.device("meta"):  # structure only: the state dict provides every tensor
-        model: nn.Module = plugins.load(f"builder:{name}")(config)
-    what = str(config.get("arch", name)) + (
-        f" MSUN split at {config.get('split_at')}" if name == "msun" else ""
-    )
+        model: nn.Module = plugins.load("model_builders", name)(config)
+    describe = getattr(model, "describe", None)  # a family's own words for its model
+    what = describe() if callable(describe) else str(config.get("arch", name))
     _load_state(model, _state_dict_of(ckpt, path), path, what)
     return model.eval()
 

@@ -1,6 +1,6 @@
-"""Multi-path models (such as an MSUN): every input scale runs through its own path.
+"""Multi-path models: every input scale runs through its own path.
 
-ckascope recognises them by their methods (``is_multipath``), not by importing msun. A path's
+ckascope recognises them by their methods (``is_multipath``), not by their package. A path's
 layers are addressed by their canonical names, the vanilla model's names (``layer1.0`` for
 ``subnets.2.layer1.0`` and for ``subnets.0.layer1.0``), so a cross-scale comparison lines up
 the same layer role in two different paths.

@@ -96,7 +96,7 @@ def curve(
     """Same-layer cross-scale CKA against layer depth, mean ± std band per result (Fig. 2).
 
     Args:
-        results: One result or several (e.g. vanilla and MSUN) with same-layer diagonals.
+        results: One result or several (e.g. single- and multi-path) with same-layer diagonals.
         labels: Legend entries (default: the model name in each result's settings).
         title: Figure title.
     """

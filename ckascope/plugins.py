@@ -1,34 +1,76 @@
-"""Named entry points that ckascope imports only when it needs them.
+"""Model families plug into ckascope through Python entry points.
 
-ckascope never imports msun at import time (the dependency arrow is msun -> ckascope), yet
-reads msun checkpoints and msun's split-point vocabulary. Both go through this fixed table:
-names in files or on the command line select an entry, never arbitrary code.
+That is how third-party packages extend a registry without the registry knowing them: ckascope
+names no family but its own (torchvision). A package that builds models of its own declares, in
+its ``pyproject.toml``:
+
+    [project.entry-points."ckascope.model_builders"]
+    myfamily = "mypackage.checkpoint:model_from_config"   # config -> nn.Module (with an
+                                                          # optional describe() -> str)
+
+    [project.entry-points."ckascope.split_vocabularies"]
+    myfamily = "mypackage.splits:split_vocabulary"       # arch -> list[SplitCandidate], or
+                                                          # None for an arch it does not split
+
+A self-describing checkpoint names its builder (``{"format": "ckascope-model", "builder":
+"myfamily", ...}``); names in files or on the command line select a registered entry, never
+arbitrary code. Entries are imported only when used, so the dependency arrow runs from the family
+to ckascope. ``register`` adds an entry in code (a package used without being installed, tests).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, Literal
 
 from ckascope.errors import InputError
 
-ENTRY_POINTS: dict[str, str] = {
-    "builder:msun": "msun.checkpoint:model_from_config",
-    "builder:torchvision": "ckascope.models:model_from_config",
-    "split_candidates": "msun.splits:split_candidates",
+Group = Literal["model_builders", "split_vocabularies"]
+
+#: ckascope's own entries; every other family comes from entry points or ``register``.
+_BUILTIN: dict[Group, dict[str, str]] = {
+    "model_builders": {"torchvision": "ckascope.models:model_from_config"},
+    "split_vocabularies": {},
+}
+_REGISTERED: dict[Group, dict[str, Callable[..., Any] | str]] = {
+    "model_builders": {},
+    "split_vocabularies": {},
 }
 
 
-def load(name: str) -> Callable[..., Any]:
-    """The function registered under ``name``, imported now.
+def register(group: Group, name: str, target: Callable[..., Any] | str) -> None:
+    """Adds a function, or a "module:function" imported when first used, to ``group``."""
+    _REGISTERED[group][name] = target
+
+
+def _installed(group: Group) -> dict[str, str]:
+    """The entry points installed packages declare for ``group``: name -> "module:function"."""
+    return {ep.name: ep.value for ep in entry_points(group=f"ckascope.{group}")}
+
+
+def list_entries(group: Group) -> list[str]:
+    """Names registered in ``group``: built in, installed, or registered in code."""
+    return sorted({*_BUILTIN[group], *_installed(group), *_REGISTERED[group]})
+
+
+def load(group: Group, name: str) -> Callable[..., Any]:
+    """The function registered under ``name`` in ``group``, imported now.
 
     Raises:
-        InputError: ``name`` is not registered, or its package is not installed.
+        InputError: ``name`` is not registered, or its package cannot be imported.
     """
-    if name not in ENTRY_POINTS:
-        raise InputError(f"unknown entry point {name!r}; known: {', '.join(ENTRY_POINTS)}")
-    module_name, _, func = ENTRY_POINTS[name].partition(":")
+    target = {**_BUILTIN[group], **_installed(group), **_REGISTERED[group]}.get(name)
+    if callable(target):
+        return target
+    if target is None:
+        raise InputError(
+            f"no {group.replace('_', ' ')[:-1]} named {name!r}; known: "
+            f"{', '.join(list_entries(group)) or 'none'}. Hint: install the package that "
+            "provides it (pip install -e . in its folder)"
+        )
+    module_name, _, func = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

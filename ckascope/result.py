@@ -93,6 +93,16 @@ class CKAResult:
         return self.matrices.std(axis=0, ddof=1)  # type: ignore[no-any-return]
 
     @property
+    def arch(self) -> str | None:
+        """The architecture of side a (e.g. "resnet18"), apart from its display label.
+
+        ``settings["model"]`` is the label (a run's folder for a checkpoint); results written
+        before "arch" was recorded used the label for both.
+        """
+        arch = self.settings.get("arch", self.settings.get("model"))
+        return None if arch is None else str(arch)
+
+    @property
     def repeats(self) -> int:
         """Number of sweeps R."""
         return len(self.matrices)

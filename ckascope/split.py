@@ -40,7 +40,7 @@ class SplitCandidate:
     """A legal split point.
 
     Attributes:
-        name: The value ``msun train --split-at`` takes (e.g. "layer2", "denseblock2").
+        name: The value a trainer's ``--split-at`` takes (e.g. "layer2", "denseblock2").
         module: Name of the module where the trunk starts in the analysed model (e.g.
             "features.denseblock2"); defaults to ``name``.
         extra_params: Parameters the per-scale subnets add to the vanilla model, if known.

@@ -32,9 +32,9 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
     """The cross-scale CKA result the choice is made from."""
     if cfg.cka_from:
         result = CKAResult.load(cfg.cka_from)
-        if result.settings.get("model") != cfg.model:
+        if result.arch != cfg.model:
             raise InputError(
-                f"--cka-from {cfg.cka_from} analysed {result.settings.get('model')}, not {cfg.model}. "
+                f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "
                 "Hint: analyse the architecture you train"
             )
         return result
@@ -58,7 +58,7 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         device=info.device,
         rank=info.rank,
         world_size=info.world_size,
-        settings={"model": cfg.model, "weights": "default"},
+        settings={"model": cfg.model, "arch": cfg.model, "weights": "default"},
     )
 
 

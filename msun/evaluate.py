@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ckascope.compare import resize
 from ckascope.errors import InputError
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
 from ckascope.progress import Reporter, make_progress
+from ckascope.views import resize
 from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN

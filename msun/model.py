@@ -19,9 +19,9 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 
-from ckascope.compare import resize as resize_images
 from ckascope.errors import InputError
 from ckascope.models import build_model
+from ckascope.views import resize as resize_images
 from msun.backbones import Head, backbone_for, check_split, make_subnets
 
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
@@ -121,6 +121,10 @@ class MSUN(nn.Module):
             "num_classes": self.num_classes,
             "routing": list(self.routing),
         }
+
+    def describe(self) -> str:
+        """What this model is, for messages: "resnet18 MSUN split at layer2"."""
+        return f"{self.arch} MSUN split at {self.split_at}"
 
     def extra_repr(self) -> str:  # noqa: D102
         return (

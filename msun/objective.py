@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ckascope.compare import resize
+from ckascope.views import down_and_up, resize
 from msun.config import TrainConfig
 from msun.losses import scale_invariance_loss
 from msun.model import MSUN
@@ -49,7 +49,7 @@ class Objective(nn.Module):
             return self._msun(images, labels)
         if self.mode == "mst":
             logits = [
-                self.model(resize(resize(images, s), self.cfg.image_size)) for s in self.cfg.scales
+                self.model(down_and_up(images, s, self.cfg.image_size)) for s in self.cfg.scales
             ]
             return _summed(
                 {

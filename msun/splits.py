@@ -1,7 +1,7 @@
 """Split-point candidates with their costs, for ``ckascope suggest-split``.
 
-ckascope loads :func:`split_candidates` by name (``ckascope.plugins``, "split_candidates") only when it
-needs msun's vocabulary, so ckascope itself never imports msun.
+``split_vocabulary`` is msun's ``ckascope.split_vocabularies`` entry point (pyproject.toml):
+ckascope imports it only when it needs a vocabulary, and never names msun.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ckascope.split import SplitCandidate
-from msun.backbones import backbone_for, split_points
+from msun.backbones import backbone_for, split_points, supported_archs
 from msun.flops import flops_report
 from msun.model import build_msun
 
@@ -39,3 +39,8 @@ def split_candidates(
             SplitCandidate(name, trunk_module(arch, name), extra, report.mean("accuracy") / 2)
         )
     return out
+
+
+def split_vocabulary(arch: str) -> list[SplitCandidate] | None:
+    """The ``ckascope.split_vocabularies`` entry: ``split_candidates``, None for other archs."""
+    return split_candidates(arch) if arch in supported_archs() else None

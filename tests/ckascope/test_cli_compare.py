@@ -196,3 +196,29 @@ def test_one_sweep_prints_no_std_column_and_pipes_are_not_cut(tmp_path: Path) ->
     two = CliRunner().invoke(main, [*args, str(long), "--repeats", "2"])
     assert "± std" in two.output
     assert f"  {long / 'matrices.npz'}\n" in two.output
+
+
+def test_a_checkpoint_result_keeps_its_architecture_apart_from_its_label(tmp_path: Path) -> None:
+    import torchvision
+
+    from ckascope.models import CHECKPOINT_FORMAT
+
+    run = tmp_path / "my-run"
+    run.mkdir()
+    net = torchvision.models.resnet18(num_classes=10)
+    config = {"arch": "resnet18", "num_classes": 10}
+    payload = {"format": CHECKPOINT_FORMAT, "builder": "torchvision", "config": config}
+    torch.save({**payload, "state_dict": net.state_dict()}, run / "last.pt")
+    out = tmp_path / "cka"
+    args = ["compare", "--checkpoint", str(run / "last.pt"), *SMALL[4:], "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--no-figures"])
+    assert result.exit_code == 0, result.output
+    saved = CKAResult.load(out)
+    assert (saved.settings["model"], saved.arch) == ("my-run", "resnet18")
+    split = CliRunner().invoke(main, ["suggest-split", "--from", str(out), "--json"])
+    assert split.exit_code == 0, split.output  # resnet18's split points, not "my-run"'s
+
+
+def test_results_written_before_the_architecture_was_recorded_still_name_it() -> None:
+    old = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], settings={"model": "resnet50"})
+    assert old.arch == "resnet50"

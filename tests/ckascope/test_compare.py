@@ -339,3 +339,11 @@ def test_grams_stay_full_precision_under_a_callers_autocast() -> None:
             gram = centered_gram(x, torch.float32)
         assert gram.dtype == torch.float32
         torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-2 * 300**2)
+
+
+def test_the_typed_sweep_keywords_are_the_sweep_options() -> None:
+    from dataclasses import fields
+
+    from ckascope.compare import SweepKwargs, SweepOptions
+
+    assert set(SweepKwargs.__annotations__) == {f.name for f in fields(SweepOptions)}

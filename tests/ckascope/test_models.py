@@ -167,3 +167,53 @@ def test_compare_defaults_to_the_size_the_weights_expect() -> None:
     }
     _check_sides(args)
     assert (args["base_size"], args["scales"]) == (299, (43, 299))
+
+
+class _Toy(torch.nn.Module):
+    """A third model family, unknown to ckascope's code."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, width, 3)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(x)).flatten(1)
+
+    def describe(self) -> str:
+        return f"toy of width {self.conv.out_channels}"
+
+
+def test_a_third_family_plugs_in_without_editing_ckascope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckascope import plugins
+    from ckascope.commands import split_vocabulary
+    from ckascope.split import SplitCandidate
+
+    def register(group: plugins.Group, target: object) -> None:  # undone after the test
+        monkeypatch.setitem(plugins._REGISTERED[group], "toyfamily", target)
+
+    register("model_builders", lambda config: _Toy(int(config["width"])))
+    register("split_vocabularies", {"toynet": [SplitCandidate("conv")]}.get)
+    source = _Toy(4)
+    path = tmp_path / "toy.pt"
+    payload = {"format": models.CHECKPOINT_FORMAT, "builder": "toyfamily", "config": {"width": 4}}
+    torch.save({**payload, "state_dict": source.state_dict()}, path)
+    loaded = models.load_checkpoint(path)
+    assert torch.equal(loaded.conv.weight, source.conv.weight)
+    torch.save({**payload, "config": {"width": 5}, "state_dict": source.state_dict()}, path)
+    with pytest.raises(InputError, match="does not fit a toy of width 5 model"):
+        models.load_checkpoint(path)
+    assert "toyfamily" in plugins.list_entries("model_builders")
+    assert [c.name for c in split_vocabulary("toynet")] == ["conv"]
+    assert [c.name for c in split_vocabulary("resnet18")][:2] == ["layer1", "layer2"]  # msun's
+    with pytest.raises(InputError, match="no registered model family knows"):
+        split_vocabulary("not_a_net")
+
+
+def test_ckascope_names_no_model_family_but_torchvision() -> None:
+    # The arrow runs from the families to ckascope: not an import, not a string.
+    root = Path(__file__).resolve().parents[2] / "ckascope"
+    offenders = [p.name for p in root.glob("*.py") if "msun" in p.read_text().lower()]
+    assert offenders == []

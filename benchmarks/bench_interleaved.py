@@ -1,0 +1,130 @@
+"""ckascope, pytorch-cka and the bare forward passes in one process, taking turns run by run.
+
+``bench_compare.py`` runs each tool in its own fresh process, one after another; on a machine
+whose speed drifts (a shared VM) a busy minute then lands on one tool only. Here every round runs
+each tool once, in the same interpreter, so drift hits them alike; the medians and the ratio of
+the medians are printed. Only public APIs of the tools are called, so an older ckascope checkout
+can be measured the same way (before/after a change, on the same machine):
+
+    python benchmarks/bench_interleaved.py --workload mlp --rounds 15
+    python benchmarks/bench_interleaved.py --workload resnet18 --rounds 3
+    git worktree add /tmp/before <commit>
+    PYTHONPATH=/tmp/before python benchmarks/bench_interleaved.py --workload mlp --rounds 15
+
+The MLP workload is bench_compare's ``mlp-cpu`` (two 50-layer MLPs, width 256, 1024 inputs,
+batch 256, all 2 500 pairs); resnet18 is ``resnet18-cpu`` without the peers (random weights,
+``blocks``, 32 vs 224 px with the upsample protocol, 512 images, batch 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ckascope
+from ckascope.compare import compare_models, compare_scales
+from ckascope.models import build_model
+
+
+def mlp(depth: int, width: int, seed: int) -> nn.Sequential:
+    """workloads.build_mlp: Flatten, then Linear + ReLU blocks, He init, zero bias."""
+    modules: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(depth):
+            linear = nn.Linear(width, width)
+            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            nn.init.zeros_(linear.bias)
+            modules[f"fc{i}"], modules[f"relu{i}"] = linear, nn.ReLU()
+    return nn.Sequential(modules).eval()
+
+
+def mlp_tools() -> dict[str, Callable[[], object]]:
+    a, b = mlp(50, 256, 0), mlp(50, 256, 1)
+    # "1-px images" (workloads.mlp_inputs): ckascope's views at scale 1 pass them unchanged
+    inputs = torch.randn(1024, 256, 1, 1, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(inputs, torch.zeros(1024, dtype=torch.long))
+    names = [f"relu{i}" for i in range(50)]
+
+    def ours() -> object:
+        return compare_models(
+            a, b, data, scale=1, base_size=1, layers=names, batch_size=256, seed=0
+        )
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x, _ in DataLoader(data, batch_size=256):
+                a(x), b(x)
+
+    tools: dict[str, Callable[[], object]] = {"bare": bare, "ckascope": ours}
+    if importlib.util.find_spec("cka") is not None:
+        from cka import compute_cka  # pytorch-cka 1.1.3, as its README shows
+
+        def peer() -> object:
+            loader = DataLoader(data, batch_size=256)
+            return compute_cka(a, b, loader, layers=names, model2_layers=names, progress=False)
+
+        tools["pytorch-cka"] = peer
+    return tools
+
+
+def _up(x: Tensor, size: int) -> Tensor:
+    small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def resnet18_tools() -> dict[str, Callable[[], object]]:
+    model = build_model("resnet18", "none", seed=0)
+    images = torch.randn(512, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(images, torch.zeros(512, dtype=torch.long))
+
+    def ours() -> object:
+        return compare_scales(model, data, (32, 224), base_size=224, batch_size=128, seed=0)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x, _ in DataLoader(data, batch_size=128):
+                model(_up(x, 32)), model(x)
+
+    return {"bare": bare, "ckascope": ours}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workload", choices=["mlp", "resnet18"], default="mlp")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tools = mlp_tools() if args.workload == "mlp" else resnet18_tools()
+    for run in tools.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in tools}
+    for _ in range(args.rounds):
+        for name, run in tools.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"ckascope {ckascope.__version__} from {ckascope.__file__}, {args.workload}, "
+        f"{args.rounds} rounds, {torch.get_num_threads()} threads"
+    )
+    for name, t in times.items():
+        print(f"  {name:12s} median {median[name]:.3f} s  [{min(t):.3f} .. {max(t):.3f}]")
+    for name in tools:
+        if name != "ckascope":
+            print(f"  ckascope / {name}: {median['ckascope'] / median[name]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
