@@ -13,6 +13,7 @@ unbiased per batch; the two differ only in how the batches are averaged.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -48,7 +49,7 @@ def gram_dtype_for(x: Tensor, gram_dtype: GramDtype) -> torch.dtype:
         return torch.float64
     if gram_dtype == "float32":
         return torch.float32
-    return torch.float64 if x[0].numel() <= FLOAT64_MAX_FEATURES else torch.float32
+    return torch.float64 if math.prod(x.shape[1:]) <= FLOAT64_MAX_FEATURES else torch.float32
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:

@@ -7,6 +7,7 @@ or the centred Gram matrix), so later in-place operations cannot change what was
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ class GramReducer:
     def __call__(self, t: Tensor) -> Tensor:
         """The (n, n) centred Gram of one output (n, ...)."""
         dtype = gram_dtype_for(t, self.gram_dtype)
-        n, p = t.shape[0], t[0].numel()
+        n, p = t.shape[0], math.prod(t.shape[1:])
         buffer = self._buffers.get((dtype, t.device))
         if buffer is None or buffer.numel() < n * p:
             buffer = self._buffers[dtype, t.device] = torch.empty(
