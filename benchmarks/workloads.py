@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ckascope.compare import compare_models, compare_scales
-from ckascope.data import build_dataset, eval_transform, subset_indices
+from ckascope.data import build_dataset, eval_transform, plan_batches, subset_indices
 from ckascope.layers import resolve_layers
 from ckascope.models import build_model
 from ckascope.views import ScaleView
@@ -67,9 +67,7 @@ class PooledImages(Dataset[tuple[Tensor, int]]):
 
 def batch_plan(total: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     """ckascope's batches: a seeded permutation in chunks, chunks of fewer than 4 dropped."""
-    order = subset_indices(total, None, seed)
-    chunks = [order[i : i + batch_size] for i in range(0, total, batch_size)]
-    return [c for c in chunks if len(c) >= 4]
+    return plan_batches(subset_indices(total, None, seed), batch_size, min_size=4)
 
 
 # --- views and models -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ckascope.data import (
     default_resize,
     eval_transform,
     native_size,
+    plan_batches,
     resize_for,
     subset_indices,
     warn_skipped,
@@ -212,14 +213,13 @@ class SweepKwargs(TypedDict, total=False):
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
-    batches = [indices[i : i + opts.batch_size] for i in range(0, len(indices), opts.batch_size)]
-    batches = [b for b in batches if len(b) >= 4]
-    if len(batches) < opts.world_size:
+    count = len(plan_batches(indices, opts.batch_size, min_size=4))
+    if count < opts.world_size:
         raise InputError(
-            f"{len(indices)} images make {len(batches)} batches of >= 4, fewer than the "
+            f"{len(indices)} images make {count} batches of >= 4, fewer than the "
             f"{opts.world_size} processes. Hint: use more --num-images or a smaller --batch-size"
         )
-    return batches[opts.rank :: opts.world_size]
+    return plan_batches(indices, opts.batch_size, opts.rank, opts.world_size, min_size=4)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

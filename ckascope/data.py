@@ -320,3 +320,22 @@ def subset_indices(total: int, num_images: int | None, seed: int) -> list[int]:
         raise InputError(f"--num-images must be in 1..{total} for this data, got {num_images}")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     return order[: num_images or total].tolist()
+
+
+def plan_batches(
+    indices: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1, min_size: int = 1
+) -> list[list[int]]:
+    """This process's batches: ``indices`` cut into batches, dealt to the processes in turn.
+
+    Dealing whole batches (rather than images) keeps every batch what a single process would
+    form, which minibatch CKA needs to give the same sums under torchrun.
+
+    Args:
+        indices: Dataset indices in the order to use them.
+        batch_size: Images per batch; the last batch may be shorter.
+        rank: This process's rank.
+        world_size: Number of processes.
+        min_size: Batches with fewer images are dropped (4 for the unbiased HSIC).
+    """
+    batches = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    return [b for b in batches if len(b) >= min_size][rank::world_size]

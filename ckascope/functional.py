@@ -115,7 +115,9 @@ def hsic1_terms(
     tr(K̃L̃) = <K, L> - Σ_i K_ii L_ii and K̃1 = K1 - diag(K), so nothing is U-centred or
     copied: the cost is the one (La, n²) x (n², Lb) product plus O(L n²) reads, fewer when the
     caller computed the stats while each matrix was still in cache. Every term is float64
-    (the inputs are), where the terms' cancellation costs at most p/n of 1e-16.
+    (the inputs are). The terms partly cancel, most for kernels far from centred (a Gram of
+    uncentred features); for the centred Grams the engine receives, the float32 rounding of the
+    Grams themselves (~1e-9 in CKA) stays the larger error (tests/ckascope/test_stability.py).
 
     Args:
         ka: (La, n, n) float64 kernel matrices; only read.

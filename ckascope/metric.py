@@ -221,21 +221,11 @@ class MinibatchCKA(Metric):
         device = self.cross.device
         if isinstance(grams, Tensor) and grams.dtype == torch.float64 and grams.device == device:
             return grams, None
-        shape = (len(names), n, n)
         work = self._workspace.get(side)
-        if work is None or work.shape != shape or work.device != device:
-            work = self._workspace[side] = torch.empty(shape, dtype=torch.float64, device=device)
-        rows = torch.empty(len(names), n, dtype=torch.float64, device=device)
-        sq_norm = torch.empty(len(names), dtype=torch.float64, device=device)
-        for i, gram in enumerate(grams):
-            g = work[i].copy_(gram)  # converts to float64 on the way
-            torch.sum(g, dim=1, out=rows[i])
-            flat = g.view(-1)
-            torch.dot(flat, flat, out=sq_norm[i])
-        diag = work.diagonal(dim1=-2, dim2=-1)  # (L, n)
-        rows -= diag
-        sq_norm -= torch.einsum("ij,ij->i", diag, diag)
-        return work, KernelStats(diag, rows, sq_norm)
+        if work is None or work.shape != (len(names), n, n) or work.device != device:
+            work = torch.empty(len(names), n, n, dtype=torch.float64, device=device)
+            self._workspace[side] = work
+        return work, _copy_with_stats(grams, work)
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:
         sigma2 = None
@@ -276,6 +266,23 @@ class MinibatchCKA(Metric):
         self.sigma2_a.fill_(float("nan"))
         self.sigma2_b.fill_(float("nan"))
         self._sigma_fixed = False
+
+
+def _copy_with_stats(grams: Sequence[Tensor] | Tensor, work: Tensor) -> KernelStats:
+    """Copies the Grams into ``work`` (L, n, n) float64, one layer at a time, with its stats.
+
+    Each layer's row sums and squared norm are read while its float64 copy is still in cache.
+    """
+    rows = work.new_empty(work.shape[:2])  # (L, n)
+    sq_norm = work.new_empty(work.shape[:1])  # (L,)
+    for i, gram in enumerate(grams):
+        g = work[i].copy_(gram)  # converts to float64 on the way
+        torch.sum(g, dim=1, out=rows[i])
+        torch.dot(g.view(-1), g.view(-1), out=sq_norm[i])
+    diag = work.diagonal(dim1=-2, dim2=-1)  # (L, n)
+    rows -= diag
+    sq_norm -= torch.einsum("ij,ij->i", diag, diag)
+    return KernelStats(diag, rows, sq_norm)
 
 
 def _nonfinite(grams: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from ckascope.data import (  # noqa: E402
     collate_skip,
     dataset_len,
     eval_transform,
+    plan_batches,
     subset_indices,
 )
 from ckascope.fileio import write_json, write_text  # noqa: E402
@@ -143,8 +144,7 @@ def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
     size = s["image_size"]
     data = build_dataset(s["data"], "val", eval_transform(size, size))
     keep = subset_indices(dataset_len(data), min(s["num_eval"], dataset_len(data)), 0)
-    batches = [keep[i : i + 250] for i in range(0, len(keep), 250)]
-    return DataLoader(data, batch_sampler=batches, collate_fn=collate_skip)
+    return DataLoader(data, batch_sampler=plan_batches(keep, 250), collate_fn=collate_skip)
 
 
 def evaluated(last: Path, s: dict[str, Any], cache: Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from ckascope.data import (
     collate_skip,
     dataset_len,
     eval_transform,
+    plan_batches,
     subset_indices,
 )
 from ckascope.distributed import resolve_device
@@ -173,7 +174,7 @@ def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]
     idx = subset_indices(dataset_len(data), None, 0)
     loader = DataLoader(
         data,
-        batch_sampler=[idx[i : i + 64] for i in range(0, len(idx), 64)],
+        batch_sampler=plan_batches(idx, 64),
         collate_fn=collate_skip,
     )
     loaded = [load_for_eval(p) for p in checkpoints]

@@ -16,9 +16,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from ckascope.errors import InputError
 from ckascope.fileio import torch_save
 from ckascope.models import CHECKPOINT_FORMAT, model_from_checkpoint, read_checkpoint
+from msun.backbones import classifier
 from msun.model import MSUN, build_msun
 
 BUILDER = "msun"
@@ -41,16 +44,29 @@ def save_checkpoint(model: MSUN, path: str | os.PathLike[str], **extra: Any) -> 
     clash = sorted(set(extra) & set(RESERVED))
     if clash:
         raise InputError(f"extra checkpoint keys {clash} are reserved: {', '.join(RESERVED)}")
-    torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "builder": BUILDER,
-            "config": model.config(),
-            "state_dict": model.state_dict(),
-            **extra,
-        },
-        path,
-    )
+    torch_save({**model_payload(model, model.arch), **extra}, path)
+
+
+def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
+    """The self-describing part of a checkpoint: format, builder, config, state dict.
+
+    An MSUN names msun's builder; any other network (a vanilla or MST run) torchvision's, with
+    ``arch`` and its classifier's width.
+    """
+    if isinstance(model, MSUN):
+        builder, config = BUILDER, model.config()
+    else:
+        builder, config = "torchvision", {"arch": arch, "num_classes": _num_classes(model)}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "builder": builder,
+        "config": config,
+        "state_dict": model.state_dict(),
+    }
+
+
+def _num_classes(model: nn.Module) -> int:
+    return classifier(model)[1].out_features
 
 
 def model_from_config(config: Mapping[str, Any]) -> MSUN:

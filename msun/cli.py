@@ -257,6 +257,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         dataset_len,
         default_resize,
         eval_transform,
+        plan_batches,
         subset_indices,
     )
     from ckascope.distributed import close_distributed, init_distributed
@@ -281,8 +282,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     keep = subset_indices(
         count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, 0
     )
-    mine = keep[info.rank :: info.world_size]
-    batches = [mine[i : i + opts["batch_size"]] for i in range(0, len(mine), opts["batch_size"])]
+    batches = plan_batches(keep, opts["batch_size"], info.rank, info.world_size)
     loader = DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
     )

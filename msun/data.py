@@ -25,6 +25,7 @@ from ckascope.data import (
     dataset_len,
     default_resize,
     eval_transform,
+    plan_batches,
     to_rgb,
 )
 from ckascope.distributed import DistInfo
@@ -149,8 +150,7 @@ def make_loader(dataset: Dataset[Any], cfg: TrainConfig, device: torch.device) -
 
 def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[int]]:
     """This process's share of the validation images, in batches."""
-    mine = list(range(info.rank, num_images, info.world_size))
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return plan_batches(range(num_images), batch_size, info.rank, info.world_size)
 
 
 def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:

@@ -28,10 +28,9 @@ from torch import nn
 from ckascope.distributed import DistInfo
 from ckascope.errors import InputError
 from ckascope.fileio import torch_save, write_text
-from ckascope.models import CHECKPOINT_FORMAT, read_checkpoint
-from msun.backbones import classifier
+from ckascope.models import read_checkpoint
+from msun.checkpoint import model_payload
 from msun.config import TrainConfig, differences
-from msun.model import MSUN
 
 
 @dataclass
@@ -43,24 +42,6 @@ class TrainState:
     global_step: int = 0
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
-    """The self-describing part of a checkpoint (builder, config, state dict)."""
-    if isinstance(model, MSUN):
-        builder, config = "msun", model.config()
-    else:
-        builder, config = "torchvision", {"arch": arch, "num_classes": _num_classes(model)}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "builder": builder,
-        "config": config,
-        "state_dict": model.state_dict(),
-    }
-
-
-def _num_classes(model: nn.Module) -> int:
-    return classifier(model)[1].out_features
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

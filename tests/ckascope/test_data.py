@@ -187,3 +187,14 @@ def test_the_loaders_pin_memory_step_pins_our_batches(monkeypatch: pytest.Monkey
 def test_batches_are_really_pinned_on_a_gpu_machine() -> None:
     batch = collate_skip([(torch.zeros(3, 4, 4), 1)])
     assert batch.pin_memory().images.is_pinned()
+
+
+def test_plan_batches_deals_whole_batches_to_the_processes() -> None:
+    from ckascope.data import plan_batches
+
+    order = list(range(20, 0, -1))
+    single = plan_batches(order, 6, min_size=4)
+    assert single == [order[0:6], order[6:12], order[12:18]]  # the 2-image rest is dropped
+    shares = [plan_batches(order, 6, rank, 2, min_size=4) for rank in range(2)]
+    assert shares == [[single[0], single[2]], [single[1]]]
+    assert plan_batches(range(5), 2) == [[0, 1], [2, 3], [4]]
