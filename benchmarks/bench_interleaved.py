@@ -9,7 +9,11 @@ can be measured the same way (before/after a change, on the same machine):
     python benchmarks/bench_interleaved.py --workload mlp --rounds 15
     python benchmarks/bench_interleaved.py --workload resnet18 --rounds 3
     git worktree add /tmp/before <commit>
-    PYTHONPATH=/tmp/before python benchmarks/bench_interleaved.py --workload mlp --rounds 15
+    PYTHONPATH=/tmp/before python benchmarks/bench_interleaved.py --workload mlp --rounds 15 \
+        --out benchmarks/results/interleaved-mlp-before.json
+
+Writes every run's time, the medians and the machine to ``--out`` (default
+benchmarks/results/interleaved-<workload>.json).
 
 The MLP workload is bench_compare's ``mlp-cpu`` (two 50-layer MLPs, width 256, 1024 inputs,
 batch 256, all 2 500 pairs); resnet18 is ``resnet18-cpu`` without the peers (random weights,
@@ -24,9 +28,11 @@ import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine_info, write_json
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -103,7 +109,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=["mlp", "resnet18"], default="mlp")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="JSON file [results/interleaved-WORKLOAD.json]")
     args = parser.parse_args()
+    out = args.out or Path(__file__).parent / "results" / f"interleaved-{args.workload}.json"
     torch.set_num_threads(args.threads)
     tools = mlp_tools() if args.workload == "mlp" else resnet18_tools()
     for run in tools.values():  # warm-up
@@ -121,9 +129,21 @@ def main() -> None:
     )
     for name, t in times.items():
         print(f"  {name:12s} median {median[name]:.3f} s  [{min(t):.3f} .. {max(t):.3f}]")
-    for name in tools:
-        if name != "ckascope":
-            print(f"  ckascope / {name}: {median['ckascope'] / median[name]:.3f}")
+    ratios = {name: median["ckascope"] / median[name] for name in tools if name != "ckascope"}
+    for name, ratio in ratios.items():
+        print(f"  ckascope / {name}: {ratio:.3f}")
+    write_json(
+        out,
+        {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "ckascope_file": ckascope.__file__,
+            "machine": machine_info(args.threads),
+            "seconds": times,
+            "median_s": median,
+            "ckascope_over": ratios,
+        },
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

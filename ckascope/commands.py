@@ -275,7 +275,9 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
             "this result is of a multi-path model, which is already split. Hint: analyse the "
             "single-path (vanilla) model"
         )
-    return split_vocabulary(str(result.arch))
+    if result.arch is None:
+        raise InputError("this result records no architecture. Hint: pass --split-points")
+    return split_vocabulary(result.arch)
 
 
 def split_vocabulary(arch: str) -> list[SplitCandidate]:

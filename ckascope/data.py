@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -323,12 +323,20 @@ def subset_indices(total: int, num_images: int | None, seed: int) -> list[int]:
 
 
 def plan_batches(
-    indices: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1, min_size: int = 1
+    indices: Sequence[int],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    min_size: int = 1,
+    deal: Literal["batches", "images"] = "batches",
 ) -> list[list[int]]:
-    """This process's batches: ``indices`` cut into batches, dealt to the processes in turn.
+    """This process's batches of ``indices``, the processes taking turns.
 
-    Dealing whole batches (rather than images) keeps every batch what a single process would
-    form, which minibatch CKA needs to give the same sums under torchrun.
+    ``deal="batches"`` cuts the batches first and deals them out whole, so every batch is what a
+    single process would form (minibatch CKA needs that to give the same sums under torchrun).
+    ``deal="images"`` deals the images, then cuts (shares differ by at most one image: counts
+    such as accuracies do not care which images share a batch).
 
     Args:
         indices: Dataset indices in the order to use them.
@@ -336,6 +344,9 @@ def plan_batches(
         rank: This process's rank.
         world_size: Number of processes.
         min_size: Batches with fewer images are dropped (4 for the unbiased HSIC).
+        deal: What the processes take turns at.
     """
-    batches = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
-    return [b for b in batches if len(b) >= min_size][rank::world_size]
+    mine = list(indices[rank::world_size] if deal == "images" else indices)
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if len(b) >= min_size]
+    return batches if deal == "images" else batches[rank::world_size]

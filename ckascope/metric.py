@@ -38,7 +38,7 @@ Weighting = Literal["batch", "examples"]
 GramDtype = Literal["auto", "float32", "float64"]
 
 #: Largest feature count for which ``gram_dtype="auto"`` builds Grams in float64: up to it the
-#: n² p product costs no more than the float64 U-centring every batch needs anyway. Above it
+#: n² p product costs no more than the float64 passes over the Grams every batch needs anyway. Above it
 #: float32 of centred features is accurate to ~1e-8 in CKA (tests/ckascope/test_stability.py).
 FLOAT64_MAX_FEATURES = 128
 
@@ -223,8 +223,13 @@ class MinibatchCKA(Metric):
             return grams, None
         work = self._workspace.get(side)
         if work is None or work.shape != (len(names), n, n) or work.device != device:
-            work = torch.empty(len(names), n, n, dtype=torch.float64, device=device)
+            with torch.inference_mode(False):  # usable in and out of inference mode alike
+                work = torch.empty(len(names), n, n, dtype=torch.float64, device=device)
             self._workspace[side] = work
+        if self.kernel == "rbf":  # the statistics will be those of the RBF matrices
+            for i, gram in enumerate(grams):
+                work[i].copy_(gram)
+            return work, None
         return work, _copy_with_stats(grams, work)
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:

@@ -61,21 +61,27 @@ def load(group: Group, name: str) -> Callable[..., Any]:
     Raises:
         InputError: ``name`` is not registered, or its package cannot be imported.
     """
-    target = {**_BUILTIN[group], **_installed(group), **_REGISTERED[group]}.get(name)
+    # ckascope's own entries win over an installed package that reuses their names
+    target = {**_installed(group), **_REGISTERED[group], **_BUILTIN[group]}.get(name)
     if callable(target):
         return target
     if target is None:
         raise InputError(
-            f"no {group.replace('_', ' ')[:-1]} named {name!r}; known: "
+            f"nothing named {name!r} in ckascope's {group}; known: "
             f"{', '.join(list_entries(group)) or 'none'}. Hint: install the package that "
             "provides it (pip install -e . in its folder)"
         )
+    return _import(name, target)
+
+
+def _import(name: str, target: str) -> Callable[..., Any]:
+    """The function ``"module:function"`` names, or an InputError saying what is missing."""
     module_name, _, func = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
+        loaded: Callable[..., Any] = getattr(importlib.import_module(module_name), func)
+    except (ImportError, AttributeError) as e:
         raise InputError(
-            f"{name} needs the {module_name.split('.')[0]} package ({e}). Hint: pip install -e ."
+            f"{name} points at {target}, which cannot be loaded ({e}). Hint: reinstall the "
+            f"package that provides it (pip install -e . in its folder)"
         ) from e
-    loaded: Callable[..., Any] = getattr(module, func)
     return loaded

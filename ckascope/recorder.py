@@ -37,7 +37,8 @@ class GramReducer:
 
     The buffer grows to the largest layer (n x p values, the size of the temporary it replaces)
     and serves every layer as a view: a fresh buffer per layer and batch would cost its page
-    faults each time (a 224-px ResNet stage at n = 128 is 100 MB).
+    faults each time (a 224-px ResNet stage at n = 128 is 100 MB). Recorders that take turns
+    (the two sides of a comparison) share one reducer, so one buffer.
     """
 
     def __init__(self, gram_dtype: GramDtype) -> None:
@@ -50,9 +51,9 @@ class GramReducer:
         n, p = t.shape[0], math.prod(t.shape[1:])
         buffer = self._buffers.get((dtype, t.device))
         if buffer is None or buffer.numel() < n * p:
-            buffer = self._buffers[dtype, t.device] = torch.empty(
-                n * p, dtype=dtype, device=t.device
-            )
+            with torch.inference_mode(False):  # usable in and out of inference mode alike
+                buffer = torch.empty(n * p, dtype=dtype, device=t.device)
+            self._buffers[dtype, t.device] = buffer
         return centered_gram(t, dtype, buffer[: n * p].view(n, p))
 
 
@@ -173,6 +174,7 @@ class ActivationRecorder:
         self._restore()
 
     def _restore(self) -> None:
+        self.paused = False
         try:
             for handle in self._handles:
                 handle.remove()
@@ -185,17 +187,22 @@ class ActivationRecorder:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Records only inside this block, and is paused after it.
+        """Records inside this block even while paused; the pause flag is restored after it.
 
         For recorders that stay active over many forward passes, several of them hooked into
-        one model (one per input scale): each records its own pass, and the hooks are added
-        and the model's flags saved once rather than per batch.
+        one model (one per input scale) and paused: each records its own pass, and the hooks
+        are added and the model's flags saved once rather than per batch.
+
+        Raises:
+            RuntimeError: The recorder is not active (no ``with recorder:`` around this).
         """
-        self._records, self.paused = [], False
+        if not self._handles:
+            raise RuntimeError("recording() needs an active recorder: use it inside `with rec:`")
+        self._records, paused, self.paused = [], self.paused, False
         try:
             yield
         finally:
-            self.paused = True
+            self.paused = paused
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -282,7 +282,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     keep = subset_indices(
         count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, 0
     )
-    batches = plan_batches(keep, opts["batch_size"], info.rank, info.world_size)
+    batches = plan_batches(keep, opts["batch_size"], info.rank, info.world_size, deal="images")
     loader = DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
     )

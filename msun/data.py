@@ -150,7 +150,7 @@ def make_loader(dataset: Dataset[Any], cfg: TrainConfig, device: torch.device) -
 
 def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[int]]:
     """This process's share of the validation images, in batches."""
-    return plan_batches(range(num_images), batch_size, info.rank, info.world_size)
+    return plan_batches(range(num_images), batch_size, info.rank, info.world_size, deal="images")
 
 
 def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:

@@ -198,3 +198,5 @@ def test_plan_batches_deals_whole_batches_to_the_processes() -> None:
     shares = [plan_batches(order, 6, rank, 2, min_size=4) for rank in range(2)]
     assert shares == [[single[0], single[2]], [single[1]]]
     assert plan_batches(range(5), 2) == [[0, 1], [2, 3], [4]]
+    images = [plan_batches(range(7), 2, rank, 2, deal="images") for rank in range(2)]
+    assert images == [[[0, 2], [4, 6]], [[1, 3], [5]]]

@@ -261,3 +261,21 @@ def test_caller_grams_are_never_modified() -> None:
     torch.testing.assert_close(ga, before_a, rtol=0, atol=0)
     for g, old in zip(gb, before_b, strict=True):
         torch.testing.assert_close(g, old, rtol=0, atol=0)
+
+
+def test_a_metric_updated_in_inference_mode_keeps_working_outside_it() -> None:
+    a, b = _batches([12, 12])
+    metric = MinibatchCKA(3, 2)
+    with torch.inference_mode():
+        metric.update(a[0], b[0])
+    with torch.no_grad():  # the reused workspace must not be an inference tensor
+        metric.update(a[1], b[1])
+    torch.testing.assert_close(metric.compute(), _run(MinibatchCKA(3, 2), a, b))
+
+
+def test_the_engine_refuses_batches_of_fewer_than_four() -> None:
+    from ckascope.functional import hsic1_terms
+
+    k = torch.eye(3, dtype=torch.float64)[None]
+    with pytest.raises(InputError, match="at least 4"):
+        hsic1_terms(k, k)

@@ -217,3 +217,17 @@ def test_ckascope_names_no_model_family_but_torchvision() -> None:
     root = Path(__file__).resolve().parents[2] / "ckascope"
     offenders = [p.name for p in root.glob("*.py") if "msun" in p.read_text().lower()]
     assert offenders == []
+
+
+def test_plugin_entries_that_cannot_load_say_so_and_builtins_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ckascope import plugins
+
+    monkeypatch.setitem(plugins._REGISTERED["model_builders"], "gone", "ckascope.models:nothing")
+    with pytest.raises(InputError, match="cannot be loaded"):
+        plugins.load("model_builders", "gone")
+    monkeypatch.setitem(plugins._REGISTERED["model_builders"], "torchvision", "os:system")
+    assert plugins.load("model_builders", "torchvision") is models.model_from_config
+    with pytest.raises(InputError, match="nothing named 'nope'"):
+        plugins.load("split_vocabularies", "nope")

@@ -258,3 +258,19 @@ def test_a_comparison_leaves_no_hook_after_success_or_failure() -> None:
             progress=False,
         )
     assert _no_hooks(model)
+
+
+def test_recording_restores_the_pause_and_needs_an_active_recorder() -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    rec = ActivationRecorder(model, ["0"], reduce="gram")
+    with pytest.raises(RuntimeError, match="active recorder"), rec.recording():
+        pass
+    with torch.inference_mode(), rec:
+        with rec.recording():
+            model(torch.randn(5, 3))
+        assert not rec.paused  # restored to what it was
+        rec.paused = True
+    assert not rec.paused  # leaving the block resets it
+    with torch.no_grad(), rec:  # the reducer's buffer was made in inference mode
+        model(torch.randn(5, 3))
+        assert list(rec.pop()) == ["0"]
