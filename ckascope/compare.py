@@ -44,7 +44,7 @@ from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
-from ckascope.recorder import ActivationRecorder, GramReducer
+from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
 from ckascope.views import ScaleView, check_scale, check_view_options
 from ckascope.vocab import Kernel, Protocol
@@ -102,11 +102,13 @@ def make_side(
     model: nn.Module,
     layers: LayerSpec,
     view: Callable[[Tensor], Tensor],
-    reducer: GramReducer,
+    gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
 ) -> Side:
     """A side that hooks ``layers`` of ``model`` and runs its plain forward."""
-    recorder = ActivationRecorder(model, layers, reduce=reducer, output_key=output_key)
+    recorder = ActivationRecorder(
+        model, layers, reduce="gram", gram_dtype=gram_dtype, output_key=output_key
+    )
     return Side(model, recorder, view, model)
 
 
@@ -114,7 +116,7 @@ def path_side(
     model: nn.Module,
     layers: LayerSpec,
     view: ScaleView,
-    reducer: GramReducer,
+    gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
 ) -> Side:
     """A side of a multi-path model: the scale's routed path, its layers by canonical name.
@@ -129,7 +131,11 @@ def path_side(
     path = PathView(model, k)
     present = {n for n, _ in path.named_modules()}
     recorder = ActivationRecorder(
-        path, [n for n in names if n in present], reduce=reducer, output_key=output_key
+        path,
+        [n for n in names if n in present],
+        reduce="gram",
+        gram_dtype=gram_dtype,
+        output_key=output_key,
     )
     native = ScaleView(view.size, "native", view.reference_size, view.mode, view.antialias)
     resize = view.protocol == "upsample"
@@ -140,15 +146,12 @@ def side_for(
     model: nn.Module,
     layers: LayerSpec,
     view: ScaleView,
-    reducer: GramReducer,
+    gram_dtype: GramDtype,
     output_key: str | None,
 ) -> Side:
-    """``path_side`` for multi-path models, ``make_side`` for the others.
-
-    The two sides of a comparison share ``reducer``: they run in turn, so one centring buffer.
-    """
+    """``path_side`` for multi-path models, ``make_side`` for the others."""
     make = path_side if is_multipath(model) else make_side
-    return make(model, layers, view, reducer, output_key)
+    return make(model, layers, view, gram_dtype, output_key)
 
 
 def _paths(models: Sequence[nn.Module], sizes: Sequence[int]) -> dict[str, Any]:
@@ -517,8 +520,7 @@ def compare_scales(
         model.to(device)
     source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
     views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
-    reducer = GramReducer(gram_dtype)
-    side_a, side_b = (side_for(model, layers, v, reducer, output_key) for v in views)
+    side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
     info = {
         "mode": "scales",
         "scales": list(scales),
@@ -578,9 +580,10 @@ def compare_models(
             model.to(device)
     source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
     view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
-    reducer = GramReducer(gram_dtype)
-    side_a = side_for(model_a, layers, view, reducer, output_key)
-    side_b = side_for(model_b, layers if layers_b is None else layers_b, view, reducer, output_key)
+    side_a = side_for(model_a, layers, view, gram_dtype, output_key)
+    side_b = side_for(
+        model_b, layers if layers_b is None else layers_b, view, gram_dtype, output_key
+    )
     info = {
         "mode": "models",
         "scales": [scale, scale],

@@ -103,7 +103,7 @@ def linear_gram(x: Tensor) -> Tensor:
         return x @ x.transpose(-1, -2)
 
 
-def centered_gram(x: Tensor, dtype: torch.dtype, scratch: Tensor | None = None) -> Tensor:
+def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Linear Gram of the column-centred, flattened features of one layer.
 
     The mean is computed in ``dtype``: its rounding error is the same vector for every example,
@@ -113,14 +113,12 @@ def centered_gram(x: Tensor, dtype: torch.dtype, scratch: Tensor | None = None) 
     Args:
         x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
         dtype: float32 or float64, the precision of the product.
-        scratch: Optional (n, p) tensor of ``dtype`` to hold the centred features: a reused
-            buffer spares a fresh allocation and its page faults.
 
     Returns:
         (n, n) Gram matrix in ``dtype``.
     """
     flat = x.detach().reshape(x.shape[0], -1).to(dtype)  # (n, p)
-    return linear_gram(torch.sub(flat, flat.mean(dim=0), out=scratch))
+    return linear_gram(flat - flat.mean(dim=0))
 
 
 def sq_dists_from_gram(gram: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ or the centred Gram matrix), so later in-place operations cannot change what was
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,31 +31,6 @@ def _gap(t: Tensor) -> Tensor:
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.clone()
 
 
-class GramReducer:
-    """``reduce="gram"``: each output's centred Gram, the centring done in one reused buffer.
-
-    The buffer grows to the largest layer (n x p values, the size of the temporary it replaces)
-    and serves every layer as a view: a fresh buffer per layer and batch would cost its page
-    faults each time (a 224-px ResNet stage at n = 128 is 100 MB). Recorders that take turns
-    (the two sides of a comparison) share one reducer, so one buffer.
-    """
-
-    def __init__(self, gram_dtype: GramDtype) -> None:
-        self.gram_dtype = gram_dtype
-        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-    def __call__(self, t: Tensor) -> Tensor:
-        """The (n, n) centred Gram of one output (n, ...)."""
-        dtype = gram_dtype_for(t, self.gram_dtype)
-        n, p = t.shape[0], math.prod(t.shape[1:])
-        buffer = self._buffers.get((dtype, t.device))
-        if buffer is None or buffer.numel() < n * p:
-            with torch.inference_mode(False):  # usable in and out of inference mode alike
-                buffer = torch.empty(n * p, dtype=dtype, device=t.device)
-            self._buffers[dtype, t.device] = buffer
-        return centered_gram(t, dtype, buffer[: n * p].view(n, p))
-
-
 def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Tensor], Tensor]:
     """The function a hook applies to a module output (n, ...).
 
@@ -74,7 +48,7 @@ def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Te
         "none": lambda t: t.clone(),
         "flatten": lambda t: t.reshape(t.shape[0], -1).clone(),
         "gap": _gap,
-        "gram": GramReducer(gram_dtype),
+        "gram": lambda t: centered_gram(t, gram_dtype_for(t, gram_dtype)),
     }
     if reduce not in reducers:
         raise InputError(f"unknown reduce {reduce!r}. Hint: use one of {', '.join(reducers)}")

@@ -202,8 +202,8 @@ def test_records_of_a_failed_forward_do_not_leak_into_the_next_block() -> None:
         assert rec.pop() == {}
 
 
-def test_gram_reducer_reuses_its_buffer_without_mixing_layers() -> None:
-    # Square layers: the centring buffer and the Gram have one shape, and every layer shares it.
+def test_gram_reduce_keeps_each_layer_apart_on_square_layers() -> None:
+    # Square layers: the centred features and the Gram have one shape.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
     x = torch.randn(8, 8)
@@ -271,6 +271,6 @@ def test_recording_restores_the_pause_and_needs_an_active_recorder() -> None:
         assert not rec.paused  # restored to what it was
         rec.paused = True
     assert not rec.paused  # leaving the block resets it
-    with torch.no_grad(), rec:  # the reducer's buffer was made in inference mode
+    with torch.no_grad(), rec:  # a recorder used in inference mode works outside it
         model(torch.randn(5, 3))
         assert list(rec.pop()) == ["0"]
