@@ -49,7 +49,6 @@ from common import (
     markdown_table,
     run_isolated_row,
     set_threads,
-    write_atomic,
     write_json,
 )
 from matplotlib.axes import Axes
@@ -57,6 +56,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from peers import PeerOptions, tool_job
 from workloads import MLPSpec, ResNetSpec, Spec, pool_file, render_pool
+
+from ckascope.fileio import atomic_path
 
 COLUMNS = [
     ("median_s", "time (s)"),
@@ -217,7 +218,9 @@ def plot(path: Path, results: dict[str, Any], machine: str) -> None:
         row_axes[0].set_title(f"ckascope time vs {unit}")
         row_axes[1].set_title(f"ckascope peak memory vs {unit}")
     fig.suptitle(textwrap.fill(machine, 160), fontsize=8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

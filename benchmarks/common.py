@@ -13,7 +13,8 @@ it. Where clear_refs is not writable the fallback is ``ru_maxrss``, the process-
 and the method is recorded with every row. CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``.
 
-The reference shares no code with ckascope: per batch and layer, float64 Grams of the
+The reference shares no code with ckascope (only the output files are written with
+ckascope.fileio's atomic writes): per batch and layer, float64 Grams of the
 column-centred features, then the Song et al. (2012) formula for HSIC1 and the ratio of means of
 minibatch CKA (Nguyen, Raghu, Kornblith 2021), or HSIC0 with the explicit centring matrix for the
 biased full-batch estimator; formulas as in /work/shared/DESIGN.md ("The math").
@@ -40,6 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
+
+from ckascope.fileio import write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -456,18 +459,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Writes via ``write(tmp)`` to a temporary file beside ``path``, then renames it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` as JSON (NaN as null), atomically."""
-    text = json.dumps(_jsonable(payload), indent=1)
-    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+    """Writes ``payload`` as JSON (NaN as null), atomically (ckascope's own file writing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(_jsonable(payload), indent=1) + "\n")
