@@ -307,7 +307,8 @@ class _Sweep:
     def _hooked(self) -> Iterator[None]:
         """Both sides' hooks for the whole run, each recording only its own forward passes.
 
-        Adding hooks and saving the model's flags per batch cost ~1-3 ms per side and batch.
+        Adding hooks and saving the model's flags per batch cost about 1 ms per side and batch
+        on a 50-layer MLP.
         """
         with ExitStack() as stack:
             for side in (self.side_a, self.side_b):

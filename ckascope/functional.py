@@ -102,8 +102,7 @@ class KernelStats(NamedTuple):
 def kernel_stats(k: Tensor) -> KernelStats:
     """``KernelStats`` of float64 kernel matrices (L, n, n), computed in one batch."""
     diag = k.diagonal(dim1=-2, dim2=-1)  # (L, n)
-    flat = k.flatten(1)  # (L, n²)
-    sq_norm = torch.einsum("ij,ij->i", flat, flat) - torch.einsum("ij,ij->i", diag, diag)
+    sq_norm = _sq_norms(k.flatten(1)) - _sq_norms(diag)  # k.flatten(1): (L, n²)
     return KernelStats(diag, k.sum(dim=-1) - diag, sq_norm)
 
 

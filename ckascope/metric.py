@@ -38,8 +38,9 @@ Weighting = Literal["batch", "examples"]
 GramDtype = Literal["auto", "float32", "float64"]
 
 #: Largest feature count for which ``gram_dtype="auto"`` builds Grams in float64: up to it the
-#: n² p product costs no more than the float64 passes over the Grams every batch needs anyway. Above it
-#: float32 of centred features is accurate to ~1e-8 in CKA (tests/ckascope/test_stability.py).
+#: n² p product costs no more than the float64 passes over the Grams every batch needs anyway.
+#: Above it float32 of centred features is accurate to ~1e-8 in CKA
+#: (tests/ckascope/test_stability.py).
 FLOAT64_MAX_FEATURES = 128
 
 
