@@ -63,7 +63,7 @@ def mlp_tools() -> dict[str, Callable[[], object]]:
 
     def ours() -> object:
         return compare_models(
-            a, b, data, scale=1, base_size=1, layers=names, batch_size=256, seed=0
+            a, b, data, scale=1, image_size=1, layers=names, batch_size=256, seed=0
         )
 
     def bare() -> None:
@@ -94,7 +94,7 @@ def resnet18_tools() -> dict[str, Callable[[], object]]:
     data = TensorDataset(images, torch.zeros(512, dtype=torch.long))
 
     def ours() -> object:
-        return compare_scales(model, data, (32, 224), base_size=224, batch_size=128, seed=0)
+        return compare_scales(model, data, (32, 224), image_size=224, batch_size=128, seed=0)
 
     def bare() -> None:
         with torch.inference_mode():

@@ -50,7 +50,7 @@ def overhead(cfg: TrainConfig, repeats: int) -> dict[str, float]:
         def run() -> None:
             model.zero_grad(set_to_none=True)
             x = resize(images, cfg.scales[k])
-            F.cross_entropy(model.forward_path(x, k, resize=False), labels).backward()
+            F.cross_entropy(model.forward_path(x, k, protocol="native"), labels).backward()
 
         return run
 

@@ -63,7 +63,7 @@ def check_cka_tf32(device: str, api: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "num_images": 256,
         "batch_size": 64,
-        "base_size": 64,
+        "image_size": 64,
         "layers": "blocks",
     }
     model = models.build_model("resnet18", "none", num_classes=10)
@@ -83,7 +83,7 @@ def check_half_models(device: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "num_images": 128,
         "batch_size": 64,
-        "base_size": 64,
+        "image_size": 64,
         "device": device,
     }
     full = compare_scales(models.build_model("resnet18", "none"), None, (16, 64), **kwargs)
@@ -114,7 +114,7 @@ def check_syncs(device: str) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            compare_scales(model, None, (16, 64), num_images=images, batch_size=64, base_size=64)
+            compare_scales(model, None, (16, 64), num_images=images, batch_size=64, image_size=64)
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     return {"ok": counts[0] == counts[1], "syncs_1_vs_4_batches": counts}

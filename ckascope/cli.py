@@ -59,13 +59,13 @@ def _options(f: Any) -> Any:
             "--scales",
             type=click.IntRange(1, MAX_SCALE),
             nargs=2,
-            help="Two input scales in px  [default: base/7 and the base size, e.g. 32 224; "
+            help="Two input scales in px  [default: base/7 and the image size, e.g. 32 224; "
             "4 28 for Fashion-MNIST with --weights none].",
         ),
         click.option(
             "--scale",
             type=click.IntRange(1, MAX_SCALE),
-            help="Input scale when comparing two models  [default: the base size].",
+            help="Input scale when comparing two models  [default: the image size].",
         ),
         click.option(
             "--layers",
@@ -101,14 +101,14 @@ def _options(f: Any) -> Any:
             type=click.Choice(PROTOCOLS),
             default="upsample",
             show_default=True,
-            help="upsample: back to the base size; native: fed at the scale.",
+            help="upsample: back to the image size; native: fed at the scale.",
         ),
         click.option(
             "--resize-mode", type=click.Choice(RESIZE_MODES), default="bilinear", show_default=True
         ),
         click.option("--antialias/--no-antialias", default=False, show_default=True),
         click.option(
-            "--base-size",
+            "--image-size",
             type=click.IntRange(4, MAX_SCALE),
             help="Centre-crop size of the base images  [default: the size pretrained weights "
             "expect (299 inception_v3), else the data's native size (28 for mnist/fashionmnist/"
@@ -117,7 +117,7 @@ def _options(f: Any) -> Any:
         click.option(
             "--resize-size",
             type=click.IntRange(4, MAX_SCALE),
-            help="Short side before the centre crop  [default: base size x 256/224; the base "
+            help="Short side before the centre crop  [default: image size x 256/224; the base "
             "size (whole image) for the small-image sets].",
         ),
         click.option("--batch-size", type=int, default=128, show_default=True),

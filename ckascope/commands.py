@@ -18,7 +18,7 @@ from torch import nn
 
 from ckascope import plugins
 from ckascope.cliutils import make_console
-from ckascope.compare import base_size_for, compare_models, compare_scales, default_scales
+from ckascope.compare import compare_models, compare_scales, default_scales, image_size_for
 from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError
 from ckascope.models import (
@@ -161,9 +161,9 @@ def check_sides(args: dict[str, Any]) -> bool:
     ) or (
         weights_input_size(args["model_b"], args["weights_b"]) if not args["checkpoint_b"] else None
     )
-    args["base_size"] = base_size_for(args["data"], args["base_size"] or expected)
-    args["scales"] = tuple(args["scales"] or default_scales(args["base_size"]))
-    args["scale"] = args["scale"] or args["base_size"]
+    args["image_size"] = image_size_for(args["data"], args["image_size"] or expected)
+    args["scales"] = tuple(args["scales"] or default_scales(args["image_size"]))
+    args["scale"] = args["scale"] or args["image_size"]
     return two_models
 
 
@@ -204,7 +204,7 @@ def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: A
     common = {
         "layers": parse_layers(args["layers"]),
         "protocol": args["protocol"],
-        "base_size": args["base_size"],
+        "image_size": args["image_size"],
         "resize_size": args["resize_size"],
         "resize_mode": args["resize_mode"],
         "antialias": args["antialias"],

@@ -71,7 +71,7 @@ class Side:
                 raise InputError(
                     f"the model cannot run on {tuple(x.shape[-2:])}-px inputs "
                     f"({' '.join(str(e).split())}). Hint: a fixed-size model (ViT, Swin, ...) "
-                    "needs --protocol upsample, which feeds every scale at the base size; a CNN "
+                    "needs --protocol upsample, which feeds every scale at the image size; a CNN "
                     "needs a larger scale"
                 ) from e
             recorded = self.recorder.pop()
@@ -137,9 +137,9 @@ def path_side(
         gram_dtype=gram_dtype,
         output_key=output_key,
     )
-    native = ScaleView(view.size, "native", view.reference_size, view.mode, view.antialias)
-    resize = view.protocol == "upsample"
-    return Side(model, recorder, native, lambda x: paths.forward_path(x, k, resize=resize))
+    native = ScaleView(view.size, "native", view.image_size, view.mode, view.antialias)
+    protocol = view.protocol
+    return Side(model, recorder, native, lambda x: paths.forward_path(x, k, protocol=protocol))
 
 
 def side_for(
@@ -437,7 +437,7 @@ def synthetic_pool(opts: SweepOptions) -> tuple[int, SweepOptions]:
 
 def as_source(
     data: Source | str | None,
-    base_size: int,
+    image_size: int,
     resize_size: int | None,
     opts: SweepOptions,
 ) -> tuple[Source, SweepOptions]:
@@ -447,23 +447,23 @@ def as_source(
     count = opts.num_images or SYNTHETIC_SWEEP
     if data in (None, "shapes"):
         count, opts = synthetic_pool(opts)
-    transform = eval_transform(base_size, default_resize(data, base_size, resize_size))
+    transform = eval_transform(image_size, default_resize(data, image_size, resize_size))
     dataset = build_dataset(
-        data, "val", transform, num_images=count, seed=opts.seed, synthetic_size=base_size
+        data, "val", transform, num_images=count, seed=opts.seed, synthetic_size=image_size
     )
     return dataset, opts
 
 
-def base_size_for(data: Source | str | None, base_size: int | None) -> int:
-    """``base_size``, else the native side of the images a spec names (28 for Fashion-MNIST), else 224."""
-    if base_size is not None:
-        return base_size
+def image_size_for(data: Source | str | None, image_size: int | None) -> int:
+    """``image_size``, else the native side of the images a spec names (28 for Fashion-MNIST), else 224."""
+    if image_size is not None:
+        return image_size
     return (native_size(data) if isinstance(data, str) else None) or 224
 
 
-def default_scales(base_size: int) -> tuple[int, int]:
-    """The paper's pair (32, 224) scaled to ``base_size``: (base/7, base)."""
-    return max(1, round(base_size / 7)), base_size
+def default_scales(image_size: int) -> tuple[int, int]:
+    """The paper's pair (32, 224) scaled to ``image_size``: (base/7, base)."""
+    return max(1, round(image_size / 7)), image_size
 
 
 def compare_scales(
@@ -473,7 +473,7 @@ def compare_scales(
     *,
     layers: LayerSpec = "blocks",
     protocol: Protocol = "upsample",
-    base_size: int | None = None,
+    image_size: int | None = None,
     resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
@@ -492,10 +492,10 @@ def compare_scales(
         scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(base/7, base): the
             paper's (32, 224) for 224-px base images].
         layers: Layer names, patterns, a predicate or a preset.
-        protocol: "upsample" (resize to s and back to ``base_size``) or "native".
-        base_size: Side of the base images (centre crop), and the model's input size [the
+        protocol: "upsample" (resize to s and back to ``image_size``) or "native".
+        image_size: Side of the base images (centre crop), and the model's input size [the
             native side of a small-image set named by ``data`` (28 for Fashion-MNIST), else 224].
-        resize_size: Short side before the centre crop [base_size * 256 / 224; the base size
+        resize_size: Short side before the centre crop [image_size * 256 / 224; the image size
             itself, no crop, for sets of small whole images].
         resize_mode: Interpolation for the scales.
         antialias: Antialias when downscaling.
@@ -510,8 +510,8 @@ def compare_scales(
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).
     """
-    base_size = base_size_for(data, base_size)
-    scales = default_scales(base_size) if scales is None else scales
+    image_size = image_size_for(data, image_size)
+    scales = default_scales(image_size) if scales is None else scales
     if len(scales) != 2:
         raise InputError(f"give exactly two scales, got {list(scales)}")
     for s in scales:
@@ -519,13 +519,13 @@ def compare_scales(
     check_view_options(protocol, resize_mode, antialias)
     if device is not None:
         model.to(device)
-    source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
-    views = [ScaleView(s, protocol, base_size, resize_mode, antialias) for s in scales]
+    source, opts = as_source(data, image_size, resize_size, SweepOptions(**sweep))
+    views = [ScaleView(s, protocol, image_size, resize_mode, antialias) for s in scales]
     side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
     info = {
         "mode": "scales",
         "scales": list(scales),
-        **_view_info(data, protocol, base_size, resize_size, resize_mode, antialias),
+        **_view_info(data, protocol, image_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "gram_dtype": gram_dtype,
         **_paths([model, model], scales),
@@ -542,7 +542,7 @@ def compare_models(
     layers: LayerSpec = "blocks",
     layers_b: LayerSpec | None = None,
     protocol: Protocol = "upsample",
-    base_size: int | None = None,
+    image_size: int | None = None,
     resize_size: int | None = None,
     resize_mode: str = "bilinear",
     antialias: bool = False,
@@ -558,11 +558,11 @@ def compare_models(
         model_a: Rows of the matrix.
         model_b: Columns of the matrix.
         data: A dataset, a ``--data`` spec, None for the synthetic set, or a loader.
-        scale: Input scale for both models [the base size] (see ``compare_scales``).
+        scale: Input scale for both models [the image size] (see ``compare_scales``).
         layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
         layers_b: Layers of model_b.
         protocol: See ``compare_scales``.
-        base_size: See ``compare_scales``.
+        image_size: See ``compare_scales``.
         resize_size: See ``compare_scales``.
         resize_mode: See ``compare_scales``.
         antialias: See ``compare_scales``.
@@ -572,15 +572,15 @@ def compare_models(
         settings: Extra settings to record.
         **sweep: ``SweepOptions`` fields.
     """
-    base_size = base_size_for(data, base_size)
-    scale = base_size if scale is None else scale
+    image_size = image_size_for(data, image_size)
+    scale = image_size if scale is None else scale
     check_scale(scale)
     check_view_options(protocol, resize_mode, antialias)
     for model in (model_a, model_b):
         if device is not None:
             model.to(device)
-    source, opts = as_source(data, base_size, resize_size, SweepOptions(**sweep))
-    view = ScaleView(scale, protocol, base_size, resize_mode, antialias)
+    source, opts = as_source(data, image_size, resize_size, SweepOptions(**sweep))
+    view = ScaleView(scale, protocol, image_size, resize_mode, antialias)
     side_a = side_for(model_a, layers, view, gram_dtype, output_key)
     side_b = side_for(
         model_b, layers if layers_b is None else layers_b, view, gram_dtype, output_key
@@ -588,7 +588,7 @@ def compare_models(
     info = {
         "mode": "models",
         "scales": [scale, scale],
-        **_view_info(data, protocol, base_size, resize_size, resize_mode, antialias),
+        **_view_info(data, protocol, image_size, resize_size, resize_mode, antialias),
         "layers": _describe(layers),
         "layers_b": _describe(layers_b),
         "gram_dtype": gram_dtype,
@@ -600,7 +600,7 @@ def compare_models(
 def _view_info(
     data: Source | str | None,
     protocol: str,
-    base_size: int,
+    image_size: int,
     resize_size: int | None,
     resize_mode: str,
     antialias: bool,
@@ -610,8 +610,8 @@ def _view_info(
     return {
         "protocol": protocol,
         "native_size": native_size(spec),
-        "base_size": base_size,
-        "resize_size": resize_for(base_size, default_resize(spec, base_size, resize_size)),
+        "image_size": image_size,
+        "resize_size": resize_for(image_size, default_resize(spec, image_size, resize_size)),
         "resize_mode": resize_mode,
         "antialias": antialias,
     }

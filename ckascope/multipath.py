@@ -9,15 +9,17 @@ the same layer role in two different paths.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, cast, runtime_checkable
+from typing import Protocol as Interface
 
 from torch import Tensor, nn
 
 from ckascope.errors import InputError
+from ckascope.vocab import Protocol
 
 
 @runtime_checkable
-class MultiPathModel(Protocol):
+class MultiPathModel(Interface):
     """What ckascope needs from a multi-path model."""
 
     num_paths: int
@@ -25,8 +27,8 @@ class MultiPathModel(Protocol):
     def route(self, size: int) -> int:
         """The path serving inputs of ``size``."""
 
-    def forward_path(self, x: Tensor, k: int, *, resize: bool = True) -> Tensor:
-        """Logits of path k (input resized to its nominal size when ``resize``)."""
+    def forward_path(self, x: Tensor, k: int, *, protocol: Protocol = "upsample") -> Tensor:
+        """Logits of path k (input resized to its nominal size under ``upsample``)."""
 
     @staticmethod
     def canonical_name(name: str) -> str:

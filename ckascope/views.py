@@ -46,16 +46,16 @@ class ScaleView:
 
     Attributes:
         size: The scale s in pixels.
-        protocol: "upsample" (resize to s and back to ``reference_size``: a fixed-size model sees
+        protocol: "upsample" (resize to s and back to ``image_size``: a fixed-size model sees
             every scale at its input size, as in the paper) or "native" (fed at s).
-        reference_size: The model's input size for ``upsample`` (the base image size).
+        image_size: The model's input size, the side of the base images.
         mode: Interpolation mode of ``F.interpolate``.
         antialias: Antialiasing when downscaling (the paper's code uses none).
     """
 
     size: int
     protocol: Protocol = "upsample"
-    reference_size: int = 224
+    image_size: int = 224
     mode: str = "bilinear"
     antialias: bool = False
 
@@ -64,13 +64,18 @@ class ScaleView:
         small = resize(images, self.size, self.mode, self.antialias)
         if self.protocol == "native":
             return small
-        return resize(small, self.reference_size, self.mode, self.antialias)
+        return resize(small, self.image_size, self.mode, self.antialias)
+
+
+def check_protocol(protocol: str) -> None:
+    """Raises InputError for a protocol other than upsample and native."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
 
 
 def check_view_options(protocol: str, mode: str, antialias: bool) -> None:
     """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
+    check_protocol(protocol)
     if mode not in RESIZE_MODES:
         raise InputError(
             f"unknown resize mode {mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
@@ -81,6 +86,6 @@ def check_view_options(protocol: str, mode: str, antialias: bool) -> None:
         )
 
 
-def down_and_up(images: Tensor, size: int, reference_size: int) -> Tensor:
+def down_and_up(images: Tensor, size: int, image_size: int) -> Tensor:
     """The ``upsample`` view with the defaults: bilinear to ``size`` and back, no antialias."""
-    return ScaleView(size, "upsample", reference_size)(images)
+    return ScaleView(size, "upsample", image_size)(images)

@@ -12,9 +12,9 @@ from typing import Literal
 Kernel = Literal["linear", "rbf"]
 KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
 
-#: How the small-scale input reaches the model: back up to the base size, or at its own size.
+#: How the small-scale input reaches the model: back up to the image size, or at its own size.
 Protocol = Literal["upsample", "native"]
-PROTOCOLS = ("upsample", "native")
+PROTOCOLS: tuple[Protocol, ...] = ("upsample", "native")
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 MAX_SCALE = 4096
 

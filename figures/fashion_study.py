@@ -157,7 +157,7 @@ def evaluated(last: Path, s: dict[str, Any], cache: Path) -> dict[str, Any]:
         [load_for_eval(last)],
         eval_loader(s),
         paper_sizes(s["image_size"]),
-        protocol="resize",
+        protocol="upsample",
         paths="all",
         device=torch.device("cpu"),
     )

@@ -182,7 +182,7 @@ def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]
         loaded,
         loader,
         parse_sizes(s["eval_sizes"]),
-        protocol="resize",
+        protocol="upsample",
         paths="all",
         device=torch.device("cpu"),
     )
@@ -206,7 +206,7 @@ def cka(
         model,
         "shapes",
         scales,
-        base_size=s["image_size"],
+        image_size=s["image_size"],
         num_images=s["cka_images"],
         batch_size=64,
         repeats=s["cka_repeats"],

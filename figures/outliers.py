@@ -35,7 +35,7 @@ def features(model: nn.Module, k: int, images: Tensor) -> dict[str, Tensor]:
     with ActivationRecorder(PathView(model, k), "blocks", reduce="flatten") as rec, torch.no_grad():
         parts = []
         for batch in images.split(64):
-            paths.forward_path(batch, k, resize=True)
+            paths.forward_path(batch, k, protocol="upsample")
             parts.append(rec.pop())
     return {name: torch.cat([p[name] for p in parts]).double() for name in parts[0]}
 

@@ -51,7 +51,7 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         model,
         cfg.data,
         scales,
-        base_size=cfg.image_size,
+        image_size=cfg.image_size,
         num_images=ANALYSIS_IMAGES,
         batch_size=max(4, min(128, ANALYSIS_IMAGES // info.world_size)),  # a batch per process
         seed=cfg.seed,

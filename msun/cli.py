@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from ckascope.cliutils import FriendlyGroup, make_console
+from ckascope.vocab import PROTOCOLS
 from msun import __version__
 from msun.config import (
     FIELDS,
@@ -96,7 +97,7 @@ def flops(
 ) -> None:
     """FLOPs over the 13 test sizes 32..224 under both protocols, against vanilla at 224.
 
-    accuracy: each input is resized to its routed path's nominal size; native: the routed path
+    upsample: each input is resized to its routed path's nominal size; native: the routed path
     runs at the input's own size (the paper's FLOPs claim). Counted with
     torch.utils.flop_counter on the meta device (convolutions and matrix products only).
     """
@@ -210,10 +211,11 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["resize", "native"]),
-    default="resize",
+    type=click.Choice(PROTOCOLS),
+    default="upsample",
     show_default=True,
-    help="MSUN path input: resized to its nominal size (accuracy), or as it is (native).",
+    help="MSUN path input: resized to its nominal size (upsample: the accuracy protocol), or "
+    "as it is (native).",
 )
 @click.option(
     "--paths",
@@ -265,7 +267,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
 
     loaded = [load_for_eval(p) for p in checkpoints]
     info = init_distributed(opts["device"])
-    image_size = opts["image_size"] or loaded[0].train_size
+    image_size = opts["image_size"] or loaded[0].image_size
     sizes = parse_sizes(
         opts["sizes"] or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
     )

@@ -2,9 +2,9 @@
 
 Protocol (MSUN_SPEC.md): resize 256 -> centre crop 224 (the val loader) -> resize (bilinear, no
 antialias) to s for every test size s. Vanilla and MST models see the image resized back up to
-their training size (224). An MSUN runs every path on it, each either resized to the path's
-nominal size (protocol ``resize``, the published accuracy protocol) or fed as it is
-(``native``); the routed model's accuracy is that of the path its fixed routing table picks for
+their training image size (224): the ``upsample`` protocol. An MSUN runs every path on it, each
+either resized to the path's nominal size (``upsample``, the published accuracy protocol) or
+fed as it is (``native``); the routed model's accuracy is that of the path its fixed routing table picks for
 s. Routing is never chosen on the evaluation set: the per-path table lets a reader see the
 oracle, the routed column is the honest number.
 
@@ -28,12 +28,11 @@ from ckascope.errors import InputError
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
 from ckascope.progress import Reporter, make_progress
-from ckascope.views import resize
+from ckascope.views import check_protocol, resize
+from ckascope.vocab import Protocol
 from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
-
-Protocol = Literal["resize", "native"]
 
 
 class TopKCounts(Metric):
@@ -88,7 +87,7 @@ class EvalResult:
         top1: (S, P) percent per size and path (P = 1 for vanilla/MST).
         top5: (S, P).
         routed: (S,) path index used per size (zeros for a plain network).
-        protocol: "resize" or "native" (MSUN), "upsample" (plain networks).
+        protocol: "upsample" or "native" (MSUN), "upsample" (plain networks).
         info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
     """
 
@@ -144,8 +143,8 @@ def evaluate(
     loader: Iterable[Any],
     sizes: Sequence[int],
     *,
-    protocol: Protocol = "resize",
-    train_size: int = 224,
+    protocol: Protocol = "upsample",
+    image_size: int = 224,
     paths: Literal["all", "routed"] = "all",
     amp_dtype: torch.dtype | None = None,
     on_batch: Callable[[], None] | None = None,
@@ -156,12 +155,14 @@ def evaluate(
         model: An MSUN, or a plain classifier (vanilla / MST).
         loader: Yields (images (n, 3, 224, 224), labels (n,)) or ``ckascope.data.Batch``.
         sizes: Test sizes.
-        protocol: MSUN path input: "resize" to the nominal size, or "native".
-        train_size: Size plain networks were trained at (test images are resized back to it).
+        protocol: MSUN path input: "upsample" to the nominal size, or "native".
+        image_size: The image size plain networks were trained at (test images are resized
+            back to it).
         paths: Run every MSUN path ("all", for the per-path table) or only the routed one.
         amp_dtype: Autocast dtype, or None for full precision.
         on_batch: Called after each batch (progress).
     """
+    check_protocol(protocol)
     device = next(model.parameters()).device
     is_msun = isinstance(model, MSUN)
     num_paths = model.num_paths if isinstance(model, MSUN) else 1
@@ -179,7 +180,7 @@ def evaluate(
                     with torch.autocast(
                         device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                     ):
-                        logits = _logits(model, x, k, protocol, train_size)
+                        logits = _logits(model, x, k, protocol, image_size)
                     counts.update(i, k, logits.float(), labels)
             if on_batch is not None:
                 on_batch()
@@ -193,11 +194,11 @@ def evaluate(
     return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
 
 
-def _logits(model: nn.Module, x: Tensor, k: int, protocol: str, train_size: int) -> Tensor:
+def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size: int) -> Tensor:
     """Path k's logits for an MSUN; a plain network's on the image resized to its training size."""
     if isinstance(model, MSUN):
-        return model.forward_path(x, k, resize=protocol == "resize")
-    logits: Tensor = model(resize(x, train_size))
+        return model.forward_path(x, k, protocol=protocol)
+    logits: Tensor = model(resize(x, image_size))
     return logits
 
 
@@ -241,7 +242,7 @@ class Evaluated:
 
 
 def flops_per_size(
-    model: nn.Module, sizes: Sequence[int], protocol: str, arch: str, train_size: int
+    model: nn.Module, sizes: Sequence[int], protocol: str, arch: str, image_size: int
 ) -> list[int]:
     """FLOPs of one image at each test size.
 
@@ -250,8 +251,8 @@ def flops_per_size(
     """
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))
-        return [row.accuracy if protocol == "resize" else row.native for row in report.rows]
-    return [vanilla_flops(arch, train_size, classifier(model)[1].out_features)] * len(sizes)
+        return [row.upsample if protocol == "upsample" else row.native for row in report.rows]
+    return [vanilla_flops(arch, image_size, classifier(model)[1].out_features)] * len(sizes)
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
@@ -287,7 +288,7 @@ class Loaded:
     model: nn.Module
     method: str
     arch: str
-    train_size: int
+    image_size: int
     eval_sizes: str | None
     data: str  # what it was trained on
 
@@ -362,11 +363,11 @@ def _evaluate_one(
         loader,
         sizes,
         protocol=protocol,
-        train_size=item.train_size,
+        image_size=item.image_size,
         paths=paths,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)
-    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.train_size)
+    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.image_size)
     params = sum(p.numel() for p in model.parameters())
     return Evaluated(item.name, result, item.method, params, flops)

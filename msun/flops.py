@@ -8,8 +8,8 @@ That counter counts convolutions and matrix products, as 2 FLOPs per multiply-ac
 
 Two protocols over the 13 test sizes 32, 48, ..., 224, each routed by the model's routing table:
 
-- ``accuracy``: the input is resized to the routed path's nominal size (how accuracy is
-  measured);
+- ``upsample``: the input is resized to the routed path's nominal size (how accuracy is
+  measured, the protocol of ``msun eval`` and of ``ckascope compare`` on an MSUN);
 - ``native``: the routed path is fed the input at its own size (how the paper's "fewer FLOPs"
   claim is computed).
 
@@ -27,13 +27,13 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ckascope.vocab import PROTOCOLS, Protocol
 from msun.backbones import meta_model
 from msun.model import MSUN, build_msun, eval_mode
 
 #: The evaluation's test sizes: 32, 48, ..., 224.
 TEST_SIZES = tuple(range(32, 225, 16))
 VANILLA_SIZE = 224
-PROTOCOLS = ("accuracy", "native")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class SizeRow:
 
     size: int
     path: int
-    accuracy: int
+    upsample: int
     native: int
 
 
@@ -67,11 +67,11 @@ class FlopsReport:
     vanilla: int
     parameters: Parameters
 
-    def mean(self, protocol: str) -> float:
+    def mean(self, protocol: Protocol) -> float:
         """Mean FLOPs per image over the test sizes under ``protocol``."""
         return float(sum(getattr(row, protocol) for row in self.rows)) / len(self.rows)
 
-    def saving(self, protocol: str) -> float:
+    def saving(self, protocol: Protocol) -> float:
         """Percent fewer FLOPs than vanilla at 224 under ``protocol`` (negative: more)."""
         return 100.0 * (1.0 - self.mean(protocol) / self.vanilla)
 
@@ -110,7 +110,7 @@ def path_flops(model: MSUN, k: int, size: int) -> int:
     """FLOPs of path k on one (1, 3, size, size) image fed at that size (no input resize)."""
     with eval_mode(meta_twin(model)) as twin:
         assert isinstance(twin, MSUN)
-        return _count(lambda x: twin.forward_path(x, k, resize=False), size)
+        return _count(lambda x: twin.forward_path(x, k, protocol="native"), size)
 
 
 def path_macs(model: MSUN, k: int, size: int) -> int:
@@ -170,14 +170,14 @@ def flops_table(report: FlopsReport) -> Table:
     table = Table(
         title=f"{report.config['arch']} MSUN (trunk from {report.config['split_at']}): "
         "GFLOPs per image",
-        caption="accuracy: input resized to the path's nominal size; native: fed at its size. "
+        caption="upsample: input resized to the path's nominal size; native: fed at its size. "
         "Interpolations are not counted.",
     )
-    for name in ("size", "path", "accuracy", "native", "vanilla @224"):
+    for name in ("size", "path", "upsample", "native", "vanilla @224"):
         table.add_column(name, justify="right")
     for row in report.rows:
         path = f"S{row.path + 1} ({scales[row.path]})"
-        table.add_row(str(row.size), path, _g(row.accuracy), _g(row.native), _g(report.vanilla))
+        table.add_row(str(row.size), path, _g(row.upsample), _g(row.native), _g(report.vanilla))
     means = [_g(report.mean(p)) for p in PROTOCOLS]
     table.add_section()
     table.add_row("mean", "", *means, _g(report.vanilla))

@@ -21,7 +21,9 @@ from torch.func import functional_call
 
 from ckascope.errors import InputError
 from ckascope.models import build_model
+from ckascope.views import check_protocol
 from ckascope.views import resize as resize_images
+from ckascope.vocab import Protocol
 from msun.backbones import Head, backbone_for, check_split, make_subnets
 
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
@@ -164,50 +166,55 @@ class MSUN(nn.Module):
         """Resizes a subnet output (B, C, h, w) to (B, C, unified_size, unified_size)."""
         return resize_images(z, self.unified_size)
 
-    def forward_subnet(self, x: torch.Tensor, k: int, *, resize: bool = True) -> torch.Tensor:
+    def forward_subnet(
+        self, x: torch.Tensor, k: int, *, protocol: Protocol = "upsample"
+    ) -> torch.Tensor:
         """z_k: subnet k's output resized to the unified size.
 
         Args:
             x: Images (B, 3, H, W); one size per batch.
             k: Path index.
-            resize: Resize x to the path's nominal size first (accuracy protocol); False feeds
-                it as it is (native protocol).
+            protocol: ``upsample`` resizes x to the path's nominal size first (the accuracy
+                protocol), ``native`` feeds it as it is.
 
         Returns:
             (B, C, unified_size, unified_size).
         """
         self._check_input(x)
         k = self._check_path(k)
-        if resize:
+        check_protocol(protocol)
+        if protocol == "upsample":
             x = resize_images(x, self.scales[k])
         return self.unify(self.subnets[k](x))
 
     def forward_features(
-        self, x: torch.Tensor, k: int | None = None, *, resize: bool = True
+        self, x: torch.Tensor, k: int | None = None, *, protocol: Protocol = "upsample"
     ) -> torch.Tensor:
         """The trunk's output (B, C', h', w') for path k (None: the routed path).
 
         Args:
             x: Images (B, 3, H, W).
             k: Path index; None routes by max(H, W).
-            resize: Resize x to the path's nominal size (accuracy protocol) or not (native).
+            protocol: ``upsample`` (resized to the path's nominal size) or ``native``.
         """
         if k is None:
             self._check_input(x)
             k = self.route(max(x.shape[-2:]))
-        return self.trunk(self.forward_subnet(x, k, resize=resize))  # type: ignore[no-any-return]
+        return self.trunk(self.forward_subnet(x, k, protocol=protocol))  # type: ignore[no-any-return]
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) from trunk features (B, C', h', w')."""
         return self.head(features)  # type: ignore[no-any-return]
 
-    def forward_path(self, x: torch.Tensor, k: int, *, resize: bool = True) -> torch.Tensor:
-        """Logits (B, num_classes) of path k; see :meth:`forward_features` for ``resize``."""
-        return self.forward_head(self.forward_features(x, k, resize=resize))
+    def forward_path(
+        self, x: torch.Tensor, k: int, *, protocol: Protocol = "upsample"
+    ) -> torch.Tensor:
+        """Logits (B, num_classes) of path k; see :meth:`forward_features` for ``protocol``."""
+        return self.forward_head(self.forward_features(x, k, protocol=protocol))
 
-    def forward(self, x: torch.Tensor, *, resize: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, protocol: Protocol = "upsample") -> torch.Tensor:
         """Logits (B, num_classes) of the path routed by the input size max(H, W)."""
-        return self.forward_head(self.forward_features(x, resize=resize))
+        return self.forward_head(self.forward_features(x, protocol=protocol))
 
     def forward_all(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every path on x resized to its nominal size, for training.

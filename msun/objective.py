@@ -32,16 +32,16 @@ class Objective(nn.Module):
         model: The network.
         cfg: The resolved training config.
         routed: Fine-tuning mode (see the module docstring).
-        train_size: Input size of a plain network in routed mode.
+        image_size: The image size a plain network was trained at (routed mode).
     """
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, *, routed: bool = False, train_size: int = 224
+        self, model: nn.Module, cfg: TrainConfig, *, routed: bool = False, image_size: int = 224
     ) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
         self.mode = "routed" if routed else cfg.method
-        self.train_size = train_size
+        self.image_size = image_size
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Terms]:
         """Loss of one micro-batch (n, 3, H, W) with labels (n,)."""
@@ -58,7 +58,7 @@ class Objective(nn.Module):
                 }
             )
         if self.mode == "routed" and not isinstance(self.model, MSUN):
-            images = resize(images, self.train_size)
+            images = resize(images, self.image_size)
         return _summed({"ce": F.cross_entropy(self.model(images), labels)})
 
     def _msun(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Terms]:

@@ -27,7 +27,7 @@ def split_candidates(
     """Every legal split point of ``arch`` in forward order, with its costs.
 
     The costs are the parameters the per-scale subnets add and the routed model's mean MACs per
-    image over the 13 test sizes (accuracy protocol), counted on the meta device (shapes only).
+    image over the 13 test sizes (the ``upsample`` protocol), counted on the meta device (shapes only).
     """
     out = []
     for name in split_points(arch):
@@ -36,7 +36,7 @@ def split_candidates(
         report = flops_report(model.eval())
         extra = report.parameters.total - report.parameters.vanilla
         out.append(
-            SplitCandidate(name, trunk_module(arch, name), extra, report.mean("accuracy") / 2)
+            SplitCandidate(name, trunk_module(arch, name), extra, report.mean("upsample") / 2)
         )
     return out
 

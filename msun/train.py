@@ -120,7 +120,7 @@ def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, 
 
 
 def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, int]:
-    """``--init-from``: the trained model with a new classifier, and the size it was trained at.
+    """``--init-from``: the trained model with a new classifier, and its training image size.
 
     An MSUN trains only the path the dataset's images are routed to (the others would get no
     gradient); ``--linear-probe`` trains only the new classifier.
@@ -386,7 +386,7 @@ def validate(loop: Loop, bar: Reporter) -> EvalResult:
         loop.model,
         loop.plan_batches(loop.val_loader, plan),
         sizes,
-        train_size=loop.cfg.image_size,
+        image_size=loop.cfg.image_size,
         paths="all",
         amp_dtype=loop.amp,
         on_batch=lambda: bar.advance(task),
@@ -473,7 +473,7 @@ def _build(
     val_set: Dataset[Any],
     init: Mapping[str, Any] | None,
 ) -> tuple[C.TrainConfig, Loop]:
-    model, train_size = (
+    model, model_image_size = (
         load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
     )
     if isinstance(model, MSUN):
@@ -481,7 +481,9 @@ def _build(
     model.to(info.device)
     if info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    objective: nn.Module = Objective(model, cfg, routed=init is not None, train_size=train_size)
+    objective: nn.Module = Objective(
+        model, cfg, routed=init is not None, image_size=model_image_size
+    )
     if info.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[info.device.index] if info.device.type == "cuda" else None

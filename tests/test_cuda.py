@@ -32,7 +32,7 @@ def test_compare_on_cuda_equals_cpu() -> None:
     data = torch.utils.data.TensorDataset(
         torch.randn(16, 3, 64, 64), torch.zeros(16, dtype=torch.long)
     )
-    kw = {"layers": "stages", "base_size": 64, "batch_size": 8}
+    kw = {"layers": "stages", "image_size": 64, "batch_size": 8}
     cpu = compare_scales(build_model("resnet18", "none", num_classes=10), data, (16, 64), **kw)
     gpu = compare_scales(
         build_model("resnet18", "none", num_classes=10), data, (16, 64), device="cuda", **kw

@@ -33,7 +33,7 @@ TINY_COMPARE = [
     "none",
     "--num-classes",
     "10",
-    "--base-size",
+    "--image-size",
     "32",
     "--resize-size",
     "37",
@@ -304,7 +304,7 @@ def test_half_precision_and_tuple_output_models_compare(tmp_path: Path) -> None:
     )
     model = build_model("resnet18", "none", num_classes=10).to(torch.bfloat16)
     view = torch.utils.data.TensorDataset(data.tensors[0].to(torch.bfloat16), data.tensors[1])
-    result = compare_scales(model, view, (16, 32), layers="stages", base_size=32, batch_size=8)
+    result = compare_scales(model, view, (16, 32), layers="stages", image_size=32, batch_size=8)
     assert np.isfinite(result.matrix).all()
 
     class TupleNet(torch.nn.Module):
@@ -317,6 +317,6 @@ def test_half_precision_and_tuple_output_models_compare(tmp_path: Path) -> None:
             return out, {"logits": out}
 
     tuple_result = compare_scales(
-        TupleNet(), data, (16, 32), layers=["body.layer1", "body.fc"], base_size=32, batch_size=8
+        TupleNet(), data, (16, 32), layers=["body.layer1", "body.fc"], image_size=32, batch_size=8
     )
     assert tuple_result.layers_a == ["body.layer1", "body.fc"]

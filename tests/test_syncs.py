@@ -47,7 +47,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 def test_a_cka_sweep_reads_nothing_back_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     model = models.build_model("resnet18", "none", num_classes=10)
-    kwargs = {"layers": ["layer1", "layer2"], "base_size": 32, "batch_size": 8}
+    kwargs = {"layers": ["layer1", "layer2"], "image_size": 32, "batch_size": 8}
     counts = []
     for images in (8, 32):  # 1 and 4 batches
         with counted(monkeypatch) as calls:

@@ -18,7 +18,7 @@ SMALL = [
     "none",
     "--num-classes",
     "10",
-    "--base-size",
+    "--image-size",
     "48",
     "--resize-size",
     "56",

@@ -73,7 +73,7 @@ def _independent(
 
 def test_end_to_end_equals_independent_computation(model: nn.Module, data) -> None:
     result = compare_scales(
-        model, data, (16, BASE), layers=LAYERS, base_size=BASE, batch_size=8, num_images=26, seed=5
+        model, data, (16, BASE), layers=LAYERS, image_size=BASE, batch_size=8, num_images=26, seed=5
     )
     expected = _independent(model, data, (16, BASE), 26, 8, 5)
     assert result.layers_a == LAYERS == result.layers_b
@@ -82,7 +82,7 @@ def test_end_to_end_equals_independent_computation(model: nn.Module, data) -> No
 
 
 def test_same_seed_same_result_and_repeats(model: nn.Module, data) -> None:
-    kw = {"layers": "stages", "base_size": BASE, "batch_size": 8, "num_images": 16}
+    kw = {"layers": "stages", "image_size": BASE, "batch_size": 8, "num_images": 16}
     one = compare_scales(model, data, (24, BASE), seed=1, **kw)
     again = compare_scales(model, data, (24, BASE), seed=1, **kw)
     np.testing.assert_array_equal(one.matrices, again.matrices)
@@ -99,7 +99,7 @@ def test_model_mode_restored_and_same_scale_gives_identity(model: nn.Module, dat
     model.train()
     try:
         result = compare_scales(
-            model, data, (BASE, BASE), layers="stages", base_size=BASE, batch_size=8, num_images=16
+            model, data, (BASE, BASE), layers="stages", image_size=BASE, batch_size=8, num_images=16
         )
         assert model.training
     finally:
@@ -109,7 +109,7 @@ def test_model_mode_restored_and_same_scale_gives_identity(model: nn.Module, dat
 
 def test_compare_models_and_cross_block(model: nn.Module, data) -> None:
     other = models.build_model("resnet34", "none", num_classes=10, seed=1)
-    kw = {"scale": 32, "base_size": BASE, "batch_size": 8, "num_images": 16}
+    kw = {"scale": 32, "image_size": BASE, "batch_size": 8, "num_images": 16}
     both = compare_models(model, other, data, layers="stages", **kw)
     assert both.matrix.shape == (5, 5)
     assert both.settings["mode"] == "models"
@@ -136,7 +136,7 @@ def test_native_protocol_runs_small_inputs(model: nn.Module, data) -> None:
         (32, BASE),
         protocol="native",
         layers="stages",
-        base_size=BASE,
+        image_size=BASE,
         batch_size=8,
         num_images=8,
     )
@@ -150,7 +150,7 @@ def test_save_load_round_trip_and_frame(model: nn.Module, data, tmp_path: Path) 
         data,
         (16, BASE),
         layers="stages",
-        base_size=BASE,
+        image_size=BASE,
         batch_size=8,
         num_images=16,
         repeats=2,
@@ -228,7 +228,7 @@ def test_failed_save_leaves_previous_result_and_no_staging(tmp_path: Path) -> No
     ],
 )
 def test_bad_arguments(model: nn.Module, data, kwargs: dict, match: str) -> None:
-    kw = {"scales": (16, BASE), "base_size": BASE, "batch_size": 8, "num_images": 8, **kwargs}
+    kw = {"scales": (16, BASE), "image_size": BASE, "batch_size": 8, "num_images": 8, **kwargs}
     with pytest.raises(InputError, match=match):
         compare_scales(model, data, **kw)
 
@@ -236,25 +236,25 @@ def test_bad_arguments(model: nn.Module, data, kwargs: dict, match: str) -> None
 def test_too_few_images_for_processes(model: nn.Module, data) -> None:
     with pytest.raises(InputError, match="fewer than the 2 processes"):
         compare_scales(
-            model, data, (16, BASE), base_size=BASE, batch_size=8, num_images=8, world_size=2
+            model, data, (16, BASE), image_size=BASE, batch_size=8, num_images=8, world_size=2
         )
 
 
-def test_base_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn.Module) -> None:
+def test_image_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn.Module) -> None:
     result = compare_scales(
-        model, None, (16, 48), layers="stages", base_size=48, batch_size=8, num_images=8
+        model, None, (16, 48), layers="stages", image_size=48, batch_size=8, num_images=8
     )
     assert result.settings["resize_size"] == 55  # 48 * 256 / 224, not 256
     with pytest.raises(InputError, match="smaller than the crop"):
         compare_scales(
-            model, None, (16, 48), base_size=48, resize_size=40, batch_size=8, num_images=8
+            model, None, (16, 48), image_size=48, resize_size=40, batch_size=8, num_images=8
         )
     with pytest.raises(InputError, match="--antialias works with bilinear"):
         compare_scales(
             model,
             None,
             (16, 48),
-            base_size=48,
+            image_size=48,
             resize_mode="nearest",
             antialias=True,
             batch_size=8,
@@ -274,7 +274,7 @@ def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> Non
 def test_a_dataloader_is_used_batch_by_batch_like_its_dataset(model: nn.Module, data) -> None:
     idx = subset_indices(len(data), None, 0)
     plan = [idx[i : i + 8] for i in range(0, len(idx), 8)]
-    kwargs = {"layers": LAYERS, "base_size": BASE}
+    kwargs = {"layers": LAYERS, "image_size": BASE}
     direct = compare_scales(model, data, (16, BASE), batch_size=8, **kwargs)
     loader = torch.utils.data.DataLoader(data, batch_sampler=plan)
     via_loader = compare_scales(model, loader, (16, BASE), **kwargs)
@@ -291,15 +291,15 @@ def test_a_dataloader_is_used_batch_by_batch_like_its_dataset(model: nn.Module, 
 def test_options_a_loader_decides_are_refused(model: nn.Module, data, option: dict) -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     with pytest.raises(InputError, match="do not apply"):
-        compare_scales(model, loader, (16, BASE), layers=LAYERS, base_size=BASE, **option)
+        compare_scales(model, loader, (16, BASE), layers=LAYERS, image_size=BASE, **option)
 
 
 def test_a_loader_batch_that_is_not_images_is_refused(model: nn.Module) -> None:
     with pytest.raises(InputError, match=r"images \(n, C, H, W\)"):
-        compare_scales(model, [torch.zeros(3, 8, 8)], (16, BASE), layers=LAYERS, base_size=BASE)
+        compare_scales(model, [torch.zeros(3, 8, 8)], (16, BASE), layers=LAYERS, image_size=BASE)
     raw = [torch.zeros(4, 3, BASE, BASE, dtype=torch.uint8)]
     with pytest.raises(InputError, match="ToDtype"):
-        compare_scales(model, raw, (16, BASE), layers=LAYERS, base_size=BASE)
+        compare_scales(model, raw, (16, BASE), layers=LAYERS, image_size=BASE)
 
 
 def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:
@@ -308,7 +308,7 @@ def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:
         None,
         (16, BASE),
         layers=LAYERS,
-        base_size=BASE,
+        image_size=BASE,
         num_images=8,
         batch_size=8,
         repeats=3,
@@ -321,7 +321,7 @@ def test_synthetic_sweeps_draw_different_subsets(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_are_measured(model: nn.Module, data, dtype: torch.dtype) -> None:
-    kwargs = {"layers": LAYERS, "base_size": BASE, "batch_size": 20}
+    kwargs = {"layers": LAYERS, "image_size": BASE, "batch_size": 20}
     full = compare_scales(model, data, (16, BASE), **kwargs)
     half = models.build_model("resnet18", "none", num_classes=10, seed=0).to(dtype)
     result = compare_scales(half, data, (16, BASE), **kwargs)

@@ -151,7 +151,11 @@ def test_compare_on_real_fashion_mnist_records_the_native_size(tmp_path: Path) -
     )
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "result.json").read_text())["settings"]
-    assert (settings["native_size"], settings["base_size"], settings["resize_size"]) == (28, 28, 28)
+    assert (settings["native_size"], settings["image_size"], settings["resize_size"]) == (
+        28,
+        28,
+        28,
+    )
     assert settings["images_used"] == 64
 
 

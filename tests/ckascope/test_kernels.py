@@ -145,7 +145,7 @@ def test_a_comparison_runs_its_convolutions_without_tf32_unless_asked() -> None:
     seen: list[str] = []
     conv = torch.backends.cudnn.conv
     model.conv1.register_forward_hook(lambda *_: seen.append(str(conv.fp32_precision)))
-    kwargs = {"layers": ["layer1"], "base_size": 32, "num_images": 8, "batch_size": 8}
+    kwargs = {"layers": ["layer1"], "image_size": 32, "num_images": 8, "batch_size": 8}
     exact = compare_scales(model, None, (16, 32), **kwargs)
     fast = compare_scales(model, None, (16, 32), tf32=True, **kwargs)
     assert seen[:2] == ["ieee", "ieee"]

@@ -161,12 +161,12 @@ def test_compare_defaults_to_the_size_the_weights_expect() -> None:
         "model_b": None,
         "checkpoint_b": None,
         "data": None,
-        "base_size": None,
+        "image_size": None,
         "scales": None,
         "scale": None,
     }
     _check_sides(args)
-    assert (args["base_size"], args["scales"]) == (299, (43, 299))
+    assert (args["image_size"], args["scales"]) == (299, (43, 299))
 
 
 class _Toy(torch.nn.Module):

@@ -34,7 +34,7 @@ def test_meta_counts_equal_counts_of_a_real_forward() -> None:
     torch.manual_seed(0)
     model = msun.build_msun("resnet18", num_classes=5).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_path(torch.zeros(1, 3, 48, 48), 1, resize=False)
+        model.forward_path(torch.zeros(1, 3, 48, 48), 1, protocol="native")
     assert msun.path_flops(model, 1, 48) == counter.get_total_flops()
     assert model.training is False
     model.train()
@@ -62,7 +62,7 @@ def test_report_means_equal_the_per_size_path_counts() -> None:
         native.append(msun.path_flops(model, k, size))
     vanilla = msun.vanilla_flops("resnet18", 224, num_classes=10)
     assert [row.path for row in report.rows] == [0] + [1] * 6 + [2] * 6
-    assert report.mean("accuracy") == pytest.approx(sum(accuracy) / 13)
+    assert report.mean("upsample") == pytest.approx(sum(accuracy) / 13)
     assert report.mean("native") == pytest.approx(sum(native) / 13)
     assert report.vanilla == vanilla
     assert report.saving("native") == pytest.approx(100 * (1 - sum(native) / 13 / vanilla))
@@ -85,7 +85,7 @@ def test_cli_json_matches_the_library() -> None:
     report = flops_report(_meta("resnet18", num_classes=7))
     assert data["scales"] == [32, 128, 224]
     assert data["mean_flops"]["native"] == pytest.approx(report.mean("native"))
-    assert data["fewer_flops_percent"]["accuracy"] == pytest.approx(report.saving("accuracy"))
+    assert data["fewer_flops_percent"]["upsample"] == pytest.approx(report.saving("upsample"))
     assert [row["size"] for row in data["sizes"]] == list(TEST_SIZES)
     assert data["parameters"]["vanilla"] == report.parameters.vanilla
 

@@ -127,7 +127,7 @@ def test_forward_values_agree(arch: str, split_at: str) -> None:
             torch.testing.assert_close(logits[k], model.forward_path(big, k))
             small = torch.randn(2, 3, SCALES[k], SCALES[k], generator=g)
             routed = model(small)
-            torch.testing.assert_close(routed, model.forward_path(small, k, resize=False))
+            torch.testing.assert_close(routed, model.forward_path(small, k, protocol="native"))
             torch.testing.assert_close(routed, model.forward_head(model.forward_features(small)))
         odd = torch.randn(2, 3, 24, 20, generator=g)  # max(H, W) = 24 -> path 1, resized to 32
         torch.testing.assert_close(model(odd), model.forward_path(odd, 1))
@@ -141,12 +141,12 @@ def test_native_protocol_feeds_the_input_as_is() -> None:
     assert z_native.shape[-1] == 12  # 5x5/1 conv keeps 24, the max-pool halves it
     with torch.no_grad():
         torch.testing.assert_close(
-            model.forward_subnet(x, 1, resize=False),
+            model.forward_subnet(x, 1, protocol="native"),
             torch.nn.functional.interpolate(
                 z_native, size=16, mode="bilinear", align_corners=False, antialias=False
             ),
         )
-        assert not torch.allclose(model(x, resize=False), model(x))
+        assert not torch.allclose(model(x, protocol="native"), model(x))
 
 
 def test_custom_routing() -> None:
