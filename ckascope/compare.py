@@ -46,7 +46,7 @@ from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
-from ckascope.views import ScaleView, check_scale, check_view_options
+from ckascope.views import ScaleView, ViewOptions, check_scale
 from ckascope.vocab import Kernel, Protocol
 
 
@@ -137,21 +137,32 @@ def path_side(
         gram_dtype=gram_dtype,
         output_key=output_key,
     )
-    native = ScaleView(view.size, "native", view.image_size, view.mode, view.antialias)
+    native = replace(view, protocol="native")
     protocol = view.protocol
     return Side(model, recorder, native, lambda x: paths.forward_path(x, k, protocol=protocol))
 
 
-def side_for(
-    model: nn.Module,
-    layers: LayerSpec,
-    view: ScaleView,
-    gram_dtype: GramDtype,
-    output_key: str | None,
-) -> Side:
+@dataclass(frozen=True)
+class SideSpec:
+    """One side of a comparison before it runs: a model, the scale it sees, its layers.
+
+    Attributes:
+        model: Any module; a multi-path model routes the scale through its path.
+        scale: The scale in pixels [the image size].
+        layers: Layer names, patterns, a predicate or a preset.
+        output_key: The key to record from layers that return dicts.
+    """
+
+    model: nn.Module
+    scale: int | None = None
+    layers: LayerSpec = "blocks"
+    output_key: str | None = None
+
+
+def side_for(spec: SideSpec, view: ScaleView, gram_dtype: GramDtype) -> Side:
     """``path_side`` for multi-path models, ``make_side`` for the others."""
-    make = path_side if is_multipath(model) else make_side
-    return make(model, layers, view, gram_dtype, output_key)
+    make = path_side if is_multipath(spec.model) else make_side
+    return make(spec.model, spec.layers, view, gram_dtype, spec.output_key)
 
 
 def _paths(models: Sequence[nn.Module], sizes: Sequence[int]) -> dict[str, Any]:
@@ -180,6 +191,7 @@ class SweepOptions:
     rank: int = 0
     world_size: int = 1
     tf32: bool = False
+    gram_dtype: GramDtype = "auto"
 
     def check(self) -> None:
         """Raises InputError for values no sweep can use."""
@@ -210,6 +222,7 @@ class SweepKwargs(TypedDict, total=False):
     rank: int
     world_size: int
     tf32: bool
+    gram_dtype: GramDtype
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
@@ -436,20 +449,24 @@ def synthetic_pool(opts: SweepOptions) -> tuple[int, SweepOptions]:
 
 
 def as_source(
-    data: Source | str | None,
-    image_size: int,
-    resize_size: int | None,
-    opts: SweepOptions,
+    data: Source | str | None, view: ViewOptions, opts: SweepOptions
 ) -> tuple[Source, SweepOptions]:
-    """A dataset or loader as is, or the set a ``--data`` spec names with the eval transform."""
+    """A dataset or loader as is, or the set a ``--data`` spec names with the eval transform.
+
+    Args:
+        data: See ``compare``.
+        view: View options with the image size resolved (``resolve_view``).
+        opts: Sweep options (the synthetic set fills in its sweep size).
+    """
     if not (data is None or isinstance(data, str)):
         return data, opts
+    size = cast(int, view.image_size)
     count = opts.num_images or SYNTHETIC_SWEEP
     if data in (None, "shapes"):
         count, opts = synthetic_pool(opts)
-    transform = eval_transform(image_size, default_resize(data, image_size, resize_size))
+    transform = eval_transform(size, default_resize(data, size, view.resize_size))
     dataset = build_dataset(
-        data, "val", transform, num_images=count, seed=opts.seed, synthetic_size=image_size
+        data, "val", transform, num_images=count, seed=opts.seed, synthetic_size=size
     )
     return dataset, opts
 
@@ -461,9 +478,82 @@ def image_size_for(data: Source | str | None, image_size: int | None) -> int:
     return (native_size(data) if isinstance(data, str) else None) or 224
 
 
+def resolve_view(view: ViewOptions | None, data: Source | str | None) -> ViewOptions:
+    """The view options with the image size filled in from ``data`` (``image_size_for``)."""
+    view = view or ViewOptions()
+    return replace(view, image_size=image_size_for(data, view.image_size))
+
+
 def default_scales(image_size: int) -> tuple[int, int]:
-    """The paper's pair (32, 224) scaled to ``image_size``: (base/7, base)."""
+    """The paper's pair (32, 224) scaled to ``image_size``: (image_size/7, image_size)."""
     return max(1, round(image_size / 7)), image_size
+
+
+def compare(
+    a: SideSpec,
+    b: SideSpec,
+    data: Source | str | None = None,
+    *,
+    view: ViewOptions | None = None,
+    sweep: SweepOptions | None = None,
+    device: str | torch.device | None = None,
+    settings: dict[str, Any] | None = None,
+) -> CKAResult:
+    """CKA between the layers of two sides seeing the same images: the one entry point.
+
+    Both sides holding the same model is a cross-scale comparison (``compare_scales``; the
+    result has a same-layer diagonal), two models a cross-model one (``compare_models``).
+
+    Args:
+        a: The rows of the matrix.
+        b: The columns.
+        data: A dataset of (image, label), a ``--data`` spec, None for the synthetic set, or a
+            DataLoader (any iterable of image batches or (images, labels)) used as it comes.
+        view: How the base images are prepared and resized to each side's scale.
+        sweep: Kernel, batching, repeats, precision and process options of the sweep.
+        device: Move the models there first; None keeps them where they are.
+        settings: Extra settings to record (e.g. the model's name and weights).
+
+    Returns:
+        The result; its matrix is (La, Lb) = (layers of a, layers of b).
+    """
+    view = resolve_view(view, data)
+    view.check()
+    size = cast(int, view.image_size)
+    scales = [size if s.scale is None else s.scale for s in (a, b)]
+    for scale in scales:
+        check_scale(scale)
+    for model in (a.model, b.model):
+        if device is not None:
+            model.to(device)
+    source, opts = as_source(data, view, sweep or SweepOptions())
+    side_a, side_b = (
+        side_for(s, view.at(x), opts.gram_dtype) for s, x in zip((a, b), scales, strict=True)
+    )
+    info = _settings(a, b, scales, data, view)
+    return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
+
+
+class ViewKwargs(TypedDict, total=False):
+    """``ViewOptions`` as keyword arguments."""
+
+    protocol: Protocol
+    image_size: int | None
+    resize_size: int | None
+    resize_mode: str
+    antialias: bool
+
+
+class CompareKwargs(ViewKwargs, SweepKwargs, total=False):
+    """The view and sweep options as keyword arguments of ``compare_scales``/``compare_models``."""
+
+
+def split_options(options: CompareKwargs) -> tuple[ViewOptions, SweepOptions]:
+    """Keyword options sorted into the view and the sweep options they name."""
+    view_keys = ViewKwargs.__annotations__.keys()
+    view: dict[str, Any] = {k: v for k, v in options.items() if k in view_keys}
+    sweep: dict[str, Any] = {k: v for k, v in options.items() if k not in view_keys}
+    return ViewOptions(**view), SweepOptions(**sweep)
 
 
 def compare_scales(
@@ -472,65 +562,37 @@ def compare_scales(
     scales: Sequence[int] | None = None,
     *,
     layers: LayerSpec = "blocks",
-    protocol: Protocol = "upsample",
-    image_size: int | None = None,
-    resize_size: int | None = None,
-    resize_mode: str = "bilinear",
-    antialias: bool = False,
-    device: str | torch.device | None = None,
-    gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
+    device: str | torch.device | None = None,
     settings: dict[str, Any] | None = None,
-    **sweep: Unpack[SweepKwargs],
+    **options: Unpack[CompareKwargs],
 ) -> CKAResult:
     """CKA between the layers of one model seeing the same images at two scales.
 
     Args:
         model: Any module; multi-path models route each scale through its path.
-        data: A dataset of (image, label), a ``--data`` spec, None for the synthetic set, or a
-            DataLoader (any iterable of image batches or (images, labels)) used as it comes.
-        scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(base/7, base): the
-            paper's (32, 224) for 224-px base images].
+        data: See ``compare``.
+        scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(image_size/7,
+            image_size): the paper's (32, 224) for 224-px base images].
         layers: Layer names, patterns, a predicate or a preset.
-        protocol: "upsample" (resize to s and back to ``image_size``) or "native".
-        image_size: Side of the base images (centre crop), and the model's input size [the
-            native side of a small-image set named by ``data`` (28 for Fashion-MNIST), else 224].
-        resize_size: Short side before the centre crop [image_size * 256 / 224; the image size
-            itself, no crop, for sets of small whole images].
-        resize_mode: Interpolation for the scales.
-        antialias: Antialias when downscaling.
-        device: Move the model there first; None keeps it where it is.
-        gram_dtype: Precision of the Grams (see ``MinibatchCKA``).
         output_key: The key to record from layers that return dicts.
+        device: Move the model there first; None keeps it where it is.
         settings: Extra settings to record (e.g. the model's name and weights).
-        **sweep: ``SweepOptions`` fields: kernel, sigma_frac, bandwidth, weighting, batch_size,
-            repeats, num_images, seed, num_workers, progress, rank, world_size, tf32
-            (allow TF32 convolutions on CUDA; off by default: exact CKA).
+        **options: ``ViewOptions`` fields (protocol, image_size, resize_size, resize_mode,
+            antialias) and ``SweepOptions`` fields (kernel, sigma_frac, bandwidth, weighting,
+            batch_size, repeats, num_images, seed, num_workers, progress, rank, world_size,
+            tf32, gram_dtype).
 
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).
     """
-    image_size = image_size_for(data, image_size)
-    scales = default_scales(image_size) if scales is None else scales
+    view, sweep = split_options(options)
+    view = resolve_view(view, data)
+    scales = default_scales(cast(int, view.image_size)) if scales is None else scales
     if len(scales) != 2:
         raise InputError(f"give exactly two scales, got {list(scales)}")
-    for s in scales:
-        check_scale(s)
-    check_view_options(protocol, resize_mode, antialias)
-    if device is not None:
-        model.to(device)
-    source, opts = as_source(data, image_size, resize_size, SweepOptions(**sweep))
-    views = [ScaleView(s, protocol, image_size, resize_mode, antialias) for s in scales]
-    side_a, side_b = (side_for(model, layers, v, gram_dtype, output_key) for v in views)
-    info = {
-        "mode": "scales",
-        "scales": list(scales),
-        **_view_info(data, protocol, image_size, resize_size, resize_mode, antialias),
-        "layers": _describe(layers),
-        "gram_dtype": gram_dtype,
-        **_paths([model, model], scales),
-    }
-    return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
+    a, b = (SideSpec(model, s, layers, output_key) for s in scales)
+    return compare(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
 
 
 def compare_models(
@@ -541,79 +603,50 @@ def compare_models(
     scale: int | None = None,
     layers: LayerSpec = "blocks",
     layers_b: LayerSpec | None = None,
-    protocol: Protocol = "upsample",
-    image_size: int | None = None,
-    resize_size: int | None = None,
-    resize_mode: str = "bilinear",
-    antialias: bool = False,
-    device: str | torch.device | None = None,
-    gram_dtype: GramDtype = "auto",
     output_key: str | None = None,
+    device: str | torch.device | None = None,
     settings: dict[str, Any] | None = None,
-    **sweep: Unpack[SweepKwargs],
+    **options: Unpack[CompareKwargs],
 ) -> CKAResult:
     """CKA between the layers of two models seeing the same images at one scale.
 
     Args:
         model_a: Rows of the matrix.
         model_b: Columns of the matrix.
-        data: A dataset, a ``--data`` spec, None for the synthetic set, or a loader.
-        scale: Input scale for both models [the image size] (see ``compare_scales``).
+        data: See ``compare``.
+        scale: Input scale for both models [the image size].
         layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
         layers_b: Layers of model_b.
-        protocol: See ``compare_scales``.
-        image_size: See ``compare_scales``.
-        resize_size: See ``compare_scales``.
-        resize_mode: See ``compare_scales``.
-        antialias: See ``compare_scales``.
-        device: Move both models there first; None keeps them where they are.
-        gram_dtype: Precision of the Grams.
         output_key: The key to record from layers that return dicts.
+        device: Move both models there first; None keeps them where they are.
         settings: Extra settings to record.
-        **sweep: ``SweepOptions`` fields.
+        **options: View and sweep options (see ``compare_scales``).
     """
-    image_size = image_size_for(data, image_size)
-    scale = image_size if scale is None else scale
-    check_scale(scale)
-    check_view_options(protocol, resize_mode, antialias)
-    for model in (model_a, model_b):
-        if device is not None:
-            model.to(device)
-    source, opts = as_source(data, image_size, resize_size, SweepOptions(**sweep))
-    view = ScaleView(scale, protocol, image_size, resize_mode, antialias)
-    side_a = side_for(model_a, layers, view, gram_dtype, output_key)
-    side_b = side_for(
-        model_b, layers if layers_b is None else layers_b, view, gram_dtype, output_key
-    )
-    info = {
-        "mode": "models",
-        "scales": [scale, scale],
-        **_view_info(data, protocol, image_size, resize_size, resize_mode, antialias),
-        "layers": _describe(layers),
-        "layers_b": _describe(layers_b),
-        "gram_dtype": gram_dtype,
-        **_paths([model_a, model_b], [scale, scale]),
-    }
-    return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
+    view, sweep = split_options(options)
+    a = SideSpec(model_a, scale, layers, output_key)
+    b = SideSpec(model_b, scale, layers if layers_b is None else layers_b, output_key)
+    return compare(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
 
 
-def _view_info(
-    data: Source | str | None,
-    protocol: str,
-    image_size: int,
-    resize_size: int | None,
-    resize_mode: str,
-    antialias: bool,
+def _settings(
+    a: SideSpec, b: SideSpec, scales: list[int], data: Source | str | None, view: ViewOptions
 ) -> dict[str, Any]:
-    """The result settings that say how the images were prepared and resized."""
+    """What the result records about the sides and how the images were prepared."""
+    models = a.model is not b.model
     spec = data if isinstance(data, str) else None
+    size = cast(int, view.image_size)
     return {
-        "protocol": protocol,
+        "mode": "models" if models else "scales",
+        "scales": scales,
+        "protocol": view.protocol,
         "native_size": native_size(spec),
-        "image_size": image_size,
-        "resize_size": resize_for(image_size, default_resize(spec, image_size, resize_size)),
-        "resize_mode": resize_mode,
-        "antialias": antialias,
+        "image_size": size,
+        "resize_size": resize_for(size, default_resize(spec, size, view.resize_size)),
+        "resize_mode": view.resize_mode,
+        "antialias": view.antialias,
+        "layers": _describe(a.layers),
+        **({"layers_b": _describe(b.layers)} if models else {}),
+        **_paths([a.model, b.model], scales),
     }
 
 

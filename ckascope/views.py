@@ -49,22 +49,54 @@ class ScaleView:
         protocol: "upsample" (resize to s and back to ``image_size``: a fixed-size model sees
             every scale at its input size, as in the paper) or "native" (fed at s).
         image_size: The model's input size, the side of the base images.
-        mode: Interpolation mode of ``F.interpolate``.
+        resize_mode: Interpolation mode of ``F.interpolate``.
         antialias: Antialiasing when downscaling (the paper's code uses none).
     """
 
     size: int
     protocol: Protocol = "upsample"
     image_size: int = 224
-    mode: str = "bilinear"
+    resize_mode: str = "bilinear"
     antialias: bool = False
 
     def __call__(self, images: Tensor) -> Tensor:
         """(n, C, H, W) base images -> the batch this side's model sees."""
-        small = resize(images, self.size, self.mode, self.antialias)
+        small = resize(images, self.size, self.resize_mode, self.antialias)
         if self.protocol == "native":
             return small
-        return resize(small, self.image_size, self.mode, self.antialias)
+        return resize(small, self.image_size, self.resize_mode, self.antialias)
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How the base images are prepared, and how every side resizes them to its scale.
+
+    Attributes:
+        protocol: "upsample" or "native" (see ``ScaleView``).
+        image_size: Side of the base images (the centre crop) and the model's input size;
+            None: the native side of a small-image set, else 224 (``ckascope.compare``
+            resolves it from the data).
+        resize_size: Short side before the centre crop [image_size * 256 / 224; the image
+            size itself, no crop, for sets of small whole images].
+        resize_mode: Interpolation for the scales (``RESIZE_MODES``).
+        antialias: Antialias when downscaling.
+    """
+
+    protocol: Protocol = "upsample"
+    image_size: int | None = None
+    resize_size: int | None = None
+    resize_mode: str = "bilinear"
+    antialias: bool = False
+
+    def check(self) -> None:
+        """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
+        check_view_options(self.protocol, self.resize_mode, self.antialias)
+
+    def at(self, scale: int) -> ScaleView:
+        """The view of a side at ``scale`` (``image_size`` must be resolved)."""
+        if self.image_size is None:
+            raise ValueError("resolve image_size before making a view")
+        return ScaleView(scale, self.protocol, self.image_size, self.resize_mode, self.antialias)
 
 
 def check_protocol(protocol: str) -> None:
@@ -73,16 +105,16 @@ def check_protocol(protocol: str) -> None:
         raise InputError(f"unknown protocol {protocol!r}. Hint: use upsample or native")
 
 
-def check_view_options(protocol: str, mode: str, antialias: bool) -> None:
+def check_view_options(protocol: str, resize_mode: str, antialias: bool) -> None:
     """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
     check_protocol(protocol)
-    if mode not in RESIZE_MODES:
+    if resize_mode not in RESIZE_MODES:
         raise InputError(
-            f"unknown resize mode {mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
+            f"unknown resize mode {resize_mode!r}. Hint: use one of {', '.join(RESIZE_MODES)}"
         )
-    if antialias and mode not in ("bilinear", "bicubic"):
+    if antialias and resize_mode not in ("bilinear", "bicubic"):
         raise InputError(
-            f"--antialias works with bilinear and bicubic resizing, not {mode}. Hint: drop --antialias"
+            f"--antialias works with bilinear and bicubic resizing, not {resize_mode}. Hint: drop --antialias"
         )
 
 

@@ -347,3 +347,45 @@ def test_the_typed_sweep_keywords_are_the_sweep_options() -> None:
     from ckascope.compare import SweepKwargs, SweepOptions
 
     assert set(SweepKwargs.__annotations__) == {f.name for f in fields(SweepOptions)}
+
+
+def test_the_typed_view_keywords_are_the_view_options() -> None:
+    from dataclasses import fields
+
+    from ckascope.compare import ViewKwargs
+    from ckascope.views import ViewOptions
+
+    assert set(ViewKwargs.__annotations__) == {f.name for f in fields(ViewOptions)}
+
+
+def test_compare_scales_and_compare_models_are_the_one_entry_point(model: nn.Module, data) -> None:
+    from ckascope.compare import SideSpec, SweepOptions, compare
+    from ckascope.views import ViewOptions
+
+    view = ViewOptions("native", image_size=BASE, resize_mode="bicubic")
+    sweep = SweepOptions(batch_size=8, num_images=16, seed=3, kernel="rbf")
+    direct = compare(
+        SideSpec(model, 24, LAYERS), SideSpec(model, BASE, LAYERS), data, view=view, sweep=sweep
+    )
+    wrapped = compare_scales(
+        model,
+        data,
+        (24, BASE),
+        layers=LAYERS,
+        protocol="native",
+        image_size=BASE,
+        resize_mode="bicubic",
+        batch_size=8,
+        num_images=16,
+        seed=3,
+        kernel="rbf",
+    )
+    np.testing.assert_array_equal(direct.matrices, wrapped.matrices)
+    assert direct.settings == wrapped.settings
+    assert direct.settings["mode"] == "scales" and direct.has_diagonal
+    twin = models.build_model("resnet18", "none", num_classes=10, seed=0)
+    other = compare(
+        SideSpec(model, 24, LAYERS), SideSpec(twin, 24, LAYERS[:2]), data, view=view, sweep=sweep
+    )
+    assert other.settings["mode"] == "models" and other.settings["layers_b"] == LAYERS[:2]
+    assert not other.has_diagonal
