@@ -1,19 +1,48 @@
-"""Split-point candidates with their costs, for ``ckascope suggest-split``.
+"""msun's split vocabulary: the split-point candidates with their costs, and the run's split.
 
-``split_vocabulary`` is msun's ``ckascope.split_vocabularies`` entry point (pyproject.toml):
-ckascope imports it only when it needs a vocabulary, and never names msun.
+Three things live here:
+
+- ``split_candidates``: every legal split point of an architecture with the parameters and
+  MACs it costs. ``split_vocabulary`` is msun's ``ckascope.split_vocabularies`` entry point
+  (pyproject.toml): ckascope imports it only when it needs a vocabulary, and never names msun.
+- ``--split-at auto`` (``choose``): the split point from a cross-scale CKA analysis. The analysis
+  is a saved ``ckascope compare`` result (``--cka-from``) or, when pretrained weights of the
+  architecture are available, one run now on the validation images: the pretrained vanilla
+  model at the smallest and the largest training scale. ``ckascope.split`` applies its rule to
+  msun's split points. Every process takes part in the analysis and reaches the same choice;
+  rank 0 writes the analysis beside the run. A resumed run keeps the split it chose.
+- ``resolve_split``: the one place ``msun train`` decides its split point (and an MSUN's scales).
+
+What a split point means (the legal ones, the published default, how a model is cut there) is
+``msun.backbones``'; the rule that picks one from an analysis is ``ckascope.split``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from ckascope.split import SplitCandidate
-from msun.backbones import backbone_for, split_points, supported_archs
+from ckascope.cliutils import make_console
+from ckascope.compare import compare_scales
+from ckascope.distributed import DistInfo
+from ckascope.errors import InputError, WeightsUnavailableError
+from ckascope.fileio import write_json
+from ckascope.models import build_model, is_self_describing
+from ckascope.result import CKAResult
+from ckascope.split import SplitCandidate, SplitSuggestion, split_table, suggest_split
+from msun.backbones import backbone_for, check_split, meta_model, split_points, supported_archs
+from msun.config import TrainConfig
 from msun.flops import flops_report
 from msun.model import build_msun
+
+#: Images of the on-the-fly analysis (the paper used 1280; this is a quick, stable estimate).
+ANALYSIS_IMAGES = 512
+
+
+# ----------------------------------------------------------------------------- candidates
 
 
 def trunk_module(arch: str, split_at: str) -> str:
@@ -44,3 +73,117 @@ def split_candidates(
 def split_vocabulary(arch: str) -> list[SplitCandidate] | None:
     """The ``ckascope.split_vocabularies`` entry: ``split_candidates``, None for other archs."""
     return split_candidates(arch) if arch in supported_archs() else None
+
+
+# ----------------------------------------------------------------------------- --split-at auto
+
+
+def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
+    """The cross-scale CKA result the choice is made from."""
+    if cfg.cka_from:
+        result = CKAResult.load(cfg.cka_from)
+        if result.arch != cfg.model:
+            raise InputError(
+                f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "
+                "Hint: analyse the architecture you train"
+            )
+        return result
+    try:
+        model = build_model(cfg.model, "default")
+    except WeightsUnavailableError as e:
+        raise InputError(
+            f"--split-at auto needs a CKA analysis, and pretrained {cfg.model} weights are not "
+            f"available here. Hint: pass --cka-from DIR (from ckascope compare --model {cfg.model} "
+            "--out DIR) or name the split with --split-at"
+        ) from e
+    scales = (min(cfg.scales), max(cfg.scales))
+    return compare_scales(
+        model,
+        cfg.data,
+        scales,
+        image_size=cfg.image_size,
+        num_images=ANALYSIS_IMAGES,
+        batch_size=max(4, min(128, ANALYSIS_IMAGES // info.world_size)),  # a batch per process
+        seed=cfg.seed,
+        device=info.device,
+        rank=info.rank,
+        world_size=info.world_size,
+        settings={"model": cfg.model, "arch": cfg.model, "weights": "default"},
+    )
+
+
+def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) -> str:
+    """The split point for ``--split-at auto``.
+
+    Every process takes part in the analysis (under torchrun its sweep is shared out and its
+    sums combined, which are collective calls: rank 0 alone would wait forever), so every
+    process reaches the same result and the same choice; rank 0 records it.
+    """
+    if saved is not None:
+        return str(saved["train_config"]["split_at"])
+    result = analysis(cfg, info)
+    suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
+    if info.is_main:
+        _record(result, suggestion, Path(cfg.out))
+    return suggestion.choice
+
+
+def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
+    result.save(out / "split-analysis", overwrite=True)
+    write_json(out / "split-analysis" / "suggestion.json", suggestion.to_dict())
+    console = make_console()
+    console.print(split_table(suggestion))
+    console.print(f"--split-at auto -> {suggestion.choice}: {suggestion.reason}")
+
+
+# ----------------------------------------------------------------------------- the run's split
+
+
+def init_msun(init: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The MSUN config (``arch``, ``split_at``, ``scales``, ...) of an ``--init-from`` checkpoint.
+
+    None when there is no such checkpoint or it holds another network (which has no split).
+    """
+    if init is None or not is_self_describing(init) or init.get("builder") != "msun":
+        return None
+    config: Mapping[str, Any] = init["config"]
+    return config
+
+
+def resolve_split(
+    cfg: TrainConfig,
+    init: Mapping[str, Any] | None,
+    saved: Mapping[str, Any] | None,
+    info: DistInfo,
+) -> tuple[str | None, tuple[int, ...]]:
+    """The run's split point and scales, decided once (the config and checkpoints keep them).
+
+    The split point is, in this order: None for a run that is not an MSUN; the ``--init-from``
+    MSUN's (fine-tuning keeps its structure, and its scales with it); the CKA choice for
+    ``auto`` (a resumed run's own choice when resuming); the published default for None; else
+    ``cfg.split_at``, checked. A resumed run with another explicit split is left to
+    ``check_resume`` to refuse, naming both.
+
+    Args:
+        cfg: The config, with the architecture and method already taken from ``init``.
+        init: The ``--init-from`` checkpoint, or None.
+        saved: The training checkpoint a ``--resume`` continues, or None.
+        info: This process (the ``auto`` analysis is collective under torchrun).
+
+    Returns:
+        The split point (None unless ``cfg.method`` is msun) and the scales.
+
+    Raises:
+        InputError: An unsupported architecture or illegal split point (the message lists the
+            legal ones), or an ``auto`` analysis that cannot be had.
+    """
+    scales = tuple(cfg.scales)
+    if cfg.method != "msun":
+        return None, scales
+    fine_tuned = init_msun(init)
+    if fine_tuned is not None:
+        return str(fine_tuned["split_at"]), tuple(fine_tuned["scales"])
+    if cfg.split_at == "auto":
+        return choose(cfg, saved, info), scales
+    backbone = backbone_for(cfg.model)
+    return check_split(backbone, meta_model(cfg.model), cfg.model, cfg.split_at), scales

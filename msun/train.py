@@ -33,7 +33,6 @@ from ckascope.errors import CKAScopeError, InputError
 from ckascope.fileio import write_text
 from ckascope.models import build_model, is_self_describing, model_from_checkpoint, read_checkpoint
 from ckascope.progress import Reporter, make_progress
-from msun import autosplit
 from msun import config as C
 from msun.backbones import classifier
 from msun.data import (
@@ -62,6 +61,7 @@ from msun.runstate import (
     saved_run,
     write_metrics,
 )
+from msun.splits import resolve_split
 
 
 class TrainingStopError(CKAScopeError):
@@ -451,8 +451,8 @@ def _configure(
 ) -> tuple[C.TrainConfig, Dataset[Any], Dataset[Any], Mapping[str, Any] | None]:
     """The resolved config, the datasets and the ``--init-from`` checkpoint.
 
-    Everything is checked before anything is written; the ``--split-at auto`` analysis, which
-    writes, comes last.
+    Everything is checked before anything is written; the split point comes last (the
+    ``--split-at auto`` analysis writes), decided here once: ``_build`` builds what it says.
     """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method = init_arch(init, cfg)
@@ -461,8 +461,8 @@ def _configure(
     cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
-    if cfg.split_at == "auto":
-        cfg = dataclasses.replace(cfg, split_at=autosplit.choose(cfg, saved, info))
+    split_at, scales = resolve_split(cfg, init, saved, info)
+    cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
     return cfg, train_set, val_set, init
 
 
@@ -472,12 +472,16 @@ def _build(
     train_set: Dataset[Any],
     val_set: Dataset[Any],
     init: Mapping[str, Any] | None,
-) -> tuple[C.TrainConfig, Loop]:
+) -> Loop:
+    """The network, its objective, optimiser, schedule and data loaders for a resolved config."""
     model, model_image_size = (
         load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
     )
-    if isinstance(model, MSUN):
-        cfg = dataclasses.replace(cfg, split_at=model.split_at, scales=model.scales)
+    # resolve_split decided the structure; the checkpoints' train_config must describe it.
+    assert not isinstance(model, MSUN) or (model.split_at, model.scales) == (
+        cfg.split_at,
+        tuple(cfg.scales),
+    ), "the network differs from its resolved config"
     model.to(info.device)
     if info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -500,7 +504,7 @@ def _build(
         torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16),
     )
     loaders = make_loader(train_set, cfg, info.device), make_loader(val_set, cfg, info.device)
-    return cfg, Loop(
+    return Loop(
         cfg, info, objective, trainables, *loaders, amp, Path(cfg.out), _tensorboard(cfg, info)
     )
 
@@ -558,7 +562,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)
         cfg, train_set, val_set, init = _configure(cfg, info, saved)
-        cfg, loop = _build(cfg, info, train_set, val_set, init)
+        loop = _build(cfg, info, train_set, val_set, init)
         if saved is not None:
             check_resume(saved, cfg)
         state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
