@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors, exit codes, version and progress helpers.
+"""Shared command-line plumbing: one-line errors, exit codes, options generated from configs.
 
 User mistakes (click usage errors, ``InputError``) exit with code 2, runtime failures
 (``CKAScopeError``, ``OSError``) with code 1, an interrupt with 130; each prints exactly one line
@@ -7,13 +7,20 @@ on stderr and no traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Any, NoReturn
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 
 from ckascope.errors import CKAScopeError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Width of tables written to a pipe or file: wide enough not to cut a summary table.
 PIPE_WIDTH = 200
@@ -64,3 +71,72 @@ class FriendlyGroup(click.Group):
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+def config_options(
+    config: type, overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> Callable[[F], F]:
+    """A decorator adding one click option per field of a config dataclass, in field order.
+
+    A field's type hint, default and metadata make its option: ``help``; ``choices`` (a
+    ``click.Choice``); ``min``/``max`` (an ``IntRange``/``FloatRange``); ``short`` (e.g.
+    ``-m``); ``flag`` (a plain on-switch instead of ``--x/--no-x`` for a boolean). Paths
+    become ``click.Path``, fixed-length tuples ``nargs``. ``overrides`` replaces the click
+    keywords of named fields (a list option, for one).
+    """
+    hints = typing.get_type_hints(config)
+    options = [
+        _field_option(f, hints[f.name], (overrides or {}).get(f.name))
+        for f in dataclasses.fields(config)
+    ]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _field_option(
+    f: dataclasses.Field[Any], hint: Any, override: Mapping[str, Any] | None
+) -> Callable[[F], F]:
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    names = [flag, *([meta["short"]] if "short" in meta else [])]
+    kind = _unwrap_optional(hint)
+    kwargs: dict[str, Any] = {"help": meta["help"], "default": f.default}
+    if kind is bool:
+        if not meta.get("flag"):
+            names = [f"{flag}/--no-{flag[2:]}"]
+            kwargs["show_default"] = True
+        else:
+            kwargs["is_flag"] = True
+    else:
+        kwargs.update(_click_type(kind, meta))
+        kwargs["show_default"] = f.default is not None
+    kwargs.update(override or {})
+    return click.option(*names, **kwargs)
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    """``X | None`` -> X; other hints as they are."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return args[0] if is_union and len(args) == 1 else hint
+
+
+def _click_type(kind: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Click's ``type`` (and ``nargs``) for a field of type ``kind``."""
+    if "choices" in meta:
+        return {"type": click.Choice(meta["choices"])}
+    if kind is Path:
+        return {"type": click.Path(path_type=Path)}
+    nargs = 1
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        kind, nargs = items[0], len(items)
+    if "min" in meta or "max" in meta:
+        ranged = click.IntRange if kind is int else click.FloatRange
+        kind = ranged(meta.get("min"), meta.get("max"))
+    return {"type": kind, "nargs": nargs}

@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import numpy as np
 from rich.table import Table
 from torch import nn
 
-from ckascope import plugins
+from ckascope import config, plugins
 from ckascope.cliutils import make_console
-from ckascope.compare import compare_models, compare_scales, default_scales, image_size_for
+from ckascope.compare import SideSpec, SweepOptions, compare, image_size_for
+from ckascope.config import CompareConfig
 from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError
+from ckascope.metric import Bandwidth, GramDtype, Weighting
 from ckascope.models import (
     build_model,
     checkpoint_label,
@@ -32,6 +34,8 @@ from ckascope.models import (
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import SplitCandidate, split_table, suggest_split
+from ckascope.views import ViewOptions
+from ckascope.vocab import Kernel, Protocol
 
 
 def parse_layers(text: str) -> str | list[str]:
@@ -75,13 +79,14 @@ def model_label(name: str | None, checkpoint: Path | None) -> str:
     return checkpoint_label(checkpoint)
 
 
-def default_out(args: dict[str, Any]) -> Path:
-    """ckascope-out/<model>_<a>-<b> or ckascope-out/<a>_vs_<b>_<scale>."""
-    a = model_label(args["model"], args["checkpoint"])
-    if args["model_b"] or args["checkpoint_b"]:
-        b = model_label(args["model_b"], args["checkpoint_b"])
-        return Path("ckascope-out") / f"{a}_vs_{b}_{args['scale']}"
-    return Path("ckascope-out") / f"{a}_{args['scales'][0]}-{args['scales'][1]}"
+def default_out(cfg: CompareConfig) -> Path:
+    """ckascope-out/<model>_<a>-<b> or ckascope-out/<a>_vs_<b>_<scale> (of a resolved config)."""
+    a = model_label(cfg.model, cfg.checkpoint)
+    if cfg.two_models:
+        b = model_label(cfg.model_b, cfg.checkpoint_b)
+        return Path("ckascope-out") / f"{a}_vs_{b}_{cfg.scale}"
+    s_a, s_b = cfg.side_scales
+    return Path("ckascope-out") / f"{a}_{s_a}-{s_b}"
 
 
 def summary_table(result: CKAResult) -> Table:
@@ -105,17 +110,17 @@ def summary_table(result: CKAResult) -> Table:
     return table
 
 
-def run_compare(args: dict[str, Any]) -> None:
+def run_compare(cfg: CompareConfig) -> None:
     """``ckascope compare`` with its parsed options."""
-    two_models = check_sides(args)
-    out = args["out"] or next_free(default_out(args))  # a default never replaces a result
-    check_output_dir(out, args["overwrite"])
+    cfg = resolve_config(cfg)
+    out = cfg.out or next_free(default_out(cfg))  # a default never replaces a result
+    check_output_dir(out, cfg.overwrite)
     try:
-        result, is_main = analyse(args, two_models)
+        result, is_main = analyse(cfg)
     finally:
         close_distributed()
     if is_main:
-        save(result, out, args)
+        save(result, out, cfg)
         report(result, out)
 
 
@@ -124,21 +129,21 @@ def run_suggest_split(
     threshold: float,
     split_points: str | None,
     as_json: bool,
-    args: dict[str, Any],
+    cfg: CompareConfig,
 ) -> None:
     """``ckascope suggest-split`` with its parsed options."""
     if from_dir is not None:
         result, is_main = CKAResult.load(from_dir), True
     else:
-        two_models = check_sides(args)
-        if args["out"] is not None:
-            check_output_dir(args["out"], args["overwrite"])
+        cfg = resolve_config(cfg)
+        if cfg.out is not None:
+            check_output_dir(cfg.out, cfg.overwrite)
         try:
-            result, is_main = analyse(args, two_models)
+            result, is_main = analyse(cfg)
         finally:
             close_distributed()
-        if is_main and args["out"] is not None:
-            save(result, args["out"], args)
+        if is_main and cfg.out is not None:
+            save(result, cfg.out, cfg)
     if not is_main:
         return
     suggestion = suggest_split(result, candidates(result, split_points), threshold=threshold)
@@ -150,34 +155,29 @@ def run_suggest_split(
     console.print(f"--split-at {suggestion.choice}: {suggestion.reason}")
 
 
-def check_sides(args: dict[str, Any]) -> bool:
-    """Whether two models are compared; fills in the default scales of one model."""
-    two_models = bool(args["model_b"] or args["checkpoint_b"])
-    if two_models and args["scales"]:
+def resolve_config(cfg: CompareConfig) -> CompareConfig:
+    """The config with the image size and the scales decided.
+
+    The image size is --image-size, else the size pretrained weights expect (299 for
+    inception_v3), else the data's native size, else 224.
+    """
+    if cfg.two_models and cfg.scales:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
-    # The size pretrained weights expect (299 for inception_v3) comes before the data's own.
-    expected = (
-        weights_input_size(args["model"], args["weights"]) if not args["checkpoint"] else None
-    ) or (
-        weights_input_size(args["model_b"], args["weights_b"]) if not args["checkpoint_b"] else None
+    expected = (weights_input_size(cfg.model, cfg.weights) if not cfg.checkpoint else None) or (
+        weights_input_size(cfg.model_b, cfg.weights_b) if not cfg.checkpoint_b else None
     )
-    args["image_size"] = image_size_for(args["data"], args["image_size"] or expected)
-    args["scales"] = tuple(args["scales"] or default_scales(args["image_size"]))
-    args["scale"] = args["scale"] or args["image_size"]
-    return two_models
+    return config.resolve(cfg, image_size_for(cfg.data, cfg.image_size or expected))
 
 
-def analyse(args: dict[str, Any], two_models: bool) -> tuple[CKAResult, bool]:
+def analyse(cfg: CompareConfig) -> tuple[CKAResult, bool]:
     """Runs the comparison the options describe (under torchrun: this process's share)."""
-    dist = init_distributed(args["device"])
-    return run(args, two_models, dist.rank, dist.world_size, dist.device), dist.is_main
+    dist = init_distributed(cfg.device)
+    return run(cfg, dist.rank, dist.world_size, dist.device), dist.is_main
 
 
-def save(result: CKAResult, out: Path, args: dict[str, Any]) -> None:
+def save(result: CKAResult, out: Path, cfg: CompareConfig) -> None:
     """Writes the result (and its figures unless --no-figures) to ``out``."""
-    result.save(
-        out, overwrite=args["overwrite"], extra=None if args["no_figures"] else figures(result)
-    )
+    result.save(out, overwrite=cfg.overwrite, extra=None if cfg.no_figures else figures(result))
 
 
 def figures(result: CKAResult) -> Callable[[Path], None]:
@@ -189,66 +189,77 @@ def figures(result: CKAResult) -> Callable[[Path], None]:
     return write
 
 
-def run(args: dict[str, Any], two_models: bool, rank: int, world: int, device: Any) -> CKAResult:
-    """This process's comparison as the options describe it."""
+def view_options(cfg: CompareConfig) -> ViewOptions:
+    """How the images are prepared and resized, as the options say."""
+    return ViewOptions(
+        cast(Protocol, cfg.protocol),
+        cfg.image_size,
+        cfg.resize_size,
+        cfg.resize_mode,
+        cfg.antialias,
+    )
+
+
+def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
+    """The sweep the options describe, for process ``rank`` of ``world``."""
+    return SweepOptions(
+        kernel=cast(Kernel, cfg.kernel),
+        sigma_frac=cfg.sigma_frac,
+        bandwidth=cast(Bandwidth, cfg.bandwidth),
+        weighting=cast(Weighting, cfg.weighting),
+        batch_size=cfg.batch_size,
+        repeats=cfg.repeats,
+        num_images=cfg.num_images,
+        seed=cfg.seed,
+        num_workers=cfg.workers,
+        progress=True,  # a bar on a terminal, a line every few seconds elsewhere
+        rank=rank,
+        world_size=world,
+        tf32=cfg.tf32,
+        gram_dtype=cast(GramDtype, cfg.gram_dtype),
+    )
+
+
+def sides(cfg: CompareConfig) -> tuple[SideSpec, SideSpec, dict[str, Any]]:
+    """Both sides of the comparison the options describe, and the settings naming the models."""
     model_a, arch_a = resolve_model(
-        args["model"], args["weights"], args["checkpoint"], args["num_classes"], args["seed"]
+        cfg.model, cfg.weights, cfg.checkpoint, cfg.num_classes, cfg.seed
     )
-    settings = {
-        "model": model_label(args["model"], args["checkpoint"]),
-        "arch": arch_a,
-        "weights": args["weights"],
-        "checkpoint": str(args["checkpoint"]) if args["checkpoint"] else None,
-        "data": args["data"] or "shapes",
+    settings = _model_settings(cfg.model, arch_a, cfg.weights, cfg.checkpoint, "")
+    layers = parse_layers(cfg.layers)
+    model_b, layers_b = model_a, layers
+    if cfg.two_models:
+        model_b, arch_b = resolve_model(
+            cfg.model_b, cfg.weights_b, cfg.checkpoint_b, cfg.num_classes, cfg.seed, suffix="-b"
+        )
+        settings |= _model_settings(cfg.model_b, arch_b, cfg.weights_b, cfg.checkpoint_b, "_b")
+        layers_b = parse_layers(cfg.layers_b) if cfg.layers_b else layers
+    s_a, s_b = cfg.side_scales
+    return SideSpec(model_a, s_a, layers), SideSpec(model_b, s_b, layers_b), settings
+
+
+def _model_settings(
+    name: str | None, arch: str | None, weights: str, checkpoint: Path | None, suffix: str
+) -> dict[str, Any]:
+    return {
+        f"model{suffix}": model_label(name, checkpoint),
+        f"arch{suffix}": arch,
+        f"weights{suffix}": weights,
+        f"checkpoint{suffix}": str(checkpoint) if checkpoint else None,
     }
-    common = {
-        "layers": parse_layers(args["layers"]),
-        "protocol": args["protocol"],
-        "image_size": args["image_size"],
-        "resize_size": args["resize_size"],
-        "resize_mode": args["resize_mode"],
-        "antialias": args["antialias"],
-        "device": device,
-        "gram_dtype": args["gram_dtype"],
-        "kernel": args["kernel"],
-        "sigma_frac": args["sigma_frac"],
-        "bandwidth": args["bandwidth"],
-        "weighting": args["weighting"],
-        "batch_size": args["batch_size"],
-        "repeats": args["repeats"],
-        "num_images": args["num_images"],
-        "seed": args["seed"],
-        "num_workers": args["workers"],
-        "tf32": args["tf32"],
-        "progress": True,  # a bar on a terminal, a line every few seconds elsewhere
-        "rank": rank,
-        "world_size": world,
-    }
-    if not two_models:
-        return compare_scales(model_a, args["data"], args["scales"], settings=settings, **common)
-    model_b, arch_b = resolve_model(
-        args["model_b"],
-        args["weights_b"],
-        args["checkpoint_b"],
-        args["num_classes"],
-        args["seed"],
-        suffix="-b",
-    )
-    settings.update(
-        model_b=model_label(args["model_b"], args["checkpoint_b"]),
-        arch_b=arch_b,
-        weights_b=args["weights_b"],
-        checkpoint_b=str(args["checkpoint_b"]) if args["checkpoint_b"] else None,
-    )
-    layers_b = parse_layers(args["layers_b"]) if args["layers_b"] else None
-    return compare_models(
-        model_a,
-        model_b,
-        args["data"],
-        scale=args["scale"],
-        layers_b=layers_b,
-        settings=settings,
-        **common,
+
+
+def run(cfg: CompareConfig, rank: int, world: int, device: Any) -> CKAResult:
+    """This process's comparison as the (resolved) options describe it."""
+    a, b, settings = sides(cfg)
+    return compare(
+        a,
+        b,
+        cfg.data,
+        view=view_options(cfg),
+        sweep=sweep_options(cfg, rank, world),
+        device=device,
+        settings={**settings, "data": cfg.data or "shapes"},
     )
 
 

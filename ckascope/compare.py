@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import Unpack
 
+from ckascope.config import default_scales
 from ckascope.data import (
     Batch,
     build_dataset,
@@ -482,11 +483,6 @@ def resolve_view(view: ViewOptions | None, data: Source | str | None) -> ViewOpt
     """The view options with the image size filled in from ``data`` (``image_size_for``)."""
     view = view or ViewOptions()
     return replace(view, image_size=image_size_for(data, view.image_size))
-
-
-def default_scales(image_size: int) -> tuple[int, int]:
-    """The paper's pair (32, 224) scaled to ``image_size``: (image_size/7, image_size)."""
-    return max(1, round(image_size / 7)), image_size
 
 
 def compare(

@@ -382,10 +382,12 @@ def test_compare_scales_and_compare_models_are_the_one_entry_point(model: nn.Mod
     )
     np.testing.assert_array_equal(direct.matrices, wrapped.matrices)
     assert direct.settings == wrapped.settings
-    assert direct.settings["mode"] == "scales" and direct.has_diagonal
+    assert direct.settings["mode"] == "scales"
+    assert direct.has_diagonal
     twin = models.build_model("resnet18", "none", num_classes=10, seed=0)
     other = compare(
         SideSpec(model, 24, LAYERS), SideSpec(twin, 24, LAYERS[:2]), data, view=view, sweep=sweep
     )
-    assert other.settings["mode"] == "models" and other.settings["layers_b"] == LAYERS[:2]
+    assert other.settings["mode"] == "models"
+    assert other.settings["layers_b"] == LAYERS[:2]
     assert not other.has_diagonal

@@ -152,20 +152,10 @@ def test_the_input_size_pretrained_weights_expect() -> None:
 
 
 def test_compare_defaults_to_the_size_the_weights_expect() -> None:
-    from ckascope.commands import check_sides as _check_sides
+    from ckascope.commands import resolve_config
+    from ckascope.config import CompareConfig
 
-    args = {
-        "model": "inception_v3",
-        "weights": "default",
-        "checkpoint": None,
-        "model_b": None,
-        "checkpoint_b": None,
-        "data": None,
-        "image_size": None,
-        "scales": None,
-        "scale": None,
-    }
-    _check_sides(args)
+    args = vars(resolve_config(CompareConfig(model="inception_v3", weights="default")))
     assert (args["image_size"], args["scales"]) == (299, (43, 299))
 
 

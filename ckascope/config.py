@@ -1,0 +1,159 @@
+"""Every option of ``ckascope compare`` and ``suggest-split``, as one typed dataclass.
+
+The command line is generated from it (``cliutils.config_options``): a field's type, default,
+help and range live in one place. Plain values only (no torch), so ``--help`` and usage errors
+answer without importing torch.
+
+``resolve`` fills the defaults that depend on other options (the image size, the scales) and
+returns a new config: nothing is set as a side effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckascope.vocab import KERNELS, MAX_SCALE, PROTOCOLS, RESIZE_MODES
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+#: The size of the base images when neither the weights nor the data say otherwise.
+FALLBACK_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The options of one comparison; None means "derive it" (see ``resolve``)."""
+
+    model: str | None = _opt(
+        None, "torchvision model name (ckascope models lists them).", short="-m"
+    )
+    weights: str = _opt("default", "none | default | enum name (IMAGENET1K_V2).")
+    checkpoint: Path | None = _opt(
+        None, "Local checkpoint (state dict for --model, or a self-describing one)."
+    )
+    model_b: str | None = _opt(
+        None, "Second model: compare two models at --scale instead of two scales."
+    )
+    weights_b: str = _opt("default", "Weights of the second model.")
+    checkpoint_b: Path | None = _opt(None, "Checkpoint of the second model.")
+    num_classes: int | None = _opt(
+        None, "Classes of randomly initialised models (default 1000).", min=2
+    )
+    data: str | None = _opt(
+        None,
+        "ImageFolder dir, NAME:PATH (cifar10:~/data, fashionmnist:DIR of idx files), "
+        "fashionmnist (Debian's dataset-fashion-mnist; 28 px), or omit for the synthetic set.",
+    )
+    scales: tuple[int, int] | None = _opt(
+        None,
+        "Two input scales in px  [default: image size/7 and the image size, e.g. 32 224; "
+        "4 28 for Fashion-MNIST with --weights none].",
+        min=1,
+        max=MAX_SCALE,
+    )
+    scale: int | None = _opt(
+        None,
+        "Input scale when comparing two models  [default: the image size].",
+        min=1,
+        max=MAX_SCALE,
+    )
+    layers: str = _opt(
+        "blocks", "Preset (blocks|stages|leaves), names or patterns, comma-separated."
+    )
+    layers_b: str | None = _opt(None, "Layers of the second model (default: --layers).")
+    kernel: str = _opt("linear", "CKA kernel.", choices=KERNELS)
+    sigma_frac: float = _opt(1.0, "RBF bandwidth: sigma² = f² · median D².")
+    bandwidth: str = _opt(
+        "batch", "RBF sigma per batch, or fixed from the first batch.", choices=("batch", "first")
+    )
+    weighting: str = _opt("batch", "Weight of a short batch.", choices=("batch", "examples"))
+    protocol: str = _opt(
+        "upsample",
+        "upsample: back to the image size; native: fed at the scale.",
+        choices=PROTOCOLS,
+    )
+    resize_mode: str = _opt("bilinear", "Interpolation for the scales.", choices=RESIZE_MODES)
+    antialias: bool = _opt(False, "Antialias when downscaling.")
+    image_size: int | None = _opt(
+        None,
+        "Centre-crop size of the base images and the model's input size  [default: the size "
+        "pretrained weights expect (299 inception_v3), else the data's native size (28 for "
+        "mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
+        min=4,
+        max=MAX_SCALE,
+    )
+    resize_size: int | None = _opt(
+        None,
+        "Short side before the centre crop  [default: image size x 256/224; the image size "
+        "(whole image) for the small-image sets].",
+        min=4,
+        max=MAX_SCALE,
+    )
+    batch_size: int = _opt(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
+    num_images: int | None = _opt(
+        None, "Random subset size per sweep [default: all; 1280 synthetic].", min=1
+    )
+    repeats: int = _opt(1, "Sweeps over random permutations (the paper: 10).", min=1)
+    seed: int = _opt(0, "Seed of the image subsets and of randomly initialised models.")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
+    workers: int = _opt(0, "DataLoader worker processes.", min=0)
+    tf32: bool = _opt(
+        False, "Let CUDA convolutions use TF32 (faster on Ampere and later, ~1e-3 off in CKA)."
+    )
+    gram_dtype: str = _opt(
+        "auto", "Precision of the Grams.", choices=("auto", "float32", "float64")
+    )
+    out: Path | None = _opt(
+        None,
+        "Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free <...>-2, -3: "
+        "a default never replaces a result].",
+    )
+    overwrite: bool = _opt(False, "Let --out replace what its folder holds.", flag=True)
+    no_figures: bool = _opt(False, "Skip the PNG/PDF figures.", flag=True)
+
+    @property
+    def two_models(self) -> bool:
+        """Whether two models are compared (at ``scale``) rather than one at two ``scales``."""
+        return bool(self.model_b or self.checkpoint_b)
+
+    @property
+    def side_scales(self) -> tuple[int | None, int | None]:
+        """The scales of the rows and of the columns: ``scales``, or ``scale`` twice."""
+        if self.two_models:
+            return self.scale, self.scale
+        return self.scales or (None, None)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> CompareConfig:
+        """The config of parsed command-line options (click passes tuples and None)."""
+        return cls(**{k: v for k, v in options.items() if k in FIELDS})
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(CompareConfig)}
+
+
+def default_scales(image_size: int) -> tuple[int, int]:
+    """The paper's pair (32, 224) scaled to ``image_size``: (image_size/7, image_size)."""
+    return max(1, round(image_size / 7)), image_size
+
+
+def resolve(cfg: CompareConfig, image_size: int) -> CompareConfig:
+    """The config with the image size, and the scales derived from it, filled in.
+
+    Args:
+        cfg: The parsed options.
+        image_size: The image size to use (``commands.resolve_config`` decides it: --image-size,
+            else what the weights or the data expect).
+    """
+    return dataclasses.replace(
+        cfg,
+        image_size=image_size,
+        scales=cfg.scales or default_scales(image_size),
+        scale=cfg.scale or image_size,
+    )
