@@ -222,3 +222,37 @@ def test_a_checkpoint_result_keeps_its_architecture_apart_from_its_label(tmp_pat
 def test_results_written_before_the_architecture_was_recorded_still_name_it() -> None:
     old = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], settings={"model": "resnet50"})
     assert old.arch == "resnet50"
+
+
+def test_the_compare_flags_are_the_config_fields_with_their_defaults() -> None:
+    from dataclasses import fields
+
+    from ckascope.cli import compare, suggest_split_command
+    from ckascope.config import CompareConfig
+
+    for command in (compare, suggest_split_command):
+        ctx = command.make_context(command.name or "", [])
+        assert CompareConfig.from_options(ctx.params) == CompareConfig()
+    names = {p.name for p in compare.params}
+    assert names == {f.name for f in fields(CompareConfig)}
+    ctx = compare.make_context(
+        "compare", ["--scales", "8", "16", "--image-size", "32", "--antialias", "--overwrite"]
+    )
+    cfg = CompareConfig.from_options(ctx.params)
+    assert (cfg.scales, cfg.image_size, cfg.antialias, cfg.overwrite) == ((8, 16), 32, True, True)
+    assert isinstance(
+        CompareConfig.from_options(compare.make_context("compare", ["--out", "x"]).params).out, Path
+    )
+
+
+def test_resolving_the_config_returns_a_new_one_and_refuses_scales_with_two_models() -> None:
+    from ckascope.commands import resolve_config
+    from ckascope.config import CompareConfig
+    from ckascope.errors import InputError
+
+    given = CompareConfig(model="resnet18", weights="none", data="fashionmnist")
+    resolved = resolve_config(given)
+    assert given.image_size is None  # untouched
+    assert (resolved.image_size, resolved.scales, resolved.scale) == (28, (4, 28), 28)
+    with pytest.raises(InputError, match="--scale S"):
+        resolve_config(CompareConfig(model="a", model_b="b", scales=(8, 16)))
