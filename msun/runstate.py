@@ -145,20 +145,46 @@ def restore_state(ckpt: Mapping[str, Any], t: Trainables, info: DistInfo) -> Tra
     return TrainState(**ckpt["progress"], history=list(ckpt.get("history", [])))
 
 
+def run_differences(ckpt: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """``key: saved -> current`` for every trajectory-changing setting the run saved differently.
+
+    Args:
+        ckpt: A training checkpoint.
+        cfg: The resolved config that would continue it.
+    """
+    saved = dict(ckpt["train_config"])
+    if saved.get("amp") == "auto":  # saved before amp was stored resolved: it meant this device's
+        saved["amp"] = cfg.amp
+    return differences(saved, cfg.to_dict())
+
+
 def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
     """Refuses to resume from a checkpoint whose trajectory-changing settings differ.
 
     Raises:
         InputError: Naming every differing key with its saved and current value.
     """
-    saved = dict(ckpt["train_config"])
-    if saved.get("amp") == "auto":  # saved before amp was stored resolved: it meant this device's
-        saved["amp"] = cfg.amp
-    diff = differences(saved, cfg.to_dict())
+    diff = run_differences(ckpt, cfg)
     if diff:
+        saved = ckpt["train_config"]
         raise InputError(
             f"--resume with a config that differs from {cfg.out}/last.pt: {'; '.join(diff)}. "
             f"Hint: repeat the original options{_old_defaults(saved, cfg)}, or train into a new --out"
+        )
+
+
+def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Refuses to reuse or continue a run made with other trajectory-changing settings.
+
+    Raises:
+        InputError: Naming every differing key with its saved and wanted value; the run is
+            left as it is.
+    """
+    diff = run_differences(ckpt, cfg)
+    if diff:
+        raise InputError(
+            f"{cfg.out} holds a run with other settings ({'; '.join(diff)}). "
+            "Hint: move that folder away, or train into another one"
         )
 
 

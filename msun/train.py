@@ -54,6 +54,7 @@ from msun.runstate import (
     TrainState,
     any_rank,
     check_resume,
+    check_reuse,
     gather_rng,
     interrupt_flag,
     restore_state,
@@ -579,3 +580,32 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
                 f"out of GPU memory with {micro} images per process and step. Hint: lower --batch-size or raise --accum-steps"
             ) from e
     return out
+
+
+def train_or_reuse(cfg: C.TrainConfig) -> Path:
+    """Trains a run, continues it when interrupted, or reuses it when finished; returns last.pt.
+
+    For scripts built on many runs: running one again trains only what is missing. The wanted
+    config is resolved as ``--resume`` would resolve it (``--split-at auto`` keeps the run's own
+    choice) and compared as ``--resume`` compares it.
+
+    Raises:
+        InputError: ``cfg.out`` holds a run with other trajectory-changing settings (named in
+            the message); it is never overwritten.
+    """
+    out = Path(cfg.out)
+    if not (out / "last.pt").is_file():
+        return main(cfg) / "last.pt"
+    saved = saved_run(out, resume=True)
+    assert saved is not None  # with resume, a run or an InputError
+    wanted = _resolved(cfg, saved)
+    check_reuse(saved, wanted)
+    if saved["progress"]["epoch"] < (wanted.epochs or 0):
+        main(cfg, resume=True)
+    return out / "last.pt"
+
+
+def _resolved(cfg: C.TrainConfig, saved: Mapping[str, Any]) -> C.TrainConfig:
+    """``cfg`` resolved as ``main`` resolves it to continue ``saved``; nothing is written."""
+    C.check(cfg)
+    return _configure(cfg, init_distributed(cfg.device), saved)[0]
