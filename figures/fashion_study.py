@@ -219,7 +219,7 @@ def the_loop(s: dict[str, Any], data: Path, runs: Path, mains: dict[str, Path]) 
     analysis = data / "cka_vanilla"
     suggestion = suggest_split(CKAResult.load(analysis), split_candidates(ARCH, s["scales"]))
     cfg = train_config(s, "msun", 0, runs / "auto", split_at="auto", cka_from=str(analysis))
-    auto = run(cfg, ignore={"split_at", "cka_from"})
+    auto = run(cfg)  # the library resolves auto to the run's own choice when reusing it
     chosen = str(read_checkpoint(auto)["train_config"]["split_at"])
     assert chosen == suggestion.choice, (chosen, suggestion.choice)
     checkpoints = {

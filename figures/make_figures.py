@@ -5,7 +5,7 @@
 
 Training runs live under ``--runs`` (default ``runs/figures``): a finished run is reused (a rerun
 only re-evaluates and redraws), an interrupted one resumed, and a folder holding a run with other
-settings refused.
+settings refused (``msun.train.train_or_reuse``).
 
 Steps:
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +43,18 @@ from ckascope.data import (
     plan_batches,
     subset_indices,
 )
-from ckascope.distributed import resolve_device
+from ckascope.errors import InputError
 from ckascope.fileio import atomic_path, write_json
-from ckascope.models import load_checkpoint, read_checkpoint
+from ckascope.models import load_checkpoint
 from ckascope.plot import curve, heatmap
 from ckascope.result import CKAResult
 from ckascope.split import suggest_split
 from ckascope.vocab import Kernel
-from msun.config import RESUMABLE_CHANGES, TrainConfig, parse_sizes
+from msun.config import TrainConfig, parse_sizes
 from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
 from msun.plot import accuracy_vs_size
 from msun.splits import split_candidates
-from msun.train import main as train
-from msun.train import resolve_amp
+from msun.train import train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("layer1", "layer2", "layer3", "layer4")
@@ -132,33 +130,17 @@ def train_config(
     )
 
 
-def run(cfg: TrainConfig, ignore: Collection[str] = ()) -> Path:
-    """Trains, resumes an interrupted run, or reuses a finished one; returns its last.pt.
-
-    Args:
-        cfg: The run's settings.
-        ignore: Settings the finished run resolved itself (``split_at`` of ``--split-at auto``).
+def run(cfg: TrainConfig) -> Path:
+    """``msun.train.train_or_reuse``: trains, resumes or reuses the run; returns its last.pt.
 
     Raises:
-        SystemExit: The folder holds a run with other settings (never overwritten).
+        SystemExit: The folder holds a run with other settings (never overwritten); the
+            library's one-line message, without a traceback.
     """
-    last = Path(cfg.out) / "last.pt"
-    if not last.is_file():
-        train(cfg)
-        return last
-    ckpt = read_checkpoint(last)
-    saved = ckpt["train_config"]
-    wanted = {k: v for k, v in _plain(cfg.to_dict()).items() if v is not None}
-    wanted["amp"] = resolve_amp(cfg.amp, resolve_device(cfg.device))  # stored resolved
-    skip = RESUMABLE_CHANGES | set(ignore)
-    other = [k for k, v in wanted.items() if k not in skip and saved.get(k) != v]
-    if other:
-        raise SystemExit(
-            f"{cfg.out} holds a run with other settings ({', '.join(other)}); move it away or pass --runs"
-        )
-    if ckpt["progress"]["epoch"] < int(cfg.epochs or 0):
-        train(cfg, resume=True)
-    return last
+    try:
+        return train_or_reuse(cfg)
+    except InputError as e:
+        raise SystemExit(str(e)) from e
 
 
 def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]:
