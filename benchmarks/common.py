@@ -14,10 +14,11 @@ and the method is recorded with every row. CUDA: ``torch.cuda.max_memory_allocat
 ``reset_peak_memory_stats``.
 
 The reference shares no code with ckascope (only the output files are written with
-ckascope.fileio's atomic writes): per batch and layer, float64 Grams of the
-column-centred features, then the Song et al. (2012) formula for HSIC1 and the ratio of means of
-minibatch CKA (Nguyen, Raghu, Kornblith 2021), or HSIC0 with the explicit centring matrix for the
-biased full-batch estimator; formulas as in /work/shared/DESIGN.md ("The math").
+ckascope.fileio's atomic writes): per batch and layer, float64 Grams of the column-centred
+features (on the workload's device), then the tests' NumPy reference (tests/reference.py, the
+one float64 reference of the project): the Song et al. (2012) formula for HSIC1 and the ratio
+of means of minibatch CKA (Nguyen, Raghu, Kornblith 2021), or HSIC0 with the explicit centring
+matrix for the biased full-batch estimator; formulas as in /work/shared/DESIGN.md ("The math").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +45,10 @@ import torch
 from torch import Tensor
 
 from ckascope.fileio import write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's tests package: its float64 reference
+from tests import reference as ref  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -328,39 +334,8 @@ def gram64(features: Tensor) -> Tensor:
     return x @ x.T
 
 
-def hsic1_pairs(ka: Tensor, kb: Tensor) -> Tensor:
-    """Unbiased HSIC1 of every pair: (La, n, n), (Lb, n, n) float64 Grams -> (La, Lb).
-
-    HSIC1 = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2) 1ᵀK̃L̃1] / (n(n-3)), K̃ = K with a
-    zero diagonal (Song et al. 2012). For symmetric matrices tr(K̃L̃) is the sum of the
-    elementwise product and 1ᵀK̃L̃1 the dot product of the row sums.
-    """
-    n = ka.shape[-1]
-    if n < 4:
-        raise ValueError(f"HSIC1 needs n >= 4, got {n}")
-    kt, lt = ka.clone(), kb.clone()
-    kt.diagonal(dim1=-2, dim2=-1).zero_()
-    lt.diagonal(dim1=-2, dim2=-1).zero_()
-    trace = torch.einsum("aij,bij->ab", kt, lt)
-    sums = torch.outer(kt.sum(dim=(1, 2)), lt.sum(dim=(1, 2))) / ((n - 1) * (n - 2))
-    ones_kl_ones = kt.sum(dim=2) @ lt.sum(dim=2).T
-    return (trace + sums - 2.0 / (n - 2) * ones_kl_ones) / (n * (n - 3))
-
-
-def hsic0_pairs(ka: Tensor, kb: Tensor) -> Tensor:
-    """Biased HSIC0 = tr(K H L H)/(n-1)² of every pair: (La, n, n), (Lb, n, n) -> (La, Lb)."""
-    n = ka.shape[-1]
-    h = torch.eye(n, dtype=ka.dtype, device=ka.device) - 1.0 / n
-    kc, lc = h @ ka @ h, h @ kb @ h  # tr(KHLH) = <HKH, HLH> for symmetric K, L
-    return torch.einsum("aij,bij->ab", kc, lc) / (n - 1) ** 2
-
-
-def cka_from_terms(cross: Tensor, self_a: Tensor, self_b: Tensor) -> np.ndarray:
-    """HSIC(K,L)/sqrt(HSIC(K,K) HSIC(L,L)); NaN where a self term is not positive (no clamping)."""
-    denom = torch.sqrt(self_a[:, None] * self_b[None, :])
-    valid = (self_a[:, None] > 0) & (self_b[None, :] > 0)
-    out = torch.where(valid, cross / denom, torch.full_like(cross, float("nan")))
-    return out.cpu().numpy()
+def _numpy(grams: Tensor) -> np.ndarray:
+    return grams.detach().to("cpu", torch.float64).numpy()
 
 
 class MinibatchReference:
@@ -370,18 +345,19 @@ class MinibatchReference:
     """
 
     def __init__(self) -> None:
-        self.cross: Tensor | None = None
-        self.self_a: Tensor | None = None
-        self.self_b: Tensor | None = None
+        self.cross: np.ndarray | None = None
+        self.self_a: np.ndarray | None = None
+        self.self_b: np.ndarray | None = None
         self.batches = 0
 
     def update(self, grams_a: Tensor, grams_b: Tensor) -> None:
         """Adds one batch: (La, n, n) and (Lb, n, n) float64 Grams of the same n examples."""
-        cross = hsic1_pairs(grams_a, grams_b)
-        self_a = hsic1_pairs(grams_a, grams_a).diagonal()
-        self_b = hsic1_pairs(grams_b, grams_b).diagonal()
+        ka, kb = _numpy(grams_a), _numpy(grams_b)
+        cross = ref.hsic1_pairs(ka, kb)
+        self_a = ref.hsic1_pairs(ka, ka).diagonal().copy()
+        self_b = ref.hsic1_pairs(kb, kb).diagonal().copy()
         if self.cross is None or self.self_a is None or self.self_b is None:
-            self.cross, self.self_a, self.self_b = cross, self_a.clone(), self_b.clone()
+            self.cross, self.self_a, self.self_b = cross, self_a, self_b
         else:
             self.cross += cross
             self.self_a += self_a
@@ -391,15 +367,16 @@ class MinibatchReference:
     def compute(self) -> np.ndarray:
         if self.cross is None or self.self_a is None or self.self_b is None:
             raise ValueError("no batch was added")
-        return cka_from_terms(self.cross, self.self_a, self.self_b)
+        return ref.cka_ratio(self.cross, self.self_a, self.self_b)
 
 
 def biased_cka_reference(grams_a: Tensor, grams_b: Tensor) -> np.ndarray:
     """Full-batch biased CKA (HSIC0) from float64 Grams over all N examples."""
-    cross = hsic0_pairs(grams_a, grams_b)
-    self_a = hsic0_pairs(grams_a, grams_a).diagonal()
-    self_b = hsic0_pairs(grams_b, grams_b).diagonal()
-    return cka_from_terms(cross, self_a, self_b)
+    ka, kb = _numpy(grams_a), _numpy(grams_b)
+    cross = ref.hsic0_pairs(ka, kb)
+    return ref.cka_ratio(
+        cross, ref.hsic0_pairs(ka, ka).diagonal(), ref.hsic0_pairs(kb, kb).diagonal()
+    )
 
 
 def matrix_error(matrix: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
