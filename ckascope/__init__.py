@@ -18,10 +18,14 @@ _EXPORTS = {
     "InputError": "ckascope.errors",
     "MinibatchCKA": "ckascope.metric",
     "NumericalError": "ckascope.errors",
+    "SideSpec": "ckascope.compare",
     "SplitCandidate": "ckascope.split",
+    "SweepOptions": "ckascope.compare",
+    "ViewOptions": "ckascope.views",
     "WeightsUnavailableError": "ckascope.errors",
     "cka": "ckascope.functional",
     "cka_matrix": "ckascope.functional",
+    "compare": "ckascope.compare",
     "compare_models": "ckascope.compare",
     "compare_scales": "ckascope.compare",
     "list_presets": "ckascope.layers",
@@ -36,11 +40,15 @@ __all__ = [
     "InputError",
     "MinibatchCKA",
     "NumericalError",
+    "SideSpec",
     "SplitCandidate",
+    "SweepOptions",
+    "ViewOptions",
     "WeightsUnavailableError",
     "__version__",
     "cka",
     "cka_matrix",
+    "compare",
     "compare_models",
     "compare_scales",
     "list_presets",
@@ -56,7 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from ckascope.compare import compare_models, compare_scales
+    from ckascope.compare import SideSpec, SweepOptions, compare, compare_models, compare_scales
     from ckascope.errors import CKAScopeError, InputError, NumericalError, WeightsUnavailableError
     from ckascope.functional import cka, cka_matrix
     from ckascope.layers import list_presets, resolve_layers
@@ -64,3 +72,4 @@ if TYPE_CHECKING:
     from ckascope.recorder import ActivationRecorder
     from ckascope.result import CKAResult
     from ckascope.split import SplitCandidate, suggest_split
+    from ckascope.views import ViewOptions
