@@ -81,8 +81,8 @@ def config_options(
     A field's type hint, default and metadata make its option: ``help``; ``choices`` (a
     ``click.Choice``); ``min``/``max`` (an ``IntRange``/``FloatRange``); ``short`` (e.g.
     ``-m``); ``flag`` (a plain on-switch instead of ``--x/--no-x`` for a boolean). Paths
-    become ``click.Path``, fixed-length tuples ``nargs``. ``overrides`` replaces the click
-    keywords of named fields (a list option, for one).
+    become ``click.Path``, fixed-length tuples ``nargs``. ``overrides`` gives the click keywords
+    (type, callback, ...) of named fields instead (a list option, for one).
     """
     hints = typing.get_type_hints(config)
     options = [
@@ -106,6 +106,8 @@ def _field_option(
     names = [flag, *([meta["short"]] if "short" in meta else [])]
     kind = _unwrap_optional(hint)
     kwargs: dict[str, Any] = {"help": meta["help"], "default": f.default}
+    if override is not None:
+        return click.option(*names, **{**kwargs, "show_default": True, **override})
     if kind is bool:
         if not meta.get("flag"):
             names = [f"{flag}/--no-{flag[2:]}"]
@@ -115,7 +117,6 @@ def _field_option(
     else:
         kwargs.update(_click_type(kind, meta))
         kwargs["show_default"] = f.default is not None
-    kwargs.update(override or {})
     return click.option(*names, **kwargs)
 
 

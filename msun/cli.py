@@ -11,15 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ckascope.cliutils import FriendlyGroup, make_console
+from ckascope.cliutils import FriendlyGroup, config_options, make_console
 from ckascope.vocab import PROTOCOLS
 from msun import __version__
 from msun.config import (
-    FIELDS,
     TrainConfig,
     load_yaml,
     merge,
-    option_type,
     paper_sizes,
     parse_sizes,
     sizes_text,
@@ -126,39 +124,12 @@ def split_points_command(arch: str) -> None:
     click.echo("\n".join(split_points(arch)))
 
 
-def _click_type(name: str) -> dict[str, Any]:
-    """click keyword arguments for one TrainConfig field."""
-    meta = FIELDS[name].metadata
-    kwargs: dict[str, Any] = {
-        "help": meta["help"],
-        "default": FIELDS[name].default,
-        "show_default": True,
-    }
-    if "choices" in meta:
-        kwargs["type"] = click.Choice(meta["choices"])
-    elif name == "scales":
-        kwargs.update(
-            default=",".join(map(str, TrainConfig().scales)),
-            callback=_int_list,
-            metavar="S [S ...]",
-        )
-    else:
-        kwargs["type"] = option_type(name)[0]
-    return kwargs
-
-
-def _train_options(f: Any) -> Any:
-    """One click option per TrainConfig field (booleans as --x/--no-x flags)."""
-    for name in reversed(list(FIELDS)):
-        flag = "--" + name.replace("_", "-")
-        if option_type(name)[0] is bool:
-            help_text = FIELDS[name].metadata["help"]
-            f = click.option(
-                f"{flag}/--no-{flag[2:]}", default=FIELDS[name].default, help=help_text
-            )(f)
-        else:
-            f = click.option(flag, **_click_type(name))(f)
-    return f
+#: ``--scales 32 128 224``: one value for click (``ListOptionCommand`` joins the tokens).
+_SCALES_OPTION = {
+    "default": ",".join(map(str, TrainConfig().scales)),
+    "callback": _int_list,
+    "metavar": "S [S ...]",
+}
 
 
 @main.command(cls=ListOptionCommand, context_settings={"max_content_width": 110})
@@ -169,7 +140,7 @@ def _train_options(f: Any) -> Any:
     help="YAML file of options (flags win).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@_train_options
+@config_options(TrainConfig, overrides={"scales": _SCALES_OPTION})
 @click.pass_context
 def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **values: Any) -> None:
     """Train MSUN, MST or vanilla with the published recipe (one CPU, one GPU, or torchrun).
