@@ -478,11 +478,6 @@ def _build(
     model, model_image_size = (
         load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
     )
-    # resolve_split decided the structure; the checkpoints' train_config must describe it.
-    assert not isinstance(model, MSUN) or (model.split_at, model.scales) == (
-        cfg.split_at,
-        tuple(cfg.scales),
-    ), "the network differs from its resolved config"
     model.to(info.device)
     if info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
