@@ -177,9 +177,7 @@ def evaluate(
                 counts.add_images(i, len(labels))
                 todo = range(num_paths) if paths == "all" else [routed[i]]
                 for k in todo:
-                    with torch.autocast(
-                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                    ):
+                    with _autocast(device, amp_dtype):
                         logits = _logits(model, x, k, protocol, image_size)
                     counts.update(i, k, logits.float(), labels)
             if on_batch is not None:
@@ -192,6 +190,13 @@ def evaluate(
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
     return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``amp_dtype`` on ``device``; off for None."""
+    return torch.autocast(
+        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
 
 
 def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size: int) -> Tensor:
