@@ -91,6 +91,23 @@ def test_centered_gram_equals_double_centred_linear_kernel() -> None:
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-9)
 
 
+@pytest.mark.parametrize("width", [1, 7, 64])
+def test_centred_gram_in_column_chunks_is_the_reference_gram(
+    monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    # CPU features are centred a chunk of columns at a time: every width, a remainder chunk and
+    # 4-D features must give the Gram of the whole centred features.
+    monkeypatch.setattr(K, "CENTRE_CHUNK", width)
+    x = torch.randn(9, 2, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    far = x * 0.01 + 50.0  # a spread far below the mean: centring keeps the digits
+    expected = ref.linear_kernel(far.numpy())
+    np.testing.assert_allclose(K.centered_gram(far, torch.float64).numpy(), expected, atol=1e-14)
+    x32 = (x + 1.0).float()
+    expected = ref.linear_kernel(x32.double().numpy())
+    got32 = K.centered_gram(x32, torch.float32).double().numpy()
+    np.testing.assert_allclose(got32, expected, atol=1e-6 * np.abs(expected).max())
+
+
 def test_kernel_from_gram_uses_fixed_sigma() -> None:
     x = _x()
     gram = K.centered_gram(x, torch.float64)
