@@ -25,9 +25,9 @@ _EXPORTS = {
     "WeightsUnavailableError": "ckascope.errors",
     "cka": "ckascope.functional",
     "cka_matrix": "ckascope.functional",
-    "compare": "ckascope.compare",
     "compare_models": "ckascope.compare",
     "compare_scales": "ckascope.compare",
+    "compare_sides": "ckascope.compare",
     "list_presets": "ckascope.layers",
     "resolve_layers": "ckascope.layers",
     "suggest_split": "ckascope.split",
@@ -48,9 +48,9 @@ __all__ = [
     "__version__",
     "cka",
     "cka_matrix",
-    "compare",
     "compare_models",
     "compare_scales",
+    "compare_sides",
     "list_presets",
     "resolve_layers",
     "suggest_split",
@@ -64,7 +64,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from ckascope.compare import SideSpec, SweepOptions, compare, compare_models, compare_scales
+    from ckascope.compare import (
+        SideSpec,
+        SweepOptions,
+        compare_models,
+        compare_scales,
+        compare_sides,
+    )
     from ckascope.errors import CKAScopeError, InputError, NumericalError, WeightsUnavailableError
     from ckascope.functional import cka, cka_matrix
     from ckascope.layers import list_presets, resolve_layers

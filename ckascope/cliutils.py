@@ -73,16 +73,31 @@ class FriendlyGroup(click.Group):
         return rv
 
 
+def config_field(default: Any, help: str, **extra: Any) -> Any:
+    """A config dataclass field with what ``config_options`` makes its option from.
+
+    Args:
+        default: The default value (an immutable one: configs are plain values).
+        help: The option's help text.
+        **extra: ``choices``, ``min``/``max``, ``short`` or ``flag`` (see ``config_options``).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 def config_options(
     config: type, overrides: Mapping[str, Mapping[str, Any]] | None = None
 ) -> Callable[[F], F]:
     """A decorator adding one click option per field of a config dataclass, in field order.
 
-    A field's type hint, default and metadata make its option: ``help``; ``choices`` (a
-    ``click.Choice``); ``min``/``max`` (an ``IntRange``/``FloatRange``); ``short`` (e.g.
+    A field's type hint, default and metadata (``config_field``) make its option: ``help``;
+    ``choices`` or a ``Literal`` type (a ``click.Choice``); ``min``/``max`` (an ``IntRange``/``FloatRange``); ``short`` (e.g.
     ``-m``); ``flag`` (a plain on-switch instead of ``--x/--no-x`` for a boolean). Paths
     become ``click.Path``, fixed-length tuples ``nargs``. ``overrides`` gives the click keywords
     (type, callback, ...) of named fields instead (a list option, for one).
+
+    Raises:
+        TypeError: A field without a default, or of a type no option takes (a variable-length
+            tuple, a union other than ``X | None``) and no override.
     """
     hints = typing.get_type_hints(config)
     options = [
@@ -102,6 +117,8 @@ def _field_option(
     f: dataclasses.Field[Any], hint: Any, override: Mapping[str, Any] | None
 ) -> Callable[[F], F]:
     meta = f.metadata
+    if f.default is dataclasses.MISSING:
+        raise TypeError(f"config field {f.name!r} needs a plain default")
     flag = "--" + f.name.replace("_", "-")
     names = [flag, *([meta["short"]] if "short" in meta else [])]
     kind = _unwrap_optional(hint)
@@ -121,21 +138,30 @@ def _field_option(
 
 
 def _unwrap_optional(hint: Any) -> Any:
-    """``X | None`` -> X; other hints as they are."""
+    """``X | None`` -> X; other hints as they are.
+
+    Raises:
+        TypeError: A union of several types.
+    """
+    if not (isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union):
+        return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    return args[0] if is_union and len(args) == 1 else hint
+    if len(args) != 1:
+        raise TypeError(f"no option takes {hint}: only X | None unions")
+    return args[0]
 
 
 def _click_type(kind: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Click's ``type`` (and ``nargs``) for a field of type ``kind``."""
-    if "choices" in meta:
-        return {"type": click.Choice(meta["choices"])}
+    if "choices" in meta or typing.get_origin(kind) is typing.Literal:
+        return {"type": click.Choice(meta.get("choices") or typing.get_args(kind))}
     if kind is Path:
         return {"type": click.Path(path_type=Path)}
     nargs = 1
     if typing.get_origin(kind) is tuple:
         items = typing.get_args(kind)
+        if Ellipsis in items:
+            raise TypeError(f"a {kind} option needs an override (e.g. a list callback)")
         kind, nargs = items[0], len(items)
     if "min" in meta or "max" in meta:
         ranged = click.IntRange if kind is int else click.FloatRange

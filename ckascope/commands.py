@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
 import numpy as np
@@ -18,11 +18,10 @@ from torch import nn
 
 from ckascope import config, plugins
 from ckascope.cliutils import make_console
-from ckascope.compare import SideSpec, SweepOptions, compare, image_size_for
+from ckascope.compare import SideSpec, SweepOptions, compare_sides, image_size_for
 from ckascope.config import CompareConfig
 from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError
-from ckascope.metric import Bandwidth, GramDtype, Weighting
 from ckascope.models import (
     build_model,
     checkpoint_label,
@@ -35,7 +34,6 @@ from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import SplitCandidate, split_table, suggest_split
 from ckascope.views import ViewOptions
-from ckascope.vocab import Kernel, Protocol
 
 
 def parse_layers(text: str) -> str | list[str]:
@@ -192,7 +190,7 @@ def figures(result: CKAResult) -> Callable[[Path], None]:
 def view_options(cfg: CompareConfig) -> ViewOptions:
     """How the images are prepared and resized, as the options say."""
     return ViewOptions(
-        cast(Protocol, cfg.protocol),
+        cfg.protocol,
         cfg.image_size,
         cfg.resize_size,
         cfg.resize_mode,
@@ -203,10 +201,10 @@ def view_options(cfg: CompareConfig) -> ViewOptions:
 def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
     """The sweep the options describe, for process ``rank`` of ``world``."""
     return SweepOptions(
-        kernel=cast(Kernel, cfg.kernel),
+        kernel=cfg.kernel,
         sigma_frac=cfg.sigma_frac,
-        bandwidth=cast(Bandwidth, cfg.bandwidth),
-        weighting=cast(Weighting, cfg.weighting),
+        bandwidth=cfg.bandwidth,
+        weighting=cfg.weighting,
         batch_size=cfg.batch_size,
         repeats=cfg.repeats,
         num_images=cfg.num_images,
@@ -216,7 +214,7 @@ def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
         rank=rank,
         world_size=world,
         tf32=cfg.tf32,
-        gram_dtype=cast(GramDtype, cfg.gram_dtype),
+        gram_dtype=cfg.gram_dtype,
     )
 
 
@@ -252,7 +250,7 @@ def _model_settings(
 def run(cfg: CompareConfig, rank: int, world: int, device: Any) -> CKAResult:
     """This process's comparison as the (resolved) options describe it."""
     a, b, settings = sides(cfg)
-    return compare(
+    return compare_sides(
         a,
         b,
         cfg.data,

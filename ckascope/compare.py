@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import Unpack
 
-from ckascope.config import default_scales
+from ckascope.config import FALLBACK_IMAGE_SIZE, default_scales
 from ckascope.data import (
     Batch,
     build_dataset,
@@ -42,13 +42,13 @@ from ckascope.distributed import all_reduce_sum
 from ckascope.errors import InputError
 from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
-from ckascope.metric import Bandwidth, GramDtype, MinibatchCKA, Weighting
+from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder
 from ckascope.result import CKAResult
 from ckascope.views import ScaleView, ViewOptions, check_scale
-from ckascope.vocab import Kernel, Protocol
+from ckascope.vocab import Bandwidth, GramDtype, Kernel, Protocol, Weighting
 
 
 @dataclass
@@ -455,7 +455,7 @@ def as_source(
     """A dataset or loader as is, or the set a ``--data`` spec names with the eval transform.
 
     Args:
-        data: See ``compare``.
+        data: See ``compare_sides``.
         view: View options with the image size resolved (``resolve_view``).
         opts: Sweep options (the synthetic set fills in its sweep size).
     """
@@ -476,7 +476,7 @@ def image_size_for(data: Source | str | None, image_size: int | None) -> int:
     """``image_size``, else the native side of the images a spec names (28 for Fashion-MNIST), else 224."""
     if image_size is not None:
         return image_size
-    return (native_size(data) if isinstance(data, str) else None) or 224
+    return (native_size(data) if isinstance(data, str) else None) or FALLBACK_IMAGE_SIZE
 
 
 def resolve_view(view: ViewOptions | None, data: Source | str | None) -> ViewOptions:
@@ -485,7 +485,7 @@ def resolve_view(view: ViewOptions | None, data: Source | str | None) -> ViewOpt
     return replace(view, image_size=image_size_for(data, view.image_size))
 
 
-def compare(
+def compare_sides(
     a: SideSpec,
     b: SideSpec,
     data: Source | str | None = None,
@@ -544,8 +544,20 @@ class CompareKwargs(ViewKwargs, SweepKwargs, total=False):
     """The view and sweep options as keyword arguments of ``compare_scales``/``compare_models``."""
 
 
+#: Options renamed since earlier releases: their new names, for the error a caller gets.
+RENAMED = {"base_size": "image_size"}
+
+
 def split_options(options: CompareKwargs) -> tuple[ViewOptions, SweepOptions]:
-    """Keyword options sorted into the view and the sweep options they name."""
+    """Keyword options sorted into the view and the sweep options they name.
+
+    Raises:
+        InputError: An option neither takes, naming it (and its new name if it was renamed).
+    """
+    known = ViewKwargs.__annotations__.keys() | SweepKwargs.__annotations__.keys()
+    for key in options.keys() - known:
+        hint = f"it is now {RENAMED[key]}" if key in RENAMED else "see help(compare_scales)"
+        raise InputError(f"compare_scales/compare_models take no option {key!r}. Hint: {hint}")
     view_keys = ViewKwargs.__annotations__.keys()
     view: dict[str, Any] = {k: v for k, v in options.items() if k in view_keys}
     sweep: dict[str, Any] = {k: v for k, v in options.items() if k not in view_keys}
@@ -567,7 +579,7 @@ def compare_scales(
 
     Args:
         model: Any module; multi-path models route each scale through its path.
-        data: See ``compare``.
+        data: See ``compare_sides``.
         scales: (s_a, s_b): rows see the images at s_a, columns at s_b [(image_size/7,
             image_size): the paper's (32, 224) for 224-px base images].
         layers: Layer names, patterns, a predicate or a preset.
@@ -588,7 +600,7 @@ def compare_scales(
     if len(scales) != 2:
         raise InputError(f"give exactly two scales, got {list(scales)}")
     a, b = (SideSpec(model, s, layers, output_key) for s in scales)
-    return compare(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
+    return compare_sides(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
 
 
 def compare_models(
@@ -609,7 +621,7 @@ def compare_models(
     Args:
         model_a: Rows of the matrix.
         model_b: Columns of the matrix.
-        data: See ``compare``.
+        data: See ``compare_sides``.
         scale: Input scale for both models [the image size].
         layers: Layers of model_a (and of model_b unless ``layers_b`` is given).
         layers_b: Layers of model_b.
@@ -621,7 +633,7 @@ def compare_models(
     view, sweep = split_options(options)
     a = SideSpec(model_a, scale, layers, output_key)
     b = SideSpec(model_b, scale, layers if layers_b is None else layers_b, output_key)
-    return compare(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
+    return compare_sides(a, b, data, view=view, sweep=sweep, device=device, settings=settings)
 
 
 def _settings(
@@ -641,7 +653,7 @@ def _settings(
         "resize_mode": view.resize_mode,
         "antialias": view.antialias,
         "layers": _describe(a.layers),
-        **({"layers_b": _describe(b.layers)} if models else {}),
+        **({"layers_b": _describe(b.layers)} if models or b.layers != a.layers else {}),
         **_paths([a.model, b.model], scales),
     }
 

@@ -11,16 +11,20 @@ returns a new config: nothing is set as a side effect.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckascope.vocab import KERNELS, MAX_SCALE, PROTOCOLS, RESIZE_MODES
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
-
+from ckascope.cliutils import config_field
+from ckascope.vocab import (
+    MAX_SCALE,
+    RESIZE_MODES,
+    Bandwidth,
+    GramDtype,
+    Kernel,
+    Protocol,
+    Weighting,
+)
 
 #: The size of the base images when neither the weights nor the data say otherwise.
 FALLBACK_IMAGE_SIZE = 224
@@ -30,92 +34,91 @@ FALLBACK_IMAGE_SIZE = 224
 class CompareConfig:
     """The options of one comparison; None means "derive it" (see ``resolve``)."""
 
-    model: str | None = _opt(
+    model: str | None = config_field(
         None, "torchvision model name (ckascope models lists them).", short="-m"
     )
-    weights: str = _opt("default", "none | default | enum name (IMAGENET1K_V2).")
-    checkpoint: Path | None = _opt(
+    weights: str = config_field("default", "none | default | enum name (IMAGENET1K_V2).")
+    checkpoint: Path | None = config_field(
         None, "Local checkpoint (state dict for --model, or a self-describing one)."
     )
-    model_b: str | None = _opt(
+    model_b: str | None = config_field(
         None, "Second model: compare two models at --scale instead of two scales."
     )
-    weights_b: str = _opt("default", "Weights of the second model.")
-    checkpoint_b: Path | None = _opt(None, "Checkpoint of the second model.")
-    num_classes: int | None = _opt(
+    weights_b: str = config_field("default", "Weights of the second model.")
+    checkpoint_b: Path | None = config_field(None, "Checkpoint of the second model.")
+    num_classes: int | None = config_field(
         None, "Classes of randomly initialised models (default 1000).", min=2
     )
-    data: str | None = _opt(
+    data: str | None = config_field(
         None,
         "ImageFolder dir, NAME:PATH (cifar10:~/data, fashionmnist:DIR of idx files), "
         "fashionmnist (Debian's dataset-fashion-mnist; 28 px), or omit for the synthetic set.",
     )
-    scales: tuple[int, int] | None = _opt(
+    scales: tuple[int, int] | None = config_field(
         None,
         "Two input scales in px  [default: image size/7 and the image size, e.g. 32 224; "
         "4 28 for Fashion-MNIST with --weights none].",
         min=1,
         max=MAX_SCALE,
     )
-    scale: int | None = _opt(
+    scale: int | None = config_field(
         None,
         "Input scale when comparing two models  [default: the image size].",
         min=1,
         max=MAX_SCALE,
     )
-    layers: str = _opt(
+    layers: str = config_field(
         "blocks", "Preset (blocks|stages|leaves), names or patterns, comma-separated."
     )
-    layers_b: str | None = _opt(None, "Layers of the second model (default: --layers).")
-    kernel: str = _opt("linear", "CKA kernel.", choices=KERNELS)
-    sigma_frac: float = _opt(1.0, "RBF bandwidth: sigma² = f² · median D².")
-    bandwidth: str = _opt(
-        "batch", "RBF sigma per batch, or fixed from the first batch.", choices=("batch", "first")
+    layers_b: str | None = config_field(None, "Layers of the second model (default: --layers).")
+    kernel: Kernel = config_field("linear", "CKA kernel.")
+    sigma_frac: float = config_field(1.0, "RBF bandwidth: sigma² = f² · median D².")
+    bandwidth: Bandwidth = config_field(
+        "batch", "RBF sigma per batch, or fixed from the first batch."
     )
-    weighting: str = _opt("batch", "Weight of a short batch.", choices=("batch", "examples"))
-    protocol: str = _opt(
+    weighting: Weighting = config_field("batch", "Weight of a short batch.")
+    protocol: Protocol = config_field(
         "upsample",
         "upsample: back to the image size; native: fed at the scale.",
-        choices=PROTOCOLS,
     )
-    resize_mode: str = _opt("bilinear", "Interpolation for the scales.", choices=RESIZE_MODES)
-    antialias: bool = _opt(False, "Antialias when downscaling.")
-    image_size: int | None = _opt(
+    resize_mode: str = config_field(
+        "bilinear", "Interpolation for the scales.", choices=RESIZE_MODES
+    )
+    antialias: bool = config_field(False, "Antialias when downscaling.")
+    image_size: int | None = config_field(
         None,
-        "Centre-crop size of the base images and the model's input size  [default: the size "
+        "Centre-crop size of the base images (the model's input size under upsample)  [default: the size "
         "pretrained weights expect (299 inception_v3), else the data's native size (28 for "
         "mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
         min=4,
         max=MAX_SCALE,
     )
-    resize_size: int | None = _opt(
+    resize_size: int | None = config_field(
         None,
         "Short side before the centre crop  [default: image size x 256/224; the image size "
         "(whole image) for the small-image sets].",
         min=4,
         max=MAX_SCALE,
     )
-    batch_size: int = _opt(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
-    num_images: int | None = _opt(
+    batch_size: int = config_field(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
+    num_images: int | None = config_field(
         None, "Random subset size per sweep [default: all; 1280 synthetic].", min=1
     )
-    repeats: int = _opt(1, "Sweeps over random permutations (the paper: 10).", min=1)
-    seed: int = _opt(0, "Seed of the image subsets and of randomly initialised models.")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
-    workers: int = _opt(0, "DataLoader worker processes.", min=0)
-    tf32: bool = _opt(
+    repeats: int = config_field(1, "Sweeps over random permutations (the paper: 10).", min=1)
+    seed: int = config_field(0, "Seed of the image subsets and of randomly initialised models.")
+    device: str = config_field("auto", "auto | cpu | cuda | cuda:N.")
+    workers: int = config_field(0, "DataLoader worker processes.", min=0)
+    tf32: bool = config_field(
         False, "Let CUDA convolutions use TF32 (faster on Ampere and later, ~1e-3 off in CKA)."
     )
-    gram_dtype: str = _opt(
-        "auto", "Precision of the Grams.", choices=("auto", "float32", "float64")
-    )
-    out: Path | None = _opt(
+    gram_dtype: GramDtype = config_field("auto", "Precision of the Grams.")
+    out: Path | None = config_field(
         None,
         "Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free <...>-2, -3: "
         "a default never replaces a result].",
     )
-    overwrite: bool = _opt(False, "Let --out replace what its folder holds.", flag=True)
-    no_figures: bool = _opt(False, "Skip the PNG/PDF figures.", flag=True)
+    overwrite: bool = config_field(False, "Let --out replace what its folder holds.", flag=True)
+    no_figures: bool = config_field(False, "Skip the PNG/PDF figures.", flag=True)
 
     @property
     def two_models(self) -> bool:

@@ -95,12 +95,12 @@ def center_features(x: Tensor) -> Tensor:
 
 @contextmanager
 def exact_products(device: str) -> Iterator[None]:
-    """Float32 matrix products at full precision on ``device`` inside the block.
+    """Float32 matrix products without a caller's autocast, and without TF32 on CUDA.
 
     A caller's autocast would run them in bf16/fp16 (relative error 2-3e-3; fp16 overflows past
-    65504, which a ResNet's early layers reach at 224 px), and TF32 keeps 10 mantissa bits. On a
-    CPU without autocast there is neither to turn off, and entering the two contexts cost
-    ~10-30 us per Gram: 100 Grams a batch on a 50-layer MLP.
+    65504, which a ResNet's early layers reach at 224 px), and TF32 keeps 10 mantissa bits.
+    ``ieee_fp32`` governs CUDA's TF32 only, so on a CPU without autocast the two contexts change
+    nothing, and entering them cost ~10-30 us per Gram (100 Grams a batch on a 50-layer MLP).
     """
     if device == "cpu" and not torch.is_autocast_enabled(device):
         yield
@@ -115,8 +115,9 @@ def linear_gram(x: Tensor) -> Tensor:
         return x @ x.transpose(-1, -2)
 
 
-#: Feature columns a CPU centres at a time in ``centered_gram``.
-CENTRE_CHUNK = 8192
+#: Bytes of features a CPU centres at a time in ``centered_gram`` (n x width values): 4 MiB
+#: (8192 columns of float32 at n = 128) was the fastest of 1-16 MiB on the 2-core AMD EPYC VM.
+CENTRE_CHUNK_BYTES = 4 * 2**20
 
 
 def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -126,8 +127,8 @@ def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     a shift both HSIC estimators ignore, so even float32 features whose spread is 1e-6 of their
     mean keep their digits (see tests/ckascope/test_stability.py).
 
-    On a CPU the columns are centred ``CENTRE_CHUNK`` at a time and each centred chunk's product
-    added while the chunk is still in cache: the features are read from memory once, where
+    On a CPU the columns are centred ``CENTRE_CHUNK_BYTES`` worth at a time and each centred
+    chunk's product added while the chunk is still in cache: the features are read from memory once, where
     centring them whole writes and reads back a copy as large as the layer (100 MB for a
     ResNet's first stage at 224 px and n = 128, where this halves the Gram's time; a CUDA
     device streams that copy faster than it launches the extra kernels).
@@ -140,8 +141,10 @@ def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
         (n, n) Gram matrix in ``dtype``.
     """
     flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
-    p = flat.shape[1]
-    width = CENTRE_CHUNK if flat.device.type == "cpu" else max(p, 1)
+    n, p = flat.shape
+    itemsize = torch.finfo(dtype).bits // 8
+    cpu_width = max(1, CENTRE_CHUNK_BYTES // (max(n, 1) * itemsize))
+    width = cpu_width if flat.device.type == "cpu" else max(p, 1)
     with exact_products(flat.device.type):
         gram = _centred_product(flat[:, :width], dtype, None)
         for start in range(width, p, width):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,11 +31,7 @@ from ckascope.kernels import (
     rbf_sigma2,
     sq_dists_from_gram,
 )
-from ckascope.vocab import Kernel
-
-Bandwidth = Literal["batch", "first"]
-Weighting = Literal["batch", "examples"]
-GramDtype = Literal["auto", "float32", "float64"]
+from ckascope.vocab import Bandwidth, GramDtype, Kernel, Weighting
 
 #: Largest feature count for which ``gram_dtype="auto"`` builds Grams in float64: up to it the
 #: n² p product costs no more than the float64 passes over the Grams every batch needs anyway.

@@ -20,7 +20,8 @@ from torch.utils.hooks import RemovableHandle
 from ckascope.errors import InputError
 from ckascope.kernels import centered_gram
 from ckascope.layers import LayerSpec, resolve_layers
-from ckascope.metric import GramDtype, gram_dtype_for
+from ckascope.metric import gram_dtype_for
+from ckascope.vocab import GramDtype
 
 Reduce = Literal["none", "flatten", "gap", "gram"] | Callable[[Tensor], Tensor]
 Mode = Literal["eval", "train", "keep"]

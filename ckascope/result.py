@@ -222,10 +222,17 @@ class CKAResult:
             matrices,
             meta["layers_a"],
             meta["layers_b"],
-            meta["settings"],
+            _current_names(meta["settings"]),
             meta["versions"],
             meta["elapsed"],
         )
+
+
+def _current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings of a result written before ``base_size`` was renamed ``image_size``."""
+    if "base_size" in settings and "image_size" not in settings:
+        return {("image_size" if k == "base_size" else k): v for k, v in settings.items()}
+    return settings
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class ScaleView:
         size: The scale s in pixels.
         protocol: "upsample" (resize to s and back to ``image_size``: a fixed-size model sees
             every scale at its input size, as in the paper) or "native" (fed at s).
-        image_size: The model's input size, the side of the base images.
+        image_size: The side of the base images, which ``upsample`` resizes back to.
         resize_mode: Interpolation mode of ``F.interpolate``.
         antialias: Antialiasing when downscaling (the paper's code uses none).
     """
@@ -73,9 +73,9 @@ class ViewOptions:
 
     Attributes:
         protocol: "upsample" or "native" (see ``ScaleView``).
-        image_size: Side of the base images (the centre crop) and the model's input size;
-            None: the native side of a small-image set, else 224 (``ckascope.compare``
-            resolves it from the data).
+        image_size: Side of the base images (the centre crop; under ``upsample`` the model's
+            input size); None: the native side of a small-image set, else 224
+            (``ckascope.compare`` resolves it from the data).
         resize_size: Short side before the centre crop [image_size * 256 / 224; the image
             size itself, no crop, for sets of small whole images].
         resize_mode: Interpolation for the scales (``RESIZE_MODES``).

@@ -11,6 +11,12 @@ from typing import Literal
 #: Kernels of the CKA engine.
 Kernel = Literal["linear", "rbf"]
 KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
+#: RBF bandwidth per batch, or fixed from the first batch.
+Bandwidth = Literal["batch", "first"]
+#: How batches are averaged: each once, or by their example count.
+Weighting = Literal["batch", "examples"]
+#: Precision of the Gram products ("auto": float64 for small layers).
+GramDtype = Literal["auto", "float32", "float64"]
 
 #: How the small-scale input reaches the model: back up to the image size, or at its own size.
 Protocol = Literal["upsample", "native"]

@@ -246,7 +246,7 @@ def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> dict[str, Ev
     )
     png(
         accuracy_vs_size(
-            evaluated, title="Top-1 vs test size (resnet18, synthetic, resize protocol)"
+            evaluated, title="Top-1 vs test size (resnet18, synthetic, upsample protocol)"
         ),
         out,
         "fig4_accuracy",

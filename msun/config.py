@@ -18,108 +18,122 @@ import itertools
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ckascope.cliutils import config_field
 from ckascope.errors import InputError, hint_close
 
 METHODS = ("msun", "mst", "vanilla")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-#: Keys that do not change the trajectory of the weights, so ``--resume`` may change them.
+#: Keys that do not change the trajectory of the weights, so ``--resume`` may change them
+#: (``cka_from`` only feeds the first start's ``--split-at auto``: a resumed run keeps its split).
 RESUMABLE_CHANGES = frozenset(
-    {"workers", "tensorboard", "save_every", "eval_every", "device", "out", "num_val", "eval_sizes"}
+    {
+        "workers",
+        "tensorboard",
+        "save_every",
+        "eval_every",
+        "device",
+        "out",
+        "num_val",
+        "eval_sizes",
+        "cka_from",
+    }
 )
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class TrainConfig:
     """Every option of ``msun train``; None means "derive from the recipe" (see ``resolve``)."""
 
-    model: str = _opt(
+    model: str = config_field(
         "resnet50", "Backbone (msun: ResNet/ResNeXt/WRN/DenseNet/VGG/MobileNetV2 families)."
     )
-    method: str = _opt("msun", "msun, mst (multi-scale training) or vanilla.", choices=METHODS)
-    split_at: str | None = _opt(
+    method: str = config_field(
+        "msun", "msun, mst (multi-scale training) or vanilla.", choices=METHODS
+    )
+    split_at: str | None = config_field(
         None,
         "First stage of the shared trunk (msun split-points lists them), or auto (from CKA) [published].",
     )
-    cka_from: str | None = _opt(
+    cka_from: str | None = config_field(
         None, "With --split-at auto: a saved ckascope compare result of this architecture."
     )
-    scales: tuple[int, ...] = _opt(
+    scales: tuple[int, ...] = config_field(
         (32, 128, 224), "Nominal sizes of the subnets (msun) / training scales (mst)."
     )
-    data: str = _opt(
+    data: str = config_field(
         "shapes", "ImageFolder root with train/ and val/, NAME:PATH, or shapes (synthetic)."
     )
-    out: str = _opt("runs/msun", "Run folder: checkpoints, metrics, config.")
-    num_classes: int | None = _opt(None, "Classes [from the data].")
-    weights: str = _opt(
+    out: str = config_field("runs/msun", "Run folder: checkpoints, metrics, config.")
+    num_classes: int | None = config_field(None, "Classes [from the data].")
+    weights: str = config_field(
         "none", "Initialise from pretrained vanilla weights: none, default or an enum name."
     )
-    epochs: int | None = _opt(None, "Epochs [90; MobileNetV2 300].")
-    batch_size: int = _opt(256, "Global batch size (all processes and accumulation steps).")
-    lr: float | None = _opt(
+    epochs: int | None = config_field(None, "Epochs [90; MobileNetV2 300].")
+    batch_size: int = config_field(256, "Global batch size (all processes and accumulation steps).")
+    lr: float | None = config_field(
         None, "Peak learning rate [0.5/1024 images for ResNets, 0.1/256 otherwise]."
     )
-    momentum: float = _opt(0.9, "SGD momentum.")
-    weight_decay: float = _opt(2e-5, "Weight decay on all parameters.")
-    warmup_epochs: float = _opt(5.0, "Linear warm-up epochs.")
-    warmup_factor: float = _opt(0.01, "Warm-up starts at this fraction of the peak lr.")
-    min_lr_factor: float = _opt(0.01, "Cosine decay ends at this fraction of the peak lr.")
-    image_size: int = _opt(224, "Training crop size (and the synthetic canvas).")
-    crop_scale_min: float = _opt(0.08, "Smallest RandomResizedCrop area fraction.")
-    grad_clip: float | None = _opt(
+    momentum: float = config_field(0.9, "SGD momentum.")
+    weight_decay: float = config_field(2e-5, "Weight decay on all parameters.")
+    warmup_epochs: float = config_field(5.0, "Linear warm-up epochs.")
+    warmup_factor: float = config_field(0.01, "Warm-up starts at this fraction of the peak lr.")
+    min_lr_factor: float = config_field(0.01, "Cosine decay ends at this fraction of the peak lr.")
+    image_size: int = config_field(224, "Training crop size (and the synthetic canvas).")
+    crop_scale_min: float = config_field(0.08, "Smallest RandomResizedCrop area fraction.")
+    grad_clip: float | None = config_field(
         None,
         "Gradient-norm clipping, 0 = off [1.0 for msun, off for vanilla and mst, as the authors].",
     )
-    amp: str = _opt(
+    amp: str = config_field(
         "auto",
         "Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16, none.",
         choices=AMP_MODES,
     )
-    si_weight: float = _opt(1.0, "lambda, weight of the scale-invariance loss.")
-    si_threshold: float | None = _opt(
+    si_weight: float = config_field(1.0, "lambda, weight of the scale-invariance loss.")
+    si_threshold: float | None = config_field(
         None,
         "tau, dead zone of the scale-invariance loss [0.01 ResNet family, else 0.001].",
     )
-    si_pairs: str = _opt(
+    si_pairs: str = config_field(
         "all",
         "Scale-invariance pairs: all, or largest (the authors' later revision).",
         choices=("all", "largest"),
     )
-    accum_steps: int = _opt(1, "Gradient accumulation steps per optimiser step.")
-    steps_per_epoch: int | None = _opt(None, "Cap on optimiser steps per epoch.")
-    num_train: int | None = _opt(
+    accum_steps: int = config_field(1, "Gradient accumulation steps per optimiser step.")
+    steps_per_epoch: int | None = config_field(None, "Cap on optimiser steps per epoch.")
+    num_train: int | None = config_field(
         None, "Training images (random subset; synthetic: set size) [all; 20000 synthetic]."
     )
-    num_val: int | None = _opt(None, "Validation images [all; 2000 synthetic].")
-    eval_sizes: str | None = _opt(
+    num_val: int | None = config_field(None, "Validation images [all; 2000 synthetic].")
+    eval_sizes: str | None = config_field(
         None,
         "Test sizes for validation: start:stop:step or a comma list [the paper's 13 sizes "
         "scaled to --image-size: 1/7 .. 1 of it, 32:224:16 at 224].",
     )
-    eval_every: int = _opt(1, "Validate every N epochs (and after the last).")
-    save_every: int | None = _opt(None, "Also save last.pt every N optimiser steps.")
-    workers: int = _opt(0, "DataLoader worker processes per training process.")
-    seed: int = _opt(0, "Seed of initialisation, data order and augmentation.")
-    deterministic: bool = _opt(
+    eval_every: int = config_field(1, "Validate every N epochs (and after the last).")
+    save_every: int | None = config_field(None, "Also save last.pt every N optimiser steps.")
+    workers: int = config_field(0, "DataLoader worker processes per training process.")
+    seed: int = config_field(0, "Seed of initialisation, data order and augmentation.")
+    deterministic: bool = config_field(
         False,
         "Deterministic algorithms (bit-exact resume on CPU; on CUDA sets CUBLAS_WORKSPACE_CONFIG, "
         "ops without a deterministic kernel warn by name).",
     )
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
-    compile: bool = _opt(False, "torch.compile the training step.")
-    tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
-    init_from: str | None = _opt(None, "Fine-tune from this checkpoint (msun or torchvision).")
-    linear_probe: bool = _opt(False, "With --init-from: train only the new classifier.")
+    device: str = config_field("auto", "auto, cpu, cuda or cuda:N.")
+    compile: bool = config_field(False, "torch.compile the training step.")
+    tensorboard: bool = config_field(
+        False, "Also log to TensorBoard (needs the tensorboard package)."
+    )
+    init_from: str | None = config_field(
+        None, "Fine-tune from this checkpoint (msun or torchvision)."
+    )
+    linear_probe: bool = config_field(False, "With --init-from: train only the new classifier.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able values (tuples become lists)."""
@@ -281,7 +295,7 @@ def check(cfg: TrainConfig) -> None:
 def paper_sizes(image_size: int) -> list[int]:
     """The paper's 13 test sizes (32, 48, ..., 224 for 224) scaled to ``image_size``.
 
-    1/7 .. 1 of the training size in 12 equal steps, rounded (4, 6, ..., 28 for 28); sizes that
+    1/7 .. 1 of the training image size in 12 equal steps, rounded (4, 6, ..., 28 for 28); sizes that
     round to the same pixel count appear once.
     """
     return sorted({max(1, round(image_size * (2 + i) / 14)) for i in range(13)})

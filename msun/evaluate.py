@@ -200,7 +200,7 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.auto
 
 
 def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size: int) -> Tensor:
-    """Path k's logits for an MSUN; a plain network's on the image resized to its training size."""
+    """Path k's logits for an MSUN; a plain network's on the image resized to its image size."""
     if isinstance(model, MSUN):
         return model.forward_path(x, k, protocol=protocol)
     logits: Tensor = model(resize(x, image_size))
@@ -252,7 +252,7 @@ def flops_per_size(
     """FLOPs of one image at each test size.
 
     For an MSUN the routed path, at its nominal size (``resize``) or the test size (``native``);
-    for a plain network, the network at its training size.
+    for a plain network, the network at its training image size.
     """
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))

@@ -1,7 +1,7 @@
 """Training objectives: one module whose forward computes the whole loss, so DDP can wrap it.
 
 - vanilla: cross-entropy of the network on the crop;
-- mst (multi-scale training): the crop resized to every scale and back up to the training size,
+- mst (multi-scale training): the crop resized to every scale and back up to the image size,
   one cross-entropy per scale, summed;
 - msun: every path on the crop resized to its nominal size, one cross-entropy per path plus the
   scale-invariance loss on the unified subnet outputs;

@@ -595,7 +595,8 @@ def train_or_reuse(cfg: C.TrainConfig) -> Path:
     assert saved is not None  # with resume, a run or an InputError
     wanted = _resolved(cfg, saved)
     check_reuse(saved, wanted)
-    if saved["progress"]["epoch"] < (wanted.epochs or 0):
+    assert wanted.epochs is not None, "resolve fills epochs"
+    if saved["progress"]["epoch"] < wanted.epochs:
         main(cfg, resume=True)
     return out / "last.pt"
 

@@ -75,6 +75,8 @@ def hsic1_pairs(ka: Array, kb: Array) -> Array:
     for symmetric matrices.
     """
     n = ka.shape[-1]
+    if n < 4:
+        raise ValueError(f"HSIC1 needs n >= 4, got {n}")
     kt, lt = _zero_diagonal(ka), _zero_diagonal(kb)
     trace = kt.reshape(len(kt), -1) @ lt.reshape(len(lt), -1).T
     sums = np.outer(kt.sum(axis=(1, 2)), lt.sum(axis=(1, 2))) / ((n - 1) * (n - 2))

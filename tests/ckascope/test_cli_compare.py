@@ -256,3 +256,35 @@ def test_resolving_the_config_returns_a_new_one_and_refuses_scales_with_two_mode
     assert (resolved.image_size, resolved.scales, resolved.scale) == (28, (4, 28), 28)
     with pytest.raises(InputError, match="--scale S"):
         resolve_config(CompareConfig(model="a", model_b="b", scales=(8, 16)))
+
+
+def test_the_option_generator_refuses_fields_it_cannot_make_an_option_of() -> None:
+    from dataclasses import dataclass
+
+    from ckascope.cliutils import config_field, config_options
+
+    @dataclass
+    class Many:
+        sizes: tuple[int, ...] = config_field((1, 2), "a list")
+
+    @dataclass
+    class Either:
+        value: int | str = config_field(1, "a union")
+
+    for config in (Many, Either):
+        with pytest.raises(TypeError, match="option"):
+            config_options(config)
+    config_options(Many, overrides={"sizes": {"type": str}})  # an override makes it one
+
+
+def test_results_written_before_the_image_size_rename_load_with_the_new_name(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"mode": "scales", "base_size": 64}).save(
+        tmp_path / "old"
+    )
+    meta = json.loads((tmp_path / "old" / "result.json").read_text())
+    assert meta["settings"]["base_size"] == 64  # as an older ckascope wrote it
+    assert CKAResult.load(tmp_path / "old").settings["image_size"] == 64

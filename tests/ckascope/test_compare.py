@@ -359,12 +359,12 @@ def test_the_typed_view_keywords_are_the_view_options() -> None:
 
 
 def test_compare_scales_and_compare_models_are_the_one_entry_point(model: nn.Module, data) -> None:
-    from ckascope.compare import SideSpec, SweepOptions, compare
+    from ckascope.compare import SideSpec, SweepOptions, compare_sides
     from ckascope.views import ViewOptions
 
     view = ViewOptions("native", image_size=BASE, resize_mode="bicubic")
     sweep = SweepOptions(batch_size=8, num_images=16, seed=3, kernel="rbf")
-    direct = compare(
+    direct = compare_sides(
         SideSpec(model, 24, LAYERS), SideSpec(model, BASE, LAYERS), data, view=view, sweep=sweep
     )
     wrapped = compare_scales(
@@ -385,9 +385,27 @@ def test_compare_scales_and_compare_models_are_the_one_entry_point(model: nn.Mod
     assert direct.settings["mode"] == "scales"
     assert direct.has_diagonal
     twin = models.build_model("resnet18", "none", num_classes=10, seed=0)
-    other = compare(
+    other = compare_sides(
         SideSpec(model, 24, LAYERS), SideSpec(twin, 24, LAYERS[:2]), data, view=view, sweep=sweep
     )
     assert other.settings["mode"] == "models"
     assert other.settings["layers_b"] == LAYERS[:2]
     assert not other.has_diagonal
+    fewer = compare_sides(
+        SideSpec(model, 24, LAYERS), SideSpec(model, BASE, LAYERS[:2]), data, view=view, sweep=sweep
+    )
+    assert fewer.settings["layers_b"] == LAYERS[:2]  # the columns are named even for one model
+
+
+def test_the_package_names_stay_functions_and_renamed_options_say_so(model: nn.Module) -> None:
+    import types
+
+    import ckascope
+
+    assert callable(ckascope.compare_scales)
+    for name in ("compare_sides", "compare_scales", "compare_models"):
+        assert not isinstance(getattr(ckascope, name), types.ModuleType)
+    with pytest.raises(InputError, match=r"'base_size'.*now image_size"):
+        compare_scales(model, None, (8, 16), base_size=32)  # type: ignore[call-arg]
+    with pytest.raises(InputError, match="no option 'sclaes'"):
+        compare_models(model, model, None, sclaes=3)  # type: ignore[call-arg]

@@ -91,21 +91,26 @@ def test_centered_gram_equals_double_centred_linear_kernel() -> None:
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-9)
 
 
-@pytest.mark.parametrize("width", [1, 7, 64])
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 2000])
 def test_centred_gram_in_column_chunks_is_the_reference_gram(
-    monkeypatch: pytest.MonkeyPatch, width: int
+    monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
 ) -> None:
-    # CPU features are centred a chunk of columns at a time: every width, a remainder chunk and
-    # 4-D features must give the Gram of the whole centred features.
-    monkeypatch.setattr(K, "CENTRE_CHUNK", width)
+    # CPU features are centred a chunk of columns at a time (1, 4 or 27 float64 columns of 9
+    # examples here, 8 or 55 float32 ones): every width, a remainder chunk, 4-D, half-precision
+    # and channels-last features must give the Gram of the whole centred features.
+    monkeypatch.setattr(K, "CENTRE_CHUNK_BYTES", chunk_bytes)
     x = torch.randn(9, 2, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     far = x * 0.01 + 50.0  # a spread far below the mean: centring keeps the digits
     expected = ref.linear_kernel(far.numpy())
     np.testing.assert_allclose(K.centered_gram(far, torch.float64).numpy(), expected, atol=1e-14)
-    x32 = (x + 1.0).float()
-    expected = ref.linear_kernel(x32.double().numpy())
-    got32 = K.centered_gram(x32, torch.float32).double().numpy()
-    np.testing.assert_allclose(got32, expected, atol=1e-6 * np.abs(expected).max())
+    for x32 in ((x + 1.0).float(), (x + 1.0).float().to(memory_format=torch.channels_last)):
+        expected = ref.linear_kernel(x32.double().numpy())
+        got32 = K.centered_gram(x32, torch.float32).double().numpy()
+        np.testing.assert_allclose(got32, expected, atol=1e-6 * np.abs(expected).max())
+    half = (x + 1.0).bfloat16()
+    expected = ref.linear_kernel(half.double().numpy())
+    got = K.centered_gram(half, torch.float64).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-12 * np.abs(expected).max())
 
 
 def test_kernel_from_gram_uses_fixed_sigma() -> None:
