@@ -2,8 +2,8 @@
 
 For every batch of base images (224 px, or the native size of a small-image set, by default) each side makes its input on the device
 (resizing to its scale), runs one forward pass under ``torch.inference_mode()`` with hooks that
-turn every chosen layer's output into its centred Gram matrix, and the two stacks of Grams go to
-``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of the images
+turn every chosen layer's output into its centred Gram matrix (packed: its diagonal and upper
+blocks, ``ckascope.packing``), and the two stacks of Grams go to ``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of the images
 give the mean and std of the paper's study.
 
 Under ``torchrun`` each process takes every world_size-th batch of the same permutation, so the
@@ -45,7 +45,7 @@ from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.progress import make_progress
-from ckascope.recorder import ActivationRecorder
+from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
 from ckascope.views import ScaleView, ViewOptions, check_scale
 from ckascope.vocab import Bandwidth, GramDtype, Kernel, Protocol, Weighting
@@ -59,10 +59,15 @@ class Side:
     recorder: ActivationRecorder
     view: Callable[[Tensor], Tensor]
     forward: Callable[[Tensor], Any]
+    stack: GramStack
 
-    def grams(self, images: Tensor) -> tuple[list[str], list[Tensor]]:
-        """Layer names and their Grams, L tensors (n, n), for one batch of base images."""
+    def grams(self, images: Tensor) -> tuple[list[str], Tensor]:
+        """Layer names and their packed float64 Grams (L, size), for one batch of base images.
+
+        The Grams are a view of a buffer the next batch overwrites.
+        """
         x = self.view(images).to(_dtype_of(self.model))  # a bf16/fp16 model gets its own dtype
+        self.stack.start(len(images))
         with self.recorder.recording():
             try:
                 self.forward(x)
@@ -80,7 +85,7 @@ class Side:
             raise InputError(
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
-        return list(recorded), list(recorded.values())
+        return list(recorded), self.stack.stack()
 
 
 #: What torch and torchvision say when an input is too small or not the size a model is built for.
@@ -107,10 +112,10 @@ def make_side(
     output_key: str | None = None,
 ) -> Side:
     """A side that hooks ``layers`` of ``model`` and runs its plain forward."""
-    recorder = ActivationRecorder(
-        model, layers, reduce="gram", gram_dtype=gram_dtype, output_key=output_key
-    )
-    return Side(model, recorder, view, model)
+    names = resolve_layers(model, layers)
+    stack = GramStack(gram_dtype, len(names))
+    recorder = ActivationRecorder(model, names, reduce=stack, output_key=output_key)
+    return Side(model, recorder, view, model, stack)
 
 
 def path_side(
@@ -131,16 +136,13 @@ def path_side(
     names = resolve_layers(PathView(model, paths.num_paths - 1), layers)
     path = PathView(model, k)
     present = {n for n, _ in path.named_modules()}
-    recorder = ActivationRecorder(
-        path,
-        [n for n in names if n in present],
-        reduce="gram",
-        gram_dtype=gram_dtype,
-        output_key=output_key,
-    )
+    hooked = [n for n in names if n in present]
+    stack = GramStack(gram_dtype, len(hooked))
+    recorder = ActivationRecorder(path, hooked, reduce=stack, output_key=output_key)
     native = replace(view, protocol="native")
     protocol = view.protocol
-    return Side(model, recorder, native, lambda x: paths.forward_path(x, k, protocol=protocol))
+    forward = lambda x: paths.forward_path(x, k, protocol=protocol)  # noqa: E731
+    return Side(model, recorder, native, forward, stack)
 
 
 @dataclass(frozen=True)
@@ -362,7 +364,7 @@ class _Sweep:
             raise InputError(
                 "the recorded layers changed between batches (data-dependent control flow?)"
             )
-        metric.update_grams(grams_a, grams_b)
+        metric.update_packed(grams_a, grams_b, self.side_a.stack.layout)
         self.images_used += len(images)
         return metric
 

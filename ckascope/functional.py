@@ -1,8 +1,8 @@
 """Functional CKA: exact full-batch CKA of two representations and the batched layer-pair terms.
 
-``hsic1_terms`` is the engine's core (``batch_hsic_terms`` adds the biased HSIC0): for La x Lb
-layer pairs it needs one matrix product of the stacked kernel matrices, ``vec(K_a) @ vec(K_b)ᵀ``,
-plus (L, n) corrections, instead of La·Lb traces.
+``packed_hsic1_terms`` is the engine's core (``batch_hsic_terms`` adds the biased HSIC0): for
+La x Lb layer pairs it needs one matrix product of the stacked, packed kernel matrices (their
+diagonal and upper blocks, ``ckascope.packing``) plus (L, n) corrections, instead of La·Lb traces.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ckascope.kernels import (
     cka_from_hsic,
     kernel_from_gram,
 )
+from ckascope.packing import BlockLayout, pack, packed_blocks
 from ckascope.vocab import Kernel
 
 ArrayLike = Tensor | np.ndarray[Any, Any]
@@ -99,44 +100,70 @@ class KernelStats(NamedTuple):
     sq_norm: Tensor
 
 
-def kernel_stats(k: Tensor) -> KernelStats:
-    """``KernelStats`` of float64 kernel matrices (L, n, n), computed in one batch."""
-    diag = k.diagonal(dim1=-2, dim2=-1)  # (L, n)
-    sq_norm = _sq_norms(k.flatten(1)) - _sq_norms(diag)  # k.flatten(1): (L, n²)
-    return KernelStats(diag, k.sum(dim=-1) - diag, sq_norm)
+def packed_stats(packed: Tensor, layout: BlockLayout) -> KernelStats:
+    """``KernelStats`` of packed float64 kernel matrices (L, size), in a few batched passes."""
+    leaves, uppers = packed_blocks(packed, layout)
+    rows = leaves.sum(dim=-1).flatten(-2)  # (L, n): the leaves' share of K1
+    for upper, (count, side) in zip(uppers, layout.levels(), strict=True):
+        halves = rows.unflatten(-1, (count, 2, side))  # (L, count, 2, side), a view of rows
+        halves[..., 0, :] += upper.sum(dim=-1)
+        halves[..., 1, :] += upper.sum(dim=-2)  # the mirror image's rows are the columns
+    diag = leaves.diagonal(dim1=-2, dim2=-1).flatten(-2)  # (L, n)
+    rows -= diag
+    twice = packed[:, layout.diag_size :]  # the upper blocks count twice in <K, K>
+    sq_norm = _sq_norms(packed) + _sq_norms(twice) - _sq_norms(diag)
+    return KernelStats(diag, rows, sq_norm)
 
 
-def hsic1_terms(
-    ka: Tensor, kb: Tensor, stats_a: KernelStats | None = None, stats_b: KernelStats | None = None
+def packed_inner(pa: Tensor, pb: Tensor, layout: BlockLayout) -> Tensor:
+    """<K_a, K_b> of every pair of packed matrices: (La, size) x (Lb, size) -> (La, Lb)."""
+    d = layout.diag_size
+    inner = _inner_products(pa[:, :d], pb[:, :d])
+    if d < layout.size:
+        inner += 2 * _inner_products(pa[:, d:], pb[:, d:])
+    return inner
+
+
+def hsic1_terms(ka: Tensor, kb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``packed_hsic1_terms`` of whole symmetric kernel matrices (La, n, n) and (Lb, n, n)."""
+    layout = BlockLayout.for_size(ka.shape[-1])
+    return packed_hsic1_terms(pack(ka, layout), pack(kb, layout), layout)
+
+
+def packed_hsic1_terms(
+    pa: Tensor,
+    pb: Tensor,
+    layout: BlockLayout,
+    stats_a: KernelStats | None = None,
+    stats_b: KernelStats | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HSIC1 of all pairs in Song et al.'s form, equal to <U(K), U(L)> / (n(n-3)).
 
-    The kernel matrices must be symmetric (as every kernel matrix is), n >= 4.
-
     tr(K̃L̃) = <K, L> - Σ_i K_ii L_ii and K̃1 = K1 - diag(K), so nothing is U-centred or
-    copied: the cost is the one (La, n²) x (n², Lb) product plus O(L n²) reads, fewer when the
-    caller computed the stats while each matrix was still in cache. Every term is float64
-    (the inputs are). The terms partly cancel, most for kernels far from centred (a Gram of
-    uncentred features); for the centred Grams the engine receives, the float32 rounding of the
-    Grams themselves (~1e-9 in CKA) stays the larger error (tests/ckascope/test_stability.py).
+    copied: the cost is the one product of the packed matrices (``packed_inner``) plus O(L n²)
+    reads. Every term is float64 (the inputs are). The terms partly cancel, most for kernels
+    far from centred (a Gram of uncentred features); for the centred Grams the engine receives,
+    the float32 rounding of the Grams themselves (~1e-9 in CKA) stays the larger error
+    (tests/ckascope/test_stability.py).
 
     Args:
-        ka: (La, n, n) float64 kernel matrices; only read.
-        kb: (Lb, n, n) float64 kernel matrices of the same examples; only read.
-        stats_a: ``kernel_stats(ka)`` if already known.
-        stats_b: ``kernel_stats(kb)`` if already known.
+        pa: (La, size) packed float64 kernel matrices (``ckascope.packing``); only read.
+        pb: (Lb, size) packed float64 kernel matrices of the same examples; only read.
+        layout: Their packing; n = layout.n >= 4.
+        stats_a: ``packed_stats(pa, layout)`` if already known.
+        stats_b: ``packed_stats(pb, layout)`` if already known.
 
     Returns:
         cross (La, Lb), self_a (La,), self_b (Lb,).
     """
-    n = ka.shape[-1]
+    n = layout.n
     check_batch_size(n, debiased=True)
-    a = kernel_stats(ka) if stats_a is None else stats_a
-    b = kernel_stats(kb) if stats_b is None else stats_b
+    a = packed_stats(pa, layout) if stats_a is None else stats_a
+    b = packed_stats(pb, layout) if stats_b is None else stats_b
     sa, sb = a.rows.sum(dim=-1), b.rows.sum(dim=-1)  # 1ᵀK̃1: (L,)
     c2, c3 = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2)
     cross = (
-        _inner_products(ka.flatten(1), kb.flatten(1))
+        packed_inner(pa, pb, layout)
         - a.diag @ b.diag.T
         + c2 * torch.outer(sa, sb)
         - c3 * (a.rows @ b.rows.T)
@@ -166,8 +193,12 @@ def _inner_products(va: Tensor, vb: Tensor, chunks: int = 8) -> Tensor:
 
 
 def _sq_norms(v: Tensor) -> Tensor:
-    """Squared norms of the rows of v (L, m) -> (L,), without an (L, m) temporary."""
-    return torch.einsum("ij,ij->i", v, v)
+    """Squared norms of the rows of v (L, m) -> (L,), without an (L, m) temporary.
+
+    ``vector_norm`` is one vectorised, threaded reduction: 5x faster than ``einsum`` (a batched
+    dot) on (50, 40960) float64 here; squaring its root costs a few units in the last place.
+    """
+    return torch.linalg.vector_norm(v, dim=-1).square()
 
 
 def warn_degenerate(self_terms: Tensor, names: Sequence[str], side: str) -> None:

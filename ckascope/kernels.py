@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 
 from ckascope.errors import InputError
+from ckascope.packing import BlockLayout, packed_blocks
 from ckascope.vocab import KERNELS, Kernel
 
 #: The CUDA ops whose float32 precision ``ieee_fp32`` controls: new-API backend, legacy flag.
@@ -93,18 +94,22 @@ def center_features(x: Tensor) -> Tensor:
     return x - x.mean(dim=-2, keepdim=True)
 
 
-@contextmanager
-def exact_products(device: str) -> Iterator[None]:
+def exact_products(device: str) -> AbstractContextManager[None]:
     """Float32 matrix products without a caller's autocast, and without TF32 on CUDA.
 
     A caller's autocast would run them in bf16/fp16 (relative error 2-3e-3; fp16 overflows past
     65504, which a ResNet's early layers reach at 224 px), and TF32 keeps 10 mantissa bits.
     ``ieee_fp32`` governs CUDA's TF32 only, so on a CPU without autocast the two contexts change
-    nothing, and entering them cost ~10-30 us per Gram (100 Grams a batch on a 50-layer MLP).
+    nothing and a ``nullcontext`` stands in for them: entering them (or any generator-based
+    context) costs ~20 us, and a 50-layer MLP takes 100 Grams a batch.
     """
     if device == "cpu" and not torch.is_autocast_enabled(device):
-        yield
-        return
+        return nullcontext()
+    return _exact_products(device)
+
+
+@contextmanager
+def _exact_products(device: str) -> Iterator[None]:
     with ieee_fp32("matmul"), torch.autocast(device, enabled=False):
         yield
 
@@ -115,48 +120,108 @@ def linear_gram(x: Tensor) -> Tensor:
         return x @ x.transpose(-1, -2)
 
 
-#: Bytes of features a CPU centres at a time in ``centered_gram`` (n x width values): 4 MiB
+#: Bytes of features a CPU centres at a time in ``packed_gram`` (n x width values): 4 MiB
 #: (8192 columns of float32 at n = 128) was the fastest of 1-16 MiB on the 2-core AMD EPYC VM.
 CENTRE_CHUNK_BYTES = 4 * 2**20
 
 
 def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Linear Gram of the column-centred, flattened features of one layer.
+    """Linear Gram (n, n) of the column-centred, flattened features x (n, ...), in ``dtype``.
 
-    The mean is computed in ``dtype``: its rounding error is the same vector for every example,
-    a shift both HSIC estimators ignore, so even float32 features whose spread is 1e-6 of their
-    mean keep their digits (see tests/ckascope/test_stability.py).
+    The whole matrix, for callers that want one (``packed_gram`` with depth 0).
+    """
+    n = x.shape[0]
+    return packed_gram(x, dtype, BlockLayout(n)).view(n, n)
+
+
+def packed_gram(x: Tensor, dtype: torch.dtype, layout: BlockLayout) -> Tensor:
+    """Linear Gram of the column-centred, flattened features of one layer, packed.
+
+    Args:
+        x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
+        dtype: float32 or float64, the precision of the products.
+        layout: The packing, ``layout.n == n``.
+
+    Returns:
+        (layout.size,) packed Gram in ``dtype`` (see ``ckascope.packing``).
+    """
+    packed = torch.empty(layout.size, dtype=dtype, device=x.device)
+    gram_into(x, packed_blocks(packed, layout), layout)
+    return packed
+
+
+def centre_width(n: int, p: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Columns of an (n, p) layer centred at a time (see ``gram_into``).
+
+    ``CENTRE_CHUNK_BYTES`` worth on a CPU, all of them on other devices.
+    """
+    if device.type != "cpu":
+        return max(p, 1)
+    return min(
+        max(p, 1), max(1, CENTRE_CHUNK_BYTES // (max(n, 1) * (torch.finfo(dtype).bits // 8)))
+    )
+
+
+def gram_into(
+    x: Tensor,
+    blocks: tuple[Tensor, list[Tensor]],
+    layout: BlockLayout,
+    buffer: Tensor | None = None,
+) -> None:
+    """Writes the packed Gram of x's centred features into ``blocks``, in their dtype.
+
+    The mean is computed in that dtype: its rounding error is the same vector for every
+    example, a shift both HSIC estimators ignore, so even float32 features whose spread is 1e-6
+    of their mean keep their digits (see tests/ckascope/test_stability.py). Only the layout's
+    blocks are computed (5/8 of the products at depth 2), one batched product per level.
 
     On a CPU the columns are centred ``CENTRE_CHUNK_BYTES`` worth at a time and each centred
-    chunk's product added while the chunk is still in cache: the features are read from memory once, where
-    centring them whole writes and reads back a copy as large as the layer (100 MB for a
-    ResNet's first stage at 224 px and n = 128, where this halves the Gram's time; a CUDA
+    chunk's products added while the chunk is still in cache: the features are read from memory
+    once, where centring them whole writes and reads back a copy as large as the layer (100 MB
+    for a ResNet's first stage at 224 px and n = 128, where this halves the Gram's time; a CUDA
     device streams that copy faster than it launches the extra kernels).
 
     Args:
         x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
-        dtype: float32 or float64, the precision of the product.
-
-    Returns:
-        (n, n) Gram matrix in ``dtype``.
+        blocks: ``packed_blocks`` views of a packed (layout.size,) float32 or float64 tensor.
+        layout: The packing, ``layout.n == n``.
+        buffer: Room for the centred chunk, n x ``centre_width`` values of the blocks' dtype,
+            reused by a caller that takes many Grams (a fresh one per layer can cost a round
+            trip to the system's allocator and its page faults).
     """
     flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
     n, p = flat.shape
-    itemsize = torch.finfo(dtype).bits // 8
-    cpu_width = max(1, CENTRE_CHUNK_BYTES // (max(n, 1) * itemsize))
-    width = cpu_width if flat.device.type == "cpu" else max(p, 1)
+    dtype = blocks[0].dtype
+    width = centre_width(n, p, dtype, flat.device)
     with exact_products(flat.device.type):
-        gram = _centred_product(flat[:, :width], dtype, None)
-        for start in range(width, p, width):
-            _centred_product(flat[:, start : start + width], dtype, gram)
-    return gram
+        for start in range(0, max(p, 1), width):  # p = 0: one empty chunk, a zero Gram
+            chunk = (flat if width >= p else flat[:, start : start + width]).to(dtype)
+            if buffer is None:
+                centred = chunk - chunk.mean(dim=0)
+            else:
+                room = buffer[: chunk.numel()].view(chunk.shape)
+                centred = torch.sub(chunk, chunk.mean(dim=0), out=room)
+            _add_block_products(centred, blocks, layout, start > 0)
 
 
-def _centred_product(chunk: Tensor, dtype: torch.dtype, gram: Tensor | None) -> Tensor:
-    """Adds the Gram of the column-centred ``chunk`` (n, w) to ``gram`` (n, n), or returns it."""
-    chunk = chunk.to(dtype)
-    chunk = chunk - chunk.mean(dim=0)
-    return chunk @ chunk.T if gram is None else gram.addmm_(chunk, chunk.T)
+def _add_block_products(
+    xc: Tensor, blocks: tuple[Tensor, list[Tensor]], layout: BlockLayout, accumulate: bool
+) -> None:
+    """Writes (or adds) the layout's blocks of xc xcᵀ, xc (n, w), into the packed views."""
+    leaves, uppers = blocks
+    rows = xc.view(layout.leaves, layout.leaf, -1)  # (leaves, leaf, w)
+    _bmm_into(leaves, rows, rows, accumulate)
+    for upper, (_, count, side) in zip(uppers, layout.spans, strict=True):
+        halves = xc.view(count, 2, side, -1)  # (count, 2, side, w): a parent's two halves
+        _bmm_into(upper, halves[:, 0], halves[:, 1], accumulate)
+
+
+def _bmm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """Writes a bᵀ into out, or adds it, for (c, r, w) x (c, r, w) -> (c, r, r)."""
+    if accumulate:
+        out.baddbmm_(a, b.mT)
+    else:
+        torch.bmm(a, b.mT, out=out)
 
 
 def sq_dists_from_gram(gram: Tensor) -> Tensor:

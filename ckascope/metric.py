@@ -22,15 +22,16 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ckascope.errors import InputError, NumericalError
-from ckascope.functional import KernelStats, check_batch_size, hsic1_terms, warn_degenerate
+from ckascope.functional import check_batch_size, packed_hsic1_terms, warn_degenerate
 from ckascope.kernels import (
-    centered_gram,
     check_kernel,
     cka_from_hsic,
     kernel_from_gram,
+    packed_gram,
     rbf_sigma2,
     sq_dists_from_gram,
 )
+from ckascope.packing import BlockLayout, pack, packed_blocks, unpack
 from ckascope.vocab import Bandwidth, GramDtype, Kernel, Weighting
 
 #: Largest feature count for which ``gram_dtype="auto"`` builds Grams in float64: up to it the
@@ -125,12 +126,13 @@ class MinibatchCKA(Metric):
         self.add_state("nonfinite_a", torch.zeros(num_layers_a, dtype=f64), "sum")
         self.add_state("nonfinite_b", torch.zeros(num_layers_b, dtype=f64), "sum")
         self._sigma_fixed = False  # bandwidth="first": set by the first batch
-        self._workspace: dict[str, Tensor] = {}  # per side, see _stack
+        self._workspace: dict[str, Tensor] = {}  # per side, see _work
         self.register_buffer("sigma2_a", torch.full((num_layers_a,), float("nan"), dtype=f64))
         self.register_buffer("sigma2_b", torch.full((num_layers_b,), float("nan"), dtype=f64))
-        # torchmetrics wraps only ``update``; the Gram entry point needs the same bookkeeping
+        # torchmetrics wraps only ``update``; the Gram entry points need the same bookkeeping
         # (update count, invalidating the cached ``compute`` result).
         self.update_grams = self._wrap_update(self.update_grams)  # type: ignore[method-assign]
+        self.update_packed = self._wrap_update(self.update_packed)  # type: ignore[method-assign]
 
     def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
         # torchmetrics squeezes one-element results to 0-d; a 1x1 CKA matrix must stay (1, 1).
@@ -149,9 +151,19 @@ class MinibatchCKA(Metric):
             feats_a: La tensors (n, ...), one per layer of side a, over the same n examples.
             feats_b: Lb tensors (n, ...), one per layer of side b.
         """
-        self._accumulate(self._grams(feats_a, "a"), self._grams(feats_b, "b"))
+        n = _examples(self._check_features(feats_a, "a"), self._check_features(feats_b, "b"))
+        layout = BlockLayout.for_size(n)
+        work_a, work_b = (
+            self._work("a", len(feats_a), layout),
+            self._work("b", len(feats_b), layout),
+        )
+        for work, feats in ((work_a, feats_a), (work_b, feats_b)):
+            for row, f in zip(work, feats, strict=True):
+                row.copy_(packed_gram(f, gram_dtype_for(f, self.gram_dtype), layout))
+        self._accumulate(work_a, work_b, layout)
 
-    def _grams(self, feats: Sequence[Tensor], side: str) -> list[Tensor]:
+    def _check_features(self, feats: Sequence[Tensor], side: str) -> int:
+        """The example count n of one side's features (n, ...), checked."""
         names = self.layer_names_a if side == "a" else self.layer_names_b
         if len(feats) != len(names):
             raise InputError(f"side {side} expects {len(names)} layers, got {len(feats)}")
@@ -160,74 +172,103 @@ class MinibatchCKA(Metric):
                 raise InputError(
                     f"layer {name!r} has shape {tuple(f.shape)}; features must be (n, ...)"
                 )
-        return [centered_gram(f, gram_dtype_for(f, self.gram_dtype)) for f in feats]
+        counts = {f.shape[0] for f in feats}
+        if len(counts) != 1:
+            raise InputError(f"the layers of side {side} hold different example counts {counts}")
+        return counts.pop()
 
     def update_grams(
         self, grams_a: Sequence[Tensor] | Tensor, grams_b: Sequence[Tensor] | Tensor
     ) -> None:
         """Adds one batch given as linear Gram matrices of column-centred features.
 
-        The RBF kernel, if chosen, is derived from these Grams through squared distances.
+        The RBF kernel, if chosen, is derived from these Grams through squared distances. Only
+        the diagonal and upper blocks of each Gram are read (``ckascope.packing``): a Gram is
+        symmetric.
 
         Args:
             grams_a: (La, n, n) tensor or La tensors (n, n), e.g. from ``ActivationRecorder``.
             grams_b: (Lb, n, n) tensor or Lb tensors (n, n).
         """
-        self._accumulate(grams_a, grams_b)
+        n = _examples(self._check_grams(grams_a, "a"), self._check_grams(grams_b, "b"))
+        layout = BlockLayout.for_size(n)
+        work_a, work_b = (
+            self._work("a", len(grams_a), layout),
+            self._work("b", len(grams_b), layout),
+        )
+        for work, grams in ((work_a, grams_a), (work_b, grams_b)):
+            if isinstance(grams, Tensor):  # the whole stack in a few strided copies
+                pack(grams.to(work.device), layout, out=work)
+                continue
+            for row, gram in zip(work, grams, strict=True):
+                pack(gram.to(row.device), layout, out=row)
+        self._accumulate(work_a, work_b, layout)
 
-    def _accumulate(
-        self, grams_a: Sequence[Tensor] | Tensor, grams_b: Sequence[Tensor] | Tensor
-    ) -> None:
-        ga, stats_a = self._stack(grams_a, self.layer_names_a, "a")  # (La, n, n)
-        gb, stats_b = self._stack(grams_b, self.layer_names_b, "b")  # (Lb, n, n)
-        self.nonfinite_a += _nonfinite(ga)
-        self.nonfinite_b += _nonfinite(gb)
-        n = ga.shape[-1]
-        if gb.shape[-1] != n:
-            raise InputError(
-                f"sides a and b hold different example counts ({n} vs {gb.shape[-1]}). "
-                "Hint: feed the same images to both sides"
-            )
-        check_batch_size(n, debiased=True)
-        if self.kernel == "rbf":  # the stats belong to the RBF matrices, not these Grams
-            ga, gb, stats_a, stats_b = self._kernel(ga, "a"), self._kernel(gb, "b"), None, None
-        cross, self_a, self_b = hsic1_terms(ga, gb, stats_a, stats_b)
-        weight = float(n) if self.weighting == "examples" else 1.0
-        self.cross += weight * cross
-        self.self_a += weight * self_a
-        self.self_b += weight * self_b
-        self.num_batches += 1
-        self.num_examples += n
-
-    def _stack(
-        self, grams: Sequence[Tensor] | Tensor, names: list[str], side: str
-    ) -> tuple[Tensor, KernelStats | None]:
-        """The Grams as one float64 (L, n, n) tensor, checked for shape; only ever read.
-
-        A float64 stack already on the device is used as it is. Anything else is copied into
-        a workspace kept from batch to batch (a fresh L x n x n buffer per batch costs more in
-        page faults than the copy itself: 26 MB for 50 layers at n = 256), and each layer's
-        ``KernelStats`` are taken while its matrix is still in cache, which saves two passes
-        over the whole stack.
-        """
+    def _check_grams(self, grams: Sequence[Tensor] | Tensor, side: str) -> int:
+        """The example count n of one side's Grams (n, n), checked."""
+        names = self.layer_names_a if side == "a" else self.layer_names_b
         shapes = {tuple(g.shape) for g in grams}
         n = next(iter(shapes))[-1] if len(shapes) == 1 else -1
         if len(grams) != len(names) or shapes != {(n, n)}:
             got = tuple(grams.shape) if isinstance(grams, Tensor) else sorted(shapes)
             raise InputError(f"side {side} expects Grams of shape ({len(names)}, n, n), got {got}")
-        device = self.cross.device
-        if isinstance(grams, Tensor) and grams.dtype == torch.float64 and grams.device == device:
-            return grams, None
+        return n
+
+    def update_packed(self, packed_a: Tensor, packed_b: Tensor, layout: BlockLayout) -> None:
+        """Adds one batch given as packed Grams (``ckascope.kernels.packed_gram``).
+
+        A float64 stack on this metric's device is only read, never copied.
+
+        Args:
+            packed_a: (La, layout.size) packed linear Grams of column-centred features.
+            packed_b: (Lb, layout.size) packed Grams of the same n = layout.n examples.
+            layout: Their packing.
+        """
+        check_batch_size(layout.n, debiased=True)
+        stacks = []
+        for side, packed, names in (
+            ("a", packed_a, self.layer_names_a),
+            ("b", packed_b, self.layer_names_b),
+        ):
+            if tuple(packed.shape) != (len(names), layout.size):
+                raise InputError(
+                    f"side {side} expects packed Grams of shape ({len(names)}, {layout.size}) "
+                    f"for n = {layout.n}, got {tuple(packed.shape)}"
+                )
+            device, f64 = self.cross.device, torch.float64
+            usable = packed.dtype == f64 and packed.device == device and packed.stride(1) == 1
+            stacks.append(packed if usable else self._work(side, len(names), layout).copy_(packed))
+        self._accumulate(stacks[0], stacks[1], layout)
+
+    def _work(self, side: str, count: int, layout: BlockLayout) -> Tensor:
+        """This side's float64 workspace (count, layout.size), reused from batch to batch.
+
+        A fresh L x size buffer per batch costs more in page faults than filling it (16 MB for
+        50 layers at n = 256).
+        """
         work = self._workspace.get(side)
-        if work is None or work.shape != (len(names), n, n) or work.device != device:
+        if work is None or work.numel() < count * layout.size or work.device != self.cross.device:
             with torch.inference_mode(False):  # usable in and out of inference mode alike
-                work = torch.empty(len(names), n, n, dtype=torch.float64, device=device)
+                work = torch.empty(
+                    count * layout.size, dtype=torch.float64, device=self.cross.device
+                )
             self._workspace[side] = work
-        if self.kernel == "rbf":  # the statistics will be those of the RBF matrices
-            for i, gram in enumerate(grams):
-                work[i].copy_(gram)
-            return work, None
-        return work, _copy_with_stats(grams, work)
+        return work[: count * layout.size].view(count, layout.size)
+
+    def _accumulate(self, pa: Tensor, pb: Tensor, layout: BlockLayout) -> None:
+        """Adds one batch of packed float64 Grams (La, size) and (Lb, size); only reads them."""
+        self.nonfinite_a += _nonfinite(pa, layout)
+        self.nonfinite_b += _nonfinite(pb, layout)
+        if self.kernel == "rbf":  # from the linear Grams to the RBF matrices, packed again
+            pa = pack(self._kernel(unpack(pa, layout), "a"), layout)
+            pb = pack(self._kernel(unpack(pb, layout), "b"), layout)
+        cross, self_a, self_b = packed_hsic1_terms(pa, pb, layout)
+        weight = float(layout.n) if self.weighting == "examples" else 1.0
+        self.cross += weight * cross
+        self.self_a += weight * self_a
+        self.self_b += weight * self_b
+        self.num_batches += 1
+        self.num_examples += layout.n
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:
         sigma2 = None
@@ -270,30 +311,26 @@ class MinibatchCKA(Metric):
         self._sigma_fixed = False
 
 
-def _copy_with_stats(grams: Sequence[Tensor] | Tensor, work: Tensor) -> KernelStats:
-    """Copies the Grams into ``work`` (L, n, n) float64, one layer at a time, with its stats.
-
-    Each layer's row sums and squared norm are read while its float64 copy is still in cache.
-    """
-    rows = work.new_empty(work.shape[:2])  # (L, n)
-    sq_norm = work.new_empty(work.shape[:1])  # (L,)
-    for i, gram in enumerate(grams):
-        g = work[i].copy_(gram)  # converts to float64 on the way
-        torch.sum(g, dim=1, out=rows[i])
-        torch.dot(g.view(-1), g.view(-1), out=sq_norm[i])
-    diag = work.diagonal(dim1=-2, dim2=-1)  # (L, n)
-    rows -= diag
-    sq_norm -= torch.einsum("ij,ij->i", diag, diag)
-    return KernelStats(diag, rows, sq_norm)
+def _examples(n_a: int, n_b: int) -> int:
+    """The batch's example count, the same on both sides."""
+    if n_a != n_b:
+        raise InputError(
+            f"sides a and b hold different example counts ({n_a} vs {n_b}). "
+            "Hint: feed the same images to both sides"
+        )
+    check_batch_size(n_a, debiased=True)
+    return n_a
 
 
-def _nonfinite(grams: Tensor) -> Tensor:
-    """(L,) 1.0 for each Gram (L, n, n) holding NaN/Inf, computed on the device.
+def _nonfinite(packed: Tensor, layout: BlockLayout) -> Tensor:
+    """(L,) 1.0 for each packed Gram (L, size) holding NaN/Inf, computed on the device.
 
     |G_ij| <= sqrt(G_ii G_jj): a non-finite entry (NaN/Inf features, float32 overflow) always
     shows on the diagonal, so checking L x n values is enough.
     """
-    return (~torch.isfinite(grams.diagonal(dim1=-2, dim2=-1)).all(dim=1)).double()
+    leaves, _ = packed_blocks(packed, layout)
+    diag = leaves.diagonal(dim1=-2, dim2=-1).flatten(-2)  # (L, n)
+    return (~torch.isfinite(diag).all(dim=1)).double()
 
 
 def _names(names: Sequence[str] | None, count: int, side: str) -> list[str]:
