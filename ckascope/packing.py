@@ -67,7 +67,7 @@ class BlockLayout:
     @property
     def leaves(self) -> int:
         """Number of diagonal blocks kept whole."""
-        return 2**self.depth
+        return 1 << self.depth
 
     @property
     def leaf(self) -> int:
@@ -117,7 +117,8 @@ def full_blocks(full: Tensor, layout: BlockLayout) -> tuple[Tensor, list[Tensor]
         -3, (layout.leaves, layout.leaf)
     )
     leaves = grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # (..., leaves, leaf, leaf)
-    uppers, lowers = [], []
+    uppers: list[Tensor] = []
+    lowers: list[Tensor] = []
     for count, side in layout.levels():
         halves = full.unflatten(-1, (count, 2, side)).unflatten(-4, (count, 2, side))
         # halves: (..., count, 2, side, count, 2, side); a block pairs halves of the same parent
