@@ -22,8 +22,9 @@ import torch
 from common import markdown_table, median_time, write_json
 
 from ckascope import MinibatchCKA, functional
-from ckascope.functional import batch_hsic_terms, hsic1_terms
+from ckascope.functional import batch_hsic_terms
 from ckascope.kernels import centered_gram, hsic1, ucenter_gram
+from ckascope.packing import BlockLayout, pack
 
 
 def grams(layers: int, batch: int, width: int, seed: int) -> torch.Tensor:
@@ -95,27 +96,65 @@ def previous_engine(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[tor
     )
 
 
+def _full_stats(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Diagonals, row sums of K̃ and <K̃, K̃> of whole float64 matrices (L, n, n)."""
+    diag = work.diagonal(dim1=-2, dim2=-1)
+    sq = torch.einsum("ij,ij->i", work.flatten(1), work.flatten(1)) - (diag * diag).sum(1)
+    return diag, work.sum(dim=-1) - diag, sq
+
+
+def _full_song(
+    ka: torch.Tensor,
+    kb: torch.Tensor,
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    stats: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Song et al.'s form on whole matrices (the engine of 9e80c28..6fd51d1, in the same terms as
+    ``functional.packed_hsic1_terms``, which took its place)."""
+    n = ka.shape[-1]
+    (da, ra, qa), (db, rb, qb) = stats or (_full_stats(ka), _full_stats(kb))
+    sa, sb = ra.sum(-1), rb.sum(-1)
+    c2, c3 = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2)
+    cross = product(ka.flatten(1), kb.flatten(1)) - da @ db.T + c2 * torch.outer(sa, sb)
+    cross -= c3 * (ra @ rb.T)
+    scale = 1.0 / (n * (n - 3))
+    self_a = (qa + c2 * sa * sa - c3 * (ra * ra).sum(1)) * scale
+    return cross * scale, self_a, (qb + c2 * sb * sb - c3 * (rb * rb).sum(1)) * scale
+
+
 def song_form(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Step 1: Song et al.'s form on the fresh stacks (no U-centring), one plain product.
-
-    That is ``hsic1_terms`` with its sliced product swapped for the plain one, for this
-    measurement only.
-    """
-    sliced = functional._inner_products
-
-    def plain(va: torch.Tensor, vb: torch.Tensor, chunks: int = 8) -> torch.Tensor:
-        return va @ vb.T
-
-    functional._inner_products = plain
-    try:
-        return hsic1_terms(_fresh_stack(ga), _fresh_stack(gb))
-    finally:
-        functional._inner_products = sliced
+    """Step 1: Song et al.'s form on the fresh stacks (no U-centring), one plain product."""
+    return _full_song(_fresh_stack(ga), _fresh_stack(gb), lambda va, vb: va @ vb.T)
 
 
 def sliced_product(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Step 2: + the product cut into slices of the inner dimension (hsic1_terms as is)."""
-    return hsic1_terms(_fresh_stack(ga), _fresh_stack(gb))
+    """Step 2: + the product cut into slices of the inner dimension."""
+    product = functional._inner_products
+    return _full_song(_fresh_stack(ga), _fresh_stack(gb), product)
+
+
+class WholeWorkspace:
+    """Step 3: + a float64 workspace reused from batch to batch, each layer's statistics taken
+    while its matrix is in cache (``MinibatchCKA`` of a7a7f7c..6fd51d1)."""
+
+    def __init__(self, layers: int, n: int) -> None:
+        self.work = [torch.empty(layers, n, n, dtype=torch.float64) for _ in range(2)]
+
+    def __call__(self, ga: list[torch.Tensor], gb: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        stats = tuple(self._copy(g, w) for g, w in zip((ga, gb), self.work, strict=True))
+        product = functional._inner_products
+        return _full_song(self.work[0], self.work[1], product, stats)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _copy(grams: list[torch.Tensor], work: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = work.new_empty(work.shape[:2])
+        sq = work.new_empty(work.shape[:1])
+        for i, gram in enumerate(grams):
+            g = work[i].copy_(gram)
+            torch.sum(g, dim=1, out=rows[i])
+            torch.dot(g.view(-1), g.view(-1), out=sq[i])
+        diag = work.diagonal(dim1=-2, dim2=-1)
+        return diag, rows - diag, sq - (diag * diag).sum(1)
 
 
 def ablation_rows(layers: int, batch: int, width: int, repeats: int) -> list[dict[str, object]]:
@@ -123,11 +162,11 @@ def ablation_rows(layers: int, batch: int, width: int, repeats: int) -> list[dic
     feats = [torch.randn(batch, width, generator=g).relu() for _ in range(2 * layers)]
     grams_ = [centered_gram(f, torch.float32) for f in feats]
     ga, gb = grams_[:layers], grams_[layers:]
+    layout = BlockLayout.for_size(batch)
+    # What the hooks hand the metric since the packing: float64 stacks of packed Grams.
+    pa, pb = (torch.stack([pack(x, layout).double() for x in side]) for side in (ga, gb))
     metric = MinibatchCKA(layers, layers)
-
-    def present() -> None:  # step 3: reused workspace, per-layer statistics (the metric today)
-        metric.update_grams(ga, gb)
-
+    whole = WholeWorkspace(layers, batch)
     variants: list[tuple[str, Callable[[], object]]] = [
         (
             "previous engine: fresh float64 stack, U-centring, one product",
@@ -135,12 +174,27 @@ def ablation_rows(layers: int, batch: int, width: int, repeats: int) -> list[dic
         ),
         ("1. Song's form: no U-centring, inputs only read", lambda: song_form(ga, gb)),
         ("2. + product in slices of the inner dimension", lambda: sliced_product(ga, gb)),
-        ("3. + reused workspace, statistics per layer (MinibatchCKA now)", present),
+        ("3. + reused workspace, statistics per layer", lambda: whole(ga, gb)),
+        (
+            f"4. packed Grams ({layout.size / batch**2:.3g} of the values), whole float32 "
+            "Grams in (MinibatchCKA.update_grams)",
+            lambda: metric.update_grams(ga, gb),
+        ),
+        (
+            "5. packed float64 Grams from the hooks (MinibatchCKA.update_packed, the sweep)",
+            lambda: metric.update_packed(pa, pb, layout),
+        ),
     ]
     want = previous_engine(ga, gb)
     tolerance = 1e-10 * float(want[1].abs().max())  # of the largest self term
-    for step in (song_form, sliced_product):
-        for got, ref_ in zip(step(ga, gb), want, strict=True):
+    packed = lambda: functional.packed_hsic1_terms(pa, pb, layout)  # noqa: E731
+    for step in (
+        lambda: song_form(ga, gb),
+        lambda: sliced_product(ga, gb),
+        lambda: whole(ga, gb),
+        packed,
+    ):
+        for got, ref_ in zip(step(), want, strict=True):
             torch.testing.assert_close(got, ref_, rtol=0, atol=tolerance)
     peer = _pytorch_cka_engine(ga, gb)
     if peer is not None:

@@ -1,11 +1,13 @@
-"""The cost of the hooks' Grams on a CPU: features centred whole vs a chunk of columns at a time.
+"""The cost of the hooks' Grams on a CPU: centred whole or in chunks, whole or packed.
 
-``ckascope.kernels.centered_gram`` centres a CPU layer's features ``CENTRE_CHUNK_BYTES`` worth
-of columns at a time and adds each chunk's product while the chunk is still in cache. Centring them whole (the
-engine before) writes a centred copy as large as the layer and reads it back for the product.
-This script times both on the layers of the two CPU workloads, one batch of features each,
-taking turns round by round in one process (this VM's speed drifts), and checks that both give
-the float64 reference's Gram to float32 rounding:
+``ckascope.kernels.gram_into`` centres a CPU layer's features ``CENTRE_CHUNK_BYTES`` worth of
+columns at a time and adds each chunk's products while the chunk is still in cache; centring
+them whole (the engine before a7a7f7c) writes a centred copy as large as the layer and reads it
+back. It computes only the blocks of the batch's ``BlockLayout`` (``ckascope.packing``: 3/4 of
+the products at n = 128, 5/8 at n = 256); the whole Gram (depth 0) is the engine before the
+packing. This script times the three on the layers of the two CPU workloads, one batch of
+features each, taking turns round by round in one process (this VM's speed drifts), and checks
+that all give the float64 reference's Gram to float32 rounding:
 
     python benchmarks/bench_gram.py --rounds 7
 
@@ -29,6 +31,7 @@ import torch
 from common import machine_info, markdown_table, set_threads, write_json
 
 from ckascope import kernels
+from ckascope.packing import BlockLayout, unpack
 from tests import reference as ref  # on the path through common
 
 #: Per workload: the examples per batch and each layer's feature shape (resnet18's ``blocks``
@@ -49,22 +52,28 @@ def features(workload: str, seed: int) -> list[torch.Tensor]:
     return [torch.randn(n, *shape, generator=g).relu() + 0.5 for shape in shapes]
 
 
-def grams(feats: list[torch.Tensor], chunk_bytes: int | None) -> list[torch.Tensor]:
-    """Every layer's float32 Gram, centring ``chunk_bytes`` of columns at a time (None: whole)."""
+def grams(feats: list[torch.Tensor], chunk_bytes: int | None, packed: bool) -> list[torch.Tensor]:
+    """Every layer's float32 Gram, centring ``chunk_bytes`` of columns at a time (None: whole),
+    packed in the batch's layout or whole (unpacked only for the check, not while timed)."""
+    n = feats[0].shape[0]
+    layout = BlockLayout.for_size(n) if packed else BlockLayout(n)
     saved = kernels.CENTRE_CHUNK_BYTES
     kernels.CENTRE_CHUNK_BYTES = chunk_bytes or max(f.numel() * 4 for f in feats)
     try:
-        return [kernels.centered_gram(f, torch.float32) for f in feats]
+        return [kernels.packed_gram(f, torch.float32, layout) for f in feats]
     finally:
         kernels.CENTRE_CHUNK_BYTES = saved
 
 
-def check(feats: list[torch.Tensor], chunk_bytes: int | None) -> float:
+def check(feats: list[torch.Tensor], chunk_bytes: int | None, packed: bool) -> float:
     """Largest |Gram - float64 reference Gram| relative to the largest reference entry."""
     worst = 0.0
-    for f, g in zip(feats, grams(feats, chunk_bytes), strict=True):
+    n = feats[0].shape[0]
+    layout = BlockLayout.for_size(n) if packed else BlockLayout(n)
+    for f, g in zip(feats, grams(feats, chunk_bytes, packed), strict=True):
         want = ref.linear_kernel(f.double().numpy())
-        worst = max(worst, float(np.abs(g.double().numpy() - want).max() / np.abs(want).max()))
+        got = unpack(g, layout).double().numpy()
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
     return worst
 
 
@@ -89,18 +98,22 @@ def main() -> None:
     rows, runs = [], {}
     for workload in WORKLOADS:
         feats = features(workload, 0)
-        chunked = f"chunks of {kernels.CENTRE_CHUNK_BYTES // 2**20} MiB"
-        variants = {
-            "whole": lambda f=feats: grams(f, None),
-            chunked: lambda f=feats: grams(f, kernels.CENTRE_CHUNK_BYTES),
+        chunk = kernels.CENTRE_CHUNK_BYTES
+        settings = {  # name: (chunk bytes, packed)
+            "centred whole, whole Gram": (None, False),
+            f"{chunk // 2**20} MiB chunks, whole Gram": (chunk, False),
+            f"{chunk // 2**20} MiB chunks, packed Gram": (chunk, True),
         }
-        errors = {"whole": check(feats, None), chunked: check(feats, kernels.CENTRE_CHUNK_BYTES)}
+        variants = {
+            name: lambda f=feats, c=c, p=p: grams(f, c, p) for name, (c, p) in settings.items()
+        }
+        errors = {name: check(feats, c, p) for name, (c, p) in settings.items()}
         runs[workload] = rounds(variants, args.rounds)
         for name, t in runs[workload].items():
             rows.append(
                 {
                     "workload": workload,
-                    "centring": name,
+                    "variant": name,
                     "ms_per_batch_median": 1e3 * statistics.median(t),
                     "ms_per_batch_min": 1e3 * min(t),
                     "max_rel_error_vs_float64": errors[name],

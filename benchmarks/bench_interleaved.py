@@ -2,15 +2,22 @@
 
 ``bench_compare.py`` runs each tool in its own fresh process, one after another; on a machine
 whose speed drifts (a shared VM) a busy minute then lands on one tool only. Here every round runs
-each tool once, in the same interpreter, so drift hits them alike; the medians and the ratio of
-the medians are printed. Only public APIs of the tools are called, so an older ckascope checkout
-can be measured the same way (before/after a change, on the same machine):
+each tool once, in the same interpreter, so drift hits them alike, and the order rotates from
+round to round, so no tool always follows the same one; the medians and the ratio of the medians
+are printed. Only public APIs of the tools are called, so an older ckascope checkout can be
+measured the same way (before/after a change, on the same machine).
+
+One process can also land in a slow state for its whole life (on the 2-core VM the same
+ckascope code took 240 or 310 ms per MLP comparison depending on the process, the peers and the
+bare passes shifting less): ``--processes K`` runs K fresh interpreters in turn and reports the
+ratio of each and their median; with several ``--checkouts`` the processes alternate between the
+checkouts, so before and after a change are measured in the same minutes:
 
     python benchmarks/bench_interleaved.py --workload mlp --rounds 15
     python benchmarks/bench_interleaved.py --workload resnet18 --rounds 3
     git worktree add /tmp/before <commit>
-    PYTHONPATH=/tmp/before python benchmarks/bench_interleaved.py --workload mlp --rounds 15 \
-        --out benchmarks/results/interleaved-mlp-before.json
+    python benchmarks/bench_interleaved.py --workload mlp --rounds 8 --processes 12 \
+        --checkouts /tmp/before . --out benchmarks/results/interleaved-mlp-processes.json
 
 Writes every run's time, the medians and the machine to ``--out`` (default
 benchmarks/results/interleaved-<workload>.json).
@@ -24,11 +31,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,45 +117,110 @@ def resnet18_tools() -> dict[str, Callable[[], object]]:
     return {"bare": bare, "ckascope": ours}
 
 
+def run_rounds(workload: str, rounds: int) -> dict[str, list[float]]:
+    """Every tool once per round (after one warm-up run each), the order rotating by round."""
+    tools = mlp_tools() if workload == "mlp" else resnet18_tools()
+    for run in tools.values():  # warm-up
+        run()
+    names = list(tools)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            tools[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians and ckascope's ratio to each other tool's median."""
+    median = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {name: median["ckascope"] / median[name] for name in times if name != "ckascope"}
+    return {"seconds": times, "median_s": median, "ckascope_over": ratios}
+
+
+def run_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """``--processes`` fresh interpreters, alternating between the checkouts."""
+    children = []
+    for i in range(args.processes):
+        checkout = Path(args.checkouts[i % len(args.checkouts)]).resolve()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "child.json"
+            command = [sys.executable, __file__, "--workload", args.workload, "--rounds"]
+            command += [str(args.rounds), "--threads", str(args.threads), "--out", str(out)]
+            env = {**os.environ, "PYTHONPATH": str(checkout)}
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            child = json.loads(out.read_text())
+        child["checkout"] = str(checkout)
+        children.append(child)
+        ratio = child["ckascope_over"].get("pytorch-cka", child["ckascope_over"]["bare"])
+        print(f"  process {i + 1}/{args.processes} {checkout}: ckascope / peer {ratio:.3f}")
+    return {"processes": children, "by_checkout": by_checkout(children)}
+
+
+def by_checkout(children: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per checkout: each process's ratios, their median, min and max."""
+    out: dict[str, Any] = {}
+    for checkout in dict.fromkeys(c["checkout"] for c in children):
+        mine = [c for c in children if c["checkout"] == checkout]
+        ratios: dict[str, Any] = {}
+        for name in mine[0]["ckascope_over"]:
+            values = [c["ckascope_over"][name] for c in mine]
+            ratios[name] = {
+                "per_process": values,
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+        out[checkout] = {
+            "ckascope_file": mine[0]["ckascope_file"],
+            "ckascope_over": ratios,
+            "median_s": {
+                name: statistics.median(c["median_s"][name] for c in mine)
+                for name in mine[0]["median_s"]
+            },
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", choices=["mlp", "resnet18"], default="mlp")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=0, help="fresh interpreters [0: here]")
+    parser.add_argument("--checkouts", nargs="+", default=["."], help="with --processes")
     parser.add_argument("--out", type=Path, help="JSON file [results/interleaved-WORKLOAD.json]")
     args = parser.parse_args()
     out = args.out or Path(__file__).parent / "results" / f"interleaved-{args.workload}.json"
     torch.set_num_threads(args.threads)
-    tools = mlp_tools() if args.workload == "mlp" else resnet18_tools()
-    for run in tools.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {name: [] for name in tools}
-    for _ in range(args.rounds):
-        for name, run in tools.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    print(
-        f"ckascope {ckascope.__version__} from {ckascope.__file__}, {args.workload}, "
-        f"{args.rounds} rounds, {torch.get_num_threads()} threads"
-    )
-    for name, t in times.items():
-        print(f"  {name:12s} median {median[name]:.3f} s  [{min(t):.3f} .. {max(t):.3f}]")
-    ratios = {name: median["ckascope"] / median[name] for name in tools if name != "ckascope"}
-    for name, ratio in ratios.items():
-        print(f"  ckascope / {name}: {ratio:.3f}")
-    write_json(
-        out,
-        {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "ckascope_file": ckascope.__file__,
-            "machine": machine_info(args.threads),
-            "seconds": times,
-            "median_s": median,
-            "ckascope_over": ratios,
-        },
-    )
+    payload: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine_info(args.threads),
+    }
+    if args.processes:
+        payload.update(run_processes(args))
+        for checkout, result in payload["by_checkout"].items():
+            for name, r in result["ckascope_over"].items():
+                print(
+                    f"{checkout}: ckascope / {name}: median {r['median']:.3f} over "
+                    f"{len(r['per_process'])} processes [{r['min']:.3f} .. {r['max']:.3f}]"
+                )
+    else:
+        payload.update(
+            summary(run_rounds(args.workload, args.rounds)), ckascope_file=ckascope.__file__
+        )
+        print(
+            f"ckascope {ckascope.__version__} from {ckascope.__file__}, {args.workload}, "
+            f"{args.rounds} rounds, {torch.get_num_threads()} threads"
+        )
+        for name, t in payload["seconds"].items():
+            print(
+                f"  {name:12s} median {payload['median_s'][name]:.3f} s  [{min(t):.3f} .. {max(t):.3f}]"
+            )
+        for name, ratio in payload["ckascope_over"].items():
+            print(f"  ckascope / {name}: {ratio:.3f}")
+    write_json(out, payload)
     print(f"wrote {out}")
 
 

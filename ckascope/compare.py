@@ -1,10 +1,11 @@
 """Cross-scale and cross-model CKA: the sweep behind ``ckascope compare``.
 
-For every batch of base images (224 px, or the native size of a small-image set, by default) each side makes its input on the device
-(resizing to its scale), runs one forward pass under ``torch.inference_mode()`` with hooks that
-turn every chosen layer's output into its centred Gram matrix (packed: its diagonal and upper
-blocks, ``ckascope.packing``), and the two stacks of Grams go to ``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of the images
-give the mean and std of the paper's study.
+For every batch of base images (224 px, or the native size of a small-image set, by default)
+each side makes its input on the device (resizing to its scale), runs one forward pass under
+``torch.inference_mode()`` with hooks that turn every chosen layer's output into its centred Gram
+matrix (packed: its diagonal and upper blocks, ``ckascope.packing``), and the two stacks of
+Grams go to ``MinibatchCKA``. ``repeats`` sweeps over random permutations (or random subsets) of
+the images give the mean and std of the paper's study.
 
 Under ``torchrun`` each process takes every world_size-th batch of the same permutation, so the
 batches, and therefore the float64 sums the processes combine, are those of a single process.

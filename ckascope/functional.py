@@ -131,17 +131,13 @@ def hsic1_terms(ka: Tensor, kb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def packed_hsic1_terms(
-    pa: Tensor,
-    pb: Tensor,
-    layout: BlockLayout,
-    stats_a: KernelStats | None = None,
-    stats_b: KernelStats | None = None,
+    pa: Tensor, pb: Tensor, layout: BlockLayout
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HSIC1 of all pairs in Song et al.'s form, equal to <U(K), U(L)> / (n(n-3)).
 
     tr(K̃L̃) = <K, L> - Σ_i K_ii L_ii and K̃1 = K1 - diag(K), so nothing is U-centred or
-    copied: the cost is the one product of the packed matrices (``packed_inner``) plus O(L n²)
-    reads. Every term is float64 (the inputs are). The terms partly cancel, most for kernels
+    copied: the cost is the one product of the packed matrices (``packed_inner``) plus a few
+    batched passes for their statistics (``packed_stats``). Every term is float64 (the inputs are). The terms partly cancel, most for kernels
     far from centred (a Gram of uncentred features); for the centred Grams the engine receives,
     the float32 rounding of the Grams themselves (~1e-9 in CKA) stays the larger error
     (tests/ckascope/test_stability.py).
@@ -150,16 +146,13 @@ def packed_hsic1_terms(
         pa: (La, size) packed float64 kernel matrices (``ckascope.packing``); only read.
         pb: (Lb, size) packed float64 kernel matrices of the same examples; only read.
         layout: Their packing; n = layout.n >= 4.
-        stats_a: ``packed_stats(pa, layout)`` if already known.
-        stats_b: ``packed_stats(pb, layout)`` if already known.
 
     Returns:
         cross (La, Lb), self_a (La,), self_b (Lb,).
     """
     n = layout.n
     check_batch_size(n, debiased=True)
-    a = packed_stats(pa, layout) if stats_a is None else stats_a
-    b = packed_stats(pb, layout) if stats_b is None else stats_b
+    a, b = packed_stats(pa, layout), packed_stats(pb, layout)
     sa, sb = a.rows.sum(dim=-1), b.rows.sum(dim=-1)  # 1ᵀK̃1: (L,)
     c2, c3 = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2)
     cross = (

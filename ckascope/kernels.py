@@ -131,6 +131,8 @@ def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     The whole matrix, for callers that want one (``packed_gram`` with depth 0).
     """
     n = x.shape[0]
+    if n == 0:  # no layout holds an empty matrix
+        return torch.zeros(0, 0, dtype=dtype, device=x.device)
     return packed_gram(x, dtype, BlockLayout(n)).view(n, n)
 
 
@@ -186,8 +188,9 @@ def gram_into(
         blocks: ``packed_blocks`` views of a packed (layout.size,) float32 or float64 tensor.
         layout: The packing, ``layout.n == n``.
         buffer: Room for the centred chunk, n x ``centre_width`` values of the blocks' dtype,
-            reused by a caller that takes many Grams (a fresh one per layer can cost a round
-            trip to the system's allocator and its page faults).
+            reused by a caller that takes many Grams on a CPU (a fresh one per layer can cost a
+            round trip to the system's allocator and its page faults; CUDA's caching allocator
+            has no such cost, and there the room would be a whole layer).
     """
     flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
     n, p = flat.shape

@@ -129,10 +129,22 @@ class MinibatchCKA(Metric):
         self._workspace: dict[str, Tensor] = {}  # per side, see _work
         self.register_buffer("sigma2_a", torch.full((num_layers_a,), float("nan"), dtype=f64))
         self.register_buffer("sigma2_b", torch.full((num_layers_b,), float("nan"), dtype=f64))
+        self._wrap_gram_updates()
+
+    def _wrap_gram_updates(self) -> None:
         # torchmetrics wraps only ``update``; the Gram entry points need the same bookkeeping
-        # (update count, invalidating the cached ``compute`` result).
+        # (update count, invalidating the cached ``compute`` result). The wrappers close over
+        # this object, so copies and pickles drop them and wrap their own (__setstate__).
         self.update_grams = self._wrap_update(self.update_grams)  # type: ignore[method-assign]
         self.update_packed = self._wrap_update(self.update_packed)  # type: ignore[method-assign]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("update_grams", "update_packed")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._wrap_gram_updates()
 
     def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
         # torchmetrics squeezes one-element results to 0-d; a 1x1 CKA matrix must stay (1, 1).
@@ -153,10 +165,7 @@ class MinibatchCKA(Metric):
         """
         n = _examples(self._check_features(feats_a, "a"), self._check_features(feats_b, "b"))
         layout = BlockLayout.for_size(n)
-        work_a, work_b = (
-            self._work("a", len(feats_a), layout),
-            self._work("b", len(feats_b), layout),
-        )
+        work_a, work_b = self._workspaces(len(feats_a), len(feats_b), layout)
         for work, feats in ((work_a, feats_a), (work_b, feats_b)):
             for row, f in zip(work, feats, strict=True):
                 row.copy_(packed_gram(f, gram_dtype_for(f, self.gram_dtype), layout))
@@ -192,10 +201,7 @@ class MinibatchCKA(Metric):
         """
         n = _examples(self._check_grams(grams_a, "a"), self._check_grams(grams_b, "b"))
         layout = BlockLayout.for_size(n)
-        work_a, work_b = (
-            self._work("a", len(grams_a), layout),
-            self._work("b", len(grams_b), layout),
-        )
+        work_a, work_b = self._workspaces(len(grams_a), len(grams_b), layout)
         for work, grams in ((work_a, grams_a), (work_b, grams_b)):
             if isinstance(grams, Tensor):  # the whole stack in a few strided copies
                 pack(grams.to(work.device), layout, out=work)
@@ -215,7 +221,7 @@ class MinibatchCKA(Metric):
         return n
 
     def update_packed(self, packed_a: Tensor, packed_b: Tensor, layout: BlockLayout) -> None:
-        """Adds one batch given as packed Grams (``ckascope.kernels.packed_gram``).
+        """Adds one batch given as packed Grams (``kernels.packed_gram``, ``recorder.GramStack``).
 
         A float64 stack on this metric's device is only read, never copied.
 
@@ -239,6 +245,9 @@ class MinibatchCKA(Metric):
             usable = packed.dtype == f64 and packed.device == device and packed.stride(1) == 1
             stacks.append(packed if usable else self._work(side, len(names), layout).copy_(packed))
         self._accumulate(stacks[0], stacks[1], layout)
+
+    def _workspaces(self, count_a: int, count_b: int, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+        return self._work("a", count_a, layout), self._work("b", count_b, layout)
 
     def _work(self, side: str, count: int, layout: BlockLayout) -> Tensor:
         """This side's float64 workspace (count, layout.size), reused from batch to batch.

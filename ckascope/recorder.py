@@ -44,7 +44,8 @@ def make_reducer(reduce: Reduce, gram_dtype: GramDtype = "auto") -> Callable[[Te
         gram_dtype: Precision of the Gram for ``reduce="gram"`` (see ``MinibatchCKA``).
 
     Returns:
-        A function from a detached output to a new tensor that shares no memory with it.
+        A function from a detached output to a new tensor that shares no memory with it (a
+        ``GramStack`` instead returns rows of its own buffer, see there).
     """
     if callable(reduce):
         return reduce
@@ -214,7 +215,8 @@ class GramStack:
     For ``ActivationRecorder(model, layers, reduce=stack)``: call ``start(n)`` before each
     forward pass of n examples; every hook then packs its layer's centred Gram
     (``kernels.packed_gram``) into the next row of the stack, and ``stack()`` returns the
-    (L, size) rows, ready for ``MinibatchCKA.update_packed``. A fresh Gram per layer, all of
+    (L, size) rows, ready for ``MinibatchCKA.update_packed``; the rows (also what the hooks
+    record) are views of the stack, overwritten by the next batch. A fresh Gram per layer, all of
     them alive until the engine runs, is given back to the system after every batch and
     page-faulted in again in the next (25 MB per batch for two 50-layer MLPs at n = 256);
     this buffer is allocated once and converted to float64 while each Gram is still in cache.
@@ -230,16 +232,24 @@ class GramStack:
         self.layers = max(1, layers)
         self.layout = BlockLayout(1)
         self.count = 0
+        self.started = False
         self._buffer: Tensor | None = None
         self._scratch: dict[tuple[torch.device, BlockLayout], Scratch] = {}
         self._rooms: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def start(self, n: int) -> None:
         """Begins a batch of n examples: the next Gram goes to row 0."""
-        self.layout, self.count = BlockLayout.for_size(n), 0
+        if n < 1:
+            raise InputError(f"a batch of {n} examples has no Gram matrix")
+        self.layout, self.count, self.started = BlockLayout.for_size(n), 0, True
 
     def __call__(self, output: Tensor) -> Tensor:
-        """Packs the Gram of a layer's output (n, ...) into the next row and returns that row."""
+        """Packs the Gram of a layer's output (n, ...) into the next row and returns that row.
+
+        The row is a view of the stack, which the next batch overwrites.
+        """
+        if not self.started:
+            raise RuntimeError("GramStack: call start(n) before the forward pass")
         if output.ndim < 1 or output.shape[0] != self.layout.n:
             raise InputError(
                 f"a hooked layer returned shape {tuple(output.shape)} for a batch of "
@@ -248,7 +258,9 @@ class GramStack:
         row = self._next_row(output.device)
         dtype = gram_dtype_for(output, self.gram_dtype)
         n, p = self.layout.n, output[0].numel()
-        room = self._room(dtype, output.device, n * centre_width(n, p, dtype, output.device))
+        room = None  # CUDA's caching allocator reuses a temporary at no cost
+        if output.device.type == "cpu":
+            room = self._room(dtype, output.device, n * centre_width(n, p, dtype, output.device))
         if dtype == torch.float64:
             gram_into(output, packed_blocks(row, self.layout), self.layout, room)
             return row
@@ -257,7 +269,11 @@ class GramStack:
         return row.copy_(scratch)  # to float64 while the Gram is in cache
 
     def _room(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
-        """A buffer of at least ``numel`` values for the centred features, kept across layers."""
+        """A buffer of at least ``numel`` values for the centred features, kept across layers.
+
+        On a CPU a fresh one per layer goes back to the system when freed and is page-faulted in
+        again for the next (256 KB per layer of the 50-layer MLP at n = 256).
+        """
         room = self._rooms.get((dtype, device))
         if room is None or room.numel() < numel:
             with torch.inference_mode(False):
@@ -287,7 +303,8 @@ class GramStack:
         size, old = self.layout.size, self._buffer
         need = (self.count + 1) * size
         if old is None or old.numel() < need or old.device != device:
-            # More Grams than expected (a module that runs twice): grows geometrically.
+            # More Grams than expected (a module that runs twice): grows geometrically. A model
+            # whose layers sit on several devices moves the stack at every switch (slow, exact).
             rows = self.layers if old is None else max(self.layers, 2 * (self.count + 1))
             with torch.inference_mode(False):  # writable in and out of inference mode
                 grown = torch.empty(max(rows * size, need), dtype=torch.float64, device=device)

@@ -132,7 +132,7 @@ def _features(n: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
-@pytest.mark.parametrize("n", [130, 128])  # depth 0 and depth 1
+@pytest.mark.parametrize("n", [100, 256])  # depth 0 and depth 2
 def test_update_packed_update_grams_and_update_agree(kernel: str, n: int) -> None:
     layout = BlockLayout.for_size(n)
     metrics = [MinibatchCKA(2, 2, kernel=kernel) for _ in range(3)]
@@ -158,3 +158,25 @@ def test_update_packed_refuses_stacks_of_the_wrong_shape() -> None:
     good = torch.zeros(2, layout.size, dtype=torch.float64)
     with pytest.raises(InputError, match=r"side b expects packed Grams of shape \(1, 64\)"):
         metric.update_packed(good, torch.zeros(1, 63, dtype=torch.float64), layout)
+
+
+def test_a_copied_or_pickled_metric_updates_itself_only() -> None:
+    import copy
+    import pickle
+
+    layout = BlockLayout.for_size(8)
+    packed = torch.stack([pack(_symmetric(1, 8, s)[0], layout) for s in range(2)])
+    metric = MinibatchCKA(2, 2)
+    for twin in (copy.deepcopy(metric), pickle.loads(pickle.dumps(metric))):
+        twin.update_packed(packed, packed, layout)
+        twin.update_grams(unpack(packed, layout), unpack(packed, layout))
+        assert int(twin.num_batches) == 2
+    assert int(metric.num_batches) == 0
+
+
+def test_gram_stack_needs_a_batch_started_and_the_empty_gram_is_empty() -> None:
+    with pytest.raises(RuntimeError, match="start"):
+        GramStack()(torch.ones(4, 3))
+    with pytest.raises(InputError, match="0 examples"):
+        GramStack().start(0)
+    assert K.centered_gram(torch.ones(0, 3), torch.float32).shape == (0, 0)
