@@ -176,12 +176,12 @@ def ablation_rows(layers: int, batch: int, width: int, repeats: int) -> list[dic
         ("2. + product in slices of the inner dimension", lambda: sliced_product(ga, gb)),
         ("3. + reused workspace, statistics per layer", lambda: whole(ga, gb)),
         (
-            f"4. packed Grams ({layout.size / batch**2:.3g} of the values), whole float32 "
-            "Grams in (MinibatchCKA.update_grams)",
+            "4. whole float32 Grams, statistics in batched passes (MinibatchCKA.update_grams)",
             lambda: metric.update_grams(ga, gb),
         ),
         (
-            "5. packed float64 Grams from the hooks (MinibatchCKA.update_packed, the sweep)",
+            f"5. packed float64 Grams from the hooks, {layout.size / batch**2:.3g} of the "
+            "values (MinibatchCKA.update_packed, the sweep)",
             lambda: metric.update_packed(pa, pb, layout),
         ),
     ]

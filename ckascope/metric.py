@@ -191,23 +191,24 @@ class MinibatchCKA(Metric):
     ) -> None:
         """Adds one batch given as linear Gram matrices of column-centred features.
 
-        The RBF kernel, if chosen, is derived from these Grams through squared distances. Only
-        the diagonal and upper blocks of each Gram are read (``ckascope.packing``): a Gram is
-        symmetric.
+        The RBF kernel, if chosen, is derived from these Grams through squared distances. The
+        Grams are used whole (``BlockLayout`` of depth 0): packing whole matrices costs more
+        than the smaller product saves (bench_engine's step 4); ``update_packed`` takes Grams
+        built packed (``recorder.GramStack``, the sweep's hooks).
 
         Args:
             grams_a: (La, n, n) tensor or La tensors (n, n), e.g. from ``ActivationRecorder``.
             grams_b: (Lb, n, n) tensor or Lb tensors (n, n).
         """
         n = _examples(self._check_grams(grams_a, "a"), self._check_grams(grams_b, "b"))
-        layout = BlockLayout.for_size(n)
+        layout = BlockLayout(n)
         work_a, work_b = self._workspaces(len(grams_a), len(grams_b), layout)
         for work, grams in ((work_a, grams_a), (work_b, grams_b)):
-            if isinstance(grams, Tensor):  # the whole stack in a few strided copies
-                pack(grams.to(work.device), layout, out=work)
+            if isinstance(grams, Tensor):
+                work.view_as(grams).copy_(grams)
                 continue
             for row, gram in zip(work, grams, strict=True):
-                pack(gram.to(row.device), layout, out=row)
+                row.view_as(gram).copy_(gram)  # to float64 on the way
         self._accumulate(work_a, work_b, layout)
 
     def _check_grams(self, grams: Sequence[Tensor] | Tensor, side: str) -> int:
