@@ -165,7 +165,10 @@ class MinibatchCKA(Metric):
         """
         n = _examples(self._check_features(feats_a, "a"), self._check_features(feats_b, "b"))
         layout = BlockLayout.for_size(n)
-        work_a, work_b = self._workspaces(len(feats_a), len(feats_b), layout)
+        work_a, work_b = (
+            self._work("a", len(feats_a), layout),
+            self._work("b", len(feats_b), layout),
+        )
         for work, feats in ((work_a, feats_a), (work_b, feats_b)):
             for row, f in zip(work, feats, strict=True):
                 row.copy_(packed_gram(f, gram_dtype_for(f, self.gram_dtype), layout))
@@ -202,14 +205,16 @@ class MinibatchCKA(Metric):
         """
         n = _examples(self._check_grams(grams_a, "a"), self._check_grams(grams_b, "b"))
         layout = BlockLayout(n)
-        work_a, work_b = self._workspaces(len(grams_a), len(grams_b), layout)
-        for work, grams in ((work_a, grams_a), (work_b, grams_b)):
-            if isinstance(grams, Tensor):
-                work.view_as(grams).copy_(grams)
+        stacks = []
+        for side, grams in (("a", grams_a), ("b", grams_b)):
+            if isinstance(grams, Tensor):  # a float64 stack on this device is only read
+                stacks.append(self._as_stack(side, grams.flatten(1), layout))
                 continue
+            work = self._work(side, len(grams), layout)
             for row, gram in zip(work, grams, strict=True):
                 row.view_as(gram).copy_(gram)  # to float64 on the way
-        self._accumulate(work_a, work_b, layout)
+            stacks.append(work)
+        self._accumulate(stacks[0], stacks[1], layout)
 
     def _check_grams(self, grams: Sequence[Tensor] | Tensor, side: str) -> int:
         """The example count n of one side's Grams (n, n), checked."""
@@ -242,13 +247,15 @@ class MinibatchCKA(Metric):
                     f"side {side} expects packed Grams of shape ({len(names)}, {layout.size}) "
                     f"for n = {layout.n}, got {tuple(packed.shape)}"
                 )
-            device, f64 = self.cross.device, torch.float64
-            usable = packed.dtype == f64 and packed.device == device and packed.stride(1) == 1
-            stacks.append(packed if usable else self._work(side, len(names), layout).copy_(packed))
+            stacks.append(self._as_stack(side, packed, layout))
         self._accumulate(stacks[0], stacks[1], layout)
 
-    def _workspaces(self, count_a: int, count_b: int, layout: BlockLayout) -> tuple[Tensor, Tensor]:
-        return self._work("a", count_a, layout), self._work("b", count_b, layout)
+    def _as_stack(self, side: str, packed: Tensor, layout: BlockLayout) -> Tensor:
+        """(L, size) as it is if float64 on this device, else a copy in the workspace."""
+        here = packed.device == self.cross.device and packed.stride(-1) == 1
+        if here and packed.dtype == torch.float64:
+            return packed
+        return self._work(side, len(packed), layout).copy_(packed)
 
     def _work(self, side: str, count: int, layout: BlockLayout) -> Tensor:
         """This side's float64 workspace (count, layout.size), reused from batch to batch.

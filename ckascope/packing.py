@@ -45,6 +45,8 @@ class BlockLayout:
     depth: int = 0
     #: (offset, count, side) of each level's upper blocks, finest first; set from n and depth.
     spans: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+    #: Values in a packed matrix; set from n and depth.
+    size: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.depth < 0 or self.n % 2**self.depth:
@@ -54,7 +56,9 @@ class BlockLayout:
             count, side = 2 ** (k - 1), self.n >> k
             spans.append((offset, count, side))
             offset += count * side * side
-        object.__setattr__(self, "spans", tuple(spans))  # frozen: computed once, read per Gram
+        # Frozen: computed once here, read for every Gram.
+        object.__setattr__(self, "spans", tuple(spans))
+        object.__setattr__(self, "size", offset)
 
     @classmethod
     def for_size(cls, n: int) -> BlockLayout:
@@ -78,11 +82,6 @@ class BlockLayout:
     def diag_size(self) -> int:
         """Values in the leaves, which count once; the rest count twice."""
         return self.n * self.leaf
-
-    @property
-    def size(self) -> int:
-        """Values in a packed matrix."""
-        return self.diag_size + sum(count * side * side for _, count, side in self.spans)
 
     def levels(self) -> list[tuple[int, int]]:
         """(count, side) of each level's upper blocks, finest first."""

@@ -7,6 +7,7 @@ or the centred Gram matrix), so later in-place operations cannot change what was
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,10 +217,10 @@ class GramStack:
     forward pass of n examples; every hook then packs its layer's centred Gram
     (``kernels.packed_gram``) into the next row of the stack, and ``stack()`` returns the
     (L, size) rows, ready for ``MinibatchCKA.update_packed``; the rows (also what the hooks
-    record) are views of the stack, overwritten by the next batch. A fresh Gram per layer, all of
-    them alive until the engine runs, is given back to the system after every batch and
-    page-faulted in again in the next (25 MB per batch for two 50-layer MLPs at n = 256);
-    this buffer is allocated once and converted to float64 while each Gram is still in cache.
+    record) are views of the stack, overwritten by the next batch. Instead of a fresh Gram per
+    layer, all of them alive until the engine runs (25 MB per batch for two 50-layer MLPs at
+    n = 256, memory the allocator may hand back to the system and fault in again), the buffer
+    is allocated once, and each Gram converted to float64 while it is still in cache.
 
     Args:
         gram_dtype: Precision of the products (see ``MinibatchCKA``); the stack is float64.
@@ -257,7 +258,7 @@ class GramStack:
             )
         row = self._next_row(output.device)
         dtype = gram_dtype_for(output, self.gram_dtype)
-        n, p = self.layout.n, output[0].numel()
+        n, p = self.layout.n, math.prod(output.shape[1:])
         room = None  # CUDA's caching allocator reuses a temporary at no cost
         if output.device.type == "cpu":
             room = self._room(dtype, output.device, n * centre_width(n, p, dtype, output.device))
@@ -271,8 +272,8 @@ class GramStack:
     def _room(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
         """A buffer of at least ``numel`` values for the centred features, kept across layers.
 
-        On a CPU a fresh one per layer goes back to the system when freed and is page-faulted in
-        again for the next (256 KB per layer of the 50-layer MLP at n = 256).
+        On a CPU a fresh one per layer (256 KB for the 50-layer MLP at n = 256) is a round trip
+        to the allocator, which may hand it back to the system and fault it in again.
         """
         room = self._rooms.get((dtype, device))
         if room is None or room.numel() < numel:
