@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckascope import models
+from ckascope import kernels, models
 from ckascope.compare import ScaleView, compare_models, compare_scales
 from ckascope.data import build_dataset, eval_transform, subset_indices
 from ckascope.errors import InputError
@@ -71,7 +71,12 @@ def _independent(
     return ref.minibatch_cka(batches_a, batches_b)
 
 
-def test_end_to_end_equals_independent_computation(model: nn.Module, data) -> None:
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_end_to_end_equals_independent_computation(
+    monkeypatch: pytest.MonkeyPatch, model: nn.Module, data, chunk_bytes: int | None
+) -> None:
+    if chunk_bytes is not None:  # every layer spans chunks: later batches' Grams are shifted
+        monkeypatch.setattr(kernels, "CENTRE_CHUNK_BYTES", chunk_bytes)
     result = compare_scales(
         model, data, (16, BASE), layers=LAYERS, image_size=BASE, batch_size=8, num_images=26, seed=5
     )
