@@ -213,17 +213,22 @@ def gram_into(
     with exact_products(flat.device.type):
         for start in range(0, max(p, 1), width):  # p = 0: one empty chunk, a zero Gram
             chunk = (flat if width >= p else flat[:, start : start + width]).to(dtype)
-            columns = slice(start, start + chunk.shape[1])
-            if shift is not None:
-                centre = shift[columns]
-            else:
-                centre = torch.mean(chunk, dim=0, out=None if means is None else means[columns])
+            centre = _centre(chunk, start, shift, means)
             if buffer is None:
                 centred = chunk - centre
             else:
                 room = buffer[: chunk.numel()].view(chunk.shape)
                 centred = torch.sub(chunk, centre, out=room)
             _add_block_products(centred, blocks, layout, start > 0)
+
+
+def _centre(chunk: Tensor, start: int, shift: Tensor | None, means: Tensor | None) -> Tensor:
+    """What ``gram_into`` subtracts from a chunk (n, w) of the columns from ``start`` on: (w,)."""
+    if shift is not None:
+        return shift[start : start + chunk.shape[1]]
+    if means is None:
+        return chunk.mean(dim=0)
+    return torch.mean(chunk, dim=0, out=means[start : start + chunk.shape[1]])
 
 
 def shift_ratio(blocks: tuple[Tensor, list[Tensor]], layout: BlockLayout) -> float:
