@@ -5,13 +5,9 @@ columns at a time and adds each chunk's products while the chunk is still in cac
 them whole (the engine before a7a7f7c) writes a centred copy as large as the layer and reads it
 back. It computes only the blocks of the batch's ``BlockLayout`` (``ckascope.packing``: 3/4 of
 the products at n = 128, 5/8 at n = 256); the whole Gram (depth 0) is the engine before the
-packing. ``recorder.GramStack``, what a comparison's hooks run, packs the same Grams into its
-float64 stack, and from the second batch on shifts a layer larger than one chunk by the mean it
-kept from an earlier batch instead of centring it (one pass over the features instead of two).
-This script times the five on the layers of the two CPU workloads, one batch of features each,
-taking turns round by round in one process (this VM's speed drifts), and checks that all give
-the float64 reference's Gram (of the centred, or the same way shifted, features) to float32
-rounding:
+packing. This script times the three on the layers of the two CPU workloads, one batch of
+features each, taking turns round by round in one process (this VM's speed drifts), and checks
+that all give the float64 reference's Gram to float32 rounding:
 
     python benchmarks/bench_gram.py --rounds 7
 
@@ -28,7 +24,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +32,6 @@ from common import machine_info, markdown_table, set_threads, write_json
 
 from ckascope import kernels
 from ckascope.packing import BlockLayout, unpack
-from ckascope.recorder import GramStack
 from tests import reference as ref  # on the path through common
 
 #: Per workload: the examples per batch and each layer's feature shape (resnet18's ``blocks``
@@ -83,32 +77,6 @@ def check(feats: list[torch.Tensor], chunk_bytes: int | None, packed: bool) -> f
     return worst
 
 
-def stack_grams(stack: GramStack, feats: list[torch.Tensor], centre: bool) -> torch.Tensor:
-    """One batch through a ``GramStack`` (what a comparison's hooks run): its large layers
-    shifted by the means it kept from an earlier batch, or, with ``centre``, centred as in a
-    stack's first batch (its kept means forgotten first)."""
-    if centre:
-        stack._shifts.clear()  # private: the first batch's path, timed on the same data
-    stack.start(feats[0].shape[0])
-    for f in feats:
-        stack(f)
-    return stack.stack()
-
-
-def check_stack(feats: list[torch.Tensor], stack: GramStack, centre: bool) -> float:
-    """``check`` for a stack's Grams, against the float64 Gram of the features minus the means
-    the stack subtracted (its kept ones, or the features' own)."""
-    layout, worst = BlockLayout.for_size(len(feats[0])), 0.0
-    for i, (f, g) in enumerate(zip(feats, stack_grams(stack, feats, centre), strict=True)):
-        shift = stack._shifts.get(i)  # None: a layer of one chunk, centred
-        flat = f.double().reshape(len(f), -1).numpy()
-        flat = flat - (flat.mean(0) if shift is None else shift.double().numpy())
-        want = flat @ flat.T
-        got = unpack(g, layout).numpy()
-        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-    return worst
-
-
 def rounds(variants: Mapping[str, Callable[[], object]], count: int) -> dict[str, list[float]]:
     """Seconds of every variant, taking turns, after one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -136,18 +104,10 @@ def main() -> None:
             f"{chunk // 2**20} MiB chunks, whole Gram": (chunk, False),
             f"{chunk // 2**20} MiB chunks, packed Gram": (chunk, True),
         }
-        variants: dict[str, Callable[[], object]] = {
-            name: partial(grams, feats, c, p) for name, (c, p) in settings.items()
+        variants = {
+            name: lambda f=feats, c=c, p=p: grams(f, c, p) for name, (c, p) in settings.items()
         }
         errors = {name: check(feats, c, p) for name, (c, p) in settings.items()}
-        first, later = (GramStack("float32", layers=len(feats)) for _ in range(2))
-        stack_grams(later, features(workload, 1), False)  # an earlier batch: the kept means
-        for name, stack, centre in (
-            ("centred (a first batch)", first, True),
-            ("shifted by an earlier mean", later, False),
-        ):
-            variants[f"GramStack, {name}"] = partial(stack_grams, stack, feats, centre)
-            errors[f"GramStack, {name}"] = check_stack(feats, stack, centre)
         runs[workload] = rounds(variants, args.rounds)
         for name, t in runs[workload].items():
             rows.append(

@@ -169,13 +169,10 @@ def gram_into(
     blocks: tuple[Tensor, list[Tensor]],
     layout: BlockLayout,
     buffer: Tensor | None = None,
-    *,
-    shift: Tensor | None = None,
-    means: Tensor | None = None,
 ) -> None:
-    """Writes the packed Gram of x's centred (or shifted) features into ``blocks``.
+    """Writes the packed Gram of x's centred features into ``blocks``, in their dtype.
 
-    The mean is computed in the blocks' dtype: its rounding error is the same vector for every
+    The mean is computed in that dtype: its rounding error is the same vector for every
     example, a shift both HSIC estimators ignore, so even float32 features whose spread is 1e-6
     of their mean keep their digits (see tests/ckascope/test_stability.py). Only the layout's
     blocks are computed (5/8 of the products at depth 2), one batched product per level.
@@ -186,11 +183,6 @@ def gram_into(
     for a ResNet's first stage at 224 px and n = 128, where this halves the Gram's time; a CUDA
     device streams that copy faster than it launches the extra kernels).
 
-    Any other shift than the mean gives the same HSIC terms (exactly: the Gram then differs by
-    a_i + a_j, which both estimators remove; see ``shift_ratio``), and subtracting a known
-    ``shift`` is one pass over a chunk where its mean and the subtraction are two: the mean of
-    an earlier batch of the same layer serves, for 12 % of a 224-px ResNet's Gram time.
-
     Args:
         x: Features (n, ...) of any float dtype; everything after dim 0 is flattened.
         blocks: ``packed_blocks`` views of a packed (layout.size,) float32 or float64 tensor.
@@ -199,13 +191,7 @@ def gram_into(
             reused by a caller that takes many Grams on a CPU (a fresh one per layer can cost a
             round trip to the system's allocator and its page faults; CUDA's caching allocator
             has no such cost, and there the room would be a whole layer).
-        shift: (p,) values in the blocks' dtype to subtract from every example instead of the
-            features' mean.
-        means: (p,) tensor in the blocks' dtype that receives the features' mean (the shift
-            for a later batch); not with ``shift``.
     """
-    if shift is not None and means is not None:
-        raise ValueError("gram_into: pass shift or means, not both")
     flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
     n, p = flat.shape
     dtype = blocks[0].dtype
@@ -213,42 +199,12 @@ def gram_into(
     with exact_products(flat.device.type):
         for start in range(0, max(p, 1), width):  # p = 0: one empty chunk, a zero Gram
             chunk = (flat if width >= p else flat[:, start : start + width]).to(dtype)
-            centre = _centre(chunk, start, shift, means)
             if buffer is None:
-                centred = chunk - centre
+                centred = chunk - chunk.mean(dim=0)
             else:
                 room = buffer[: chunk.numel()].view(chunk.shape)
-                centred = torch.sub(chunk, centre, out=room)
+                centred = torch.sub(chunk, chunk.mean(dim=0), out=room)
             _add_block_products(centred, blocks, layout, start > 0)
-
-
-def _centre(chunk: Tensor, start: int, shift: Tensor | None, means: Tensor | None) -> Tensor:
-    """What ``gram_into`` subtracts from a chunk (n, w) of the columns from ``start`` on: (w,)."""
-    if shift is not None:
-        return shift[start : start + chunk.shape[1]]
-    if means is None:
-        return chunk.mean(dim=0)
-    return torch.mean(chunk, dim=0, out=means[start : start + chunk.shape[1]])
-
-
-def shift_ratio(blocks: tuple[Tensor, list[Tensor]], layout: BlockLayout) -> float:
-    """How far the features of a shifted Gram were from centred: ||x̄ - s||² / mean ||x_i - s||².
-
-    For a Gram G of the features x_i - s, 1ᵀG1 = n² ||x̄ - s||² and tr G = Σ ||x_i - s||²,
-    so this is 1ᵀG1 / (n tr G), from the packed blocks in float64. The rounding of float32
-    products grows with the entries, by 1 / (1 - ratio) over that of the centred features' Gram;
-    batches of one distribution shifted by another batch's mean give about 2 / (n + 2) (the
-    difference of two means). 0 for a zero Gram (every x_i = s, as centred as it gets); NaN
-    where the Gram is not finite.
-    """
-    leaves, uppers = blocks
-    total = leaves.sum(dtype=torch.float64) + 2 * sum(
-        (u.sum(dtype=torch.float64) for u in uppers), torch.zeros((), dtype=torch.float64)
-    )
-    trace = leaves.diagonal(dim1=-2, dim2=-1).sum(dtype=torch.float64)
-    if trace == 0:
-        return 0.0
-    return float(total / (layout.n * trace))
 
 
 def _add_block_products(

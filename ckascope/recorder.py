@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ckascope.errors import InputError
-from ckascope.kernels import centered_gram, centre_width, gram_into, shift_ratio
+from ckascope.kernels import centered_gram, centre_width, gram_into
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import gram_dtype_for
 from ckascope.packing import BlockLayout, packed_blocks
@@ -29,10 +29,6 @@ Reduce = Literal["none", "flatten", "gap", "gram"] | Callable[[Tensor], Tensor]
 Mode = Literal["eval", "train", "keep"]
 #: A packed float32 Gram and its ``packed_blocks`` views.
 Scratch = tuple[Tensor, tuple[Tensor, list[Tensor]]]
-#: Largest ``kernels.shift_ratio`` a GramStack accepts from a Gram of features shifted by an
-#: earlier batch's mean: the float32 rounding at most doubles; more, and the Gram is taken again
-#: from centred features. Batches of one distribution give about 2 / (n + 2).
-MAX_SHIFT_RATIO = 0.5
 
 
 def _gap(t: Tensor) -> Tensor:
@@ -226,13 +222,6 @@ class GramStack:
     n = 256, memory the allocator may hand back to the system and fault in again), the buffer
     is allocated once, and each Gram converted to float64 while it is still in cache.
 
-    On a CPU, a layer larger than one centring chunk is shifted by the mean its features had in
-    the batch that first recorded it (or last needed it: see ``MAX_SHIFT_RATIO``), one pass over
-    the features instead of two (``kernels.gram_into``). That Gram gives the same HSIC terms;
-    where the batch's own mean lies too far from that shift for float32 products
-    (``kernels.shift_ratio``), the Gram is taken again from centred features and the shift
-    renewed. Shifts are kept per row (the hooks' execution order), p values each.
-
     Args:
         gram_dtype: Precision of the products (see ``MinibatchCKA``); the stack is float64.
         layers: How many Grams a batch is expected to hold (the buffer grows if it holds more);
@@ -248,7 +237,6 @@ class GramStack:
         self._buffer: Tensor | None = None
         self._scratch: dict[tuple[torch.device, BlockLayout], Scratch] = {}
         self._rooms: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._shifts: dict[int, Tensor] = {}
 
     def start(self, n: int) -> None:
         """Begins a batch of n examples: the next Gram goes to row 0."""
@@ -268,35 +256,18 @@ class GramStack:
                 f"a hooked layer returned shape {tuple(output.shape)} for a batch of "
                 f"{self.layout.n} examples. Hint: choose layers whose outputs are (n, ...)"
             )
-        index, row = self.count, self._next_row(output.device)
+        row = self._next_row(output.device)
         dtype = gram_dtype_for(output, self.gram_dtype)
+        n, p = self.layout.n, math.prod(output.shape[1:])
+        room = None  # CUDA's caching allocator reuses a temporary at no cost
+        if output.device.type == "cpu":
+            room = self._room(dtype, output.device, n * centre_width(n, p, dtype, output.device))
         if dtype == torch.float64:
-            self._gram(output, packed_blocks(row, self.layout), index)
+            gram_into(output, packed_blocks(row, self.layout), self.layout, room)
             return row
         scratch, blocks = self._float32_scratch(output.device)
-        self._gram(output, blocks, index)
+        gram_into(output, blocks, self.layout, room)
         return row.copy_(scratch)  # to float64 while the Gram is in cache
-
-    def _gram(self, output: Tensor, blocks: tuple[Tensor, list[Tensor]], index: int) -> None:
-        """Writes the Gram of row ``index`` into ``blocks``, shifted where that pays (above)."""
-        if output.device.type != "cpu":  # CUDA's caching allocator reuses a temporary at no cost
-            gram_into(output, blocks, self.layout)
-            return
-        n, p, dtype = self.layout.n, math.prod(output.shape[1:]), blocks[0].dtype
-        width = centre_width(n, p, dtype, output.device)
-        room = self._room(dtype, output.device, n * width)
-        if width >= p:  # one chunk, read from memory once either way
-            gram_into(output, blocks, self.layout, room)
-            return
-        shift = self._shifts.get(index)
-        if shift is not None and shift.shape == (p,) and shift.dtype == dtype:
-            gram_into(output, blocks, self.layout, room, shift=shift)
-            if shift_ratio(blocks, self.layout) <= MAX_SHIFT_RATIO:
-                return
-        else:
-            with torch.inference_mode(False):  # kept across batches, in and out of inference mode
-                shift = self._shifts[index] = torch.empty(p, dtype=dtype)
-        gram_into(output, blocks, self.layout, room, means=shift)
 
     def _room(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
         """A buffer of at least ``numel`` values for the centred features, kept across layers.

@@ -75,7 +75,7 @@ def _independent(
 def test_end_to_end_equals_independent_computation(
     monkeypatch: pytest.MonkeyPatch, model: nn.Module, data, chunk_bytes: int | None
 ) -> None:
-    if chunk_bytes is not None:  # every layer spans chunks: later batches' Grams are shifted
+    if chunk_bytes is not None:  # every layer centred in many chunks
         monkeypatch.setattr(kernels, "CENTRE_CHUNK_BYTES", chunk_bytes)
     result = compare_scales(
         model, data, (16, BASE), layers=LAYERS, image_size=BASE, batch_size=8, num_images=26, seed=5
