@@ -3,8 +3,9 @@
 Both HSIC estimators are invariant to a shift of the features, so a Gram of x_i - c for any
 c gives the same HSIC terms in exact arithmetic, and subtracting a c known in advance (say the
 mean an earlier batch had) saves the pass that computes this batch's mean: 11 % of resnet18's
-Gram time at 224 px on the 2-core VM (tried at ce7ba31, reverted in f5c7ecd). In float32 it
-costs digits, far more than the distance of c from the mean suggests. This script measures the
+Gram time at 224 px on the 2-core VM (tried at ce7ba31, reverted in 43be5f7). In float32 it
+costs digits on some layers (up to 77x on resnet18's maxpool), far more than the distance of c
+from the mean suggests, while others come out slightly better. This script measures the
 relative error of HSIC1(K, K) against float64, per layer, for float32 Grams of one batch's
 features centred by their own mean, shifted by the previous batch's mean, and not centred:
 
