@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -337,7 +338,9 @@ def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted at step" in err
+    # Mid-epoch as a rule; a signal that lands between metrics.jsonl's write and the end-of-epoch
+    # check (a few ms, hit under load) stops the run after the epoch, last.pt saved either way.
+    assert re.search(r"interrupted (at step|after epoch) \d+", err), err
     assert "Traceback" not in err
     progress = torch.load(out / "last.pt", weights_only=True)["progress"]
     assert progress["global_step"] >= 4
