@@ -215,9 +215,8 @@ def main() -> None:
             f"{args.rounds} rounds, {torch.get_num_threads()} threads"
         )
         for name, t in payload["seconds"].items():
-            print(
-                f"  {name:12s} median {payload['median_s'][name]:.3f} s  [{min(t):.3f} .. {max(t):.3f}]"
-            )
+            median = payload["median_s"][name]
+            print(f"  {name:12s} median {median:.3f} s  [{min(t):.3f} .. {max(t):.3f}]")
         for name, ratio in payload["ckascope_over"].items():
             print(f"  ckascope / {name}: {ratio:.3f}")
     write_json(out, payload)

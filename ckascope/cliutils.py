@@ -90,10 +90,11 @@ def config_options(
     """A decorator adding one click option per field of a config dataclass, in field order.
 
     A field's type hint, default and metadata (``config_field``) make its option: ``help``;
-    ``choices`` or a ``Literal`` type (a ``click.Choice``); ``min``/``max`` (an ``IntRange``/``FloatRange``); ``short`` (e.g.
-    ``-m``); ``flag`` (a plain on-switch instead of ``--x/--no-x`` for a boolean). Paths
-    become ``click.Path``, fixed-length tuples ``nargs``. ``overrides`` gives the click keywords
-    (type, callback, ...) of named fields instead (a list option, for one).
+    ``choices`` or a ``Literal`` type (a ``click.Choice``); ``min``/``max`` (an
+    ``IntRange``/``FloatRange``); ``short`` (e.g. ``-m``); ``flag`` (a plain on-switch instead
+    of ``--x/--no-x`` for a boolean). Paths become ``click.Path``, fixed-length tuples
+    ``nargs``. ``overrides`` gives the click keywords (type, callback, ...) of named fields
+    instead (a list option, for one).
 
     Raises:
         TypeError: A field without a default, or of a type no option takes (a variable-length

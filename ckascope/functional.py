@@ -141,10 +141,10 @@ def packed_hsic1_terms(
 
     tr(K̃L̃) = <K, L> - Σ_i K_ii L_ii and K̃1 = K1 - diag(K), so nothing is U-centred or
     copied: the cost is the one product of the packed matrices (``packed_inner``) plus a few
-    batched passes for their statistics (``packed_stats``). Every term is float64 (the inputs are). The terms partly cancel, most for kernels
-    far from centred (a Gram of uncentred features); for the centred Grams the engine receives,
-    the float32 rounding of the Grams themselves (~1e-9 in CKA) stays the larger error
-    (tests/ckascope/test_stability.py).
+    batched passes for their statistics (``packed_stats``). Every term is float64 (the inputs
+    are). The terms partly cancel, most for kernels far from centred (a Gram of uncentred
+    features); for the centred Grams the engine receives, the float32 rounding of the Grams
+    themselves (~1e-9 in CKA) stays the larger error (tests/ckascope/test_stability.py).
 
     Args:
         pa: (La, size) packed float64 kernel matrices (``ckascope.packing``); only read.

@@ -295,8 +295,8 @@ def check(cfg: TrainConfig) -> None:
 def paper_sizes(image_size: int) -> list[int]:
     """The paper's 13 test sizes (32, 48, ..., 224 for 224) scaled to ``image_size``.
 
-    1/7 .. 1 of the training image size in 12 equal steps, rounded (4, 6, ..., 28 for 28); sizes that
-    round to the same pixel count appear once.
+    1/7 .. 1 of the training image size in 12 equal steps, rounded (4, 6, ..., 28 for 28);
+    sizes that round to the same pixel count appear once.
     """
     return sorted({max(1, round(image_size * (2 + i) / 14)) for i in range(13)})
 

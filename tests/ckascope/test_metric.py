@@ -237,7 +237,7 @@ def test_bad_updates() -> None:
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_float32_gram_list_and_float64_stack_give_the_same_matrix(kernel: str) -> None:
     # A list of float32 Grams is copied layer by layer into the reused float64 workspace, a
-    # float64 stack in one copy; both then take the same engine.
+    # float64 stack on the metric's device is read as it is; both then take the same engine.
     a, b = _batches([40, 40, 12])
     via_list, via_stack = MinibatchCKA(3, 2, kernel=kernel), MinibatchCKA(3, 2, kernel=kernel)
     for fa, fb in zip(a, b, strict=True):
