@@ -244,14 +244,15 @@ def figure4(runs: dict[str, Path], s: dict[str, Any], out: Path) -> dict[str, Ev
         out / "data" / "fig4_accuracy.json",
         {"settings": _plain(s), "models": [e.summary() for e in evaluated]},
     )
-    png(
-        accuracy_vs_size(
-            evaluated, title="Top-1 vs test size (resnet18, synthetic, upsample protocol)"
-        ),
-        out,
-        "fig4_accuracy",
-    )
+    draw_figure4(out)
     return dict(zip(RUNS, evaluated, strict=True))
+
+
+def draw_figure4(out: Path) -> None:
+    """fig4_accuracy.png from the numbers in <out>/data/fig4_accuracy.json."""
+    models = json.loads((out / "data" / "fig4_accuracy.json").read_text())["models"]
+    title = "Top-1 vs test size (resnet18, synthetic, upsample protocol)"
+    png(accuracy_vs_size(models, title=title), out, "fig4_accuracy")
 
 
 # Figure 2's models: run name -> label. Every MSUN is measured through its routed paths.
@@ -328,8 +329,16 @@ def main() -> None:
         action="store_true",
         help="stop after Figure 4, Figure 2 and the heatmaps",
     )
+    parser.add_argument(
+        "--redraw-figure4",
+        action="store_true",
+        help="only draw Figure 4 again from <out>/data/fig4_accuracy.json (no runs needed)",
+    )
     args = parser.parse_args()
     s, out = settings(args.quick), args.out
+    if args.redraw_figure4:
+        draw_figure4(out)
+        return
     (out / "data").mkdir(parents=True, exist_ok=True)
     runs = {
         name: run(train_config(s, method, args.runs / name, split, **si))

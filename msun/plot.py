@@ -6,8 +6,9 @@ mean FLOPs per image and parameters. Drawn with matplotlib's object API (no disp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -15,22 +16,29 @@ from ckascope.plot import save
 from msun.evaluate import Evaluated
 
 
-def accuracy_vs_size(evaluated: Sequence[Evaluated], *, title: str | None = None) -> Figure:
-    """Routed top-1 per test size for every evaluated checkpoint."""
+def accuracy_vs_size(summaries: Sequence[Mapping[str, Any]], *, title: str | None = None) -> Figure:
+    """Routed top-1 per test size for every evaluated checkpoint.
+
+    Args:
+        summaries: ``Evaluated.summary()`` of each checkpoint, as ``msun eval`` writes them to
+            eval.json (so a figure can be drawn again from its numbers alone).
+        title: The axes' title [the protocol of the first].
+    """
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
-    for ev in evaluated:
-        r = ev.result
-        label = f"{ev.name} ({ev.method}): mean {r.mean_top1:.1f}%, {ev.mean_flops / 1e9:.2f} GFLOPs, {ev.parameters / 1e6:.2f} M params"
-        ax.plot(r.sizes, r.routed_top1, marker="o", label=label)
-    sizes = sorted({s for ev in evaluated for s in ev.result.sizes})
-    ax.set_xticks(sizes)
+    for r in summaries:
+        label = (
+            f"{r['checkpoint']} ({r['method']}): mean {r['mean_top1']:.1f}%, "
+            f"{r['mean_flops'] / 1e9:.2f} GFLOPs, {r['parameters'] / 1e6:.2f} M params"
+        )
+        ax.plot(r["sizes"], r["top1"], marker="o", label=label)
+    ax.set_xticks(sorted({s for r in summaries for s in r["sizes"]}))
     ax.set_xlabel("test image size (px)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
-    ax.set_title(title or f"Accuracy vs test size ({evaluated[0].result.protocol} protocol)")
+    ax.set_title(title or f"Accuracy vs test size ({summaries[0]['protocol']} protocol)")
     return fig
 
 
@@ -38,4 +46,5 @@ def save_accuracy_figure(
     evaluated: Sequence[Evaluated], folder: Path, title: str | None = None
 ) -> list[Path]:
     """figure4.png and figure4.pdf in ``folder``."""
-    return save(accuracy_vs_size(evaluated, title=title), folder / "figure4")
+    summaries = [ev.summary() for ev in evaluated]
+    return save(accuracy_vs_size(summaries, title=title), folder / "figure4")

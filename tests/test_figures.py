@@ -54,6 +54,18 @@ def test_ablation_redraws_from_its_committed_json(mf: ModuleType, tmp_path: Path
     assert mf.png(figure, tmp_path, "ablation").stat().st_size > 10_000
 
 
+def test_figure4_redraws_from_its_committed_json(mf: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    saved = FIGURES / "data" / "fig4_accuracy.json"
+    (tmp_path / "data" / saved.name).write_text(saved.read_text())
+    models = json.loads(saved.read_text())["models"]
+    assert [m["checkpoint"] for m in models] == list(mf.RUNS)
+    for m in models:  # the legend's mean is the curve's
+        assert m["mean_top1"] == pytest.approx(np.mean(m["top1"]))
+    mf.draw_figure4(tmp_path)
+    assert (tmp_path / "fig4_accuracy.png").stat().st_size > 10_000
+
+
 def _tiny() -> dict[str, Any]:
     return {
         "image_size": 16,
