@@ -5,7 +5,8 @@ function of (seed, epoch, index), whatever the number of processes, workers or r
 batch is cut into world_size x accum_steps micro-batches; process r takes micro-batches
 r*accum .. r*accum + accum - 1. A run resumed from any checkpoint therefore repeats exactly the
 steps it lost, and W processes see the same micro-batches as one process with
-``--accum-steps W``.
+``--accum-steps W``. Sets held in memory at one size (the MNIST family, CIFAR) are augmented a
+batch at a time with the same draws (``msun.augment``); the others image by image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision.transforms import v2
 from ckascope.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Batch,
     build_dataset,
     collate_skip,
     dataset_len,
@@ -30,6 +32,7 @@ from ckascope.data import (
 )
 from ckascope.distributed import DistInfo
 from ckascope.errors import InputError
+from msun.augment import BatchAugmented, in_memory_images
 from msun.config import TrainConfig
 
 #: Size of the synthetic training / validation sets when --num-train / --num-val are not given.
@@ -140,12 +143,17 @@ def make_loader(dataset: Dataset[Any], cfg: TrainConfig, device: torch.device) -
     return DataLoader(
         dataset,
         batch_sampler=PlanSampler(),
-        collate_fn=collate_skip,
+        collate_fn=collate_batch,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator(),
     )
+
+
+def collate_batch(items: Any) -> Batch:
+    """A ``BatchAugmented`` set's batch as it comes; (image, label) items collated."""
+    return items if isinstance(items, Batch) else collate_skip(items)
 
 
 def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[int]]:
@@ -194,10 +202,22 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         )
     count = cfg.num_classes if classes is None else len(classes)
     return (
-        SeededItems(_subset(train, cfg.num_train, cfg.seed)),
+        _augmented(_subset(train, cfg.num_train, cfg.seed), cfg, classes),
         _subset(val, cfg.num_val, cfg.seed + 1),
         int(count or 0),
     )
+
+
+def _augmented(train: Dataset[Any], cfg: TrainConfig, classes: list[str] | None) -> Dataset[Any]:
+    """The training set with its augmentation: a batch at a time for images held in memory.
+
+    Both paths draw each image's crop and flip from its own seed, the same way
+    (``msun.augment``); sets read from files or drawn on the fly go image by image.
+    """
+    held = in_memory_images(train)
+    if held is None:
+        return SeededItems(train)
+    return BatchAugmented(*held, cfg.image_size, cfg.crop_scale_min, classes)
 
 
 def _classes(dataset: Dataset[Any]) -> list[str] | None:
