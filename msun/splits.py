@@ -19,6 +19,7 @@ What a split point means (the legal ones, the published default, how a model is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,14 @@ def split_candidates(
 
     The costs are the parameters the per-scale subnets add and the routed model's mean MACs per
     image over the 13 test sizes (the ``upsample`` protocol), counted on the meta device (shapes only).
+    Counting them builds an MSUN per split point (seconds), so each answer is kept.
     """
+    return list(_candidates(arch, tuple(scales), num_classes))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(arch: str, scales: tuple[int, ...], num_classes: int) -> tuple[SplitCandidate, ...]:
+
     out = []
     for name in split_points(arch):
         with torch.device("meta"):
@@ -67,7 +75,7 @@ def split_candidates(
         out.append(
             SplitCandidate(name, trunk_module(arch, name), extra, report.mean("upsample") / 2)
         )
-    return out
+    return tuple(out)
 
 
 def split_vocabulary(arch: str) -> list[SplitCandidate] | None:
