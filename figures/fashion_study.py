@@ -1,35 +1,45 @@
-"""The paper's claims on real images: vanilla, MST and MSUN on Fashion-MNIST, several seeds.
+"""The paper's claims and the project's loop on real images: a converged, multi-seed study.
 
-    python figures/fashion_study.py                  # the committed study (about 90 min, 2 CPU cores)
-    python figures/fashion_study.py --redraw         # figures and RESULTS.md from the committed data
+    python figures/fashion_study.py                 # run what is missing (hours on 2 CPU cores), resumable
+    python figures/fashion_study.py --status        # what is done and what is left; runs nothing
+    python figures/fashion_study.py --redraw        # figures and RESULTS.md from the committed data
     python figures/fashion_study.py --quick --data fashionmnist:DIR --out /tmp/fq --runs /tmp/fq/runs
 
 The paper's geometry scaled to the data: ResNet-18 from scratch on the native 28-px images,
 nominal scales 4 / 16 / 28 (the paper's 32 / 128 / 224 times 1/8: the same 1 : 4 : 7 ratios),
-the 13 test sizes 4, 6, ..., 28 (1/7 .. 1 of the training size, as 32..224). Every method trains
-with the same data, budget, optimiser and schedule (the recipe's shapes, the project's learning
-rate rule); only what defines the method differs (its loss, its subnets, MSUN's gradient clip).
+the 13 test sizes 4, 6, ..., 28 (1/7 .. 1 of the training size, as 32..224). Every run trains
+with the same data, budget, optimiser and schedule; only what defines the method differs.
 
-Steps (each one is reused when its output exists, so an interrupted study resumes):
+The study, in the order it runs (figures/README.md states the design and the criteria, written
+before the runs):
 
-1. train vanilla, MST, MSUN with the published SI term and MSUN with the revised one, per seed;
-2. evaluate each on the same test images at the 13 sizes: routed top-1 (routing fixed in
-   advance) and, labelled as such, the paper's best path per size chosen on the test images;
-3. Figure 2: same-layer CKA, smallest vs full size, of the seed-0 models (10 sweeps of random
-   test subsets, mean +- std), and their heatmaps;
-4. the loop: ``suggest-split`` on the trained vanilla model's analysis, ``msun train --split-at
-   auto --cka-from`` that analysis, and the split-point ablation (trunk at layer1..layer4, seed
-   0, published SI) that says whether the suggested split was the best one;
-5. RESULTS.md: every table and the verdict on the criteria below, drawn from data/ only.
+1. **The budget, measured.** One vanilla run (seed 0) for 15 epochs, validated after every
+   epoch; the budget E is the smallest epoch count whose full-size accuracy is within
+   ``WITHIN_PLATEAU`` points of the plateau, kept in 3..6 (``choose_budget``). Written to
+   data/budget.json before any other run starts.
+2. **The methods at E epochs, seed by seed:** vanilla, MST, MSUN with the published SI term and
+   with the revised one, each evaluated on the same test images at the 13 sizes.
+3. **The loop:** suggest-split on each seed's vanilla model (``--split-at auto``'s own choice,
+   made by the trainer's code), and the split ablation: MSUN (published SI) with its trunk at
+   layer1..layer4, every seed (layer2 is step 2's MSUN).
+4. **Figure 2 and heatmaps** from the seed-0 models (linear and RBF CKA).
 
-The criteria were written down before the runs (figures/README.md) and are applied as coded here.
+Every finished run writes its record (resolved config, training curve, evaluation) and its CKA
+analyses into ``<out>/data`` at once, so a study stopped anywhere loses at most the run in
+progress: the next invocation skips every run with a record, resumes a run whose checkpoint
+(under ``--runs``, outside the work tree) is still there, and starts the others afresh.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +51,8 @@ from torch.utils.data import DataLoader
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # make_figures, beside this script
 
-from make_figures import ablation_figure, budget, png, run  # noqa: E402
+from make_figures import png  # noqa: E402
+from make_figures import run as trained  # noqa: E402
 
 from ckascope.compare import compare_scales  # noqa: E402
 from ckascope.data import (  # noqa: E402
@@ -52,20 +63,21 @@ from ckascope.data import (  # noqa: E402
     plan_batches,
     subset_indices,
 )
+from ckascope.distributed import init_distributed  # noqa: E402
 from ckascope.fileio import write_json, write_text  # noqa: E402
 from ckascope.models import load_checkpoint, read_checkpoint  # noqa: E402
 from ckascope.plot import curve, heatmap  # noqa: E402
 from ckascope.result import CKAResult  # noqa: E402
 from ckascope.split import suggest_split  # noqa: E402
 from ckascope.vocab import Kernel  # noqa: E402
-from msun.config import TrainConfig, paper_sizes  # noqa: E402
+from msun.config import RESUMABLE_CHANGES, TrainConfig, paper_sizes  # noqa: E402
 from msun.evaluate import evaluate_checkpoints, load_for_eval  # noqa: E402
-from msun.splits import split_candidates  # noqa: E402
+from msun.splits import choose, split_candidates  # noqa: E402
 
 ARCH = "resnet18"
 SPLITS = ("layer1", "layer2", "layer3", "layer4")
 # name -> (method, split, SI options, label). The revised SI term: each smaller path against
-# the largest, weight 0.1, no dead zone (MSUN_SPEC.md).
+# the largest, weight 0.1, no dead zone (docs/msun.md).
 METHODS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
     "vanilla": ("vanilla", None, {}, "vanilla"),
     "mst": ("mst", None, {}, "MST"),
@@ -77,13 +89,18 @@ METHODS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
         "MSUN, revised SI (λ 0.1 vs largest)",
     ),
 }
-# Pre-registered criteria (figures/README.md): "far above" at the smallest size is >= 10 points
-# (the paper: +42 at 32 px); "within 1 point" at full size (the paper: 0.1-0.7 below).
+# Pre-registered (figures/README.md). The paper's claims: "far above" at the smallest size is
+# >= 10 points (the paper: +42 at 32 px), "within 1 point" at full size (the paper: 0.1-0.7).
 FAR_ABOVE, WITHIN = 10.0, 1.0
+# The budget: E is the smallest epoch count whose full-size accuracy in the probe is within
+# WITHIN_PLATEAU points of the plateau (the mean of its last PLATEAU_EPOCHS epochs), kept in
+# the settings' [min_epochs, max_epochs] (3..6 for the study).
+PLATEAU_EPOCHS, WITHIN_PLATEAU = 3, 1.5
+DEFAULT_RUNS = Path.home() / ".cache" / "ckascope" / "fashion-study"
 
 
 def settings(quick: bool, data: str) -> dict[str, Any]:
-    """The study's settings (or a smoke run's)."""
+    """The study's settings (or a smoke run's); the epochs come from the probe."""
     common = {"data": data, "image_size": 28, "scales": [4, 16, 28], "crop_scale_min": 0.35}
     if quick:
         return {
@@ -91,9 +108,12 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
             "num_train": 64,
             "num_val": 16,
             "num_eval": 32,
-            "epochs": 1,
             "batch_size": 16,
             "seeds": [0, 1],
+            "probe_epochs": 2,
+            "probe_val": 32,
+            "min_epochs": 1,
+            "max_epochs": 1,
             "cka_images": 32,
             "cka_repeats": 2,
             "cka_batch": 16,
@@ -103,17 +123,40 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
         "num_train": 60000,
         "num_val": 500,
         "num_eval": 5000,
-        "epochs": 1,
         "batch_size": 64,
         "seeds": [0, 1, 2],
+        "probe_epochs": 15,
+        "probe_val": 5000,
+        "min_epochs": 3,
+        "max_epochs": 6,
         "cka_images": 1280,
         "cka_repeats": 10,
         "cka_batch": 128,
     }
 
 
-def train_config(s: dict[str, Any], name: str, seed: int, out: Path, **change: Any) -> TrainConfig:
-    """One run: ``name``'s method on the shared budget; ``change`` overrides (split, auto)."""
+# ----------------------------------------------------------------------------- the runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study and the analyses made of its checkpoint.
+
+    Attributes:
+        name: The run's file stem in data/ and folder under --runs ("msun_seed1").
+        config: What it trains.
+        kernels: The CKA analyses of the trained model (smallest vs full size).
+    """
+
+    name: str
+    config: TrainConfig
+    kernels: tuple[Kernel, ...] = ()
+
+
+def train_config(
+    s: dict[str, Any], name: str, seed: int, epochs: int, out: Path, **change: Any
+) -> TrainConfig:
+    """``name``'s method on the shared budget of ``epochs`` epochs; ``change`` overrides."""
     method, split, si, _ = METHODS[name]
     options: dict[str, Any] = {"split_at": split, **si, **change}
     return TrainConfig(
@@ -122,21 +165,90 @@ def train_config(s: dict[str, Any], name: str, seed: int, out: Path, **change: A
         scales=tuple(s["scales"]),
         data=s["data"],
         out=str(out),
-        **budget(s),
-        warmup_epochs=s["epochs"] * 5 / 90,  # the recipe's 5 of 90 epochs
+        image_size=s["image_size"],
+        num_train=s["num_train"],
+        num_val=s["num_val"],
+        batch_size=s["batch_size"],
+        epochs=epochs,
+        warmup_epochs=epochs * 5 / 90,  # the recipe's 5 of 90 epochs
         crop_scale_min=s["crop_scale_min"],
-        eval_every=s["epochs"],
+        eval_every=epochs,
         seed=seed,
         **options,
     )
 
 
-# ----------------------------------------------------------------------------- evaluation
+def probe_run(s: dict[str, Any], runs: Path) -> Run:
+    """Vanilla, seed 0, ``probe_epochs`` epochs, validated after each on ``probe_val`` images."""
+    epochs = s["probe_epochs"]
+    name = f"probe_vanilla_seed0_{epochs}ep"
+    cfg = train_config(s, "vanilla", 0, epochs, runs / name)
+    return Run(name, dataclasses.replace(cfg, num_val=s["probe_val"], eval_every=1))
+
+
+def study_runs(s: dict[str, Any], epochs: int, runs: Path) -> list[Run]:
+    """Every run at the budget, in the order they train: methods seed by seed, then the ablation.
+
+    Seed by seed, so a partial study is balanced over the methods. Each vanilla model gets the
+    linear analysis suggest-split reads; the seed-0 models of every method both kernels.
+    """
+    out = []
+    for seed in s["seeds"]:
+        for name in METHODS:
+            first, vanilla = seed == s["seeds"][0], name == "vanilla"
+            kernels: tuple[Kernel, ...] = (
+                ("linear", "rbf") if first else ("linear",) if vanilla else ()
+            )
+            run_name = f"{name}_seed{seed}"
+            out.append(Run(run_name, train_config(s, name, seed, epochs, runs / run_name), kernels))
+    for seed in s["seeds"]:
+        for split in SPLITS:
+            if split != METHODS["msun"][1]:  # layer2 is the main MSUN run
+                run_name = f"ablation_{split}_seed{seed}"
+                cfg = train_config(s, "msun", seed, epochs, runs / run_name, split_at=split)
+                out.append(Run(run_name, cfg))
+    return out
+
+
+def ablation_runs(s: dict[str, Any], split: str) -> list[str]:
+    """The runs that give ``split``'s ablation point, one per seed."""
+    main = split == METHODS["msun"][1]
+    return [f"msun_seed{seed}" if main else f"ablation_{split}_seed{seed}" for seed in s["seeds"]]
+
+
+# ----------------------------------------------------------------------------- one run's data
 
 
 def read_json(path: Path) -> Any:
     """A JSON file's content."""
     return json.loads(path.read_text())
+
+
+def record_path(data: Path, run: Run) -> Path:
+    return data / "runs" / f"{run.name}.json"
+
+
+def cka_folder(data: Path, run: Run, kernel: Kernel) -> Path:
+    return data / "cka" / (run.name + ("_rbf" if kernel == "rbf" else ""))
+
+
+def matches(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a saved resolved config is what ``cfg`` asks for.
+
+    Every value ``cfg`` fixes must be the saved one; None and "auto" mean "resolve it" (the lr,
+    the clip, amp) and settings that do not change the weights (``RESUMABLE_CHANGES``) may differ.
+    """
+    wanted = cfg.to_dict().items()
+    fixed = {k: v for k, v in wanted if v not in (None, "auto") and k not in RESUMABLE_CHANGES}
+    return all(saved.get(k) == v for k, v in fixed.items())
+
+
+def is_done(data: Path, run: Run) -> bool:
+    """A record of this run and every analysis of it are in ``data``."""
+    record = record_path(data, run)
+    if not record.is_file() or not matches(read_json(record)["train_config"], run.config):
+        return False
+    return all((cka_folder(data, run, k) / "result.json").is_file() for k in run.kernels)
 
 
 def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
@@ -147,12 +259,8 @@ def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
     return DataLoader(data, batch_sampler=plan_batches(keep, 250), collate_fn=collate_skip)
 
 
-def evaluated(last: Path, s: dict[str, Any], cache: Path) -> dict[str, Any]:
-    """``msun eval`` summary of one checkpoint (every path), cached beside the study's data."""
-    config = read_checkpoint(last)["train_config"]
-    saved: dict[str, Any] | None = read_json(cache) if cache.is_file() else None
-    if saved is not None and saved["train_config"] == config:
-        return saved
+def evaluation(last: Path, s: dict[str, Any]) -> dict[str, Any]:
+    """``msun eval`` of one checkpoint on the study's test images: every path, every size."""
     (ev,) = evaluate_checkpoints(
         [load_for_eval(last)],
         eval_loader(s),
@@ -161,10 +269,179 @@ def evaluated(last: Path, s: dict[str, Any], cache: Path) -> dict[str, Any]:
         paths="all",
         device=torch.device("cpu"),
     )
-    summary = {**ev.summary(), "train_config": config}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_json(cache, summary)
-    return summary
+    return ev.summary()
+
+
+def cka(last: Path, s: dict[str, Any], kernel: Kernel) -> CKAResult:
+    """Same-layer CKA of a trained model at its smallest vs its full size."""
+    return compare_scales(
+        load_checkpoint(last),
+        s["data"],
+        (min(s["scales"]), s["image_size"]),
+        num_images=s["cka_images"],
+        repeats=s["cka_repeats"],
+        batch_size=s["cka_batch"],
+        kernel=kernel,
+        settings={"model": ARCH, "arch": ARCH, "checkpoint": last.name},
+    )
+
+
+def finish(run: Run, s: dict[str, Any], data: Path) -> None:
+    """Trains (or resumes) the run, then writes its analyses and its record, the record last."""
+    last = trained(run.config)
+    for kernel in run.kernels:
+        cka(last, s, kernel).save(cka_folder(data, run, kernel), overwrite=True)
+    ckpt = read_checkpoint(last)
+    record = {
+        "train_config": ckpt["train_config"],
+        "history": ckpt["history"],
+        "evaluation": None if run.name.startswith("probe_") else evaluation(last, s),
+    }
+    path = record_path(data, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+
+
+# ----------------------------------------------------------------------------- the budget
+
+
+def probe_curve(history: list[dict[str, Any]], image_size: int) -> list[dict[str, Any]]:
+    """Per epoch of the probe: full-size and mean validation top-1, training loss."""
+    return [
+        {
+            "epoch": row["epoch"],
+            "top1_full": row[f"val_top1_{image_size}"],
+            "top1_mean": row["val_top1_mean"],
+            "loss": row["loss"],
+        }
+        for row in history
+    ]
+
+
+def choose_budget(full: Sequence[float], low: int, high: int) -> dict[str, Any]:
+    """The pre-registered rule on the probe's full-size top-1 per epoch (index 0 = epoch 1).
+
+    Returns:
+        The plateau, the first epoch within ``WITHIN_PLATEAU`` points of it, the budget (that
+        epoch kept in [low, high]) and the rule in words.
+    """
+    plateau = float(np.mean(full[-PLATEAU_EPOCHS:]))
+    reached = next(e for e, acc in enumerate(full, 1) if acc >= plateau - WITHIN_PLATEAU)
+    return {
+        "plateau": plateau,
+        "first_within": reached,
+        "epochs": min(max(reached, low), high),
+        "rule": (
+            f"the smallest epoch count whose full-size top-1 is within {WITHIN_PLATEAU} points of "
+            f"the plateau (mean of the probe's last {PLATEAU_EPOCHS} epochs), kept in "
+            f"[{low}, {high}]"
+        ),
+    }
+
+
+def budget(s: dict[str, Any], data: Path, runs: Path, train: bool) -> int | None:
+    """The study's epochs: from data/budget.json, else from the probe (trained when ``train``)."""
+    path = data / "budget.json"
+    if path.is_file():
+        return int(read_json(path)["epochs"])
+    probe = probe_run(s, runs)
+    if not is_done(data, probe):
+        if not train:
+            return None
+        finish(probe, s, data)
+    history = read_json(record_path(data, probe))["history"]
+    points = probe_curve(history, s["image_size"])
+    choice = choose_budget([p["top1_full"] for p in points], s["min_epochs"], s["max_epochs"])
+    write_json(
+        path, {"probe": probe.name, "validation_images": s["probe_val"], "curve": points, **choice}
+    )
+    return int(choice["epochs"])
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def status(s: dict[str, Any], data: Path, runs: Path) -> list[str]:
+    """One line per run: done (its data is in ``data``), interrupted (and where), or to do."""
+    epochs = budget(s, data, runs, train=False)
+    planned = [probe_run(s, runs)] if epochs is None else study_runs(s, epochs, runs)
+    lines = [line(run, data) for run in planned]
+    done = sum(x.startswith("done") for x in lines)
+    head = f"{done} of {len(planned)} runs done" + (
+        "" if epochs is not None else " (the probe decides the budget; the other runs follow)"
+    )
+    return [head, *lines]
+
+
+def line(run: Run, data: Path) -> str:
+    if is_done(data, run):
+        return f"done         {run.name}"
+    last = Path(run.config.out) / "last.pt"
+    if last.is_file():
+        epoch = read_checkpoint(last)["progress"]["epoch"]
+        return f"interrupted  {run.name} (checkpoint after epoch {epoch}/{run.config.epochs})"
+    return f"to do        {run.name}"
+
+
+def study(s: dict[str, Any], out: Path, runs: Path) -> None:
+    """Runs everything missing, each finished run's data written at once; then the summaries."""
+    data = out / "data"
+    epochs = budget(s, data, runs, train=True)
+    assert epochs is not None
+    for run in study_runs(s, epochs, runs):
+        if not is_done(data, run):
+            print(f"fashion study: {run.name}", flush=True)
+            finish(run, s, data)
+    summarize(s, epochs, data, runs)
+
+
+def suggestions(s: dict[str, Any], data: Path, runs: Path, epochs: int) -> list[dict[str, Any]]:
+    """Per seed: suggest-split on that seed's vanilla model, and ``--split-at auto``'s choice.
+
+    The auto choice is made by the trainer's own code (``msun.splits.choose`` with
+    ``--cka-from``), into a scratch folder: it must agree with suggest-split.
+    """
+    rows = []
+    candidates = split_candidates(ARCH, s["scales"])
+    info = init_distributed("cpu")
+    for seed in s["seeds"]:
+        analysis = data / "cka" / f"vanilla_seed{seed}"
+        suggestion = suggest_split(CKAResult.load(analysis), candidates)
+        with tempfile.TemporaryDirectory() as scratch:
+            cfg = train_config(s, "msun", seed, epochs, Path(scratch), split_at="auto")
+            auto = choose(dataclasses.replace(cfg, cka_from=str(analysis)), None, info)
+        rows.append({"seed": seed, "auto_split": auto, **suggestion.to_dict()})
+    return rows
+
+
+def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
+    """accuracy.json and loop.json from the records there are (a partial study says so)."""
+    evals = {name: records(data, [f"{name}_seed{seed}" for seed in s["seeds"]]) for name in METHODS}
+    ablation = {split: ablation_point(s, data, split) for split in SPLITS}
+    seeds = [seed for seed in s["seeds"] if (data / "cka" / f"vanilla_seed{seed}").is_dir()]
+    loop = suggestions({**s, "seeds": seeds}, data, runs, epochs)
+    planned = len(study_runs(s, epochs, runs))
+    done = sum(is_done(data, r) for r in study_runs(s, epochs, runs))
+    write_json(
+        data / "accuracy.json",
+        {
+            "settings": {**s, "epochs": epochs},
+            "runs_done": done,
+            "runs_planned": planned,
+            "methods": {name: aggregate(e) for name, e in evals.items() if e},
+            "ablation": {split: a for split, a in ablation.items() if a is not None},
+            "suggested": {str(r["seed"]): r["choice"] for r in loop},
+        },
+    )
+    complete = all(a is not None and a["seeds"] == len(s["seeds"]) for a in ablation.values())
+    verdict = loop_verdict(ablation, loop) if complete and loop else None
+    write_json(data / "loop.json", {"seeds": loop, "verdict": verdict})
+
+
+def records(data: Path, names: list[str]) -> list[dict[str, Any]]:
+    """The evaluations of the named runs that have a record."""
+    paths = [data / "runs" / f"{name}.json" for name in names]
+    return [read_json(p)["evaluation"] for p in paths if p.is_file()]
 
 
 def stats(values: Any) -> dict[str, Any]:
@@ -193,82 +470,47 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- CKA and the loop
-
-
-def cka(last: Path, s: dict[str, Any], folder: Path, kernel: Kernel) -> CKAResult:
-    """Same-layer CKA of a trained model at its smallest vs its full size (reused when saved)."""
-    if (folder / "result.json").is_file():
-        return CKAResult.load(folder)
-    result = compare_scales(
-        load_checkpoint(last),
-        s["data"],
-        (min(s["scales"]), s["image_size"]),
-        num_images=s["cka_images"],
-        repeats=s["cka_repeats"],
-        batch_size=s["cka_batch"],
-        kernel=kernel,
-        settings={"model": ARCH, "checkpoint": str(last)},
-    )
-    result.save(folder, overwrite=True)
-    return result
-
-
-def the_loop(s: dict[str, Any], data: Path, runs: Path, mains: dict[str, Path]) -> dict[str, Any]:
-    """suggest-split on vanilla's analysis, ``--split-at auto`` from it, the split ablation."""
-    analysis = data / "cka_vanilla"
-    suggestion = suggest_split(CKAResult.load(analysis), split_candidates(ARCH, s["scales"]))
-    cfg = train_config(s, "msun", 0, runs / "auto", split_at="auto", cka_from=str(analysis))
-    auto = run(cfg)  # the library resolves auto to the run's own choice when reusing it
-    chosen = str(read_checkpoint(auto)["train_config"]["split_at"])
-    assert chosen == suggestion.choice, (chosen, suggestion.choice)
-    checkpoints = {
-        split: auto
-        if split == chosen
-        else mains["msun"]
-        if split == "layer2"
-        else run(train_config(s, "msun", 0, runs / f"ablation_{split}", split_at=split))
-        for split in SPLITS
+def ablation_point(s: dict[str, Any], data: Path, split: str) -> dict[str, Any] | None:
+    """One split's routed mean accuracy per seed and over seeds, with its cost (None: no run)."""
+    evals = records(data, ablation_runs(s, split))
+    if not evals:
+        return None
+    per_seed = [e["mean_top1"] for e in evals]
+    extra = {c.name: c.extra_params for c in split_candidates(ARCH, s["scales"])}[split]
+    return {
+        "seeds": len(per_seed),
+        "per_seed": per_seed,
+        **stats(per_seed),
+        "parameters": evals[0]["parameters"],
+        "extra_params": extra,
+        "gflops": evals[0]["mean_flops"] / 1e9,
     }
-    costs = {c.name: c.extra_params for c in split_candidates(ARCH, s["scales"])}
-    rows = []
-    for split, last in checkpoints.items():
-        summary = evaluated(last, s, data / "eval" / f"ablation_{split}.json")
-        rows.append({"split_at": split, "extra_params": costs[split], **summary})
-    return {"suggestion": suggestion.to_dict(), "auto_split": chosen, "rows": rows}
 
 
-# ----------------------------------------------------------------------------- the study
+def loop_verdict(ablation: dict[str, Any], loop: list[dict[str, Any]]) -> dict[str, Any]:
+    """The loop's pre-registered criterion.
 
-
-def study(s: dict[str, Any], out: Path, runs: Path) -> None:
-    """Trains, evaluates and analyses everything missing; writes out/data."""
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    lasts: dict[str, list[Path]] = {name: [] for name in METHODS}
-    for seed in s["seeds"]:  # seed by seed: a partial study is balanced over the methods
-        for name in METHODS:
-            lasts[name].append(run(train_config(s, name, seed, runs / f"{name}_seed{seed}")))
-    accuracy = {
-        name: aggregate(
-            [
-                evaluated(last, s, data / "eval" / f"{name}_seed{seed}.json")
-                for seed, last in zip(s["seeds"], paths, strict=True)
-            ]
-        )
-        for name, paths in lasts.items()
+    The suggested split (suggest-split's choice on the most seeds, the earliest on a tie) is
+    right when its mean accuracy is within one pooled seed-std (root mean of the splits'
+    variances) of the best split's.
+    """
+    choices = [r["choice"] for r in loop]
+    suggested = max(SPLITS, key=lambda x: (choices.count(x), -SPLITS.index(x)))
+    best = max(SPLITS, key=lambda x: ablation[x]["mean"])
+    pooled = math.sqrt(float(np.mean([ablation[x]["std"] ** 2 for x in SPLITS])))
+    gap = ablation[best]["mean"] - ablation[suggested]["mean"]
+    return {
+        "suggested": suggested,
+        "same_on_every_seed": len(set(choices)) == 1,
+        "best": best,
+        "pooled_std": pooled,
+        "gap_to_best": gap,
+        "right": gap <= pooled,
     }
-    write_json(data / "accuracy.json", {"settings": s, "methods": accuracy})
-    kernels: tuple[tuple[Kernel, str], ...] = (("linear", ""), ("rbf", "_rbf"))
-    for name, paths in lasts.items():
-        for kernel, suffix in kernels:
-            cka(paths[0], s, data / f"cka_{name}{suffix}", kernel)
-    loop = the_loop(s, data, runs, {name: paths[0] for name, paths in lasts.items()})
-    write_json(data / "loop.json", {"settings": s, **loop})
 
 
 def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
-    """The pre-registered criteria for one MSUN variant: (criterion, met, evidence)."""
+    """The paper's pre-registered criteria for one MSUN variant: (criterion, met, evidence)."""
 
     def m(name: str, key: str) -> tuple[float, float]:
         return acc[name][key]["mean"], acc[name][key]["std"]
@@ -299,35 +541,78 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
 # ----------------------------------------------------------------------------- drawing
 
 
-def accuracy_figure(acc: dict[str, Any]) -> Figure:
+def accuracy_figure(acc: dict[str, Any], epochs: int) -> Figure:
     """Routed top-1 vs test size, mean ± std over seeds; MSUN's best path per size dashed."""
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax = fig.subplots()
     for i, (name, a) in enumerate(acc.items()):
         mean, std = np.array(a["routed"]["mean"]), np.array(a["routed"]["std"])
         m, sd = a["mean"]["mean"], a["mean"]["std"]
-        label = f"{METHODS[name][3]}: mean {m:.1f} ± {sd:.1f}%"
+        label = f"{METHODS[name][3]}: mean {m:.1f} ± {sd:.1f}% ({a['seeds']} seeds)"
         ax.plot(a["sizes"], mean, marker="o", color=f"C{i}", label=label)
         ax.fill_between(a["sizes"], mean - std, mean + std, color=f"C{i}", alpha=0.2)
         if METHODS[name][0] == "msun":
             best = a["best_path"]["mean"]
-            ax.plot(
-                a["sizes"],
-                best,
-                ls="--",
-                color=f"C{i}",
-                alpha=0.7,
-                label="  best path per size (chosen on the test set)",
-            )
+            label = "  best path per size (chosen on the test set)"
+            ax.plot(a["sizes"], best, ls="--", color=f"C{i}", alpha=0.7, label=label)
     ax.set_xticks(next(iter(acc.values()))["sizes"])
     ax.set_xlabel("test image size (px; trained at 28)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
-    seeds = next(iter(acc.values()))["seeds"]
-    ax.set_title(f"Fashion-MNIST, resnet18, routed top-1 (mean ± std over {seeds} seeds)")
+    ax.set_title(f"Fashion-MNIST, resnet18, {epochs} epochs, routed top-1 (mean ± std over seeds)")
     return fig
+
+
+def budget_figure(saved: dict[str, Any]) -> Figure:
+    """The probe's validation top-1 per epoch, the plateau band and the chosen budget."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    epochs = [p["epoch"] for p in saved["curve"]]
+    ax.plot(epochs, [p["top1_full"] for p in saved["curve"]], marker="o", label="28 px (full size)")
+    ax.plot(
+        epochs, [p["top1_mean"] for p in saved["curve"]], marker=".", label="mean over 13 sizes"
+    )
+    low = saved["plateau"] - WITHIN_PLATEAU
+    ax.axhspan(
+        low, saved["plateau"], color="grey", alpha=0.2, label=f"plateau - {WITHIN_PLATEAU:g}"
+    )
+    ax.axvline(saved["epochs"], color="C3", ls="--", label=f"budget E = {saved['epochs']}")
+    ax.set_xlabel("epoch (one cosine schedule over all epochs)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"Budget probe: vanilla resnet18, seed 0, {saved['validation_images']} images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def ablation_figure(ablation: dict[str, Any], suggested: str | None, title: str) -> Figure:
+    """Mean accuracy over the test sizes against the split point, ± seed std, choice ringed."""
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    splits = list(ablation)
+    means = [ablation[x]["mean"] for x in splits]
+    ax.errorbar(splits, means, yerr=[ablation[x]["std"] for x in splits], marker="o", capsize=4)
+    if suggested in splits:
+        point = ([suggested], [means[splits.index(suggested)]])
+        ax.scatter(
+            *point, s=220, facecolors="none", edgecolors="C3", label=f"suggest-split: {suggested}"
+        )
+        ax.legend(loc="lower left", fontsize=8)
+    for x, m in zip(splits, means, strict=True):
+        text = f"{m:.1f}%\n+{ablation[x]['extra_params'] / 1e6:.2f} M"
+        ax.annotate(
+            text, (x, m), textcoords="offset points", xytext=(0, 12), ha="center", fontsize=8
+        )
+    ax.margins(x=0.1, y=0.3)
+    ax.set_xlabel("the shared trunk starts at")
+    ax.set_ylabel("mean top-1 over the 13 sizes (%)")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
 
 
 def _row(cells: list[str]) -> str:
@@ -339,33 +624,46 @@ def _pm(d: dict[str, Any], i: int | None = None) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def results_markdown(acc: dict[str, Any], loop: dict[str, Any], settings: dict[str, Any]) -> str:
-    """Every table of the study, drawn from its data files only."""
+def budget_markdown(saved: dict[str, Any]) -> list[str]:
+    return [
+        "## The budget (chosen before the other runs)",
+        "",
+        f"Probe: vanilla, seed 0, {len(saved['curve'])} epochs (one cosine schedule), validation "
+        f"top-1 on {saved['validation_images']} test images after every epoch.",
+        "",
+        _row(["epoch", *(str(p["epoch"]) for p in saved["curve"])]),
+        _row(["---"] * (len(saved["curve"]) + 1)),
+        _row(["28 px", *(f"{p['top1_full']:.2f}" for p in saved["curve"])]),
+        _row(["mean, 13 sizes", *(f"{p['top1_mean']:.2f}" for p in saved["curve"])]),
+        "",
+        f"Plateau {saved['plateau']:.2f} %; first within {WITHIN_PLATEAU:g} points at epoch "
+        f"{saved['first_within']}; rule: {saved['rule']}: **E = {saved['epochs']}**.",
+        "",
+    ]
+
+
+def accuracy_markdown(acc: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     names = list(acc)
     sizes = acc[names[0]]["sizes"]
     lines = [
-        "# Fashion-MNIST study: results (generated by figures/fashion_study.py from data/)",
+        "## Top-1 per test size",
         "",
-        f"Top-1 (%) on {settings['num_eval']} test images, mean ± std over "
-        f"{acc[names[0]]['seeds']} seeds; routed = routing fixed in advance.",
+        f"Top-1 (%) on {settings['num_eval']} test images, mean ± std over seeds (seeds per "
+        "method in the header); routed = routing fixed in advance.",
         "",
-        _row(["size", *(METHODS[n][3] for n in names)]),
+        _row(["size", *(f"{METHODS[n][3]} ({acc[n]['seeds']})" for n in names)]),
         _row(["---:"] * (len(names) + 1)),
     ]
     lines += [
         _row([str(size), *(_pm(acc[n]["routed"], i) for n in names)])
         for i, size in enumerate(sizes)
     ]
+    oracle = [_pm(acc[n]["best_path_mean"]) if METHODS[n][0] == "msun" else "-" for n in names]
     lines += [
         _row(["**mean**", *(f"**{_pm(acc[n]['mean'])}**" for n in names)]),
         _row(["smallest", *(_pm(acc[n]["smallest"]) for n in names)]),
         _row(["full", *(_pm(acc[n]["full"]) for n in names)]),
-        _row(
-            [
-                "best path per size, mean (chosen on the test set)",
-                *(_pm(acc[n]["best_path_mean"]) if METHODS[n][0] == "msun" else "-" for n in names),
-            ]
-        ),
+        _row(["best path per size, mean (chosen on the test set)", *oracle]),
         _row(
             [
                 "GFLOPs / image (mean over sizes)",
@@ -374,10 +672,20 @@ def results_markdown(acc: dict[str, Any], loop: dict[str, Any], settings: dict[s
         ),
         _row(["parameters (M)", *(f"{acc[n]['parameters'] / 1e6:.3f}" for n in names)]),
         "",
-        "## Verdict on the pre-registered criteria",
-        "",
     ]
-    for msun in (n for n in names if METHODS[n][0] == "msun"):
+    return lines
+
+
+def verdict_markdown(acc: dict[str, Any]) -> list[str]:
+    if not all(n in acc for n in ("vanilla", "mst")):
+        return [
+            "## Verdict on the paper's criteria",
+            "",
+            "Not yet: vanilla and MST are not done.",
+            "",
+        ]
+    lines = ["## Verdict on the paper's criteria (pre-registered)", ""]
+    for msun in (n for n in acc if METHODS[n][0] == "msun"):
         lines += [
             f"**{METHODS[msun][3]}**",
             "",
@@ -386,53 +694,131 @@ def results_markdown(acc: dict[str, Any], loop: dict[str, Any], settings: dict[s
         ]
         lines += [_row([c, "yes" if ok else "**no**", e]) for c, ok, e in verdict(acc, msun)]
         lines.append("")
+    return lines
+
+
+def loop_markdown(saved: dict[str, Any], loop: dict[str, Any]) -> list[str]:
+    lines = [
+        "## The loop: suggest-split per seed, then the split ablation (published SI)",
+        "",
+        _row(["vanilla seed", "suggest-split", "--split-at auto", "why"]),
+        _row(["---"] * 4),
+    ]
     lines += [
-        "## The loop: suggest-split, --split-at auto, split-point ablation (seed 0, published SI)",
+        _row([str(r["seed"]), r["choice"], r["auto_split"], r["reason"]]) for r in loop["seeds"]
+    ]
+    ablation = saved["ablation"]
+    lines += [
         "",
-        f"suggest-split on the trained vanilla model: **{loop['suggestion']['choice']}**; "
-        f"`msun train --split-at auto --cka-from` chose **{loop['auto_split']}**.",
-        "",
-        _row(["trunk starts at", "extra params (M)", "mean top-1", "smallest", "full", "GFLOPs"]),
+        _row(["trunk starts at", "extra params (M)", "per seed", "mean ± std", "GFLOPs", "seeds"]),
         _row(["---"] + ["---:"] * 5),
     ]
-    for r in loop["rows"]:
-        mark = " (suggested)" if r["split_at"] == loop["suggestion"]["choice"] else ""
+    for split, a in ablation.items():
+        per_seed = ", ".join(f"{v:.2f}" for v in a["per_seed"])
         lines.append(
             _row(
                 [
-                    r["split_at"] + mark,
-                    f"{r['extra_params'] / 1e6:.3f}",
-                    f"{r['mean_top1']:.2f}",
-                    f"{r['top1'][0]:.2f}",
-                    f"{r['top1'][-1]:.2f}",
-                    f"{r['mean_flops'] / 1e9:.4f}",
+                    split,
+                    f"{a['extra_params'] / 1e6:.3f}",
+                    per_seed,
+                    f"{a['mean']:.2f} ± {a['std']:.2f}",
+                    f"{a['gflops']:.4f}",
+                    str(a["seeds"]),
                 ]
             )
         )
-    best = max(loop["rows"], key=lambda r: r["mean_top1"])["split_at"]
-    lines += ["", f"Best split on the mean: **{best}** (one seed each)."]
-    return "\n".join(lines) + "\n"
+    lines += ["", *loop_verdict_markdown(ablation, loop["verdict"])]
+    return lines
+
+
+def loop_verdict_markdown(ablation: dict[str, Any], v: dict[str, Any] | None) -> list[str]:
+    if v is None:
+        return ["Verdict: not yet (every split needs all its seeds).", ""]
+    s, b = v["suggested"], v["best"]
+    right = "**right**" if v["right"] else "**not right**"
+    lines = [
+        f"Suggested split (most seeds): **{s}** ({'the same' if v['same_on_every_seed'] else 'not the same'} "
+        f"on every seed); best on the mean: **{b}**; gap {v['gap_to_best']:.2f} points against a pooled "
+        f"seed std of {v['pooled_std']:.2f}: the suggestion is {right} by the pre-registered criterion.",
+        "",
+        "What a later split buys over the suggested one:",
+        "",
+    ]
+    for split, a in ablation.items():
+        if SPLITS.index(split) > SPLITS.index(s):
+            extra = (a["extra_params"] - ablation[s]["extra_params"]) / 1e6
+            gain = a["mean"] - ablation[s]["mean"]
+            lines.append(f"- {split}: +{extra:.3f} M parameters, {gain:+.2f} points of mean top-1")
+    return [*lines, ""]
+
+
+def time_markdown(data: Path) -> list[str]:
+    """Training seconds per epoch, per method (the hardware is in the README's results)."""
+    rows = []
+    for name in METHODS:
+        paths = sorted((data / "runs").glob(f"{name}_seed*.json"))
+        secs = [row["train_seconds"] for p in paths for row in read_json(p)["history"]]
+        if secs:
+            rows.append(_row([METHODS[name][3], f"{np.mean(secs):.0f}", str(len(secs))]))
+    head = [
+        _row(["method", "training s per epoch (mean)", "epochs timed"]),
+        _row(["---", "---:", "---:"]),
+    ]
+    note = "2-core CPU, torch threads 2; other work shared the machine at times, so these are not benchmarks."
+    return ["## Time", "", note, "", *head, *rows, ""]
+
+
+def results_markdown(
+    saved: dict[str, Any], loop: dict[str, Any], budget_data: dict[str, Any], data: Path
+) -> str:
+    """Every table of the study, drawn from its data files only."""
+    settings, acc = saved["settings"], saved["methods"]
+    partial = saved["runs_done"] < saved["runs_planned"]
+    lines = [
+        "# Fashion-MNIST study: results (generated by figures/fashion_study.py from data/)",
+        "",
+        f"ResNet-18 from scratch, {settings['epochs']} epochs per run, seeds {settings['seeds']}; "
+        f"{saved['runs_done']} of {saved['runs_planned']} runs done"
+        + (" (**partial**: the tables hold the runs done so far)." if partial else "."),
+        "",
+        *budget_markdown(budget_data),
+        *accuracy_markdown(acc, settings),
+        *verdict_markdown(acc),
+        *loop_markdown(saved, loop),
+        *time_markdown(data),
+    ]
+    return "\n".join(lines)
 
 
 def redraw(out: Path) -> None:
     """Every figure and RESULTS.md from ``out/data`` (no model needed)."""
     data = out / "data"
     saved, loop = read_json(data / "accuracy.json"), read_json(data / "loop.json")
-    acc = saved["methods"]
-    png(accuracy_figure(acc), out, "accuracy_vs_size")
-    labels = [METHODS[n][3] for n in acc]
+    budget_data = read_json(data / "budget.json")
+    acc, epochs = saved["methods"], saved["settings"]["epochs"]
+    png(budget_figure(budget_data), out, "budget")
+    png(accuracy_figure(acc, epochs), out, "accuracy_vs_size")
+    seed0 = saved["settings"]["seeds"][0]
+    drawn = [n for n in acc if (data / "cka" / f"{n}_seed{seed0}_rbf" / "result.json").is_file()]
+    labels = [METHODS[n][3] for n in drawn]
     for suffix in ("", "_rbf"):
-        results = [CKAResult.load(data / f"cka_{n}{suffix}") for n in acc]
-        png(curve(results, labels=labels), out, f"fig2_cross_scale_cka{suffix}")
-    for n in acc:
+        results = [CKAResult.load(data / "cka" / f"{n}_seed{seed0}{suffix}") for n in drawn]
+        if results:
+            png(curve(results, labels=labels), out, f"fig2_cross_scale_cka{suffix}")
+    for n in drawn:
+        result = CKAResult.load(data / "cka" / f"{n}_seed{seed0}")
         png(
-            heatmap(CKAResult.load(data / f"cka_{n}"), title=f"{METHODS[n][3]}, resnet18"),
+            heatmap(result, title=f"{METHODS[n][3]}, resnet18, {epochs} epochs"),
             out,
             f"heatmap_{n}",
         )
-    title = "Split ablation (Fashion-MNIST, published SI, seed 0)"
-    png(ablation_figure(loop["rows"], loop["suggestion"]["choice"], title), out, "ablation_split")
-    write_text(out / "RESULTS.md", results_markdown(acc, loop, saved["settings"]))
+    if saved["ablation"]:
+        suggested = None if loop["verdict"] is None else loop["verdict"]["suggested"]
+        title = (
+            f"Split ablation (Fashion-MNIST, published SI, {epochs} epochs, mean ± std over seeds)"
+        )
+        png(ablation_figure(saved["ablation"], suggested, title), out, "ablation_split")
+    write_text(out / "RESULTS.md", results_markdown(saved, loop, budget_data, data))
 
 
 def main() -> None:
@@ -440,13 +826,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke settings")
+    parser.add_argument(
+        "--status", action="store_true", help="say what is done and left; run nothing"
+    )
     parser.add_argument("--redraw", action="store_true", help="only redraw from <out>/data")
     parser.add_argument("--data", default="fashionmnist", help="fashionmnist or fashionmnist:DIR")
-    parser.add_argument("--runs", type=Path, default=Path("runs/fashion"))
+    parser.add_argument(
+        "--runs", type=Path, default=DEFAULT_RUNS, help="checkpoints (outside the work tree)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "fashion")
     args = parser.parse_args()
+    s = settings(args.quick, args.data)
+    if args.status:
+        print("\n".join(status(s, args.out / "data", args.runs)))
+        return
     if not args.redraw:
-        study(settings(args.quick, args.data), args.out, args.runs)
+        print("\n".join(status(s, args.out / "data", args.runs)), flush=True)
+        study(s, args.out, args.runs)
     redraw(args.out)
     print((args.out / "RESULTS.md").read_text())
 

@@ -1,5 +1,5 @@
-"""figures/fashion_study.py: a --quick smoke run end to end (on idx files written here), reuse of
-everything it made, and the committed study redrawn from its data with tables that agree."""
+"""figures/fashion_study.py: the budget rule, the loop's criterion, a --quick study end to end (on
+idx files written here) that resumes in pieces, and the committed study redrawn from its data."""
 
 from __future__ import annotations
 
@@ -22,31 +22,93 @@ def study() -> ModuleType:
     return load_figure_script("fashion_study")
 
 
-def test_quick_study_runs_end_to_end_and_reuses_what_it_made(
+def test_the_budget_is_the_first_epoch_near_the_plateau_within_its_bounds(
+    study: ModuleType,
+) -> None:
+    curve = [70.0, 80.0, 86.0, 88.4, 89.0, 90.0, 90.5, 91.0, 91.0, 91.3]
+    choice = study.choose_budget(curve, 3, 6)
+    assert choice["plateau"] == pytest.approx((91.0 + 91.0 + 91.3) / 3)
+    assert choice["first_within"] == 6  # 90.0 >= 91.1 - 1.5; 88.4 and 89.0 are not
+    assert choice["epochs"] == 6
+    assert study.choose_budget(curve, 3, 5)["epochs"] == 5  # the cap
+    assert study.choose_budget([90.0, 91.0, 91.0, 91.0], 3, 6)["epochs"] == 3  # the floor
+    assert study.choose_budget([90.0, 91.0, 91.0, 91.0], 1, 6)["first_within"] == 1
+
+
+def test_the_loop_verdict_compares_the_gap_with_the_pooled_seed_std(study: ModuleType) -> None:
+    def point(mean: float, std: float) -> dict[str, float]:
+        return {"mean": mean, "std": std}
+
+    ablation = {
+        "layer1": point(90.0, 0.3),
+        "layer2": point(90.2, 0.4),
+        "layer3": point(90.5, 0.5),
+        "layer4": point(90.1, 0.6),
+    }
+    loop = [{"choice": "layer1"}, {"choice": "layer2"}, {"choice": "layer2"}]
+    v = study.loop_verdict(ablation, loop)
+    pooled = np.sqrt(np.mean([0.09, 0.16, 0.25, 0.36]))
+    assert v["suggested"] == "layer2"
+    assert not v["same_on_every_seed"]
+    assert v["best"] == "layer3"
+    assert v["pooled_std"] == pytest.approx(pooled)
+    assert v["gap_to_best"] == pytest.approx(0.3)
+    assert v["right"]
+    tie = study.loop_verdict(ablation, [{"choice": "layer4"}, {"choice": "layer1"}])
+    assert tie["suggested"] == "layer1"  # a tie goes to the earliest split
+    assert not tie["right"]  # 0.5 > 0.47
+
+
+def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     study: ModuleType, tmp_path: Path
 ) -> None:
     _write_idx(tmp_path / "fm", 128, gz=True)
     s = study.settings(True, f"fashionmnist:{tmp_path / 'fm'}")
-    out, runs = tmp_path / "out", tmp_path / "runs"
+    out, runs, data = tmp_path / "out", tmp_path / "runs", tmp_path / "out" / "data"
+    assert study.status(s, data, runs)[1].startswith("to do        probe_")
     study.study(s, out, runs)
     study.redraw(out)
-    acc = json.loads((out / "data" / "accuracy.json").read_text())["methods"]
-    assert list(acc) == list(study.METHODS)
-    assert all(a["seeds"] == 2 and a["sizes"] == list(range(4, 29, 2)) for a in acc.values())
+    planned = study.study_runs(s, 1, runs)
+    assert len(planned) == 4 * 2 + 3 * 2  # 4 methods and 3 more splits, 2 seeds each
+    assert study.status(s, data, runs)[0] == f"{len(planned)} of {len(planned)} runs done"
+    budget = json.loads((data / "budget.json").read_text())
+    assert budget["epochs"] == 1
+    assert len(budget["curve"]) == 2
+    saved = json.loads((data / "accuracy.json").read_text())
+    assert saved["settings"]["epochs"] == 1
+    assert saved["runs_done"] == len(planned)
+    assert all(
+        a["seeds"] == 2 and a["sizes"] == list(range(4, 29, 2)) for a in saved["methods"].values()
+    )
+    assert {k: a["seeds"] for k, a in saved["ablation"].items()} == dict.fromkeys(study.SPLITS, 2)
+    assert set(saved["suggested"]) == {"0", "1"}
+    loop = json.loads((data / "loop.json").read_text())
+    assert all(r["auto_split"] == r["choice"] for r in loop["seeds"])
+    assert loop["verdict"]["suggested"] in study.SPLITS
     text = (out / "RESULTS.md").read_text()
     assert all(label in text for *_, label in study.METHODS.values())
-    for name in ("accuracy_vs_size", "fig2_cross_scale_cka", "ablation_split", "heatmap_msun"):
+    for name in ("budget", "accuracy_vs_size", "fig2_cross_scale_cka_rbf", "ablation_split"):
         assert (out / f"{name}.png").stat().st_size > 10_000
+
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("last.pt")}
-    chosen = json.loads((out / "data" / "loop.json").read_text())["auto_split"]
-    extra = {"layer1", "layer3", "layer4"} - {chosen}  # layer2: the main seed-0 MSUN run
-    assert len(stamps) == 4 * 2 + 1 + len(extra)  # 4 methods x 2 seeds, the auto run, ablation
-    study.study(s, out, runs)  # everything reused: no run trained or evaluated again
+    study.study(s, out, runs)  # everything reused: nothing trained, evaluated or analysed again
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("last.pt")} == stamps
+    # A run whose checkpoint is gone and whose record is missing trains again, alone; a run
+    # with its checkpoint but no record (stopped after training) only writes its record.
+    (data / "runs" / "mst_seed1.json").unlink()
+    shutil.rmtree(runs / "mst_seed1")
+    (data / "runs" / "ablation_layer3_seed0.json").unlink()
+    assert "to do        mst_seed1" in study.status(s, data, runs)
+    study.study(s, out, runs)
+    again = {p: p.stat().st_mtime_ns for p in runs.rglob("last.pt")}
+    assert {p for p in again if again[p] != stamps.get(p)} == {runs / "mst_seed1" / "last.pt"}
+    assert (data / "runs" / "ablation_layer3_seed0.json").is_file()
 
 
-@pytest.mark.skipif(not (COMMITTED / "data").is_dir(), reason="the study's data is not committed")
-def test_the_committed_study_redraws_and_its_tables_agree_with_its_data(
+@pytest.mark.skipif(
+    not (COMMITTED / "data" / "accuracy.json").is_file(), reason="the study's data is not committed"
+)
+def test_the_committed_study_redraws_and_its_tables_agree_with_its_records(
     study: ModuleType, tmp_path: Path
 ) -> None:
     copy = tmp_path / "fashion"
@@ -55,11 +117,10 @@ def test_the_committed_study_redraws_and_its_tables_agree_with_its_data(
     assert (copy / "RESULTS.md").read_text() == (COMMITTED / "RESULTS.md").read_text()
     saved = json.loads((copy / "data" / "accuracy.json").read_text())
     for name, agg in saved["methods"].items():
-        evals = [
-            json.loads((copy / "data" / "eval" / f"{name}_seed{seed}.json").read_text())
-            for seed in saved["settings"]["seeds"]
-        ]
-        again = study.aggregate(evals)
-        assert again == agg  # every number in the tables comes from the per-run evaluations
+        names = [f"{name}_seed{seed}" for seed in saved["settings"]["seeds"]]
+        evals = study.records(copy / "data", names)
+        assert study.aggregate(evals) == agg  # every number in the tables comes from the records
         per_size = np.array([e["top1"] for e in evals]).mean(axis=0)
         assert np.mean(per_size) == pytest.approx(agg["mean"]["mean"])
+    for split, point in saved["ablation"].items():
+        assert study.ablation_point(saved["settings"], copy / "data", split) == point
