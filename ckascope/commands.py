@@ -151,6 +151,7 @@ def run_suggest_split(
     console = make_console()
     console.print(split_table(suggestion))
     console.print(f"--split-at {suggestion.choice}: {suggestion.reason}")
+    console.print(suggestion.stability_text())
 
 
 def resolve_config(cfg: CompareConfig) -> CompareConfig:
@@ -215,6 +216,9 @@ def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
         world_size=world,
         tf32=cfg.tf32,
         gram_dtype=cfg.gram_dtype,
+        bootstrap=cfg.bootstrap,
+        ci=cfg.ci,
+        permutations=cfg.permutations,
     )
 
 

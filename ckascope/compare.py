@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import Unpack
 
+from ckascope.calibration import SweepSummary, calibrate
 from ckascope.config import FALLBACK_IMAGE_SIZE, default_scales
 from ckascope.data import (
     Batch,
@@ -196,10 +197,14 @@ class SweepOptions:
     world_size: int = 1
     tf32: bool = False
     gram_dtype: GramDtype = "auto"
+    bootstrap: int = 0
+    ci: float = 0.95
+    permutations: int = 0
 
     def check(self) -> None:
         """Raises InputError for values no sweep can use."""
         check_kernel(self.kernel, self.sigma_frac)
+        check_calibration(self.bootstrap, self.ci, self.permutations)
         if self.batch_size < 4:
             raise InputError(
                 f"--batch-size must be at least 4 (the unbiased HSIC needs 4), got {self.batch_size}"
@@ -227,6 +232,19 @@ class SweepKwargs(TypedDict, total=False):
     world_size: int
     tf32: bool
     gram_dtype: GramDtype
+    bootstrap: int
+    ci: float
+    permutations: int
+
+
+def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
+    """Raises InputError for bootstrap, interval or permutation settings no sweep can use."""
+    if bootstrap < 0 or permutations < 0:
+        raise InputError(
+            f"--bootstrap and --permutations must be >= 0 (0: none), got {bootstrap} and {permutations}"
+        )
+    if not 0 < ci < 1:  # NaN fails too
+        raise InputError(f"--ci must be a coverage in (0, 1), e.g. 0.95, got {ci}")
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
@@ -310,7 +328,7 @@ class _Sweep:
         ]
         return [(lambda p=plan: self._loader(p), len(plan)) for plan in plans]  # type: ignore[misc]
 
-    def run(self) -> list[Tensor]:
+    def run(self) -> list[SweepSummary]:
         sweeps = self._sweeps()
         total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
@@ -318,7 +336,8 @@ class _Sweep:
         exact = nullcontext() if self.opts.tf32 else ieee_fp32("conv")
         with make_progress(show) as bar, torch.inference_mode(), exact, self._hooked():
             task = bar.add_task("CKA", total=total)
-            return [self._repeat(make(), lambda: bar.advance(task)) for make, _ in sweeps]
+            advance = lambda: bar.advance(task)  # noqa: E731
+            return [self._repeat(r, make(), advance) for r, (make, _) in enumerate(sweeps)]
 
     @contextmanager
     def _hooked(self) -> Iterator[None]:
@@ -344,32 +363,40 @@ class _Sweep:
             )
         )
 
-    def _repeat(self, batches: Iterator[Batch], advance: Callable[[], None]) -> Tensor:
+    def _repeat(
+        self, repeat: int, batches: Iterator[Batch], advance: Callable[[], None]
+    ) -> SweepSummary:
         metric: MinibatchCKA | None = None
-        for batch in batches:
+        # This process's k-th batch is the sweep's batch rank + k * world_size (the dealing of
+        # _rank_batches): kept terms are ordered and shuffles seeded as in one process.
+        for k, batch in enumerate(batches):
             warn_skipped(batch.skipped)
             self.skipped += len(batch.skipped)
             if len(batch.images) >= 4:
-                metric = self._update(metric, batch.images.to(self.device, non_blocking=True))
+                images = batch.images.to(self.device, non_blocking=True)
+                index = self.opts.rank + k * self.opts.world_size
+                metric = self._update(metric, images, repeat, index)
             advance()
         if metric is None:
             raise InputError("no batch of at least 4 readable images. Hint: check --data")
-        return metric.compute()
+        return metric.summary()
 
-    def _update(self, metric: MinibatchCKA | None, images: Tensor) -> MinibatchCKA:
+    def _update(
+        self, metric: MinibatchCKA | None, images: Tensor, repeat: int, index: int
+    ) -> MinibatchCKA:
         names_a, grams_a = self.side_a.grams(images)
         names_b, grams_b = self.side_b.grams(images.to(_device_of(self.side_b.model)))
         if metric is None:
-            metric = self._new_metric(names_a, names_b)
+            metric = self._new_metric(names_a, names_b, repeat)
         elif (names_a, names_b) != (self.layers_a, self.layers_b):
             raise InputError(
                 "the recorded layers changed between batches (data-dependent control flow?)"
             )
-        metric.update_packed(grams_a, grams_b, self.side_a.stack.layout)
+        metric.update_packed(grams_a, grams_b, self.side_a.stack.layout, batch=index)
         self.images_used += len(images)
         return metric
 
-    def _new_metric(self, names_a: list[str], names_b: list[str]) -> MinibatchCKA:
+    def _new_metric(self, names_a: list[str], names_b: list[str], repeat: int) -> MinibatchCKA:
         self.layers_a, self.layers_b = names_a, names_b
         o = self.opts
         return MinibatchCKA(
@@ -381,6 +408,9 @@ class _Sweep:
             weighting=o.weighting,
             layer_names_a=names_a,
             layer_names_b=names_b,
+            keep_batches=o.bootstrap > 0,
+            permutations=o.permutations,
+            seed=o.seed + repeat,  # each sweep its own shuffles
         ).to(self.device)
 
 
@@ -403,7 +433,7 @@ def run_comparison(
         check_loader_options(opts)
     start = time.perf_counter()
     sweep = _Sweep(side_a, side_b, source, opts)
-    matrices = sweep.run()  # each side's recorder restores its modules' own train/eval flags
+    sweeps = sweep.run()  # each side's recorder restores its modules' own train/eval flags
     device = sweep.device
     options = {k: v for k, v in vars(opts).items() if k not in ("progress", "rank")}
     if loader:  # the loader decided these
@@ -415,12 +445,14 @@ def run_comparison(
         "images_skipped": int(all_reduce_sum(sweep.skipped, device)),
         "device": str(device),
     }
+    calibration = calibrate(sweeps, opts.bootstrap, opts.ci, opts.seed)
     return CKAResult(
-        torch.stack(matrices).cpu().numpy(),
+        torch.stack([s.matrix for s in sweeps]).cpu().numpy(),
         sweep.layers_a,
         sweep.layers_b,
         settings,
         elapsed=time.perf_counter() - start,
+        calibration=calibration,
     )
 
 
@@ -592,7 +624,7 @@ def compare_scales(
         **options: ``ViewOptions`` fields (protocol, image_size, resize_size, resize_mode,
             antialias) and ``SweepOptions`` fields (kernel, sigma_frac, bandwidth, weighting,
             batch_size, repeats, num_images, seed, num_workers, progress, rank, world_size,
-            tf32, gram_dtype).
+            tf32, gram_dtype, bootstrap, ci, permutations).
 
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).

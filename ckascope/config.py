@@ -112,6 +112,20 @@ class CompareConfig:
         False, "Let CUDA convolutions use TF32 (faster on Ampere and later, ~1e-3 off in CKA)."
     )
     gram_dtype: GramDtype = config_field("auto", "Precision of the Grams.")
+    bootstrap: int = config_field(
+        0,
+        "Bootstrap replicates for a confidence interval on every cell (batches resampled, and "
+        "sweeps; no extra forward pass; e.g. 1000) [0: none].",
+        min=0,
+    )
+    ci: float = config_field(0.95, "Coverage of the bootstrap interval.", min=0.5, max=0.999)
+    permutations: int = config_field(
+        0,
+        "Permutation null: CKA with the images shuffled between the sides within each batch, "
+        "this many times (e.g. 20); gives the chance level, a z-score and a p-value per cell "
+        "[0: none].",
+        min=0,
+    )
     out: Path | None = config_field(
         None,
         "Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free <...>-2, -3: "

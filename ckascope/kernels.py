@@ -356,14 +356,15 @@ def cka_from_hsic(cross: Tensor, self_a: Tensor, self_b: Tensor) -> Tensor:
     """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), NaN where a self term is not positive.
 
     Args:
-        cross: (La, Lb) cross terms.
-        self_a: (La,) self terms of side a.
-        self_b: (Lb,) self terms of side b.
+        cross: (..., La, Lb) cross terms.
+        self_a: (..., La) self terms of side a.
+        self_b: (..., Lb) self terms of side b.
 
     Returns:
-        (La, Lb) CKA values; rows/columns of non-positive (or NaN) self terms are NaN, never
-        clamped.
+        (..., La, Lb) CKA values; rows/columns of non-positive (or NaN) self terms are NaN,
+        never clamped.
     """
-    valid = (self_a > 0)[:, None] & (self_b > 0)[None, :]
-    denom = torch.sqrt(self_a.clamp_min(0)[:, None] * self_b.clamp_min(0)[None, :])
+    a, b = self_a[..., :, None], self_b[..., None, :]
+    valid = (a > 0) & (b > 0)
+    denom = torch.sqrt(a.clamp_min(0) * b.clamp_min(0))
     return torch.where(valid, cross / denom, torch.full_like(cross, float("nan")))

@@ -4,6 +4,11 @@ Over k batches, CKA_ij = mean_b HSIC1(K_ib, L_jb) / sqrt(mean_b HSIC1(K_ib, K_ib
 HSIC1(L_jb, L_jb)), a ratio of means. The states are float64 sums registered with
 ``dist_reduce_fx="sum"``, so DDP ranks combine exactly and memory does not grow with k.
 
+Calibration (``ckascope.calibration``): with ``keep_batches`` every batch's terms are also kept
+(list states gathered across ranks) for the bootstrap; with ``permutations=N`` every batch also
+adds the cross terms of N within-batch shuffles of side b (sum states), the permutation null.
+``summary()`` returns the matrix and both, after one gather.
+
 Short batches: with ``weighting="batch"`` (default, the published estimator) every batch counts
 once, whatever its size; ``weighting="examples"`` weights each batch's HSIC terms by its example
 count n_b, which lowers the influence of a small, noisy last batch. Either way the estimate is
@@ -20,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
+from ckascope.calibration import (
+    BatchTerms,
+    SweepSummary,
+    batch_permutations,
+    permuted_cross_terms,
+)
 from ckascope.errors import InputError, NumericalError
 from ckascope.functional import check_batch_size, packed_hsic1_terms, warn_degenerate
 from ckascope.kernels import (
@@ -70,6 +82,9 @@ class MinibatchCKA(Metric):
             ``FLOAT64_MAX_FEATURES`` features and float32 (TF32 off) above.
         layer_names_a: Names used in warnings and errors (default "a[i]").
         layer_names_b: Names used in warnings and errors (default "b[j]").
+        keep_batches: Also keep every batch's terms, for the bootstrap (``summary``).
+        permutations: N within-batch shuffles of side b per batch, for the permutation null.
+        seed: Seed of the shuffles (with the batch index: the same on every process).
         **kwargs: Passed to ``torchmetrics.Metric``.
     """
 
@@ -86,6 +101,8 @@ class MinibatchCKA(Metric):
     nonfinite_b: Tensor
     sigma2_a: Tensor
     sigma2_b: Tensor
+    null_cross: Tensor  # with permutations
+    batch_index: list[Tensor]  # with keep_batches (a tensor while synced)
 
     def __init__(
         self,
@@ -99,6 +116,9 @@ class MinibatchCKA(Metric):
         gram_dtype: GramDtype = "auto",
         layer_names_a: Sequence[str] | None = None,
         layer_names_b: Sequence[str] | None = None,
+        keep_batches: bool = False,
+        permutations: int = 0,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -125,11 +145,24 @@ class MinibatchCKA(Metric):
         # compute(), so that a batch costs no host-device synchronisation.
         self.add_state("nonfinite_a", torch.zeros(num_layers_a, dtype=f64), "sum")
         self.add_state("nonfinite_b", torch.zeros(num_layers_b, dtype=f64), "sum")
+        self.keep_batches, self.permutations, self.seed = keep_batches, permutations, seed
+        if permutations < 0:
+            raise InputError(f"permutations must be >= 0, got {permutations}")
+        self._add_calibration_states()
         self._sigma_fixed = False  # bandwidth="first": set by the first batch
+        self._added = 0  # batches added by this process
         self._workspace: dict[str, Tensor] = {}  # per side, see _work
         self.register_buffer("sigma2_a", torch.full((num_layers_a,), float("nan"), dtype=f64))
         self.register_buffer("sigma2_b", torch.full((num_layers_b,), float("nan"), dtype=f64))
         self._wrap_gram_updates()
+
+    def _add_calibration_states(self) -> None:
+        if self.keep_batches:  # one entry per batch, concatenated across processes
+            for name in ("batch_cross", "batch_self_a", "batch_self_b", "batch_index"):
+                self.add_state(name, [], "cat")
+        if self.permutations:
+            shape = (self.permutations, self.num_layers_a, self.num_layers_b)
+            self.add_state("null_cross", torch.zeros(shape, dtype=torch.float64), "sum")
 
     def _wrap_gram_updates(self) -> None:
         # torchmetrics wraps only ``update``; the Gram entry points need the same bookkeeping
@@ -156,12 +189,16 @@ class MinibatchCKA(Metric):
 
         return shaped
 
-    def update(self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor]) -> None:
+    def update(
+        self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], batch: int | None = None
+    ) -> None:
         """Adds one batch given as features.
 
         Args:
             feats_a: La tensors (n, ...), one per layer of side a, over the same n examples.
             feats_b: Lb tensors (n, ...), one per layer of side b.
+            batch: The batch's index in the sweep (orders kept batches and seeds its shuffles;
+                default: the number of batches this process has added).
         """
         n = _examples(self._check_features(feats_a, "a"), self._check_features(feats_b, "b"))
         layout = BlockLayout.for_size(n)
@@ -172,7 +209,7 @@ class MinibatchCKA(Metric):
         for work, feats in ((work_a, feats_a), (work_b, feats_b)):
             for row, f in zip(work, feats, strict=True):
                 row.copy_(packed_gram(f, gram_dtype_for(f, self.gram_dtype), layout))
-        self._accumulate(work_a, work_b, layout)
+        self._accumulate(work_a, work_b, layout, batch)
 
     def _check_features(self, feats: Sequence[Tensor], side: str) -> int:
         """The example count n of one side's features (n, ...), checked."""
@@ -190,7 +227,10 @@ class MinibatchCKA(Metric):
         return counts.pop()
 
     def update_grams(
-        self, grams_a: Sequence[Tensor] | Tensor, grams_b: Sequence[Tensor] | Tensor
+        self,
+        grams_a: Sequence[Tensor] | Tensor,
+        grams_b: Sequence[Tensor] | Tensor,
+        batch: int | None = None,
     ) -> None:
         """Adds one batch given as linear Gram matrices of column-centred features.
 
@@ -202,6 +242,7 @@ class MinibatchCKA(Metric):
         Args:
             grams_a: (La, n, n) tensor or La tensors (n, n), e.g. from ``ActivationRecorder``.
             grams_b: (Lb, n, n) tensor or Lb tensors (n, n).
+            batch: See ``update``.
         """
         n = _examples(self._check_grams(grams_a, "a"), self._check_grams(grams_b, "b"))
         layout = BlockLayout(n)
@@ -214,7 +255,7 @@ class MinibatchCKA(Metric):
             for row, gram in zip(work, grams, strict=True):
                 row.view_as(gram).copy_(gram)  # to float64 on the way
             stacks.append(work)
-        self._accumulate(stacks[0], stacks[1], layout)
+        self._accumulate(stacks[0], stacks[1], layout, batch)
 
     def _check_grams(self, grams: Sequence[Tensor] | Tensor, side: str) -> int:
         """The example count n of one side's Grams (n, n), checked."""
@@ -226,7 +267,9 @@ class MinibatchCKA(Metric):
             raise InputError(f"side {side} expects Grams of shape ({len(names)}, n, n), got {got}")
         return n
 
-    def update_packed(self, packed_a: Tensor, packed_b: Tensor, layout: BlockLayout) -> None:
+    def update_packed(
+        self, packed_a: Tensor, packed_b: Tensor, layout: BlockLayout, batch: int | None = None
+    ) -> None:
         """Adds one batch given as packed Grams (``kernels.packed_gram``, ``recorder.GramStack``).
 
         A float64 stack on this metric's device is only read, never copied.
@@ -235,6 +278,7 @@ class MinibatchCKA(Metric):
             packed_a: (La, layout.size) packed linear Grams of column-centred features.
             packed_b: (Lb, layout.size) packed Grams of the same n = layout.n examples.
             layout: Their packing.
+            batch: See ``update``.
         """
         check_batch_size(layout.n, debiased=True)
         stacks = []
@@ -248,7 +292,7 @@ class MinibatchCKA(Metric):
                     f"for n = {layout.n}, got {tuple(packed.shape)}"
                 )
             stacks.append(self._as_stack(side, packed, layout))
-        self._accumulate(stacks[0], stacks[1], layout)
+        self._accumulate(stacks[0], stacks[1], layout, batch)
 
     def _as_stack(self, side: str, packed: Tensor, layout: BlockLayout) -> Tensor:
         """(L, size) as it is if float64 on this device, else a copy in the workspace."""
@@ -272,7 +316,9 @@ class MinibatchCKA(Metric):
             self._workspace[side] = work
         return work[: count * layout.size].view(count, layout.size)
 
-    def _accumulate(self, pa: Tensor, pb: Tensor, layout: BlockLayout) -> None:
+    def _accumulate(
+        self, pa: Tensor, pb: Tensor, layout: BlockLayout, batch: int | None = None
+    ) -> None:
         """Adds one batch of packed float64 Grams (La, size) and (Lb, size); only reads them."""
         self.nonfinite_a += _nonfinite(pa, layout)
         self.nonfinite_b += _nonfinite(pb, layout)
@@ -284,8 +330,33 @@ class MinibatchCKA(Metric):
         self.cross += weight * cross
         self.self_a += weight * self_a
         self.self_b += weight * self_b
+        if self.keep_batches or self.permutations:
+            index = self._added if batch is None else batch
+            self._calibrate(pa, pb, layout, index, weight, (cross, self_a, self_b))
+        self._added += 1  # a host count: reading num_batches would synchronise a GPU
         self.num_batches += 1
         self.num_examples += layout.n
+
+    def _calibrate(
+        self,
+        pa: Tensor,
+        pb: Tensor,
+        layout: BlockLayout,
+        batch: int,
+        weight: float,
+        terms: tuple[Tensor, ...],
+    ) -> None:
+        """Keeps the batch's weighted terms and adds its shuffled cross terms, as asked."""
+        if self.keep_batches:
+            names = ("batch_cross", "batch_self_a", "batch_self_b")
+            for name, value in zip(names, terms, strict=True):
+                getattr(self, name).append(weight * value[None])
+            self.batch_index.append(
+                torch.tensor([float(batch)], dtype=torch.float64, device=pa.device)
+            )
+        if self.permutations:
+            perms = batch_permutations(self.permutations, layout.n, self.seed, batch)
+            self.null_cross += weight * permuted_cross_terms(pa, pb, layout, perms.to(pa.device))
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:
         sigma2 = None
@@ -305,6 +376,34 @@ class MinibatchCKA(Metric):
         Raises:
             NumericalError: NaN/Inf activations in some batch, naming the layers.
         """
+        return self._matrix()
+
+    def summary(self) -> SweepSummary:
+        """The matrix, every batch's terms and the null replicates, after one gather.
+
+        Collective under DDP (every process must call it); the kept batches come back in batch
+        order, whichever process added them.
+        """
+        with self.sync_context():
+            matrix = self._matrix()
+            batches = self._batch_terms() if self.keep_batches else None
+            null = (
+                cka_from_hsic(self.null_cross, self.self_a, self.self_b)
+                if self.permutations
+                else None
+            )
+        return SweepSummary(matrix, batches, null)
+
+    def _batch_terms(self) -> BatchTerms:
+        order = torch.argsort(dim_zero_cat(self.batch_index))  # (B,)
+        return BatchTerms(
+            *(
+                dim_zero_cat(getattr(self, n))[order]
+                for n in ("batch_cross", "batch_self_a", "batch_self_b")
+            )
+        )
+
+    def _matrix(self) -> Tensor:
         for side, counts, names in (
             ("a", self.nonfinite_a, self.layer_names_a),
             ("b", self.nonfinite_b, self.layer_names_b),
@@ -322,6 +421,7 @@ class MinibatchCKA(Metric):
     def reset(self) -> None:
         """Clears the sums and, for ``bandwidth="first"``, the fixed bandwidths."""
         super().reset()
+        self._added = 0
         self._workspace.clear()
         self.sigma2_a.fill_(float("nan"))
         self.sigma2_b.fill_(float("nan"))

@@ -4,8 +4,12 @@ Saved as a directory:
 
 - ``result.json`` — format marker, layers, settings, versions, elapsed time, mean and std
   matrices (readable without NumPy);
-- ``matrices.npz`` — ``matrices`` (R, La, Lb) per repeat, ``mean``, ``std``, float64;
-- ``cka.csv`` — the tidy table (``to_frame()``): one row per (repeat, layer_a, layer_b).
+- ``matrices.npz`` — ``matrices`` (R, La, Lb) per repeat, ``mean``, ``std``, float64, and for
+  a calibrated comparison (``ckascope.calibration``) ``ci_low``, ``ci_high`` (bootstrap
+  interval), ``null_mean``, ``null_std``, ``z_score``, ``p_value`` (permutation null), each
+  (La, Lb), and ``bootstrap_diagonal`` (replicates, L);
+- ``cka.csv`` — the tidy table (``to_frame()``): one row per (repeat, layer_a, layer_b), with
+  the calibration's per-cell columns when there are any.
 
 A directory is written in a staging folder beside it and moved into place at the end, so an
 interruption leaves either the previous result or the new one, never a mix.
@@ -26,10 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ckascope.calibration import CELL_KEYS
 from ckascope.errors import InputError
 from ckascope.fileio import atomic_write, json_matrix, write_json
 
 RESULT_FORMAT = "ckascope-result"
+#: The calibration arrays a result may hold (older results hold none).
+CALIBRATION_ARRAYS = (*CELL_KEYS, "bootstrap_diagonal")
 RESULT_VERSION = 1
 FILES = ("result.json", "matrices.npz", "cka.csv")
 
@@ -61,6 +68,8 @@ class CKAResult:
         settings: Every option that produced the result (model, data, scales, kernel, ...).
         versions: Library versions.
         elapsed: Seconds the computation took.
+        calibration: Bootstrap interval and permutation null arrays (``CELL_KEYS``, each
+            (La, Lb); ``bootstrap_diagonal`` (replicates, L)); empty for a plain comparison.
     """
 
     matrices: np.ndarray
@@ -69,6 +78,7 @@ class CKAResult:
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
     elapsed: float = 0.0
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.matrices = np.asarray(self.matrices, dtype=np.float64)
@@ -79,6 +89,15 @@ class CKAResult:
             raise InputError(
                 f"matrices of shape {self.matrices.shape} do not fit {expected} layers"
             )
+        self.calibration = {k: np.asarray(v, dtype=np.float64) for k, v in self.calibration.items()}
+        for key, value in self.calibration.items():
+            fits = value.shape == expected if key in CELL_KEYS else value.ndim == 2
+            if key not in CALIBRATION_ARRAYS or not fits:
+                raise InputError(f"calibration array {key!r} of shape {value.shape} does not fit")
+
+    def cell(self, key: str) -> np.ndarray | None:
+        """A calibration array (La, Lb) by name (``CELL_KEYS``), None when not computed."""
+        return self.calibration.get(key)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -150,6 +169,11 @@ class CKAResult:
                 "index_b": lb.ravel(),
                 "layer_b": np.asarray(self.layers_b, dtype=object)[lb.ravel()],
                 "cka": self.matrices.ravel(),
+                **{
+                    key: np.broadcast_to(value, self.matrices.shape).ravel()
+                    for key, value in self.calibration.items()
+                    if key in CELL_KEYS
+                },
             }
         )
         return frame
@@ -166,6 +190,7 @@ class CKAResult:
             "elapsed": self.elapsed,
             "matrix": json_matrix(self.matrix),
             "std": json_matrix(self.std),
+            **{k: json_matrix(v) for k, v in self.calibration.items() if k in CELL_KEYS},
         }
 
     def save(
@@ -200,10 +225,14 @@ class CKAResult:
             raise
         return dest
 
+    def _arrays(self) -> dict[str, Any]:
+        """What matrices.npz holds."""
+        return {"matrices": self.matrices, "mean": self.matrix, "std": self.std, **self.calibration}
+
     def _write_files(self, folder: Path) -> None:
         atomic_write(
             folder / "matrices.npz",
-            lambda f: np.savez(f, matrices=self.matrices, mean=self.matrix, std=self.std),
+            lambda f: np.savez(f, **self._arrays()),
         )
         atomic_write(folder / "cka.csv", lambda f: self.to_frame().to_csv(f, index=False))
         write_json(folder / "result.json", self._json())
@@ -216,6 +245,7 @@ class CKAResult:
         try:
             with np.load(folder / "matrices.npz") as npz:
                 matrices = npz["matrices"]
+                calibration = {k: npz[k] for k in npz.files if k in CALIBRATION_ARRAYS}
         except (OSError, KeyError, ValueError) as e:
             raise InputError(f"{folder}/matrices.npz is missing or unreadable ({e})") from e
         return cls(
@@ -225,6 +255,7 @@ class CKAResult:
             _current_names(meta["settings"]),
             meta["versions"],
             meta["elapsed"],
+            calibration,
         )
 
 

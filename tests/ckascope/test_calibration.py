@@ -1,0 +1,237 @@
+"""Bootstrap intervals and the permutation null against a direct NumPy computation (the same
+resamples and permutations given explicitly), and their properties on data whose answer is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckascope import CKAResult, MinibatchCKA
+from ckascope.calibration import (
+    BatchTerms,
+    Resamples,
+    batch_permutations,
+    bootstrap_replicates,
+    calibrate,
+    draw_resamples,
+    null_summary,
+    percentile_interval,
+    permuted_cross_terms,
+)
+from ckascope.cli import main as ckascope_main
+from ckascope.packing import BlockLayout, pack
+from ckascope.plot import curve, heatmap
+from tests import reference as ref
+from tests.ckascope.test_metric import _batches
+
+
+def _kernels(count: int, n: int, seed: int) -> torch.Tensor:
+    """(count, n, n) float64 Grams of random centred features (symmetric, not centred Grams)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, n, 7, generator=g, dtype=torch.float64)
+    return x @ x.transpose(1, 2) + 0.5  # the shift keeps the formula's every term at work
+
+
+@pytest.mark.parametrize("n", [8, 130, 256])  # depth 0, and packed layouts with upper blocks
+def test_shuffled_cross_terms_equal_hsic1_of_the_permuted_kernels(n: int) -> None:
+    layout = BlockLayout.for_size(n)
+    ka, kb = _kernels(3, n, 0), _kernels(2, n, 1)
+    perms = torch.stack(
+        [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    )
+    got = permuted_cross_terms(pack(ka, layout), pack(kb, layout), layout, perms)
+    for t, p in enumerate(perms.numpy()):
+        shuffled = kb.numpy()[:, p][:, :, p]  # P L Pᵀ
+        np.testing.assert_allclose(
+            got[t].numpy(), ref.hsic1_pairs(ka.numpy(), shuffled), rtol=1e-10
+        )
+
+
+def _numpy_cka(terms: BatchTerms, counts: np.ndarray) -> np.ndarray:
+    """Minibatch CKA of batches taken ``counts`` times each: weighted sums, then the ratio."""
+    cross = np.einsum("b,bij->ij", counts, terms.cross.numpy())
+    return ref.cka_ratio(cross, counts @ terms.self_a.numpy(), counts @ terms.self_b.numpy())
+
+
+def _sweep_terms(sizes: list[int], seed: int) -> BatchTerms:
+    a, b = _batches(sizes, seed)
+    metric = MinibatchCKA(3, 2, keep_batches=True)
+    for fa, fb in zip(a, b, strict=True):
+        metric.update(fa, fb)
+    batches = metric.summary().batches
+    assert batches is not None
+    return batches
+
+
+def test_bootstrap_replicates_equal_numpy_on_the_same_resamples() -> None:
+    sweeps = [_sweep_terms([9, 10, 8], 0), _sweep_terms([12, 7], 5)]
+    draws = Resamples(
+        sweeps=torch.tensor([[0, 1], [1, 1], [0, 0]]),
+        counts=torch.tensor(
+            [
+                [[2, 0, 1], [1, 1, 0]],
+                [[0, 2, 0], [2, 0, 0]],
+                [[1, 1, 1], [0, 0, 3]],
+            ],
+            dtype=torch.float64,
+        ),
+    )
+    got = bootstrap_replicates(sweeps, draws).numpy()
+    for r in range(3):
+        expected = np.mean(
+            [
+                _numpy_cka(sweeps[s], draws.counts[r, k, : len(sweeps[s])].numpy())
+                for k, s in enumerate(draws.sweeps[r].tolist())
+            ],
+            axis=0,
+        )
+        np.testing.assert_allclose(got[r], expected, rtol=1e-12)
+
+
+def test_resamples_draw_each_sweeps_own_batches_with_replacement() -> None:
+    draws = draw_resamples([3, 5, 4], 500, seed=1)
+    assert draws.sweeps.shape == (500, 3)
+    taken = draws.counts.sum(dim=-1)  # (R, S): each draw takes as many batches as its sweep has
+    sizes = torch.tensor([3, 5, 4])[draws.sweeps]
+    assert torch.equal(taken, sizes.to(taken.dtype))
+    for s, size in enumerate([3, 5, 4]):
+        rows = draws.counts[draws.sweeps == s]  # (draws of sweep s, B)
+        assert not rows[:, size:].any()  # never a batch beyond the sweep's own
+        assert rows[:, :size].mean(dim=0).allclose(torch.ones(size, dtype=torch.float64), atol=0.2)
+    assert torch.equal(draw_resamples([3, 5, 4], 500, seed=1).counts, draws.counts)
+
+
+def test_the_metric_null_equals_numpy_on_the_batch_permutations() -> None:
+    sizes = [9, 10, 8]
+    a, b = _batches(sizes)
+    metric = MinibatchCKA(3, 2, permutations=4, seed=7)
+    for i, (fa, fb) in enumerate(zip(a, b, strict=True)):
+        metric.update(fa, fb, batch=10 + i)
+    null = metric.summary().null
+    assert null is not None
+    cross = np.zeros((4, 3, 2))
+    self_a, self_b = np.zeros(3), np.zeros(2)
+    for i, (fa, fb) in enumerate(zip(a, b, strict=True)):
+        ka = np.stack([ref.linear_kernel(x) for x in fa])
+        kb = np.stack([ref.linear_kernel(y) for y in fb])
+        perms = batch_permutations(4, sizes[i], seed=7, batch=10 + i).numpy()
+        for t, p in enumerate(perms):
+            cross[t] += ref.hsic1_pairs(ka, kb[:, p][:, :, p])
+        self_a += np.diag(ref.hsic1_pairs(ka, ka))
+        self_b += np.diag(ref.hsic1_pairs(kb, kb))
+    expected = np.stack([ref.cka_ratio(c, self_a, self_b) for c in cross])
+    np.testing.assert_allclose(null.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_null_summary_p_values_count_the_observed_pairing() -> None:
+    null = torch.tensor([[[0.1]], [[0.3]], [[0.2]], [[0.5]]], dtype=torch.float64)
+    observed = torch.tensor([[0.3]], dtype=torch.float64)
+    s = null_summary(observed, null)
+    assert float(s.p_value) == pytest.approx((1 + 2) / 5)  # 0.3 and 0.5 reach it
+    assert float(s.mean) == pytest.approx(0.275)
+    assert float(s.z_score) == pytest.approx((0.3 - 0.275) / np.std([0.1, 0.3, 0.2, 0.5], ddof=1))
+    nan = null_summary(torch.tensor([[float("nan")]]), null)
+    assert np.isnan(float(nan.p_value))
+
+
+def test_the_interval_is_percentile_and_always_holds_the_estimate() -> None:
+    reps = torch.arange(1, 101, dtype=torch.float64)[:, None, None]  # (100, 1, 1): 1..100
+    low, high = percentile_interval(reps, torch.tensor([[50.0]], dtype=torch.float64), 0.9)
+    assert float(low) == pytest.approx(np.quantile(np.arange(1, 101), 0.05))
+    assert float(high) == pytest.approx(np.quantile(np.arange(1, 101), 0.95))
+    low, high = percentile_interval(reps, torch.tensor([[200.0]], dtype=torch.float64), 0.9)
+    assert float(high) == 200.0  # widened to reach an estimate outside the replicates' range
+
+
+def _calibrated(feats_a: list, feats_b: list, permutations: int, bootstrap: int) -> dict:
+    metric = MinibatchCKA(
+        len(feats_a[0]), len(feats_b[0]), keep_batches=True, permutations=permutations
+    )
+    for i, (fa, fb) in enumerate(zip(feats_a, feats_b, strict=True)):
+        metric.update(fa, fb, batch=i)
+    summary = metric.summary()
+    return {"matrix": summary.matrix.numpy(), **calibrate([summary], bootstrap, 0.95, 0)}
+
+
+def test_identical_sides_give_one_with_a_zero_width_interval() -> None:
+    a, _ = _batches([10, 12, 9, 11])
+    c = _calibrated(a, a, permutations=5, bootstrap=200)
+    diag = np.arange(3)
+    np.testing.assert_allclose(c["matrix"][diag, diag], 1.0, atol=1e-12)
+    np.testing.assert_allclose(c["ci_low"][diag, diag], 1.0, atol=1e-12)
+    np.testing.assert_allclose(c["ci_high"][diag, diag], 1.0, atol=1e-12)
+    assert (c["ci_low"] <= c["matrix"]).all()
+    assert (c["matrix"] <= c["ci_high"]).all()
+    assert (c["p_value"][diag, diag] == 1 / 6).all()  # nothing shuffled reaches 1
+
+
+def test_a_rotated_and_scaled_copy_stays_at_one_far_above_its_null() -> None:
+    a, _ = _batches([16, 16, 16, 16], seed=3)
+    q, _ = torch.linalg.qr(
+        torch.randn(9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    rotated = [[x[1] @ q * 3.0] for x in a]  # layer 1 (width 9), rotated and scaled
+    c = _calibrated([[x[1]] for x in a], rotated, permutations=19, bootstrap=100)
+    assert c["matrix"][0, 0] == pytest.approx(1.0, abs=1e-12)
+    assert c["ci_low"][0, 0] == pytest.approx(1.0, abs=1e-12)
+    assert c["p_value"][0, 0] == pytest.approx(1 / 20)
+    assert c["z_score"][0, 0] > 10
+
+
+def test_independent_features_score_near_zero_with_uniform_p_values() -> None:
+    p_values, z_scores = [], []
+    for seed in range(150):
+        g = torch.Generator().manual_seed(1000 + seed)
+        a = [[torch.randn(12, 20, generator=g, dtype=torch.float64)] for _ in range(4)]
+        b = [[torch.randn(12, 30, generator=g, dtype=torch.float64)] for _ in range(4)]
+        c = _calibrated(a, b, permutations=19, bootstrap=0)
+        p_values.append(c["p_value"][0, 0])
+        z_scores.append(c["z_score"][0, 0])
+    p = np.array(p_values)
+    assert abs(p.mean() - 0.5) < 0.08  # uniform on {1/20, ..., 1}: mean 0.525
+    assert (p <= 0.05).mean() < 0.11  # the test's level, within sampling noise of 150 draws
+    assert abs(np.mean(z_scores)) < 0.3
+
+
+def test_compare_writes_calibration_and_suggest_split_reports_stability(tmp_path: Path) -> None:
+    out = tmp_path / "r18"
+    args = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "32", "64"]
+    args += ["--image-size", "64", "--num-images", "64", "--batch-size", "16"]
+    args += ["--bootstrap", "200", "--permutations", "10", "--out", str(out), "--no-figures"]
+    result = CliRunner().invoke(ckascope_main, args)
+    assert result.exit_code == 0, result.output
+    r = CKAResult.load(out)
+    low, high = r.cell("ci_low"), r.cell("ci_high")
+    assert low is not None
+    assert high is not None
+    assert (low <= r.matrix).all()
+    assert (r.matrix <= high).all()
+    assert all(r.cell(k) is not None for k in ("null_mean", "null_std", "p_value", "z_score"))
+    assert r.calibration["bootstrap_diagonal"].shape == (200, len(r.layers_a))
+    assert (r.settings["bootstrap"], r.settings["permutations"], r.settings["ci"]) == (
+        200,
+        10,
+        0.95,
+    )
+    assert {"ci_low", "p_value"} <= set(r.to_frame().columns)
+    split = CliRunner().invoke(ckascope_main, ["suggest-split", "--from", str(out)])
+    assert split.exit_code == 0, split.output
+    assert "bootstrap resamples" in split.output
+    assert "stability" in split.output
+
+
+def test_results_without_calibration_still_load_draw_and_say_stability_is_unknown() -> None:
+    from ckascope.split import suggest_split
+
+    old = CKAResult.load(Path(__file__).parents[2] / "figures" / "data" / "cka_vanilla")
+    assert old.calibration == {}
+    curve(old)
+    heatmap(old)
+    text = suggest_split(old, ["layer1", "layer2", "layer3", "layer4"]).stability_text()
+    assert text.startswith("stability unknown")
+    assert "--bootstrap" in text
