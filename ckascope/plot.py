@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ckascope.fileio import atomic_path
 from ckascope.result import CKAResult
 
 FORMATS = ("png", "pdf")
+#: Cells whose permutation p-value exceeds this are marked as not beating the null.
+ALPHA = 0.05
 
 
 def side_labels(result: CKAResult) -> tuple[str, str]:
@@ -42,10 +46,12 @@ def _title(result: CKAResult) -> str:
     return model + (f", mean of {result.repeats} sweeps" if result.repeats > 1 else "")
 
 
-def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
+def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = True) -> Figure:
     """Cross-layer CKA matrix: rows = side a (first layer at the bottom), columns = side b.
 
-    The colour scale is [0, 1] unless values fall outside it; NaN cells are hatched grey.
+    The colour scale is [0, 1] unless values fall outside it; NaN cells are hatched grey. With a
+    permutation null in the result (and ``mark_null``), cells whose p-value exceeds ``ALPHA``
+    (no better than chance on these images) carry a small grey circle.
     """
     m = result.matrix
     finite = m[np.isfinite(m)]
@@ -79,12 +85,26 @@ def heatmap(result: CKAResult, *, title: str | None = None) -> Figure:
     ax.set_xlabel(label_b)
     ax.set_ylabel(label_a)
     ax.set_title(title or _title(result))
+    handles = _mark_chance(ax, result) if mark_null else []
     if not np.isfinite(m).all():
-        ax.legend(
-            handles=[Patch(facecolor="0.85", edgecolor="0.55", hatch="xx", label="NaN")],
-            loc="upper left",
-        )
+        handles.append(Patch(facecolor="0.85", edgecolor="0.55", hatch="xx", label="NaN"))
+    if handles:
+        ax.legend(handles=handles, loc="upper left", fontsize=7)
     return fig
+
+
+def _mark_chance(ax: Any, result: CKAResult) -> list[Any]:
+    """Circles on the cells the permutation null does not rule out; their legend entry."""
+    p_value = result.cell("p_value")
+    if p_value is None:
+        return []
+    rows, cols = np.nonzero(~(p_value <= ALPHA))  # NaN p-values count as not beating it
+    if not len(rows):
+        return []
+    ax.scatter(cols + 0.5, rows + 0.5, s=14, facecolors="none", edgecolors="0.6", linewidths=1)
+    n = int(result.settings.get("permutations", 0))
+    label = f"p > {ALPHA} ({n} permutations): not above chance"
+    return [Line2D([], [], ls="", marker="o", mfc="none", mec="0.6", label=label)]
 
 
 def curve(
@@ -93,7 +113,11 @@ def curve(
     *,
     title: str | None = None,
 ) -> Figure:
-    """Same-layer cross-scale CKA against layer depth, mean ± std band per result (Fig. 2).
+    """Same-layer cross-scale CKA against layer depth, one line per result (Fig. 2).
+
+    The band is the bootstrap interval where the result has one (``--bootstrap``), else ± the
+    std over sweeps; a result with a permutation null also gets it as a grey band (null mean
+    ± 2 std: where CKA of shuffled image pairs falls).
 
     Args:
         results: One result or several (e.g. single- and multi-path) with same-layer diagonals.
@@ -109,10 +133,8 @@ def curve(
     longest = max(items, key=lambda r: len(r.layers_a))
     fig = Figure(figsize=(4 + 0.3 * len(longest.layers_a), 4), layout="constrained")
     ax = fig.subplots()
-    for result, name in zip(items, names, strict=True):
-        d = result.diagonal()
-        ax.plot(d["depth"], d["mean"], marker="o", label=name)
-        ax.fill_between(d["depth"], d["mean"] - d["std"], d["mean"] + d["std"], alpha=0.25)
+    for i, (result, name) in enumerate(zip(items, names, strict=True)):
+        _curve_line(ax, result, name, f"C{i}", first_null=i == 0)
     ax.set_xticks(range(len(longest.layers_a)), longest.layers_a, rotation=60, ha="right")
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(1.0, ax.get_ylim()[1]))
     scales = items[0].settings.get("scales", ["a", "b"])
@@ -124,6 +146,25 @@ def curve(
         title or f"Cross-scale CKA per layer ({items[0].settings.get('kernel', 'linear')})"
     )
     return fig
+
+
+def _curve_line(ax: Any, result: CKAResult, name: str, color: str, first_null: bool) -> None:
+    d = result.diagonal()
+    idx = np.arange(len(d))
+    low, high = result.cell("ci_low"), result.cell("ci_high")
+    if low is not None and high is not None:
+        level = 100 * float(result.settings.get("ci", 0.95))
+        band, what = (low[idx, idx], high[idx, idx]), f"{level:g} % interval"
+    else:
+        mean, std = d["mean"].to_numpy(), d["std"].to_numpy()
+        band, what = (mean - std, mean + std), "± std over sweeps"
+    ax.plot(d["depth"], d["mean"], marker="o", color=color, label=f"{name} ({what})")
+    ax.fill_between(d["depth"], *band, color=color, alpha=0.25)
+    null_mean, null_std = result.cell("null_mean"), result.cell("null_std")
+    if null_mean is not None and null_std is not None:
+        m, s = null_mean[idx, idx], null_std[idx, idx]
+        label = "chance: permutation null, mean ± 2 std" if first_null else None
+        ax.fill_between(d["depth"], m - 2 * s, m + 2 * s, color="0.5", alpha=0.25, label=label)
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:

@@ -13,6 +13,12 @@ separates the scale-sensitive stem from layer1's outputs and picks ``layer2``, t
 split. When no split point reaches the threshold, the one whose input is most scale-consistent
 is chosen (the earliest on ties) and the reason says so; when all do, the earliest.
 
+How sure the choice is. On a result with bootstrap replicates (``ckascope compare --bootstrap``)
+the rule is applied again to every replicate's diagonal: ``stability`` is the share of
+replicates that choose each candidate. The choice is called stable when at least
+``STABLE_SHARE`` of them agree with it; otherwise other images could well have given another
+split, and the output says so.
+
 A split point is placed among the analysed layers by module name: its trunk starts at the first
 analysed layer that is, or lies inside, the split module, or that follows it among numbered
 siblings (``features.26`` follows ``features.24``).
@@ -22,8 +28,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rich.table import Table
@@ -33,6 +40,8 @@ from ckascope.result import CKAResult
 from ckascope.vocab import DEFAULT_THRESHOLD
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+#: The share of bootstrap replicates that must agree with the choice for it to be called stable.
+STABLE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,33 @@ class SplitSuggestion:
     reason: str
     threshold: float
     rows: list[SplitRow]
+    stability: dict[str, float] | None = None  # candidate -> share of bootstrap replicates
+    replicates: int = 0
+
+    @property
+    def stable(self) -> bool | None:
+        """Whether at least ``STABLE_SHARE`` of the replicates choose the same; None: unknown."""
+        if self.stability is None:
+            return None
+        return self.stability.get(self.choice, 0.0) >= STABLE_SHARE
+
+    def stability_text(self) -> str:
+        """The stability in words, e.g. "layer2 in 87 % of 1000 bootstrap resamples; ..."."""
+        if self.stability is None:
+            return (
+                "stability unknown: this result has no bootstrap resamples. Hint: rerun "
+                "ckascope compare with --bootstrap 1000 (no extra forward pass)"
+            )
+        shares = sorted(self.stability.items(), key=lambda kv: -kv[1])
+        listed = "; ".join(f"{name} in {100 * share:.0f} %" for name, share in shares if share)
+        text = f"stability: {listed} of {self.replicates} bootstrap resamples"
+        if self.stable:
+            return f"{text} (stable: at least {100 * STABLE_SHARE:.0f} % agree)"
+        return (
+            f"{text}. UNSTABLE: fewer than {100 * STABLE_SHARE:.0f} % of the resamples choose "
+            f"{self.choice}; other images could give another split. Hint: more images "
+            "(--num-images, --repeats), or weigh the candidates above by their cost"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -97,6 +133,9 @@ class SplitSuggestion:
             "reason": self.reason,
             "threshold": self.threshold,
             "candidates": rows,
+            "stability": self.stability,
+            "replicates": self.replicates,
+            "stable": self.stable,
         }
 
 
@@ -157,7 +196,8 @@ def suggest_split(
         threshold: Minimum CKA of the trunk's input, in [0, 1].
 
     Returns:
-        The suggestion; ``choice`` is always one of ``split_points``.
+        The suggestion; ``choice`` is always one of ``split_points``. With bootstrap replicates
+        in the result, ``stability`` gives the share of them choosing each candidate.
 
     Raises:
         InputError: Threshold outside [0, 1], no diagonal, or split points that do not fit the
@@ -170,14 +210,52 @@ def suggest_split(
     diagonal = result.diagonal()
     layers, diag = list(diagonal["layer"]), [float(v) for v in diagonal["mean"]]
     candidates = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
-    rows = [r for r in (_row(c, layers, diag) for c in candidates) if r is not None]
-    if not any(r.input_cka is not None for r in rows):
+    suggestion = _suggest(layers, diag, candidates, threshold)
+    replicates = result.calibration.get("bootstrap_diagonal")
+    if replicates is None or not len(replicates):
+        return suggestion
+    return replace(
+        suggestion,
+        stability=_stability(layers, replicates, candidates, threshold),
+        replicates=len(replicates),
+    )
+
+
+def _suggest(
+    layers: list[str], diag: list[float], candidates: list[SplitCandidate], threshold: float
+) -> SplitSuggestion:
+    """The rule on one diagonal."""
+    rows = _rows(layers, diag, candidates)
+    if not _measured(rows):
         names = ", ".join(c.name for c in candidates)
         raise InputError(
             f"the split points ({names}) do not fit the analysed layers ({', '.join(layers[:6])}, ...). "
             "Hint: give the split points of this model's family, and analyse layers before and after them"
         )
     return _choose(rows, threshold)
+
+
+def _rows(layers: list[str], diag: list[float], candidates: list[SplitCandidate]) -> list[SplitRow]:
+    return [r for r in (_row(c, layers, diag) for c in candidates) if r is not None]
+
+
+def _measured(rows: list[SplitRow]) -> bool:
+    return any(r.input_cka is not None for r in rows)
+
+
+def _stability(
+    layers: list[str], replicates: Any, candidates: list[SplitCandidate], threshold: float
+) -> dict[str, float]:
+    """Share of bootstrap replicates (R, L) whose diagonal the rule sends to each candidate.
+
+    A replicate whose every candidate input is NaN (degenerate layers) chooses none.
+    """
+    choices: Counter[str] = Counter()
+    for diag in replicates:
+        rows = _rows(layers, [float(v) for v in diag], candidates)
+        if _measured(rows):
+            choices[_choose(rows, threshold).choice] += 1
+    return {c.name: choices[c.name] / len(replicates) for c in candidates}
 
 
 def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:

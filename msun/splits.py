@@ -41,6 +41,8 @@ from msun.model import build_msun
 
 #: Images of the on-the-fly analysis (the paper used 1280; this is a quick, stable estimate).
 ANALYSIS_IMAGES = 512
+#: Bootstrap replicates of that analysis, so the choice comes with its stability (~1 % cost).
+ANALYSIS_BOOTSTRAP = 1000
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -113,6 +115,7 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         num_images=ANALYSIS_IMAGES,
         batch_size=max(4, min(128, ANALYSIS_IMAGES // info.world_size)),  # a batch per process
         seed=cfg.seed,
+        bootstrap=ANALYSIS_BOOTSTRAP,
         device=info.device,
         rank=info.rank,
         world_size=info.world_size,
@@ -142,6 +145,7 @@ def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
     console = make_console()
     console.print(split_table(suggestion))
     console.print(f"--split-at auto -> {suggestion.choice}: {suggestion.reason}")
+    console.print(suggestion.stability_text())
 
 
 # ----------------------------------------------------------------------------- the run's split
