@@ -2,6 +2,7 @@
 
     python figures/fashion_study.py                 # run what is missing (hours on 2 CPU cores), resumable
     python figures/fashion_study.py --status        # what is done and what is left; runs nothing
+    python figures/fashion_study.py --budget-only   # the probe and the budget, to commit first
     python figures/fashion_study.py --redraw        # figures and RESULTS.md from the committed data
     python figures/fashion_study.py --quick --data fashionmnist:DIR --out /tmp/fq --runs /tmp/fq/runs
 
@@ -77,7 +78,7 @@ from msun.splits import choose, split_candidates  # noqa: E402
 ARCH = "resnet18"
 SPLITS = ("layer1", "layer2", "layer3", "layer4")
 # name -> (method, split, SI options, label). The revised SI term: each smaller path against
-# the largest, weight 0.1, no dead zone (docs/msun.md).
+# the largest, weight 0.1, no dead zone (figures/README.md, "Design").
 METHODS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
     "vanilla": ("vanilla", None, {}, "vanilla"),
     "mst": ("mst", None, {}, "MST"),
@@ -117,6 +118,8 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
             "cka_images": 32,
             "cka_repeats": 2,
             "cka_batch": 16,
+            "cka_bootstrap": 100,
+            "cka_permutations": 5,
         }
     return {
         **common,
@@ -132,6 +135,8 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
         "cka_images": 1280,
         "cka_repeats": 10,
         "cka_batch": 128,
+        "cka_bootstrap": 1000,
+        "cka_permutations": 20,
     }
 
 
@@ -243,12 +248,25 @@ def matches(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     return all(saved.get(k) == v for k, v in fixed.items())
 
 
-def is_done(data: Path, run: Run) -> bool:
-    """A record of this run and every analysis of it are in ``data``."""
+def has_record(data: Path, run: Run) -> bool:
+    """A record of this run (its config, curve and evaluation) is in ``data``."""
     record = record_path(data, run)
-    if not record.is_file() or not matches(read_json(record)["train_config"], run.config):
+    return record.is_file() and matches(read_json(record)["train_config"], run.config)
+
+
+def has_cka(data: Path, run: Run, kernel: Kernel, s: dict[str, Any]) -> bool:
+    """The run's analysis with this kernel is in ``data``, with the study's calibration."""
+    path = cka_folder(data, run, kernel) / "result.json"
+    if not path.is_file():
         return False
-    return all((cka_folder(data, run, k) / "result.json").is_file() for k in run.kernels)
+    saved = read_json(path)["settings"]
+    wanted = {"bootstrap": s["cka_bootstrap"], "permutations": s["cka_permutations"]}
+    return all(saved.get(k) == v for k, v in wanted.items())
+
+
+def is_done(data: Path, run: Run, s: dict[str, Any]) -> bool:
+    """A record of this run and every analysis of it are in ``data``."""
+    return has_record(data, run) and all(has_cka(data, run, k, s) for k in run.kernels)
 
 
 def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
@@ -282,15 +300,27 @@ def cka(last: Path, s: dict[str, Any], kernel: Kernel) -> CKAResult:
         repeats=s["cka_repeats"],
         batch_size=s["cka_batch"],
         kernel=kernel,
+        bootstrap=s["cka_bootstrap"],
+        permutations=s["cka_permutations"],
         settings={"model": ARCH, "arch": ARCH, "checkpoint": last.name},
     )
 
 
 def finish(run: Run, s: dict[str, Any], data: Path) -> None:
-    """Trains (or resumes) the run, then writes its analyses and its record, the record last."""
+    """Trains (or resumes, or reuses) the run, then writes what of its data is missing.
+
+    The analyses come first and the record last: a run with a record has all of its data (an
+    analysis made with other calibration settings is made again while its checkpoint exists).
+    """
+    if has_record(data, run) and not (Path(run.config.out) / "last.pt").is_file():
+        print(f"fashion study: {run.name}'s checkpoint is gone; its analyses stay as they are")
+        return
     last = trained(run.config)
     for kernel in run.kernels:
-        cka(last, s, kernel).save(cka_folder(data, run, kernel), overwrite=True)
+        if not has_cka(data, run, kernel, s):
+            cka(last, s, kernel).save(cka_folder(data, run, kernel), overwrite=True)
+    if has_record(data, run):
+        return
     ckpt = read_checkpoint(last)
     record = {
         "train_config": ckpt["train_config"],
@@ -345,7 +375,7 @@ def budget(s: dict[str, Any], data: Path, runs: Path, train: bool) -> int | None
     if path.is_file():
         return int(read_json(path)["epochs"])
     probe = probe_run(s, runs)
-    if not is_done(data, probe):
+    if not is_done(data, probe, s):
         if not train:
             return None
         finish(probe, s, data)
@@ -365,7 +395,7 @@ def status(s: dict[str, Any], data: Path, runs: Path) -> list[str]:
     """One line per run: done (its data is in ``data``), interrupted (and where), or to do."""
     epochs = budget(s, data, runs, train=False)
     planned = [probe_run(s, runs)] if epochs is None else study_runs(s, epochs, runs)
-    lines = [line(run, data) for run in planned]
+    lines = [line(run, data, s) for run in planned]
     done = sum(x.startswith("done") for x in lines)
     head = f"{done} of {len(planned)} runs done" + (
         "" if epochs is not None else " (the probe decides the budget; the other runs follow)"
@@ -373,9 +403,11 @@ def status(s: dict[str, Any], data: Path, runs: Path) -> list[str]:
     return [head, *lines]
 
 
-def line(run: Run, data: Path) -> str:
-    if is_done(data, run):
+def line(run: Run, data: Path, s: dict[str, Any]) -> str:
+    if is_done(data, run, s):
         return f"done         {run.name}"
+    if has_record(data, run):
+        return f"stale        {run.name} (an analysis with other calibration settings)"
     last = Path(run.config.out) / "last.pt"
     if last.is_file():
         epoch = read_checkpoint(last)["progress"]["epoch"]
@@ -389,7 +421,7 @@ def study(s: dict[str, Any], out: Path, runs: Path) -> None:
     epochs = budget(s, data, runs, train=True)
     assert epochs is not None
     for run in study_runs(s, epochs, runs):
-        if not is_done(data, run):
+        if not is_done(data, run, s):
             print(f"fashion study: {run.name}", flush=True)
             finish(run, s, data)
     summarize(s, epochs, data, runs)
@@ -421,7 +453,7 @@ def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
     seeds = [seed for seed in s["seeds"] if (data / "cka" / f"vanilla_seed{seed}").is_dir()]
     loop = suggestions({**s, "seeds": seeds}, data, runs, epochs)
     planned = len(study_runs(s, epochs, runs))
-    done = sum(is_done(data, r) for r in study_runs(s, epochs, runs))
+    done = sum(is_done(data, r, s) for r in study_runs(s, epochs, runs))
     write_json(
         data / "accuracy.json",
         {
@@ -830,6 +862,11 @@ def main() -> None:
         "--status", action="store_true", help="say what is done and left; run nothing"
     )
     parser.add_argument("--redraw", action="store_true", help="only redraw from <out>/data")
+    parser.add_argument(
+        "--budget-only",
+        action="store_true",
+        help="only the probe and data/budget.json (to commit the budget before the other runs)",
+    )
     parser.add_argument("--data", default="fashionmnist", help="fashionmnist or fashionmnist:DIR")
     parser.add_argument(
         "--runs", type=Path, default=DEFAULT_RUNS, help="checkpoints (outside the work tree)"
@@ -839,6 +876,9 @@ def main() -> None:
     s = settings(args.quick, args.data)
     if args.status:
         print("\n".join(status(s, args.out / "data", args.runs)))
+        return
+    if args.budget_only:
+        print(f"budget: {budget(s, args.out / 'data', args.runs, train=True)} epochs")
         return
     if not args.redraw:
         print("\n".join(status(s, args.out / "data", args.runs)), flush=True)
