@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-from bench_interleaved import mlp
+from bench_interleaved import mlp, rotate
 from common import describe_machine, machine_info, markdown_table, set_threads, write_json
 from torch.utils.data import TensorDataset
 
@@ -40,7 +38,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
-def resnet18_runs() -> dict[str, Callable[[], Any]]:
+def resnet18_runs() -> dict[str, Callable[[], object]]:
     model = build_model("resnet18", "none", seed=0)
     images = torch.randn(512, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(images, torch.zeros(512, dtype=torch.long))
@@ -48,7 +46,7 @@ def resnet18_runs() -> dict[str, Callable[[], Any]]:
     return {name: partial(run, **options) for name, options in VARIANTS.items()}
 
 
-def mlp_runs() -> dict[str, Callable[[], Any]]:
+def mlp_runs() -> dict[str, Callable[[], object]]:
     a, b = mlp(50, 256, 0), mlp(50, 256, 1)
     # "1-px images" (bench_interleaved's): the views at scale 1 pass them unchanged
     x = torch.randn(1024, 256, 1, 1, generator=torch.Generator().manual_seed(0))
@@ -58,19 +56,6 @@ def mlp_runs() -> dict[str, Callable[[], Any]]:
         compare_models, a, b, data, scale=1, image_size=1, layers=names, batch_size=256, seed=0
     )
     return {name: partial(run, **options) for name, options in VARIANTS.items()}
-
-
-def rounds(runs: dict[str, Callable[[], Any]], count: int) -> dict[str, list[float]]:
-    for run in runs.values():  # warm-up
-        run()
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(count):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -83,7 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     machine = machine_info(set_threads(args.threads))
-    times = rounds(resnet18_runs() if args.workload == "resnet18" else mlp_runs(), args.rounds)
+    times = rotate(resnet18_runs() if args.workload == "resnet18" else mlp_runs(), args.rounds)
     plain = statistics.median(times["plain"])
     rows = [
         {"variant": name, "median_s": statistics.median(t), "ratio": statistics.median(t) / plain}

@@ -119,7 +119,11 @@ def resnet18_tools() -> dict[str, Callable[[], object]]:
 
 def run_rounds(workload: str, rounds: int) -> dict[str, list[float]]:
     """Every tool once per round (after one warm-up run each), the order rotating by round."""
-    tools = mlp_tools() if workload == "mlp" else resnet18_tools()
+    return rotate(mlp_tools() if workload == "mlp" else resnet18_tools(), rounds)
+
+
+def rotate(tools: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of every callable once per round, after a warm-up run each, the order rotating."""
     for run in tools.values():  # warm-up
         run()
     names = list(tools)
