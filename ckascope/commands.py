@@ -88,24 +88,50 @@ def default_out(cfg: CompareConfig) -> Path:
 
 
 def summary_table(result: CKAResult) -> Table:
-    """Same-layer CKA per layer, or for two models each row's best-matching column."""
+    """Same-layer CKA per layer, or for two models each row's best-matching column.
+
+    A calibrated result adds each value's bootstrap interval, its chance level (the
+    permutation null's mean) and p-value.
+    """
     table = Table(title="Cross-scale CKA" if result.has_diagonal else "Best match per layer")
     if result.has_diagonal:
         spread = result.repeats > 1  # one sweep has no spread to show
-        for column in ("layer", "CKA", "± std")[: 3 if spread else 2]:
+        columns = ["layer", "CKA", *(["± std"] if spread else []), *_calibration_columns(result)]
+        for column in columns:
             table.add_column(column, justify="left" if column == "layer" else "right")
-        for row in result.diagonal().itertuples():
+        for i, row in enumerate(result.diagonal().itertuples()):
+            std = [f"{row.std:.4f}"] if spread else []
             table.add_row(
-                str(row.layer), f"{row.mean:.4f}", *([f"{row.std:.4f}"] if spread else [])
+                str(row.layer), f"{row.mean:.4f}", *std, *_calibration_cells(result, i, i)
             )
         return table
-    for column in ("layer a", "best layer b", "CKA"):
+    for column in ("layer a", "best layer b", "CKA", *_calibration_columns(result)):
         table.add_column(column)
     for i, name in enumerate(result.layers_a):
         row = np.nan_to_num(result.matrix[i], nan=-np.inf)
         j = int(row.argmax())
-        table.add_row(name, result.layers_b[j], f"{result.matrix[i, j]:.4f}")
+        cells = _calibration_cells(result, i, j)
+        table.add_row(name, result.layers_b[j], f"{result.matrix[i, j]:.4f}", *cells)
     return table
+
+
+def _calibration_columns(result: CKAResult) -> list[str]:
+    level = f"{100 * float(result.settings.get('ci', 0.95)):g} % interval"
+    return [
+        *([level] if "ci_low" in result.calibration else []),
+        *(["chance", "p"] if "p_value" in result.calibration else []),
+    ]
+
+
+def _calibration_cells(result: CKAResult, i: int, j: int) -> list[str]:
+    cells = []
+    low, high = result.cell("ci_low"), result.cell("ci_high")
+    if low is not None and high is not None:
+        cells.append(f"{low[i, j]:.4f} .. {high[i, j]:.4f}")
+    null, p_value = result.cell("null_mean"), result.cell("p_value")
+    if null is not None and p_value is not None:
+        cells += [f"{null[i, j]:.4f}", f"{p_value[i, j]:.3f}"]
+    return cells
 
 
 def run_compare(cfg: CompareConfig) -> None:
