@@ -197,7 +197,7 @@ def permuted_cross_terms(pa: Tensor, pb: Tensor, layout: BlockLayout, perms: Ten
     ka, kb = unpack(pa, layout).flatten(1), unpack(pb, layout)  # (La, n²), (Lb, n, n)
     out = torch.empty(len(perms), len(pa), len(pb), dtype=torch.float64, device=pa.device)
     for t, p in enumerate(perms):
-        shuffled = kb[:, p][:, :, p].flatten(1)  # (Lb, n²): P L Pᵀ
+        shuffled = kb[:, p[:, None], p[None, :]].flatten(1)  # (Lb, n²): P L Pᵀ, one gather
         inner = ka @ shuffled.T  # (La, Lb)
         diag, rows = b.diag[:, p], b.rows[:, p]
         out[t] = inner - a.diag @ diag.T + fixed - (2.0 / (n - 2)) * (a.rows @ rows.T)

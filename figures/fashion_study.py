@@ -3,7 +3,7 @@
     python figures/fashion_study.py                 # run what is missing (hours on 2 CPU cores), resumable
     python figures/fashion_study.py --status        # what is done and what is left; runs nothing
     python figures/fashion_study.py --budget-only   # the probe and the budget, to commit first
-    python figures/fashion_study.py --redraw        # figures and RESULTS.md from the committed data
+    python figures/fashion_study.py --redraw        # summaries, figures and RESULTS.md from the records
     python figures/fashion_study.py --quick --data fashionmnist:DIR --out /tmp/fq --runs /tmp/fq/runs
 
 The paper's geometry scaled to the data: ResNet-18 from scratch on the native 28-px images,
@@ -65,6 +65,7 @@ from ckascope.data import (  # noqa: E402
     subset_indices,
 )
 from ckascope.distributed import init_distributed  # noqa: E402
+from ckascope.errors import CKAScopeError  # noqa: E402
 from ckascope.fileio import write_json, write_text  # noqa: E402
 from ckascope.models import load_checkpoint, read_checkpoint  # noqa: E402
 from ckascope.plot import curve, heatmap  # noqa: E402
@@ -607,9 +608,8 @@ def budget_figure(saved: dict[str, Any]) -> Figure:
         epochs, [p["top1_mean"] for p in saved["curve"]], marker=".", label="mean over 13 sizes"
     )
     low = saved["plateau"] - WITHIN_PLATEAU
-    ax.axhspan(
-        low, saved["plateau"], color="grey", alpha=0.2, label=f"plateau - {WITHIN_PLATEAU:g}"
-    )
+    label = f"within {WITHIN_PLATEAU:g} points of the plateau"
+    ax.axhspan(low, saved["plateau"], color="grey", alpha=0.2, label=label)
     ax.axvline(saved["epochs"], color="C3", ls="--", label=f"budget E = {saved['epochs']}")
     ax.set_xlabel("epoch (one cosine schedule over all epochs)")
     ax.set_ylabel("validation top-1 (%)")
@@ -675,6 +675,8 @@ def budget_markdown(saved: dict[str, Any]) -> list[str]:
 
 
 def accuracy_markdown(acc: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    if not acc:
+        return ["## Top-1 per test size", "", "No run is evaluated yet.", ""]
     names = list(acc)
     sizes = acc[names[0]]["sizes"]
     lines = [
@@ -829,7 +831,8 @@ def redraw(out: Path) -> None:
     budget_data = read_json(data / "budget.json")
     acc, epochs = saved["methods"], saved["settings"]["epochs"]
     png(budget_figure(budget_data), out, "budget")
-    png(accuracy_figure(acc, epochs), out, "accuracy_vs_size")
+    if acc:
+        png(accuracy_figure(acc, epochs), out, "accuracy_vs_size")
     seed0 = saved["settings"]["seeds"][0]
     drawn = [n for n in acc if (data / "cka" / f"{n}_seed{seed0}_rbf" / "result.json").is_file()]
     labels = [METHODS[n][3] for n in drawn]
@@ -854,6 +857,15 @@ def redraw(out: Path) -> None:
 
 
 def main() -> None:
+    """The command line; a stop the library explains (Ctrl-C, a refused run) ends in its line."""
+    try:
+        _main()
+    except CKAScopeError as e:
+        print(f"fashion study: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -861,7 +873,11 @@ def main() -> None:
     parser.add_argument(
         "--status", action="store_true", help="say what is done and left; run nothing"
     )
-    parser.add_argument("--redraw", action="store_true", help="only redraw from <out>/data")
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="summaries, figures and RESULTS.md from <out>/data; trains nothing",
+    )
     parser.add_argument(
         "--budget-only",
         action="store_true",
@@ -880,8 +896,14 @@ def main() -> None:
     if args.budget_only:
         print(f"budget: {budget(s, args.out / 'data', args.runs, train=True)} epochs")
         return
-    if not args.redraw:
-        print("\n".join(status(s, args.out / "data", args.runs)), flush=True)
+    data = args.out / "data"
+    if args.redraw:  # the summaries again from the records there are (a study may be running)
+        epochs = budget(s, data, args.runs, train=False)
+        if epochs is None:
+            raise SystemExit(f"{data / 'budget.json'} is missing: nothing to redraw yet")
+        summarize(s, epochs, data, args.runs)
+    else:
+        print("\n".join(status(s, data, args.runs)), flush=True)
         study(s, args.out, args.runs)
     redraw(args.out)
     print((args.out / "RESULTS.md").read_text())
