@@ -191,7 +191,10 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
     expected = (weights_input_size(cfg.model, cfg.weights) if not cfg.checkpoint else None) or (
         weights_input_size(cfg.model_b, cfg.weights_b) if not cfg.checkpoint_b else None
     )
-    return config.resolve(cfg, image_size_for(cfg.data, cfg.image_size or expected))
+    # Two models at --scale S see S-px images (the base images cropped at S), not S-px images
+    # resized back up to another size.
+    chosen = cfg.image_size or (cfg.scale if cfg.two_models else None) or expected
+    return config.resolve(cfg, image_size_for(cfg.data, chosen))
 
 
 def analyse(cfg: CompareConfig) -> tuple[CKAResult, bool]:
@@ -316,14 +319,21 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
         )
     if result.arch is None:
         raise InputError("this result records no architecture. Hint: pass --split-points")
-    return split_vocabulary(result.arch)
+    scales = result.settings.get("scales") or [None, result.settings.get("image_size") or 224]
+    return split_vocabulary(result.arch, (min(scales), max(scales)))
 
 
-def split_vocabulary(arch: str) -> list[SplitCandidate]:
-    """The split points of ``arch`` from the first registered family that knows it."""
+def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[SplitCandidate]:
+    """The split points of ``arch`` from the first registered family that knows it.
+
+    Args:
+        arch: The analysed architecture.
+        scales: The compared scales (smallest, largest): the family prices its candidates for
+            a network built for them.
+    """
     families = plugins.list_entries("split_vocabularies")
     for family in families:
-        candidates = plugins.load("split_vocabularies", family)(arch)
+        candidates = plugins.load("split_vocabularies", family)(arch, scales)
         if candidates is not None:
             return list(candidates)
     raise InputError(

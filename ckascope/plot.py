@@ -43,7 +43,20 @@ def _title(result: CKAResult) -> str:
         )
     else:
         model = f"{model} {kind}".strip()
-    return model + (f", mean of {result.repeats} sweeps" if result.repeats > 1 else "")
+    sweeps = f", mean of {result.repeats} sweeps" if result.repeats > 1 else ""
+    return model + sweeps + _caveats(s)
+
+
+def _caveats(settings: dict[str, Any]) -> str:
+    """What a reader must know about the inputs: random weights, synthetic images."""
+    notes = [
+        "random weights"
+        for key in ("weights", "weights_b")
+        if settings.get(key) == "none" and not settings.get(key.replace("weights", "checkpoint"))
+    ][:1]
+    if settings.get("data") in (None, "shapes") and "data" in settings:
+        notes.append("synthetic images")
+    return f"\n({', '.join(notes)})" if notes else ""
 
 
 def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = True) -> Figure:

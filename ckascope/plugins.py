@@ -9,7 +9,8 @@ its ``pyproject.toml``:
                                                           # optional describe() -> str)
 
     [project.entry-points."ckascope.split_vocabularies"]
-    myfamily = "mypackage.splits:split_vocabulary"       # arch -> list[SplitCandidate], or
+    myfamily = "mypackage.splits:split_vocabulary"       # (arch, scales) -> list[SplitCandidate],
+                                                          # costs for those compared scales, or
                                                           # None for an arch it does not split
 
 A self-describing checkpoint names its builder (``{"format": "ckascope-model", "builder":

@@ -89,11 +89,28 @@ def main() -> None:
     help="Nominal input size of each subnet, ascending.  [default: 32 128 224]",
 )
 @click.option("--num-classes", type=int, default=1000, show_default=True)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    help="The size vanilla runs every input at, and the training size the test sizes scale "
+    "with  [default: the largest scale].",
+)
+@click.option(
+    "--sizes",
+    help="Test sizes, start:stop:step or a list  [default: the paper's 13 sizes from "
+    "image-size/7 to image-size: 32..224 at 224, 4..28 at 28].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of tables.")
 def flops(
-    arch: str, split_at: str | None, scales: tuple[int, ...], num_classes: int, as_json: bool
+    arch: str,
+    split_at: str | None,
+    scales: tuple[int, ...],
+    num_classes: int,
+    image_size: int | None,
+    sizes: str | None,
+    as_json: bool,
 ) -> None:
-    """FLOPs over the 13 test sizes 32..224 under both protocols, against vanilla at 224.
+    """FLOPs over the test sizes under both protocols, against vanilla at the image size.
 
     upsample: each input is resized to its routed path's nominal size; native: the routed path
     runs at the input's own size (the paper's FLOPs claim). Counted with
@@ -104,9 +121,11 @@ def flops(
     from msun.flops import flops_report, flops_table, parameters_table
     from msun.model import build_msun
 
+    size = image_size or max(scales, default=1)
+    tested = parse_sizes(sizes) if sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
         model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes)
-    report = flops_report(model.eval())
+    report = flops_report(model.eval(), tested, size)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -234,9 +253,15 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         subset_indices,
     )
     from ckascope.distributed import close_distributed, init_distributed
-    from msun.evaluate import check_classes, evaluate_checkpoints, load_for_eval
+    from msun.evaluate import (
+        check_classes,
+        check_same_setting,
+        evaluate_checkpoints,
+        load_for_eval,
+    )
 
     loaded = [load_for_eval(p) for p in checkpoints]
+    check_same_setting(loaded, opts["data"], opts["image_size"])
     info = init_distributed(opts["device"])
     image_size = opts["image_size"] or loaded[0].image_size
     sizes = parse_sizes(

@@ -314,6 +314,28 @@ def load_for_eval(path: Path) -> Loaded:
     return Loaded(name, model, method, arch, size, sizes, data)
 
 
+def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:
+    """Refuses to set side by side checkpoints trained on other data or at other image sizes.
+
+    They would all be evaluated on the first one's test images and sizes, a comparison nobody
+    asked for; naming ``--data`` (and ``--image-size``) says which images to use for all.
+
+    Raises:
+        InputError: Checkpoints that differ in data (unless ``data``) or image size (unless
+            ``image_size``), naming both.
+    """
+    for key, given in (("data", data), ("image_size", image_size)):
+        values = {str(getattr(c, key)) for c in loaded}
+        if given is None and len(values) > 1:
+            flag = "--" + key.replace("_", "-")
+            raise InputError(
+                f"the checkpoints were trained with different {key.replace('_', ' ')}s "
+                f"({', '.join(sorted(values))}), so one test set would not fit them all. Hint: "
+                f"evaluate them separately, or pass {flag} (and --data / --image-size) to "
+                "evaluate every one on the same images"
+            )
+
+
 def check_classes(loaded: Sequence[Loaded], dataset: Any, data: str) -> None:
     """Refuses to score a model on data with another number of classes.
 

@@ -6,19 +6,21 @@ That counter counts convolutions and matrix products, as 2 FLOPs per multiply-ac
 (so MACs = FLOPs / 2); element-wise ops, pooling, BatchNorm and the bilinear interpolations
 (input resize and unified resize) are not counted, for MSUN and vanilla alike.
 
-Two protocols over the 13 test sizes 32, 48, ..., 224, each routed by the model's routing table:
+Two protocols over the test sizes (by default the paper's 13, scaled to the image size: 32, 48,
+..., 224 for the published 224, 4, 6, ..., 28 for 28), each routed by the model's routing table:
 
 - ``upsample``: the input is resized to the routed path's nominal size (how accuracy is
   measured, the protocol of ``msun eval`` and of ``ckascope compare`` on an MSUN);
 - ``native``: the routed path is fed the input at its own size (how the paper's "fewer FLOPs"
   claim is computed).
 
-Both are compared with a vanilla model that runs every input at 224.
+Both are compared with a vanilla model that runs every input at the image size (the largest
+scale unless given).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ckascope.vocab import PROTOCOLS, Protocol
 from msun.backbones import meta_model
+from msun.config import paper_sizes
 from msun.model import MSUN, build_msun, eval_mode
 
-#: The evaluation's test sizes: 32, 48, ..., 224.
-TEST_SIZES = tuple(range(32, 225, 16))
-VANILLA_SIZE = 224
+#: The published evaluation's test sizes: 32, 48, ..., 224 (``paper_sizes(224)``).
+TEST_SIZES = tuple(paper_sizes(224))
 
 
 @dataclass(frozen=True)
@@ -59,20 +61,21 @@ class SizeRow:
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """FLOPs over the test sizes under both protocols, vanilla at 224, parameter counts."""
+    """FLOPs over the test sizes under both protocols, vanilla at the image size, parameters."""
 
     config: dict[str, Any]
     rows: tuple[SizeRow, ...]
     path_flops: tuple[int, ...]
     vanilla: int
     parameters: Parameters
+    image_size: int
 
     def mean(self, protocol: Protocol) -> float:
         """Mean FLOPs per image over the test sizes under ``protocol``."""
         return float(sum(getattr(row, protocol) for row in self.rows)) / len(self.rows)
 
     def saving(self, protocol: Protocol) -> float:
-        """Percent fewer FLOPs than vanilla at 224 under ``protocol`` (negative: more)."""
+        """Percent fewer FLOPs than vanilla at the image size under ``protocol`` (negative: more)."""
         return 100.0 * (1.0 - self.mean(protocol) / self.vanilla)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,7 +84,8 @@ class FlopsReport:
             **self.config,
             "sizes": [asdict(row) for row in self.rows],
             "flops_per_path_at_nominal_size": list(self.path_flops),
-            "vanilla_flops_at_224": self.vanilla,
+            "image_size": self.image_size,
+            "vanilla_flops": self.vanilla,
             "mean_flops": {p: self.mean(p) for p in PROTOCOLS},
             "fewer_flops_percent": {p: self.saving(p) for p in PROTOCOLS},
             "parameters": asdict(self.parameters),
@@ -118,7 +122,7 @@ def path_macs(model: MSUN, k: int, size: int) -> int:
     return path_flops(model, k, size) // 2
 
 
-def vanilla_flops(arch: str, size: int = VANILLA_SIZE, num_classes: int = 1000) -> int:
+def vanilla_flops(arch: str, size: int = 224, num_classes: int = 1000) -> int:
     """FLOPs of the vanilla torchvision model on one (1, 3, size, size) image."""
     model = meta_model(arch, num_classes).eval()
     return _count(model, size)
@@ -139,9 +143,19 @@ def count_parameters(model: MSUN) -> Parameters:
     )
 
 
-def flops_report(model: MSUN, sizes: tuple[int, ...] = TEST_SIZES) -> FlopsReport:
-    """FLOPs of the routed model at each test size under both protocols, and vanilla at 224."""
+def flops_report(
+    model: MSUN, sizes: Sequence[int] | None = None, image_size: int | None = None
+) -> FlopsReport:
+    """FLOPs of the routed model at each test size under both protocols, and vanilla's.
+
+    Args:
+        model: The MSUN (any device: it is counted on a meta-device twin).
+        sizes: Test sizes [the paper's 13 scaled to ``image_size``].
+        image_size: The size vanilla runs every input at [the largest scale].
+    """
     twin = meta_twin(model)
+    image_size = image_size or max(twin.scales)
+    sizes = tuple(paper_sizes(image_size) if sizes is None else sizes)
     counts: dict[tuple[int, int], int] = {}
 
     def count(k: int, size: int) -> int:
@@ -155,8 +169,9 @@ def flops_report(model: MSUN, sizes: tuple[int, ...] = TEST_SIZES) -> FlopsRepor
         config={**model.config(), "unified_size": model.unified_size},
         rows=tuple(rows),
         path_flops=at_nominal,
-        vanilla=vanilla_flops(model.arch, VANILLA_SIZE, model.num_classes),
+        vanilla=vanilla_flops(model.arch, image_size, model.num_classes),
         parameters=count_parameters(model),
+        image_size=image_size,
     )
 
 
@@ -165,7 +180,7 @@ def _g(flops: float) -> str:
 
 
 def flops_table(report: FlopsReport) -> Table:
-    """Per test size: routed path, GFLOPs under both protocols and vanilla at 224; then means."""
+    """Per test size: routed path, GFLOPs under both protocols and vanilla's; then means."""
     scales = report.config["scales"]
     table = Table(
         title=f"{report.config['arch']} MSUN (trunk from {report.config['split_at']}): "
@@ -173,7 +188,7 @@ def flops_table(report: FlopsReport) -> Table:
         caption="upsample: input resized to the path's nominal size; native: fed at its size. "
         "Interpolations are not counted.",
     )
-    for name in ("size", "path", "upsample", "native", "vanilla @224"):
+    for name in ("size", "path", "upsample", "native", f"vanilla @{report.image_size}"):
         table.add_column(name, justify="right")
     for row in report.rows:
         path = f"S{row.path + 1} ({scales[row.path]})"

@@ -80,9 +80,22 @@ def _candidates(arch: str, scales: tuple[int, ...], num_classes: int) -> tuple[S
     return tuple(out)
 
 
-def split_vocabulary(arch: str) -> list[SplitCandidate] | None:
-    """The ``ckascope.split_vocabularies`` entry: ``split_candidates``, None for other archs."""
-    return split_candidates(arch) if arch in supported_archs() else None
+def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[SplitCandidate] | None:
+    """The ``ckascope.split_vocabularies`` entry: ``split_candidates``, None for other archs.
+
+    The costs are those of an MSUN for the compared scales (smallest, largest): the paper's
+    three nominal sizes at their ratios, ``msun_scales``.
+    """
+    return split_candidates(arch, msun_scales(*scales)) if arch in supported_archs() else None
+
+
+def msun_scales(smallest: int, largest: int) -> tuple[int, ...]:
+    """The paper's nominal sizes for two compared scales: 32 / 128 / 224 for (32, 224).
+
+    The middle one is 4/7 of the largest (128 of 224) when it lies strictly between.
+    """
+    middle = round(largest * 4 / 7)
+    return (smallest, middle, largest) if smallest < middle < largest else (smallest, largest)
 
 
 # ----------------------------------------------------------------------------- --split-at auto

@@ -83,6 +83,25 @@ def test_compare_two_models(tmp_path: Path) -> None:
     assert CKAResult.load(out).settings["model_b"] == "resnet34"
 
 
+def test_two_models_at_a_scale_run_at_that_scale_and_the_title_says_what_ran(
+    tmp_path: Path,
+) -> None:
+    from ckascope.plot import _title
+
+    out = tmp_path / "two"
+    args = ["compare", "--model", "resnet18", "--model-b", "resnet34", "--weights", "none"]
+    args += ["--weights-b", "none", "--num-classes", "10", "--scale", "32", "--batch-size", "8"]
+    args += ["--num-images", "16", "--layers", "stages", "--out", str(out), "--no-figures"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = CKAResult.load(out)
+    assert (saved.settings["image_size"], saved.settings["scales"]) == (32, [32, 32])
+    title = _title(saved)
+    assert "at 32 px" in title
+    assert "random weights" in title
+    assert "synthetic images" in title
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [

@@ -185,7 +185,9 @@ def test_a_third_family_plugs_in_without_editing_ckascope(
         monkeypatch.setitem(plugins._REGISTERED[group], "toyfamily", target)
 
     register("model_builders", lambda config: _Toy(int(config["width"])))
-    register("split_vocabularies", {"toynet": [SplitCandidate("conv")]}.get)
+    register(
+        "split_vocabularies", lambda arch, scales: {"toynet": [SplitCandidate("conv")]}.get(arch)
+    )
     source = _Toy(4)
     path = tmp_path / "toy.pt"
     payload = {"format": models.CHECKPOINT_FORMAT, "builder": "toyfamily", "config": {"width": 4}}

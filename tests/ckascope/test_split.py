@@ -161,6 +161,27 @@ def test_cli_from_saved_result_table_and_json(tmp_path: Path) -> None:
     assert data["candidates"][1]["extra_params"] == 438400  # msun's count for resnet50 at layer2
 
 
+def test_cli_prices_the_candidates_for_the_results_own_scales(tmp_path: Path) -> None:
+    from msun.splits import msun_scales, split_candidates
+
+    r18 = ["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+    for scales in ([32, 224], [4, 28]):
+        result = CKAResult(
+            np.diag(np.linspace(0.9, 0.1, 9))[None],
+            r18,
+            r18,
+            {"mode": "scales", "model": "resnet18", "scales": scales},
+        )
+        folder = result.save(tmp_path / f"r18-{scales[0]}")
+        out = CliRunner().invoke(main, ["suggest-split", "--from", str(folder), "--json"])
+        assert out.exit_code == 0, out.output
+        priced = {c["name"]: c["macs"] for c in json.loads(out.stdout)["candidates"]}
+        expected = split_candidates("resnet18", msun_scales(*scales))
+        assert priced == {c.name: c.macs for c in expected}
+    assert msun_scales(4, 28) == (4, 16, 28)
+    assert msun_scales(32, 224) == (32, 128, 224)
+
+
 @pytest.mark.parametrize(
     ("mode", "args", "needle"),
     [

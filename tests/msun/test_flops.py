@@ -115,3 +115,17 @@ def test_cli_errors_are_one_line(args: list[str], match: str) -> None:
     assert result.stderr.startswith("Error: ")
     assert match in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
+    args = ["flops", "--model", "resnet18", "--scales", "4", "16", "28", "--num-classes", "10"]
+    data = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert [row["size"] for row in data["sizes"]] == list(range(4, 29, 2))  # 1/7 .. 1 of 28
+    assert data["image_size"] == 28
+    assert data["vanilla_flops"] == msun.vanilla_flops("resnet18", 28, num_classes=10)
+    model = _meta("resnet18", scales=(4, 16, 28), num_classes=10)
+    native = [msun.path_flops(model, model.route(s), s) for s in range(4, 29, 2)]
+    assert data["mean_flops"]["native"] == pytest.approx(sum(native) / 13)
+    given = json.loads(CliRunner().invoke(main, [*args, "--sizes", "8,28", "--json"]).stdout)
+    assert [row["size"] for row in given["sizes"]] == [8, 28]
+    assert [row["path"] for row in given["sizes"]] == [1, 2]

@@ -223,6 +223,24 @@ def test_each_rank_resumes_its_own_generators() -> None:
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
 
 
+def test_eval_refuses_checkpoints_of_other_data_or_sizes_unless_told_which(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    save_checkpoint(model, tmp_path / "a.pt", train_config={"data": "shapes", "image_size": 32})
+    save_checkpoint(model, tmp_path / "b.pt", train_config={"data": "shapes", "image_size": 48})
+    args = ["eval", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-val", "8"]
+    args += ["--sizes", "16,32", "--out", str(tmp_path / "eval")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2
+    assert "different image sizes (32, 48)" in refused.output
+    assert "--image-size" in refused.output
+    assert not (tmp_path / "eval").exists()
+    told = CliRunner().invoke(main, [*args, "--image-size", "32", "--batch-size", "4"])
+    assert told.exit_code == 0, told.output
+
+
 def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
     torch.manual_seed(0)
     msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
