@@ -176,8 +176,8 @@ def run_suggest_split(
         return
     console = make_console()
     console.print(split_table(suggestion))
-    console.print(f"--split-at {suggestion.choice}: {suggestion.reason}")
-    console.print(suggestion.stability_text())
+    for line in suggestion.lines():
+        console.print(line)
 
 
 def resolve_config(cfg: CompareConfig) -> CompareConfig:
@@ -205,14 +205,15 @@ def analyse(cfg: CompareConfig) -> tuple[CKAResult, bool]:
 
 def save(result: CKAResult, out: Path, cfg: CompareConfig) -> None:
     """Writes the result (and its figures unless --no-figures) to ``out``."""
-    result.save(out, overwrite=cfg.overwrite, extra=None if cfg.no_figures else figures(result))
+    extra = None if cfg.no_figures else figures(result, cfg.annotate)
+    result.save(out, overwrite=cfg.overwrite, extra=extra)
 
 
-def figures(result: CKAResult) -> Callable[[Path], None]:
+def figures(result: CKAResult, annotate: bool = False) -> Callable[[Path], None]:
     """A writer of the result's figures into a folder."""
 
     def write(folder: Path) -> None:
-        save_figures(result, folder)
+        save_figures(result, folder, annotate=annotate)
 
     return write
 

@@ -133,6 +133,7 @@ class CompareConfig:
     )
     overwrite: bool = config_field(False, "Let --out replace what its folder holds.", flag=True)
     no_figures: bool = config_field(False, "Skip the PNG/PDF figures.", flag=True)
+    annotate: bool = config_field(False, "Print each cell's CKA in the heatmap.", flag=True)
 
     @property
     def two_models(self) -> bool:

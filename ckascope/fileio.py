@@ -39,6 +39,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def staging_dir(dest: Path, suffix: str) -> Path:
+    """A new hidden folder beside ``dest`` (``.NAME.XXXX<suffix>``), with the usual permissions.
+
+    ``mkdtemp`` makes 0700 folders; a result moved into place must look like any folder the
+    user makes (0777 less the umask).
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -59,12 +59,19 @@ def _caveats(settings: dict[str, Any]) -> str:
     return f"\n({', '.join(notes)})" if notes else ""
 
 
-def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = True) -> Figure:
+def heatmap(
+    result: CKAResult,
+    *,
+    title: str | None = None,
+    mark_null: bool = True,
+    annotate: bool = False,
+) -> Figure:
     """Cross-layer CKA matrix: rows = side a (first layer at the bottom), columns = side b.
 
     The colour scale is [0, 1] unless values fall outside it; NaN cells are hatched grey. With a
     permutation null in the result (and ``mark_null``), cells whose p-value exceeds ``ALPHA``
-    (no better than chance on these images) carry a small grey circle.
+    (no better than chance on these images) carry a small grey circle; ``annotate`` prints each
+    cell's value.
     """
     m = result.matrix
     finite = m[np.isfinite(m)]
@@ -73,7 +80,7 @@ def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = Tr
     # The canvas follows the matrix's shape (square cells), plus room for labels and colour bar.
     cell = 0.32
     fig = Figure(
-        figsize=(3.2 + cell * len(result.layers_b), 2.6 + cell * len(result.layers_a)),
+        figsize=(3.2 + cell * len(result.layers_b), 2.2 + cell * len(result.layers_a)),
         layout="constrained",
     )
     ax = fig.subplots()
@@ -88,6 +95,9 @@ def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = Tr
         cmap="magma",
         square=True,
         mask=~np.isfinite(m),
+        annot=annotate,
+        fmt=".2f",
+        annot_kws={"fontsize": 6},
         xticklabels=result.layers_b,
         yticklabels=result.layers_a,
         cbar_kws={"label": "CKA", "shrink": 0.8},
@@ -102,20 +112,28 @@ def heatmap(result: CKAResult, *, title: str | None = None, mark_null: bool = Tr
     if not np.isfinite(m).all():
         handles.append(Patch(facecolor="0.85", edgecolor="0.55", hatch="xx", label="NaN"))
     if handles:
-        ax.legend(handles=handles, loc="upper left", fontsize=7)
+        fig.legend(handles=handles, loc="outside lower center", fontsize=7, frameon=False)
     return fig
 
 
 def _mark_chance(ax: Any, result: CKAResult) -> list[Any]:
-    """Circles on the cells the permutation null does not rule out; their legend entry."""
+    """Circles on the cells the permutation null does not rule out; their legend entry.
+
+    With fewer than 1/ALPHA - 1 permutations no p-value can reach ALPHA: nothing is circled and
+    the legend says so.
+    """
     p_value = result.cell("p_value")
     if p_value is None:
         return []
+    n = int(result.settings.get("permutations", 0))
+    if 1.0 / (n + 1) > ALPHA:
+        need = int(np.ceil(1.0 / ALPHA)) - 1
+        label = f"{n} permutations cannot test at p <= {ALPHA} (need {need})"
+        return [Line2D([], [], ls="", marker="", label=label)]
     rows, cols = np.nonzero(~(p_value <= ALPHA))  # NaN p-values count as not beating it
     if not len(rows):
         return []
-    ax.scatter(cols + 0.5, rows + 0.5, s=14, facecolors="none", edgecolors="0.6", linewidths=1)
-    n = int(result.settings.get("permutations", 0))
+    ax.scatter(cols + 0.5, rows + 0.5, s=30, facecolors="none", edgecolors="0.75", zorder=3)
     label = f"p > {ALPHA} ({n} permutations): not above chance"
     return [Line2D([], [], ls="", marker="o", mfc="none", mec="0.6", label=label)]
 
@@ -154,7 +172,7 @@ def curve(
     ax.set_ylabel(f"CKA, same layer at {scales[0]} vs {scales[1]} px")
     ax.set_xlabel("layer")
     ax.grid(alpha=0.3)
-    ax.legend()
+    fig.legend(loc="outside lower center", fontsize=8, ncols=2, frameon=False)  # off the curves
     ax.set_title(
         title or f"Cross-scale CKA per layer ({items[0].settings.get('kernel', 'linear')})"
     )
@@ -191,9 +209,9 @@ def save(fig: Figure, stem: Path) -> list[Path]:
     return paths
 
 
-def save_figures(result: CKAResult, folder: Path) -> list[Path]:
+def save_figures(result: CKAResult, folder: Path, *, annotate: bool = False) -> list[Path]:
     """The heatmap, and the same-layer curve when the result has a diagonal, into ``folder``."""
-    paths = save(heatmap(result), folder / "heatmap")
+    paths = save(heatmap(result, annotate=annotate), folder / "heatmap")
     if result.has_diagonal:
         paths += save(curve(result), folder / "curve")
     return paths

@@ -32,7 +32,7 @@ import pandas as pd
 
 from ckascope.calibration import CELL_KEYS
 from ckascope.errors import InputError
-from ckascope.fileio import atomic_write, json_matrix, write_json
+from ckascope.fileio import atomic_write, json_matrix, staging_dir, write_json
 
 RESULT_FORMAT = "ckascope-result"
 #: The calibration arrays a result may hold (older results hold none).
@@ -214,7 +214,7 @@ class CKAResult:
         check_output_dir(dest, overwrite)
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(dest)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        staging = staging_dir(dest, ".tmp")
         try:
             self._write_files(staging)
             if extra is not None:

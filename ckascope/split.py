@@ -92,6 +92,7 @@ class SplitSuggestion:
     rows: list[SplitRow]
     stability: dict[str, float] | None = None  # candidate -> share of bootstrap replicates
     replicates: int = 0
+    notes: tuple[str, ...] = ()  # what a reader must know about the analysis behind it
 
     @property
     def stable(self) -> bool | None:
@@ -118,6 +119,11 @@ class SplitSuggestion:
             "(--num-images, --repeats), or weigh the candidates above by their cost"
         )
 
+    def lines(self, chose: str = "--split-at") -> list[str]:
+        """What to print under the table: the choice and why, its stability, the notes."""
+        notes = [f"note: {note}" for note in self.notes]
+        return [f"{chose} {self.choice}: {self.reason}", self.stability_text(), *notes]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         rows = [
@@ -136,6 +142,7 @@ class SplitSuggestion:
             "stability": self.stability,
             "replicates": self.replicates,
             "stable": self.stable,
+            "notes": list(self.notes),
         }
 
 
@@ -210,7 +217,7 @@ def suggest_split(
     diagonal = result.diagonal()
     layers, diag = list(diagonal["layer"]), [float(v) for v in diagonal["mean"]]
     candidates = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
-    suggestion = _suggest(layers, diag, candidates, threshold)
+    suggestion = replace(_suggest(layers, diag, candidates, threshold), notes=_notes(result))
     replicates = result.calibration.get("bootstrap_diagonal")
     if replicates is None or not len(replicates):
         return suggestion
@@ -219,6 +226,18 @@ def suggest_split(
         stability=_stability(layers, replicates, candidates, threshold),
         replicates=len(replicates),
     )
+
+
+def _notes(result: CKAResult) -> tuple[str, ...]:
+    """Warnings about the analysis itself: a network with random weights says little."""
+    s = result.settings
+    if s.get("weights") == "none" and not s.get("checkpoint"):
+        return (
+            "the analysed network has random weights (--weights none): its cross-scale CKA shows "
+            "the architecture, not what training learns, and a split chosen from it says little "
+            "about a trained network. Hint: --weights default, or --checkpoint of a trained model",
+        )
+    return ()
 
 
 def _suggest(

@@ -202,8 +202,10 @@ class RunLock:
     """An exclusive lock on the run folder.
 
     ``flock`` locks belong to the open file, so the kernel drops the lock when the process dies,
-    however it dies: a stale ``.lock`` file left by a crash never blocks the next run. A folder
-    the lock created is removed again when the run fails before writing anything into it.
+    however it dies: a stale ``.lock`` file left by a crash never blocks the next run. A clean
+    exit removes the file (while still holding the lock; a process that locked the removed file
+    in between sees it is gone and tries again), so a finished run folder holds no ``.lock``. A
+    folder the lock created is removed again when the run fails before writing anything into it.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -222,6 +224,14 @@ class RunLock:
             raise InputError(
                 f"cannot create the run folder {folder} ({e.strerror}). Hint: choose a writable --out"
             ) from e
+        while self._fd is None:
+            self._fd = self._lock()
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}".encode())
+        return self
+
+    def _lock(self) -> int | None:
+        """The locked file's descriptor; None when the file was removed under us (try again)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,22 +242,22 @@ class RunLock:
                 f"{self.path.parent} is in use by a running msun train ({owner}). "
                 "Hint: wait for it to finish or choose another --out"
             ) from e
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._fd = fd
-        return self
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: nobody else can hold it
             os.close(self._fd)
             self._fd = None
         folder = self.path.parent
-        if (
-            exc_type is not None
-            and self._created
-            and [p.name for p in folder.iterdir()] == [".lock"]
-        ):
-            self.path.unlink()
+        if exc_type is not None and self._created and not any(folder.iterdir()):
             folder.rmdir()
 
 

@@ -157,8 +157,8 @@ def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
     write_json(out / "split-analysis" / "suggestion.json", suggestion.to_dict())
     console = make_console()
     console.print(split_table(suggestion))
-    console.print(f"--split-at auto -> {suggestion.choice}: {suggestion.reason}")
-    console.print(suggestion.stability_text())
+    for line in suggestion.lines("--split-at auto ->"):
+        console.print(line)
 
 
 # ----------------------------------------------------------------------------- the run's split

@@ -96,6 +96,9 @@ def test_two_models_at_a_scale_run_at_that_scale_and_the_title_says_what_ran(
     assert result.exit_code == 0, result.output
     saved = CKAResult.load(out)
     assert (saved.settings["image_size"], saved.settings["scales"]) == (32, [32, 32])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # like any folder the user makes
     title = _title(saved)
     assert "at 32 px" in title
     assert "random weights" in title

@@ -43,7 +43,7 @@ def test_heatmap_marks_nan_and_fixes_colour_scale() -> None:
     mesh = ax.collections[0]
     assert mesh.get_clim() == (0.0, 1.0)
     assert ax.patch.get_hatch() == "xx"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["NaN"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["NaN"]  # below the axes
     assert [t.get_text() for t in ax.get_yticklabels()] == ["stem", "l1", "l2", "l3"]
 
 
@@ -51,6 +51,46 @@ def test_heatmap_widens_scale_for_values_outside_unit_interval() -> None:
     r = _result()
     r.matrices[:, 0, 0] = -0.5
     assert heatmap(r).axes[0].collections[0].get_clim()[0] < 0
+
+
+def _calibrated(permutations: int) -> CKAResult:
+    r = _result()
+    p_value = np.full((4, 4), 0.01)
+    p_value[0, 1] = p_value[2, 3] = 0.4
+    m = r.matrix
+    r.calibration = {
+        "ci_low": m - 0.05,
+        "ci_high": m + 0.05,
+        "null_mean": np.zeros((4, 4)),
+        "null_std": np.full((4, 4), 0.02),
+        "p_value": p_value,
+    }
+    r.settings.update(permutations=permutations, ci=0.9)
+    return r
+
+
+def test_heatmap_circles_the_cells_that_do_not_beat_the_null_and_can_annotate() -> None:
+    fig = heatmap(_calibrated(20), annotate=True)
+    ax = fig.axes[0]
+    circles = ax.collections[-1].get_offsets()
+    assert sorted(map(tuple, np.asarray(circles))) == [(1.5, 0.5), (3.5, 2.5)]  # (col, row) + 0.5
+    assert "not above chance" in fig.legends[0].get_texts()[0].get_text()
+    assert len(ax.texts) == 16  # every cell's value
+    few = heatmap(_calibrated(10))
+    assert "need 19" in few.legends[0].get_texts()[0].get_text()  # 1/11 > 0.05: nothing circled
+    assert len(few.axes[0].collections) == len(heatmap(_result()).axes[0].collections)
+
+
+def test_curve_draws_the_interval_and_the_null_band() -> None:
+    r = _calibrated(20)
+    ax = curve(r).axes[0]
+    band, null = ax.collections[0], ax.collections[1]
+    idx = np.arange(4)
+    edges = set(np.round(band.get_paths()[0].vertices[:, 1], 9))  # both edges of the band
+    for key in ("ci_low", "ci_high"):
+        assert set(np.round(r.calibration[key][idx, idx], 9)) <= edges
+    assert np.allclose(null.get_paths()[0].vertices[:, 1].max(), 0.04)  # null mean + 2 std
+    assert "90 % interval" in ax.lines[0].get_label()
 
 
 def test_curve_overlays_results_with_std_band() -> None:

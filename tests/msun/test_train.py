@@ -313,6 +313,24 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "in use" in result.stderr
     assert _train(out, "--epochs", "1").exit_code == 0  # the lock went with its holder
+    assert not (out / ".lock").exists()  # a finished run leaves no lock file
+
+
+def test_a_lock_file_removed_under_a_starting_process_is_not_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = RunLock(tmp_path / "run").__enter__()
+    stale = os.open(first.path, os.O_RDWR)  # a second run opens the file ...
+    first.__exit__(None)  # ... which its holder removes on leaving, then it locks that file
+    second = RunLock(tmp_path / "run")
+    opened = iter([stale])
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a: next(opened, None) or real_open(*a))
+    assert second._lock() is None  # it notices the file is gone: no lock on a removed file
+    fd = second._lock()  # and takes a fresh one
+    assert fd is not None
+    assert os.fstat(fd).st_ino == os.stat(second.path).st_ino
+    os.close(fd)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
