@@ -320,8 +320,8 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
         )
     if result.arch is None:
         raise InputError("this result records no architecture. Hint: pass --split-points")
-    scales = result.settings.get("scales") or [None, result.settings.get("image_size") or 224]
-    return split_vocabulary(result.arch, (min(scales), max(scales)))
+    scales = [s for s in result.settings.get("scales") or [] if isinstance(s, int)]
+    return split_vocabulary(result.arch, (min(scales), max(scales)) if scales else (32, 224))
 
 
 def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[SplitCandidate]:

@@ -1,7 +1,8 @@
 """Training configuration: the published recipe as defaults, YAML files, flags that win.
 
 The recipe (MSUN_SPEC.md): SGD momentum 0.9, weight decay 2e-5 on all parameters, RandomResizedCrop
-224 (scale 0.08-1, bicubic) + horizontal flip, 5 warm-up epochs from 0.01·lr then cosine to
+224 (scale 0.08-1, bicubic) + horizontal flip, 5 warm-up epochs (5/90 of a shorter run) from
+0.01·lr then cosine to
 0.01·lr, mixed precision, gradient clipping 1.0 for MSUN only (the authors' vanilla and MST
 trainers do not clip), 90 epochs (MobileNetV2 300). The learning rate
 scales linearly with the global batch: 0.5 per 1024 images for the ResNet family (ResNet-50's
@@ -81,7 +82,9 @@ class TrainConfig:
     )
     momentum: float = config_field(0.9, "SGD momentum.")
     weight_decay: float = config_field(2e-5, "Weight decay on all parameters.")
-    warmup_epochs: float = config_field(5.0, "Linear warm-up epochs.")
+    warmup_epochs: float | None = config_field(
+        None, "Linear warm-up epochs [5; 5/90 of a run shorter than 90 epochs: the recipe's share]."
+    )
     warmup_factor: float = config_field(0.01, "Warm-up starts at this fraction of the peak lr.")
     min_lr_factor: float = config_field(0.01, "Cosine decay ends at this fraction of the peak lr.")
     image_size: int = config_field(224, "Training crop size (and the synthetic canvas).")
@@ -255,7 +258,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (_optional(lambda v: v > 0), "> 0"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (_optional(lambda v: v >= 0), ">= 0"),
     "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -292,6 +295,11 @@ def check(cfg: TrainConfig) -> None:
         parse_sizes(cfg.eval_sizes)
 
 
+def default_warmup(epochs: int) -> float:
+    """The recipe's warm-up, 5 epochs of 90, kept at that share in shorter runs."""
+    return min(5.0, epochs * 5 / 90)
+
+
 def paper_sizes(image_size: int) -> list[int]:
     """The paper's 13 test sizes (32, 48, ..., 224 for 224) scaled to ``image_size``.
 
@@ -317,10 +325,12 @@ def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> 
         num_classes: Classes found in the training data (used unless set).
         default_threshold: The published scale-invariance dead zone of the architecture.
     """
+    epochs = cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90)
     return dataclasses.replace(
         cfg,
         num_classes=cfg.num_classes or num_classes,
-        epochs=cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90),
+        epochs=epochs,
+        warmup_epochs=default_warmup(epochs) if cfg.warmup_epochs is None else cfg.warmup_epochs,
         lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
         si_threshold=default_threshold if cfg.si_threshold is None else cfg.si_threshold,
         grad_clip=(1.0 if cfg.method == "msun" else 0.0)

@@ -33,10 +33,13 @@ from ckascope.data import (
 from ckascope.distributed import DistInfo
 from ckascope.errors import InputError
 from msun.augment import BatchAugmented, in_memory_images
-from msun.config import TrainConfig
+from msun.config import TrainConfig, parse_sizes
 
 #: Size of the synthetic training / validation sets when --num-train / --num-val are not given.
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 20000, 2000
+#: Without --num-val, validation may cost at most this share of the training it follows, on at
+#: least MIN_VALIDATION images (fewer make a top-1 that moves by whole points per image).
+VALIDATION_SHARE, MIN_VALIDATION = 0.1, 256
 
 Plan = list[list[tuple[int, int]]]
 
@@ -202,8 +205,8 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         )
     count = cfg.num_classes if classes is None else len(classes)
     return (
-        _augmented(_subset(train, cfg.num_train, cfg.seed), cfg, classes),
-        _subset(val, cfg.num_val, cfg.seed + 1),
+        _augmented(subset(train, cfg.num_train, cfg.seed), cfg, classes),
+        subset(val, cfg.num_val, cfg.seed + 1),
         int(count or 0),
     )
 
@@ -220,12 +223,36 @@ def _augmented(train: Dataset[Any], cfg: TrainConfig, classes: list[str] | None)
     return BatchAugmented(*held, cfg.image_size, cfg.crop_scale_min, classes)
 
 
+def default_num_val(cfg: TrainConfig, steps: int, available: int) -> int:
+    """Validation images of a run without --num-val (``VALIDATION_SHARE`` of its training).
+
+    Costs counted in forward passes of one image at the training size: a training step costs
+    about 3 per image and trained path (forward and backward), a validation 1 per image, test
+    size and evaluated path (an upper bound: smaller sizes cost less).
+
+    Args:
+        cfg: The resolved config.
+        steps: Optimiser steps per epoch.
+        available: Images in the validation set.
+    """
+    assert cfg.epochs is not None, "resolve the config first"
+    assert cfg.eval_sizes is not None, "resolve the config first"
+    trained = len(cfg.scales) if cfg.method in ("msun", "mst") else 1
+    evaluated = len(cfg.scales) if cfg.method == "msun" else 1
+    epochs = min(cfg.eval_every, cfg.epochs)  # training between two validations
+    training = 3 * steps * cfg.batch_size * trained * epochs
+    per_image = len(parse_sizes(cfg.eval_sizes)) * evaluated
+    share = int(VALIDATION_SHARE * training / per_image)
+    return min(available, max(MIN_VALIDATION, share))
+
+
 def _classes(dataset: Dataset[Any]) -> list[str] | None:
     classes = getattr(dataset, "classes", None)
     return None if classes is None else [str(c) for c in classes]
 
 
-def _subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
+def subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
+    """A seeded random subset of ``count`` items (the whole set for None or more)."""
     size = dataset_len(dataset)
     if count is None or count >= size:
         return dataset

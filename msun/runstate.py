@@ -192,7 +192,7 @@ def _old_defaults(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
     """Flags that give back defaults of runs made before the authors' recipe became the default."""
     flags = [
         f"--{key.replace('_', '-')} {saved[key]:g}"
-        for key in ("grad_clip", "si_threshold")
+        for key in ("grad_clip", "si_threshold", "warmup_epochs")
         if isinstance(saved.get(key), (int, float)) and saved[key] != getattr(cfg, key)
     ]
     return f" (older defaults: {' '.join(flags)})" if flags else ""

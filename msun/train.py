@@ -37,10 +37,12 @@ from msun import config as C
 from msun.backbones import classifier
 from msun.data import (
     PlanSampler,
+    default_num_val,
     epoch_plan,
     make_loader,
     micro_batch,
     steps_per_epoch,
+    subset,
     val_batches,
 )
 from msun.data import datasets as make_datasets
@@ -163,6 +165,7 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-step schedule for ``steps`` optimiser steps per epoch (warm-up within the run)."""
     assert cfg.epochs is not None, "resolve the config first"
+    assert cfg.warmup_epochs is not None, "resolve the config first"
     total = steps * cfg.epochs
     warmup = min(round(steps * cfg.warmup_epochs), total)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -326,9 +329,15 @@ def _interrupted(loop: Loop, state: TrainState) -> TrainingInterruptedError:
 
 
 def train_one_epoch(
-    loop: Loop, state: TrainState, stop: Callable[[], bool], bar: Reporter
+    loop: Loop,
+    state: TrainState,
+    stop: Callable[[], bool],
+    bar: Reporter,
+    on_pace: Callable[[float], None] | None = None,
 ) -> dict[str, float]:
     """Runs the rest of epoch ``state.epoch`` from ``state.step_in_epoch``.
+
+    ``on_pace`` is called once, with the seconds per step, after ``PACE_STEPS`` steps.
 
     Returns:
         Mean loss terms over the epoch's steps run here, learning rate and images/s.
@@ -357,6 +366,8 @@ def train_one_epoch(
             _save(loop, state)
         if stopping:
             raise _interrupted(loop, state)
+        if on_pace is not None and state.step_in_epoch - first_step == PACE_STEPS:
+            on_pace((time.perf_counter() - start) / PACE_STEPS)
     bar.remove_task(task)
     seconds = time.perf_counter() - start
     images = (state.step_in_epoch - first_step) * cfg.batch_size
@@ -462,6 +473,10 @@ def _configure(
     cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
+    if cfg.num_val is None:  # a share of the run's cost, not the whole validation set
+        steps = steps_per_epoch(dataset_len(train_set), cfg)
+        cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
+        val_set = subset(val_set, cfg.num_val, cfg.seed + 1)
     split_at, scales = resolve_split(cfg, init, saved, info)
     cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
     return cfg, train_set, val_set, init
@@ -527,16 +542,40 @@ def _announce(loop: Loop, console: Console) -> None:
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epochs on {info.device}"
     )
-    if cfg.warmup_epochs >= (cfg.epochs or 0):
+    if (cfg.warmup_epochs or 0) >= (cfg.epochs or 0):
         console.print(
             f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"
         )
 
 
+#: Steps timed before a run's length is estimated; runs estimated longer than LONG_RUN seconds
+#: say so at their start.
+PACE_STEPS, LONG_RUN = 3, 3600.0
+
+
+def _pace_report(loop: Loop, state: TrainState, console: Console) -> Callable[[float], None]:
+    """Says how long the run will take when that is more than ``LONG_RUN``."""
+    cfg = loop.cfg
+    steps = steps_per_epoch(dataset_len(loop.train_loader.dataset), cfg)
+    left = steps * (cfg.epochs or 0) - state.global_step
+
+    def report(seconds: float) -> None:
+        total = seconds * left
+        if total > LONG_RUN and loop.info.is_main:
+            console.print(
+                f"note: at {seconds:.3g} s per step this run needs about {total / 3600:.1f} h "
+                f"more on {loop.info.device} ({left} steps left, validation not counted)"
+            )
+
+    return report
+
+
 def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
+    pace: Callable[[float], None] | None = _pace_report(loop, state, console)
     with interrupt_flag() as stop, make_progress(loop.info.is_main) as bar:
         while state.epoch < (loop.cfg.epochs or 0):
-            stats = train_one_epoch(loop, state, stop, bar)
+            stats = train_one_epoch(loop, state, stop, bar, pace)
+            pace = None  # said once, from this process's first steps
             _end_of_epoch(loop, state, stats, console, bar)
             if any_rank(stop(), loop.info.device):  # Ctrl-C during validation: last.pt is saved
                 raise TrainingInterruptedError(

@@ -122,3 +122,72 @@ def test_runs_made_under_the_older_defaults_still_resume(tmp_path: Path) -> None
     saved.update(grad_clip=1.0, si_threshold=0.001)
     with pytest.raises(Exception, match=r"older defaults: --grad-clip 1 --si-threshold 0\.001"):
         check_resume({"train_config": saved}, cfg)
+
+
+def test_the_warm_up_is_the_recipes_share_of_a_shorter_run() -> None:
+    from msun.config import TrainConfig, resolve
+
+    def warmup(**options: object) -> float | None:
+        return resolve(TrainConfig(**options), num_classes=10, default_threshold=0.01).warmup_epochs  # type: ignore[arg-type]
+
+    assert warmup(epochs=90) == 5.0
+    assert warmup(epochs=300) == 5.0  # the cap: the recipe's 5 epochs
+    assert warmup(epochs=18) == pytest.approx(1.0)
+    assert warmup(epochs=1) == pytest.approx(5 / 90)
+    assert warmup(epochs=1, warmup_epochs=0.0) == 0.0  # given: as given
+
+
+def test_a_run_made_with_the_old_five_epoch_warm_up_names_the_flag_to_resume_it() -> None:
+    from msun.config import TrainConfig, resolve
+    from msun.runstate import check_resume
+
+    cfg = resolve(
+        TrainConfig(method="vanilla", epochs=2, out="r"), num_classes=10, default_threshold=0.01
+    )
+    saved = {**cfg.to_dict(), "warmup_epochs": 5.0}
+    with pytest.raises(Exception, match=r"older defaults: --warmup-epochs 5"):
+        check_resume({"train_config": saved}, cfg)
+
+
+def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
+    from msun.config import TrainConfig, resolve
+    from msun.data import MIN_VALIDATION, default_num_val
+
+    def images(steps: int, available: int = 10_000, **options: object) -> int:
+        cfg = resolve(TrainConfig(**options), num_classes=10, default_threshold=0.01)  # type: ignore[arg-type]
+        return default_num_val(cfg, steps, available)
+
+    common = {"image_size": 28, "scales": (4, 16, 28), "batch_size": 64, "epochs": 6}
+    # msun: 3 x 937 steps x 64 images x 3 paths, a tenth of it over 13 sizes x 3 paths
+    assert images(937, method="msun", **common) == int(0.1 * 3 * 937 * 64 * 3 / (13 * 3))
+    assert images(937, method="vanilla", **common) == int(0.1 * 3 * 937 * 64 / 13)
+    assert images(937, method="mst", **common) == int(0.1 * 3 * 937 * 64 * 3 / 13)
+    assert images(937, method="msun", eval_every=3, **common) == int(0.1 * 3 * 937 * 64 * 9 / 39)
+    assert images(5, method="msun", **common) == MIN_VALIDATION  # a tiny run: the floor
+    assert images(5, available=100, method="msun", **common) == 100  # never more than there is
+    assert images(10**6, available=10_000, method="msun", **common) == 10_000
+
+
+def test_a_run_without_num_val_validates_its_share_and_records_it(tmp_path: Path) -> None:
+    i = tinyrun.TRAIN.index("--num-val")
+    args = tinyrun.TRAIN[:i] + tinyrun.TRAIN[i + 2 :]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", *args, "--steps-per-epoch", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _config(out)["num_val"] == 256  # one step of 8: the floor
+    assert "warm-up spans" not in result.output  # 5/90 of the 1-epoch run
+
+
+def test_a_long_run_says_how_long_at_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import msun.train
+
+    monkeypatch.setattr(msun.train, "LONG_RUN", 0.0)  # every run counts as long
+    monkeypatch.setattr(msun.train, "PACE_STEPS", 1)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["train", *ONE_STEP, "--steps-per-epoch", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"this run needs about [\d.]+ h more on cpu \(2 steps left", result.output)
