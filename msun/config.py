@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -27,6 +29,7 @@ import yaml
 
 from ckascope.cliutils import config_field
 from ckascope.errors import InputError, hint_close
+from ckascope.vocab import MAX_SCALE
 
 METHODS = ("msun", "mst", "vanilla")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -148,18 +151,52 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+#: A config file is a page of options: anything larger is not one (and is not read whole).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases.
+
+    Aliases let a few lines expand into an exponentially large document (the "billion laughs");
+    a page of options never needs them.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(
+                f"aliases (*{event.anchor}) are not supported in config files {event.start_mark}"
+            )
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping of option names (dashes or underscores) to values."""
+    """Reads a YAML mapping of option names (dashes or underscores) to values.
+
+    Raises:
+        InputError: No such file, a file too large, not UTF-8 text, not YAML, YAML with
+            aliases or nested too deep, or not a mapping of option names.
+    """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"config file {p} does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"{p} is {p.stat().st_size} bytes, too large for a config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_bytes().decode("utf-8"), Loader=_ConfigLoader) or {}
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p} is not UTF-8 text (byte {e.start}). Hint: give a YAML file") from e
     except yaml.YAMLError as e:
         raise InputError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:
+        raise InputError(f"{p} nests too deep for a config file of options") from e
     if not isinstance(data, dict):
         raise InputError(f"{p} must hold a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise InputError(f"{p}: option names are words, got the key {reprlib.repr(bad)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def merge(*layers: Mapping[str, Any]) -> TrainConfig:
@@ -184,6 +221,8 @@ def option_type(key: str) -> tuple[Any, bool]:
 def coerce(key: str, value: Any) -> Any:
     """``value`` as the type of option ``key`` (YAML reads ``1e-3`` as a string, for one).
 
+    Nothing becomes a string by ``str()``: a list given for a path or a name is refused.
+
     Raises:
         InputError: A value that is not of that type, naming the option and what it takes.
     """
@@ -192,22 +231,31 @@ def coerce(key: str, value: Any) -> Any:
         return None
     try:
         return _as(kind, value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = (
             "integers like 32 128 224" if key == "scales" else getattr(kind, "__name__", str(kind))
         )
-        raise InputError(f"{key.replace('_', '-')} takes {kind}, got {value!r}") from None
+        raise InputError(f"{key.replace('_', '-')} takes {kind}, got {_brief(value)}") from None
+
+
+def _brief(value: Any) -> str:
+    """A value for an error message: scalars as they are, containers by type and size only."""
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    return reprlib.repr(value)
 
 
 def _as(kind: Any, value: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
         return tuple(_as(int, v) for v in items)
-    if kind is bool:
-        if not isinstance(value, bool):
+    if kind is bool or kind is str:
+        if not isinstance(value, kind):
             raise TypeError(value)
         return value
-    if kind is int and isinstance(value, (bool, float)):
+    if isinstance(value, (bool, list, tuple, dict, set)):
+        raise TypeError(value)
+    if kind is int and isinstance(value, float):
         raise TypeError(value)
     return kind(value)
 
@@ -224,8 +272,14 @@ def parse_sizes(text: str) -> list[int]:
         raise InputError(
             f"bad sizes {text!r}. Hint: use start:stop:step (32:224:16) or 32,64,128"
         ) from e
-    if not sizes or min(sizes) < 1:
-        raise InputError(f"bad sizes {text!r}: need at least one size >= 1")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_SCALE:
+        raise InputError(f"bad sizes {text!r}: need at least one size, each in 1..{MAX_SCALE}")
+    twice = sorted({size for size in sizes if sizes.count(size) > 1})
+    if twice:
+        raise InputError(
+            f"bad sizes {text!r}: {', '.join(map(str, twice))} listed twice (a mean over sizes "
+            "would count it twice). Hint: list each size once"
+        )
     return sizes
 
 
@@ -243,6 +297,9 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
 
+#: Options of MSUN's scale-invariance loss, with their defaults: another method refuses others.
+MSUN_ONLY: dict[str, Any] = {"si_weight": 1.0, "si_pairs": "all", "si_threshold": None}
+
 #: The range of every numeric option: a test and how to say it.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{
@@ -254,6 +311,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         for k in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every")
     },
     "num_classes": (_optional(lambda v: v >= 2), ">= 2"),
+    "seed": (lambda v: 0 <= v < 2**32, "in 0 .. 2**32 - 1"),
     "workers": (lambda v: v >= 0, ">= 0"),
     "lr": (_optional(lambda v: v > 0), "> 0"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -276,12 +334,23 @@ def check(cfg: TrainConfig) -> None:
             raise InputError(
                 f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
             )
+    for key in FIELDS:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     for key, (test, wanted) in RANGES.items():
         if not test(getattr(cfg, key)):
             raise InputError(f"--{key.replace('_', '-')} must be {wanted}, got {getattr(cfg, key)}")
     if cfg.method != "msun" and (cfg.split_at is not None or cfg.cka_from is not None):
         raise InputError(
             f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets"
+        )
+    given = [f"--{k.replace('_', '-')}" for k, v in MSUN_ONLY.items() if getattr(cfg, k) != v]
+    if cfg.method != "msun" and given:
+        raise InputError(
+            f"{', '.join(given)} {'shapes' if len(given) == 1 else 'shape'} MSUN's "
+            f"scale-invariance loss; --method {cfg.method} has none. Hint: drop "
+            f"{'it' if len(given) == 1 else 'them'} (or use --method msun)"
         )
     if cfg.cka_from is not None and cfg.split_at != "auto":
         raise InputError(
@@ -332,7 +401,11 @@ def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> 
         epochs=epochs,
         warmup_epochs=default_warmup(epochs) if cfg.warmup_epochs is None else cfg.warmup_epochs,
         lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
-        si_threshold=default_threshold if cfg.si_threshold is None else cfg.si_threshold,
+        si_threshold=(
+            default_threshold
+            if cfg.si_threshold is None and cfg.method == "msun"
+            else cfg.si_threshold
+        ),
         grad_clip=(1.0 if cfg.method == "msun" else 0.0)
         if cfg.grad_clip is None
         else cfg.grad_clip,
@@ -341,10 +414,15 @@ def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> 
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every trajectory-changing key that differs."""
+    """``key: saved -> current`` for every trajectory-changing key that differs.
+
+    MSUN's loss options change nothing of another method's run (runs made before they were
+    refused for vanilla and MST saved them anyway).
+    """
     out = []
+    plain = "msun" not in (saved.get("method"), current.get("method"))
     for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CHANGES:
+        if key in RESUMABLE_CHANGES or (plain and key in MSUN_ONLY):
             continue
         a, b = saved.get(key), current.get(key)
         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):

@@ -13,7 +13,7 @@ Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -173,13 +173,13 @@ def evaluate(
     try:
         for images, labels in _batches(loader, device):
             for i, size in enumerate(sizes):
-                x = resize(images, size)
                 counts.add_images(i, len(labels))
                 todo = range(num_paths) if paths == "all" else [routed[i]]
-                for k in todo:
-                    with _autocast(device, amp_dtype):
-                        logits = _logits(model, x, k, protocol, image_size)
-                    counts.update(i, k, logits.float(), labels)
+                for part, x in _resized_parts(images, size, image_size):
+                    for k in todo:
+                        with _autocast(device, amp_dtype):
+                            logits = _logits(model, x, k, protocol, image_size)
+                        counts.update(i, k, logits.float(), labels[part])
             if on_batch is not None:
                 on_batch()
     finally:
@@ -190,6 +190,19 @@ def evaluate(
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
     return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
+
+
+def _resized_parts(images: Tensor, size: int, image_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """The batch (n, C, H, W) at ``size``, in parts of no more pixels than the batch itself.
+
+    A test size above the images' own (the sizes reach ``MAX_SCALE``) would otherwise grow
+    memory with its square; the parts keep it at what the batch needed at its own size.
+    """
+    base = max(images.shape[-1], image_size)
+    step = max(1, len(images) * base**2 // size**2)
+    for start in range(0, len(images), step):
+        part = slice(start, start + step)
+        yield part, resize(images[part], size)
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:

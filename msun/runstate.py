@@ -190,9 +190,10 @@ def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
 
 def _old_defaults(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
     """Flags that give back defaults of runs made before the authors' recipe became the default."""
+    keys = ["grad_clip", "warmup_epochs", *(["si_threshold"] if cfg.method == "msun" else [])]
     flags = [
         f"--{key.replace('_', '-')} {saved[key]:g}"
-        for key in ("grad_clip", "si_threshold", "warmup_epochs")
+        for key in keys
         if isinstance(saved.get(key), (int, float)) and saved[key] != getattr(cfg, key)
     ]
     return f" (older defaults: {' '.join(flags)})" if flags else ""

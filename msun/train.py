@@ -219,10 +219,33 @@ class Loop:
 
 
 def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
-    """Every process gives its generator states (collective); rank 0 writes the checkpoint."""
+    """Every process gives its generator states (collective); rank 0 writes the checkpoint.
+
+    Raises:
+        TrainingStopError: The weights or the optimizer's state hold NaN/Inf (a loss can stay
+            finite while a step overflows them); nothing is written over the last good file.
+    """
+    if not _finite(loop.trainables):
+        kept = loop.out / "last.pt"
+        where = f"the last checkpoint ({kept}) is kept" if kept.exists() else "nothing was saved"
+        raise TrainingStopError(
+            f"the weights or the optimizer state became NaN/Inf by step {state.global_step}; "
+            f"{where}. Hint: lower --lr, or keep --grad-clip on"
+        )
     rng = gather_rng(loop.info)
     if loop.info.is_main:
         save_state(loop.out / name, loop.trainables, loop.cfg, state, rng)
+
+
+def _finite(t: Trainables) -> bool:
+    """Whether every parameter and optimizer state tensor is finite (one read of the device)."""
+    tensors = [*t.model.parameters(), *_state_tensors(t.optimizer.state_dict()["state"])]
+    checks = [torch.isfinite(x).all() for x in tensors if x.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _state_tensors(state: Mapping[Any, Any]) -> list[torch.Tensor]:
+    return [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
 
 
 class TermSums:

@@ -116,7 +116,7 @@ def test_runs_made_under_the_older_defaults_still_resume(tmp_path: Path) -> None
     from msun.config import TrainConfig
     from msun.runstate import check_resume
 
-    cfg = TrainConfig(method="vanilla", amp="none", grad_clip=0.0, si_threshold=0.01, out="r")
+    cfg = TrainConfig(method="msun", amp="none", grad_clip=0.0, si_threshold=0.01, out="r")
     saved = {**cfg.to_dict(), "amp": "auto"}  # amp was stored unresolved before
     check_resume({"train_config": saved}, cfg)
     saved.update(grad_clip=1.0, si_threshold=0.001)
