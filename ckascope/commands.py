@@ -116,7 +116,7 @@ def summary_table(result: CKAResult) -> Table:
 
 
 def _calibration_columns(result: CKAResult) -> list[str]:
-    level = f"{100 * float(result.settings.get('ci', 0.95)):g} % interval"
+    level = f"{100 * float(result.settings.get('ci') or 0.95):g} % interval"
     return [
         *([level] if "ci_low" in result.calibration else []),
         *(["chance", "p"] if "p_value" in result.calibration else []),

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypedDict, cast
 
 import torch
@@ -38,6 +39,7 @@ from ckascope.data import (
     plan_batches,
     resize_for,
     subset_indices,
+    unusable,
     warn_skipped,
 )
 from ckascope.distributed import all_reduce_sum
@@ -201,10 +203,18 @@ class SweepOptions:
     ci: float = 0.95
     permutations: int = 0
 
+    def __post_init__(self) -> None:
+        self.check()  # at construction: the error names the field, before any work
+
     def check(self) -> None:
         """Raises InputError for values no sweep can use."""
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
+        for name, allowed in SWEEP_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(
+                    f"SweepOptions.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.batch_size < 4:
             raise InputError(
                 f"--batch-size must be at least 4 (the unbiased HSIC needs 4), got {self.batch_size}"
@@ -213,6 +223,14 @@ class SweepOptions:
             raise InputError(f"--repeats must be at least 1, got {self.repeats}")
         if self.num_workers < 0:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
+
+
+#: The sweep options that name one of a few choices.
+SWEEP_CHOICES: dict[str, tuple[str, ...]] = {
+    "bandwidth": ("batch", "first"),
+    "weighting": ("batch", "examples"),
+    "gram_dtype": ("auto", "float32", "float64"),
+}
 
 
 class SweepKwargs(TypedDict, total=False):
@@ -289,18 +307,40 @@ def as_batch(item: Any) -> Batch:
     if isinstance(item, Batch):
         return item
     images = item[0] if isinstance(item, (tuple, list)) and item else item
-    if not isinstance(images, Tensor) or images.ndim != 4:
+    if not isinstance(images, Tensor):
         raise InputError(
-            f"a loader's batch must be images (n, C, H, W) or (images, labels), got {type(item).__name__}"
-            + (f" of shape {tuple(images.shape)}" if isinstance(images, Tensor) else "")
-        )
-    if not images.is_floating_point():
-        raise InputError(
-            f"a loader's images are {images.dtype}, not float. Hint: end its transform with "
-            "ToDtype(torch.float32, scale=True) and the model's normalisation"
+            unusable("a loader's batch", item, "images (n, C, H, W) or (images, labels)")
         )
     labels = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
     return Batch(images, labels if isinstance(labels, Tensor) else torch.empty(0), [])
+
+
+def check_images(images: Tensor) -> None:
+    """Refuses batches no model here can take, whichever path (dataset or loader) they came by.
+
+    Raises:
+        InputError: Not (n, C, H, W), or not floating point (uint8 images carry no
+            normalisation: the model would see 0..255).
+    """
+    if images.ndim != 4:
+        raise InputError(f"a batch must hold images (n, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InputError(
+            f"the images are {images.dtype}, not float. Hint: end the transform with "
+            "ToDtype(torch.float32, scale=True) and the model's normalisation"
+        )
+
+
+def fit_channels(images: Tensor, model: nn.Module) -> Tensor:
+    """Grayscale images (n, 1, H, W) as RGB when the model's first convolution takes 3.
+
+    ckascope's own data pipeline converts grayscale the same way; other images are left as
+    they are (a model built for one channel gets one).
+    """
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if images.shape[1] == 1 and first is not None and first.in_channels == 3:
+        return images.expand(-1, 3, -1, -1)
+    return images
 
 
 class _Sweep:
@@ -357,7 +397,7 @@ class _Sweep:
             DataLoader(
                 cast(Dataset[Any], self.source),
                 batch_sampler=plan,
-                collate_fn=collate_skip,
+                collate_fn=partial(collate_skip, labelled=False),
                 num_workers=self.opts.num_workers,
                 pin_memory=self.device.type == "cuda",
             )
@@ -372,8 +412,11 @@ class _Sweep:
         for k, batch in enumerate(batches):
             warn_skipped(batch.skipped)
             self.skipped += len(batch.skipped)
+            if len(batch.images):
+                check_images(batch.images)
             if len(batch.images) >= 4:
-                images = batch.images.to(self.device, non_blocking=True)
+                images = fit_channels(batch.images, self.side_a.model)
+                images = images.to(self.device, non_blocking=True)
                 index = self.opts.rank + k * self.opts.world_size
                 metric = self._update(metric, images, repeat, index)
             advance()
@@ -435,7 +478,7 @@ def run_comparison(
     sweep = _Sweep(side_a, side_b, source, opts)
     sweeps = sweep.run()  # each side's recorder restores its modules' own train/eval flags
     device = sweep.device
-    options = {k: v for k, v in vars(opts).items() if k not in ("progress", "rank")}
+    options = applied(opts)
     if loader:  # the loader decided these
         options.update(batch_size=None, num_workers=None, batches="the caller's loader")
     settings = {
@@ -454,6 +497,16 @@ def run_comparison(
         elapsed=time.perf_counter() - start,
         calibration=calibration,
     )
+
+
+def applied(opts: SweepOptions) -> dict[str, Any]:
+    """The sweep options a result records: None for those this sweep did not use."""
+    options = {k: v for k, v in vars(opts).items() if k not in ("progress", "rank")}
+    if opts.kernel == "linear":
+        options.update(sigma_frac=None, bandwidth=None)
+    if not opts.bootstrap:
+        options["ci"] = None
+    return options
 
 
 def check_loader_options(opts: SweepOptions) -> None:
@@ -547,7 +600,14 @@ def compare_sides(
 
     Returns:
         The result; its matrix is (La, Lb) = (layers of a, layers of b).
+
+    Raises:
+        TypeError: An argument of another type (a model where a SideSpec goes, a dict for the
+            options), naming the type it takes.
     """
+    _check_types(
+        a=(a, SideSpec), b=(b, SideSpec), view=(view, ViewOptions), sweep=(sweep, SweepOptions)
+    )
     view = resolve_view(view, data)
     view.check()
     size = cast(int, view.image_size)
@@ -563,6 +623,17 @@ def compare_sides(
     )
     info = _settings(a, b, scales, data, view)
     return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
+
+
+def _check_types(**arguments: tuple[Any, type]) -> None:
+    """Raises TypeError for an argument (None aside) not of its type."""
+    for name, (value, kind) in arguments.items():
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(
+                f"compare_sides: {name} must be a {kind.__name__}, got {type(value).__name__}"
+                + (f". Hint: {name}={kind.__name__}(model, ...)" if kind is SideSpec else "")
+                + (f". Hint: {name}={kind.__name__}(**options)" if isinstance(value, dict) else "")
+            )
 
 
 class ViewKwargs(TypedDict, total=False):

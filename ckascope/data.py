@@ -181,7 +181,41 @@ class Skipped:
 
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder that returns ``Skipped`` for unreadable files instead of raising."""
+    """ImageFolder that returns ``Skipped`` for unreadable files instead of raising.
+
+    Its images are found as torchvision finds them (the same order), but each real file once:
+    torchvision's walk follows links without remembering where it has been, so a link back
+    into the tree counted every image below it again (up to 40 times round a link loop).
+    """
+
+    @staticmethod
+    def make_dataset(
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """(path, class index) of every image, in torchvision's order, each real file once.
+
+        A file reached from two class folders belongs to the one that really holds it.
+        """
+        valid = is_valid_file or (lambda f: f.lower().endswith(tuple(extensions or ())))
+        found: list[tuple[str, int, str]] = []  # (path, class index, real path)
+        owner: dict[str, int] = {}
+        for name in sorted(class_to_idx):
+            home = os.path.realpath(os.path.join(directory, name)) + os.sep
+            for root, files in sorted(_walk_once(os.path.join(directory, name))):
+                for path in (os.path.join(root, f) for f in sorted(files)):
+                    real = os.path.realpath(path)
+                    if valid(path) and (real not in owner or real.startswith(home)):
+                        owner[real] = class_to_idx[name]
+                        found.append((path, class_to_idx[name], real))
+        samples = _first_of_each(found, owner)
+        missing = sorted(n for n, i in class_to_idx.items() if i not in {j for _, j in samples})
+        if missing and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(missing)}")
+        return samples
 
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]
@@ -192,6 +226,33 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         except IMAGE_ERRORS as e:
             return Skipped(path, f"{type(e).__name__}: {e}")
         return (self.transform(image) if self.transform else image), target
+
+
+def _first_of_each(
+    found: list[tuple[str, int, str]], owner: dict[str, int]
+) -> list[tuple[str, int]]:
+    """Each real file's first path under the class that owns it, in the order found."""
+    taken: set[str] = set()
+    samples = []
+    for path, index, real in found:
+        if owner[real] == index and real not in taken:
+            taken.add(real)
+            samples.append((path, index))
+    return samples
+
+
+def _walk_once(top: str) -> list[tuple[str, list[str]]]:
+    """(folder, file names) below ``top``, links followed, every real folder visited once."""
+    seen: set[str] = set()
+    out = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []  # been here by another path: a loop, or a link back into the tree
+            continue
+        seen.add(real)
+        out.append((root, files))
+    return out
 
 
 @dataclass
@@ -211,14 +272,39 @@ class Batch:
         return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
 
 
-def collate_skip(items: Sequence[Any]) -> Batch:
-    """Collates (image, label) pairs, setting ``Skipped`` items aside."""
-    good = [item for item in items if not isinstance(item, Skipped)]
+def collate_skip(items: Sequence[Any], *, labelled: bool = True) -> Batch:
+    """Collates (image, label[, ...]) items, setting ``Skipped`` items aside.
+
+    Anything after the label is ignored, as ``ckascope.compare.as_batch`` ignores it in a
+    loader's batches; an item of another shape is refused with the same words. Unless
+    ``labelled`` (a CKA sweep needs no labels), bare images are items too.
+    """
+    good = [_image_and_label(i, labelled) for i in items if not isinstance(i, Skipped)]
     skipped = [item for item in items if isinstance(item, Skipped)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
     images, labels = default_collate(good)
     return Batch(images, labels, skipped)
+
+
+def _image_and_label(item: Any, labelled: bool) -> tuple[Any, Any]:
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    if not labelled and isinstance(item, Tensor):
+        return item, 0
+    wanted = "(image, label)" if labelled else "an image or (image, label)"
+    raise InputError(unusable("a dataset's item", item, wanted))
+
+
+def unusable(what: str, item: Any, wanted: str) -> str:
+    """The one message for data of a shape ckascope cannot use, whichever path it came by."""
+    kind = type(item).__name__ + (
+        f" with keys {sorted(map(str, item))[:5]}" if isinstance(item, dict) else ""
+    )
+    return (
+        f"{what} must be {wanted}, got a {kind}. Hint: wrap the dataset or loader so that it "
+        "returns (images, labels) as tensors"
+    )
 
 
 def warn_skipped(skipped: Sequence[Skipped]) -> None:
@@ -273,6 +359,8 @@ def build_dataset(
 
 def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Dataset[Any]:
     path = Path(root).expanduser()
+    if path.is_file():
+        raise InputError(f"{name}:{root} names a file; give the folder that holds the dataset")
     if not path.is_dir():
         raise InputError(
             f"dataset directory {path} does not exist. Hint: check the path after '{name}:'"
@@ -287,6 +375,11 @@ def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Da
 
 
 def _image_folder(path: Path, split: str, transform: Any, require_split: bool) -> Dataset[Any]:
+    if path.exists() and not path.is_dir():
+        raise InputError(
+            f"--data {path} is a file; it takes a folder of images (one sub-folder per class), "
+            "NAME:PATH for a dataset on disk, or shapes"
+        )
     if not path.is_dir():
         raise InputError(
             f"data directory {path} does not exist. Hint: give an ImageFolder directory, "

@@ -155,6 +155,10 @@ def idx_dataset(name: str, root: str | None, split: str, transform: Any = None) 
     if root is not None and not root.strip():
         raise InputError(f"no folder after '{name}:'. Hint: {name}:DIR, or {name} alone")
     folder = _system_copy(name) if root is None else Path(root).expanduser()
+    if folder.is_file():
+        raise InputError(
+            f"{name}:{root} names a file; give the folder that holds the four idx files"
+        )
     if not folder.is_dir():
         raise InputError(
             f"dataset directory {folder} does not exist. Hint: check the path after '{name}:'"

@@ -190,6 +190,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         InputError: Missing, truncated, corrupted, or holding pickled code (refused).
     """
     p = Path(path)
+    if p.is_dir():
+        held = sorted(f.name for f in p.glob("*.pt"))[:4]
+        hint = " or ".join(str(p / name) for name in held) or "a .pt file"
+        raise InputError(f"{p} is a folder, not a checkpoint. Hint: give {hint}")
     if not p.is_file():
         raise InputError(f"checkpoint {p} does not exist. Hint: check the path")
     try:

@@ -184,7 +184,7 @@ def _curve_line(ax: Any, result: CKAResult, name: str, color: str, first_null: b
     idx = np.arange(len(d))
     low, high = result.cell("ci_low"), result.cell("ci_high")
     if low is not None and high is not None:
-        level = 100 * float(result.settings.get("ci", 0.95))
+        level = 100 * float(result.settings.get("ci") or 0.95)
         band, what = (low[idx, idx], high[idx, idx]), f"{level:g} % interval"
     else:
         mean, std = d["mean"].to_numpy(), d["std"].to_numpy()

@@ -22,7 +22,8 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,18 +212,10 @@ class CKAResult:
             The output folder.
         """
         dest = Path(directory)
-        check_output_dir(dest, overwrite)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(dest)
-        staging = staging_dir(dest, ".tmp")
-        try:
+        with staged_folder(dest, overwrite) as staging:
             self._write_files(staging)
             if extra is not None:
                 extra(staging)
-            _swap_in(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return dest
 
     def _arrays(self) -> dict[str, Any]:
@@ -253,8 +246,8 @@ class CKAResult:
             meta["layers_a"],
             meta["layers_b"],
             _current_names(meta["settings"]),
-            meta["versions"],
-            meta["elapsed"],
+            meta.get("versions") or {},
+            float(meta.get("elapsed") or 0.0),
             calibration,
         )
 
@@ -278,7 +271,32 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise InputError(f"{path} is not readable JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != RESULT_FORMAT:
         raise InputError(f"{path} is not a ckascope result")
+    for key, kind in (("layers_a", list), ("layers_b", list), ("settings", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise InputError(
+                f"{path} has no valid {key!r} (a {kind.__name__}): an incomplete or edited "
+                "result. Hint: run the comparison again"
+            )
     return meta
+
+
+@contextmanager
+def staged_folder(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A staging folder that replaces ``dest`` as a whole when the block succeeds.
+
+    An interruption or error leaves ``dest`` as it was (an earlier result or nothing), never a
+    mix; ``dest`` must be missing or empty unless ``overwrite`` (``check_output_dir``).
+    """
+    check_output_dir(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest)
+    staging = staging_dir(dest, ".tmp")
+    try:
+        yield staging
+        _swap_in(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def is_result_dir(path: Path) -> bool:

@@ -245,6 +245,12 @@ def _suggest(
 ) -> SplitSuggestion:
     """The rule on one diagonal."""
     rows = _rows(layers, diag, candidates)
+    if any(r.input_layer is not None for r in rows) and not _measured(rows):
+        raise InputError(
+            "the same-layer CKA of every split point's input is NaN in this result (constant "
+            "or degenerate layers, or a failed analysis). Hint: check the compare run's "
+            "warnings, or analyse other layers"
+        )
     if not _measured(rows):
         names = ", ".join(c.name for c in candidates)
         raise InputError(

@@ -88,9 +88,22 @@ class ViewOptions:
     resize_mode: str = "bilinear"
     antialias: bool = False
 
+    def __post_init__(self) -> None:
+        self.check()  # at construction: the error names the field, before any work
+
     def check(self) -> None:
-        """Raises InputError for an unknown protocol or resize mode, or antialias it cannot do."""
+        """Raises InputError for a value no view can use, naming the field.
+
+        An unknown protocol or resize mode, antialias it cannot do, or an image or resize size
+        outside 1..MAX_SCALE.
+        """
         check_view_options(self.protocol, self.resize_mode, self.antialias)
+        for name in ("image_size", "resize_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_SCALE):
+                raise InputError(
+                    f"ViewOptions.{name} must be an integer in 1..{MAX_SCALE}, got {value!r}"
+                )
 
     def at(self, scale: int) -> ScaleView:
         """The view of a side at ``scale`` (``image_size`` must be resolved)."""

@@ -230,10 +230,10 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    default=Path("msun-eval"),
-    show_default=True,
-    help="Folder for eval.csv, eval.json, figure4.png/pdf.",
+    help="Folder for eval.csv, eval.json, figure4.png/pdf  [default: msun-eval, or the first "
+    "free msun-eval-2, -3, ...: a default never replaces a result].",
 )
+@click.option("--overwrite", is_flag=True, help="Let --out replace what its folder holds.")
 def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     """Top-1/top-5 over test sizes for every CHECKPOINT; the paper's Figure 4.
 
@@ -253,6 +253,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         subset_indices,
     )
     from ckascope.distributed import close_distributed, init_distributed
+    from ckascope.result import check_output_dir, next_free
     from msun.evaluate import (
         check_classes,
         check_same_setting,
@@ -260,6 +261,10 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         load_for_eval,
     )
 
+    if opts["sizes"]:
+        parse_sizes(opts["sizes"])  # a bad flag is refused before any checkpoint is read
+    out = opts["out"] or next_free(Path("msun-eval"))
+    check_output_dir(out, opts["overwrite"])
     loaded = [load_for_eval(p) for p in checkpoints]
     check_same_setting(loaded, opts["data"], opts["image_size"])
     info = init_distributed(opts["device"])
@@ -297,7 +302,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     finally:
         close_distributed()
     if info.is_main:
-        _write_eval(evaluated, opts["out"])
+        _write_eval(evaluated, out)
 
 
 def path_table(ev: Evaluated) -> Table:
@@ -323,13 +328,14 @@ def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     from rich.table import Table
 
     from ckascope.fileio import atomic_write, write_json
+    from ckascope.result import staged_folder
     from msun.evaluate import frame as eval_frame
     from msun.plot import save_accuracy_figure
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
-    write_json(out / "eval.json", [ev.summary() for ev in evaluated])
-    save_accuracy_figure(evaluated, out)
+    with staged_folder(out, overwrite=True) as staging:  # --out was checked before the work
+        atomic_write(staging / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
+        write_json(staging / "eval.json", [ev.summary() for ev in evaluated])
+        save_accuracy_figure(evaluated, staging)
     table = Table(title=f"top-1 (%) per test size, {evaluated[0].result.protocol} protocol")
     table.add_column("size", justify="right")
     for ev in evaluated:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
@@ -203,12 +204,45 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         raise InputError(
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
-    count = cfg.num_classes if classes is None else len(classes)
-    return (
-        _augmented(subset(train, cfg.num_train, cfg.seed), cfg, classes),
-        subset(val, cfg.num_val, cfg.seed + 1),
-        int(count or 0),
-    )
+    count = int((cfg.num_classes if classes is None else len(classes)) or 0)
+    train, val = subset(train, cfg.num_train, cfg.seed), subset(val, cfg.num_val, cfg.seed + 1)
+    for split, dataset in (("training", train), ("validation", val)):
+        check_labels(dataset, count, split, cfg.data)
+    return _augmented(train, cfg, classes), val, count
+
+
+def check_labels(dataset: Dataset[Any], count: int, split: str, data: str) -> None:
+    """Refuses labels outside 0..count-1, before any step, for sets that hold their labels.
+
+    Raises:
+        InputError: Naming the first such image (its index in the set) and its label.
+    """
+    labels = held_labels(dataset)
+    if labels is None or count < 1:
+        return
+    bad = torch.nonzero((labels < 0) | (labels >= count)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise InputError(
+            f"{split} image {i} of {data} has label {int(labels[i])}, outside 0..{count - 1} "
+            f"({count} classes; {len(bad)} such image(s)). Hint: check the set's label file, or "
+            "pass --num-classes above its largest label"
+        )
+
+
+def held_labels(dataset: Dataset[Any]) -> torch.Tensor | None:
+    """The labels (N,) a set keeps in memory (``targets``, SVHN's ``labels``), else None."""
+    if isinstance(dataset, Subset):
+        inner = held_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices))]
+    labels = getattr(dataset, "targets", None)
+    labels = getattr(dataset, "labels", None) if labels is None else labels
+    if labels is None:
+        return None
+    try:
+        return torch.as_tensor(np.asarray(labels), dtype=torch.long).flatten()
+    except (TypeError, ValueError):
+        return None
 
 
 def _augmented(train: Dataset[Any], cfg: TrainConfig, classes: list[str] | None) -> Dataset[Any]:
