@@ -58,13 +58,19 @@ def test_every_python_block_runs_as_written(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
+def _run_as_written(commands: list[str], cwd: Path) -> str:
+    """Runs each command, which must be in the README verbatim; returns the last one's output."""
     written = shell_commands()
-    for command in CHEAP:
+    for command in commands:
         assert command in written, f"the README no longer has: {command}"
-        done = _run(command, tmp_path)
+        done = _run(command, cwd)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert "stability:" in done.stdout  # suggest-split on the calibrated result
+        assert "warning" not in done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
+    assert "stability:" in _run_as_written(CHEAP, tmp_path)  # suggest-split on the calibrated
 
 
 @pytest.mark.skipif(
@@ -72,10 +78,5 @@ def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
     reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_the_fashion_mnist_commands_run_as_written(tmp_path: Path) -> None:
-    written = shell_commands()
-    for command in FASHION:
-        assert command in written, f"the README no longer has: {command}"
-        done = _run(command, tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "warning" not in done.stdout + done.stderr
+    _run_as_written(FASHION, tmp_path)
     assert (tmp_path / "msun-eval" / "figure4.png").is_file()
