@@ -7,11 +7,21 @@ reruns a forward pass.
 CKA_ij = Σ_b c_ij^b / sqrt(Σ_b a_i^b · Σ_b d_j^b), with c, a, d the HSIC1 cross and self terms
 of batch b. Its batches are random, independent draws of images, so resampling them with
 replacement (Efron & Tibshirani 1993, ch. 6) gives the sampling distribution of the estimate:
-a replicate weights each batch's terms by how often it was drawn. With several sweeps (the
-reported value is their mean) the resampling has two levels: sweeps are drawn with replacement,
-then each drawn sweep's batches (a hierarchical or "cases" bootstrap, Davison & Hinkley 1997,
-sec. 3.8). Percentile intervals of the replicates (Efron & Tibshirani, ch. 13) are reported;
-the unit resampled is the batch, so a sweep of few batches gives a coarse interval.
+a replicate weights each batch's terms by how often it was drawn, and the percentile interval
+of the replicates (Efron & Tibshirani, ch. 13) is reported.
+
+With S sweeps the reported value is their mean, and how much the mean varies depends on how
+many images the sweeps share. Each sweep draws n images from a pool of N, so two sweeps share
+about a fraction f = n / N of them (f = 1: the same images, batched anew). With sweep estimates
+of variance σ² correlated by about f, Var(mean) ≈ σ² (f + (1 - f) / S) = σ² / S_eff, where
+S_eff = S / (1 + (S - 1) f) is the number of independent sweeps they are worth (Kish's design
+effect, 1 + (S - 1) ρ). A replicate therefore draws m = B · S_eff of the S·B batches of all
+sweeps, with replacement (an m-out-of-n bootstrap, Bickel, Götze & van Zwet 1997): one sweep's
+worth when the sweeps re-batch the same images (averaging them removes no sampling error), all
+of them when they share almost none. Resampling each sweep separately and averaging would
+shrink the spread by √S even for identical sweeps; resampling sweeps and then their batches
+would count the within-sweep variance twice (Davison & Hinkley 1997, sec. 3.8). The batch is
+the unit: fewer than ``MIN_BATCHES`` give no interval, and a few give a coarse one.
 
 **Permutation null.** Shuffling which image of side b goes with which image of side a within a
 batch (K_b -> P K_b Pᵀ) breaks the correspondence while keeping each side's own geometry: CKA
@@ -28,8 +38,10 @@ permutations and so is never zero (Phipson & Smyth 2010).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,57 +93,49 @@ class SweepSummary:
 
 @dataclass(frozen=True)
 class Resamples:
-    """The draws of a two-level bootstrap, explicit (so a test can give its own).
+    """The draws of a bootstrap, explicit (so a test can give its own).
 
     Attributes:
-        sweeps: (R, S) long: replicate r's k-th draw is sweep ``sweeps[r, k]``.
-        counts: (R, S, B) float64: how often that draw takes each of the sweep's batches
-            (zero beyond the sweep's own batch count; B the largest count).
+        counts: (R, B) float64: how often replicate r takes each of the B pooled batches.
     """
 
-    sweeps: Tensor
     counts: Tensor
 
 
-def draw_resamples(batches: Sequence[int], replicates: int, seed: int) -> Resamples:
-    """Sweeps drawn with replacement, then each drawn sweep's batches with replacement.
+#: Fewer batches than this (over all sweeps) give no bootstrap interval.
+MIN_BATCHES = 2
+
+
+def effective_draws(batches: Sequence[int], overlap: float) -> int:
+    """m, the batches a replicate draws: a sweep's batches times the sweeps' worth ``S_eff``.
 
     Args:
-        batches: The batch count of each sweep.
-        replicates: R.
-        seed: Seed of the draws (the same seed gives the same draws).
+        batches: The batch count of each of the S sweeps.
+        overlap: f, the share of images two sweeps have in common (1: the same images).
     """
+    sweeps = len(batches)
+    worth = sweeps / (1 + (sweeps - 1) * overlap)  # S_eff
+    return max(1, round(sum(batches) / sweeps * worth))
+
+
+def draw_resamples(pooled: int, draws: int, replicates: int, seed: int) -> Resamples:
+    """``replicates`` draws of ``draws`` batches out of ``pooled``, with replacement, seeded."""
     generator = torch.Generator().manual_seed(seed)
-    count = len(batches)
-    sweeps = torch.randint(count, (replicates, count), generator=generator)  # (R, S)
-    counts = torch.zeros(replicates, count, max(batches), dtype=torch.float64)
-    for k in range(count):
-        size = torch.tensor(batches)[sweeps[:, k]]  # (R,): the drawn sweep's batch count
-        picks = (torch.rand(replicates, max(batches), generator=generator) * size[:, None]).long()
-        taken = torch.arange(max(batches))[None, :] < size[:, None]  # (R, B): draws that count
-        counts[:, k].scatter_add_(1, picks, taken.to(torch.float64))
-    return Resamples(sweeps, counts)
+    picks = torch.randint(pooled, (replicates, draws), generator=generator)  # (R, m)
+    counts = torch.zeros(replicates, pooled, dtype=torch.float64)
+    return Resamples(counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float64)))
 
 
-def bootstrap_replicates(sweeps: Sequence[BatchTerms], draws: Resamples) -> Tensor:
-    """Bootstrap replicates of the mean-over-sweeps CKA matrix.
+def pool(sweeps: Sequence[BatchTerms]) -> BatchTerms:
+    """Every sweep's batches as one set, on the CPU."""
+    return BatchTerms(
+        *(torch.cat([getattr(b, k).cpu() for b in sweeps]) for k in ("cross", "self_a", "self_b"))
+    )
 
-    Args:
-        sweeps: Each sweep's per-batch terms.
-        draws: The resamples (``draw_resamples``).
 
-    Returns:
-        (R, La, Lb) float64: per replicate, the mean of its drawn sweeps' CKA matrices, each
-        computed from its drawn batches.
-    """
-    replicates, count = draws.sweeps.shape
-    total = torch.zeros(replicates, *sweeps[0].cross.shape[1:], dtype=torch.float64)
-    for k in range(count):  # the k-th draw of every replicate
-        for s, sweep in enumerate(sweeps):
-            rows = torch.nonzero(draws.sweeps[:, k] == s).flatten()
-            if len(rows):
-                total[rows] += sweep.cka(draws.counts[rows, k, : len(sweep)])
-    return total / count
+def bootstrap_replicates(batches: BatchTerms, draws: Resamples) -> Tensor:
+    """(R, La, Lb) float64: the CKA of each replicate's drawn batches (ratio of weighted sums)."""
+    return batches.cka(draws.counts)
 
 
 def percentile_interval(replicates: Tensor, point: Tensor, level: float) -> tuple[Tensor, Tensor]:
@@ -171,7 +175,8 @@ def null_summary(observed: Tensor, null: Tensor) -> NullSummary:
     p_value = (1.0 + exceed) / (len(null) + 1.0)
     nan = torch.isnan(observed) | torch.isnan(null).any(dim=0)
     p_value = torch.where(nan, torch.full_like(p_value, float("nan")), p_value)
-    return NullSummary(mean, std, (observed - mean) / std, p_value)
+    spread = torch.where(std > 0, std, torch.full_like(std, float("nan")))  # no spread: no z
+    return NullSummary(mean, std, (observed - mean) / spread, p_value)
 
 
 def permuted_cross_terms(pa: Tensor, pb: Tensor, layout: BlockLayout, perms: Tensor) -> Tensor:
@@ -204,13 +209,17 @@ def permuted_cross_terms(pa: Tensor, pb: Tensor, layout: BlockLayout, perms: Ten
     return out / (n * (n - 3))
 
 
-def batch_permutations(count: int, n: int, seed: int, batch: int) -> Tensor:
-    """(count, n) permutations for one batch, a function of (seed, batch) only.
+def batch_permutations(
+    count: int, n: int, seed: int, batch: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """(count, n) permutations for one batch, a function of (seed, batch, device type) only.
 
-    Every process of a distributed sweep draws the same permutations for the same batch.
+    Every process of a distributed sweep draws the same permutations for the same batch. They
+    are drawn on ``device`` (its own generator), so a GPU sweep never waits for a copy.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch)
-    return torch.stack([torch.randperm(n, generator=generator) for _ in range(count)])
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
+    keys = torch.rand(count, n, generator=generator, device=device)
+    return torch.argsort(keys, dim=1)
 
 
 #: The per-cell arrays a calibrated result holds, each (La, Lb).
@@ -218,8 +227,12 @@ CELL_KEYS = ("ci_low", "ci_high", "null_mean", "null_std", "z_score", "p_value")
 
 
 def calibrate(
-    sweeps: Sequence[SweepSummary], replicates: int, level: float, seed: int
-) -> dict[str, np.ndarray]:
+    sweeps: Sequence[SweepSummary],
+    replicates: int,
+    level: float,
+    seed: int,
+    overlap: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The calibration arrays of a comparison from its sweeps (empty when none was asked for).
 
     Args:
@@ -227,21 +240,22 @@ def calibrate(
         replicates: Bootstrap replicates R (0: no interval).
         level: Interval coverage, e.g. 0.95.
         seed: Seed of the resampling.
+        overlap: The share of images two sweeps have in common (1: the same images).
 
     Returns:
-        ``ci_low``/``ci_high`` and ``bootstrap_diagonal`` (R, L) with replicates (the diagonal
-        when the matrix is square: what suggest-split reads), ``null_mean``, ``null_std``,
-        ``z_score`` and ``p_value`` with a null; float64 NumPy arrays.
+        The arrays: ``ci_low``/``ci_high`` and ``bootstrap_diagonal`` (R, L) with replicates
+        (the diagonal when the matrix is square: what suggest-split reads), ``null_mean``,
+        ``null_std``, ``z_score`` and ``p_value`` with a null (float64 NumPy); and what the
+        result records of how they were made.
     """
     observed = torch.stack([s.matrix.cpu() for s in sweeps]).mean(dim=0)  # (La, Lb)
     out: dict[str, Tensor] = {}
-    batches = [s.batches for s in sweeps if s.batches is not None]
-    if replicates and batches:
-        cpu = [BatchTerms(b.cross.cpu(), b.self_a.cpu(), b.self_b.cpu()) for b in batches]
-        draws = draw_resamples([len(b) for b in cpu], replicates, seed)
-        boot = bootstrap_replicates(cpu, draws)  # (R, La, Lb)
+    info: dict[str, Any] = {}
+    kept = [s.batches for s in sweeps if s.batches is not None]
+    if replicates and kept:
+        boot, info = _bootstrap(kept, replicates, seed, overlap)
         out["ci_low"], out["ci_high"] = percentile_interval(boot, observed, level)
-        if boot.shape[-1] == boot.shape[-2]:
+        if boot.shape[-1] == boot.shape[-2] and info["bootstrap_draws"]:
             out["bootstrap_diagonal"] = boot.diagonal(dim1=-2, dim2=-1)  # (R, L)
     nulls = [s.null.cpu() for s in sweeps if s.null is not None]
     if nulls:
@@ -252,4 +266,38 @@ def calibrate(
             z_score=summary.z_score,
             p_value=summary.p_value,
         )
-    return {k: v.numpy() for k, v in out.items()}
+    return {k: v.numpy() for k, v in out.items()}, info
+
+
+def _bootstrap(
+    kept: Sequence[BatchTerms], replicates: int, seed: int, overlap: float
+) -> tuple[Tensor, dict[str, Any]]:
+    """(R, La, Lb) replicates (NaN without enough batches) and how they were drawn."""
+    batches = pool(kept)
+    shape = (replicates, *batches.cross.shape[1:])
+    if len(batches) < MIN_BATCHES:
+        warnings.warn(
+            f"{len(batches)} batch(es) cannot be bootstrapped: no interval. Hint: more images "
+            "or a smaller --batch-size",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.full(shape, float("nan"), dtype=torch.float64), {"bootstrap_draws": 0}
+    draws = effective_draws([len(b) for b in kept], overlap)
+    boot = bootstrap_replicates(batches, draw_resamples(len(batches), draws, replicates, seed))
+    _warn_lost(boot)
+    info = {"bootstrap_draws": draws, "bootstrap_pool": len(batches), "sweep_overlap": overlap}
+    return boot, info
+
+
+def _warn_lost(boot: Tensor) -> None:
+    """Warns when replicates are NaN (a resampled self term not positive) in finite cells."""
+    lost = torch.isnan(boot) & torch.isfinite(boot).any(dim=0)
+    if bool(lost.any()):
+        share = float(lost.sum(dim=0).max()) / len(boot)
+        warnings.warn(
+            f"up to {100 * share:.1f} % of the bootstrap replicates of some cells are NaN (a "
+            "resampled HSIC(K, K) was not positive) and left out of their intervals",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -70,7 +70,7 @@ class Side:
 
         The Grams are a view of a buffer the next batch overwrites.
         """
-        x = self.view(images).to(_dtype_of(self.model))  # a bf16/fp16 model gets its own dtype
+        x = fit_channels(self.view(images), self.model).to(_dtype_of(self.model))  # bf16/fp16 too
         self.stack.start(len(images))
         with self.recorder.recording():
             try:
@@ -415,8 +415,7 @@ class _Sweep:
             if len(batch.images):
                 check_images(batch.images)
             if len(batch.images) >= 4:
-                images = fit_channels(batch.images, self.side_a.model)
-                images = images.to(self.device, non_blocking=True)
+                images = batch.images.to(self.device, non_blocking=True)
                 index = self.opts.rank + k * self.opts.world_size
                 metric = self._update(metric, images, repeat, index)
             advance()
@@ -488,15 +487,22 @@ def run_comparison(
         "images_skipped": int(all_reduce_sum(sweep.skipped, device)),
         "device": str(device),
     }
-    calibration = calibrate(sweeps, opts.bootstrap, opts.ci, opts.seed)
+    overlap = 1.0 if loader else sweep_overlap(cast(Dataset[Any], source), opts)
+    calibration, how = calibrate(sweeps, opts.bootstrap, opts.ci, opts.seed, overlap)
     return CKAResult(
         torch.stack([s.matrix for s in sweeps]).cpu().numpy(),
         sweep.layers_a,
         sweep.layers_b,
-        settings,
+        {**settings, **how},
         elapsed=time.perf_counter() - start,
         calibration=calibration,
     )
+
+
+def sweep_overlap(dataset: Dataset[Any], opts: SweepOptions) -> float:
+    """The share of images two sweeps have in common: each takes num_images of the set."""
+    count = dataset_len(dataset)
+    return min(1.0, (opts.num_images or count) / count)
 
 
 def applied(opts: SweepOptions) -> dict[str, Any]:

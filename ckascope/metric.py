@@ -351,12 +351,13 @@ class MinibatchCKA(Metric):
             names = ("batch_cross", "batch_self_a", "batch_self_b")
             for name, value in zip(names, terms, strict=True):
                 getattr(self, name).append(weight * value[None])
+            # a fill, not a copy from the host: no wait for the device
             self.batch_index.append(
-                torch.tensor([float(batch)], dtype=torch.float64, device=pa.device)
+                torch.full((1,), float(batch), dtype=torch.float64, device=pa.device)
             )
         if self.permutations:
-            perms = batch_permutations(self.permutations, layout.n, self.seed, batch)
-            self.null_cross += weight * permuted_cross_terms(pa, pb, layout, perms.to(pa.device))
+            perms = batch_permutations(self.permutations, layout.n, self.seed, batch, pa.device)
+            self.null_cross += weight * permuted_cross_terms(pa, pb, layout, perms)
 
     def _kernel(self, grams: Tensor, side: str) -> Tensor:
         sigma2 = None
@@ -420,8 +421,7 @@ class MinibatchCKA(Metric):
 
     def reset(self) -> None:
         """Clears the sums and, for ``bandwidth="first"``, the fixed bandwidths."""
-        super().reset()
-        self._added = 0
+        super().reset()  # the batch count goes on: torchmetrics' forward() resets every batch
         self._workspace.clear()
         self.sigma2_a.fill_(float("nan"))
         self.sigma2_b.fill_(float("nan"))

@@ -134,7 +134,7 @@ def _mark_chance(ax: Any, result: CKAResult) -> list[Any]:
     if not len(rows):
         return []
     ax.scatter(cols + 0.5, rows + 0.5, s=30, facecolors="none", edgecolors="0.75", zorder=3)
-    label = f"p > {ALPHA} ({n} permutations): not above chance"
+    label = f"p > {ALPHA} ({n} permutations, per cell, uncorrected): not above chance"
     return [Line2D([], [], ls="", marker="o", mfc="none", mec="0.6", label=label)]
 
 

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -256,13 +257,25 @@ def has_record(data: Path, run: Run) -> bool:
 
 
 def has_cka(data: Path, run: Run, kernel: Kernel, s: dict[str, Any]) -> bool:
-    """The run's analysis with this kernel is in ``data``, with the study's calibration."""
+    """The run's analysis with this kernel is in ``data``: of this run's model, as planned.
+
+    The analysis records the trained model's config and the sweep it made (images, sweeps,
+    batch, calibration; ``bootstrap_draws`` marks the current bootstrap), all compared.
+    """
     path = cka_folder(data, run, kernel) / "result.json"
     if not path.is_file():
         return False
     saved = read_json(path)["settings"]
-    wanted = {"bootstrap": s["cka_bootstrap"], "permutations": s["cka_permutations"]}
-    return all(saved.get(k) == v for k, v in wanted.items())
+    wanted = {
+        "bootstrap": s["cka_bootstrap"],
+        "permutations": s["cka_permutations"],
+        "num_images": s["cka_images"],
+        "repeats": s["cka_repeats"],
+        "batch_size": s["cka_batch"],
+    }
+    made = isinstance(saved.get("train_config"), dict) and "bootstrap_draws" in saved
+    same = all(saved.get(k) == v for k, v in wanted.items())
+    return made and same and matches(saved["train_config"], run.config)
 
 
 def is_done(data: Path, run: Run, s: dict[str, Any]) -> bool:
@@ -303,7 +316,11 @@ def cka(last: Path, s: dict[str, Any], kernel: Kernel) -> CKAResult:
         kernel=kernel,
         bootstrap=s["cka_bootstrap"],
         permutations=s["cka_permutations"],
-        settings={"model": ARCH, "arch": ARCH, "checkpoint": last.name},
+        settings={
+            "model": ARCH,
+            "arch": ARCH,
+            "train_config": read_checkpoint(last)["train_config"],
+        },
     )
 
 
@@ -316,6 +333,9 @@ def finish(run: Run, s: dict[str, Any], data: Path) -> None:
     if has_record(data, run) and not (Path(run.config.out) / "last.pt").is_file():
         print(f"fashion study: {run.name}'s checkpoint is gone; its analyses stay as they are")
         return
+    if not (Path(run.config.out) / "last.pt").is_file():  # a model made anew: its analyses too
+        for kernel in run.kernels:
+            shutil.rmtree(cka_folder(data, run, kernel), ignore_errors=True)
     last = trained(run.config)
     for kernel in run.kernels:
         if not has_cka(data, run, kernel, s):
@@ -408,7 +428,7 @@ def line(run: Run, data: Path, s: dict[str, Any]) -> str:
     if is_done(data, run, s):
         return f"done         {run.name}"
     if has_record(data, run):
-        return f"stale        {run.name} (an analysis with other calibration settings)"
+        return f"to do        {run.name} (its analyses: missing or made otherwise)"
     last = Path(run.config.out) / "last.pt"
     if last.is_file():
         epoch = read_checkpoint(last)["progress"]["epoch"]
@@ -449,12 +469,15 @@ def suggestions(s: dict[str, Any], data: Path, runs: Path, epochs: int) -> list[
 
 def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
     """accuracy.json and loop.json from the records there are (a partial study says so)."""
-    evals = {name: records(data, [f"{name}_seed{seed}" for seed in s["seeds"]]) for name in METHODS}
-    ablation = {split: ablation_point(s, data, split) for split in SPLITS}
-    seeds = [seed for seed in s["seeds"] if (data / "cka" / f"vanilla_seed{seed}").is_dir()]
+    plan = plan_of(s, epochs, runs)
+    evals = {
+        name: records(data, [plan[f"{name}_seed{seed}"] for seed in s["seeds"]]) for name in METHODS
+    }
+    ablation = {split: ablation_point(s, data, split, plan) for split in SPLITS}
+    seeds = [seed for seed in s["seeds"] if has_cka(data, plan[f"vanilla_seed{seed}"], "linear", s)]
     loop = suggestions({**s, "seeds": seeds}, data, runs, epochs)
-    planned = len(study_runs(s, epochs, runs))
-    done = sum(is_done(data, r, s) for r in study_runs(s, epochs, runs))
+    planned = len(plan)
+    done = sum(is_done(data, r, s) for r in plan.values())
     write_json(
         data / "accuracy.json",
         {
@@ -471,10 +494,14 @@ def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
     write_json(data / "loop.json", {"seeds": loop, "verdict": verdict})
 
 
-def records(data: Path, names: list[str]) -> list[dict[str, Any]]:
-    """The evaluations of the named runs that have a record."""
-    paths = [data / "runs" / f"{name}.json" for name in names]
-    return [read_json(p)["evaluation"] for p in paths if p.is_file()]
+def plan_of(s: dict[str, Any], epochs: int, runs: Path = DEFAULT_RUNS) -> dict[str, Run]:
+    """The study's runs at ``epochs`` epochs, by name."""
+    return {run.name: run for run in study_runs(s, epochs, runs)}
+
+
+def records(data: Path, runs: list[Run]) -> list[dict[str, Any]]:
+    """The evaluations of the runs whose record is there and made as planned."""
+    return [read_json(record_path(data, r))["evaluation"] for r in runs if has_record(data, r)]
 
 
 def stats(values: Any) -> dict[str, Any]:
@@ -503,9 +530,11 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def ablation_point(s: dict[str, Any], data: Path, split: str) -> dict[str, Any] | None:
+def ablation_point(
+    s: dict[str, Any], data: Path, split: str, plan: dict[str, Run]
+) -> dict[str, Any] | None:
     """One split's routed mean accuracy per seed and over seeds, with its cost (None: no run)."""
-    evals = records(data, ablation_runs(s, split))
+    evals = records(data, [plan[name] for name in ablation_runs(s, split)])
     if not evals:
         return None
     per_seed = [e["mean_top1"] for e in evals]
@@ -551,12 +580,16 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
     (a, sa), (b, sb), (c, sc) = m(msun, "mean"), m("mst", "mean"), m("vanilla", "mean")
     small = m(msun, "smallest")[0] - m("vanilla", "smallest")[0]
     full = m("vanilla", "full")[0] - m(msun, "full")[0]
-    spread = "beyond" if a - b > max(sa, sb) and b - c > max(sb, sc) else "not beyond"
+
+    def gap(x: float, sx: float, y: float, sy: float) -> str:
+        return f"{x - y:+.2f} ({'beyond' if abs(x - y) > max(sx, sy) else 'within'} the larger seed std)"
+
     return [
         (
             "MSUN > MST > vanilla on the mean over sizes",
             a > b > c,
-            f"{a:.2f} ± {sa:.2f} / {b:.2f} ± {sb:.2f} / {c:.2f} ± {sc:.2f} ({spread} the seed std)",
+            f"{a:.2f} ± {sa:.2f} / {b:.2f} ± {sb:.2f} / {c:.2f} ± {sc:.2f}; MSUN - MST "
+            f"{gap(a, sa, b, sb)}, MST - vanilla {gap(b, sb, c, sc)}",
         ),
         (
             f"MSUN >= {FAR_ABOVE:g} points above vanilla at the smallest size",

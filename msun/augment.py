@@ -15,7 +15,7 @@ this module applies the same augmentation to a whole batch at once:
   resizing an identity matrix (``resize_matrix``), so nothing of the kernel is re-derived here.
   Two batched float64 products (columns, then rows, each rounded to uint8 as torch's uint8
   kernel rounds its two passes) give every image. torch's kernel uses fixed-point weights, so
-  a pixel can differ from it by one level (tests/msun/test_augment.py bounds it).
+  under 1 % of the pixels differ from it, by at most two levels (tests/msun/test_augment.py).
 
 No library offers this: torchvision's v2 transforms take one set of parameters per call, and
 its batched crops (``roi_align``) are bilinear and unquantised.

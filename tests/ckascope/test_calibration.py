@@ -15,13 +15,16 @@ from ckascope import CKAResult, MinibatchCKA
 from ckascope.calibration import (
     BatchTerms,
     Resamples,
+    SweepSummary,
     batch_permutations,
     bootstrap_replicates,
     calibrate,
     draw_resamples,
+    effective_draws,
     null_summary,
     percentile_interval,
     permuted_cross_terms,
+    pool,
 )
 from ckascope.cli import main as ckascope_main
 from ckascope.packing import BlockLayout, pack
@@ -70,40 +73,64 @@ def _sweep_terms(sizes: list[int], seed: int) -> BatchTerms:
 
 def test_bootstrap_replicates_equal_numpy_on_the_same_resamples() -> None:
     sweeps = [_sweep_terms([9, 10, 8], 0), _sweep_terms([12, 7], 5)]
-    draws = Resamples(
-        sweeps=torch.tensor([[0, 1], [1, 1], [0, 0]]),
-        counts=torch.tensor(
-            [
-                [[2, 0, 1], [1, 1, 0]],
-                [[0, 2, 0], [2, 0, 0]],
-                [[1, 1, 1], [0, 0, 3]],
-            ],
-            dtype=torch.float64,
-        ),
-    )
-    got = bootstrap_replicates(sweeps, draws).numpy()
+    pooled = pool(sweeps)
+    assert len(pooled) == 5
+    counts = torch.tensor([[2, 0, 1, 1, 0], [0, 0, 0, 2, 2], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    got = bootstrap_replicates(pooled, Resamples(counts)).numpy()
     for r in range(3):
-        expected = np.mean(
-            [
-                _numpy_cka(sweeps[s], draws.counts[r, k, : len(sweeps[s])].numpy())
-                for k, s in enumerate(draws.sweeps[r].tolist())
-            ],
-            axis=0,
-        )
-        np.testing.assert_allclose(got[r], expected, rtol=1e-12)
+        np.testing.assert_allclose(got[r], _numpy_cka(pooled, counts[r].numpy()), rtol=1e-12)
 
 
-def test_resamples_draw_each_sweeps_own_batches_with_replacement() -> None:
-    draws = draw_resamples([3, 5, 4], 500, seed=1)
-    assert draws.sweeps.shape == (500, 3)
-    taken = draws.counts.sum(dim=-1)  # (R, S): each draw takes as many batches as its sweep has
-    sizes = torch.tensor([3, 5, 4])[draws.sweeps]
-    assert torch.equal(taken, sizes.to(taken.dtype))
-    for s, size in enumerate([3, 5, 4]):
-        rows = draws.counts[draws.sweeps == s]  # (draws of sweep s, B)
-        assert not rows[:, size:].any()  # never a batch beyond the sweep's own
-        assert rows[:, :size].mean(dim=0).allclose(torch.ones(size, dtype=torch.float64), atol=0.2)
-    assert torch.equal(draw_resamples([3, 5, 4], 500, seed=1).counts, draws.counts)
+def test_resamples_draw_the_effective_number_of_pooled_batches() -> None:
+    draws = draw_resamples(pooled=12, draws=7, replicates=2000, seed=1)
+    assert draws.counts.shape == (2000, 12)
+    assert (draws.counts.sum(dim=1) == 7).all()
+    assert draws.counts.mean(dim=0).allclose(
+        torch.full((12,), 7 / 12, dtype=torch.float64), atol=0.05
+    )
+    assert torch.equal(draw_resamples(12, 7, 2000, seed=1).counts, draws.counts)
+    # the same images re-batched: one sweep's worth; no images in common: all of them
+    assert effective_draws([10] * 10, overlap=1.0) == 10
+    assert effective_draws([10] * 10, overlap=0.0) == 100
+    assert effective_draws([10] * 10, overlap=0.128) == round(10 * 10 / (1 + 9 * 0.128))
+    assert effective_draws([4], overlap=1.0) == 4
+
+
+def _population_sweep(gen: torch.Generator, images: torch.Tensor, batches: int) -> SweepSummary:
+    """One sweep over ``images`` (N, 2, 6) in random batches: layer 0 and a noisy layer 1."""
+    order = torch.randperm(len(images), generator=gen)
+    metric = MinibatchCKA(1, 1, keep_batches=True)
+    for k, part in enumerate(order.chunk(batches)):
+        x = images[part]
+        metric.update([x[:, 0]], [x[:, 0] + 1.5 * x[:, 1]], batch=k)
+    return metric.summary()
+
+
+@pytest.mark.parametrize("same_images", [True, False])
+def test_the_interval_has_the_width_of_the_mean_over_sweeps(same_images: bool) -> None:
+    """Monte Carlo: the spread of the reported value over many experiments, against the
+    bootstrap's spread in one, for sweeps that re-batch the same images or draw new ones."""
+    gen = torch.Generator().manual_seed(0)
+    sweeps, batches, n = 4, 5, 16
+
+    def experiment() -> list[SweepSummary]:
+        pool_size = batches * n * (1 if same_images else sweeps)
+        images = torch.randn(pool_size, 2, 6, generator=gen, dtype=torch.float64)
+        parts = [images] * sweeps if same_images else list(images.chunk(sweeps))
+        return [_population_sweep(gen, part, batches) for part in parts]
+
+    means = [float(torch.stack([s.matrix for s in experiment()]).mean()) for _ in range(300)]
+    widths = []
+    for seed in range(20):
+        summaries = experiment()
+        draws = effective_draws([batches] * sweeps, 1.0 if same_images else 0.0)
+        boot = bootstrap_replicates(
+            pool([s.batches for s in summaries]),
+            draw_resamples(len(summaries) * batches, draws, 400, seed),
+        )  # type: ignore[misc]
+        widths.append(float(boot.std()))
+    ratio = np.mean(widths) / np.std(means, ddof=1)
+    assert 0.7 < ratio < 1.4, ratio  # resampling each sweep apart gives 0.5 for the same images
 
 
 def test_the_metric_null_equals_numpy_on_the_batch_permutations() -> None:
@@ -155,7 +182,7 @@ def _calibrated(feats_a: list, feats_b: list, permutations: int, bootstrap: int)
     for i, (fa, fb) in enumerate(zip(feats_a, feats_b, strict=True)):
         metric.update(fa, fb, batch=i)
     summary = metric.summary()
-    return {"matrix": summary.matrix.numpy(), **calibrate([summary], bootstrap, 0.95, 0)}
+    return {"matrix": summary.matrix.numpy(), **calibrate([summary], bootstrap, 0.95, 0)[0]}
 
 
 def test_identical_sides_give_one_with_a_zero_width_interval() -> None:
