@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import click
+from ckascope.entry import share_cores
 
-import ckascope.cli
-import msun.cli
-from ckascope.cliutils import FriendlyGroup
+share_cores()  # before torch loads (ckascope.entry)
+
+import click  # noqa: E402
+
+import ckascope.cli  # noqa: E402
+import msun.cli  # noqa: E402
+from ckascope.cliutils import FriendlyGroup  # noqa: E402
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})

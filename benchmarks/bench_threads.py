@@ -120,7 +120,10 @@ def main() -> None:
         for name in SETTINGS
     ]
     print(f"{describe_machine(machine)}\n\n{markdown_table(rows)}")
-    write_json(args.out, {"args": vars(args), "machine": machine, "quiet": quiet, "shared": shared, "rows": rows})
+    write_json(
+        args.out,
+        {"args": vars(args), "machine": machine, "quiet": quiet, "shared": shared, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

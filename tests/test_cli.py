@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +89,24 @@ def test_help_and_usage_errors_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[0, 0, 0, 2] False"  # --help answers in a blink
+
+
+def test_the_commands_set_openmp_to_share_cores_before_torch_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ckascope.entry import SPINCOUNT, share_cores
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    share_cores()
+    assert os.environ["GOMP_SPINCOUNT"] == SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    share_cores()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"  # the user's setting stays
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    share_cores()
+    assert "GOMP_SPINCOUNT" not in os.environ  # a policy of the user's own: left alone
+    # the entry module loads no torch, so the setting is in place when the command imports it
+    check = "import sys, ckascope.entry, msun.entry; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
