@@ -115,6 +115,9 @@ def test_the_committed_study_redraws_and_its_tables_agree_with_its_records(
     shutil.copytree(COMMITTED / "data", copy / "data")
     study.redraw(copy)
     assert (copy / "RESULTS.md").read_text() == (COMMITTED / "RESULTS.md").read_text()
+    block = (copy / "README_RESULTS.md").read_text()
+    assert block == (COMMITTED / "README_RESULTS.md").read_text()
+    assert block in (FIGURES.parent / "README.md").read_text()  # the README shows the data
     saved = json.loads((copy / "data" / "accuracy.json").read_text())
     plan = study.plan_of(saved["settings"], saved["settings"]["epochs"])
     for name, agg in saved["methods"].items():
