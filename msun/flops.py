@@ -20,6 +20,8 @@ scale unless given).
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -122,6 +124,7 @@ def path_macs(model: MSUN, k: int, size: int) -> int:
     return path_flops(model, k, size) // 2
 
 
+@functools.lru_cache(maxsize=64)
 def vanilla_flops(arch: str, size: int = 224, num_classes: int = 1000) -> int:
     """FLOPs of the vanilla torchvision model on one (1, 3, size, size) image."""
     model = meta_model(arch, num_classes).eval()
@@ -148,14 +151,24 @@ def flops_report(
 ) -> FlopsReport:
     """FLOPs of the routed model at each test size under both protocols, and vanilla's.
 
+    Counts depend on the structure only (``model.config()``), so each structure's report is
+    counted once per process: evaluating many checkpoints of one architecture costs one count.
+
     Args:
         model: The MSUN (any device: it is counted on a meta-device twin).
         sizes: Test sizes [the paper's 13 scaled to ``image_size``].
         image_size: The size vanilla runs every input at [the largest scale].
     """
-    twin = meta_twin(model)
-    image_size = image_size or max(twin.scales)
+    image_size = image_size or max(model.scales)
     sizes = tuple(paper_sizes(image_size) if sizes is None else sizes)
+    return _report(json.dumps(model.config(), sort_keys=True), sizes, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _report(config_json: str, sizes: tuple[int, ...], image_size: int) -> FlopsReport:
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        twin = build_msun(config.pop("arch"), **config)
     counts: dict[tuple[int, int], int] = {}
 
     def count(k: int, size: int) -> int:
@@ -166,11 +179,11 @@ def flops_report(
     at_nominal = tuple(count(k, s) for k, s in enumerate(twin.scales))
     rows = [SizeRow(s, k, at_nominal[k], count(k, s)) for s in sizes for k in [twin.route(s)]]
     return FlopsReport(
-        config={**model.config(), "unified_size": model.unified_size},
+        config={**twin.config(), "unified_size": twin.unified_size},
         rows=tuple(rows),
         path_flops=at_nominal,
-        vanilla=vanilla_flops(model.arch, image_size, model.num_classes),
-        parameters=count_parameters(model),
+        vanilla=vanilla_flops(twin.arch, image_size, twin.num_classes),
+        parameters=count_parameters(twin),
         image_size=image_size,
     )
 
