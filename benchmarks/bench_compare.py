@@ -16,6 +16,7 @@ Workloads (``--workloads``):
 - ``resnet18-cpu``: resnet18 (random weights), ``blocks`` preset (9 layers), scales 32 vs 224
   (32 px resized back up to 224, bilinear, no antialias: ckascope's default ``upsample``
   protocol), 512 synthetic images pre-rendered at 224, batch 128, on CPU.
+- ``resnet50-cpu``: the same with resnet50 (17 layers), 256 images, batch 64 (``--r50-*``).
 - ``mlp-cpu``: two 50-layer MLPs (width 256, He init, seeds 0 and 1) on the same 1024 Gaussian
   inputs, batch 256; all 50 x 50 pairs of ReLU outputs (a cross-model comparison).
 - ``resnet50-gpu``: resnet50 ``blocks`` (17 layers), scales 32 vs 224, 5000 images (cycling
@@ -30,7 +31,10 @@ the peak memory of the timed runs (see common.py). All tools get the same batche
 seeded permutation), and their matrices are compared with a float64 reference computed from
 the same features by code that shares nothing with ckascope (common.py). The bare floor is the
 two forward passes per batch (resize included) under ``torch.inference_mode()`` with no hooks,
-fed by the same DataLoader. Overhead = ckascope time / bare time.
+fed by the same DataLoader, the model in its own (contiguous) layout and float32: the plain
+passes a user writes. Overhead = ckascope time / bare time. ``ckascope-contiguous`` and
+``ckascope-bf16`` are ckascope with ``memory_format="contiguous"`` and ``precision="bf16"``; each
+ckascope row's "max abs diff vs ckascope-contiguous" is the effect of its mode on the matrix.
 
 Prints markdown tables and writes benchmarks/results/compare.json.
 """
@@ -61,13 +65,16 @@ from common import (
 from peers import TOOLS, PeerOptions, reference_job, tool_job
 from workloads import MLPSpec, ResNetSpec, Spec, pool_file, render_pool
 
-WORKLOADS = ("resnet18-cpu", "mlp-cpu", "resnet50-gpu")
+WORKLOADS = ("resnet18-cpu", "resnet50-cpu", "mlp-cpu", "resnet50-gpu")
 PEERS = ("ckascope", "pytorch-cka", "torch-cka", "ckatorch", "ckatorch-base")
+#: ckascope's other execution modes: the model's own layout, and bf16 forward passes.
+VARIANTS = ("ckascope-contiguous", "ckascope-bf16")
 #: ckatorch-base keeps every image's features of every layer: only the MLP's fit comfortably.
 DEFAULT_TOOLS = {
-    "resnet18-cpu": PEERS[:4],
+    "resnet18-cpu": (*PEERS[:1], *VARIANTS, *PEERS[1:4]),
+    "resnet50-cpu": (*PEERS[:1], *VARIANTS, *PEERS[1:2]),
     "mlp-cpu": PEERS,
-    "resnet50-gpu": PEERS[:4],
+    "resnet50-gpu": (*PEERS[:1], *VARIANTS, *PEERS[1:4]),
 }
 COLUMNS = [
     ("tool", "tool"),
@@ -77,6 +84,7 @@ COLUMNS = [
     ("peak_rss_mib", "peak RSS (MiB)"),
     ("extra_rss_mib", "RSS over baseline (MiB)"),
     ("max_abs_err", "max abs err vs float64"),
+    ("vs_contiguous", "max abs diff vs ckascope-contiguous"),
     ("nan_cells", "NaN cells"),
     ("load_before", "load avg"),
     ("notes", "notes"),
@@ -92,7 +100,9 @@ GPU_COLUMNS = [
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--tools", nargs="+", choices=PEERS, help="default: every tool that fits")
+    p.add_argument(
+        "--tools", nargs="+", choices=PEERS + VARIANTS, help="default: every tool that fits"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: every available core)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool (median)")
     p.add_argument(
@@ -109,6 +119,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--image-size", type=int, default=224, help="base images and model input")
     g.add_argument("--scales", type=int, nargs=2, default=[32, 224])
+    g = p.add_argument_group("resnet50-cpu (scales and image size as resnet18-cpu)")
+    g.add_argument("--r50-images", type=int, default=256)
+    g.add_argument("--r50-batch", type=int, default=64)
     g = p.add_argument_group("mlp-cpu")
     g.add_argument("--mlp-depth", type=int, default=50)
     g.add_argument("--mlp-width", type=int, default=256)
@@ -144,27 +157,26 @@ def make_spec(name: str, args: argparse.Namespace, tmp: Path) -> Spec:
             args.mlp_init,
             args.seed,
         )
-    gpu = name == "resnet50-gpu"
-    images = args.gpu_images if gpu else args.num_images
+    arch, images, batch = {
+        "resnet18-cpu": (args.cpu_model, args.num_images, args.batch_size),
+        "resnet50-cpu": ("resnet50", args.r50_images, args.r50_batch),
+        "resnet50-gpu": (args.gpu_model, args.gpu_images, args.gpu_batch),
+    }[name]
     start = time.perf_counter()
     pool = render_pool(min(images, args.distinct_images), args.image_size, args.seed)
     print(f"rendered {len(pool)} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return ResNetSpec(
-        args.gpu_model if gpu else args.cpu_model,
-        tuple(args.scales),
-        args.image_size,
-        images,
-        args.gpu_batch if gpu else args.batch_size,
-        "cuda" if gpu else "cpu",
-        pool_file(tmp, name, pool),
-        args.seed,
-    )
+    device = "cuda" if name.endswith("-gpu") else "cpu"
+    spec = (arch, tuple(args.scales), args.image_size, images, batch, device)
+    return ResNetSpec(*spec, pool_file(tmp, name, pool), args.seed)
 
 
-def score(row: dict[str, Any], reference: dict[str, Any]) -> None:
-    """Adds the error against the reference of the tool's estimator."""
+def score(row: dict[str, Any], reference: dict[str, Any], plain: np.ndarray | None) -> None:
+    """Adds the error against the reference of the tool's estimator, and for ckascope's modes
+    the largest difference from ckascope's float32 contiguous matrix (``plain``)."""
     if "matrix" not in row:
         return
+    if row["tool"].startswith("ckascope") and plain is not None:
+        row["vs_contiguous"] = float(np.abs(np.asarray(row["matrix"]) - plain).max())
     biased = TOOLS[row["tool"]].estimator.startswith("full-batch")
     ref = reference["biased_hsic0" if biased else "minibatch_hsic1"]
     row.update(matrix_error(row["matrix"], ref))
@@ -187,11 +199,12 @@ def run_workload(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             print(f"[{name}] round {r + 1}/{args.rounds}: {tool} ...", file=sys.stderr, flush=True)
             job = run_isolated_row(tool_job, tool, spec, args.threads, args.repeats, opts)
             rounds[tool].append({"tool": tool, **job})
+    merged = {tool: merge_rounds(runs) for tool, runs in rounds.items()}
+    plain = merged.get("ckascope-contiguous", {}).get("matrix")
     rows = []
-    for tool, runs in rounds.items():
-        row = merge_rounds(runs)
+    for tool, row in merged.items():
         row["estimator"] = TOOLS[tool].estimator
-        score(row, reference)
+        score(row, reference, None if plain is None else np.asarray(plain))
         rows.append(row)
     summary = summarize(rows)
     checks = targets(name, rows, summary["overhead"])
@@ -266,7 +279,12 @@ def targets(name: str, rows: list[dict[str, Any]], overhead: float | None) -> li
         out.append(("ckascope >= 90 % of bare throughput", check(overhead, lambda o: o <= 1 / 0.9)))
         for peer in ("pytorch-cka", "torch-cka", "ckatorch"):
             out.append((f"faster than {peer}", check(ratio(peer), lambda r: r > 1)))
-    elif name == "resnet18-cpu":
+    if name in ("resnet18-cpu", "resnet50-cpu", "resnet50-gpu"):  # issue 31
+        out.append(("<= 0.80x pytorch-cka's time", check(ratio("pytorch-cka"), lambda r: r >= 1.25)))
+        out.append(("<= 0.85x the plain passes' time", check(overhead, lambda o: o <= 0.85)))
+        same = by_tool.get("ckascope", {}).get("vs_contiguous")
+        out.append(("within 1e-6 of float32 contiguous", check(same, lambda d: d <= 1e-6)))
+    if name == "resnet18-cpu":
         out.append(("overhead over bare <= 1.15", check(overhead, lambda o: o <= 1.15)))
         out.append(("no slower than pytorch-cka", check(ratio("pytorch-cka"), lambda r: r >= 1)))
         out.append((">= 5x faster than torch-cka", check(ratio("torch-cka"), lambda r: r >= 5)))

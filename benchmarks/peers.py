@@ -75,6 +75,18 @@ TOOLS: dict[str, ToolInfo] = {
         "Grams of centred features in float32 (float64 up to 128 features), HSIC in float64",
         "own hooks; Gram made inside the hook",
     ),
+    "ckascope-contiguous": ToolInfo(
+        "ckascope with memory_format='contiguous' (the model's own layout, float32)",
+        "minibatch HSIC1, ratio of sums",
+        "as ckascope",
+        "as ckascope",
+    ),
+    "ckascope-bf16": ToolInfo(
+        "ckascope with precision='bf16' (forward passes autocast; Grams float32/float64)",
+        "minibatch HSIC1, ratio of sums",
+        "bf16 features, Grams and sums as ckascope",
+        "as ckascope",
+    ),
     "pytorch-cka": ToolInfo(
         "cka.compute_cka(model1, model2, loader, layers=..., model2_layers=...)",
         "minibatch HSIC1, ratio of sums",
@@ -142,6 +154,15 @@ def prepare_bare(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
 
 def prepare_ckascope(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
     return (lambda: ckascope_matrix(work)), "public API, default options"
+
+
+def prepare_ckascope_contiguous(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
+    run = lambda: ckascope_matrix(work, memory_format="contiguous")  # noqa: E731
+    return run, "public API, memory_format='contiguous'"
+
+
+def prepare_ckascope_bf16(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
+    return (lambda: ckascope_matrix(work, precision="bf16")), "public API, precision='bf16'"
 
 
 def prepare_pytorch_cka(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
@@ -212,6 +233,8 @@ def prepare_ckatorch_base(work: Workload, opts: PeerOptions) -> tuple[Run, str]:
 PREPARE: dict[str, Callable[[Workload, PeerOptions], tuple[Run, str]]] = {
     "bare": prepare_bare,
     "ckascope": prepare_ckascope,
+    "ckascope-contiguous": prepare_ckascope_contiguous,
+    "ckascope-bf16": prepare_ckascope_bf16,
     "pytorch-cka": prepare_pytorch_cka,
     "torch-cka": prepare_torch_cka,
     "ckatorch": prepare_ckatorch,

@@ -176,7 +176,7 @@ class Workload:
     dataset: Dataset[Any]
     plan: list[list[int]]
     device: torch.device
-    ckascope: Callable[[Dataset[Any]], Any]  # the public API call, returning a CKAResult
+    ckascope: Callable[..., Any]  # the public API call (data, **options) -> CKAResult
 
     def loader(self, plan: list[list[int]] | None = None) -> DataLoader[Any]:
         """The batches of ``plan`` (default: all), pinned on CUDA like ckascope's loader."""
@@ -224,7 +224,7 @@ def _resnet_workload(spec: ResNetSpec) -> Workload:
     dataset = PooledImages(pool, spec.num_images)
     small, large = spec.scales
 
-    def run_ckascope(data: Dataset[Any]) -> Any:
+    def run_ckascope(data: Dataset[Any], **options: Any) -> Any:
         return compare_scales(
             model,
             data,
@@ -234,6 +234,7 @@ def _resnet_workload(spec: ResNetSpec) -> Workload:
             batch_size=spec.batch_size,
             seed=spec.seed,
             device=device,
+            **options,
         )
 
     layers = resolve_layers(model, "blocks")
@@ -258,7 +259,7 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
     dataset = PooledImages(mlp_inputs(spec.num_images, spec.width, spec.seed), spec.num_images)
     layers = [f"relu{i}" for i in range(spec.depth)]
 
-    def run_ckascope(data: Dataset[Any]) -> Any:
+    def run_ckascope(data: Dataset[Any], **options: Any) -> Any:
         return compare_models(
             model_a,
             model_b,
@@ -269,6 +270,7 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
             batch_size=spec.batch_size,
             seed=spec.seed,
             device=device,
+            **options,
         )
 
     return Workload(
@@ -285,9 +287,14 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
     )
 
 
-def ckascope_matrix(work: Workload, data: Dataset[Any] | None = None) -> np.ndarray:
-    """Runs ckascope's public API and returns its (La, Lb) matrix, checking the layer order."""
-    result = work.ckascope(work.dataset if data is None else data)
+def ckascope_matrix(
+    work: Workload, data: Dataset[Any] | None = None, **options: Any
+) -> np.ndarray:
+    """Runs ckascope's public API and returns its (La, Lb) matrix, checking the layer order.
+
+    ``options`` are sweep options (e.g. ``memory_format``, ``precision``); none: the defaults.
+    """
+    result = work.ckascope(work.dataset if data is None else data, **options)
     if list(result.layers_a) != work.layers_a or list(result.layers_b) != work.layers_b:
         raise RuntimeError(
             f"ckascope recorded layers {result.layers_a} x {result.layers_b}, expected "

@@ -249,6 +249,8 @@ def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
         bootstrap=cfg.bootstrap,
         ci=cfg.ci,
         permutations=cfg.permutations,
+        memory_format=cfg.memory_format,
+        precision=cfg.precision,
     )
 
 

@@ -44,6 +44,14 @@ from ckascope.data import (
 )
 from ckascope.distributed import all_reduce_sum
 from ckascope.errors import InputError
+from ckascope.execution import (
+    Layout,
+    autocast_for,
+    check_execution,
+    choose_layout,
+    in_layout,
+    to_layout,
+)
 from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
@@ -52,7 +60,28 @@ from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
 from ckascope.views import ScaleView, ViewOptions, check_scale
-from ckascope.vocab import Bandwidth, GramDtype, Kernel, Protocol, Weighting
+from ckascope.vocab import (
+    Bandwidth,
+    GramDtype,
+    Kernel,
+    MemoryFormat,
+    Precision,
+    Protocol,
+    Weighting,
+)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a comparison's forward passes run (``ckascope.execution``).
+
+    Attributes:
+        layout: contiguous or channels_last (inputs and 4-D weights).
+        precision: float32, or bf16 / fp16 autocast.
+    """
+
+    layout: Layout = "contiguous"
+    precision: Precision = "float32"
 
 
 @dataclass
@@ -65,14 +94,20 @@ class Side:
     forward: Callable[[Tensor], Any]
     stack: GramStack
 
-    def grams(self, images: Tensor) -> tuple[list[str], Tensor]:
+    def grams(self, images: Tensor, run: Execution | None = None) -> tuple[list[str], Tensor]:
         """Layer names and their packed float64 Grams (L, size), for one batch of base images.
+
+        Args:
+            images: Base images (n, C, H, W).
+            run: The layout and precision of the forward pass [contiguous float32].
 
         The Grams are a view of a buffer the next batch overwrites.
         """
+        run = run or Execution()
         x = fit_channels(self.view(images), self.model).to(_dtype_of(self.model))  # bf16/fp16 too
+        x = to_layout(x, run.layout)
         self.stack.start(len(images))
-        with self.recorder.recording():
+        with self.recorder.recording(), autocast_for(x.device, run.precision):
             try:
                 self.forward(x)
             except (AssertionError, RuntimeError) as e:
@@ -202,6 +237,8 @@ class SweepOptions:
     bootstrap: int = 0
     ci: float = 0.95
     permutations: int = 0
+    memory_format: MemoryFormat = "auto"
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         self.check()  # at construction: the error names the field, before any work
@@ -210,6 +247,7 @@ class SweepOptions:
         """Raises InputError for values no sweep can use."""
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
+        check_execution(self.memory_format, self.precision)
         for name, allowed in SWEEP_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise InputError(
@@ -253,6 +291,8 @@ class SweepKwargs(TypedDict, total=False):
     bootstrap: int
     ci: float
     permutations: int
+    memory_format: MemoryFormat
+    precision: Precision
 
 
 def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
@@ -349,6 +389,9 @@ class _Sweep:
     def __init__(self, side_a: Side, side_b: Side, source: Source, opts: SweepOptions) -> None:
         self.side_a, self.side_b, self.source, self.opts = side_a, side_b, source, opts
         self.device = _device_of(side_a.model)
+        models = (side_a.model, side_b.model)
+        layout = choose_layout(opts.memory_format, models, self.device, opts.precision)
+        self.execution = Execution(layout, opts.precision)
         self.layers_a: list[str] = []
         self.layers_b: list[str] = []
         self.images_used = 0
@@ -374,7 +417,14 @@ class _Sweep:
         show = self.opts.progress and self.opts.rank == 0
         # Exact by default: TF32 convolutions (cuDNN's default) move CKA by ~1e-3 on a GPU.
         exact = nullcontext() if self.opts.tf32 else ieee_fp32("conv")
-        with make_progress(show) as bar, torch.inference_mode(), exact, self._hooked():
+        models = (self.side_a.model, self.side_b.model)
+        with (
+            make_progress(show) as bar,
+            in_layout(models, self.execution.layout),  # the user's tensors back on exit
+            torch.inference_mode(),
+            exact,
+            self._hooked(),
+        ):
             task = bar.add_task("CKA", total=total)
             advance = lambda: bar.advance(task)  # noqa: E731
             return [self._repeat(r, make(), advance) for r, (make, _) in enumerate(sweeps)]
@@ -426,8 +476,9 @@ class _Sweep:
     def _update(
         self, metric: MinibatchCKA | None, images: Tensor, repeat: int, index: int
     ) -> MinibatchCKA:
-        names_a, grams_a = self.side_a.grams(images)
-        names_b, grams_b = self.side_b.grams(images.to(_device_of(self.side_b.model)))
+        run = self.execution
+        names_a, grams_a = self.side_a.grams(images, run)
+        names_b, grams_b = self.side_b.grams(images.to(_device_of(self.side_b.model)), run)
         if metric is None:
             metric = self._new_metric(names_a, names_b, repeat)
         elif (names_a, names_b) != (self.layers_a, self.layers_b):
@@ -477,7 +528,8 @@ def run_comparison(
     sweep = _Sweep(side_a, side_b, source, opts)
     sweeps = sweep.run()  # each side's recorder restores its modules' own train/eval flags
     device = sweep.device
-    options = applied(opts)
+    options = applied(opts)  # the layout used, and what was asked (auto: the rule chose)
+    options.update(memory_format=sweep.execution.layout, memory_format_requested=opts.memory_format)
     if loader:  # the loader decided these
         options.update(batch_size=None, num_workers=None, batches="the caller's loader")
     settings = {
@@ -701,7 +753,7 @@ def compare_scales(
         **options: ``ViewOptions`` fields (protocol, image_size, resize_size, resize_mode,
             antialias) and ``SweepOptions`` fields (kernel, sigma_frac, bandwidth, weighting,
             batch_size, repeats, num_images, seed, num_workers, progress, rank, world_size,
-            tf32, gram_dtype, bootstrap, ci, permutations).
+            tf32, gram_dtype, bootstrap, ci, permutations, memory_format, precision).
 
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).

@@ -192,7 +192,7 @@ def gram_into(
             round trip to the system's allocator and its page faults; CUDA's caching allocator
             has no such cost, and there the room would be a whole layer).
     """
-    flat = x.detach().reshape(x.shape[0], -1)  # (n, p)
+    flat = flat_features(x.detach())  # (n, p)
     n, p = flat.shape
     dtype = blocks[0].dtype
     width = centre_width(n, p, dtype, flat.device)
@@ -205,6 +205,22 @@ def gram_into(
                 room = buffer[: chunk.numel()].view(chunk.shape)
                 centred = torch.sub(chunk, chunk.mean(dim=0), out=room)
             _add_block_products(centred, blocks, layout, start > 0)
+
+
+def flat_features(x: Tensor) -> Tensor:
+    """Features (n, ...) as (n, p), their columns in memory order: a view whenever one exists.
+
+    A Gram (and the column centring before it) does not depend on the order of the columns, so
+    a channels_last feature map (n, C, H, W), whose memory is (n, H, W, C), is flattened as
+    that: a view, where ``reshape`` in the logical order would copy the whole layer. Only the
+    order of the float sums changes (last-bit differences).
+    """
+    n = x.shape[0]
+    if x.is_contiguous() or x.ndim < 3:
+        return x.reshape(n, -1)
+    order = sorted(range(1, x.ndim), key=lambda d: x.stride(d), reverse=True)
+    memory = x.permute(0, *order)  # the dimensions as they lie in memory
+    return memory.view(n, -1) if memory.is_contiguous() else x.reshape(n, -1)
 
 
 def _add_block_products(

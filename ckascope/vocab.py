@@ -26,3 +26,10 @@ MAX_SCALE = 4096
 
 #: Minimum same-layer cross-scale CKA of the shared trunk's input (``suggest-split``).
 DEFAULT_THRESHOLD = 0.8
+
+#: The layout of the forward passes' feature maps ("auto": the rule in ``ckascope.execution``).
+MemoryFormat = Literal["auto", "contiguous", "channels_last"]
+MEMORY_FORMATS: tuple[MemoryFormat, ...] = ("auto", "contiguous", "channels_last")
+#: The forward passes' precision: float32, or autocast to bfloat16 / float16 (Grams stay float32+).
+Precision = Literal["float32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bf16", "fp16")

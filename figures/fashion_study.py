@@ -300,6 +300,7 @@ def evaluation(last: Path, s: dict[str, Any]) -> dict[str, Any]:
         protocol="upsample",
         paths="all",
         device=torch.device("cpu"),
+        memory_format="contiguous",  # the layout every run of the study was scored in
     )
     return ev.summary()
 
@@ -316,6 +317,7 @@ def cka(last: Path, s: dict[str, Any], kernel: Kernel) -> CKAResult:
         kernel=kernel,
         bootstrap=s["cka_bootstrap"],
         permutations=s["cka_permutations"],
+        memory_format="contiguous",  # as every run of the study
         settings={
             "model": ARCH,
             "arch": ARCH,

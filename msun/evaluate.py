@@ -14,7 +14,9 @@ Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,11 +27,12 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ckascope.errors import InputError
+from ckascope.execution import choose_layout, in_layout, to_layout
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
 from ckascope.progress import Reporter, make_progress
 from ckascope.views import check_protocol, resize
-from ckascope.vocab import Protocol
+from ckascope.vocab import MemoryFormat, Precision, Protocol
 from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
@@ -147,6 +150,7 @@ def evaluate(
     image_size: int = 224,
     paths: Literal["all", "routed"] = "all",
     amp_dtype: torch.dtype | None = None,
+    memory_format: MemoryFormat = "contiguous",
     on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 of ``model`` at every test size (the model's mode is restored afterwards).
@@ -160,6 +164,9 @@ def evaluate(
             back to it).
         paths: Run every MSUN path ("all", for the per-path table) or only the routed one.
         amp_dtype: Autocast dtype, or None for full precision.
+        memory_format: The forward passes' layout (``ckascope.execution``; "auto" picks
+            channels_last for a CNN on a CPU); the model's own tensors are back afterwards.
+            Training's validation keeps contiguous, the layout its runs were made with.
         on_batch: Called after each batch (progress).
     """
     check_protocol(protocol)
@@ -168,28 +175,39 @@ def evaluate(
     num_paths = model.num_paths if isinstance(model, MSUN) else 1
     counts = TopKCounts(len(sizes), num_paths).to(device)
     routed = [model.route(s) for s in sizes] if isinstance(model, MSUN) else [0] * len(sizes)
-    training = model.training
-    model.eval()
-    try:
+    precision: Precision = "float32" if amp_dtype is None else "bf16"  # all the rule asks
+    layout = choose_layout(memory_format, [model], device, precision)
+    with _eval_mode(model), in_layout([model], layout):
         for images, labels in _batches(loader, device):
             for i, size in enumerate(sizes):
                 counts.add_images(i, len(labels))
                 todo = range(num_paths) if paths == "all" else [routed[i]]
                 for part, x in _resized_parts(images, size, image_size):
+                    x = to_layout(x, layout)
                     for k in todo:
                         with _autocast(device, amp_dtype):
                             logits = _logits(model, x, k, protocol, image_size)
                         counts.update(i, k, logits.float(), labels[part])
             if on_batch is not None:
                 on_batch()
-    finally:
-        model.train(training)
     top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
-    return EvalResult(list(sizes), top1, top5, routed, protocol if is_msun else "upsample")
+    protocol = protocol if is_msun else "upsample"
+    return EvalResult(list(sizes), top1, top5, routed, protocol, {"memory_format": layout})
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, its own mode back afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def _resized_parts(images: Tensor, size: int, image_size: int) -> Iterator[tuple[slice, Tensor]]:
@@ -373,16 +391,19 @@ def evaluate_checkpoints(
     protocol: Protocol,
     paths: Literal["all", "routed"],
     device: torch.device,
+    memory_format: MemoryFormat = "contiguous",
     progress: bool = False,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
-    ``progress`` shows a bar per checkpoint (lines every few seconds without a terminal).
+    ``memory_format`` is the forward passes' layout (see ``evaluate``); ``progress`` shows a bar
+    per checkpoint (lines every few seconds without a terminal).
     """
     out = []
+    run = partial(_evaluate_one, protocol=protocol, paths=paths, memory_format=memory_format)
     with make_progress(progress) as bar:
         for item in loaded:
-            out.append(_evaluate_one(item, loader, sizes, protocol, paths, device, bar))
+            out.append(run(item, loader, sizes, device=device, bar=bar))
     return out
 
 
@@ -390,8 +411,10 @@ def _evaluate_one(
     item: Loaded,
     loader: Iterable[Any],
     sizes: Sequence[int],
+    *,
     protocol: Protocol,
     paths: Literal["all", "routed"],
+    memory_format: MemoryFormat,
     device: torch.device,
     bar: Reporter,
 ) -> Evaluated:
@@ -405,6 +428,7 @@ def _evaluate_one(
         protocol=protocol,
         image_size=item.image_size,
         paths=paths,
+        memory_format=memory_format,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)

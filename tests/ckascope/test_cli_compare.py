@@ -60,6 +60,8 @@ def test_compare_writes_result_figures_and_summary(tmp_path: Path) -> None:
     assert saved.settings["scales"] == [16, 48]
     assert saved.settings["weights"] == "none"
     assert saved.settings["images_used"] == 16
+    assert saved.settings["memory_format"] == "channels_last"  # auto, for a CNN on a CPU
+    assert saved.settings["precision"] == "float32"
 
 
 def test_compare_two_models(tmp_path: Path) -> None:
@@ -76,11 +78,14 @@ def test_compare_two_models(tmp_path: Path) -> None:
         "32",
     ]
     small = SMALL[:8] + SMALL[11:]  # everything but --scales 16 48
-    result = CliRunner().invoke(main, [*args, *small, "--out", str(out), "--no-figures"])
+    layout = ["--memory-format", "contiguous", "--precision", "bf16"]
+    result = CliRunner().invoke(main, [*args, *small, *layout, "--out", str(out), "--no-figures"])
     assert result.exit_code == 0, result.output
     assert "Best match per layer" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cka.csv", "matrices.npz", "result.json"]
-    assert CKAResult.load(out).settings["model_b"] == "resnet34"
+    settings = CKAResult.load(out).settings
+    assert settings["model_b"] == "resnet34"
+    assert (settings["memory_format"], settings["precision"]) == ("contiguous", "bf16")
 
 
 def test_two_models_at_a_scale_run_at_that_scale_and_the_title_says_what_ran(

@@ -72,14 +72,28 @@ def _independent(
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 4096])
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_end_to_end_equals_independent_computation(
-    monkeypatch: pytest.MonkeyPatch, model: nn.Module, data, chunk_bytes: int | None
+    monkeypatch: pytest.MonkeyPatch,
+    model: nn.Module,
+    data,
+    chunk_bytes: int | None,
+    memory_format: str,
 ) -> None:
     if chunk_bytes is not None:  # every layer centred in many chunks
         monkeypatch.setattr(kernels, "CENTRE_CHUNK_BYTES", chunk_bytes)
     result = compare_scales(
-        model, data, (16, BASE), layers=LAYERS, image_size=BASE, batch_size=8, num_images=26, seed=5
+        model,
+        data,
+        (16, BASE),
+        layers=LAYERS,
+        image_size=BASE,
+        batch_size=8,
+        num_images=26,
+        seed=5,
+        memory_format=memory_format,
     )
+    assert result.settings["memory_format"] == memory_format
     expected = _independent(model, data, (16, BASE), 26, 8, 5)
     assert result.layers_a == LAYERS == result.layers_b
     assert result.settings["images_used"] == 24  # the remainder batch of 2 is dropped

@@ -288,12 +288,36 @@ def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
                 )
             assert summary["path"][i] == (0 if size <= 16 else 1)
     assert summary["mean_top1"] == pytest.approx(np.mean(summary["top1"]))
+    assert summary["memory_format"] == "channels_last"  # auto on a CPU; the reference: contiguous
     assert {p.name for p in out.iterdir()} == {
         "eval.csv",
         "eval.json",
         "figure4.png",
         "figure4.pdf",
     }
+
+
+def test_evaluation_in_channels_last_scores_alike_and_gives_the_model_back() -> None:
+    from msun.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).train()
+    before = [(n, t.data_ptr(), t.stride(), t.clone()) for n, t in model.state_dict().items()]
+    batches = [(torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))) for _ in range(2)]
+    run = {"sizes": [12, 32], "image_size": 32}
+    plain = evaluate(model, batches, memory_format="contiguous", **run)
+    fast = evaluate(model, batches, memory_format="channels_last", **run)
+    np.testing.assert_allclose(fast.top1, plain.top1)
+    np.testing.assert_allclose(fast.top5, plain.top5)
+    assert (plain.info, fast.info) == (
+        {"memory_format": "contiguous"},
+        {"memory_format": "channels_last"},
+    )
+    after = model.state_dict()
+    for name, ptr, stride, value in before:
+        assert (after[name].data_ptr(), after[name].stride()) == (ptr, stride), name
+        assert torch.equal(after[name], value), name
+    assert model.training
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
