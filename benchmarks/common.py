@@ -18,7 +18,7 @@ ckascope.fileio's atomic writes): per batch and layer, float64 Grams of the colu
 features (on the workload's device), then the tests' NumPy reference (tests/reference.py, the
 one float64 reference of the project): the Song et al. (2012) formula for HSIC1 and the ratio
 of means of minibatch CKA (Nguyen, Raghu, Kornblith 2021), or HSIC0 with the explicit centring
-matrix for the biased full-batch estimator; formulas as in /work/shared/DESIGN.md ("The math").
+matrix for the biased full-batch estimator; formulas as in docs/cka.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Kernel matrices and HSIC estimators as small pure functions.
 
 Every function is batched over leading dimensions: a Gram matrix has shape (..., n, n) and a
-feature matrix (..., n, p). The formulas are those of DESIGN.md ("The math"):
+feature matrix (..., n, p). The formulas are those of docs/cka.md:
 
 - linear kernel K = X Xᵀ; RBF kernel K_ij = exp(-D²_ij / (2σ²)), σ² = f² · median(D²) over all n²
   entries with NumPy's even-count rule;

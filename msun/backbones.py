@@ -10,7 +10,7 @@ largest scale (ResNet/DenseNet: the stem conv and max-pool; VGG: the max-pools o
 part; MobileNetV2: the stem conv and the stride-2 blocks of the shallow part) and ``S = 2**D``.
 A subnet of nominal size ``s`` keeps a total stride ``t = clip(2**round(log2(S * s / s_max)), 1,
 S)`` and so removes ``m = log2(S / t)`` down-samplings. With the published scales (32, 128, 224)
-this gives exactly the structures of the authors' code (MSUN_SPEC.md); it extends them to any
+this gives exactly the structures of the authors' code (docs/msun.md); it extends them to any
 2 to 5 scales and any split point.
 """
 

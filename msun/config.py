@@ -1,6 +1,6 @@
 """Training configuration: the published recipe as defaults, YAML files, flags that win.
 
-The recipe (MSUN_SPEC.md): SGD momentum 0.9, weight decay 2e-5 on all parameters, RandomResizedCrop
+The recipe (docs/msun.md): SGD momentum 0.9, weight decay 2e-5 on all parameters, RandomResizedCrop
 224 (scale 0.08-1, bicubic) + horizontal flip, 5 warm-up epochs (5/90 of a shorter run) from
 0.01·lr then cosine to
 0.01·lr, mixed precision, gradient clipping 1.0 for MSUN only (the authors' vanilla and MST

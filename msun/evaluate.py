@@ -1,6 +1,6 @@
 """Multi-scale evaluation: top-1/top-5 per test size, per path and for the routed model.
 
-Protocol (MSUN_SPEC.md): resize 256 -> centre crop 224 (the val loader) -> resize (bilinear, no
+Protocol (docs/msun.md): resize 256 -> centre crop 224 (the val loader) -> resize (bilinear, no
 antialias) to s for every test size s. Vanilla and MST models see the image resized back up to
 their training image size (224): the ``upsample`` protocol. An MSUN runs every path on it, each
 either resized to the path's nominal size (``upsample``, the published accuracy protocol) or

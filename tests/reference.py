@@ -1,4 +1,4 @@
-"""Independent float64 NumPy reference for CKA, written from the formulas in DESIGN.md.
+"""Independent float64 NumPy reference for CKA, written from the formulas in docs/cka.md.
 
 Deliberately naive: explicit centring matrix H, explicit pairwise differences for the RBF
 distances, the explicit Song et al. (2012) formula for HSIC1, np.median. It shares no code with
@@ -20,7 +20,7 @@ def as2d(x: object) -> Array:
 
 
 def linear_kernel(x: object) -> Array:
-    # Centring the features changes neither HSIC estimator (DESIGN.md) and keeps float64 exact
+    # Centring the features changes neither HSIC estimator (docs/cka.md) and keeps float64 exact
     # for features whose spread is tiny next to their mean.
     a = as2d(x)
     a = a - a.mean(axis=0)

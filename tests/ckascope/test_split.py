@@ -15,7 +15,7 @@ from ckascope.result import CKAResult
 from ckascope.split import SplitCandidate, position, suggest_split
 from ckascope.vocab import DEFAULT_THRESHOLD
 
-# MSUN_SPEC.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
+# docs/msun.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
 PAPER = [
     0.53,
     0.85,

@@ -1,4 +1,4 @@
-"""The authors' recipe where it differs from a literal reading of the paper (MSUN_SPEC.md)."""
+"""The authors' recipe where it differs from a literal reading of the paper (docs/msun.md)."""
 
 from __future__ import annotations
 
