@@ -264,7 +264,11 @@ def report(name: str, result: dict[str, Any]) -> str:
 
 
 def targets(name: str, rows: list[dict[str, Any]], overhead: float | None) -> list[tuple[str, str]]:
-    """The issues' targets (issue 3, issue 8) checked on this run: (target, yes/no/n.a.)."""
+    """The project's speed and accuracy targets (benchmarks/README.md) checked on this run.
+
+    Returns:
+        (target, "yes" / "NO" / "n/a") pairs.
+    """
     by_tool = {r["tool"]: r for r in rows}
 
     def ratio(tool: str) -> float | None:
@@ -279,8 +283,10 @@ def targets(name: str, rows: list[dict[str, Any]], overhead: float | None) -> li
         out.append(("ckascope >= 90 % of bare throughput", check(overhead, lambda o: o <= 1 / 0.9)))
         for peer in ("pytorch-cka", "torch-cka", "ckatorch"):
             out.append((f"faster than {peer}", check(ratio(peer), lambda r: r > 1)))
-    if name in ("resnet18-cpu", "resnet50-cpu", "resnet50-gpu"):  # issue 31
-        out.append(("<= 0.80x pytorch-cka's time", check(ratio("pytorch-cka"), lambda r: r >= 1.25)))
+    if name in ("resnet18-cpu", "resnet50-cpu", "resnet50-gpu"):  # the layout's targets
+        out.append(
+            ("<= 0.80x pytorch-cka's time", check(ratio("pytorch-cka"), lambda r: r >= 1.25))
+        )
         out.append(("<= 0.85x the plain passes' time", check(overhead, lambda o: o <= 0.85)))
         same = by_tool.get("ckascope", {}).get("vs_contiguous")
         out.append(("within 1e-6 of float32 contiguous", check(same, lambda d: d <= 1e-6)))

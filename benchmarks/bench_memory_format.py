@@ -12,7 +12,8 @@ difference from contiguous float32 (of the logits; with ``--train``, of the upda
 
 ``--train`` times a training step instead (forward, cross-entropy, backward, SGD step with
 momentum, the model in train mode), contiguous vs channels_last: whether ``msun train`` should
-use channels_last too.
+use channels_last too. It also reports each layout's float32 gradients against the same step in
+float64 (``grad_rel_err``: relative L2 error over all parameters' gradients).
 
 Writes benchmarks/results/memory_format.json and prints a markdown table.
 """
@@ -99,6 +100,25 @@ def train_once(model: torch.nn.Module, x: torch.Tensor, mode: str) -> tuple[floa
 STATE: dict[str, torch.Tensor] = {}
 
 
+def grad_rel_err(model: torch.nn.Module, x: torch.Tensor, mode: str) -> float:
+    """Relative L2 error of one step's float32 gradients in ``mode`` against float64's."""
+
+    def grads(dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:
+        model.load_state_dict(STATE)
+        model.to(dtype).to(memory_format=fmt).train()
+        model.zero_grad(set_to_none=True)
+        labels = torch.arange(len(x), device=x.device) % 10
+        inputs = x.to(dtype).contiguous(memory_format=fmt)
+        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+        return torch.cat([p.grad.double().flatten() for p in model.parameters()])  # type: ignore[union-attr]
+
+    reference = grads(torch.float64, torch.contiguous_format)
+    fmt = torch.channels_last if mode == "channels_last" else torch.contiguous_format
+    got = grads(torch.float32, fmt)
+    model.float()
+    return float((got - reference).norm() / reference.norm())
+
+
 def measure(name: str, size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = getattr(models, name)(num_classes=1000 if not args.train else 10).to(args.device)
@@ -117,6 +137,7 @@ def measure(name: str, size: int, args: argparse.Namespace) -> list[dict[str, An
             seconds, logits[m] = once(model, x, m)
             times[m].append(seconds)
     base = statistics.median(times["contiguous"])
+    errors = {m: grad_rel_err(model, x, m) for m in modes} if args.train else {}
     return [
         {
             "model": name,
@@ -125,6 +146,7 @@ def measure(name: str, size: int, args: argparse.Namespace) -> list[dict[str, An
             "median_s": statistics.median(times[m]),
             "speedup": base / statistics.median(times[m]),
             "max_abs_diff": float((logits[m] - logits["contiguous"]).abs().max()),
+            **({"grad_rel_err": errors[m]} if args.train else {}),
         }
         for m in modes
     ]
@@ -140,9 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.models:
             rows += measure(name, size, args)
             print(rows[-2], flush=True)
-    columns = [
-        (k, k) for k in ("model", "size", "mode", "median_s", "speedup", "max_abs_diff")
-    ]
+    keys = ["model", "size", "mode", "median_s", "speedup", "max_abs_diff"]
+    columns = [(k, k) for k in keys + (["grad_rel_err"] if args.train else [])]
     print(describe_machine(machine_info(threads)))
     print(markdown_table(rows, columns))
     write_json(args.out, {"machine": machine_info(threads), "args": vars(args), "rows": rows})

@@ -287,9 +287,7 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
     )
 
 
-def ckascope_matrix(
-    work: Workload, data: Dataset[Any] | None = None, **options: Any
-) -> np.ndarray:
+def ckascope_matrix(work: Workload, data: Dataset[Any] | None = None, **options: Any) -> np.ndarray:
     """Runs ckascope's public API and returns its (La, Lb) matrix, checking the layer order.
 
     ``options`` are sweep options (e.g. ``memory_format``, ``precision``); none: the defaults.

@@ -159,7 +159,8 @@ def test_reduced_precision_is_recorded_and_near_float32(model: nn.Module, precis
     kw = {"image_size": BASE, "batch_size": 16, "num_images": 32, "layers": "blocks"}
     full = compare_scales(model, None, (8, BASE), **kw)
     low = compare_scales(model, None, (8, BASE), precision=precision, **kw)
-    assert low.settings["precision"] == precision and full.settings["precision"] == "float32"
+    assert low.settings["precision"] == precision
+    assert full.settings["precision"] == "float32"
     difference = np.abs(low.matrix - full.matrix).max()
     assert 0 < difference < 0.02  # the features' rounding moves CKA, by little
 
