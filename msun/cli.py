@@ -18,6 +18,7 @@ from msun.config import (
     TrainConfig,
     load_yaml,
     merge,
+    nominal_scales,
     paper_sizes,
     parse_sizes,
     sizes_text,
@@ -64,10 +65,10 @@ class ListOptionCommand(click.Command):
         return super().parse_args(ctx, _join_lists(args, self.list_options))
 
 
-def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    """Parses a comma-separated list of integers, e.g. ``32,128,224``."""
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """Parses a comma-separated list of integers, e.g. ``32,128,224`` (none given: empty)."""
     try:
-        return tuple(int(v) for v in value.split(",") if v)
+        return tuple(int(v) for v in (value or "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a list of integers, e.g. 32 128 224") from None
 
@@ -83,10 +84,10 @@ def main() -> None:
 @click.option("--split-at", default=None, help="First stage of the shared trunk [published].")
 @click.option(
     "--scales",
-    default="32,128,224",
     metavar="S [S ...]",
     callback=_int_list,
-    help="Nominal input size of each subnet, ascending.  [default: 32 128 224]",
+    help="Nominal input size of each subnet, ascending  [default: the paper's 32 128 224 scaled "
+    "to --image-size: 4 16 28 at 28].",
 )
 @click.option("--num-classes", type=int, default=1000, show_default=True)
 @click.option(
@@ -121,7 +122,8 @@ def flops(
     from msun.flops import flops_report, flops_table, parameters_table
     from msun.model import build_msun
 
-    size = image_size or max(scales, default=1)
+    size = image_size or max(scales, default=224)
+    scales = scales or nominal_scales(size)
     tested = parse_sizes(sizes) if sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
         model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes)
@@ -145,7 +147,7 @@ def split_points_command(arch: str) -> None:
 
 #: ``--scales 32 128 224``: one value for click (``ListOptionCommand`` joins the tokens).
 _SCALES_OPTION = {
-    "default": ",".join(map(str, TrainConfig().scales)),
+    "default": None,  # derived from --image-size by TrainConfig
     "callback": _int_list,
     "metavar": "S [S ...]",
 }

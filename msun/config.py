@@ -68,7 +68,9 @@ class TrainConfig:
         None, "With --split-at auto: a saved ckascope compare result of this architecture."
     )
     scales: tuple[int, ...] = config_field(
-        (32, 128, 224), "Nominal sizes of the subnets (msun) / training scales (mst)."
+        (),
+        "Nominal sizes of the subnets (msun) / training scales (mst)  [the paper's 32 128 224 "
+        "scaled to the image size: 4 16 28 at 28 px, 9 37 64 at 64].",
     )
     data: str = config_field(
         "shapes", "ImageFolder root with train/ and val/, NAME:PATH, or shapes (synthetic)."
@@ -141,6 +143,10 @@ class TrainConfig:
     )
     linear_probe: bool = config_field(False, "With --init-from: train only the new classifier.")
 
+    def __post_init__(self) -> None:
+        if not self.scales:  # not given: the paper's, at this image size
+            self.scales = nominal_scales(self.image_size)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able values (tuples become lists)."""
         return {
@@ -197,6 +203,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if bad is not None:
         raise InputError(f"{p}: option names are words, got the key {reprlib.repr(bad)}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def nominal_scales(image_size: int) -> tuple[int, ...]:
+    """The paper's nominal sizes 32, 128, 224 scaled to ``image_size`` (4, 16, 28 for 28).
+
+    The default of ``--scales``: the subnets keep the paper's ratios to the image size, so a
+    small-image run does not train a path at 224 px on images upsampled from 28.
+    """
+    return tuple(sorted({max(1, round(image_size * s / 224)) for s in (32, 128, 224)}))
 
 
 def merge(*layers: Mapping[str, Any]) -> TrainConfig:

@@ -129,3 +129,8 @@ def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     given = json.loads(CliRunner().invoke(main, [*args, "--sizes", "8,28", "--json"]).stdout)
     assert [row["size"] for row in given["sizes"]] == [8, 28]
     assert [row["path"] for row in given["sizes"]] == [1, 2]
+    # the image size alone: the paper's scales at 28 px, the same report
+    sized = ["flops", "--model", "resnet18", "--image-size", "28", "--num-classes", "10", "--json"]
+    derived = json.loads(CliRunner().invoke(main, sized).stdout)
+    assert derived["scales"] == [4, 16, 28]
+    assert derived["mean_flops"] == data["mean_flops"]

@@ -149,6 +149,20 @@ def test_a_run_made_with_the_old_five_epoch_warm_up_names_the_flag_to_resume_it(
         check_resume({"train_config": saved}, cfg)
 
 
+@pytest.mark.parametrize(
+    ("image_size", "expected"),
+    [(224, (32, 128, 224)), (28, (4, 16, 28)), (64, (9, 37, 64)), (32, (5, 18, 32))],
+)
+def test_default_scales_are_the_papers_at_the_image_size(
+    image_size: int, expected: tuple[int, ...]
+) -> None:
+    from msun.config import TrainConfig, merge
+
+    assert TrainConfig(image_size=image_size).scales == expected
+    assert merge({"image_size": image_size}).scales == expected  # a config file or flags
+    assert TrainConfig(image_size=image_size, scales=(8, 16)).scales == (8, 16)  # given: kept
+
+
 def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
     from msun.config import TrainConfig, resolve
     from msun.data import MIN_VALIDATION, default_num_val
@@ -191,3 +205,13 @@ def test_a_long_run_says_how_long_at_its_start(
     )
     assert result.exit_code == 0, result.output
     assert re.search(r"this run needs about [\d.]+ h more on cpu \(2 steps left", result.output)
+
+
+def test_a_run_without_scales_trains_the_papers_scales_at_its_image_size(tmp_path: Path) -> None:
+    i = tinyrun.TRAIN.index("--scales")
+    args = tinyrun.TRAIN[:i] + tinyrun.TRAIN[i + 3 :]  # the tiny run at 32 px, no --scales
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", *args, "--steps-per-epoch", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _config(out)["scales"] == [5, 18, 32]  # 32 128 224 at 32 px
+    assert "scales [5, 18, 32]" in result.output
