@@ -67,6 +67,30 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise InputError(f"unknown {what} {value!r}. Hint: use one of {', '.join(choices)}")
 
 
+#: The private torchmetrics hooks ``MinibatchCKA`` overrides or calls: no public API gives an
+#: update method other than ``update`` the bookkeeping ``update`` gets (update count, dropping
+#: the cached result), or lets ``compute`` keep a (1, 1) result (torchmetrics squeezes it).
+#: Checked when this module loads, so a torchmetrics that renames them fails here, by name,
+#: instead of deep inside a sweep (tests/ckascope/test_metric.py holds their contract).
+TORCHMETRICS_HOOKS = ("_wrap_update", "_wrap_compute")
+
+
+def check_torchmetrics(metric: type = Metric) -> None:
+    """Raises ImportError when torchmetrics lacks a hook of ``TORCHMETRICS_HOOKS``."""
+    missing = [name for name in TORCHMETRICS_HOOKS if not callable(getattr(metric, name, None))]
+    if missing:
+        import torchmetrics
+
+        raise ImportError(
+            f"ckascope needs torchmetrics' Metric.{' and Metric.'.join(missing)}, which "
+            f"torchmetrics {torchmetrics.__version__} does not have. Hint: install a torchmetrics "
+            "with them (1.x; tested with 1.9)"
+        )
+
+
+check_torchmetrics()
+
+
 class MinibatchCKA(Metric):
     """Accumulates the (La, Lb) minibatch CKA matrix between two sets of layers.
 

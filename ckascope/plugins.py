@@ -41,8 +41,27 @@ _REGISTERED: dict[Group, dict[str, Callable[..., Any] | str]] = {
 }
 
 
-def register(group: Group, name: str, target: Callable[..., Any] | str) -> None:
-    """Adds a function, or a "module:function" imported when first used, to ``group``."""
+def register(
+    group: Group, name: str, target: Callable[..., Any] | str, *, replace: bool = False
+) -> None:
+    """Adds a function, or a "module:function" imported when first used, to ``group``.
+
+    Registering the same target again changes nothing (a package that registers itself on
+    import, and is also installed with the same entry point).
+
+    Raises:
+        InputError: ``name`` is ckascope's own, or already names another target in the group
+            (installed or registered) and ``replace`` is False: a silent replacement would
+            change what every checkpoint of that family loads.
+    """
+    if name in _BUILTIN[group]:
+        raise InputError(f"{name!r} is ckascope's own {group} entry and cannot be replaced")
+    current = {**_installed(group), **_REGISTERED[group]}.get(name)
+    if current is not None and current != target and not replace:
+        raise InputError(
+            f"{group} already has an entry {name!r} ({current!r}). Hint: choose another name, "
+            "or pass replace=True to replace it"
+        )
     _REGISTERED[group][name] = target
 
 

@@ -113,6 +113,23 @@ def test_one_by_one_result_is_not_squeezed() -> None:
     assert metric.compute().shape == (1, 1)
 
 
+def test_the_torchmetrics_hooks_it_relies_on_are_checked_by_name() -> None:
+    from ckascope.metric import TORCHMETRICS_HOOKS, check_torchmetrics
+
+    check_torchmetrics()  # the installed torchmetrics has them
+    assert TORCHMETRICS_HOOKS == ("_wrap_update", "_wrap_compute")
+
+    class Renamed:  # a torchmetrics whose Metric renamed one hook
+        _wrap_update = staticmethod(lambda f: f)
+
+    with pytest.raises(ImportError, match=r"Metric\._wrap_compute.*Hint"):
+        check_torchmetrics(Renamed)
+    a, b = _batches([10, 10])
+    metric = MinibatchCKA(3, 2)
+    metric.update_grams(*([(f - f.mean(0)) @ (f - f.mean(0)).T for f in fs] for fs in (a[0], b[0])))
+    assert metric.update_count == 1  # the wrapped Gram entry point gets update's bookkeeping
+
+
 def test_update_grams_equals_update() -> None:
     a, b = _batches([10, 10])
     via_feats = _run(MinibatchCKA(3, 2, kernel="rbf"), a, b)

@@ -223,3 +223,22 @@ def test_plugin_entries_that_cannot_load_say_so_and_builtins_win(
     assert plugins.load("model_builders", "torchvision") is models.model_from_config
     with pytest.raises(InputError, match="nothing named 'nope'"):
         plugins.load("split_vocabularies", "nope")
+
+
+def test_registering_a_taken_name_is_refused_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckascope import plugins
+
+    monkeypatch.setattr(plugins, "_REGISTERED", {"model_builders": {}, "split_vocabularies": {}})
+    plugins.register("model_builders", "mine", "pkg.a:build")
+    plugins.register("model_builders", "mine", "pkg.a:build")  # the same target: no change
+    with pytest.raises(InputError, match=r"already has an entry 'mine'.*replace=True"):
+        plugins.register("model_builders", "mine", "pkg.b:build")
+    assert plugins._REGISTERED["model_builders"]["mine"] == "pkg.a:build"
+    plugins.register("model_builders", "mine", "pkg.b:build", replace=True)
+    assert plugins._REGISTERED["model_builders"]["mine"] == "pkg.b:build"
+    with pytest.raises(InputError, match="ckascope's own"):
+        plugins.register("model_builders", "torchvision", "pkg.b:build", replace=True)
+    installed = plugins._installed("model_builders")["msun"]  # this checkout's own entry point
+    plugins.register("model_builders", "msun", installed)  # msun registering itself: fine
+    with pytest.raises(InputError, match="already has an entry 'msun'"):
+        plugins.register("model_builders", "msun", "other.pkg:build")
