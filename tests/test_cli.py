@@ -112,6 +112,7 @@ def test_the_commands_set_openmp_to_share_cores_before_torch_loads(
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_ckascope_never_imports_msun() -> None:
     """The dependency arrow (docs/design.md): msun uses ckascope, ckascope names no msun module."""
     check = (

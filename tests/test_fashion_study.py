@@ -59,6 +59,7 @@ def test_the_loop_verdict_compares_the_gap_with_the_pooled_seed_std(study: Modul
     assert not tie["right"]  # 0.5 > 0.47
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     study: ModuleType, tmp_path: Path
 ) -> None:

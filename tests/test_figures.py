@@ -39,6 +39,7 @@ def test_figure2_redraws_from_the_committed_results(
         assert mf.png(heatmap(r), tmp_path, "heatmap").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_ablation_redraws_from_its_committed_json(mf: ModuleType, tmp_path: Path) -> None:
     saved = json.loads((FIGURES / "data" / "ablation_split.json").read_text())
     rows = saved["rows"]
@@ -78,6 +79,7 @@ def _tiny() -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_run_reuses_a_finished_run_and_refuses_other_settings(
     mf: ModuleType, tmp_path: Path
 ) -> None:

@@ -144,6 +144,7 @@ def test_every_class_of_the_issue_has_cases() -> None:
     assert len(CASES) >= 30
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_msun_eval_never_replaces_an_earlier_result_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,6 +48,7 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_every_python_block_runs_as_written(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks
@@ -69,6 +70,7 @@ def _run_as_written(commands: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
     assert "stability:" in _run_as_written(CHEAP, tmp_path)  # suggest-split on the calibrated
 
@@ -77,6 +79,7 @@ def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
     not SYSTEM_COPIES["fashionmnist"][0].is_dir(),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_the_fashion_mnist_commands_run_as_written(tmp_path: Path) -> None:
     _run_as_written(FASHION, tmp_path)
     assert (tmp_path / "msun-eval" / "figure4.png").is_file()

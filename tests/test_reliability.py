@@ -191,6 +191,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
 @pytest.mark.parametrize(
     ("tool", "command", "args", "needle"), CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)]
 )
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_wrong_invocations(
     tool: str,
     command: str,
@@ -218,6 +219,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_killed_compare_leaves_no_partial_result_and_a_rerun_succeeds(
     tmp_path: Path, sig: signal.Signals
 ) -> None:

@@ -56,6 +56,7 @@ def test_a_cka_sweep_reads_nothing_back_per_batch(monkeypatch: pytest.MonkeyPatc
     assert counts[0] == counts[1], counts
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_training_reads_back_once_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counts = []
     for steps in (1, 3):

@@ -107,6 +107,7 @@ def _population_sweep(gen: torch.Generator, images: torch.Tensor, batches: int) 
 
 
 @pytest.mark.parametrize("same_images", [True, False])
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_the_interval_has_the_width_of_the_mean_over_sweeps(same_images: bool) -> None:
     """Monte Carlo: the spread of the reported value over many experiments, against the
     bootstrap's spread in one, for sweeps that re-batch the same images or draw new ones."""
@@ -210,6 +211,7 @@ def test_a_rotated_and_scaled_copy_stays_at_one_far_above_its_null() -> None:
     assert c["z_score"][0, 0] > 10
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_independent_features_score_near_zero_with_uniform_p_values() -> None:
     p_values, z_scores = [], []
     for seed in range(150):
@@ -225,6 +227,7 @@ def test_independent_features_score_near_zero_with_uniform_p_values() -> None:
     assert abs(np.mean(z_scores)) < 0.3
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_compare_writes_calibration_and_suggest_split_reports_stability(tmp_path: Path) -> None:
     out = tmp_path / "r18"
     args = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "32", "64"]

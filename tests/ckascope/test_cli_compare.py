@@ -39,6 +39,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_compare_writes_result_figures_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["compare", "--model", "resnet18", *SMALL, "--out", str(out)])
@@ -150,6 +151,7 @@ def test_foreign_output_folder_refused_before_any_work(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_subprocess_and_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     single, double = tmp_path / "single", tmp_path / "double"
     cmd = [
@@ -225,6 +227,7 @@ def test_one_sweep_prints_no_std_column_and_pipes_are_not_cut(tmp_path: Path) ->
     assert f"  {long / 'matrices.npz'}\n" in two.output
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_checkpoint_result_keeps_its_architecture_apart_from_its_label(tmp_path: Path) -> None:
     import torchvision
 

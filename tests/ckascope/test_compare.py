@@ -100,6 +100,7 @@ def test_end_to_end_equals_independent_computation(
     np.testing.assert_allclose(result.matrix, expected, atol=1e-6)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_same_seed_same_result_and_repeats(model: nn.Module, data) -> None:
     kw = {"layers": "stages", "image_size": BASE, "batch_size": 8, "num_images": 16}
     one = compare_scales(model, data, (24, BASE), seed=1, **kw)
@@ -290,6 +291,7 @@ def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_dataloader_is_used_batch_by_batch_like_its_dataset(model: nn.Module, data) -> None:
     idx = subset_indices(len(data), None, 0)
     plan = [idx[i : i + 8] for i in range(0, len(idx), 8)]

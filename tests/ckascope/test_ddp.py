@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,6 +40,7 @@ def _single(kernel: str, bandwidth: str) -> np.ndarray:
     return metric.compute().numpy()
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_two_process_gloo_equals_single_process(tmp_path: Path) -> None:
     for kernel, bandwidth in [("linear", "batch"), ("rbf", "first")]:
         out = tmp_path / f"{kernel}.npy"
@@ -79,6 +81,7 @@ def _calibrated_summary(rank: int, world: int) -> SweepSummary:
     return metric.summary()
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_two_processes_keep_every_batch_in_order_and_the_same_null(tmp_path: Path) -> None:
     out = tmp_path / "calibrated.npz"
     mp.start_processes(

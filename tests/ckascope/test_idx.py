@@ -160,6 +160,7 @@ def test_compare_on_real_fashion_mnist_records_the_native_size(tmp_path: Path) -
 
 
 @real_data
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_msun_trains_and_evaluates_on_real_fashion_mnist(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["train", "--model", "resnet18", "--data", "fashionmnist", "--image-size", "28"]

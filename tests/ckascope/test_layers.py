@@ -25,6 +25,7 @@ def _model(name: str) -> nn.Module:
         ("efficientnet_b0", 17, "features.0", "features.7.0"),
     ],
 )
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_blocks_preset(name: str, blocks: int, first: str, last: str) -> None:
     layers = resolve_layers(_model(name), "blocks")
     assert len(layers) == blocks
@@ -41,6 +42,7 @@ def test_blocks_preset(name: str, blocks: int, first: str, last: str) -> None:
         ("vgg16_bn", [f"features.{i}" for i in (6, 13, 23, 33, 43)]),
     ],
 )
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_stages_preset(name: str, stages: list[str]) -> None:
     assert resolve_layers(_model(name), "stages") == stages
 

@@ -174,6 +174,7 @@ class _Toy(torch.nn.Module):
         return f"toy of width {self.conv.out_channels}"
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_third_family_plugs_in_without_editing_ckascope(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

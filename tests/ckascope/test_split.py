@@ -145,6 +145,7 @@ def test_bad_input() -> None:
         suggest_split(_result(PAPER, R50_LAYERS, mode="models"), R50_SPLITS)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_cli_from_saved_result_table_and_json(tmp_path: Path) -> None:
     folder = _result(PAPER, R50_LAYERS, repeats=2).save(tmp_path / "r50")
     runner = CliRunner()
@@ -161,6 +162,7 @@ def test_cli_from_saved_result_table_and_json(tmp_path: Path) -> None:
     assert data["candidates"][1]["extra_params"] == 438400  # msun's count for resnet50 at layer2
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_cli_prices_the_candidates_for_the_results_own_scales(tmp_path: Path) -> None:
     from msun.splits import msun_scales, split_candidates
 

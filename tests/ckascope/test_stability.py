@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -25,6 +26,7 @@ def _mlp_features(batches: int = 3, n: int = 128) -> list[list[torch.Tensor]]:
     return out
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_deep_relu_mlp_float32_within_1e6_of_float64_reference() -> None:
     batches = _mlp_features()
     last = batches[0][-1]

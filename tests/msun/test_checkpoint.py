@@ -143,6 +143,7 @@ def _fake_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.n
     return vanilla
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_pretrained_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vanilla = _fake_pretrained(tmp_path, monkeypatch)
     torch.manual_seed(0)

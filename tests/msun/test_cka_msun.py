@@ -118,6 +118,7 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
     assert "already split" in split.stderr
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     analysis = tmp_path / "analysis"
     args = [
@@ -179,6 +180,7 @@ def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -
     assert "no subnets" in wrong.stderr
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_split_at_auto_under_torchrun_runs_the_analysis_on_every_rank(tmp_path: Path) -> None:
     """Without --cka-from the analysis is collective: rank 0 alone would hang (gloo, 2 ranks)."""
     import os

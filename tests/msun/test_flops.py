@@ -52,6 +52,7 @@ def test_resnet18_s1_flops_by_hand() -> None:
     assert difference == 2 * (s1 - s3)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_report_means_equal_the_per_size_path_counts() -> None:
     model = _meta("resnet18", num_classes=10)
     report = flops_report(model)
@@ -69,6 +70,7 @@ def test_report_means_equal_the_per_size_path_counts() -> None:
     assert report.to_dict()["parameters"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_report_of_a_real_model_uses_its_structure() -> None:
     torch.manual_seed(0)
     real = msun.build_msun("resnet18", scales=(32, 224), routing=(100,), num_classes=5)
@@ -117,6 +119,7 @@ def test_cli_errors_are_one_line(args: list[str], match: str) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     args = ["flops", "--model", "resnet18", "--scales", "4", "16", "28", "--num-classes", "10"]
     data = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)

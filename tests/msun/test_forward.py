@@ -58,6 +58,7 @@ def _ran(model: MSUN, run: Callable[[], object]) -> list[int]:
 
 
 @pytest.mark.parametrize(("arch", "split_at"), CASES)
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_shapes_every_arch_and_split(arch: str, split_at: str) -> None:
     # Shapes only, on the meta device: every torchvision module supports it, so every family
     # and split point is covered at no compute cost.
@@ -113,6 +114,7 @@ def _free_vanilla() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("arch", "split_at"), SMALL)
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_forward_values_agree(arch: str, split_at: str) -> None:
     torch.manual_seed(0)
     model = msun.build_msun(arch, split_at=split_at, scales=SCALES, num_classes=5).eval()

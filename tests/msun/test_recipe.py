@@ -32,6 +32,7 @@ def _config(out: Path) -> dict[str, object]:
     return config
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_vanilla_and_mst_are_not_clipped_by_default_msun_is(tmp_path: Path) -> None:
     default = _weights(tmp_path / "default", "--method", "vanilla")
     unclipped = _weights(tmp_path / "huge", "--method", "vanilla", "--grad-clip", "1e9")
@@ -76,6 +77,7 @@ def test_paper_sizes_are_the_13_sizes_scaled_to_the_training_size() -> None:
     assert len(paper_sizes(7)) < 13  # sizes that round alike appear once
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_validation_defaults_to_sizes_scaled_to_the_image_size(tmp_path: Path) -> None:
     args = [a for a in tinyrun.TRAIN if a not in ("--eval-sizes", "16,32")]
     out = tmp_path / "run"
@@ -86,6 +88,7 @@ def test_validation_defaults_to_sizes_scaled_to_the_image_size(tmp_path: Path) -
     assert {f"val_top1_{s}" for s in paper_sizes(32)} <= row.keys()
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_eval_without_run_sizes_uses_the_scaled_paper_sizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     save_checkpoint(build_msun("resnet18", scales=(8, 28), num_classes=10), tmp_path / "m.pt")
@@ -182,6 +185,7 @@ def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
     assert images(10**6, available=10_000, method="msun", **common) == 10_000
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_run_without_num_val_validates_its_share_and_records_it(tmp_path: Path) -> None:
     i = tinyrun.TRAIN.index("--num-val")
     args = tinyrun.TRAIN[:i] + tinyrun.TRAIN[i + 2 :]
@@ -192,6 +196,7 @@ def test_a_run_without_num_val_validates_its_share_and_records_it(tmp_path: Path
     assert "warm-up spans" not in result.output  # 5/90 of the 1-epoch run
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_long_run_says_how_long_at_its_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,6 +212,7 @@ def test_a_long_run_says_how_long_at_its_start(
     assert re.search(r"this run needs about [\d.]+ h more on cpu \(2 steps left", result.output)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_run_without_scales_trains_the_papers_scales_at_its_image_size(tmp_path: Path) -> None:
     i = tinyrun.TRAIN.index("--scales")
     args = tinyrun.TRAIN[:i] + tinyrun.TRAIN[i + 3 :]  # the tiny run at 32 px, no --scales

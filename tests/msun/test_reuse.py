@@ -69,6 +69,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_fresh_run_trains(tmp_path: Path, mains: list[bool]) -> None:
     last = train.train_or_reuse(_tiny(tmp_path / "run"))
     assert last == tmp_path / "run" / "last.pt"
@@ -82,6 +83,7 @@ def _ctrl_c() -> Iterator[Callable[[], bool]]:
     yield lambda: True
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_an_interrupted_run_resumes(
     tmp_path: Path, mains: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:

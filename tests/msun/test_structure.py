@@ -41,6 +41,7 @@ def _count(module: nn.Module) -> float:
         ("mobilenet_v2", 3.505, 3.874),
     ],
 )
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_published_parameter_counts(
     published: dict[str, MSUN], arch: str, vanilla: float, total: float
 ) -> None:

@@ -44,6 +44,7 @@ def _subprocess(*args: str) -> list[str]:
     return [sys.executable, "-m", "msun", "train", *TINY, *args]
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_training_and_validation_report_progress_without_a_terminal(tmp_path: Path) -> None:
     result = _train(tmp_path / "run", "--method", "msun", "--epochs", "1")
     assert result.exit_code == 0, result.output
@@ -53,6 +54,7 @@ def test_training_and_validation_report_progress_without_a_terminal(tmp_path: Pa
 
 
 @pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: str) -> None:
     out = tmp_path / method
     result = _train(out, "--method", method, "--epochs", "2")
@@ -81,6 +83,7 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: st
 
 
 @pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
     cfg = TrainConfig(
         model="resnet18",
@@ -116,6 +119,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     common = [
         "--epochs",
@@ -166,6 +170,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: P
     assert torch.load(killed / "last.pt", weights_only=True)["progress"]["global_step"] == 24
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) -> None:
     common = ["--method", "msun", "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0"]
     one = subprocess.run(
@@ -224,6 +229,7 @@ def test_each_rank_resumes_its_own_generators() -> None:
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_eval_refuses_checkpoints_of_other_data_or_sizes_unless_told_which(
     tmp_path: Path,
 ) -> None:
@@ -242,6 +248,7 @@ def test_eval_refuses_checkpoints_of_other_data_or_sizes_unless_told_which(
     assert told.exit_code == 0, told.output
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
     torch.manual_seed(0)
     msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
@@ -320,6 +327,7 @@ def test_evaluation_in_channels_last_scores_alike_and_gives_the_model_back() -> 
     assert model.training
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _train(out, "--epochs", "1").exit_code == 0
@@ -331,6 +339,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path: Path) -> None:
     assert "--resume" in again.stderr
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_second_run_on_a_locked_folder_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "busy"
     with RunLock(out):
@@ -358,6 +367,7 @@ def test_a_lock_file_removed_under_a_starting_process_is_not_shared(
     os.close(fd)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "nan"
     result = _train(
@@ -406,6 +416,7 @@ def test_weights_that_overflow_under_a_finite_loss_are_never_saved(
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "int"
     proc = subprocess.Popen(
@@ -429,6 +440,7 @@ def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     assert progress["global_step"] >= 4
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert _train(tmp_path / "src", "--epochs", "1").exit_code == 0
     src = tmp_path / "src" / "last.pt"
@@ -527,6 +539,7 @@ def test_an_image_folder_without_train_and_val_is_refused(tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
     assert _train(tmp_path / "src", "--method", "vanilla", "--epochs", "1").exit_code == 0
     args = [
@@ -562,6 +575,7 @@ def test_num_classes_must_match_the_data(tmp_path: Path) -> None:
     assert "holds 10 classes" in result.stderr
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_yaml_values_are_read_as_their_option_types(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("lr: 2e-2\nscales: 16 32\nepochs: 1\nmethod: msun\n")
@@ -629,6 +643,7 @@ def test_a_micro_batch_of_only_unreadable_images_is_one_line(tmp_path: Path) -> 
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_deterministic_fixes_the_cublas_workspace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
