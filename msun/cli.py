@@ -224,7 +224,8 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 @click.option(
     "--num-val",
     type=click.IntRange(min=1),
-    help="Evaluate on a random subset of this many images [all; synthetic 2000].",
+    help="Evaluate on this many of the images: the ones the (first) run's validation scored with "
+    "the same --num-val  [all; synthetic 2000].",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
@@ -264,6 +265,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     )
     from ckascope.distributed import close_distributed, init_distributed
     from ckascope.result import check_output_dir, next_free
+    from msun.data import validation_seed
     from msun.evaluate import (
         check_classes,
         check_same_setting,
@@ -292,8 +294,10 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     )
     check_classes(loaded, dataset, data)
     count = dataset_len(dataset)
+    # the images the (first) run's own validation scored: the same draw as msun.data's
+    seed = validation_seed(loaded[0].seed)
     keep = subset_indices(
-        count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, 0
+        count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, seed
     )
     batches = plan_batches(keep, opts["batch_size"], info.rank, info.world_size, deal="images")
     loader = DataLoader(

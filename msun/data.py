@@ -205,7 +205,10 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
-    train, val = subset(train, cfg.num_train, cfg.seed), subset(val, cfg.num_val, cfg.seed + 1)
+    train, val = (
+        subset(train, cfg.num_train, cfg.seed),
+        validation_subset(val, cfg.num_val, cfg.seed),
+    )
     for split, dataset in (("training", train), ("validation", val)):
         check_labels(dataset, count, split, cfg.data)
     return _augmented(train, cfg, classes), val, count
@@ -283,6 +286,19 @@ def default_num_val(cfg: TrainConfig, steps: int, available: int) -> int:
 def _classes(dataset: Dataset[Any]) -> list[str] | None:
     classes = getattr(dataset, "classes", None)
     return None if classes is None else [str(c) for c in classes]
+
+
+def validation_seed(seed: int) -> int:
+    """The seed of the validation images a run of ``seed`` scores (its training draws use seed).
+
+    ``msun eval --num-val N`` draws with it too, so it scores the images the run validated on.
+    """
+    return seed + 1
+
+
+def validation_subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
+    """The ``count`` validation images a run of ``seed`` scores (``validation_seed``)."""
+    return subset(dataset, count, validation_seed(seed))
 
 
 def subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:

@@ -327,6 +327,7 @@ class Loaded:
     image_size: int
     eval_sizes: str | None
     data: str  # what it was trained on
+    seed: int = 0  # its run's seed: --num-val draws the images its validation scored
 
 
 def load_for_eval(path: Path) -> Loaded:
@@ -342,7 +343,7 @@ def load_for_eval(path: Path) -> Loaded:
         train.get("eval_sizes"),
         str(train.get("data", "shapes")),
     )
-    return Loaded(name, model, method, arch, size, sizes, data)
+    return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)))
 
 
 def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:

@@ -42,8 +42,8 @@ from msun.data import (
     make_loader,
     micro_batch,
     steps_per_epoch,
-    subset,
     val_batches,
+    validation_subset,
 )
 from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
@@ -499,7 +499,7 @@ def _configure(
     if cfg.num_val is None:  # a share of the run's cost, not the whole validation set
         steps = steps_per_epoch(dataset_len(train_set), cfg)
         cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
-        val_set = subset(val_set, cfg.num_val, cfg.seed + 1)
+        val_set = validation_subset(val_set, cfg.num_val, cfg.seed)
     split_at, scales = resolve_split(cfg, init, saved, info)
     cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
     return cfg, train_set, val_set, init

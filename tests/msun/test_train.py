@@ -652,3 +652,33 @@ def test_deterministic_fixes_the_cublas_workspace(
     assert result.exit_code == 0, result.output
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     torch.use_deterministic_algorithms(False)
+
+
+def test_num_val_scores_the_images_the_runs_validation_scored(tmp_path: Path) -> None:
+    """One subset rule: ``msun eval --num-val N`` draws the run's own validation images."""
+    from PIL import Image
+
+    from ckascope.data import subset_indices
+    from msun.data import validation_seed, validation_subset
+
+    pool = list(range(40))
+    picked = validation_subset(pool, 7, seed=3)  # type: ignore[arg-type]
+    assert [pool[i] for i in picked.indices] == subset_indices(40, 7, validation_seed(3))  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 24)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "d" / split / c / f"{i}.png")
+    args = ["train", "--model", "resnet18", "--method", "vanilla", "--data", str(tmp_path / "d")]
+    args += ["--image-size", "32", "--batch-size", "8", "--num-val", "9", "--eval-sizes", "8,16,32"]
+    args += ["--epochs", "1", "--lr", "0.05", "--seed", "4", "--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "eval"
+    scored = ["eval", str(tmp_path / "run" / "last.pt"), "--num-val", "9", "--batch-size", "8"]
+    result = CliRunner().invoke(main, [*scored, "--memory-format", "contiguous", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "eval.json").read_text())[0]
+    assert summary["top1"] == pytest.approx([row[f"val_top1_{s}"] for s in (8, 16, 32)])
