@@ -654,6 +654,7 @@ def test_deterministic_fixes_the_cublas_workspace(
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_num_val_scores_the_images_the_runs_validation_scored(tmp_path: Path) -> None:
     """One subset rule: ``msun eval --num-val N`` draws the run's own validation images."""
     from PIL import Image
