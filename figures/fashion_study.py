@@ -573,6 +573,12 @@ def loop_verdict(ablation: dict[str, Any], loop: list[dict[str, Any]]) -> dict[s
     }
 
 
+def provisional(acc: dict[str, Any], msun: str, planned: int) -> str:
+    """ " (provisional: k of n seeds)" while a method the criteria compare lacks seeds, else ""."""
+    fewest = min(acc[n]["seeds"] for n in (msun, "mst", "vanilla"))
+    return f" (provisional: {fewest} of {planned} seeds)" if fewest < planned else ""
+
+
 def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
     """The paper's pre-registered criteria for one MSUN variant: (criterion, met, evidence)."""
 
@@ -583,14 +589,20 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
     small = m(msun, "smallest")[0] - m("vanilla", "smallest")[0]
     full = m("vanilla", "full")[0] - m(msun, "full")[0]
 
+    one_seed = min(acc[n]["seeds"] for n in (msun, "mst", "vanilla")) < 2
+    spread = [(a, sa), (b, sb), (c, sc)]
+
     def gap(x: float, sx: float, y: float, sy: float) -> str:
+        if one_seed:
+            return f"{x - y:+.2f} (one seed: its spread is not known yet)"
         return f"{x - y:+.2f} ({'beyond' if abs(x - y) > max(sx, sy) else 'within'} the larger seed std)"
 
     return [
         (
             "MSUN > MST > vanilla on the mean over sizes",
             a > b > c,
-            f"{a:.2f} ± {sa:.2f} / {b:.2f} ± {sb:.2f} / {c:.2f} ± {sc:.2f}; MSUN - MST "
+            " / ".join(f"{x:.2f}" + ("" if one_seed else f" ± {sx:.2f}") for x, sx in spread)
+            + "; MSUN - MST "
             f"{gap(a, sa, b, sb)}, MST - vanilla {gap(b, sb, c, sc)}",
         ),
         (
@@ -750,7 +762,7 @@ def accuracy_markdown(acc: dict[str, Any], settings: dict[str, Any]) -> list[str
     return lines
 
 
-def verdict_markdown(acc: dict[str, Any]) -> list[str]:
+def verdict_markdown(acc: dict[str, Any], planned: int) -> list[str]:
     if not all(n in acc for n in ("vanilla", "mst")):
         return [
             "## Verdict on the paper's criteria",
@@ -761,7 +773,7 @@ def verdict_markdown(acc: dict[str, Any]) -> list[str]:
     lines = ["## Verdict on the paper's criteria (pre-registered)", ""]
     for msun in (n for n in acc if METHODS[n][0] == "msun"):
         lines += [
-            f"**{METHODS[msun][3]}**",
+            f"**{METHODS[msun][3]}**{provisional(acc, msun, planned)}",
             "",
             _row(["criterion", "met", "evidence"]),
             _row(["---"] * 3),
@@ -857,7 +869,7 @@ def results_markdown(
         "",
         *budget_markdown(budget_data),
         *accuracy_markdown(acc, settings),
-        *verdict_markdown(acc),
+        *verdict_markdown(acc, len(settings["seeds"])),
         *loop_markdown(saved, loop),
         *time_markdown(data),
     ]
@@ -935,7 +947,7 @@ def readme_block(saved: dict[str, Any], loop: dict[str, Any], budget_data: dict[
         ]
     if all(n in acc for n in ("vanilla", "mst")):
         for msun in (n for n in acc if METHODS[n][0] == "msun"):
-            lines += [f"- {METHODS[msun][3]}:"]
+            lines += [f"- {METHODS[msun][3]}{provisional(acc, msun, len(settings['seeds']))}:"]
             lines += [
                 f"  - {c}: **{'met' if ok else 'not met'}** ({e})"
                 for c, ok, e in verdict(acc, msun)
