@@ -290,6 +290,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         "val",
         eval_transform(image_size, default_resize(data, image_size)),
         num_images=opts["num_val"] or 2000,
+        seed=loaded[0].seed,  # the synthetic set: the pool the run's validation drew
         synthetic_size=image_size,
     )
     check_classes(loaded, dataset, data)
