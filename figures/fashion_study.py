@@ -628,7 +628,8 @@ def accuracy_figure(acc: dict[str, Any], epochs: int) -> Figure:
     for i, (name, a) in enumerate(acc.items()):
         mean, std = np.array(a["routed"]["mean"]), np.array(a["routed"]["std"])
         m, sd = a["mean"]["mean"], a["mean"]["std"]
-        label = f"{METHODS[name][3]}: mean {m:.1f} ± {sd:.1f}% ({a['seeds']} seeds)"
+        spread = f" ± {sd:.1f}" if a["seeds"] > 1 else ""  # one seed has no spread
+        label = f"{METHODS[name][3]}: mean {m:.1f}{spread}% ({_seeds(a['seeds'])})"
         ax.plot(a["sizes"], mean, marker="o", color=f"C{i}", label=label)
         ax.fill_between(a["sizes"], mean - std, mean + std, color=f"C{i}", alpha=0.2)
         if METHODS[name][0] == "msun":
