@@ -15,10 +15,14 @@ __version__ = "0.1.0"
 # The entry points in pyproject.toml need an installed package; registering here also covers a
 # source tree on PYTHONPATH, once msun is imported (both only name the functions).
 plugins.register("model_builders", "msun", "msun.checkpoint:model_from_config")
+plugins.register("model_builders", "msun-scale-bn", "msun.checkpoint:scale_bn_from_config")
 plugins.register("split_vocabularies", "msun", "msun.splits:split_vocabulary")
 
 _EXPORTS = {
     "MSUN": "msun.model",
+    "PrivateBatchNorm2d": "msun.privatebn",
+    "ScaleBNNet": "msun.privatebn",
+    "build_scale_bn_net": "msun.privatebn",
     "build_msun": "msun.model",
     "count_parameters": "msun.flops",
     "default_si_threshold": "msun.losses",
@@ -36,8 +40,11 @@ _EXPORTS = {
 
 __all__ = [
     "MSUN",
+    "PrivateBatchNorm2d",
+    "ScaleBNNet",
     "__version__",
     "build_msun",
+    "build_scale_bn_net",
     "count_parameters",
     "default_si_threshold",
     "flops_report",
@@ -65,3 +72,4 @@ if TYPE_CHECKING:
     from msun.flops import count_parameters, flops_report, path_flops, path_macs, vanilla_flops
     from msun.losses import default_si_threshold, scale_invariance_loss
     from msun.model import MSUN, build_msun
+    from msun.privatebn import PrivateBatchNorm2d, ScaleBNNet, build_scale_bn_net

@@ -3,8 +3,12 @@
 One file::
 
     {"format": "ckascope-model", "builder": "msun",
-     "config": {"arch", "split_at", "scales", "num_classes", "routing"},
+     "config": {"arch", "split_at", "scales", "num_classes", "routing", "bn"},
      "state_dict": {...}, **extra}
+
+(``bn`` is absent from files written before private BatchNorm existed: they are "shared".) An
+MST network with private BatchNorm per scale (``msun.privatebn.ScaleBNNet``) names the builder
+``msun-scale-bn`` with config {"arch", "scales", "routing", "image_size", "num_classes"}.
 
 ``ckascope.models.load_checkpoint`` finds :func:`model_from_config` through its builder registry,
 so ckascope loads these files without importing msun until it meets one.
@@ -23,9 +27,13 @@ from ckascope.fileio import torch_save
 from ckascope.models import CHECKPOINT_FORMAT, model_from_checkpoint, read_checkpoint
 from msun.backbones import classifier
 from msun.model import MSUN, build_msun
+from msun.privatebn import ScaleBNNet, build_scale_bn_net
 
 BUILDER = "msun"
+SCALE_BN_BUILDER = "msun-scale-bn"
 CONFIG_KEYS = ("arch", "split_at", "scales", "num_classes", "routing")
+OPTIONAL_KEYS = ("bn",)
+SCALE_BN_KEYS = ("arch", "scales", "routing", "image_size", "num_classes")
 RESERVED = ("format", "builder", "config", "state_dict")
 
 
@@ -50,11 +58,14 @@ def save_checkpoint(model: MSUN, path: str | os.PathLike[str], **extra: Any) -> 
 def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
     """The self-describing part of a checkpoint: format, builder, config, state dict.
 
-    An MSUN names msun's builder; any other network (a vanilla or MST run) torchvision's, with
-    ``arch`` and its classifier's width.
+    An MSUN names msun's builder, a private-BatchNorm MST network ``msun-scale-bn``; any other
+    network (a vanilla or MST run) torchvision's, with ``arch`` and its classifier's width.
     """
+    builder: str
     if isinstance(model, MSUN):
         builder, config = BUILDER, model.config()
+    elif isinstance(model, ScaleBNNet):
+        builder, config = SCALE_BN_BUILDER, model.config()
     else:
         builder, config = "torchvision", {"arch": arch, "num_classes": _num_classes(model)}
     return {
@@ -75,20 +86,43 @@ def model_from_config(config: Mapping[str, Any]) -> MSUN:
     Raises:
         InputError: Missing or unknown keys, or values ``build_msun`` refuses.
     """
-    missing = [k for k in CONFIG_KEYS if k not in config]
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if missing or unknown:
-        raise InputError(
-            f"bad MSUN config (missing {missing}, unknown {unknown}). "
-            f"Hint: the keys are {', '.join(CONFIG_KEYS)}"
-        )
+    _check_keys(config, CONFIG_KEYS, "MSUN", OPTIONAL_KEYS)
     return build_msun(
         str(config["arch"]),
         split_at=str(config["split_at"]),
         scales=list(config["scales"]),
         num_classes=config["num_classes"],
         routing=list(config["routing"]),
+        bn=str(config.get("bn", "shared")),
     )
+
+
+def scale_bn_from_config(config: Mapping[str, Any]) -> ScaleBNNet:
+    """A randomly initialised private-BatchNorm MST network with the structure ``config`` says.
+
+    Raises:
+        InputError: Missing or unknown keys, or values ``build_scale_bn_net`` refuses.
+    """
+    _check_keys(config, SCALE_BN_KEYS, "private-BatchNorm network")
+    return build_scale_bn_net(
+        str(config["arch"]),
+        scales=list(config["scales"]),
+        routing=list(config["routing"]),
+        image_size=int(config["image_size"]),
+        num_classes=config["num_classes"],
+    )
+
+
+def _check_keys(
+    config: Mapping[str, Any], keys: tuple[str, ...], what: str, optional: tuple[str, ...] = ()
+) -> None:
+    missing = [k for k in keys if k not in config]
+    unknown = sorted(set(config) - set(keys) - set(optional))
+    if missing or unknown:
+        raise InputError(
+            f"bad {what} config (missing {missing}, unknown {unknown}). "
+            f"Hint: the keys are {', '.join(keys + optional)}"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:

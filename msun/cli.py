@@ -15,6 +15,7 @@ from ckascope.cliutils import FriendlyGroup, config_options, make_console
 from ckascope.vocab import MEMORY_FORMATS, PROTOCOLS
 from msun import __version__
 from msun.config import (
+    BN_MODES,
     TrainConfig,
     load_yaml,
     merge,
@@ -27,7 +28,7 @@ from msun.config import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from msun.evaluate import Evaluated
+    from msun.evaluate import Evaluated, Recalibration
 
 # torch and everything built on it are imported inside the commands, so that --help, a usage
 # error or a typo answers at once instead of after seconds of imports.
@@ -101,6 +102,13 @@ def main() -> None:
     help="Test sizes, start:stop:step or a list  [default: the paper's 13 sizes from "
     "image-size/7 to image-size: 32..224 at 224, 4..28 at 28].",
 )
+@click.option(
+    "--bn",
+    type=click.Choice(BN_MODES),
+    default="shared",
+    show_default=True,
+    help="private: the trunk's BatchNorm holds one set per path (parameters grow, FLOPs do not).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of tables.")
 def flops(
     arch: str,
@@ -109,6 +117,7 @@ def flops(
     num_classes: int,
     image_size: int | None,
     sizes: str | None,
+    bn: str,
     as_json: bool,
 ) -> None:
     """FLOPs over the test sizes under both protocols, against vanilla at the image size.
@@ -126,7 +135,9 @@ def flops(
     scales = scales or nominal_scales(size)
     tested = parse_sizes(sizes) if sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
-        model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes)
+        model = build_msun(
+            arch, split_at=split_at, scales=scales, num_classes=num_classes, bn=bn
+        )
     report = flops_report(model.eval(), tested, size)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -227,6 +238,13 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
     help="Evaluate on this many of the images: the ones the (first) run's validation scored with "
     "the same --num-val  [all; synthetic 2000].",
 )
+@click.option(
+    "--recalibrate-bn",
+    type=click.IntRange(min=1),
+    help="Before scoring each test size (and path), re-estimate every BatchNorm's statistics "
+    "on this many training images brought to that size (FixRes-style; weights untouched, "
+    "statistics restored after; uses training images at evaluation time).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -294,6 +312,11 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         synthetic_size=image_size,
     )
     check_classes(loaded, dataset, data)
+    recalibration = (
+        _recalibration_images(data, image_size, opts, loaded[0].seed)
+        if opts["recalibrate_bn"]
+        else None
+    )
     count = dataset_len(dataset)
     # the images the (first) run's own validation scored: the same draw as msun.data's
     seed = validation_seed(loaded[0].seed)
@@ -313,12 +336,49 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
             paths=opts["paths"],
             device=info.device,
             memory_format=opts["memory_format"],
+            recalibration=recalibration,
             progress=info.is_main,
         )
     finally:
         close_distributed()
     if info.is_main:
         _write_eval(evaluated, out)
+
+
+def _recalibration_images(
+    data: str, image_size: int, opts: dict[str, Any], seed: int
+) -> Recalibration:
+    """``--recalibrate-bn N``: N training images under the test images' transform, one loader
+    for every process (each must estimate the same statistics)."""
+    from torch.utils.data import DataLoader
+
+    from ckascope.data import (
+        build_dataset,
+        collate_skip,
+        dataset_len,
+        default_resize,
+        eval_transform,
+        plan_batches,
+        subset_indices,
+    )
+    from msun.data import recalibration_seed
+    from msun.evaluate import Recalibration
+
+    wanted = opts["recalibrate_bn"]
+    train = build_dataset(
+        data,
+        "train",
+        eval_transform(image_size, default_resize(data, image_size)),
+        num_images=wanted,
+        seed=seed,
+        synthetic_size=image_size,
+        require_split=True,
+    )
+    count = dataset_len(train)
+    keep = subset_indices(count, wanted if wanted < count else None, recalibration_seed(seed))
+    batches = plan_batches(keep, opts["batch_size"], 0, 1, deal="images")
+    loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip, num_workers=0)
+    return Recalibration(loader, len(keep))
 
 
 def path_table(ev: Evaluated) -> Table:
@@ -355,7 +415,7 @@ def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     table = Table(title=f"top-1 (%) per test size, {evaluated[0].result.protocol} protocol")
     table.add_column("size", justify="right")
     for ev in evaluated:
-        table.add_column(f"{ev.name}\n({ev.method})", justify="right")
+        table.add_column(f"{ev.name}\n({ev.variant})", justify="right")
     for i, size in enumerate(evaluated[0].result.sizes):
         table.add_row(str(size), *(f"{ev.result.routed_top1[i]:.2f}" for ev in evaluated))
     table.add_row("mean", *(f"{ev.result.mean_top1:.2f}" for ev in evaluated), style="bold")

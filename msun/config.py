@@ -32,6 +32,7 @@ from ckascope.errors import InputError, hint_close
 from ckascope.vocab import MAX_SCALE
 
 METHODS = ("msun", "mst", "vanilla")
+BN_MODES = ("shared", "private")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 #: Keys that do not change the trajectory of the weights, so ``--resume`` may change them
 #: (``cka_from`` only feeds the first start's ``--split-at auto``: a resumed run keeps its split).
@@ -112,6 +113,17 @@ class TrainConfig:
         "all",
         "Scale-invariance pairs: all, or largest (the authors' later revision).",
         choices=("all", "largest"),
+    )
+    bn: str = config_field(
+        "shared",
+        "BatchNorm: shared, or private: one set per training scale (mst, as RS-Nets) or per "
+        "path in the shared trunk (msun); convolutions stay shared.",
+        choices=BN_MODES,
+    )
+    distill: bool = config_field(
+        False,
+        "mst: each scale's logits also learn from the detached mean of all scales' logits "
+        "(RS-Nets' ensemble distillation, docs/msun.md).",
     )
     accum_steps: int = config_field(1, "Gradient accumulation steps per optimiser step.")
     steps_per_epoch: int | None = config_field(None, "Cap on optimiser steps per epoch.")
@@ -343,7 +355,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check(cfg: TrainConfig) -> None:
     """Raises InputError for values no run can use."""
-    choices = {"method": METHODS, "amp": AMP_MODES, "si_pairs": ("all", "largest")}
+    choices = {
+        "method": METHODS,
+        "amp": AMP_MODES,
+        "si_pairs": ("all", "largest"),
+        "bn": BN_MODES,
+    }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise InputError(
@@ -367,6 +384,7 @@ def check(cfg: TrainConfig) -> None:
             f"scale-invariance loss; --method {cfg.method} has none. Hint: drop "
             f"{'it' if len(given) == 1 else 'them'} (or use --method msun)"
         )
+    _check_bn(cfg)
     if cfg.cka_from is not None and cfg.split_at != "auto":
         raise InputError(
             "--cka-from is the analysis behind --split-at auto. Hint: add --split-at auto"
@@ -377,6 +395,20 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.eval_sizes is not None:
         parse_sizes(cfg.eval_sizes)
+
+
+def _check_bn(cfg: TrainConfig) -> None:
+    """Private BatchNorm needs several scales; distillation needs MST's several outputs."""
+    if cfg.bn == "private" and cfg.method == "vanilla":
+        raise InputError(
+            "--bn private keeps one BatchNorm set per training scale; --method vanilla trains "
+            "at one. Hint: use --method mst (RS-Nets-style) or --method msun"
+        )
+    if cfg.distill and cfg.method != "mst":
+        raise InputError(
+            "--distill is ensemble distillation across MST's scales (RS-Nets); --method "
+            f"{cfg.method} has no such ensemble. Hint: drop --distill, or use --method mst"
+        )
 
 
 def default_warmup(epochs: int) -> float:
@@ -439,10 +471,18 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_CHANGES or (plain and key in MSUN_ONLY):
             continue
-        a, b = saved.get(key), current.get(key)
+        a, b = _saved_value(saved, key), _saved_value(current, key)
         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
+
+
+#: Options added after runs were made: a run saved without one ran with this value.
+ADDED_LATER: dict[str, Any] = {"bn": "shared", "distill": False}
+
+
+def _saved_value(config: Mapping[str, Any], key: str) -> Any:
+    return config.get(key, ADDED_LATER.get(key))
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -296,6 +296,12 @@ def validation_seed(seed: int) -> int:
     return seed + 1
 
 
+def recalibration_seed(seed: int) -> int:
+    """The seed of the training images ``msun eval --recalibrate-bn`` draws for a run of ``seed``
+    (apart from its validation draw, so the two sets are drawn independently)."""
+    return seed + 2
+
+
 def validation_subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
     """The ``count`` validation images a run of ``seed`` scores (``validation_seed``)."""
     return subset(dataset, count, validation_seed(seed))

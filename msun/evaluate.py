@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -30,12 +30,15 @@ from ckascope.errors import InputError
 from ckascope.execution import choose_layout, in_layout, to_layout
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
+from ckascope.multipath import MultiPathModel, is_multipath
 from ckascope.progress import Reporter, make_progress
 from ckascope.views import check_protocol, resize
 from ckascope.vocab import MemoryFormat, Precision, Protocol
 from msun.backbones import classifier
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
+from msun.privatebn import ScaleBNNet
+from msun.recalibrate import kept_statistics, recalibrate
 
 
 class TopKCounts(Metric):
@@ -151,52 +154,116 @@ def evaluate(
     paths: Literal["all", "routed"] = "all",
     amp_dtype: torch.dtype | None = None,
     memory_format: MemoryFormat = "contiguous",
+    recalibration: Iterable[Any] | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 of ``model`` at every test size (the model's mode is restored afterwards).
 
     Args:
-        model: An MSUN, or a plain classifier (vanilla / MST).
+        model: An MSUN or another multi-path model (a private-BatchNorm MST network: its
+            paths are its BatchNorm sets), or a plain classifier (vanilla / MST).
         loader: Yields (images (n, 3, 224, 224), labels (n,)) or ``ckascope.data.Batch``.
         sizes: Test sizes.
-        protocol: MSUN path input: "upsample" to the nominal size, or "native".
+        protocol: Multi-path input: "upsample" to the path's size, or "native".
         image_size: The image size plain networks were trained at (test images are resized
             back to it).
-        paths: Run every MSUN path ("all", for the per-path table) or only the routed one.
+        paths: Run every path ("all", for the per-path table) or only the routed one.
         amp_dtype: Autocast dtype, or None for full precision.
         memory_format: The forward passes' layout (``ckascope.execution``; "auto" picks
             channels_last for a CNN on a CPU); the model's own tensors are back afterwards.
             Training's validation keeps contiguous, the layout its runs were made with.
-        on_batch: Called after each batch (progress).
+        recalibration: Training images (batches like ``loader``'s, labels unused): before each
+            test size and path is scored, every BatchNorm's statistics are re-estimated on them
+            at that size (``msun.recalibrate``); the original statistics are back afterwards.
+            Every process must get the same images. None scores the model as it is.
+        on_batch: Called after each batch of each pass over ``loader`` (progress).
     """
     check_protocol(protocol)
     device = next(model.parameters()).device
-    is_msun = isinstance(model, MSUN)
-    num_paths = model.num_paths if isinstance(model, MSUN) else 1
+    multi = is_multipath(model)
+    num_paths = cast(MultiPathModel, model).num_paths if multi else 1
     counts = TopKCounts(len(sizes), num_paths).to(device)
-    routed = [model.route(s) for s in sizes] if isinstance(model, MSUN) else [0] * len(sizes)
+    routed = [cast(MultiPathModel, model).route(s) for s in sizes] if multi else [0] * len(sizes)
+    todo = [list(range(num_paths)) if paths == "all" else [routed[i]] for i in range(len(sizes))]
     precision: Precision = "float32" if amp_dtype is None else "bf16"  # all the rule asks
     layout = choose_layout(memory_format, [model], device, precision)
+    score = partial(
+        _score, model, loader, counts, device, layout, protocol, image_size, amp_dtype, on_batch
+    )
     with _eval_mode(model), in_layout([model], layout):
-        for images, labels in _batches(loader, device):
+        if recalibration is None:
+            score([(i, size, todo[i]) for i, size in enumerate(sizes)])
+        else:
             for i, size in enumerate(sizes):
-                counts.add_images(i, len(labels))
-                todo = range(num_paths) if paths == "all" else [routed[i]]
-                for part, x in _resized_parts(images, size, image_size):
-                    x = to_layout(x, layout)
-                    for k in todo:
-                        with _autocast(device, amp_dtype):
-                            logits = _logits(model, x, k, protocol, image_size)
-                        counts.update(i, k, logits.float(), labels[part])
-            if on_batch is not None:
-                on_batch()
+                for k in todo[i]:
+                    with kept_statistics(model):
+                        forward = partial(_logits, model, k=k, protocol=protocol, image_size=image_size)
+                        _recalibrate(model, recalibration, size, device, layout, forward)
+                        score([(i, size, [k])], count_images=k == todo[i][0])
     top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
-    protocol = protocol if is_msun else "upsample"
+    protocol = protocol if multi else "upsample"
     return EvalResult(list(sizes), top1, top5, routed, protocol, {"memory_format": layout})
+
+
+Job = tuple[int, int, list[int]]  # (size index, test size, paths to score)
+
+
+def _score(
+    model: nn.Module,
+    loader: Iterable[Any],
+    counts: TopKCounts,
+    device: torch.device,
+    layout: MemoryFormat,
+    protocol: Protocol,
+    image_size: int,
+    amp_dtype: torch.dtype | None,
+    on_batch: Callable[[], None] | None,
+    jobs: list[Job],
+    *,
+    count_images: bool = True,
+) -> None:
+    """One pass over ``loader``, scoring every (size, paths) job on each batch."""
+    for images, labels in _batches(loader, device):
+        for i, size, ks in jobs:
+            if count_images:
+                counts.add_images(i, len(labels))
+            for part, x in _resized_parts(images, size, image_size):
+                x = to_layout(x, layout)
+                for k in ks:
+                    with _autocast(device, amp_dtype):
+                        logits = _logits(model, x, k, protocol, image_size)
+                    counts.update(i, k, logits.float(), labels[part])
+        if on_batch is not None:
+            on_batch()
+
+
+def _recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    size: int,
+    device: torch.device,
+    layout: MemoryFormat,
+    forward: Callable[[Tensor], Tensor],
+) -> None:
+    """BatchNorm statistics of ``model`` re-estimated on ``batches`` at the test size ``size``.
+
+    Raises:
+        InputError: ``batches`` held no images (the statistics would be left reset).
+    """
+    inputs = (
+        to_layout(x, layout)
+        for images, _ in _batches(batches, device)
+        for _, x in _resized_parts(images, size, 0)
+    )
+    if recalibrate(model, inputs, forward) == 0:
+        raise InputError(
+            "no images to recalibrate BatchNorm on. Hint: give --recalibrate-bn a positive count "
+            "of a training set that holds images"
+        )
 
 
 @contextmanager
@@ -231,9 +298,9 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.auto
 
 
 def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size: int) -> Tensor:
-    """Path k's logits for an MSUN; a plain network's on the image resized to its image size."""
-    if isinstance(model, MSUN):
-        return model.forward_path(x, k, protocol=protocol)
+    """Path k's logits of a multi-path model; a plain network's on x resized to its size."""
+    if is_multipath(model):
+        return cast(MultiPathModel, model).forward_path(x, k, protocol=protocol)
     logits: Tensor = model(resize(x, image_size))
     return logits
 
@@ -250,6 +317,18 @@ class Evaluated:
     method: str
     parameters: int
     flops: list[int]  # per test size, one image, under the evaluation's protocol
+    bn: str = "shared"  # "private": a BatchNorm set per scale (mst) or per path in the trunk
+    recalibrate_bn: int = 0  # training images BatchNorm was re-estimated on per size; 0: none
+
+    @property
+    def variant(self) -> str:
+        """The method with what sets it apart, for tables and legends: "mst, private BN"."""
+        parts = [self.method]
+        if self.bn == "private":
+            parts.append("private BN")
+        if self.recalibrate_bn:
+            parts.append(f"BN recalibrated on {self.recalibrate_bn}")
+        return ", ".join(parts)
 
     @property
     def mean_flops(self) -> float:
@@ -262,6 +341,9 @@ class Evaluated:
         return {
             "checkpoint": self.name,
             "method": self.method,
+            "bn": self.bn,
+            "recalibrate_bn": self.recalibrate_bn,
+            "variant": self.variant,
             "protocol": r.protocol,
             "sizes": r.sizes,
             "top1": r.routed_top1.tolist(),
@@ -283,12 +365,17 @@ def flops_per_size(
     """FLOPs of one image at each test size.
 
     For an MSUN the routed path, at its nominal size (``resize``) or the test size (``native``);
-    for a plain network, the network at its training image size.
+    for a plain network, the network at its training image size (a private-BatchNorm network
+    under ``native``: at the test size). BatchNorm is not counted (convolutions and matrix
+    products only), so private sets change parameters, not FLOPs.
     """
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))
         return [row.upsample if protocol == "upsample" else row.native for row in report.rows]
-    return [vanilla_flops(arch, image_size, classifier(model)[1].out_features)] * len(sizes)
+    classes = classifier(model)[1].out_features
+    if isinstance(model, ScaleBNNet) and protocol == "native":  # the network at the test size
+        return [vanilla_flops(arch, size, classes) for size in sizes]
+    return [vanilla_flops(arch, image_size, classes)] * len(sizes)
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
@@ -303,6 +390,7 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                         {
                             "checkpoint": ev.name,
                             "method": ev.method,
+                            "variant": ev.variant,
                             "protocol": r.protocol,
                             "size": size,
                             "path": k,
@@ -317,6 +405,19 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
+class Recalibration:
+    """Training images BatchNorm is re-estimated on before each test size (``evaluate``).
+
+    Attributes:
+        batches: A re-iterable of batches (a DataLoader or a list), the same on every process.
+        images: How many images they hold (recorded with the results).
+    """
+
+    batches: Iterable[Any]
+    images: int
+
+
+@dataclass(frozen=True)
 class Loaded:
     """A checkpoint ready to evaluate."""
 
@@ -328,6 +429,7 @@ class Loaded:
     eval_sizes: str | None
     data: str  # what it was trained on
     seed: int = 0  # its run's seed: --num-val draws the images its validation scored
+    bn: str = "shared"
 
 
 def load_for_eval(path: Path) -> Loaded:
@@ -343,7 +445,8 @@ def load_for_eval(path: Path) -> Loaded:
         train.get("eval_sizes"),
         str(train.get("data", "shapes")),
     )
-    return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)))
+    bn = "private" if isinstance(model, ScaleBNNet) or getattr(model, "bn", "") == "private" else "shared"
+    return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)), bn)
 
 
 def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:
@@ -393,15 +496,22 @@ def evaluate_checkpoints(
     paths: Literal["all", "routed"],
     device: torch.device,
     memory_format: MemoryFormat = "contiguous",
+    recalibration: Recalibration | None = None,
     progress: bool = False,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
-    ``memory_format`` is the forward passes' layout (see ``evaluate``); ``progress`` shows a bar
-    per checkpoint (lines every few seconds without a terminal).
+    ``memory_format`` is the forward passes' layout and ``recalibration`` the training images
+    BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint (lines every few seconds without a terminal).
     """
     out = []
-    run = partial(_evaluate_one, protocol=protocol, paths=paths, memory_format=memory_format)
+    run = partial(
+        _evaluate_one,
+        protocol=protocol,
+        paths=paths,
+        memory_format=memory_format,
+        recalibration=recalibration,
+    )
     with make_progress(progress) as bar:
         for item in loaded:
             out.append(run(item, loader, sizes, device=device, bar=bar))
@@ -416,12 +526,15 @@ def _evaluate_one(
     protocol: Protocol,
     paths: Literal["all", "routed"],
     memory_format: MemoryFormat,
+    recalibration: Recalibration | None,
     device: torch.device,
     bar: Reporter,
 ) -> Evaluated:
-    total = len(loader) if isinstance(loader, Sized) else None
-    task = bar.add_task(f"eval {item.name} ({len(sizes)} sizes)", total=total)
     model = item.model.to(device)
+    task = bar.add_task(
+        f"eval {item.name} ({len(sizes)} sizes)",
+        total=_passes(model, sizes, paths, recalibration, loader),
+    )
     result = evaluate(
         model,
         loader,
@@ -430,9 +543,28 @@ def _evaluate_one(
         image_size=item.image_size,
         paths=paths,
         memory_format=memory_format,
+        recalibration=None if recalibration is None else recalibration.batches,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)
     flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.image_size)
     params = sum(p.numel() for p in model.parameters())
-    return Evaluated(item.name, result, item.method, params, flops)
+    images = 0 if recalibration is None else recalibration.images
+    return Evaluated(item.name, result, item.method, params, flops, item.bn, images)
+
+
+def _passes(
+    model: nn.Module,
+    sizes: Sequence[int],
+    paths: str,
+    recalibration: Recalibration | None,
+    loader: Iterable[Any],
+) -> int | None:
+    """Batches ``evaluate`` will report: one pass, or one per size and path when recalibrating."""
+    if not isinstance(loader, Sized):
+        return None
+    if recalibration is None:
+        return len(loader)
+    per_size = cast(MultiPathModel, model).num_paths if is_multipath(model) and paths == "all" else 1
+    return len(loader) * len(sizes) * per_size
+

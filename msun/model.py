@@ -24,7 +24,8 @@ from ckascope.models import build_model
 from ckascope.views import check_protocol
 from ckascope.views import resize as resize_images
 from ckascope.vocab import Protocol
-from msun.backbones import Head, backbone_for, check_split, make_subnets
+from msun.backbones import Head, backbone_for, check_split, classifier, make_subnets
+from msun.privatebn import check_bn, privatize, use_bn_set
 
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
 MAX_SUBNETS = 5
@@ -67,10 +68,11 @@ class MSUN(nn.Module):
         scales: Nominal input size of each path, ascending.
         routing: Upper bounds (inclusive) of the input sizes served by paths 0..K-2; the last
             path serves everything larger.
+        bn: "shared", or "private": the trunk's BatchNorm layers hold one set per path
+            (``msun.privatebn``), path k uses set k.
         subnet_sizes: Spatial output size of each subnet at its nominal input (before the
             unified resize).
         unified_size: Spatial size of the trunk's input (the largest subnet's output size).
-        num_classes: Output classes.
     """
 
     def __init__(
@@ -80,10 +82,10 @@ class MSUN(nn.Module):
         split_at: str,
         scales: tuple[int, ...],
         routing: tuple[int, ...],
-        num_classes: int,
         subnets: nn.ModuleList,
         trunk: nn.Sequential,
         head: Head,
+        bn: str = "shared",
     ) -> None:
         super().__init__()
         self.subnets = subnets
@@ -94,7 +96,9 @@ class MSUN(nn.Module):
         self.split_at = split_at
         self.scales = scales
         self.routing = routing
-        self.num_classes = num_classes
+        self.bn = check_bn(bn)
+        if bn == "private":
+            privatize(self.trunk, len(scales))
         self.subnet_sizes = tuple(self._output_size(k) for k in range(len(scales)))
         self.unified_size = self.subnet_sizes[-1]
 
@@ -122,17 +126,24 @@ class MSUN(nn.Module):
             "scales": list(self.scales),
             "num_classes": self.num_classes,
             "routing": list(self.routing),
+            "bn": self.bn,
         }
 
     def describe(self) -> str:
         """What this model is, for messages: "resnet18 MSUN split at layer2"."""
-        return f"{self.arch} MSUN split at {self.split_at}"
+        private = ", private trunk BatchNorm" if self.bn == "private" else ""
+        return f"{self.arch} MSUN split at {self.split_at}{private}"
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"arch={self.arch}, split_at={self.split_at}, scales={self.scales}, "
-            f"routing={self.routing}, unified_size={self.unified_size}"
+            f"routing={self.routing}, unified_size={self.unified_size}, bn={self.bn}"
         )
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes, read from the classifier (fine-tuning may replace it)."""
+        return classifier(self.head)[1].out_features
 
     @property
     def num_paths(self) -> int:
@@ -200,7 +211,17 @@ class MSUN(nn.Module):
         if k is None:
             self._check_input(x)
             k = self.route(max(x.shape[-2:]))
-        return self.trunk(self.forward_subnet(x, k, protocol=protocol))  # type: ignore[no-any-return]
+        return self.forward_trunk(self.forward_subnet(x, k, protocol=protocol), k)
+
+    def forward_trunk(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """The trunk (B, C', h', w') on path k's unified subnet output z (B, C, u, u).
+
+        A private-BatchNorm trunk uses path k's set; a shared one is the plain trunk.
+        """
+        if self.bn == "shared":
+            return self.trunk(z)  # type: ignore[no-any-return]
+        with use_bn_set(self.trunk, k):
+            return self.trunk(z)  # type: ignore[no-any-return]
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) from trunk features (B, C', h', w')."""
@@ -220,7 +241,8 @@ class MSUN(nn.Module):
         """Every path on x resized to its nominal size, for training.
 
         The trunk runs once per path (not on a concatenation), so the shared BatchNorm layers
-        see each path's batch separately, as in the authors' code.
+        see each path's batch separately, as in the authors' code (a private trunk uses path
+        k's set for path k).
 
         Args:
             x: Images (B, 3, H, W), typically 224-pixel crops.
@@ -230,7 +252,7 @@ class MSUN(nn.Module):
             logits: Per path, (B, num_classes).
         """
         zs = [self.forward_subnet(x, k) for k in range(self.num_paths)]
-        return zs, [self.forward_head(self.trunk(z)) for z in zs]
+        return zs, [self.forward_head(self.forward_trunk(z, k)) for k, z in enumerate(zs)]
 
     @staticmethod
     def canonical_name(name: str) -> str:
@@ -265,6 +287,7 @@ def build_msun(
     num_classes: int = 1000,
     weights: str | None = None,
     routing: Sequence[int] | None = None,
+    bn: str = "shared",
 ) -> MSUN:
     """Builds an MSUN on a torchvision backbone.
 
@@ -278,6 +301,8 @@ def build_msun(
             enum name for a pretrained vanilla model (pretrained needs its number of classes).
         routing: Upper bounds (inclusive) of the input sizes of paths 0..K-2, strictly
             increasing; None routes each input to the smallest nominal size >= its size.
+        bn: "shared" (the published MSUN) or "private": one BatchNorm set per path in the
+            trunk, each a copy of the vanilla layer's starting state.
 
     Returns:
         The model in training mode, on the default device.
@@ -305,10 +330,10 @@ def build_msun(
         split_at=split,
         scales=scale_tuple,
         routing=route_tuple,
-        num_classes=num_classes,
         subnets=make_subnets(backbone, [*smaller, parts.shallow], scale_tuple),
         trunk=parts.trunk,
         head=parts.head,
+        bn=bn,
     )
     return model.train()
 

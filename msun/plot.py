@@ -28,7 +28,7 @@ def accuracy_vs_size(summaries: Sequence[Mapping[str, Any]], *, title: str | Non
     ax = fig.subplots()
     for r in summaries:
         label = (
-            f"{r['checkpoint']} ({r['method']}): mean {r['mean_top1']:.1f}%, "
+            f"{r['checkpoint']} ({r.get('variant', r['method'])}): mean {r['mean_top1']:.1f}%, "
             f"{r['mean_flops'] / 1e9:.2f} GFLOPs, {r['parameters'] / 1e6:.2f} M params"
         )
         ax.plot(r["sizes"], r["top1"], marker="o", label=label)

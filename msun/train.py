@@ -48,8 +48,10 @@ from msun.data import (
 from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
 from msun.losses import default_si_threshold
+from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
 from msun.model import MSUN, build_msun
 from msun.objective import Objective
+from msun.privatebn import build_scale_bn_net
 from msun.runstate import (
     RunLock,
     Trainables,
@@ -105,6 +107,16 @@ def build_network(cfg: C.TrainConfig) -> nn.Module:
             scales=cfg.scales,
             num_classes=classes,
             weights=weights,
+            bn=cfg.bn,
+        )
+    elif cfg.bn == "private":  # MST with a BatchNorm set per scale
+        model = build_scale_bn_net(
+            cfg.model,
+            scales=cfg.scales,
+            num_classes=classes,
+            image_size=cfg.image_size,
+            weights=weights,
+            seed=cfg.seed,
         )
     else:
         model = build_model(
@@ -115,11 +127,19 @@ def build_network(cfg: C.TrainConfig) -> nn.Module:
     return model.train()
 
 
-def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, str]:
-    """Architecture and method of a fine-tuning run: the ``--init-from`` checkpoint's."""
-    if init is None or not is_self_describing(init):
-        return cfg.model, cfg.method if init is None else "vanilla"
-    return str(init["config"]["arch"]), "msun" if init.get("builder") == "msun" else "vanilla"
+def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, str, str]:
+    """Architecture, method and BatchNorm mode of a fine-tuning run: the ``--init-from``
+    checkpoint's (the config records what the network is)."""
+    if init is None:
+        return cfg.model, cfg.method, cfg.bn
+    if not is_self_describing(init):
+        return cfg.model, "vanilla", "shared"
+    config, builder = init["config"], init.get("builder")
+    if builder == SCALE_BN_BUILDER:
+        return str(config["arch"]), "mst", "private"
+    if builder == BUILDER:
+        return str(config["arch"]), "msun", str(config.get("bn", "shared"))
+    return str(config["arch"]), "vanilla", "shared"
 
 
 def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, int]:
@@ -134,7 +154,7 @@ def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, i
     )
     torch.manual_seed(cfg.seed)
     replace_classifier(model, cfg.num_classes)
-    if isinstance(model, MSUN):
+    if isinstance(model, MSUN):  # a private BatchNorm's other sets get no gradient either
         routed = model.route(cfg.image_size)
         for k, subnet in enumerate(model.subnets):
             subnet.requires_grad_(k == routed)
@@ -490,8 +510,8 @@ def _configure(
     ``--split-at auto`` analysis writes), decided here once: ``_build`` builds what it says.
     """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
-    arch, method = init_arch(init, cfg)
-    cfg = dataclasses.replace(cfg, model=arch, method=method)
+    arch, method, bn = init_arch(init, cfg)
+    cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
