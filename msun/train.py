@@ -47,7 +47,6 @@ from msun.data import (
 )
 from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
-from msun.losses import default_si_threshold
 from msun.model import MSUN, build_msun
 from msun.objective import Objective
 from msun.runstate import (
@@ -493,7 +492,7 @@ def _configure(
     arch, method = init_arch(init, cfg)
     cfg = dataclasses.replace(cfg, model=arch, method=method)
     train_set, val_set, classes = make_datasets(cfg)
-    cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
+    cfg = C.resolve(cfg, num_classes=classes)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
     if cfg.num_val is None:  # a share of the run's cost, not the whole validation set
