@@ -311,7 +311,6 @@ def test_a_long_run_says_how_long_at_its_start(
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_run_without_scales_trains_the_papers_scales_at_its_image_size(tmp_path: Path) -> None:
     i = tinyrun.TRAIN.index("--scales")
     args = tinyrun.TRAIN[:i] + tinyrun.TRAIN[i + 3 :]  # the tiny run at 32 px, no --scales
