@@ -141,10 +141,6 @@ class Backbone(ABC):
         """Legal ``split_at`` values for ``model``, in forward order."""
 
     @abstractmethod
-    def default_split(self, model: nn.Module) -> str:
-        """The split point of the published configuration."""
-
-    @abstractmethod
     def split(self, model: nn.Module, split_at: str) -> Parts:
         """Cuts ``model`` so that the trunk starts at ``split_at`` (a legal split point)."""
 
@@ -167,9 +163,6 @@ class ResNetBackbone(Backbone):
 
     def split_points(self, model: nn.Module) -> list[str]:  # noqa: D102
         return list(self.stages)
-
-    def default_split(self, model: nn.Module) -> str:  # noqa: D102
-        return "layer2"
 
     def split(self, model: nn.Module, split_at: str) -> Parts:  # noqa: D102
         index = self.stages.index(split_at)
@@ -195,9 +188,6 @@ class DenseNetBackbone(Backbone):
 
     def split_points(self, model: nn.Module) -> list[str]:  # noqa: D102
         return list(self.blocks)
-
-    def default_split(self, model: nn.Module) -> str:  # noqa: D102
-        return "denseblock2"
 
     def split(self, model: nn.Module, split_at: str) -> Parts:  # noqa: D102
         features = model.get_submodule("features")
@@ -241,9 +231,6 @@ class VGGBackbone(Backbone):
         pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
         return [f"features.{i + 1}" for i in pools if i + 1 < len(features)]
 
-    def default_split(self, model: nn.Module) -> str:  # noqa: D102
-        return self.split_points(model)[2]  # after the third max-pool (features.24 for vgg16_bn)
-
     def split(self, model: nn.Module, split_at: str) -> Parts:  # noqa: D102
         shallow, trunk = _features_split(_sequential_features(model), _index(split_at))
         head = Head(
@@ -273,9 +260,6 @@ class MobileNetV2Backbone(Backbone):
 
     def split_points(self, model: nn.Module) -> list[str]:  # noqa: D102
         return [f"features.{i}" for i in range(1, len(_sequential_features(model)))]
-
-    def default_split(self, model: nn.Module) -> str:  # noqa: D102
-        return "features.10"
 
     def split(self, model: nn.Module, split_at: str) -> Parts:  # noqa: D102
         shallow, trunk = _features_split(_sequential_features(model), _index(split_at))
@@ -355,14 +339,12 @@ def split_points(arch: str) -> list[str]:
     return backbone_for(arch).split_points(meta_model(arch))
 
 
-def check_split(backbone: Backbone, model: nn.Module, arch: str, split_at: str | None) -> str:
-    """``split_at``, or the published default for None.
+def check_split(backbone: Backbone, model: nn.Module, arch: str, split_at: str) -> str:
+    """``split_at`` once checked legal for ``model`` (the published default is the recipe's).
 
     Raises:
         InputError: ``split_at`` is not a legal split point (the message lists them).
     """
-    if split_at is None:
-        return backbone.default_split(model)
     legal = backbone.split_points(model)
     if split_at not in legal:
         raise InputError(

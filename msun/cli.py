@@ -135,9 +135,7 @@ def flops(
     scales = scales or nominal_scales(size)
     tested = parse_sizes(sizes) if sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
-        model = build_msun(
-            arch, split_at=split_at, scales=scales, num_classes=num_classes, bn=bn
-        )
+        model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes, bn=bn)
     report = flops_report(model.eval(), tested, size)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -348,8 +346,10 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
 def _recalibration_images(
     data: str, image_size: int, opts: dict[str, Any], seed: int
 ) -> Recalibration:
-    """``--recalibrate-bn N``: N training images under the test images' transform, one loader
-    for every process (each must estimate the same statistics)."""
+    """``--recalibrate-bn N``: N training images under the test images' transform.
+
+    One loader for every process: each must estimate the same statistics.
+    """
     from torch.utils.data import DataLoader
 
     from ckascope.data import (

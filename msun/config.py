@@ -6,7 +6,8 @@ The recipe (docs/msun.md): SGD momentum 0.9, weight decay 2e-5 on all parameters
 0.01·lr, mixed precision, gradient clipping 1.0 for MSUN only (the authors' vanilla and MST
 trainers do not clip), 90 epochs (MobileNetV2 300). The learning rate
 scales linearly with the global batch: 0.5 per 1024 images for the ResNet family (ResNet-50's
-published setting), 0.1 per 256 for the other backbones.
+published setting), 0.1 per 256 for the other backbones. The values that differ between
+architectures (epochs, learning rate, τ, split point) are each one's record in ``msun.recipes``.
 
 ``resolve`` turns every "derive it" default (None) into the value actually used; the resolved
 config is written to the run folder and into every checkpoint.
@@ -310,16 +311,6 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def is_resnet_family(arch: str) -> bool:
-    """ResNet, ResNeXt and Wide-ResNet share ResNet-50's published learning rate."""
-    return arch.startswith(("resnet", "resnext", "wide_resnet"))
-
-
-def default_lr(arch: str, batch_size: int) -> float:
-    """The published learning rate scaled linearly to ``batch_size``."""
-    return (0.5 / 1024 if is_resnet_family(arch) else 0.1 / 256) * batch_size
-
-
 def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
@@ -433,23 +424,31 @@ def sizes_text(sizes: list[int]) -> str:
     return ",".join(map(str, sizes))
 
 
-def resolve(cfg: TrainConfig, *, num_classes: int, default_threshold: float) -> TrainConfig:
+def resolve(cfg: TrainConfig, *, num_classes: int) -> TrainConfig:
     """The config with the derived defaults filled in (the split point is the model's to fill).
+
+    Epochs, learning rate and scale-invariance dead zone come from the architecture's recipe.
 
     Args:
         cfg: The merged config.
         num_classes: Classes found in the training data (used unless set).
-        default_threshold: The published scale-invariance dead zone of the architecture.
+
+    Raises:
+        InputError: ``cfg.model`` is not supported.
     """
-    epochs = cfg.epochs or (300 if cfg.model == "mobilenet_v2" else 90)
+    # Imported here: msun.recipes loads torch, which --help and usage errors must not wait for.
+    from msun.recipes import recipe_for
+
+    recipe = recipe_for(cfg.model)
+    epochs = cfg.epochs or recipe.epochs
     return dataclasses.replace(
         cfg,
         num_classes=cfg.num_classes or num_classes,
         epochs=epochs,
         warmup_epochs=default_warmup(epochs) if cfg.warmup_epochs is None else cfg.warmup_epochs,
-        lr=cfg.lr or default_lr(cfg.model, cfg.batch_size),
+        lr=cfg.lr or recipe.lr_at(cfg.batch_size),
         si_threshold=(
-            default_threshold
+            recipe.si_threshold
             if cfg.si_threshold is None and cfg.method == "msun"
             else cfg.si_threshold
         ),

@@ -297,8 +297,10 @@ def validation_seed(seed: int) -> int:
 
 
 def recalibration_seed(seed: int) -> int:
-    """The seed of the training images ``msun eval --recalibrate-bn`` draws for a run of ``seed``
-    (apart from its validation draw, so the two sets are drawn independently)."""
+    """The seed of the training images ``msun eval --recalibrate-bn`` draws for a run of ``seed``.
+
+    Apart from its validation draw's, so the two sets are drawn independently.
+    """
     return seed + 2
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ckascope.errors import InputError
-from ckascope.execution import choose_layout, in_layout, to_layout
+from ckascope.execution import Layout, choose_layout, in_layout, to_layout
 from ckascope.fileio import json_matrix
 from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
 from ckascope.multipath import MultiPathModel, is_multipath
@@ -197,7 +197,9 @@ def evaluate(
             for i, size in enumerate(sizes):
                 for k in todo[i]:
                     with kept_statistics(model):
-                        forward = partial(_logits, model, k=k, protocol=protocol, image_size=image_size)
+                        forward = partial(
+                            _logits, model, k=k, protocol=protocol, image_size=image_size
+                        )
                         _recalibrate(model, recalibration, size, device, layout, forward)
                         score([(i, size, [k])], count_images=k == todo[i][0])
     top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
@@ -217,7 +219,7 @@ def _score(
     loader: Iterable[Any],
     counts: TopKCounts,
     device: torch.device,
-    layout: MemoryFormat,
+    layout: Layout,
     protocol: Protocol,
     image_size: int,
     amp_dtype: torch.dtype | None,
@@ -246,7 +248,7 @@ def _recalibrate(
     batches: Iterable[Any],
     size: int,
     device: torch.device,
-    layout: MemoryFormat,
+    layout: Layout,
     forward: Callable[[Tensor], Tensor],
 ) -> None:
     """BatchNorm statistics of ``model`` re-estimated on ``batches`` at the test size ``size``.
@@ -445,7 +447,11 @@ def load_for_eval(path: Path) -> Loaded:
         train.get("eval_sizes"),
         str(train.get("data", "shapes")),
     )
-    bn = "private" if isinstance(model, ScaleBNNet) or getattr(model, "bn", "") == "private" else "shared"
+    bn = (
+        "private"
+        if isinstance(model, ScaleBNNet) or getattr(model, "bn", "") == "private"
+        else "shared"
+    )
     return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)), bn)
 
 
@@ -565,6 +571,7 @@ def _passes(
         return None
     if recalibration is None:
         return len(loader)
-    per_size = cast(MultiPathModel, model).num_paths if is_multipath(model) and paths == "all" else 1
+    per_size = (
+        cast(MultiPathModel, model).num_paths if is_multipath(model) and paths == "all" else 1
+    )
     return len(loader) * len(sizes) * per_size
-

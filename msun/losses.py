@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from ckascope.errors import InputError
-from msun.backbones import backbone_for
+from msun.recipes import recipe_for
 
 PAIRS = ("all", "largest")
 
@@ -26,13 +26,12 @@ PAIRS = ("all", "largest")
 def default_si_threshold(arch: str) -> float:
     """The authors' dead-zone threshold tau: 0.01 for the ResNet family, 0.001 for the others.
 
-    Every ResNet-family file of the authors' code (resnet18_l2, resnext50_l2, resnet50) uses
-    0.01; DenseNet, VGG and MobileNetV2 use 0.001.
+    The architecture's recipe holds it (``msun.recipes``, where its source is cited).
 
     Raises:
         InputError: ``arch`` is not supported.
     """
-    return 0.01 if backbone_for(arch).family == "resnet" else 0.001
+    return recipe_for(arch).si_threshold
 
 
 def path_pairs(num_paths: int, pairs: str) -> list[tuple[int, int]]:

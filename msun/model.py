@@ -26,6 +26,7 @@ from ckascope.views import resize as resize_images
 from ckascope.vocab import Protocol
 from msun.backbones import Head, backbone_for, check_split, classifier, make_subnets
 from msun.privatebn import check_bn, privatize, use_bn_set
+from msun.recipes import recipe_for
 
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
 MAX_SUBNETS = 5
@@ -317,6 +318,8 @@ def build_msun(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     vanilla = _vanilla(arch, weights, num_classes)
+    if split_at is None:
+        split_at = recipe_for(arch).default_split
     split = check_split(backbone, vanilla, arch, split_at)
     parts = backbone.split(vanilla, split)
     # Each smaller subnet from its own model, built after the largest path's: with the same

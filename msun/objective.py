@@ -106,8 +106,7 @@ def ensemble_distillation(logits: list[Tensor]) -> list[Tensor]:
     teacher = torch.stack([lg.detach().float() for lg in logits]).mean(0)  # (B, classes)
     target = F.softmax(teacher, dim=1)
     return [
-        F.kl_div(F.log_softmax(lg.float(), dim=1), target, reduction="batchmean")
-        for lg in logits
+        F.kl_div(F.log_softmax(lg.float(), dim=1), target, reduction="batchmean") for lg in logits
     ]
 
 

@@ -97,7 +97,8 @@ class PrivateBatchNorm2d(nn.Module):
     def reset_running_stats(self) -> None:
         """Every set's statistics back to mean 0, variance 1, no batches (as BatchNorm's)."""
         if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
+            assert self.running_mean is not None
+            assert self.running_var is not None
             assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
@@ -146,7 +147,7 @@ def privatize(module: nn.Module, num_sets: int) -> int:
     for name, bn in found:
         parent, _, child = name.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
-        setattr(owner, child, PrivateBatchNorm2d.from_batchnorm(bn, num_sets))  # type: ignore[arg-type]
+        setattr(owner, child, PrivateBatchNorm2d.from_batchnorm(bn, num_sets))
     return len(found)
 
 
@@ -224,11 +225,16 @@ class ScaleBNNet(nn.Module):
 
     def route(self, size: int) -> int:
         """The set serving inputs of ``size``."""
-        return next((k for k, bound in enumerate(self.routing) if size <= bound), len(self.scales) - 1)
+        return next(
+            (k for k, bound in enumerate(self.routing) if size <= bound), len(self.scales) - 1
+        )
 
     def forward_path(self, x: Tensor, k: int, *, protocol: Protocol = "upsample") -> Tensor:
-        """Logits (B, num_classes) with set k; ``upsample`` first resizes x (B, 3, H, W) to
-        ``image_size`` (the input MST trains on), ``native`` feeds it as it is."""
+        """Logits (B, num_classes) of images x (B, 3, H, W) with BatchNorm set k.
+
+        ``upsample`` first resizes x to ``image_size`` (the input MST trains on), ``native``
+        feeds it as it is.
+        """
         check_protocol(protocol)
         if not 0 <= k < self.num_paths:
             raise InputError(
@@ -305,7 +311,10 @@ def build_scale_bn_net(
     route_tuple = check_routing(routing, scale_tuple)
     pretrained = weights is not None and weights.lower() != "none"
     net = build_model(
-        arch, weights if pretrained else "none", num_classes=None if pretrained else num_classes, seed=seed
+        arch,
+        weights if pretrained else "none",
+        num_classes=None if pretrained else num_classes,
+        seed=seed,
     )
     if privatize(net, len(scale_tuple)) == 0:
         raise InputError(

@@ -13,8 +13,9 @@ Three things live here:
   rank 0 writes the analysis beside the run. A resumed run keeps the split it chose.
 - ``resolve_split``: the one place ``msun train`` decides its split point (and an MSUN's scales).
 
-What a split point means (the legal ones, the published default, how a model is cut there) is
-``msun.backbones``'; the rule that picks one from an analysis is ``ckascope.split``'s.
+What a split point means (the legal ones, how a model is cut there) is ``msun.backbones``'; the
+published default is the architecture's recipe (``msun.recipes``); the rule that picks one from
+an analysis is ``ckascope.split``'s.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from msun.backbones import backbone_for, check_split, meta_model, split_points, 
 from msun.config import TrainConfig
 from msun.flops import flops_report
 from msun.model import build_msun
+from msun.recipes import recipe_for
 
 #: Images of the on-the-fly analysis (the paper used 1280; this is a quick, stable estimate).
 ANALYSIS_IMAGES = 512
@@ -210,5 +212,6 @@ def resolve_split(
         return str(fine_tuned["split_at"]), tuple(fine_tuned["scales"])
     if cfg.split_at == "auto":
         return choose(cfg, saved, info), scales
+    split_at = recipe_for(cfg.model).default_split if cfg.split_at is None else cfg.split_at
     backbone = backbone_for(cfg.model)
-    return check_split(backbone, meta_model(cfg.model), cfg.model, cfg.split_at), scales
+    return check_split(backbone, meta_model(cfg.model), cfg.model, split_at), scales

@@ -35,6 +35,7 @@ from ckascope.models import build_model, is_self_describing, model_from_checkpoi
 from ckascope.progress import Reporter, make_progress
 from msun import config as C
 from msun.backbones import classifier
+from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
 from msun.data import (
     PlanSampler,
     default_num_val,
@@ -47,8 +48,6 @@ from msun.data import (
 )
 from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
-from msun.losses import default_si_threshold
-from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
 from msun.model import MSUN, build_msun
 from msun.objective import Objective
 from msun.privatebn import build_scale_bn_net
@@ -128,8 +127,10 @@ def build_network(cfg: C.TrainConfig) -> nn.Module:
 
 
 def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, str, str]:
-    """Architecture, method and BatchNorm mode of a fine-tuning run: the ``--init-from``
-    checkpoint's (the config records what the network is)."""
+    """Architecture, method and BatchNorm mode of a fine-tuning run: the ``--init-from``'s.
+
+    The config then records what the network is.
+    """
     if init is None:
         return cfg.model, cfg.method, cfg.bn
     if not is_self_describing(init):
@@ -513,7 +514,7 @@ def _configure(
     arch, method, bn = init_arch(init, cfg)
     cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
-    cfg = C.resolve(cfg, num_classes=classes, default_threshold=default_si_threshold(cfg.model))
+    cfg = C.resolve(cfg, num_classes=classes)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
     if cfg.num_val is None:  # a share of the run's cost, not the whole validation set

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,9 +13,14 @@ import yaml
 from click.testing import CliRunner
 
 import msun
+from ckascope.distributed import DistInfo
+from ckascope.errors import InputError
 from msun import build_msun, save_checkpoint
+from msun.backbones import backbone_for, meta_model
 from msun.cli import main
-from msun.config import paper_sizes, parse_sizes, sizes_text
+from msun.config import TrainConfig, merge, paper_sizes, parse_sizes, resolve, sizes_text
+from msun.recipes import list_recipes, recipe_for
+from msun.splits import resolve_split
 from tests import tinyrun
 
 ONE_STEP = [*tinyrun.TRAIN, "--steps-per-epoch", "1", "--lr", "0.5"]
@@ -45,6 +51,107 @@ def test_vanilla_and_mst_are_not_clipped_by_default_msun_is(tmp_path: Path) -> N
     assert _config(tmp_path / "msun")["grad_clip"] == 1.0
     _weights(tmp_path / "mst", "--method", "mst")
     assert _config(tmp_path / "mst")["grad_clip"] == 0.0
+
+
+# The published recipe (docs/msun.md), stated here apart from msun.recipes: the ResNet family
+# trains at 0.5 per 1024 images with tau 0.01, the other backbones at 0.1 per 256 with tau
+# 0.001; 90 epochs, MobileNetV2 300; the split points msun.backbones' adapters gave as their
+# default before msun.recipes held them (VGG: after the third max-pool).
+RESNET_FAMILY = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+PUBLISHED_SPLITS = {
+    **dict.fromkeys(RESNET_FAMILY, "layer2"),
+    **dict.fromkeys(("densenet121", "densenet161", "densenet169", "densenet201"), "denseblock2"),
+    "vgg11": "features.11",
+    "vgg11_bn": "features.15",
+    "vgg13": "features.15",
+    "vgg13_bn": "features.21",
+    "vgg16": "features.17",
+    "vgg16_bn": "features.24",
+    "vgg19": "features.19",
+    "vgg19_bn": "features.27",
+    "mobilenet_v2": "features.10",
+}
+
+
+def _published_lr(arch: str, batch_size: int) -> float:
+    return (0.5 / 1024 if arch in RESNET_FAMILY else 0.1 / 256) * batch_size
+
+
+def test_every_supported_architecture_has_one_recipe() -> None:
+    assert [r.arch for r in list_recipes()] == list(msun.supported_archs())
+    assert set(PUBLISHED_SPLITS) == set(msun.supported_archs())  # this test states them all
+
+
+@pytest.mark.parametrize("arch", msun.supported_archs())
+def test_each_recipe_is_the_published_one(arch: str) -> None:
+    recipe = recipe_for(arch)
+    resnet = arch in RESNET_FAMILY
+    assert recipe.arch == arch
+    assert recipe.family == backbone_for(arch).family
+    assert (recipe.family == "resnet") == resnet
+    assert (recipe.lr, recipe.lr_batch) == ((0.5, 1024) if resnet else (0.1, 256))
+    assert recipe.lr_at(512) == _published_lr(arch, 512)  # bit for bit
+    assert recipe.epochs == (300 if arch == "mobilenet_v2" else 90)
+    assert recipe.si_threshold == (0.01 if resnet else 0.001)
+    assert recipe.default_split == PUBLISHED_SPLITS[arch]
+
+
+@pytest.mark.parametrize("arch", [a for a in msun.supported_archs() if a.startswith("vgg")])
+def test_vgg_splits_after_its_third_max_pool(arch: str) -> None:
+    features = meta_model(arch).get_submodule("features")
+    pools = [i for i, m in enumerate(features) if isinstance(m, torch.nn.MaxPool2d)]
+    assert recipe_for(arch).default_split == f"features.{pools[2] + 1}"
+
+
+@pytest.mark.parametrize("arch", msun.supported_archs())
+def test_the_run_takes_the_architectures_recipe(arch: str) -> None:
+    recipe = recipe_for(arch)
+    cfg = resolve(TrainConfig(model=arch, batch_size=512), num_classes=10)
+    assert (cfg.epochs, cfg.lr, cfg.si_threshold) == (
+        recipe.epochs,
+        _published_lr(arch, 512),
+        recipe.si_threshold,
+    )
+    assert resolve(TrainConfig(model=arch, method="vanilla"), num_classes=10).si_threshold is None
+    cpu = DistInfo(0, 1, torch.device("cpu"))
+    split, _ = resolve_split(TrainConfig(model=arch, scales=(16, 32)), None, None, cpu)
+    assert split == recipe.default_split
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "vgg11", "mobilenet_v2"])
+def test_an_msun_built_without_a_split_takes_the_recipes(arch: str) -> None:
+    with torch.device("meta"):
+        model = build_msun(arch, scales=(16, 32), num_classes=10)
+    assert model.split_at == recipe_for(arch).default_split
+
+
+def test_given_values_win_over_the_recipe() -> None:
+    given = TrainConfig(model="mobilenet_v2", epochs=3, lr=0.2, si_threshold=0.5)
+    cfg = resolve(given, num_classes=10)
+    assert (cfg.epochs, cfg.lr, cfg.si_threshold) == (3, 0.2, 0.5)
+
+
+def test_an_unknown_architecture_has_no_recipe_and_gets_a_hint() -> None:
+    with pytest.raises(InputError, match=r"Hint: did you mean .*resnet50"):
+        recipe_for("resnet5")
+    with pytest.raises(InputError, match="supported"):
+        resolve(TrainConfig(model="alexnet"), num_classes=10)
+
+
+def test_a_recipe_is_read_only() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe_for("resnet50").epochs = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -116,7 +223,6 @@ def test_amp_auto_is_stored_resolved_so_a_device_change_cannot_slip_in(tmp_path:
 
 
 def test_runs_made_under_the_older_defaults_still_resume(tmp_path: Path) -> None:
-    from msun.config import TrainConfig
     from msun.runstate import check_resume
 
     cfg = TrainConfig(method="msun", amp="none", grad_clip=0.0, si_threshold=0.01, out="r")
@@ -128,10 +234,8 @@ def test_runs_made_under_the_older_defaults_still_resume(tmp_path: Path) -> None
 
 
 def test_the_warm_up_is_the_recipes_share_of_a_shorter_run() -> None:
-    from msun.config import TrainConfig, resolve
-
     def warmup(**options: object) -> float | None:
-        return resolve(TrainConfig(**options), num_classes=10, default_threshold=0.01).warmup_epochs  # type: ignore[arg-type]
+        return resolve(TrainConfig(**options), num_classes=10).warmup_epochs  # type: ignore[arg-type]
 
     assert warmup(epochs=90) == 5.0
     assert warmup(epochs=300) == 5.0  # the cap: the recipe's 5 epochs
@@ -141,12 +245,9 @@ def test_the_warm_up_is_the_recipes_share_of_a_shorter_run() -> None:
 
 
 def test_a_run_made_with_the_old_five_epoch_warm_up_names_the_flag_to_resume_it() -> None:
-    from msun.config import TrainConfig, resolve
     from msun.runstate import check_resume
 
-    cfg = resolve(
-        TrainConfig(method="vanilla", epochs=2, out="r"), num_classes=10, default_threshold=0.01
-    )
+    cfg = resolve(TrainConfig(method="vanilla", epochs=2, out="r"), num_classes=10)
     saved = {**cfg.to_dict(), "warmup_epochs": 5.0}
     with pytest.raises(Exception, match=r"older defaults: --warmup-epochs 5"):
         check_resume({"train_config": saved}, cfg)
@@ -159,19 +260,16 @@ def test_a_run_made_with_the_old_five_epoch_warm_up_names_the_flag_to_resume_it(
 def test_default_scales_are_the_papers_at_the_image_size(
     image_size: int, expected: tuple[int, ...]
 ) -> None:
-    from msun.config import TrainConfig, merge
-
     assert TrainConfig(image_size=image_size).scales == expected
     assert merge({"image_size": image_size}).scales == expected  # a config file or flags
     assert TrainConfig(image_size=image_size, scales=(8, 16)).scales == (8, 16)  # given: kept
 
 
 def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
-    from msun.config import TrainConfig, resolve
     from msun.data import MIN_VALIDATION, default_num_val
 
     def images(steps: int, available: int = 10_000, **options: object) -> int:
-        cfg = resolve(TrainConfig(**options), num_classes=10, default_threshold=0.01)  # type: ignore[arg-type]
+        cfg = resolve(TrainConfig(**options), num_classes=10)  # type: ignore[arg-type]
         return default_num_val(cfg, steps, available)
 
     common = {"image_size": 28, "scales": (4, 16, 28), "batch_size": 64, "epochs": 6}
@@ -212,7 +310,6 @@ def test_a_long_run_says_how_long_at_its_start(
     assert re.search(r"this run needs about [\d.]+ h more on cpu \(2 steps left", result.output)
 
 
-@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_run_without_scales_trains_the_papers_scales_at_its_image_size(tmp_path: Path) -> None:
     i = tinyrun.TRAIN.index("--scales")
