@@ -17,6 +17,7 @@ from ckascope.multipath import PathView, is_multipath
 from ckascope.result import CKAResult
 from msun import build_msun, save_checkpoint
 from msun.cli import main as msun_main
+from msun.privatebn import PrivateBatchNorm2d, build_scale_bn_net
 from tests import reference as ref
 from tests import tinyrun
 
@@ -207,3 +208,41 @@ def test_split_at_auto_under_torchrun_runs_the_analysis_on_every_rank(tmp_path: 
     assert (run / "split-analysis" / "suggestion.json").is_file()
     saved = CKAResult.load(run / "split-analysis")
     assert saved.settings["world_size"] == 2
+
+
+def test_a_private_batchnorm_network_compares_each_scale_with_its_own_set(data) -> None:
+    """Scale 16 runs with BatchNorm set 0 (16 px, back up to 32), scale 32 with set 1."""
+    torch.manual_seed(0)
+    net = build_scale_bn_net("resnet18", scales=(16, 32), num_classes=10, image_size=32)
+    with torch.no_grad():  # sets that differ, so a wrong set would show
+        for m in net.modules():
+            if isinstance(m, PrivateBatchNorm2d):
+                m.running_mean[0].normal_()
+    net.eval()
+    layers = ["layer1.1", "layer3.1"]
+    result = compare_scales(
+        net, data, (16, 32), layers=layers, image_size=32, batch_size=8, num_images=16
+    )
+    assert result.settings["paths"] == [0, 1]
+    feats: dict[str, torch.Tensor] = {}
+    hooks = [
+        net.net.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: feats.__setitem__(n, o.detach().double())
+        )
+        for n in layers
+    ]
+    batches_a, batches_b = [], []
+    idx = subset_indices(len(data), None, 0)
+    try:
+        with torch.no_grad():
+            for start in (0, 8):
+                images = torch.stack([data[i][0] for i in idx[start : start + 8]])
+                small = F.interpolate(images, size=16, mode="bilinear", align_corners=False)
+                net.forward_path(small, 0)
+                batches_a.append([feats[n].numpy() for n in layers])
+                net.forward_path(images, 1)
+                batches_b.append([feats[n].numpy() for n in layers])
+    finally:
+        for h in hooks:
+            h.remove()
+    np.testing.assert_allclose(result.matrix, ref.minibatch_cka(batches_a, batches_b), atol=1e-6)

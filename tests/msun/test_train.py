@@ -171,8 +171,12 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: P
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) -> None:
-    common = ["--method", "msun", "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0"]
+@pytest.mark.parametrize("bn", ["shared", "private"])
+def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path, bn: str) -> None:
+    common = [
+        *["--method", "msun", "--bn", bn, "--epochs", "1", "--steps-per-epoch", "3"],
+        *["--workers", "0"],
+    ]
     one = subprocess.run(
         _subprocess(*common, "--accum-steps", "2", "--out", str(tmp_path / "one")),
         env=_env(),
@@ -205,7 +209,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path) 
         k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     ]
     torch.manual_seed(0)  # the runs' initialisation (seed 0): training must have moved away from it
-    start = build_msun("resnet18", scales=(16, 32), num_classes=10).state_dict()
+    start = build_msun("resnet18", scales=(16, 32), num_classes=10, bn=bn).state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in params) > 1e-4
     for key in params:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

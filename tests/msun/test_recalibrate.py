@@ -1,0 +1,190 @@
+"""BatchNorm recalibration at the test size (msun eval --recalibrate-bn)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from ckascope.views import resize
+from msun import build_msun
+from msun.cli import main
+from msun.evaluate import evaluate
+from msun.privatebn import build_scale_bn_net
+from msun.recalibrate import kept_statistics, norm_layers, recalibrate
+from tests import tinyrun
+
+
+def _small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    ).eval()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _batches(seed: int, count: int = 3, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.rand(6, 3, size, size, generator=g) * 2 + 0.5,
+            torch.randint(0, 4, (6,), generator=g),
+        )
+        for _ in range(count)
+    ]
+
+
+def test_statistics_are_the_equal_weight_average_of_the_batches_in_float64() -> None:
+    net = _small_net()
+    batches = [x for x, _ in _batches(1)]
+    recalibrate(net, batches, net)
+    conv, bn = net[0], net[1]
+    outs = [conv(x).detach().double().numpy() for x in batches]  # (n, C, h, w) each
+    mean = np.mean([o.mean(axis=(0, 2, 3)) for o in outs], axis=0)
+    var = np.mean(
+        [o.transpose(1, 0, 2, 3).reshape(5, -1).var(axis=1, ddof=1) for o in outs], axis=0
+    )
+    np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5, atol=1e-6)
+    assert not net.training
+    assert not bn.training
+    assert not net[3].training  # dropout never switched on
+
+
+def test_kept_statistics_restores_everything_after_success_and_after_an_error() -> None:
+    net = _small_net()
+    net[1].running_mean.normal_()
+    before, tensors = _state(net), [net[1].running_mean, net[1].running_var]
+    with kept_statistics(net):
+        recalibrate(net, [x for x, _ in _batches(2)], net)
+        assert not torch.equal(net[1].running_mean, before["1.running_mean"])
+
+    def fail() -> None:
+        with kept_statistics(net):
+            recalibrate(net, [x for x, _ in _batches(3)], net)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail()
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net[1].momentum == 0.1
+    assert not net[1].training
+    assert net[1].running_mean is tensors[0]
+    assert net[1].running_var is tensors[1]
+
+
+def _trained_on(
+    net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> None:
+    """Gives ``net`` the exact average statistics of ``batches`` at ``size`` (as training would)."""
+    bn = net[1]
+    bn.reset_running_stats()
+    bn.momentum = None
+    bn.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            net(resize(x, size))
+    bn.momentum = 0.1
+    bn.eval()
+
+
+def test_same_size_and_same_images_change_nothing() -> None:
+    net, data = _small_net(), _batches(4)
+    _trained_on(net, data, 16)
+    before = _state(net)
+    plain = evaluate(net, data, [16], image_size=16)
+    again = evaluate(net, data, [16], image_size=16, recalibration=data)
+    np.testing.assert_array_equal(plain.top1, again.top1)
+    np.testing.assert_array_equal(plain.top5, again.top5)
+    assert all(torch.equal(before[k], net.state_dict()[k]) for k in before)
+
+
+def test_each_size_is_scored_with_statistics_of_its_own_size() -> None:
+    """Against a reference: statistics estimated by hand at each size, then plain evaluation."""
+    net, test, train = _small_net(), _batches(5, count=4), _batches(6)
+    _trained_on(net, train, 16)
+    before = _state(net)
+    sizes = [4, 8, 16]
+    got = evaluate(net, test, sizes, image_size=8, recalibration=train)
+    for i, size in enumerate(sizes):
+        ref = copy.deepcopy(net)
+        _trained_on(ref, [(resize(resize(x, size), 8), y) for x, y in train], 8)
+        want = evaluate(ref, test, [size], image_size=8)
+        assert got.top1[i, 0] == want.top1[0, 0], size
+        assert got.top5[i, 0] == want.top5[0, 0], size
+    assert all(torch.equal(before[k], net.state_dict()[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["msun", "mst-private"])
+def test_multi_path_models_are_recalibrated_path_by_path(kind: str) -> None:
+    torch.manual_seed(0)
+    model = (
+        build_msun("resnet18", scales=(8, 16), num_classes=4)
+        if kind == "msun"
+        else build_scale_bn_net("resnet18", scales=(8, 16), num_classes=4, image_size=16)
+    ).eval()
+    test, train = _batches(7, count=2), _batches(8, count=2)
+    before = _state(model)
+    got = evaluate(model, test, [8, 16], image_size=16, recalibration=train)
+    for i, size in enumerate([8, 16]):
+        for k in range(2):
+            ref = copy.deepcopy(model)
+            for m in norm_layers(ref):
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            with torch.no_grad():
+                for x, _ in train:
+                    ref.forward_path(resize(x, size), k)
+            ref.eval()
+            want = evaluate(ref, test, [size], image_size=16)
+            assert got.top1[i, k] == want.top1[0, k], (size, k)
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_an_empty_recalibration_set_is_refused() -> None:
+    net = _small_net()
+    with pytest.raises(Exception, match="no images to recalibrate"):
+        evaluate(net, _batches(9), [16], image_size=16, recalibration=[])
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_recalibrate_bn_is_recorded_and_labelled(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train = ["train", *tinyrun.TRAIN, "--method", "mst", "--bn", "private", "--out", str(run)]
+    assert CliRunner().invoke(main, train).exit_code == 0
+    out = tmp_path / "ev"
+    args = [
+        "eval",
+        str(run / "last.pt"),
+        "--num-val",
+        "8",
+        "--recalibrate-bn",
+        "12",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (summary,) = json.loads((out / "eval.json").read_text())
+    assert summary["recalibrate_bn"] == 12
+    assert summary["bn"] == "private"
+    assert summary["variant"] == "mst, private BN, BN recalibrated on 12"
+    assert "BN recalibrated on 12" in result.output
+    assert summary["path"] == [0, 1]  # 16 px -> set 0, 32 px -> set 1
