@@ -73,8 +73,8 @@ from ckascope.plot import curve, heatmap  # noqa: E402
 from ckascope.result import CKAResult  # noqa: E402
 from ckascope.split import suggest_split  # noqa: E402
 from ckascope.vocab import Kernel  # noqa: E402
-from msun.config import RESUMABLE_CHANGES, TrainConfig, paper_sizes  # noqa: E402
-from msun.evaluate import evaluate_checkpoints, load_for_eval  # noqa: E402
+from msun.config import RESUMABLE_CHANGES, TrainConfig, paper_sizes, saved_value  # noqa: E402
+from msun.evaluate import evaluate_checkpoints, load_for_eval, recalibration_set  # noqa: E402
 from msun.splits import choose, split_candidates  # noqa: E402
 
 ARCH = "resnet18"
@@ -91,6 +91,9 @@ METHODS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
         {"si_weight": 0.1, "si_pairs": "largest", "si_threshold": 0.0},
         "MSUN, revised SI (λ 0.1 vs largest)",
     ),
+    # The rivals (figures/README.md, design item 5): RS-Nets-style MST, MSUN's private-BN trunk.
+    "mst_pbn": ("mst", None, {"bn": "private", "distill": True}, "MST + private BN + distill."),
+    "msun_pbn": ("msun", "layer2", {"bn": "private"}, "MSUN, published SI, private-BN trunk"),
 }
 # Pre-registered (figures/README.md). The paper's claims: "far above" at the smallest size is
 # >= 10 points (the paper: +42 at 32 px), "within 1 point" at full size (the paper: 0.1-0.7).
@@ -118,6 +121,7 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
             "min_epochs": 1,
             "max_epochs": 1,
             "cka_images": 32,
+            "recalibrate_images": 16,
             "cka_repeats": 2,
             "cka_batch": 16,
             "cka_bootstrap": 100,
@@ -135,6 +139,7 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
         "min_epochs": 3,
         "max_epochs": 6,
         "cka_images": 1280,
+        "recalibrate_images": 1024,
         "cka_repeats": 10,
         "cka_batch": 128,
         "cka_bootstrap": 1000,
@@ -247,7 +252,7 @@ def matches(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """
     wanted = cfg.to_dict().items()
     fixed = {k: v for k, v in wanted if v not in (None, "auto") and k not in RESUMABLE_CHANGES}
-    return all(saved.get(k) == v for k, v in fixed.items())
+    return all(saved_value(saved, k) == v for k, v in fixed.items())
 
 
 def has_record(data: Path, run: Run) -> bool:
@@ -278,9 +283,21 @@ def has_cka(data: Path, run: Run, kernel: Kernel, s: dict[str, Any]) -> bool:
     return made and same and matches(saved["train_config"], run.config)
 
 
+def has_recalibrated(data: Path, run: Run, s: dict[str, Any]) -> bool:
+    """The run's record holds its evaluation with BatchNorm recalibrated as planned."""
+    if run.name.startswith("probe_"):  # the budget probe is not a model of the study
+        return True
+    scored = read_json(record_path(data, run)).get("evaluation_recalibrated")
+    return scored is not None and scored["recalibrate_bn"] == s["recalibrate_images"]
+
+
 def is_done(data: Path, run: Run, s: dict[str, Any]) -> bool:
-    """A record of this run and every analysis of it are in ``data``."""
-    return has_record(data, run) and all(has_cka(data, run, k, s) for k in run.kernels)
+    """A record of this run (both evaluations) and every analysis of it are in ``data``."""
+    return (
+        has_record(data, run)
+        and has_recalibrated(data, run, s)
+        and all(has_cka(data, run, k, s) for k in run.kernels)
+    )
 
 
 def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
@@ -291,16 +308,27 @@ def eval_loader(s: dict[str, Any]) -> DataLoader[Any]:
     return DataLoader(data, batch_sampler=plan_batches(keep, 250), collate_fn=collate_skip)
 
 
-def evaluation(last: Path, s: dict[str, Any]) -> dict[str, Any]:
-    """``msun eval`` of one checkpoint on the study's test images: every path, every size."""
+def evaluation(last: Path, s: dict[str, Any], *, recalibrate: bool = False) -> dict[str, Any]:
+    """``msun eval`` of one checkpoint on the study's test images at every size.
+
+    Every path as trained; with ``recalibrate``, the routed path after its BatchNorm statistics
+    are re-estimated on ``recalibrate_images`` training images at each size (the seed's draw).
+    """
+    loaded = load_for_eval(last)
+    recalibration = (
+        recalibration_set(s["data"], s["image_size"], s["recalibrate_images"], 250, loaded.seed)
+        if recalibrate
+        else None
+    )
     (ev,) = evaluate_checkpoints(
-        [load_for_eval(last)],
+        [loaded],
         eval_loader(s),
         paper_sizes(s["image_size"]),
         protocol="upsample",
-        paths="all",
+        paths="routed" if recalibrate else "all",
         device=torch.device("cpu"),
         memory_format="contiguous",  # the layout every run of the study was scored in
+        recalibration=recalibration,
     )
     return ev.summary()
 
@@ -333,7 +361,7 @@ def finish(run: Run, s: dict[str, Any], data: Path) -> None:
     analysis made with other calibration settings is made again while its checkpoint exists).
     """
     if has_record(data, run) and not (Path(run.config.out) / "last.pt").is_file():
-        print(f"fashion study: {run.name}'s checkpoint is gone; its analyses stay as they are")
+        print(f"fashion study: {run.name}'s checkpoint is gone; its data stay as they are")
         return
     if not (Path(run.config.out) / "last.pt").is_file():  # a model made anew: its analyses too
         for kernel in run.kernels:
@@ -342,15 +370,22 @@ def finish(run: Run, s: dict[str, Any], data: Path) -> None:
     for kernel in run.kernels:
         if not has_cka(data, run, kernel, s):
             cka(last, s, kernel).save(cka_folder(data, run, kernel), overwrite=True)
-    if has_record(data, run):
+    path = record_path(data, run)
+    if has_record(data, run):  # a record made before the recalibrated scores: add them
+        if not has_recalibrated(data, run, s):
+            record = read_json(path)
+            write_json(
+                path, {**record, "evaluation_recalibrated": evaluation(last, s, recalibrate=True)}
+            )
         return
     ckpt = read_checkpoint(last)
+    probe = run.name.startswith("probe_")
     record = {
         "train_config": ckpt["train_config"],
         "history": ckpt["history"],
-        "evaluation": None if run.name.startswith("probe_") else evaluation(last, s),
+        "evaluation": None if probe else evaluation(last, s),
+        "evaluation_recalibrated": None if probe else evaluation(last, s, recalibrate=True),
     }
-    path = record_path(data, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
 
@@ -430,7 +465,7 @@ def line(run: Run, data: Path, s: dict[str, Any]) -> str:
     if is_done(data, run, s):
         return f"done         {run.name}"
     if has_record(data, run):
-        return f"to do        {run.name} (its analyses: missing or made otherwise)"
+        return f"to do        {run.name} (its analyses or recalibrated scores: missing or made otherwise)"
     last = Path(run.config.out) / "last.pt"
     if last.is_file():
         epoch = read_checkpoint(last)["progress"]["epoch"]
@@ -472,9 +507,13 @@ def suggestions(s: dict[str, Any], data: Path, runs: Path, epochs: int) -> list[
 def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
     """accuracy.json and loop.json from the records there are (a partial study says so)."""
     plan = plan_of(s, epochs, runs)
-    evals = {
-        name: records(data, [plan[f"{name}_seed{seed}"] for seed in s["seeds"]]) for name in METHODS
-    }
+    evals, recal = (
+        {
+            name: records(data, [plan[f"{name}_seed{seed}"] for seed in s["seeds"]], key)
+            for name in METHODS
+        }
+        for key in ("evaluation", "evaluation_recalibrated")
+    )
     ablation = {split: ablation_point(s, data, split, plan) for split in SPLITS}
     seeds = [seed for seed in s["seeds"] if has_cka(data, plan[f"vanilla_seed{seed}"], "linear", s)]
     loop = suggestions({**s, "seeds": seeds}, data, runs, epochs)
@@ -487,6 +526,7 @@ def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
             "runs_done": done,
             "runs_planned": planned,
             "methods": {name: aggregate(e) for name, e in evals.items() if e},
+            "recalibrated": {name: aggregate(e) for name, e in recal.items() if e},
             "ablation": {split: a for split, a in ablation.items() if a is not None},
             "suggested": {str(r["seed"]): r["choice"] for r in loop},
         },
@@ -501,9 +541,10 @@ def plan_of(s: dict[str, Any], epochs: int, runs: Path = DEFAULT_RUNS) -> dict[s
     return {run.name: run for run in study_runs(s, epochs, runs)}
 
 
-def records(data: Path, runs: list[Run]) -> list[dict[str, Any]]:
-    """The evaluations of the runs whose record is there and made as planned."""
-    return [read_json(record_path(data, r))["evaluation"] for r in runs if has_record(data, r)]
+def records(data: Path, runs: list[Run], key: str = "evaluation") -> list[dict[str, Any]]:
+    """The evaluations (``key``) of the runs whose record is there, made as planned, with one."""
+    found = [read_json(record_path(data, r)).get(key) for r in runs if has_record(data, r)]
+    return [e for e in found if e is not None]
 
 
 def stats(values: Any) -> dict[str, Any]:
@@ -618,32 +659,85 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
     ]
 
 
+def rival_verdict(acc: dict[str, Any], recal: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """Criteria 5 and 6 (figures/README.md), on the seed means; a criterion without its runs
+    is left out."""
+    out = []
+    if "msun" in acc and "vanilla" in recal:
+        (a, sa), (b, sb) = _at(acc["msun"], "smallest"), _at(recal["vanilla"], "smallest")
+        rivals = ", ".join(
+            f"vs {label} {a - _at(table[n], 'smallest')[0]:+.2f}"
+            for n, table, label in (
+                ("mst_pbn", acc, "MST + private BN"),
+                ("mst_pbn", recal, "MST + private BN recalibrated"),
+            )
+            if n in table
+        )
+        out.append(
+            (
+                "MSUN beats vanilla with BN recalibration at the smallest size",
+                a - b > 0 and a - b > max(sa, sb),
+                f"{a:.2f} vs {b:.2f}: {a - b:+.2f} (larger seed std {max(sa, sb):.2f})"
+                + (f"; {rivals}" if rivals else ""),
+            )
+        )
+    if "msun_pbn" in acc and "vanilla" in acc:
+        gap = _at(acc["vanilla"], "full")[0] - _at(acc["msun_pbn"], "full")[0]
+        before = (
+            f"; the published MSUN's gap: {_at(acc['vanilla'], 'full')[0] - _at(acc['msun'], 'full')[0]:+.2f}"
+            if "msun" in acc
+            else ""
+        )
+        out.append(
+            (
+                f"A private-BN trunk brings MSUN within {WITHIN:g} point of vanilla at full size",
+                gap <= WITHIN,
+                f"vanilla - MSUN + private-BN trunk = {gap:+.2f} points{before}",
+            )
+        )
+    return out
+
+
+def _at(a: dict[str, Any], key: str) -> tuple[float, float]:
+    return a[key]["mean"], a[key]["std"]
+
+
 # ----------------------------------------------------------------------------- drawing
 
 
-def accuracy_figure(acc: dict[str, Any], epochs: int) -> Figure:
-    """Routed top-1 vs test size, mean ± std over seeds; MSUN's best path per size dashed."""
-    fig = Figure(figsize=(8, 6.5), layout="constrained")
-    ax = fig.subplots()
-    for i, (name, a) in enumerate(acc.items()):
-        mean, std = np.array(a["routed"]["mean"]), np.array(a["routed"]["std"])
-        m, sd = a["mean"]["mean"], a["mean"]["std"]
-        spread = f" ± {sd:.1f}" if a["seeds"] > 1 else ""  # one seed has no spread
-        label = f"{METHODS[name][3]}: mean {m:.1f}{spread}% ({_seeds(a['seeds'])})"
-        ax.plot(a["sizes"], mean, marker="o", color=f"C{i}", label=label)
-        ax.fill_between(a["sizes"], mean - std, mean + std, color=f"C{i}", alpha=0.2)
-        if METHODS[name][0] == "msun":
-            best = a["best_path"]["mean"]
-            label = "  best path per size (chosen on the test set)"
-            ax.plot(a["sizes"], best, ls="--", color=f"C{i}", alpha=0.7, label=label)
-    ax.set_xticks(next(iter(acc.values()))["sizes"])
-    ax.set_xlabel("test image size (px; trained at 28)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
-    ax.set_title(f"Fashion-MNIST, resnet18, {epochs} epochs, routed top-1 (mean ± std over seeds)")
+def accuracy_figure(acc: dict[str, Any], recal: dict[str, Any], epochs: int) -> Figure:
+    """Routed top-1 vs test size, mean ± std over seeds: as trained (MSUN's best path per size
+    dashed) and, beside it, with BatchNorm recalibrated at each size."""
+    panels = [(acc, "as trained")] + (
+        [(recal, "BatchNorm recalibrated at each size")] if recal else []
+    )
+    fig = Figure(figsize=(8 * len(panels), 6.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = {name: f"C{i}" for i, name in enumerate(METHODS)}
+    for ax, (table, what) in zip(axes, panels, strict=True):
+        for name, a in table.items():
+            _accuracy_curves(ax, name, a, colours[name], oracle=table is acc)
+        ax.set_xticks(next(iter(table.values()))["sizes"])
+        ax.set_xlabel("test image size (px; trained at 28)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{what}: routed top-1 (mean ± std over seeds)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Fashion-MNIST, resnet18, {epochs} epochs")
     return fig
+
+
+def _accuracy_curves(ax: Any, name: str, a: dict[str, Any], colour: str, *, oracle: bool) -> None:
+    mean, std = np.array(a["routed"]["mean"]), np.array(a["routed"]["std"])
+    m, sd = a["mean"]["mean"], a["mean"]["std"]
+    spread = f" ± {sd:.1f}" if a["seeds"] > 1 else ""  # one seed has no spread
+    label = f"{METHODS[name][3]}: mean {m:.1f}{spread}% ({_seeds(a['seeds'])})"
+    ax.plot(a["sizes"], mean, marker="o", ms=4, color=colour, label=label)
+    ax.fill_between(a["sizes"], mean - std, mean + std, color=colour, alpha=0.2)
+    if oracle and METHODS[name][0] == "msun":
+        label = "  best path per size (chosen on the test set)"
+        ax.plot(a["sizes"], a["best_path"]["mean"], ls="--", color=colour, alpha=0.7, label=label)
 
 
 def budget_figure(saved: dict[str, Any]) -> Figure:
@@ -763,6 +857,60 @@ def accuracy_markdown(acc: dict[str, Any], settings: dict[str, Any]) -> list[str
     return lines
 
 
+def recalibration_markdown(acc: dict[str, Any], recal: dict[str, Any], images: int) -> list[str]:
+    """Each method as trained and with BatchNorm recalibrated at each size, side by side."""
+    if not recal:
+        return []
+    lines = [
+        "## BatchNorm recalibrated at each test size (FixRes-style)",
+        "",
+        f"Routed top-1 (%) with every BatchNorm's statistics re-estimated before each test size on "
+        f"{images} training images brought to it (`msun eval --recalibrate-bn {images}`), beside "
+        "the same models as trained; mean ± std over seeds.",
+        "",
+        _row(
+            [
+                "method",
+                "seeds",
+                "mean",
+                "mean, recal.",
+                "4 px",
+                "4 px, recal.",
+                "28 px",
+                "28 px, recal.",
+            ]
+        ),
+        _row(["---"] + ["---:"] * 7),
+    ]
+    for name, r in recal.items():
+        a = acc[name]
+        cells = [_pm(x[key]) for key in ("mean", "smallest", "full") for x in (a, r)]
+        lines.append(_row([METHODS[name][3], str(r["seeds"]), *cells]))
+    return [*lines, ""]
+
+
+def rival_state(acc: dict[str, Any], recal: dict[str, Any], planned: int) -> str:
+    """ " (provisional: k of n seeds)" while a method criteria 5-6 compare lacks seeds, else ""."""
+    names = ("msun", "vanilla", "msun_pbn", "mst_pbn")
+    fewest = min(t[n]["seeds"] for t in (acc, recal) for n in names if n in t)
+    return f" (provisional: {fewest} of {planned} seeds)" if fewest < planned else ""
+
+
+def rival_markdown(acc: dict[str, Any], recal: dict[str, Any], planned: int) -> list[str]:
+    """Criteria 5 and 6, labelled provisional while their methods lack seeds."""
+    rows = rival_verdict(acc, recal)
+    if not rows:
+        return []
+    lines = [
+        f"## Verdict on the rivals (pre-registered criteria 5 and 6){rival_state(acc, recal, planned)}",
+        "",
+        _row(["criterion", "met", "evidence"]),
+        _row(["---"] * 3),
+    ]
+    lines += [_row([c, "yes" if ok else "**no**", e]) for c, ok, e in rows]
+    return [*lines, ""]
+
+
 def verdict_markdown(acc: dict[str, Any], planned: int) -> list[str]:
     if not all(n in acc for n in ("vanilla", "mst")):
         return [
@@ -870,7 +1018,9 @@ def results_markdown(
         "",
         *budget_markdown(budget_data),
         *accuracy_markdown(acc, settings),
+        *recalibration_markdown(acc, saved.get("recalibrated", {}), settings["recalibrate_images"]),
         *verdict_markdown(acc, len(settings["seeds"])),
+        *rival_markdown(acc, saved.get("recalibrated", {}), len(settings["seeds"])),
         *loop_markdown(saved, loop),
         *time_markdown(data),
     ]
@@ -885,7 +1035,7 @@ def redraw(out: Path) -> None:
     acc, epochs = saved["methods"], saved["settings"]["epochs"]
     png(budget_figure(budget_data), out, "budget")
     if acc:
-        png(accuracy_figure(acc, epochs), out, "accuracy_vs_size")
+        png(accuracy_figure(acc, saved.get("recalibrated", {}), epochs), out, "accuracy_vs_size")
     seed0 = saved["settings"]["seeds"][0]
     drawn = [n for n in acc if (data / "cka" / f"{n}_seed{seed0}_rbf" / "result.json").is_file()]
     labels = [METHODS[n][3] for n in drawn]
@@ -954,6 +1104,12 @@ def readme_block(saved: dict[str, Any], loop: dict[str, Any], budget_data: dict[
                 for c, ok, e in verdict(acc, msun)
             ]
             lines.append("")
+    recal = saved.get("recalibrated", {})
+    rivals = rival_verdict(acc, recal)
+    if rivals:
+        lines += [f"- The rivals{rival_state(acc, recal, len(settings['seeds']))}:"]
+        lines += [f"  - {c}: **{'met' if ok else 'not met'}** ({e})" for c, ok, e in rivals]
+        lines.append("")
     lines += [*_loop_line(saved, loop), README_END]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,7 @@ from msun.config import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from msun.evaluate import Evaluated, Recalibration
+    from msun.evaluate import Evaluated
 
 # torch and everything built on it are imported inside the commands, so that --help, a usage
 # error or a typo answers at once instead of after seconds of imports.
@@ -287,6 +287,7 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         check_same_setting,
         evaluate_checkpoints,
         load_for_eval,
+        recalibration_set,
     )
 
     if opts["sizes"]:
@@ -311,7 +312,9 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     )
     check_classes(loaded, dataset, data)
     recalibration = (
-        _recalibration_images(data, image_size, opts, loaded[0].seed)
+        recalibration_set(
+            data, image_size, opts["recalibrate_bn"], opts["batch_size"], loaded[0].seed
+        )
         if opts["recalibrate_bn"]
         else None
     )
@@ -341,44 +344,6 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         close_distributed()
     if info.is_main:
         _write_eval(evaluated, out)
-
-
-def _recalibration_images(
-    data: str, image_size: int, opts: dict[str, Any], seed: int
-) -> Recalibration:
-    """``--recalibrate-bn N``: N training images under the test images' transform.
-
-    One loader for every process: each must estimate the same statistics.
-    """
-    from torch.utils.data import DataLoader
-
-    from ckascope.data import (
-        build_dataset,
-        collate_skip,
-        dataset_len,
-        default_resize,
-        eval_transform,
-        plan_batches,
-        subset_indices,
-    )
-    from msun.data import recalibration_seed
-    from msun.evaluate import Recalibration
-
-    wanted = opts["recalibrate_bn"]
-    train = build_dataset(
-        data,
-        "train",
-        eval_transform(image_size, default_resize(data, image_size)),
-        num_images=wanted,
-        seed=seed,
-        synthetic_size=image_size,
-        require_split=True,
-    )
-    count = dataset_len(train)
-    keep = subset_indices(count, wanted if wanted < count else None, recalibration_seed(seed))
-    batches = plan_batches(keep, opts["batch_size"], 0, 1, deal="images")
-    loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip, num_workers=0)
-    return Recalibration(loader, len(keep))
 
 
 def path_table(ev: Evaluated) -> Table:

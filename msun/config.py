@@ -470,7 +470,7 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_CHANGES or (plain and key in MSUN_ONLY):
             continue
-        a, b = _saved_value(saved, key), _saved_value(current, key)
+        a, b = saved_value(saved, key), saved_value(current, key)
         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
@@ -480,7 +480,8 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 ADDED_LATER: dict[str, Any] = {"bn": "shared", "distill": False}
 
 
-def _saved_value(config: Mapping[str, Any], key: str) -> Any:
+def saved_value(config: Mapping[str, Any], key: str) -> Any:
+    """Option ``key`` of a saved config; an option added later has the value runs had then."""
     return config.get(key, ADDED_LATER.get(key))
 
 

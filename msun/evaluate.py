@@ -24,8 +24,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
+from ckascope.data import (
+    build_dataset,
+    collate_skip,
+    dataset_len,
+    default_resize,
+    eval_transform,
+    plan_batches,
+    subset_indices,
+)
 from ckascope.errors import InputError
 from ckascope.execution import Layout, choose_layout, in_layout, to_layout
 from ckascope.fileio import json_matrix
@@ -35,6 +45,7 @@ from ckascope.progress import Reporter, make_progress
 from ckascope.views import check_protocol, resize
 from ckascope.vocab import MemoryFormat, Precision, Protocol
 from msun.backbones import classifier
+from msun.data import recalibration_seed
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
 from msun.privatebn import ScaleBNNet
@@ -417,6 +428,33 @@ class Recalibration:
 
     batches: Iterable[Any]
     images: int
+
+
+def recalibration_set(
+    data: str, image_size: int, count: int, batch_size: int, seed: int
+) -> Recalibration:
+    """``count`` training images of ``data`` under the test images' transform, in batches.
+
+    Drawn with ``msun.data.recalibration_seed(seed)`` (a run of ``seed``: apart from its
+    validation draw). Not shared out between processes: each must estimate the same statistics.
+
+    Raises:
+        InputError: ``data`` has no training split, or cannot be read.
+    """
+    train = build_dataset(
+        data,
+        "train",
+        eval_transform(image_size, default_resize(data, image_size)),
+        num_images=count,
+        seed=seed,
+        synthetic_size=image_size,
+        require_split=True,
+    )
+    total = dataset_len(train)
+    keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
+    batches = plan_batches(keep, batch_size, 0, 1, deal="images")
+    loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
+    return Recalibration(loader, len(keep))
 
 
 @dataclass(frozen=True)

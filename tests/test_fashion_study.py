@@ -70,7 +70,7 @@ def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     study.study(s, out, runs)
     study.redraw(out)
     planned = study.study_runs(s, 1, runs)
-    assert len(planned) == 4 * 2 + 3 * 2  # 4 methods and 3 more splits, 2 seeds each
+    assert len(planned) == 6 * 2 + 3 * 2  # 6 methods and 3 more splits, 2 seeds each
     assert study.status(s, data, runs)[0] == f"{len(planned)} of {len(planned)} runs done"
     budget = json.loads((data / "budget.json").read_text())
     assert budget["epochs"] == 1
@@ -82,6 +82,12 @@ def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
         a["seeds"] == 2 and a["sizes"] == list(range(4, 29, 2)) for a in saved["methods"].values()
     )
     assert {k: a["seeds"] for k, a in saved["ablation"].items()} == dict.fromkeys(study.SPLITS, 2)
+    assert set(saved["recalibrated"]) == set(study.METHODS)  # every model scored both ways
+    record = json.loads((data / "runs" / "mst_pbn_seed0.json").read_text())
+    assert record["train_config"]["bn"] == "private"
+    assert record["train_config"]["distill"] is True
+    assert record["evaluation_recalibrated"]["recalibrate_bn"] == s["recalibrate_images"]
+    assert record["evaluation_recalibrated"]["variant"] == "mst, private BN, BN recalibrated on 16"
     assert set(saved["suggested"]) == {"0", "1"}
     loop = json.loads((data / "loop.json").read_text())
     assert all(r["auto_split"] == r["choice"] for r in loop["seeds"])
@@ -99,11 +105,15 @@ def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     (data / "runs" / "mst_seed1.json").unlink()
     shutil.rmtree(runs / "mst_seed1")
     (data / "runs" / "ablation_layer3_seed0.json").unlink()
+    # A record made before the recalibrated scores gets them, from its checkpoint.
+    older = data / "runs" / "vanilla_seed0.json"
+    older.write_text(json.dumps({**json.loads(older.read_text()), "evaluation_recalibrated": None}))
     assert "to do        mst_seed1" in study.status(s, data, runs)
     study.study(s, out, runs)
     again = {p: p.stat().st_mtime_ns for p in runs.rglob("last.pt")}
     assert {p for p in again if again[p] != stamps.get(p)} == {runs / "mst_seed1" / "last.pt"}
     assert (data / "runs" / "ablation_layer3_seed0.json").is_file()
+    assert json.loads(older.read_text())["evaluation_recalibrated"]["recalibrate_bn"] == 16
 
 
 @pytest.mark.skipif(
@@ -128,5 +138,12 @@ def test_the_committed_study_redraws_and_its_tables_agree_with_its_records(
         assert study.aggregate(evals) == agg  # every number in the tables comes from the records
         per_size = np.array([e["top1"] for e in evals]).mean(axis=0)
         assert np.mean(per_size) == pytest.approx(agg["mean"]["mean"])
+    for name, agg in saved.get("recalibrated", {}).items():
+        evals = study.records(
+            copy / "data",
+            [plan[f"{name}_seed{s}"] for s in saved["settings"]["seeds"]],
+            "evaluation_recalibrated",
+        )
+        assert study.aggregate(evals) == agg
     for split, point in saved["ablation"].items():
         assert study.ablation_point(saved["settings"], copy / "data", split, plan) == point
