@@ -49,6 +49,10 @@ class PrivateBatchNorm2d(nn.Module):
         active: The set the next forward passes use.
     """
 
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
     def __init__(
         self,
         num_features: int,
@@ -69,12 +73,11 @@ class PrivateBatchNorm2d(nn.Module):
         shape = (num_sets, num_features)
         self.weight = nn.Parameter(torch.ones(shape)) if affine else None
         self.bias = nn.Parameter(torch.zeros(shape)) if affine else None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(shape))
-            self.register_buffer("running_var", torch.ones(shape))
-            self.register_buffer("num_batches_tracked", torch.zeros(num_sets, dtype=torch.long))
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        track = track_running_stats  # without statistics the buffers exist as None, as torch's
+        self.register_buffer("running_mean", torch.zeros(shape) if track else None)
+        self.register_buffer("running_var", torch.ones(shape) if track else None)
+        count = torch.zeros(num_sets, dtype=torch.long) if track else None
+        self.register_buffer("num_batches_tracked", count)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, num_sets: int) -> PrivateBatchNorm2d:
