@@ -1,6 +1,6 @@
 """The cost of the hooks' Grams on a CPU: centred whole or in chunks, whole or packed.
 
-``ckascope.kernels.gram_into`` centres a CPU layer's features ``CENTRE_CHUNK_BYTES`` worth of
+``ckascope.kernels.gram_into`` centres a CPU layer's features ``CENTER_CHUNK_BYTES`` worth of
 columns at a time and adds each chunk's products while the chunk is still in cache; centring
 them whole (the engine before a7a7f7c) writes a centred copy as large as the layer and reads it
 back. It computes only the blocks of the batch's ``BlockLayout`` (``ckascope.packing``: 3/4 of
@@ -57,12 +57,12 @@ def grams(feats: list[torch.Tensor], chunk_bytes: int | None, packed: bool) -> l
     packed in the batch's layout or whole (unpacked only for the check, not while timed)."""
     n = feats[0].shape[0]
     layout = BlockLayout.for_size(n) if packed else BlockLayout(n)
-    saved = kernels.CENTRE_CHUNK_BYTES
-    kernels.CENTRE_CHUNK_BYTES = chunk_bytes or max(f.numel() * 4 for f in feats)
+    saved = kernels.CENTER_CHUNK_BYTES
+    kernels.CENTER_CHUNK_BYTES = chunk_bytes or max(f.numel() * 4 for f in feats)
     try:
         return [kernels.packed_gram(f, torch.float32, layout) for f in feats]
     finally:
-        kernels.CENTRE_CHUNK_BYTES = saved
+        kernels.CENTER_CHUNK_BYTES = saved
 
 
 def check(feats: list[torch.Tensor], chunk_bytes: int | None, packed: bool) -> float:
@@ -98,7 +98,7 @@ def main() -> None:
     rows, runs = [], {}
     for workload in WORKLOADS:
         feats = features(workload, 0)
-        chunk = kernels.CENTRE_CHUNK_BYTES
+        chunk = kernels.CENTER_CHUNK_BYTES
         settings = {  # name: (chunk bytes, packed)
             "centred whole, whole Gram": (None, False),
             f"{chunk // 2**20} MiB chunks, whole Gram": (chunk, False),

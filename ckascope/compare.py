@@ -168,7 +168,7 @@ def path_side(
 
     Layers are resolved on the largest path (the vanilla structure), so presets name the same
     layer roles in every path. Under ``upsample`` the path gets the image resized to its
-    nominal size (the accuracy protocol), under ``native`` the image as it is.
+    nominal size (as for the paper's accuracy tables), under ``native`` the image as it is.
     """
     paths = cast(MultiPathModel, model)
     k = paths.route(view.size)

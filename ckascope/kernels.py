@@ -122,7 +122,7 @@ def linear_gram(x: Tensor) -> Tensor:
 
 #: Bytes of features a CPU centres at a time in ``packed_gram`` (n x width values): 4 MiB
 #: (8192 columns of float32 at n = 128) was the fastest of 1-16 MiB on the 2-core AMD EPYC VM.
-CENTRE_CHUNK_BYTES = 4 * 2**20
+CENTER_CHUNK_BYTES = 4 * 2**20
 
 
 def centered_gram(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -155,12 +155,12 @@ def packed_gram(x: Tensor, dtype: torch.dtype, layout: BlockLayout) -> Tensor:
 def centre_width(n: int, p: int, dtype: torch.dtype, device: torch.device) -> int:
     """Columns of an (n, p) layer centred at a time (see ``gram_into``).
 
-    ``CENTRE_CHUNK_BYTES`` worth on a CPU, all of them on other devices.
+    ``CENTER_CHUNK_BYTES`` worth on a CPU, all of them on other devices.
     """
     if device.type != "cpu":
         return max(p, 1)
     return min(
-        max(p, 1), max(1, CENTRE_CHUNK_BYTES // (max(n, 1) * (torch.finfo(dtype).bits // 8)))
+        max(p, 1), max(1, CENTER_CHUNK_BYTES // (max(n, 1) * (torch.finfo(dtype).bits // 8)))
     )
 
 
@@ -177,7 +177,7 @@ def gram_into(
     of their mean keep their digits (see tests/ckascope/test_stability.py). Only the layout's
     blocks are computed (5/8 of the products at depth 2), one batched product per level.
 
-    On a CPU the columns are centred ``CENTRE_CHUNK_BYTES`` worth at a time and each centred
+    On a CPU the columns are centred ``CENTER_CHUNK_BYTES`` worth at a time and each centred
     chunk's products added while the chunk is still in cache: the features are read from memory
     once, where centring them whole writes and reads back a copy as large as the layer (100 MB
     for a ResNet's first stage at 224 px and n = 128, where this halves the Gram's time; a CUDA

@@ -3,7 +3,7 @@
 Protocol (docs/msun.md): resize 256 -> centre crop 224 (the val loader) -> resize (bilinear, no
 antialias) to s for every test size s. Vanilla and MST models see the image resized back up to
 their training image size (224): the ``upsample`` protocol. An MSUN runs every path on it, each
-either resized to the path's nominal size (``upsample``, the published accuracy protocol) or
+either resized to the path's nominal size (``upsample``, as for the paper's accuracy tables) or
 fed as it is (``native``); the routed model's accuracy is that of the path its fixed routing table picks for
 s. Routing is never chosen on the evaluation set: the per-path table lets a reader see the
 oracle, the routed column is the honest number.

@@ -36,9 +36,6 @@ from msun.backbones import meta_model
 from msun.config import paper_sizes
 from msun.model import MSUN, build_msun, eval_mode
 
-#: The published evaluation's test sizes: 32, 48, ..., 224 (``paper_sizes(224)``).
-TEST_SIZES = tuple(paper_sizes(224))
-
 
 @dataclass(frozen=True)
 class Parameters:

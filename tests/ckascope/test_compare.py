@@ -81,7 +81,7 @@ def test_end_to_end_equals_independent_computation(
     memory_format: str,
 ) -> None:
     if chunk_bytes is not None:  # every layer centred in many chunks
-        monkeypatch.setattr(kernels, "CENTRE_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(kernels, "CENTER_CHUNK_BYTES", chunk_bytes)
     result = compare_scales(
         model,
         data,

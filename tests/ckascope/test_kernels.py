@@ -99,7 +99,7 @@ def test_centred_gram_in_column_chunks_is_the_reference_gram(
     # CPU features are centred a chunk of columns at a time (1, 4 or 27 float64 columns of 9
     # examples here, 8 or 55 float32 ones): every width, a remainder chunk, 4-D, half-precision
     # and channels-last features must give the Gram of the whole centred features.
-    monkeypatch.setattr(K, "CENTRE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(K, "CENTER_CHUNK_BYTES", chunk_bytes)
     x = torch.randn(9, 2, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     far = x * 0.01 + 50.0  # a spread far below the mean: centring keeps the digits
     expected = ref.linear_kernel(far.numpy())

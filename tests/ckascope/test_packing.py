@@ -83,7 +83,7 @@ def test_packed_inner_products_and_stats_match_numpy(n: int, depth: int) -> None
 def test_packed_gram_is_the_reference_gram_at_every_depth_and_chunk_width(
     monkeypatch: pytest.MonkeyPatch, n: int, depth: int, chunk_bytes: int
 ) -> None:
-    monkeypatch.setattr(K, "CENTRE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(K, "CENTER_CHUNK_BYTES", chunk_bytes)
     layout = BlockLayout(n, depth)
     x = torch.randn(n, 3, 4, 2, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     far = x * 0.01 + 50.0  # a spread far below the mean: centring keeps the digits

@@ -11,8 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import msun
 from msun.cli import main
-from msun.flops import TEST_SIZES, flops_report
+from msun.config import paper_sizes
+from msun.flops import flops_report
 from msun.model import MSUN
+
+TEST_SIZES = tuple(paper_sizes(224))  # the published evaluation's
 
 
 def _meta(arch: str, **kwargs: object) -> MSUN:
