@@ -28,6 +28,7 @@ _EXPORTS = {
     "default_si_threshold": "msun.losses",
     "flops_report": "msun.flops",
     "load_checkpoint": "msun.checkpoint",
+    "load_msun": "msun.checkpoint",
     "model_from_config": "msun.checkpoint",
     "path_flops": "msun.flops",
     "path_macs": "msun.flops",
@@ -49,6 +50,7 @@ __all__ = [
     "default_si_threshold",
     "flops_report",
     "load_checkpoint",
+    "load_msun",
     "model_from_config",
     "path_flops",
     "path_macs",
@@ -68,7 +70,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from msun.backbones import split_points, supported_archs
-    from msun.checkpoint import load_checkpoint, model_from_config, save_checkpoint
+    from msun.checkpoint import load_checkpoint, load_msun, model_from_config, save_checkpoint
     from msun.flops import count_parameters, flops_report, path_flops, path_macs, vanilla_flops
     from msun.losses import default_si_threshold, scale_invariance_loss
     from msun.model import MSUN, build_msun

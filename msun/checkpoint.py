@@ -17,6 +17,7 @@ so ckascope loads these files without importing msun until it meets one.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,8 +126,11 @@ def _check_keys(
         )
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:
+def load_msun(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:
     """Rebuilds the MSUN saved in ``path`` (through ``ckascope.models.load_checkpoint``).
+
+    ``ckascope.models.load_checkpoint`` loads any self-describing checkpoint; this one only
+    an MSUN, and says so when the file holds something else.
 
     Args:
         path: A file written by :func:`save_checkpoint`.
@@ -148,3 +152,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) ->
     model = model_from_checkpoint(ckpt, path, arch)
     assert isinstance(model, MSUN)  # the "msun" builder makes one
     return model
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, arch: str | None = None) -> MSUN:
+    """The old name of :func:`load_msun` (kept for one release; it warns)."""
+    warnings.warn(
+        "msun.load_checkpoint is now msun.load_msun (ckascope.models.load_checkpoint loads any "
+        "model); the old name goes in the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return load_msun(path, arch=arch)

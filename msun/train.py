@@ -231,7 +231,7 @@ class Loop:
         """The bare network."""
         return self.trainables.model
 
-    def plan_batches(self, loader: DataLoader[Any], batches: list[Any]) -> Iterator[Any]:
+    def iterate(self, loader: DataLoader[Any], batches: list[Any]) -> Iterator[Any]:
         """Iterates ``loader`` over ``batches``."""
         sampler = loader.batch_sampler
         assert isinstance(sampler, PlanSampler)
@@ -389,7 +389,7 @@ def train_one_epoch(
     cfg, accum = loop.cfg, loop.cfg.accum_steps
     plan = epoch_plan(dataset_len(loop.train_loader.dataset), state.epoch, cfg, loop.info)
     steps = len(plan) // accum
-    batches = loop.plan_batches(loop.train_loader, plan[state.step_in_epoch * accum :])
+    batches = loop.iterate(loop.train_loader, plan[state.step_in_epoch * accum :])
     task = bar.add_task(
         f"epoch {state.epoch + 1}/{cfg.epochs}", total=steps, completed=state.step_in_epoch
     )
@@ -440,7 +440,7 @@ def validate(loop: Loop, bar: Reporter) -> EvalResult:
     task = bar.add_task(f"validation ({len(sizes)} sizes)", total=len(plan))
     result = evaluate(
         loop.model,
-        loop.plan_batches(loop.val_loader, plan),
+        loop.iterate(loop.val_loader, plan),
         sizes,
         image_size=loop.cfg.image_size,
         paths="all",

@@ -44,7 +44,7 @@ def _same_outputs(a: MSUN, b: MSUN) -> None:
 
 
 def test_round_trip(model: MSUN, saved: Path) -> None:
-    loaded = msun.load_checkpoint(saved)
+    loaded = msun.load_msun(saved)
     assert isinstance(loaded, MSUN)
     assert not loaded.training
     assert loaded.config() == model.config()
@@ -79,8 +79,8 @@ def test_ckascope_loads_it_through_the_registry(model: MSUN, saved: Path) -> Non
 
 def test_wrong_arch(saved: Path) -> None:
     with pytest.raises(InputError, match="holds a resnet18 model, not resnet50"):
-        msun.load_checkpoint(saved, arch="resnet50")
-    assert isinstance(msun.load_checkpoint(saved, arch="resnet18"), MSUN)
+        msun.load_msun(saved, arch="resnet50")
+    assert isinstance(msun.load_msun(saved, arch="resnet18"), MSUN)
 
 
 def test_state_that_does_not_fit_the_config(saved: Path, tmp_path: Path) -> None:
@@ -88,21 +88,21 @@ def test_state_that_does_not_fit_the_config(saved: Path, tmp_path: Path) -> None
     raw["config"]["split_at"] = "layer3"
     torch.save(raw, tmp_path / "edited.pt")
     with pytest.raises(InputError, match="does not fit a resnet18 MSUN split at layer3 model"):
-        msun.load_checkpoint(tmp_path / "edited.pt")
+        msun.load_msun(tmp_path / "edited.pt")
     raw["config"]["arch"] = "resnet99"
     torch.save(raw, tmp_path / "edited.pt")
     with pytest.raises(InputError, match="supported: resnet18"):
-        msun.load_checkpoint(tmp_path / "edited.pt")
+        msun.load_msun(tmp_path / "edited.pt")
     raw["config"]["colour"] = "blue"
     torch.save(raw, tmp_path / "edited.pt")
     with pytest.raises(InputError, match=r"unknown \['colour'\]"):
-        msun.load_checkpoint(tmp_path / "edited.pt")
+        msun.load_msun(tmp_path / "edited.pt")
 
 
 def test_not_an_msun_checkpoint(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "plain.pt")
     with pytest.raises(InputError, match="is not an MSUN checkpoint"):
-        msun.load_checkpoint(tmp_path / "plain.pt")
+        msun.load_msun(tmp_path / "plain.pt")
 
 
 def test_corrupt_and_truncated_files(saved: Path, tmp_path: Path) -> None:
@@ -111,18 +111,18 @@ def test_corrupt_and_truncated_files(saved: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(InputError, match="not a readable checkpoint"):
-        msun.load_checkpoint(truncated)
+        msun.load_msun(truncated)
     with pytest.raises(InputError, match=r"garbage\.pt"):
-        msun.load_checkpoint(garbage)
+        msun.load_msun(garbage)
     with pytest.raises(InputError, match="does not exist"):
-        msun.load_checkpoint(tmp_path / "missing.pt")
+        msun.load_msun(tmp_path / "missing.pt")
 
 
 def test_pickled_code_is_refused(model: MSUN, tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"format": "ckascope-model", "builder": "msun", "extra": Payload()}, path)
     with pytest.raises(InputError, match="refusing to load"):
-        msun.load_checkpoint(path)
+        msun.load_msun(path)
 
 
 def test_reserved_extra_keys(model: MSUN, tmp_path: Path) -> None:
@@ -176,3 +176,9 @@ def test_offline_without_cached_weights_fails_fast(offline: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="--weights none"):
         msun.build_msun("resnet18", weights="imagenet")
     assert time.monotonic() - start < 15
+
+
+def test_the_old_name_still_loads_and_names_the_new_one(saved: Path) -> None:
+    with pytest.warns(FutureWarning, match="msun.load_msun"):
+        old = msun.load_checkpoint(saved)
+    assert old.config() == msun.load_msun(saved).config()
