@@ -267,7 +267,7 @@ def _recalibrate(
     Raises:
         InputError: ``batches`` held no images (the statistics would be left reset).
     """
-    inputs = (
+    inputs = (  # above the images' own size a batch comes in parts, each averaged as a batch
         to_layout(x, layout)
         for images, _ in _batches(batches, device)
         for _, x in _resized_parts(images, size, 0)
