@@ -10,15 +10,15 @@ costs no torch: ``msun --help`` answers before torch is imported (``tests/test_c
 Stability: the names in ``__all__`` are what other packages may rely on. Each keeps its name,
 its meaning and the arguments callers pass today; it grows only in ways that leave callers as
 they are (a new keyword with a default, a new name). Where it cannot, the change is made here
-and in every caller in this repository at once, and docs/design.md says so. Everything else,
-the home modules' paths included, may change without notice: a name reached through its home
-module is ckascope's own business.
+and in every caller in this repository at once. Everything else, the home modules' paths
+included, may change without notice: a name reached through its home module is ckascope's own
+business.
 
 The groups:
 
 Errors (no torch): the typed errors a command line prints as one line with a hint, exit 2 or 1.
-    ``CKAScopeError``, ``InputError``, ``WeightsUnavailableError``, and ``hint_close`` (the
-    "did you mean" part of a message).
+    ``CKAScopeError``, ``InputError``, ``WeightsUnavailableError``, and ``hint_close`` (an
+    "unknown name 'x'. Hint: did you mean ...?" message).
 
 Command line (no torch): click and rich plumbing shared by the command lines. ``FriendlyGroup``
     (one-line errors, Ctrl-C as exit 130), ``config_field`` and ``config_options`` (a config
