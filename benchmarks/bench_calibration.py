@@ -28,7 +28,7 @@ from common import describe_machine, machine_info, markdown_table, set_threads, 
 from torch.utils.data import TensorDataset
 
 from ckascope import compare_models, compare_scales
-from ckascope.models import build_model
+from ckascope.platform import build_model
 
 VARIANTS: dict[str, dict[str, int]] = {
     "plain": {},

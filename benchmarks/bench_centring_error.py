@@ -27,7 +27,7 @@ from workloads import render_pool
 
 from ckascope.kernels import centre_width
 from ckascope.layers import resolve_layers
-from ckascope.models import build_model
+from ckascope.platform import build_model
 from tests import reference as ref  # on the path through common
 
 

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ckascope
-from ckascope.compare import compare_models, compare_scales
-from ckascope.models import build_model
+from ckascope.compare import compare_models
+from ckascope.platform import build_model, compare_scales
 
 
 def mlp(depth: int, width: int, seed: int) -> nn.Sequential:

@@ -57,7 +57,7 @@ from matplotlib.ticker import NullLocator
 from peers import PeerOptions, tool_job
 from workloads import MLPSpec, ResNetSpec, Spec, pool_file, render_pool
 
-from ckascope.fileio import atomic_path
+from ckascope.platform import atomic_path
 
 COLUMNS = [
     ("median_s", "time (s)"),

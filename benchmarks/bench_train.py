@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from common import markdown_table, median_time, write_json
 
-from ckascope.distributed import DistInfo
+from ckascope.platform import DistInfo, resize
 from ckascope.shapes import SyntheticShapes
-from ckascope.views import resize
 from msun import build_msun
 from msun.config import TrainConfig
 from msun.data import PlanSampler, SeededItems, epoch_plan, make_loader, train_transform

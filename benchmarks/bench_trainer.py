@@ -35,9 +35,7 @@ from typing import Any
 import torch
 from common import describe_machine, machine_info, markdown_table, set_threads, write_json
 
-from ckascope.data import dataset_len
-from ckascope.distributed import init_distributed
-from ckascope.progress import make_progress
+from ckascope.platform import dataset_len, init_distributed, make_progress
 from msun.config import TrainConfig
 from msun.data import epoch_plan
 from msun.runstate import TrainState

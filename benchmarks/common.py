@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckascope.fileio import write_text
+from ckascope.platform import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's tests package: its float64 reference

@@ -53,7 +53,7 @@ def check_cka_tf32(device: str, api: str) -> dict[str, Any]:
     import torch
 
     from ckascope import models
-    from ckascope.compare import compare_scales
+    from ckascope.platform import compare_scales
 
     if device == "cuda" and api == "new":
         setattr(torch.backends, "fp32_precision", "tf32")  # noqa: B010 (a user's global TF32)
@@ -78,7 +78,7 @@ def check_half_models(device: str) -> dict[str, Any]:
     import torch
 
     from ckascope import models
-    from ckascope.compare import compare_scales
+    from ckascope.platform import compare_scales
 
     kwargs: dict[str, Any] = {
         "num_images": 128,
@@ -104,7 +104,7 @@ def check_syncs(device: str) -> dict[str, Any]:
     import torch
 
     from ckascope import models
-    from ckascope.compare import compare_scales
+    from ckascope.platform import compare_scales
 
     if device != "cuda":
         return {"skipped": "needs CUDA (tests/test_syncs.py counts them on the CPU)"}

@@ -27,10 +27,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ckascope.compare import compare_models, compare_scales
-from ckascope.data import build_dataset, eval_transform, plan_batches, subset_indices
+from ckascope.compare import compare_models
 from ckascope.layers import resolve_layers
-from ckascope.models import build_model
+from ckascope.platform import (
+    build_dataset,
+    build_model,
+    compare_scales,
+    eval_transform,
+    plan_batches,
+    subset_indices,
+)
 from ckascope.views import ScaleView
 
 View = Callable[[Tensor], Tensor]

@@ -56,23 +56,26 @@ sys.path.insert(0, str(HERE))  # make_figures, beside this script
 from make_figures import png  # noqa: E402
 from make_figures import run as trained  # noqa: E402
 
-from ckascope.compare import compare_scales  # noqa: E402
-from ckascope.data import (  # noqa: E402
+from ckascope.platform import (  # noqa: E402
+    CKAResult,
+    CKAScopeError,
+    Kernel,
     build_dataset,
     collate_skip,
+    compare_scales,
+    curve,
     dataset_len,
     eval_transform,
+    heatmap,
+    init_distributed,
+    load_checkpoint,
     plan_batches,
+    read_checkpoint,
     subset_indices,
+    suggest_split,
+    write_json,
+    write_text,
 )
-from ckascope.distributed import init_distributed  # noqa: E402
-from ckascope.errors import CKAScopeError  # noqa: E402
-from ckascope.fileio import write_json, write_text  # noqa: E402
-from ckascope.models import load_checkpoint, read_checkpoint  # noqa: E402
-from ckascope.plot import curve, heatmap  # noqa: E402
-from ckascope.result import CKAResult  # noqa: E402
-from ckascope.split import suggest_split  # noqa: E402
-from ckascope.vocab import Kernel  # noqa: E402
 from msun.config import RESUMABLE_CHANGES, TrainConfig, paper_sizes, saved_value  # noqa: E402
 from msun.evaluate import evaluate_checkpoints, load_for_eval, recalibration_set  # noqa: E402
 from msun.splits import choose, split_candidates  # noqa: E402

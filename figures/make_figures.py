@@ -34,22 +34,24 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from ckascope.compare import compare_scales
-from ckascope.data import (
+from ckascope.platform import (
+    CKAResult,
+    InputError,
+    Kernel,
+    atomic_path,
     build_dataset,
     collate_skip,
+    compare_scales,
+    curve,
     dataset_len,
     eval_transform,
+    heatmap,
+    load_checkpoint,
     plan_batches,
     subset_indices,
+    suggest_split,
+    write_json,
 )
-from ckascope.errors import InputError
-from ckascope.fileio import atomic_path, write_json
-from ckascope.models import load_checkpoint
-from ckascope.plot import curve, heatmap
-from ckascope.result import CKAResult
-from ckascope.split import suggest_split
-from ckascope.vocab import Kernel
 from msun.config import TrainConfig, parse_sizes
 from msun.evaluate import Evaluated, evaluate_checkpoints, load_for_eval
 from msun.plot import accuracy_vs_size

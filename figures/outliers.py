@@ -19,11 +19,16 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ckascope.data import build_dataset, eval_transform
-from ckascope.fileio import write_json
 from ckascope.functional import cka
-from ckascope.models import load_checkpoint
-from ckascope.multipath import MultiPathModel, PathView, is_multipath
+from ckascope.platform import (
+    MultiPathModel,
+    PathView,
+    build_dataset,
+    eval_transform,
+    is_multipath,
+    load_checkpoint,
+    write_json,
+)
 from ckascope.recorder import ActivationRecorder
 
 HERE = Path(__file__).resolve().parent

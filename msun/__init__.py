@@ -8,15 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ckascope import plugins
+from ckascope.platform import register
 
 __version__ = "0.1.0"
 
 # The entry points in pyproject.toml need an installed package; registering here also covers a
 # source tree on PYTHONPATH, once msun is imported (both only name the functions).
-plugins.register("model_builders", "msun", "msun.checkpoint:model_from_config")
-plugins.register("model_builders", "msun-scale-bn", "msun.checkpoint:scale_bn_from_config")
-plugins.register("split_vocabularies", "msun", "msun.splits:split_vocabulary")
+register("model_builders", "msun", "msun.checkpoint:model_from_config")
+register("model_builders", "msun-scale-bn", "msun.checkpoint:scale_bn_from_config")
+register("split_vocabularies", "msun", "msun.splits:split_vocabulary")
 
 _EXPORTS = {
     "MSUN": "msun.model",

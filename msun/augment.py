@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from ckascope.data import IMAGENET_MEAN, IMAGENET_STD, Batch
+from ckascope.platform import IMAGENET_MEAN, IMAGENET_STD, Batch
 
 #: RandomResizedCrop's default aspect-ratio range (the recipe's).
 RATIO = (3 / 4, 4 / 3)

@@ -28,7 +28,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from ckascope.errors import InputError
+from ckascope.platform import InputError
 
 RESNETS = (
     "resnet18",

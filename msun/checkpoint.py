@@ -23,9 +23,13 @@ from typing import Any
 
 from torch import nn
 
-from ckascope.errors import InputError
-from ckascope.fileio import torch_save
-from ckascope.models import CHECKPOINT_FORMAT, model_from_checkpoint, read_checkpoint
+from ckascope.platform import (
+    CHECKPOINT_FORMAT,
+    InputError,
+    model_from_checkpoint,
+    read_checkpoint,
+    torch_save,
+)
 from msun.backbones import classifier
 from msun.model import MSUN, build_msun
 from msun.privatebn import ScaleBNNet, build_scale_bn_net

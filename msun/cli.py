@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ckascope.cliutils import FriendlyGroup, config_options, make_console
-from ckascope.vocab import MEMORY_FORMATS, PROTOCOLS
+from ckascope.platform import MEMORY_FORMATS, PROTOCOLS, FriendlyGroup, config_options, make_console
 from msun import __version__
 from msun.config import (
     BN_MODES,
@@ -187,7 +186,7 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
         if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
     }
     cfg = merge(load_yaml(config_file) if config_file else {}, given)
-    from ckascope.distributed import close_distributed
+    from ckascope.platform import close_distributed
     from msun.train import main as train_main
 
     try:
@@ -270,17 +269,19 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
     """
     from torch.utils.data import DataLoader
 
-    from ckascope.data import (
+    from ckascope.platform import (
         build_dataset,
+        check_output_dir,
+        close_distributed,
         collate_skip,
         dataset_len,
         default_resize,
         eval_transform,
+        init_distributed,
+        next_free,
         plan_batches,
         subset_indices,
     )
-    from ckascope.distributed import close_distributed, init_distributed
-    from ckascope.result import check_output_dir, next_free
     from msun.data import validation_seed
     from msun.evaluate import (
         check_classes,
@@ -368,8 +369,7 @@ def path_table(ev: Evaluated) -> Table:
 def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     from rich.table import Table
 
-    from ckascope.fileio import atomic_write, write_json
-    from ckascope.result import staged_folder
+    from ckascope.platform import atomic_write, staged_folder, write_json
     from msun.evaluate import frame as eval_frame
     from msun.plot import save_accuracy_figure
 

@@ -28,9 +28,7 @@ from typing import Any
 
 import yaml
 
-from ckascope.cliutils import config_field
-from ckascope.errors import InputError, hint_close
-from ckascope.vocab import MAX_SCALE
+from ckascope.platform import MAX_SCALE, InputError, config_field, hint_close
 
 METHODS = ("msun", "mst", "vanilla")
 BN_MODES = ("shared", "private")

@@ -19,10 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from ckascope.data import (
+from ckascope.platform import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    DistInfo,
+    InputError,
     build_dataset,
     collate_skip,
     dataset_len,
@@ -31,8 +33,6 @@ from ckascope.data import (
     plan_batches,
     to_rgb,
 )
-from ckascope.distributed import DistInfo
-from ckascope.errors import InputError
 from msun.augment import BatchAugmented, in_memory_images
 from msun.config import TrainConfig, parse_sizes
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ckascope.entry import run
+from ckascope.platform import run
 
 
 def main() -> None:

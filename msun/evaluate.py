@@ -27,23 +27,33 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
-from ckascope.data import (
+from ckascope.platform import (
+    InputError,
+    Layout,
+    MemoryFormat,
+    MultiPathModel,
+    Precision,
+    Protocol,
+    Reporter,
     build_dataset,
+    check_protocol,
+    checkpoint_label,
+    choose_layout,
     collate_skip,
     dataset_len,
     default_resize,
     eval_transform,
+    in_layout,
+    is_multipath,
+    json_matrix,
+    make_progress,
+    model_from_checkpoint,
     plan_batches,
+    read_checkpoint,
+    resize,
     subset_indices,
+    to_layout,
 )
-from ckascope.errors import InputError
-from ckascope.execution import Layout, choose_layout, in_layout, to_layout
-from ckascope.fileio import json_matrix
-from ckascope.models import checkpoint_label, model_from_checkpoint, read_checkpoint
-from ckascope.multipath import MultiPathModel, is_multipath
-from ckascope.progress import Reporter, make_progress
-from ckascope.views import check_protocol, resize
-from ckascope.vocab import MemoryFormat, Precision, Protocol
 from msun.backbones import classifier
 from msun.data import recalibration_seed
 from msun.flops import flops_report, vanilla_flops

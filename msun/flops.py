@@ -31,7 +31,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ckascope.vocab import PROTOCOLS, Protocol
+from ckascope.platform import PROTOCOLS, Protocol
 from msun.backbones import meta_model
 from msun.config import paper_sizes
 from msun.model import MSUN, build_msun, eval_mode

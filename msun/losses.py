@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from ckascope.errors import InputError
+from ckascope.platform import InputError
 from msun.recipes import recipe_for
 
 PAIRS = ("all", "largest")

@@ -19,11 +19,8 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 
-from ckascope.errors import InputError
-from ckascope.models import build_model
-from ckascope.views import check_protocol
-from ckascope.views import resize as resize_images
-from ckascope.vocab import Protocol
+from ckascope.platform import InputError, Protocol, build_model, check_protocol
+from ckascope.platform import resize as resize_images
 from msun.backbones import Head, backbone_for, check_split, classifier, make_subnets
 from msun.privatebn import check_bn, privatize, use_bn_set
 from msun.recipes import recipe_for

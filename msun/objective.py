@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ckascope.multipath import is_multipath
-from ckascope.views import down_and_up, resize
+from ckascope.platform import down_and_up, is_multipath, resize
 from msun.config import TrainConfig
 from msun.losses import scale_invariance_loss
 from msun.privatebn import ScaleBNNet

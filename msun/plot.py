@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ckascope.plot import save
+from ckascope.platform import save
 from msun.evaluate import Evaluated
 
 

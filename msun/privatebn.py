@@ -26,10 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ckascope.errors import InputError
-from ckascope.models import build_model
-from ckascope.views import check_protocol, resize
-from ckascope.vocab import Protocol
+from ckascope.platform import InputError, Protocol, build_model, check_protocol, resize
 from msun.backbones import classifier
 
 BN_MODES = ("shared", "private")

@@ -25,10 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckascope.distributed import DistInfo
-from ckascope.errors import InputError
-from ckascope.fileio import torch_save, write_text
-from ckascope.models import read_checkpoint
+from ckascope.platform import DistInfo, InputError, read_checkpoint, torch_save, write_text
 from msun.checkpoint import model_payload
 from msun.config import TrainConfig, differences
 

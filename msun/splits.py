@@ -27,14 +27,21 @@ from typing import Any
 
 import torch
 
-from ckascope.cliutils import make_console
-from ckascope.compare import compare_scales
-from ckascope.distributed import DistInfo
-from ckascope.errors import InputError, WeightsUnavailableError
-from ckascope.fileio import write_json
-from ckascope.models import build_model, is_self_describing
-from ckascope.result import CKAResult
-from ckascope.split import SplitCandidate, SplitSuggestion, split_table, suggest_split
+from ckascope.platform import (
+    CKAResult,
+    DistInfo,
+    InputError,
+    SplitCandidate,
+    SplitSuggestion,
+    WeightsUnavailableError,
+    build_model,
+    compare_scales,
+    is_self_describing,
+    make_console,
+    split_table,
+    suggest_split,
+    write_json,
+)
 from msun.backbones import backbone_for, check_split, meta_model, split_points, supported_archs
 from msun.config import TrainConfig
 from msun.flops import flops_report

@@ -26,13 +26,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ckascope.cliutils import make_console
-from ckascope.data import dataset_len, warn_skipped
-from ckascope.distributed import DistInfo, init_distributed
-from ckascope.errors import CKAScopeError, InputError
-from ckascope.fileio import write_text
-from ckascope.models import build_model, is_self_describing, model_from_checkpoint, read_checkpoint
-from ckascope.progress import Reporter, make_progress
+from ckascope.platform import (
+    CKAScopeError,
+    DistInfo,
+    InputError,
+    Reporter,
+    build_model,
+    dataset_len,
+    init_distributed,
+    is_self_describing,
+    make_console,
+    make_progress,
+    model_from_checkpoint,
+    read_checkpoint,
+    warn_skipped,
+    write_text,
+)
 from msun import config as C
 from msun.backbones import classifier
 from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
