@@ -139,11 +139,11 @@ def test_the_committed_study_redraws_and_its_tables_agree_with_its_records(
         per_size = np.array([e["top1"] for e in evals]).mean(axis=0)
         assert np.mean(per_size) == pytest.approx(agg["mean"]["mean"])
     for name, agg in saved.get("recalibrated", {}).items():
-        evals = study.records(
-            copy / "data",
-            [plan[f"{name}_seed{s}"] for s in saved["settings"]["seeds"]],
-            "evaluation_recalibrated",
-        )
+        runs = [plan[f"{name}_seed{s}"] for s in saved["settings"]["seeds"]]
+        evals = study.records(copy / "data", runs, "evaluation_recalibrated")
         assert study.aggregate(evals) == agg
+        paired = study.records(copy / "data", runs, "evaluation", "evaluation_recalibrated")
+        assert len(paired) == len(evals)  # as trained: the same runs
+        assert study.aggregate(paired) == saved["recalibrated_as_trained"][name]
     for split, point in saved["ablation"].items():
         assert study.ablation_point(saved["settings"], copy / "data", split, plan) == point
