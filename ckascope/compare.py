@@ -262,7 +262,11 @@ SWEEP_CHOICES = literal_choices(SweepOptions)
 
 
 class SweepKwargs(TypedDict, total=False):
-    """``SweepOptions`` as keyword arguments, so a type checker sees what ``**sweep`` takes."""
+    """``SweepOptions`` as keyword arguments, so a type checker sees what ``**sweep`` takes.
+
+    Written out because a type checker cannot read a TypedDict built at import; a test checks
+    that it holds every field of ``SweepOptions`` with its type.
+    """
 
     kernel: Kernel
     sigma_frac: float
@@ -685,7 +689,7 @@ def _check_types(**arguments: tuple[Any, type]) -> None:
 
 
 class ViewKwargs(TypedDict, total=False):
-    """``ViewOptions`` as keyword arguments."""
+    """``ViewOptions`` as keyword arguments (checked against its fields, as ``SweepKwargs``)."""
 
     protocol: Protocol
     image_size: int | None
