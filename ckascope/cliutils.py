@@ -73,13 +73,19 @@ class FriendlyGroup(click.Group):
         return rv
 
 
-def config_field(default: Any, help: str, **extra: Any) -> Any:
+#: The default of a ``config_field`` whose option must be given (a required option).
+REQUIRED: Any = dataclasses.MISSING
+
+
+def config_field(default: Any, help: str | None, **extra: Any) -> Any:
     """A config dataclass field with what ``config_options`` makes its option from.
 
     Args:
-        default: The default value (an immutable one: configs are plain values).
-        help: The option's help text.
-        **extra: ``choices``, ``min``/``max``, ``short`` or ``flag`` (see ``config_options``).
+        default: The default value (an immutable one: configs are plain values), or
+            ``REQUIRED`` for an option that must be given.
+        help: The option's help text (None: none).
+        **extra: ``choices``, ``min``/``max``, ``short``, ``flag`` or ``option`` (see
+            ``config_options``).
     """
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
@@ -92,13 +98,14 @@ def config_options(
     A field's type hint, default and metadata (``config_field``) make its option: ``help``;
     ``choices`` or a ``Literal`` type (a ``click.Choice``); ``min``/``max`` (an
     ``IntRange``/``FloatRange``); ``short`` (e.g. ``-m``); ``flag`` (a plain on-switch instead
-    of ``--x/--no-x`` for a boolean). Paths become ``click.Path``, fixed-length tuples
-    ``nargs``. ``overrides`` gives the click keywords (type, callback, ...) of named fields
-    instead (a list option, for one).
+    of ``--x/--no-x`` for a boolean); ``option`` (a flag other than ``--field-name``; the value
+    still arrives under the field's name). Paths become ``click.Path``, fixed-length tuples
+    ``nargs``, a field without a default a required option. ``overrides`` gives the click
+    keywords (type, callback, ...) of named fields instead (a list option, for one).
 
     Raises:
-        TypeError: A field without a default, or of a type no option takes (a variable-length
-            tuple, a union other than ``X | None``) and no override.
+        TypeError: A field with a default factory, or of a type no option takes (a
+            variable-length tuple, a union other than ``X | None``) and no override.
     """
     hints = typing.get_type_hints(config)
     options = [
@@ -118,14 +125,16 @@ def _field_option(
     f: dataclasses.Field[Any], hint: Any, override: Mapping[str, Any] | None
 ) -> Callable[[F], F]:
     meta = f.metadata
-    if f.default is dataclasses.MISSING:
-        raise TypeError(f"config field {f.name!r} needs a plain default")
-    flag = "--" + f.name.replace("_", "-")
+    if f.default_factory is not dataclasses.MISSING:
+        raise TypeError(f"config field {f.name!r} needs a plain default, or none (required)")
+    flag = meta.get("option", "--" + f.name.replace("_", "-"))
     names = [flag, *([meta["short"]] if "short" in meta else [])]
-    kind = _unwrap_optional(hint)
-    kwargs: dict[str, Any] = {"help": meta["help"], "default": f.default}
+    required = f.default is dataclasses.MISSING
+    kwargs: dict[str, Any] = {"help": meta["help"]}
+    kwargs.update({"required": True} if required else {"default": f.default})
     if override is not None:
-        return click.option(*names, **{**kwargs, "show_default": True, **override})
+        return click.option(*names, f.name, **{**kwargs, "show_default": True, **override})
+    kind = _unwrap_optional(hint)
     if kind is bool:
         if not meta.get("flag"):
             names = [f"{flag}/--no-{flag[2:]}"]
@@ -134,8 +143,8 @@ def _field_option(
             kwargs["is_flag"] = True
     else:
         kwargs.update(_click_type(kind, meta))
-        kwargs["show_default"] = f.default is not None
-    return click.option(*names, **kwargs)
+        kwargs["show_default"] = not required and f.default is not None
+    return click.option(*names, f.name, **kwargs)
 
 
 def _unwrap_optional(hint: Any) -> Any:

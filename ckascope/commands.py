@@ -30,6 +30,7 @@ from ckascope.models import (
     read_checkpoint,
     weights_input_size,
 )
+from ckascope.options import SweepFields, ViewFields, values_of
 from ckascope.plot import save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import SplitCandidate, split_table, suggest_split
@@ -220,37 +221,16 @@ def figures(result: CKAResult, annotate: bool = False) -> Callable[[Path], None]
 
 def view_options(cfg: CompareConfig) -> ViewOptions:
     """How the images are prepared and resized, as the options say."""
-    return ViewOptions(
-        cfg.protocol,
-        cfg.image_size,
-        cfg.resize_size,
-        cfg.resize_mode,
-        cfg.antialias,
-    )
+    return ViewOptions(**values_of(cfg, ViewFields))
 
 
 def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
     """The sweep the options describe, for process ``rank`` of ``world``."""
     return SweepOptions(
-        kernel=cfg.kernel,
-        sigma_frac=cfg.sigma_frac,
-        bandwidth=cfg.bandwidth,
-        weighting=cfg.weighting,
-        batch_size=cfg.batch_size,
-        repeats=cfg.repeats,
-        num_images=cfg.num_images,
-        seed=cfg.seed,
-        num_workers=cfg.workers,
+        **values_of(cfg, SweepFields),
         progress=True,  # a bar on a terminal, a line every few seconds elsewhere
         rank=rank,
         world_size=world,
-        tf32=cfg.tf32,
-        gram_dtype=cfg.gram_dtype,
-        bootstrap=cfg.bootstrap,
-        ci=cfg.ci,
-        permutations=cfg.permutations,
-        memory_format=cfg.memory_format,
-        precision=cfg.precision,
     )
 
 

@@ -56,6 +56,7 @@ from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
+from ckascope.options import SweepFields, literal_choices
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
@@ -217,28 +218,21 @@ def _paths(models: Sequence[nn.Module], sizes: Sequence[int]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class SweepOptions:
-    """Options of the sweep over the images, shared by both kinds of comparison."""
+class SweepOptions(SweepFields):
+    """Options of the sweep over the images, shared by both kinds of comparison.
 
-    kernel: Kernel = "linear"
-    sigma_frac: float = 1.0
-    bandwidth: Bandwidth = "batch"
-    weighting: Weighting = "batch"
-    batch_size: int = 128
-    repeats: int = 1
-    num_images: int | None = None
-    seed: int = 0
-    num_workers: int = 0
+    The options a user sets are declared in ``ckascope.options.SweepFields`` (``ckascope
+    compare`` takes them too); these add how this process takes part.
+
+    Attributes:
+        progress: Show a progress bar (a line every few seconds without a terminal).
+        rank: This process's rank under torchrun.
+        world_size: The number of processes.
+    """
+
     progress: bool = False
     rank: int = 0
     world_size: int = 1
-    tf32: bool = False
-    gram_dtype: GramDtype = "auto"
-    bootstrap: int = 0
-    ci: float = 0.95
-    permutations: int = 0
-    memory_format: MemoryFormat = "auto"
-    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         self.check()  # at construction: the error names the field, before any work
@@ -263,16 +257,16 @@ class SweepOptions:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
 
 
-#: The sweep options that name one of a few choices.
-SWEEP_CHOICES: dict[str, tuple[str, ...]] = {
-    "bandwidth": ("batch", "first"),
-    "weighting": ("batch", "examples"),
-    "gram_dtype": ("auto", "float32", "float64"),
-}
+#: The sweep options that name one of a few choices (their ``Literal`` types say which).
+SWEEP_CHOICES = literal_choices(SweepOptions)
 
 
 class SweepKwargs(TypedDict, total=False):
-    """``SweepOptions`` as keyword arguments, so a type checker sees what ``**sweep`` takes."""
+    """``SweepOptions`` as keyword arguments, so a type checker sees what ``**sweep`` takes.
+
+    Written out because a type checker cannot read a TypedDict built at import; a test checks
+    that it holds every field of ``SweepOptions`` with its type.
+    """
 
     kernel: Kernel
     sigma_frac: float
@@ -695,7 +689,7 @@ def _check_types(**arguments: tuple[Any, type]) -> None:
 
 
 class ViewKwargs(TypedDict, total=False):
-    """``ViewOptions`` as keyword arguments."""
+    """``ViewOptions`` as keyword arguments (checked against its fields, as ``SweepKwargs``)."""
 
     protocol: Protocol
     image_size: int | None
@@ -752,8 +746,8 @@ def compare_scales(
         settings: Extra settings to record (e.g. the model's name and weights).
         **options: ``ViewOptions`` fields (protocol, image_size, resize_size, resize_mode,
             antialias) and ``SweepOptions`` fields (kernel, sigma_frac, bandwidth, weighting,
-            batch_size, repeats, num_images, seed, num_workers, progress, rank, world_size,
-            tf32, gram_dtype, bootstrap, ci, permutations, memory_format, precision).
+            batch_size, repeats, num_images, seed, num_workers, tf32, gram_dtype, bootstrap,
+            ci, permutations, memory_format, precision, progress, rank, world_size).
 
     Returns:
         The result; its matrix is (La, Lb) = (layers at s_a, layers at s_b).

@@ -1,8 +1,9 @@
 """Every option of ``ckascope compare`` and ``suggest-split``, as one typed dataclass.
 
 The command line is generated from it (``cliutils.config_options``): a field's type, default,
-help and range live in one place. Plain values only (no torch), so ``--help`` and usage errors
-answer without importing torch.
+help and range live in one place, here for what is compared and the output, in
+``ckascope.options`` for the view and sweep options the library takes too. Plain values only
+(no torch), so ``--help`` and usage errors answer without importing torch.
 
 ``resolve`` fills the defaults that depend on other options (the image size, the scales) and
 returns a new config: nothing is set as a side effect.
@@ -16,25 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ckascope.cliutils import config_field
-from ckascope.vocab import (
-    MAX_SCALE,
-    RESIZE_MODES,
-    Bandwidth,
-    GramDtype,
-    Kernel,
-    MemoryFormat,
-    Precision,
-    Protocol,
-    Weighting,
-)
+from ckascope.options import SweepFields, ViewFields
+from ckascope.vocab import MAX_SCALE
 
 #: The size of the base images when neither the weights nor the data say otherwise.
 FALLBACK_IMAGE_SIZE = 224
 
 
 @dataclass(frozen=True)
-class CompareConfig:
-    """The options of one comparison; None means "derive it" (see ``resolve``)."""
+class Subjects:
+    """What a comparison compares: the models, the images, the scales and the layers."""
 
     model: str | None = config_field(
         None, "torchvision model name (ckascope models lists them).", short="-m"
@@ -73,71 +65,15 @@ class CompareConfig:
         "blocks", "Preset (blocks|stages|leaves), names or patterns, comma-separated."
     )
     layers_b: str | None = config_field(None, "Layers of the second model (default: --layers).")
-    kernel: Kernel = config_field("linear", "CKA kernel.")
-    sigma_frac: float = config_field(1.0, "RBF bandwidth: sigma² = f² · median D².")
-    bandwidth: Bandwidth = config_field(
-        "batch", "RBF sigma per batch, or fixed from the first batch."
-    )
-    weighting: Weighting = config_field("batch", "Weight of a short batch.")
-    protocol: Protocol = config_field(
-        "upsample",
-        "upsample: back to the image size; native: fed at the scale.",
-    )
-    resize_mode: str = config_field(
-        "bilinear", "Interpolation for the scales.", choices=RESIZE_MODES
-    )
-    antialias: bool = config_field(False, "Antialias when downscaling.")
-    image_size: int | None = config_field(
-        None,
-        "Centre-crop size of the base images (the model's input size under upsample)  "
-        "[default: the size pretrained weights expect (299 inception_v3), else the data's "
-        "native size (28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
-        min=4,
-        max=MAX_SCALE,
-    )
-    resize_size: int | None = config_field(
-        None,
-        "Short side before the centre crop  [default: image size x 256/224; the image size "
-        "(whole image) for the small-image sets].",
-        min=4,
-        max=MAX_SCALE,
-    )
-    batch_size: int = config_field(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
-    num_images: int | None = config_field(
-        None, "Random subset size per sweep [default: all; 1280 synthetic].", min=1
-    )
-    repeats: int = config_field(1, "Sweeps over random permutations (the paper: 10).", min=1)
-    seed: int = config_field(0, "Seed of the image subsets and of randomly initialised models.")
+
+
+# A dataclass orders inherited fields from the last base to the first: the options (and the
+# --help) list the subjects, then the view and the sweep options, then the fields below.
+@dataclass(frozen=True)
+class CompareConfig(SweepFields, ViewFields, Subjects):
+    """The options of one comparison; None means "derive it" (see ``resolve``)."""
+
     device: str = config_field("auto", "auto | cpu | cuda | cuda:N.")
-    workers: int = config_field(0, "DataLoader worker processes.", min=0)
-    tf32: bool = config_field(
-        False, "Let CUDA convolutions use TF32 (faster on Ampere and later, ~1e-3 off in CKA)."
-    )
-    gram_dtype: GramDtype = config_field("auto", "Precision of the Grams.")
-    memory_format: MemoryFormat = config_field(
-        "auto",
-        "Layout of the forward passes' feature maps (auto: channels_last for CNNs on a CPU, "
-        "measured 1.4-1.9x faster at 224 px; the model is left as it was).",
-    )
-    precision: Precision = config_field(
-        "float32",
-        "Forward passes in float32, or autocast to bf16/fp16 (faster, CKA moves: see "
-        "benchmarks/README.md; the Grams stay float32/float64).",
-    )
-    bootstrap: int = config_field(
-        0,
-        "Bootstrap replicates for a confidence interval on every cell (batches resampled, and "
-        "sweeps; no extra forward pass; e.g. 1000) [0: none].",
-        min=0,
-    )
-    ci: float = config_field(0.95, "Coverage of the bootstrap interval.", min=0.5, max=0.999)
-    permutations: int = config_field(
-        0,
-        "Permutation null: CKA with the images shuffled between the sides within each batch, "
-        "this many times (e.g. 20); gives the chance level, a z-score and a p-value per cell "
-        "[0: none].",
-        min=0,
-    )
     out: Path | None = config_field(
         None,
         "Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free <...>-2, -3: "

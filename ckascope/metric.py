@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
@@ -151,9 +151,9 @@ class MinibatchCKA(Metric):
                 f"need at least one layer per side, got {num_layers_a} x {num_layers_b}"
             )
         check_kernel(kernel, sigma_frac)
-        _check_choice(bandwidth, ("batch", "first"), "bandwidth")
-        _check_choice(weighting, ("batch", "examples"), "weighting")
-        _check_choice(gram_dtype, ("auto", "float32", "float64"), "gram_dtype")
+        _check_choice(bandwidth, get_args(Bandwidth), "bandwidth")
+        _check_choice(weighting, get_args(Weighting), "weighting")
+        _check_choice(gram_dtype, get_args(GramDtype), "gram_dtype")
         self.num_layers_a, self.num_layers_b = num_layers_a, num_layers_b
         self.kernel, self.sigma_frac, self.bandwidth = kernel, sigma_frac, bandwidth
         self.weighting, self.gram_dtype = weighting, gram_dtype

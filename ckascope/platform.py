@@ -22,7 +22,8 @@ Errors (no torch): the typed errors a command line prints as one line with a hin
 
 Command line (no torch): click and rich plumbing shared by the command lines. ``FriendlyGroup``
     (one-line errors, Ctrl-C as exit 130), ``config_field`` and ``config_options`` (a config
-    dataclass whose fields are also the command's options), ``make_console``, and ``run`` (a
+    dataclass whose fields are also the command's options; ``REQUIRED`` marks a field without
+    a default), ``make_console``, and ``run`` (a
     console script's start, quiet on Ctrl-C before the command line is imported).
 
 Vocabulary (no torch): the option values both packages accept. ``Kernel``, ``MAX_SCALE``,
@@ -79,6 +80,7 @@ _EXPORTS = {
     "hint_close": "ckascope.errors",
     # command line
     "FriendlyGroup": "ckascope.cliutils",
+    "REQUIRED": "ckascope.cliutils",
     "config_field": "ckascope.cliutils",
     "config_options": "ckascope.cliutils",
     "make_console": "ckascope.cliutils",
@@ -164,6 +166,7 @@ __all__ = [
     "MAX_SCALE",
     "MEMORY_FORMATS",
     "PROTOCOLS",
+    "REQUIRED",
     "Batch",
     "CKAResult",
     "CKAScopeError",
@@ -239,7 +242,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from ckascope.cliutils import FriendlyGroup, config_field, config_options, make_console
+    from ckascope.cliutils import (
+        REQUIRED,
+        FriendlyGroup,
+        config_field,
+        config_options,
+        make_console,
+    )
     from ckascope.compare import compare_scales
     from ckascope.data import (
         IMAGENET_MEAN,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckascope.errors import InputError
+from ckascope.options import ViewFields
 from ckascope.vocab import MAX_SCALE, PROTOCOLS, RESIZE_MODES, Protocol
 
 
@@ -68,8 +69,11 @@ class ScaleView:
 
 
 @dataclass(frozen=True)
-class ViewOptions:
+class ViewOptions(ViewFields):
     """How the base images are prepared, and how every side resizes them to its scale.
+
+    The fields are declared in ``ckascope.options.ViewFields`` (``ckascope compare`` takes them
+    too).
 
     Attributes:
         protocol: "upsample" or "native" (see ``ScaleView``).
@@ -81,12 +85,6 @@ class ViewOptions:
         resize_mode: Interpolation for the scales (``RESIZE_MODES``).
         antialias: Antialias when downscaling.
     """
-
-    protocol: Protocol = "upsample"
-    image_size: int | None = None
-    resize_size: int | None = None
-    resize_mode: str = "bilinear"
-    antialias: bool = False
 
     def __post_init__(self) -> None:
         self.check()  # at construction: the error names the field, before any work

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ckascope.platform import MEMORY_FORMATS, PROTOCOLS, FriendlyGroup, config_options, make_console
+from ckascope.platform import FriendlyGroup, config_options, make_console
 from msun import __version__
 from msun.config import (
-    BN_MODES,
     TrainConfig,
     load_yaml,
     merge,
@@ -23,6 +22,7 @@ from msun.config import (
     parse_sizes,
     sizes_text,
 )
+from msun.options import EvalConfig, FlopsConfig
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -73,6 +73,14 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"{value!r} is not a list of integers, e.g. 32 128 224") from None
 
 
+#: ``--scales 32 128 224``: one value for click (``ListOptionCommand`` joins the tokens).
+_SCALES_OPTION = {
+    "default": None,  # derived from --image-size (TrainConfig, msun flops)
+    "callback": _int_list,
+    "metavar": "S [S ...]",
+}
+
+
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="msun")
 def main() -> None:
@@ -80,45 +88,8 @@ def main() -> None:
 
 
 @main.command(cls=ListOptionCommand)
-@click.option("--model", "arch", required=True, help="Backbone, e.g. resnet50.")
-@click.option("--split-at", default=None, help="First stage of the shared trunk [published].")
-@click.option(
-    "--scales",
-    metavar="S [S ...]",
-    callback=_int_list,
-    help="Nominal input size of each subnet, ascending  [default: the paper's 32 128 224 scaled "
-    "to --image-size: 4 16 28 at 28].",
-)
-@click.option("--num-classes", type=int, default=1000, show_default=True)
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=1),
-    help="The size vanilla runs every input at, and the training size the test sizes scale "
-    "with  [default: the largest scale].",
-)
-@click.option(
-    "--sizes",
-    help="Test sizes, start:stop:step or a list  [default: the paper's 13 sizes from "
-    "image-size/7 to image-size: 32..224 at 224, 4..28 at 28].",
-)
-@click.option(
-    "--bn",
-    type=click.Choice(BN_MODES),
-    default="shared",
-    show_default=True,
-    help="private: the trunk's BatchNorm holds one set per path (parameters grow, FLOPs do not).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout instead of tables.")
-def flops(
-    arch: str,
-    split_at: str | None,
-    scales: tuple[int, ...],
-    num_classes: int,
-    image_size: int | None,
-    sizes: str | None,
-    bn: str,
-    as_json: bool,
-) -> None:
+@config_options(FlopsConfig, overrides={"scales": _SCALES_OPTION})
+def flops(**values: Any) -> None:
     """FLOPs over the test sizes under both protocols, against vanilla at the image size.
 
     upsample: each input is resized to its routed path's nominal size; native: the routed path
@@ -130,13 +101,16 @@ def flops(
     from msun.flops import flops_report, flops_table, parameters_table
     from msun.model import build_msun
 
-    size = image_size or max(scales, default=224)
-    scales = scales or nominal_scales(size)
-    tested = parse_sizes(sizes) if sizes else paper_sizes(size)
+    cfg = FlopsConfig(**values)
+    size = cfg.image_size or max(cfg.scales, default=224)
+    scales = cfg.scales or nominal_scales(size)
+    tested = parse_sizes(cfg.sizes) if cfg.sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
-        model = build_msun(arch, split_at=split_at, scales=scales, num_classes=num_classes, bn=bn)
+        model = build_msun(
+            cfg.model, split_at=cfg.split_at, scales=scales, num_classes=cfg.num_classes, bn=cfg.bn
+        )
     report = flops_report(model.eval(), tested, size)
-    if as_json:
+    if cfg.json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     console = make_console()
@@ -151,14 +125,6 @@ def split_points_command(arch: str) -> None:
     from msun.backbones import split_points
 
     click.echo("\n".join(split_points(arch)))
-
-
-#: ``--scales 32 128 224``: one value for click (``ListOptionCommand`` joins the tokens).
-_SCALES_OPTION = {
-    "default": None,  # derived from --image-size by TrainConfig
-    "callback": _int_list,
-    "metavar": "S [S ...]",
-}
 
 
 @main.command(cls=ListOptionCommand, context_settings={"max_content_width": 110})
@@ -200,67 +166,8 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
 
 @main.command(name="eval", cls=ListOptionCommand, context_settings={"max_content_width": 110})
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    help="ImageFolder root (val/ is used), NAME:PATH, or shapes  [default: the first run's data].",
-)
-@click.option(
-    "--sizes",
-    help="Test sizes, start:stop:step or a list  [default: the run's eval sizes, else the "
-    "paper's 13 sizes from image-size/7 to image-size].",
-)
-@click.option(
-    "--protocol",
-    type=click.Choice(PROTOCOLS),
-    default="upsample",
-    show_default=True,
-    help="MSUN path input: resized to its nominal size (upsample: the accuracy protocol), or "
-    "as it is (native).",
-)
-@click.option(
-    "--paths",
-    type=click.Choice(["all", "routed"]),
-    default="all",
-    show_default=True,
-    help="Evaluate every path, or only the routed one.",
-)
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=8),
-    help="Centre-crop size of the test images [the run's image size].",
-)
-@click.option(
-    "--num-val",
-    type=click.IntRange(min=1),
-    help="Evaluate on this many of the images: the ones the (first) run's validation scored with "
-    "the same --num-val  [all; synthetic 2000].",
-)
-@click.option(
-    "--recalibrate-bn",
-    type=click.IntRange(min=1),
-    help="Before scoring each test size (and path), re-estimate every BatchNorm's statistics "
-    "on this many training images brought to that size (FixRes-style; weights untouched, "
-    "statistics restored after; uses training images at evaluation time).",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--memory-format",
-    type=click.Choice(MEMORY_FORMATS),
-    default="auto",
-    show_default=True,
-    help="Layout of the forward passes (auto: channels_last for CNNs on a CPU, faster there; "
-    "recorded in eval.json).",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Folder for eval.csv, eval.json, figure4.png/pdf  [default: msun-eval, or the first "
-    "free msun-eval-2, -3, ...: a default never replaces a result].",
-)
-@click.option("--overwrite", is_flag=True, help="Let --out replace what its folder holds.")
-def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
+@config_options(EvalConfig)
+def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     """Top-1/top-5 over test sizes for every CHECKPOINT; the paper's Figure 4.
 
     MSUN checkpoints are routed by their fixed routing table (never the best path per size on
@@ -291,53 +198,48 @@ def eval_command(checkpoints: tuple[Path, ...], **opts: Any) -> None:
         recalibration_set,
     )
 
-    if opts["sizes"]:
-        parse_sizes(opts["sizes"])  # a bad flag is refused before any checkpoint is read
-    out = opts["out"] or next_free(Path("msun-eval"))
-    check_output_dir(out, opts["overwrite"])
+    cfg = EvalConfig(**values)
+    if cfg.sizes:
+        parse_sizes(cfg.sizes)  # a bad flag is refused before any checkpoint is read
+    out = cfg.out or next_free(Path("msun-eval"))
+    check_output_dir(out, cfg.overwrite)
     loaded = [load_for_eval(p) for p in checkpoints]
-    check_same_setting(loaded, opts["data"], opts["image_size"])
-    info = init_distributed(opts["device"])
-    image_size = opts["image_size"] or loaded[0].image_size
-    sizes = parse_sizes(
-        opts["sizes"] or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
-    )
-    data = opts["data"] or loaded[0].data
+    check_same_setting(loaded, cfg.data, cfg.image_size)
+    info = init_distributed(cfg.device)
+    image_size = cfg.image_size or loaded[0].image_size
+    sizes = parse_sizes(cfg.sizes or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size)))
+    data = cfg.data or loaded[0].data
     dataset = build_dataset(
         data,
         "val",
         eval_transform(image_size, default_resize(data, image_size)),
-        num_images=opts["num_val"] or 2000,
+        num_images=cfg.num_val or 2000,
         seed=loaded[0].seed,  # the synthetic set: the pool the run's validation drew
         synthetic_size=image_size,
     )
     check_classes(loaded, dataset, data)
     recalibration = (
-        recalibration_set(
-            data, image_size, opts["recalibrate_bn"], opts["batch_size"], loaded[0].seed
-        )
-        if opts["recalibrate_bn"]
+        recalibration_set(data, image_size, cfg.recalibrate_bn, cfg.batch_size, loaded[0].seed)
+        if cfg.recalibrate_bn
         else None
     )
     count = dataset_len(dataset)
     # the images the (first) run's own validation scored: the same draw as msun.data's
     seed = validation_seed(loaded[0].seed)
-    keep = subset_indices(
-        count, opts["num_val"] if opts["num_val"] and opts["num_val"] < count else None, seed
-    )
-    batches = plan_batches(keep, opts["batch_size"], info.rank, info.world_size, deal="images")
+    keep = subset_indices(count, cfg.num_val if cfg.num_val and cfg.num_val < count else None, seed)
+    batches = plan_batches(keep, cfg.batch_size, info.rank, info.world_size, deal="images")
     loader = DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=opts["workers"]
+        dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=cfg.workers
     )
     try:
         evaluated = evaluate_checkpoints(
             loaded,
             loader,
             sizes,
-            protocol=opts["protocol"],
-            paths=opts["paths"],
+            protocol=cfg.protocol,
+            paths=cfg.paths,
             device=info.device,
-            memory_format=opts["memory_format"],
+            memory_format=cfg.memory_format,
             recalibration=recalibration,
             progress=info.is_main,
         )

@@ -344,12 +344,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check(cfg: TrainConfig) -> None:
     """Raises InputError for values no run can use."""
-    choices = {
-        "method": METHODS,
-        "amp": AMP_MODES,
-        "si_pairs": ("all", "largest"),
-        "bn": BN_MODES,
-    }
+    choices = {k: f.metadata["choices"] for k, f in FIELDS.items() if "choices" in f.metadata}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise InputError(

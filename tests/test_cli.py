@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -89,6 +90,54 @@ def test_help_and_usage_errors_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[0, 0, 0, 2] False"  # --help answers in a blink
+
+
+def _generated(name: str) -> tuple[click.Command, type, list[str], set[str]]:
+    """A command whose options a config dataclass generates: the command, the dataclass, the
+    arguments it needs to parse, and its parameters that are not the dataclass's fields."""
+    import ckascope.cli as c
+    import msun.cli as m
+    from ckascope.config import CompareConfig
+    from msun.config import TrainConfig
+    from msun.options import EvalConfig, FlopsConfig
+
+    split = {"from_dir", "threshold", "split_points", "as_json"}
+    return {
+        "compare": (c.compare, CompareConfig, [], set()),
+        "suggest-split": (c.suggest_split_command, CompareConfig, [], split),
+        "train": (m.train, TrainConfig, [], {"config_file", "resume"}),
+        "eval": (m.eval_command, EvalConfig, ["m.pt"], {"checkpoints"}),
+        "flops": (m.flops, FlopsConfig, ["--model", "resnet18"], set()),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["compare", "suggest-split", "train", "eval", "flops"])
+def test_every_generated_command_takes_its_config_fields_as_options(name: str) -> None:
+    """Names, flags, defaults, choices, ranges and help: a field or option added on one side fails."""
+    import dataclasses
+    import typing
+
+    command, config, args, extra = _generated(name)
+    params = {p.name: p for p in command.params if p.name not in extra}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    assert params.keys() == fields.keys()
+    parsed = command.make_context(name, list(args)).params
+    hints = typing.get_type_hints(config)
+    for key, f in fields.items():
+        param, meta = params[key], f.metadata
+        assert isinstance(param, click.Option)
+        assert param.opts[0] == meta.get("option", "--" + key.replace("_", "-"))
+        assert param.help == meta["help"]
+        if f.default is dataclasses.MISSING:
+            assert param.required, key
+        else:
+            assert parsed[key] == f.default, key
+        literal = typing.get_origin(hints[key]) is typing.Literal
+        choices = meta.get("choices") or (typing.get_args(hints[key]) if literal else None)
+        given = param.type.choices if isinstance(param.type, click.Choice) else None
+        assert given == (tuple(choices) if choices else None), key
+        ranged = {k: getattr(param.type, k, None) for k in ("min", "max") if k in meta}
+        assert ranged == {k: meta[k] for k in ("min", "max") if k in meta}, key
 
 
 def test_the_commands_set_openmp_to_share_cores_before_torch_loads(

@@ -289,7 +289,7 @@ def test_resolving_the_config_returns_a_new_one_and_refuses_scales_with_two_mode
 
 
 def test_the_option_generator_refuses_fields_it_cannot_make_an_option_of() -> None:
-    from dataclasses import dataclass
+    from dataclasses import dataclass, field
 
     from ckascope.cliutils import config_field, config_options
 
@@ -301,10 +301,42 @@ def test_the_option_generator_refuses_fields_it_cannot_make_an_option_of() -> No
     class Either:
         value: int | str = config_field(1, "a union")
 
+    @dataclass
+    class Made:
+        items: list[int] = field(default_factory=list, metadata={"help": "a factory"})
+
     for config in (Many, Either):
         with pytest.raises(TypeError, match="option"):
             config_options(config)
+    with pytest.raises(TypeError, match="plain default"):
+        config_options(Made)
     config_options(Many, overrides={"sizes": {"type": str}})  # an override makes it one
+
+
+def test_the_option_generator_makes_required_and_renamed_options() -> None:
+    from dataclasses import dataclass
+
+    import click
+
+    from ckascope.cliutils import REQUIRED, config_field, config_options
+
+    @dataclass
+    class Config:
+        name: str = config_field(REQUIRED, "must be given")
+        num_workers: int = config_field(0, None, min=0, option="--workers")
+
+    @click.command()
+    @config_options(Config)
+    def command(**values: object) -> None:
+        """A command."""
+
+    with pytest.raises(click.MissingParameter) as missing:
+        command.make_context("command", [])
+    assert "'--name'" in missing.value.format_message()
+    ctx = command.make_context("command", ["--name", "x", "--workers", "2"])
+    assert Config(**ctx.params) == Config("x", 2)  # the value under the field's name
+    workers = next(p for p in command.params if p.name == "num_workers")
+    assert (workers.opts, workers.help) == (["--workers"], None)
 
 
 def test_results_written_before_the_image_size_rename_load_with_the_new_name(

@@ -362,21 +362,38 @@ def test_grams_stay_full_precision_under_a_callers_autocast() -> None:
         torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-2 * 300**2)
 
 
-def test_the_typed_sweep_keywords_are_the_sweep_options() -> None:
-    from dataclasses import fields
+def test_the_typed_keywords_are_the_option_fields_with_their_types() -> None:
+    """A field added to an options dataclass and not to its TypedDict (or typed otherwise) fails."""
+    from typing import get_type_hints
 
-    from ckascope.compare import SweepKwargs, SweepOptions
-
-    assert set(SweepKwargs.__annotations__) == {f.name for f in fields(SweepOptions)}
-
-
-def test_the_typed_view_keywords_are_the_view_options() -> None:
-    from dataclasses import fields
-
-    from ckascope.compare import ViewKwargs
+    from ckascope.compare import SweepKwargs, SweepOptions, ViewKwargs
     from ckascope.views import ViewOptions
 
-    assert set(ViewKwargs.__annotations__) == {f.name for f in fields(ViewOptions)}
+    assert get_type_hints(SweepKwargs) == get_type_hints(SweepOptions)
+    assert get_type_hints(ViewKwargs) == get_type_hints(ViewOptions)
+
+
+def test_the_documented_options_are_the_option_fields_in_order() -> None:
+    """compare_scales' list of its keyword options, and ViewOptions' attributes, name every field."""
+    import re
+    from dataclasses import fields
+
+    from ckascope.compare import SweepOptions, compare_scales
+    from ckascope.views import ViewOptions
+
+    def listed(kind: type) -> list[str]:
+        text = " ".join((compare_scales.__doc__ or "").split())
+        found = re.search(rf"``{kind.__name__}`` fields \(([^)]*)\)", text)
+        assert found is not None, kind
+        return found.group(1).split(", ")
+
+    def attributes(kind: type) -> list[str]:
+        section = (kind.__doc__ or "").split("Attributes:")[1]
+        return re.findall(r"^ {8}(\w+):", section, re.M)
+
+    for kind in (ViewOptions, SweepOptions):
+        assert listed(kind) == [f.name for f in fields(kind)]
+    assert attributes(ViewOptions) == [f.name for f in fields(ViewOptions)]
 
 
 def test_compare_scales_and_compare_models_are_the_one_entry_point(model: nn.Module, data) -> None:

@@ -1,0 +1,123 @@
+"""The options of a comparison that a user sets, each declared once.
+
+``ViewFields`` are the fields of ``ViewOptions`` (``ckascope.views``) and ``SweepFields`` those of
+``SweepOptions`` (``ckascope.compare``), which add their checks; ``ckascope compare``'s
+``CompareConfig`` (``ckascope.config``) takes both as its own fields, and its command line is
+generated from them (``cliutils.config_options``). So a field's name, type, default, help text
+and range are written here only. Plain values (no torch), so that ``--help`` and usage errors
+answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ckascope.cliutils import config_field
+from ckascope.vocab import (
+    MAX_SCALE,
+    RESIZE_MODES,
+    Bandwidth,
+    GramDtype,
+    Kernel,
+    MemoryFormat,
+    Precision,
+    Protocol,
+    Weighting,
+)
+
+
+@dataclass(frozen=True)
+class ViewFields:
+    """How the base images are prepared and resized to each scale (see ``ViewOptions``)."""
+
+    protocol: Protocol = config_field(
+        "upsample",
+        "upsample: back to the image size; native: fed at the scale.",
+    )
+    image_size: int | None = config_field(
+        None,
+        "Centre-crop size of the base images (the model's input size under upsample)  "
+        "[default: the size pretrained weights expect (299 inception_v3), else the data's "
+        "native size (28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
+        min=4,
+        max=MAX_SCALE,
+    )
+    resize_size: int | None = config_field(
+        None,
+        "Short side before the centre crop  [default: image size x 256/224; the image size "
+        "(whole image) for the small-image sets].",
+        min=4,
+        max=MAX_SCALE,
+    )
+    resize_mode: str = config_field(
+        "bilinear", "Interpolation for the scales.", choices=RESIZE_MODES
+    )
+    antialias: bool = config_field(False, "Antialias when downscaling.")
+
+
+@dataclass(frozen=True)
+class SweepFields:
+    """The sweep over the images: kernel, batching, calibration, precision (see ``SweepOptions``)."""
+
+    kernel: Kernel = config_field("linear", "CKA kernel.")
+    sigma_frac: float = config_field(1.0, "RBF bandwidth: sigma² = f² · median D².")
+    bandwidth: Bandwidth = config_field(
+        "batch", "RBF sigma per batch, or fixed from the first batch."
+    )
+    weighting: Weighting = config_field("batch", "Weight of a short batch.")
+    batch_size: int = config_field(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
+    repeats: int = config_field(1, "Sweeps over random permutations (the paper: 10).", min=1)
+    num_images: int | None = config_field(
+        None, "Random subset size per sweep [default: all; 1280 synthetic].", min=1
+    )
+    seed: int = config_field(0, "Seed of the image subsets and of randomly initialised models.")
+    num_workers: int = config_field(0, "DataLoader worker processes.", min=0, option="--workers")
+    tf32: bool = config_field(
+        False, "Let CUDA convolutions use TF32 (faster on Ampere and later, ~1e-3 off in CKA)."
+    )
+    gram_dtype: GramDtype = config_field("auto", "Precision of the Grams.")
+    bootstrap: int = config_field(
+        0,
+        "Bootstrap replicates for a confidence interval on every cell (batches resampled, and "
+        "sweeps; no extra forward pass; e.g. 1000) [0: none].",
+        min=0,
+    )
+    ci: float = config_field(0.95, "Coverage of the bootstrap interval.", min=0.5, max=0.999)
+    permutations: int = config_field(
+        0,
+        "Permutation null: CKA with the images shuffled between the sides within each batch, "
+        "this many times (e.g. 20); gives the chance level, a z-score and a p-value per cell "
+        "[0: none].",
+        min=0,
+    )
+    memory_format: MemoryFormat = config_field(
+        "auto",
+        "Layout of the forward passes' feature maps (auto: channels_last for CNNs on a CPU, "
+        "measured 1.4-1.9x faster at 224 px; the model is left as it was).",
+    )
+    precision: Precision = config_field(
+        "float32",
+        "Forward passes in float32, or autocast to bf16/fp16 (faster, CKA moves: see "
+        "benchmarks/README.md; the Grams stay float32/float64).",
+    )
+
+
+def values_of(config: object, group: type) -> dict[str, Any]:
+    """The values ``config`` holds for the fields of dataclass ``group``, by name.
+
+    E.g. ``values_of(cfg, SweepFields)``: a ``CompareConfig``'s sweep options.
+    """
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(group)}
+
+
+def literal_choices(config: type) -> dict[str, tuple[str, ...]]:
+    """The allowed values of every field of dataclass ``config`` typed by a ``Literal``."""
+    hints = typing.get_type_hints(config)
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in dataclasses.fields(config)
+        if typing.get_origin(hints[f.name]) is typing.Literal
+    }
