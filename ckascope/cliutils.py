@@ -77,6 +77,25 @@ class FriendlyGroup(click.Group):
 REQUIRED: Any = dataclasses.MISSING
 
 
+def renamed_flags(args: list[str], renamed: Mapping[str, str]) -> list[str]:
+    """``args`` with each old flag name (``--sizes``, ``--sizes=8,28``) spelled the new way.
+
+    Old names stay accepted for one release so that scripts keep working; each use says the
+    new name on stderr (a note, not an error: the command runs).
+    """
+    out = []
+    for token in args:
+        flag, eq, value = token.partition("=")
+        if flag in renamed:
+            click.echo(
+                f"note: {flag} is now {renamed[flag]}; the old name goes in the next release",
+                err=True,
+            )
+            token = renamed[flag] + eq + value
+        out.append(token)
+    return out
+
+
 def config_field(default: Any, help: str | None, **extra: Any) -> Any:
     """A config dataclass field with what ``config_options`` makes its option from.
 

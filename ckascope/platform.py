@@ -23,8 +23,9 @@ Errors (no torch): the typed errors a command line prints as one line with a hin
 Command line (no torch): click and rich plumbing shared by the command lines. ``FriendlyGroup``
     (one-line errors, Ctrl-C as exit 130), ``config_field`` and ``config_options`` (a config
     dataclass whose fields are also the command's options; ``REQUIRED`` marks a field without
-    a default), ``make_console``, and ``run`` (a
-    console script's start, quiet on Ctrl-C before the command line is imported).
+    a default), ``make_console``, ``renamed_flags`` (old flag names kept for a release, with a
+    note), and ``run`` (a console script's start, quiet on Ctrl-C before the command line is
+    imported).
 
 Vocabulary (no torch): the option values both packages accept. ``Kernel``, ``MAX_SCALE``,
     ``MEMORY_FORMATS``, ``MemoryFormat``, ``PROTOCOLS``, ``Precision``, ``Protocol``.
@@ -84,6 +85,7 @@ _EXPORTS = {
     "config_field": "ckascope.cliutils",
     "config_options": "ckascope.cliutils",
     "make_console": "ckascope.cliutils",
+    "renamed_flags": "ckascope.cliutils",
     "run": "ckascope.entry",
     # vocabulary
     "Kernel": "ckascope.vocab",
@@ -217,6 +219,7 @@ __all__ = [
     "plan_batches",
     "read_checkpoint",
     "register",
+    "renamed_flags",
     "resize",
     "run",
     "save",
@@ -248,6 +251,7 @@ if TYPE_CHECKING:
         config_field,
         config_options,
         make_console,
+        renamed_flags,
     )
     from ckascope.compare import compare_scales
     from ckascope.data import (

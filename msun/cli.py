@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from ckascope.platform import FriendlyGroup, config_options, make_console
+from ckascope.platform import FriendlyGroup, config_options, make_console, renamed_flags
 from msun import __version__
 from msun.config import (
     TrainConfig,
@@ -56,12 +56,18 @@ def _join_lists(args: Sequence[str], names: Sequence[str]) -> list[str]:
     return out
 
 
+#: Flags renamed so one idea has one name; the old ones still work for one release.
+RENAMED = {"--sizes": "--eval-sizes"}  # the test sizes, as msun train has always called them
+
+
 class ListOptionCommand(click.Command):
-    """A command whose ``list_options`` take one or more space- or comma-separated values."""
+    """A command whose ``list_options`` take one or more space- or comma-separated values
+    (and whose renamed flags still take their old names)."""
 
     list_options: tuple[str, ...] = ("--scales",)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = renamed_flags(args, RENAMED)
         return super().parse_args(ctx, _join_lists(args, self.list_options))
 
 
@@ -104,7 +110,7 @@ def flops(**values: Any) -> None:
     cfg = FlopsConfig(**values)
     size = cfg.image_size or max(cfg.scales, default=224)
     scales = cfg.scales or nominal_scales(size)
-    tested = parse_sizes(cfg.sizes) if cfg.sizes else paper_sizes(size)
+    tested = parse_sizes(cfg.eval_sizes) if cfg.eval_sizes else paper_sizes(size)
     with torch.device("meta"):  # structure only: counting needs no weights
         model = build_msun(
             cfg.model, split_at=cfg.split_at, scales=scales, num_classes=cfg.num_classes, bn=cfg.bn
@@ -199,15 +205,17 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     )
 
     cfg = EvalConfig(**values)
-    if cfg.sizes:
-        parse_sizes(cfg.sizes)  # a bad flag is refused before any checkpoint is read
+    if cfg.eval_sizes:
+        parse_sizes(cfg.eval_sizes)  # a bad flag is refused before any checkpoint is read
     out = cfg.out or next_free(Path("msun-eval"))
     check_output_dir(out, cfg.overwrite)
     loaded = [load_for_eval(p) for p in checkpoints]
     check_same_setting(loaded, cfg.data, cfg.image_size)
     info = init_distributed(cfg.device)
     image_size = cfg.image_size or loaded[0].image_size
-    sizes = parse_sizes(cfg.sizes or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size)))
+    sizes = parse_sizes(
+        cfg.eval_sizes or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
+    )
     data = cfg.data or loaded[0].data
     dataset = build_dataset(
         data,

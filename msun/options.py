@@ -34,7 +34,7 @@ class FlopsConfig:
         "with  [default: the largest scale].",
         min=1,
     )
-    sizes: str | None = config_field(
+    eval_sizes: str | None = config_field(
         None,
         "Test sizes, start:stop:step or a list  [default: the paper's 13 sizes from "
         "image-size/7 to image-size: 32..224 at 224, 4..28 at 28].",
@@ -55,7 +55,7 @@ class EvalConfig:
         None,
         "ImageFolder root (val/ is used), NAME:PATH, or shapes  [default: the first run's data].",
     )
-    sizes: str | None = config_field(
+    eval_sizes: str | None = config_field(
         None,
         "Test sizes, start:stop:step or a list  [default: the run's eval sizes, else the "
         "paper's 13 sizes from image-size/7 to image-size].",

@@ -91,8 +91,8 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("numbers", CKA, C, ["--ci", "nan"], "--ci must be a coverage"),
     ("sizes", MSUN, T, ["--eval-sizes", "32,99999"], "each in 1..4096"),
     ("sizes", MSUN, T, ["--eval-sizes", "16,32,16"], "16 listed twice"),
-    ("sizes", MSUN, E, ["{run}/last.pt", "--sizes", "16,16"], "16 listed twice"),
-    ("sizes", MSUN, F, ["--model", "resnet18", "--sizes", "8:99999:8"], "each in 1..4096"),
+    ("sizes", MSUN, E, ["{run}/last.pt", "--eval-sizes", "16,16"], "16 listed twice"),
+    ("sizes", MSUN, F, ["--model", "resnet18", "--eval-sizes", "8:99999:8"], "each in 1..4096"),
     ("data", MSUN, T, [*tinyrun.TRAIN, "--data", "fashionmnist:{badlabels}"], "label 12"),
     ("data", MSUN, T, ["--data", "{afile}"], "is a file"),
     ("data", MSUN, T, ["--data", "fashionmnist:{afile}"], "names a file"),
@@ -154,7 +154,7 @@ def test_msun_eval_never_replaces_an_earlier_result_by_default(
     model = msun.build_msun("resnet18", scales=(16, 32), num_classes=10)
     msun.save_checkpoint(model, tmp_path / "m.pt")
     monkeypatch.chdir(tmp_path)
-    args = ["eval", "m.pt", "--image-size", "32", "--num-val", "8", "--sizes", "16,32"]
+    args = ["eval", "m.pt", "--image-size", "32", "--num-val", "8", "--eval-sizes", "16,32"]
     for _ in range(2):
         result = CliRunner().invoke(msun_main, args)
         assert result.exit_code == 0, result.output

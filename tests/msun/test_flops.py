@@ -132,7 +132,7 @@ def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     model = _meta("resnet18", scales=(4, 16, 28), num_classes=10)
     native = [msun.path_flops(model, model.route(s), s) for s in range(4, 29, 2)]
     assert data["mean_flops"]["native"] == pytest.approx(sum(native) / 13)
-    given = json.loads(CliRunner().invoke(main, [*args, "--sizes", "8,28", "--json"]).stdout)
+    given = json.loads(CliRunner().invoke(main, [*args, "--eval-sizes", "8,28", "--json"]).stdout)
     assert [row["size"] for row in given["sizes"]] == [8, 28]
     assert [row["path"] for row in given["sizes"]] == [1, 2]
     # the image size alone: the paper's scales at 28 px, the same report
@@ -140,3 +140,13 @@ def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     derived = json.loads(CliRunner().invoke(main, sized).stdout)
     assert derived["scales"] == [4, 16, 28]
     assert derived["mean_flops"] == data["mean_flops"]
+
+
+def test_the_old_sizes_flag_still_works_and_names_the_new_one() -> None:
+    args = ["flops", "--model", "resnet18", "--image-size", "28", "--json"]
+    new = CliRunner().invoke(main, [*args, "--eval-sizes", "8,28"])
+    old = CliRunner().invoke(main, [*args, "--sizes=8,28"])
+    assert old.exit_code == 0, old.output
+    assert json.loads(old.stdout) == json.loads(new.stdout)
+    assert "--sizes is now --eval-sizes" in old.stderr
+    assert "is now" not in new.stderr

@@ -242,7 +242,7 @@ def test_eval_refuses_checkpoints_of_other_data_or_sizes_unless_told_which(
     save_checkpoint(model, tmp_path / "a.pt", train_config={"data": "shapes", "image_size": 32})
     save_checkpoint(model, tmp_path / "b.pt", train_config={"data": "shapes", "image_size": 48})
     args = ["eval", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-val", "8"]
-    args += ["--sizes", "16,32", "--out", str(tmp_path / "eval")]
+    args += ["--eval-sizes", "16,32", "--out", str(tmp_path / "eval")]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 2
     assert "different image sizes (32, 48)" in refused.output
@@ -263,7 +263,7 @@ def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
         [
             "eval",
             str(tmp_path / "msun.pt"),
-            "--sizes",
+            "--eval-sizes",
             "16,24,32",
             "--image-size",
             "32",
