@@ -95,8 +95,11 @@ class MSUN(nn.Module):
         self.scales = scales
         self.routing = routing
         self.bn = check_bn(bn)
-        if bn == "private":
-            privatize(self.trunk, len(scales))
+        if bn == "private" and privatize(self.trunk, len(scales)) == 0:
+            raise InputError(
+                f"{arch}'s trunk has no BatchNorm layers, so a private-BN trunk changes nothing. "
+                "Hint: use --bn shared, or a model with BatchNorm (e.g. vgg16_bn instead of vgg16)"
+            )
         self.subnet_sizes = tuple(self._output_size(k) for k in range(len(scales)))
         self.unified_size = self.subnet_sizes[-1]
 

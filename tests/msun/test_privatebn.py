@@ -323,6 +323,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(
         (["--method", "msun", "--distill"], "--distill is ensemble distillation"),
         (["--method", "mst", "--bn", "batch"], "'batch' is not one of"),
         (["--method", "mst", "--bn", "private", "--model", "vgg11"], "no BatchNorm layers"),
+        (["--method", "msun", "--bn", "private", "--model", "vgg11"], "no BatchNorm layers"),
     ],
 )
 def test_bad_combinations_are_one_line_refusals(
