@@ -5,6 +5,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from msun.model import MSUN
+from tests.msun.builds import PUBLISHED, meta_msun
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_intra_op_thread() -> Iterator[None]:
@@ -17,3 +20,9 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def published() -> dict[str, MSUN]:
+    """The four published MSUNs on the meta device (test_backbones.py, test_model.py)."""
+    return {arch: meta_msun(arch) for arch in PUBLISHED}

@@ -1,4 +1,6 @@
-"""Shapes, routing and forward consistency over every architecture and split point."""
+"""msun.model: the published MSUNs' structure (parameter counts, default split points, unified
+sizes, naming), how the subnets start, and the shapes, routing and forward passes over every
+architecture and split point."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import msun
 from ckascope.errors import InputError
 from msun.backbones import supported_archs
 from msun.model import MSUN
+from tests.msun.builds import PUBLISHED, meta_msun
 
 SCALES = (16, 32, 64)
 CASES = [(arch, split) for arch in supported_archs() for split in msun.split_points(arch)]
@@ -233,3 +236,130 @@ def test_unknown_arch_lists_the_supported_ones() -> None:
         msun.split_points("resnet5")
     with pytest.raises(InputError, match=r"features\.1, features\.2"):
         msun.build_msun("mobilenet_v2", split_at="features.0")
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _count(module: nn.Module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
+
+
+@pytest.mark.parametrize(
+    ("arch", "vanilla", "total"),
+    [
+        ("resnet50", 25.557, 25.995),
+        ("densenet121", 7.979, 8.722),
+        ("vgg16_bn", 138.366, 141.842),
+        ("mobilenet_v2", 3.505, 3.874),
+    ],
+)
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_published_parameter_counts(
+    published: dict[str, MSUN], arch: str, vanilla: float, total: float
+) -> None:
+    model = published[arch]
+    assert _count(model) == total
+    assert _count(msun.backbones.meta_model(arch)) == vanilla
+    params = msun.count_parameters(model)
+    assert round(params.total / 1e6, 3) == total
+    assert round(params.vanilla / 1e6, 3) == vanilla
+    assert sum(params.subnets) + params.trunk + params.head == params.total
+    assert params.subnets[-1] + params.trunk + params.head == params.vanilla
+
+
+def test_meta_build_counts_like_a_real_build() -> None:
+    torch.manual_seed(0)
+    real = msun.build_msun("resnet50")
+    assert sum(p.numel() for p in real.parameters()) == sum(
+        p.numel() for p in meta_msun("resnet50").parameters()
+    )
+
+
+def test_published_defaults_and_unified_sizes(published: dict[str, MSUN]) -> None:
+    splits = {m.arch: (m.split_at, m.unified_size) for m in published.values()}
+    assert splits == {
+        "resnet50": ("layer2", 56),
+        "densenet121": ("denseblock2", 28),
+        "vgg16_bn": ("features.24", 28),
+        "mobilenet_v2": ("features.10", 14),
+    }
+    for model in published.values():
+        assert model.scales == (32, 128, 224)
+        assert model.routing == (32, 128)
+
+
+def test_vgg_default_split_is_after_the_third_pool() -> None:
+    assert meta_msun("vgg16").split_at == "features.17"
+    assert meta_msun("vgg11").split_at == "features.11"
+
+
+def _names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_modules() if n}
+
+
+@pytest.mark.parametrize("arch", PUBLISHED)
+def test_names_map_back_to_torchvision(published: dict[str, MSUN], arch: str) -> None:
+    model = published[arch]
+    vanilla = msun.backbones.meta_model(arch)
+    largest = {model.canonical_name(n) for n in _names(model) if model.path_of(n) in (None, 2)} - {
+        ""
+    }
+    assert largest == _names(vanilla)
+    keys = {model.canonical_name(k) for k in model.state_dict() if model.path_of(k) in (None, 2)}
+    assert keys == set(vanilla.state_dict())
+    assert all(model.canonical_name(n) in _names(vanilla) | {""} for n in _names(model))
+
+
+def test_canonical_name_and_path_of() -> None:
+    assert MSUN.canonical_name("subnets.1.layer1.0.conv1") == "layer1.0.conv1"
+    assert MSUN.canonical_name("subnets.0.features.3") == "features.3"
+    assert MSUN.canonical_name("trunk.layer2.0") == "layer2.0"
+    assert MSUN.canonical_name("head.fc.weight") == "fc.weight"
+    assert MSUN.canonical_name("subnets.2") == ""
+    assert MSUN.path_of("subnets.12.conv1") == 12
+    assert MSUN.path_of("trunk.features.24") is None
+    assert MSUN.path_of("head") is None
+    with pytest.raises(InputError, match=r"subnets\.K\."):
+        MSUN.canonical_name("trunkated.layer1")
+
+
+def test_subnets_are_independent_copies() -> None:
+    model = meta_msun("resnet18")
+    params = [{id(p) for p in s.parameters()} for s in model.subnets]
+    assert not params[0] & params[1]
+    assert not params[1] & params[2]
+    assert not {id(p) for p in model.trunk.parameters()} & params[2]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_two_and_five_subnets(arch: str) -> None:
+    two = meta_msun(arch, scales=(32, 224))
+    five = meta_msun(arch, scales=(32, 64, 96, 160, 224))
+    assert len(two.subnets) == 2
+    assert len(five.subnets) == 5
+    assert five.routing == (32, 64, 96, 160)
+    assert two.unified_size == five.unified_size
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_every_subnet_starts_from_its_own_fresh_model(arch: str) -> None:
+    torch.manual_seed(0)
+    model = msun.build_msun(arch, num_classes=5)
+    states = [s.state_dict() for s in model.subnets]
+    convs = [n for n, t in states[-1].items() if t.ndim == 4]
+    for small in states[:-1]:
+        for name in convs:
+            if small[name].shape == states[-1][name].shape:
+                assert not torch.equal(small[name], states[-1][name]), name
+    # Built first, the largest path (subnet, trunk, head) starts as a vanilla model of the seed.
+    torch.manual_seed(0)
+    vanilla = torchvision.models.get_model(arch, num_classes=5).state_dict()
+    path = {
+        MSUN.canonical_name(n): t
+        for n, t in model.state_dict().items()
+        if MSUN.path_of(n) in (None, model.num_paths - 1)
+    }
+    assert path.keys() == vanilla.keys()
+    for name, tensor in vanilla.items():
+        torch.testing.assert_close(path[name], tensor, rtol=0, atol=0)

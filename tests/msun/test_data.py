@@ -1,0 +1,93 @@
+"""msun.data: image folders a run refuses (other classes in val, no train/ folder, only unreadable
+images), the number of classes, and the one validation subset of msun train and msun eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from msun.cli import main
+from tests.msun.runs import train_tiny
+
+
+def test_class_mismatch_between_train_and_val(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for c in classes:
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / c / "0.png")
+    result = train_tiny(tmp_path / "out", "--data", str(tmp_path / "d"))
+    assert result.exit_code == 2
+    assert "different classes" in result.stderr
+
+
+def test_an_image_folder_without_train_and_val_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / c / "0.png")
+    result = train_tiny(tmp_path / "out", "--data", str(tmp_path / "flat"))
+    assert result.exit_code == 2
+    assert "has no train/ folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_classes_must_match_the_data(tmp_path: Path) -> None:
+    result = train_tiny(tmp_path / "out", "--num-classes", "5")
+    assert result.exit_code == 2
+    assert "holds 10 classes" in result.stderr
+
+
+def test_a_micro_batch_of_only_unreadable_images_is_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = tmp_path / "d" / split / c
+            folder.mkdir(parents=True)
+            for i in range(4):
+                if split == "train":
+                    (folder / f"{i}.png").write_bytes(b"not an image")
+                else:
+                    Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    result = train_tiny(tmp_path / "out", "--data", str(tmp_path / "d"), "--num-train", "8")
+    assert result.exit_code == 1
+    assert "every image of a micro-batch was unreadable" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_num_val_scores_the_images_the_runs_validation_scored(tmp_path: Path) -> None:
+    """One subset rule: ``msun eval --num-val N`` draws the run's own validation images."""
+    from PIL import Image
+
+    from ckascope.data import subset_indices
+    from msun.data import validation_seed, validation_subset
+
+    pool = list(range(40))
+    picked = validation_subset(pool, 7, seed=3)  # type: ignore[arg-type]
+    assert [pool[i] for i in picked.indices] == subset_indices(40, 7, validation_seed(3))  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 24)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "d" / split / c / f"{i}.png")
+    args = ["train", "--model", "resnet18", "--method", "vanilla", "--data", str(tmp_path / "d")]
+    args += ["--image-size", "32", "--batch-size", "8", "--num-val", "9", "--eval-sizes", "8,16,32"]
+    args += ["--epochs", "1", "--lr", "0.05", "--seed", "4", "--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "eval"
+    scored = ["eval", str(tmp_path / "run" / "last.pt"), "--num-val", "9", "--batch-size", "8"]
+    result = CliRunner().invoke(main, [*scored, "--memory-format", "contiguous", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "eval.json").read_text())[0]
+    assert summary["top1"] == pytest.approx([row[f"val_top1_{s}"] for s in (8, 16, 32)])
