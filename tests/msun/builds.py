@@ -1,5 +1,5 @@
 """MSUNs built on the meta device, structure only: the published four, shared by the structure
-tests of msun.backbones (test_backbones.py) and msun.model (test_model.py)."""
+tests of msun.backbones (test_backbones.py), msun.model (test_model.py) and msun.flops."""
 
 from __future__ import annotations
 

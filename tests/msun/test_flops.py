@@ -13,14 +13,9 @@ import msun
 from msun.cli import main
 from msun.config import paper_sizes
 from msun.flops import flops_report
-from msun.model import MSUN
+from tests.msun.builds import meta_msun
 
 TEST_SIZES = tuple(paper_sizes(224))  # the published evaluation's
-
-
-def _meta(arch: str, **kwargs: object) -> MSUN:
-    with torch.device("meta"):
-        return msun.build_msun(arch, **kwargs)  # type: ignore[arg-type]
 
 
 def test_test_sizes() -> None:
@@ -28,7 +23,7 @@ def test_test_sizes() -> None:
 
 
 def test_largest_path_at_224_costs_what_vanilla_costs() -> None:
-    model = _meta("resnet50")
+    model = meta_msun("resnet50")
     assert msun.path_flops(model, 2, 224) == msun.vanilla_flops("resnet50", 224)
     assert msun.path_macs(model, 2, 224) * 2 == msun.path_flops(model, 2, 224)
 
@@ -48,7 +43,7 @@ def test_meta_counts_equal_counts_of_a_real_forward() -> None:
 def test_resnet18_s1_flops_by_hand() -> None:
     # The trunk sees the same 56x56 input on every path, so two paths differ by their stems
     # and layer1 (four 3x3 64->64 convs) only. MACs = out_h * out_w * c_out * c_in * k * k.
-    model = _meta("resnet18")
+    model = meta_msun("resnet18")
     s1 = 34 * 34 * 64 * 3 * 3 * 3 + 4 * 34 * 34 * 64 * 64 * 9  # 3x3/1 pad 2 at 32 -> 34
     s3 = 112 * 112 * 64 * 3 * 7 * 7 + 4 * 56 * 56 * 64 * 64 * 9  # 7x7/2 -> 112, pool -> 56
     difference = msun.path_flops(model, 0, 32) - msun.path_flops(model, 2, 224)
@@ -57,7 +52,7 @@ def test_resnet18_s1_flops_by_hand() -> None:
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_report_means_equal_the_per_size_path_counts() -> None:
-    model = _meta("resnet18", num_classes=10)
+    model = meta_msun("resnet18", num_classes=10)
     report = flops_report(model)
     accuracy, native = [], []
     for size in TEST_SIZES:
@@ -87,7 +82,7 @@ def test_cli_json_matches_the_library() -> None:
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    report = flops_report(_meta("resnet18", num_classes=7))
+    report = flops_report(meta_msun("resnet18", num_classes=7))
     assert data["scales"] == [32, 128, 224]
     assert data["mean_flops"]["native"] == pytest.approx(report.mean("native"))
     assert data["fewer_flops_percent"]["upsample"] == pytest.approx(report.saving("upsample"))
@@ -129,7 +124,7 @@ def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     assert [row["size"] for row in data["sizes"]] == list(range(4, 29, 2))  # 1/7 .. 1 of 28
     assert data["image_size"] == 28
     assert data["vanilla_flops"] == msun.vanilla_flops("resnet18", 28, num_classes=10)
-    model = _meta("resnet18", scales=(4, 16, 28), num_classes=10)
+    model = meta_msun("resnet18", scales=(4, 16, 28), num_classes=10)
     native = [msun.path_flops(model, model.route(s), s) for s in range(4, 29, 2)]
     assert data["mean_flops"]["native"] == pytest.approx(sum(native) / 13)
     given = json.loads(CliRunner().invoke(main, [*args, "--eval-sizes", "8,28", "--json"]).stdout)
