@@ -1,11 +1,12 @@
-"""ckascope as a platform: what other packages (msun, a model family's plugin) may build on.
+"""ckascope as a platform: what other packages (a trainer, a model family's plugin) build on.
 
 ckascope is a CKA library (``ckascope.__all__``) and, underneath, the machinery its command line
 runs on: data sources, views, models and checkpoints, files, progress, distributed start-up,
 errors. Another package that wants the same machinery imports it from here and only from here;
-``tests/test_layering.py`` holds msun to that. The names live in their home modules (this module
+``tests/test_layering.py`` holds this repository's trainer to that. The names live in their home modules (this module
 only re-exports them) and load on first use (PEP 562), so importing the light groups below
-costs no torch: ``msun --help`` answers before torch is imported (``tests/test_cli.py``).
+costs no torch: a command line's ``--help`` answers before torch is imported
+(``tests/test_cli.py``).
 
 Stability: the names in ``__all__`` are what other packages may rely on. Each keeps its name,
 its meaning and the arguments callers pass today; it grows only in ways that leave callers as
