@@ -95,7 +95,7 @@ METHODS: dict[str, tuple[str, str | None, dict[str, Any], str]] = {
         "MSUN, revised SI (λ 0.1 vs largest)",
     ),
     # The rivals (figures/README.md, design item 5): RS-Nets-style MST, MSUN's private-BN trunk.
-    "mst_pbn": ("mst", None, {"bn": "private", "distill": True}, "MST + private BN + distill."),
+    "mst_pbn": ("mst", None, {"bn": "private", "distill": True}, "MST + private BN + distillation"),
     "msun_pbn": ("msun", "layer2", {"bn": "private"}, "MSUN, published SI, private-BN trunk"),
 }
 # Pre-registered (figures/README.md). The paper's claims: "far above" at the smallest size is
@@ -125,6 +125,7 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
             "max_epochs": 1,
             "cka_images": 32,
             "recalibrate_images": 16,
+            "recalibrate_batch": 8,
             "cka_repeats": 2,
             "cka_batch": 16,
             "cka_bootstrap": 100,
@@ -143,6 +144,7 @@ def settings(quick: bool, data: str) -> dict[str, Any]:
         "max_epochs": 6,
         "cka_images": 1280,
         "recalibrate_images": 1024,
+        "recalibrate_batch": 256,
         "cka_repeats": 10,
         "cka_batch": 128,
         "cka_bootstrap": 1000,
@@ -291,7 +293,11 @@ def has_recalibrated(data: Path, run: Run, s: dict[str, Any]) -> bool:
     if run.name.startswith("probe_"):  # the budget probe is not a model of the study
         return True
     scored = read_json(record_path(data, run)).get("evaluation_recalibrated")
-    return scored is not None and scored["recalibrate_bn"] == s["recalibrate_images"]
+    return (
+        scored is not None
+        and scored["recalibrate_bn"] == s["recalibrate_images"]
+        and scored.get("recalibrate_batch") == s["recalibrate_batch"]  # image-weighted batches
+    )
 
 
 def is_done(data: Path, run: Run, s: dict[str, Any]) -> bool:
@@ -319,7 +325,9 @@ def evaluation(last: Path, s: dict[str, Any], *, recalibrate: bool = False) -> d
     """
     loaded = load_for_eval(last)
     recalibration = (
-        recalibration_set(s["data"], s["image_size"], s["recalibrate_images"], 250, loaded.seed)
+        recalibration_set(
+            s["data"], s["image_size"], s["recalibrate_images"], s["recalibrate_batch"], loaded.seed
+        )
         if recalibrate
         else None
     )
@@ -467,6 +475,8 @@ def status(s: dict[str, Any], data: Path, runs: Path) -> list[str]:
 def line(run: Run, data: Path, s: dict[str, Any]) -> str:
     if is_done(data, run, s):
         return f"done         {run.name}"
+    if has_record(data, run) and not (Path(run.config.out) / "last.pt").is_file():
+        return f"incomplete   {run.name} (its checkpoint is gone: what it lacks cannot be made)"
     if has_record(data, run):
         return f"to do        {run.name} (its analyses or recalibrated scores: missing or made otherwise)"
     last = Path(run.config.out) / "last.pt"
@@ -510,17 +520,13 @@ def suggestions(s: dict[str, Any], data: Path, runs: Path, epochs: int) -> list[
 def summarize(s: dict[str, Any], epochs: int, data: Path, runs: Path) -> None:
     """accuracy.json and loop.json from the records there are (a partial study says so)."""
     plan = plan_of(s, epochs, runs)
-    evals, recal, paired = (
-        {
-            name: records(data, [plan[f"{name}_seed{seed}"] for seed in s["seeds"]], *keys)
-            for name in METHODS
-        }
-        for keys in (
-            ("evaluation",),
-            ("evaluation_recalibrated",),
-            ("evaluation", "evaluation_recalibrated"),  # as trained, the recalibrated runs only
-        )
-    )
+    by_method = {name: [plan[f"{name}_seed{seed}"] for seed in s["seeds"]] for name in METHODS}
+    recalibrated = {name: recalibrated_runs(data, rs, s) for name, rs in by_method.items()}
+    evals = {name: records(data, rs) for name, rs in by_method.items()}
+    recal = {
+        name: records(data, rs, "evaluation_recalibrated") for name, rs in recalibrated.items()
+    }
+    paired = {name: records(data, rs) for name, rs in recalibrated.items()}  # the same runs
     ablation = {split: ablation_point(s, data, split, plan) for split in SPLITS}
     seeds = [seed for seed in s["seeds"] if has_cka(data, plan[f"vanilla_seed{seed}"], "linear", s)]
     loop = suggestions({**s, "seeds": seeds}, data, runs, epochs)
@@ -549,17 +555,16 @@ def plan_of(s: dict[str, Any], epochs: int, runs: Path = DEFAULT_RUNS) -> dict[s
     return {run.name: run for run in study_runs(s, epochs, runs)}
 
 
-def records(
-    data: Path, runs: list[Run], key: str = "evaluation", need: str | None = None
-) -> list[dict[str, Any]]:
-    """The evaluations (``key``) of the runs whose record is there, made as planned, with one
-    (and, given ``need``, with that evaluation too: both sides of a comparison, same seeds)."""
-    found = [read_json(record_path(data, r)) for r in runs if has_record(data, r)]
-    return [
-        f[key]
-        for f in found
-        if f.get(key) is not None and (need is None or f.get(need) is not None)
-    ]
+def records(data: Path, runs: list[Run], key: str = "evaluation") -> list[dict[str, Any]]:
+    """The evaluations (``key``) of the runs whose record is there, made as planned, with one."""
+    found = [read_json(record_path(data, r)).get(key) for r in runs if has_record(data, r)]
+    return [e for e in found if e is not None]
+
+
+def recalibrated_runs(data: Path, runs: list[Run], s: dict[str, Any]) -> list[Run]:
+    """The runs whose recalibrated scores are made as planned (a run whose checkpoint went
+    keeps older ones, which are not counted)."""
+    return [r for r in runs if has_record(data, r) and has_recalibrated(data, r, s)]
 
 
 def stats(values: Any) -> dict[str, Any]:
@@ -703,12 +708,16 @@ def rival_verdict(acc: dict[str, Any], recal: dict[str, Any]) -> list[tuple[str,
             )
         )
     if "msun_pbn" in acc and "vanilla" in acc:
-        gap = _at(acc["vanilla"], "full")[0] - _at(acc["msun_pbn"], "full")[0]
-        before = (
-            f"; the published MSUN's gap: {_at(acc['vanilla'], 'full')[0] - _at(acc['msun'], 'full')[0]:+.2f}"
-            if "msun" in acc
-            else ""
-        )
+        full = _at(acc["vanilla"], "full")[0]
+        gap = full - _at(acc["msun_pbn"], "full")[0]
+        before = ""
+        if "msun" in acc:
+            published = full - _at(acc["msun"], "full")[0]
+            share = f" ({100 * (published - gap) / published:.0f} %)" if published > 0 else ""
+            before = (
+                f"; it removes {published - gap:+.2f} of the published MSUN's {published:+.2f}-"
+                f"point gap{share}"
+            )
         out.append(
             (
                 f"A private-BN trunk brings MSUN within {WITHIN:g} point of vanilla at full size",

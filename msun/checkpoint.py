@@ -6,7 +6,8 @@ One file::
      "config": {"arch", "split_at", "scales", "num_classes", "routing", "bn"},
      "state_dict": {...}, **extra}
 
-(``bn`` is absent from files written before private BatchNorm existed: they are "shared".) An
+(``bn`` is written only for a private-BN trunk; without it, as in files written before
+private BatchNorm existed, the trunk is "shared".) An
 MST network with private BatchNorm per scale (``msun.privatebn.ScaleBNNet``) names the builder
 ``msun-scale-bn`` with config {"arch", "scales", "routing", "image_size", "num_classes"}.
 

@@ -382,7 +382,16 @@ def check(cfg: TrainConfig) -> None:
 
 
 def _check_bn(cfg: TrainConfig) -> None:
-    """Private BatchNorm needs several scales; distillation needs MST's several outputs."""
+    """The BatchNorm options that make no network.
+
+    Private BatchNorm needs several scales; distillation needs MST's several outputs; a
+    fine-tuned network keeps the BatchNorm it was trained with.
+    """
+    if cfg.init_from is not None and (cfg.bn != "shared" or cfg.distill):
+        raise InputError(
+            "--init-from fine-tunes the checkpoint's network as it is, its BatchNorm included; "
+            "--bn and --distill shape a network trained from the start. Hint: drop them"
+        )
     if cfg.bn == "private" and cfg.method == "vanilla":
         raise InputError(
             "--bn private keeps one BatchNorm set per training scale; --method vanilla trains "

@@ -185,7 +185,8 @@ def evaluate(
             paths are its BatchNorm sets), or a plain classifier (vanilla / MST).
         loader: Yields (images (n, 3, 224, 224), labels (n,)) or ``ckascope.data.Batch``.
         sizes: Test sizes.
-        protocol: Multi-path input: "upsample" to the path's size, or "native".
+        protocol: MSUN path input: "upsample" to the path's nominal size, or "native";
+            other networks always see the image at ``image_size`` (their training input).
         image_size: The image size plain networks were trained at (test images are resized
             back to it).
         paths: Run every path ("all", for the per-path table) or only the routed one.
@@ -200,6 +201,8 @@ def evaluate(
         on_batch: Called after each batch of each pass over ``loader`` (progress).
     """
     check_protocol(protocol)
+    if not isinstance(model, MSUN):  # vanilla and MST (private BN too) see their training size
+        protocol = "upsample"
     device = next(model.parameters()).device
     multi = is_multipath(model)
     num_paths = cast(MultiPathModel, model).num_paths if multi else 1
@@ -228,7 +231,6 @@ def evaluate(
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
-    protocol = protocol if multi else "upsample"
     return EvalResult(list(sizes), top1, top5, routed, protocol, {"memory_format": layout})
 
 
@@ -277,11 +279,9 @@ def _recalibrate(
     Raises:
         InputError: ``batches`` held no images (the statistics would be left reset).
     """
-    inputs = (  # above the images' own size a batch comes in parts, each averaged as a batch
-        to_layout(x, layout)
-        for images, _ in _batches(batches, device)
-        for _, x in _resized_parts(images, size, 0)
-    )
+    # Whole batches (not _resized_parts' memory-bounded pieces): each batch is one estimate
+    # of the statistics, and a piece of a batch would be a smaller, noisier one.
+    inputs = (to_layout(resize(images, size), layout) for images, _ in _batches(batches, device))
     if recalibrate(model, inputs, forward) == 0:
         raise InputError(
             "no images to recalibrate BatchNorm on. Hint: give --recalibrate-bn a positive count "
@@ -342,6 +342,7 @@ class Evaluated:
     flops: list[int]  # per test size, one image, under the evaluation's protocol
     bn: str = "shared"  # "private": a BatchNorm set per scale (mst) or per path in the trunk
     recalibrate_bn: int = 0  # training images BatchNorm was re-estimated on per size; 0: none
+    recalibrate_batch: int = 0  # in batches of this many images (image-weighted)
 
     @property
     def variant(self) -> str:
@@ -366,6 +367,7 @@ class Evaluated:
             "method": self.method,
             "bn": self.bn,
             "recalibrate_bn": self.recalibrate_bn,
+            "recalibrate_batch": self.recalibrate_batch,
             "variant": self.variant,
             "protocol": r.protocol,
             "sizes": r.sizes,
@@ -388,16 +390,14 @@ def flops_per_size(
     """FLOPs of one image at each test size.
 
     For an MSUN the routed path, at its nominal size (``resize``) or the test size (``native``);
-    for a plain network, the network at its training image size (a private-BatchNorm network
-    under ``native``: at the test size). BatchNorm is not counted (convolutions and matrix
+    for a plain network (a private-BatchNorm MST network too), the network at its training
+    image size. BatchNorm is not counted (convolutions and matrix
     products only), so private sets change parameters, not FLOPs.
     """
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))
         return [row.upsample if protocol == "upsample" else row.native for row in report.rows]
     classes = classifier(model)[1].out_features
-    if isinstance(model, ScaleBNNet) and protocol == "native":  # the network at the test size
-        return [vanilla_flops(arch, size, classes) for size in sizes]
     return [vanilla_flops(arch, image_size, classes)] * len(sizes)
 
 
@@ -434,10 +434,12 @@ class Recalibration:
     Attributes:
         batches: A re-iterable of batches (a DataLoader or a list), the same on every process.
         images: How many images they hold (recorded with the results).
+        batch_size: The images per batch (the last may hold up to one more; recorded).
     """
 
     batches: Iterable[Any]
     images: int
+    batch_size: int
 
 
 def recalibration_set(
@@ -462,9 +464,16 @@ def recalibration_set(
     )
     total = dataset_len(train)
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
+    if len(keep) < 2:
+        raise InputError(
+            f"{data} holds {len(keep)} training image(s); BatchNorm recalibration needs at "
+            "least 2. Hint: give --recalibrate-bn 2 or more, on a set with training images"
+        )
     batches = plan_batches(keep, batch_size, 0, 1, deal="images")
+    if len(batches) > 1 and len(batches[-1]) < 2:  # a lone image has no variance
+        batches[-2:] = [batches[-2] + batches[-1]]
     loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
-    return Recalibration(loader, len(keep))
+    return Recalibration(loader, len(keep), batch_size)
 
 
 @dataclass(frozen=True)
@@ -603,8 +612,10 @@ def _evaluate_one(
     bar.remove_task(task)
     flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.image_size)
     params = sum(p.numel() for p in model.parameters())
-    images = 0 if recalibration is None else recalibration.images
-    return Evaluated(item.name, result, item.method, params, flops, item.bn, images)
+    images, batch = (
+        (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)
+    )
+    return Evaluated(item.name, result, item.method, params, flops, item.bn, images, batch)
 
 
 def _passes(

@@ -127,7 +127,8 @@ class MSUN(nn.Module):
             "scales": list(self.scales),
             "num_classes": self.num_classes,
             "routing": list(self.routing),
-            "bn": self.bn,
+            # only when private: a published MSUN's file stays readable by earlier versions
+            **({"bn": self.bn} if self.bn == "private" else {}),
         }
 
     def describe(self) -> str:

@@ -62,8 +62,9 @@ class EvalConfig:
     )
     protocol: Protocol = config_field(
         "upsample",
-        "Multi-path input: resized to the path's size (upsample, as for the paper's accuracy tables), or "
-        "as it is (native).",
+        "MSUN path input: resized to its nominal size (upsample, as for the paper's accuracy "
+        "tables), or as it is (native); other networks always see the image at their training "
+        "size.",
     )
     paths: Literal["all", "routed"] = config_field(
         "all", "Evaluate every path, or only the routed one."
@@ -82,9 +83,11 @@ class EvalConfig:
         "Before scoring each test size (and path), re-estimate every BatchNorm's statistics "
         "on this many training images brought to that size (FixRes-style; weights untouched, "
         "statistics restored after; uses training images at evaluation time).",
-        min=1,
+        min=2,
     )
-    batch_size: int = config_field(64, None, min=1)
+    batch_size: int = config_field(
+        64, "Images per batch (and per BatchNorm estimate with --recalibrate-bn).", min=1
+    )
     workers: int = config_field(0, None, min=0)
     device: str = config_field("auto", None)
     memory_format: MemoryFormat = config_field(

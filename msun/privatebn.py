@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from ckascope.platform import InputError, Protocol, build_model, check_protocol, resize
 from msun.backbones import classifier
+from msun.config import BN_MODES
 
-BN_MODES = ("shared", "private")
 _NET = re.compile(r"^net(?:\.|$)")
 
 
@@ -106,6 +106,8 @@ class PrivateBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """BatchNorm of (B, C, H, W) with the active set (mirrors ``nn.BatchNorm2d.forward``)."""
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")  # as BatchNorm2d
         k = self.active
         factor = 0.0 if self.momentum is None else self.momentum
         tracking = self.training and self.track_running_stats
@@ -160,10 +162,11 @@ def bn_sets(module: nn.Module) -> list[PrivateBatchNorm2d]:
 def use_bn_set(module: nn.Module, k: int) -> Iterator[None]:
     """Every private BatchNorm inside ``module`` uses set ``k`` in the block; the old set after."""
     layers = bn_sets(module)
-    before = [layer.active for layer in layers]
-    for layer in layers:
+    for layer in layers:  # all checked before any is switched
         if not 0 <= k < layer.num_sets:
             raise InputError(f"BatchNorm set {k} does not exist ({layer.num_sets} sets)")
+    before = [layer.active for layer in layers]
+    for layer in layers:
         layer.active = k
     try:
         yield
@@ -178,7 +181,7 @@ def check_bn(bn: str) -> str:
     Raises:
         InputError: Not ``shared`` or ``private``.
     """
-    if bn not in BN_MODES:
+    if bn not in BN_MODES:  # msun.config's: the option's one list
         raise InputError(f"bad BatchNorm mode {bn!r}. Hint: choose one of {', '.join(BN_MODES)}")
     return bn
 

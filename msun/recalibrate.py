@@ -7,10 +7,11 @@ on a few training images brought to the test size — no weight changes — reco
 loss. ``msun eval --recalibrate-bn N`` does it before scoring each test size (and path), then
 puts the original statistics back.
 
-The estimate is the exact average over the N images' batches (momentum None, as
-``torch.optim.swa_utils.update_bn`` does), not a running blend with the old values.
-``update_bn`` itself is not used: it puts the whole model in training mode (dropout on) and
-knows only torch's BatchNorm classes, not ``msun.privatebn.PrivateBatchNorm2d``.
+The estimate is the image-weighted average over the N images' batches (as
+``torch.optim.swa_utils.update_bn`` averages batches, weighted so that a short last batch counts
+for its images only), not a running blend with the old values. ``update_bn`` itself is not
+used: it puts the whole model in training mode (dropout on), weighs every batch alike and knows
+only torch's BatchNorm classes, not ``msun.privatebn.PrivateBatchNorm2d``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ckascope.platform import InputError
 from msun.privatebn import PrivateBatchNorm2d
 
 Norm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm | PrivateBatchNorm2d
@@ -61,27 +63,38 @@ def recalibrate(
     """Re-estimates every BatchNorm's statistics from ``forward`` over ``batches``.
 
     Only the BatchNorm layers are switched to training mode (dropout and the rest keep their
-    mode); the statistics are reset and averaged with equal weight per batch. Wrap the call in
-    :func:`kept_statistics` to get the old ones back.
+    mode). The statistics are reset, then each batch of n images enters with momentum
+    n / (images so far + n): the result is the image-weighted average of the batches' means
+    and (unbiased) variances, whatever the batch sizes. Wrap the call in
+    :func:`kept_statistics` to get the old statistics and momenta back.
 
     Args:
         model: The network whose BatchNorm layers ``forward`` reaches.
-        batches: Input batches (n, 3, H, W), already brought to the test size.
+        batches: Input batches (n, 3, H, W) with n >= 2, already brought to the test size.
         forward: Runs the network (or one path of it) on a batch.
 
     Returns:
-        The number of batches seen (0: nothing was estimated, the layers keep reset values).
+        The number of images seen (0: nothing was estimated, the layers keep reset values).
+
+    Raises:
+        InputError: A batch of fewer than 2 images (BatchNorm cannot estimate a variance).
     """
     layers = norm_layers(model)
     seen = 0
     for m in layers:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     with torch.no_grad():
         for x in batches:
+            if len(x) < 2:
+                raise InputError(
+                    f"a recalibration batch of {len(x)} image; BatchNorm needs at least 2 to "
+                    "estimate a variance. Hint: recalibrate on at least 2 images per batch"
+                )
+            for m in layers:
+                m.momentum = len(x) / (seen + len(x))
             forward(x)
-            seen += 1
+            seen += len(x)
     for m in layers:
         m.eval()
     return seen

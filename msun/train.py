@@ -164,7 +164,10 @@ def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, i
     )
     torch.manual_seed(cfg.seed)
     replace_classifier(model, cfg.num_classes)
-    if isinstance(model, MSUN):  # a private BatchNorm's other sets get no gradient either
+    # A private BatchNorm's other sets get zero gradients here, but weight decay still shrinks
+    # their affine parameters a little (the sets are rows of one tensor): fine-tuning is for
+    # the routed size; scores at other sizes after it are not the original network's.
+    if isinstance(model, MSUN):
         routed = model.route(cfg.image_size)
         for k, subnet in enumerate(model.subnets):
             subnet.requires_grad_(k == routed)

@@ -88,6 +88,7 @@ def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     assert record["train_config"]["distill"] is True
     assert record["evaluation_recalibrated"]["recalibrate_bn"] == s["recalibrate_images"]
     assert record["evaluation_recalibrated"]["variant"] == "mst, private BN, BN recalibrated on 16"
+    assert record["evaluation_recalibrated"]["recalibrate_batch"] == s["recalibrate_batch"]
     assert set(saved["suggested"]) == {"0", "1"}
     loop = json.loads((data / "loop.json").read_text())
     assert all(r["auto_split"] == r["choice"] for r in loop["seeds"])
@@ -139,11 +140,42 @@ def test_the_committed_study_redraws_and_its_tables_agree_with_its_records(
         per_size = np.array([e["top1"] for e in evals]).mean(axis=0)
         assert np.mean(per_size) == pytest.approx(agg["mean"]["mean"])
     for name, agg in saved.get("recalibrated", {}).items():
-        runs = [plan[f"{name}_seed{s}"] for s in saved["settings"]["seeds"]]
+        planned = [plan[f"{name}_seed{s}"] for s in saved["settings"]["seeds"]]
+        runs = study.recalibrated_runs(copy / "data", planned, saved["settings"])
         evals = study.records(copy / "data", runs, "evaluation_recalibrated")
         assert study.aggregate(evals) == agg
-        paired = study.records(copy / "data", runs, "evaluation", "evaluation_recalibrated")
-        assert len(paired) == len(evals)  # as trained: the same runs
+        paired = study.records(copy / "data", runs)  # as trained: the same runs
         assert study.aggregate(paired) == saved["recalibrated_as_trained"][name]
     for split, point in saved["ablation"].items():
         assert study.ablation_point(saved["settings"], copy / "data", split, plan) == point
+
+
+def _agg(seeds: int, smallest: float, full: float, std: float = 0.5) -> dict[str, object]:
+    return {
+        "seeds": seeds,
+        "smallest": {"mean": smallest, "std": std},
+        "full": {"mean": full, "std": std},
+    }
+
+
+def test_the_rivals_criteria_are_read_as_pre_registered(study: ModuleType) -> None:
+    acc = {
+        "vanilla": _agg(3, 36.0, 88.0),
+        "msun": _agg(3, 55.0, 86.0),
+        "msun_pbn": _agg(3, 56.0, 87.5),
+        "mst_pbn": _agg(3, 50.0, 87.0),
+    }
+    recal = {"vanilla": _agg(3, 54.8, 87.8), "mst_pbn": _agg(3, 52.0, 87.9)}
+    (_, met5, why5), (_, met6, why6) = study.rival_verdict(acc, recal)
+    assert not met5  # +0.2 is positive but within the larger seed std (0.5)
+    assert "+0.20" in why5
+    assert "vs MST + private BN +5.00" in why5
+    assert met6  # vanilla - MSUN + private-BN trunk = 0.5 <= 1
+    assert "removes +1.50 of the published MSUN's +2.00-point gap (75 %)" in why6
+    recal["vanilla"] = _agg(3, 40.0, 87.8)
+    assert study.rival_verdict(acc, recal)[0][1]  # +15 beyond any seed std
+    one = {**acc, "msun": _agg(1, 55.0, 86.0, 0.0)}
+    assert "one seed: its spread is not known yet" in study.rival_verdict(one, recal)[0][2]
+    assert study.rival_state(one, recal, 3) == " (provisional: 1 of 3 seeds)"
+    assert study.rival_state(acc, recal, 3) == ""
+    assert study.rival_verdict({"vanilla": acc["vanilla"]}, {}) == []  # nothing to judge yet

@@ -63,7 +63,6 @@ def test_file_is_plain_data(saved: Path) -> None:
         "scales": [16, 32, 64],
         "num_classes": 5,
         "routing": [20, 40],
-        "bn": "shared",
     }
     assert raw["epoch"] == 3
     assert raw["history"] == [0.5, 0.25]

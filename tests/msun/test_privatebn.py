@@ -341,3 +341,20 @@ def test_runs_saved_before_the_bn_options_resume_as_shared_without_distillation(
     old = {k: v for k, v in cfg.items() if k not in ("bn", "distill")}
     assert differences(old, cfg) == []
     assert differences(old, {**cfg, "bn": "private"}) == ["bn: 'shared' -> 'private'"]
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_fine_tuning_keeps_the_checkpoints_private_batchnorm(tmp_path: Path) -> None:
+    runner = CliRunner()
+    source = tmp_path / "mst"
+    done = runner.invoke(main, _tiny(source, "--method", "mst", "--bn", "private", "--epochs", "1"))
+    assert done.exit_code == 0, done.output
+    tune = [*_tiny(tmp_path / "tuned", "--epochs", "1"), "--init-from", str(source / "last.pt")]
+    refused = runner.invoke(main, [*tune, "--bn", "private"])
+    assert refused.exit_code == 2
+    assert "--init-from fine-tunes the checkpoint's network as it is" in refused.output
+    tuned = runner.invoke(main, tune)
+    assert tuned.exit_code == 0, tuned.output
+    saved = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)
+    assert saved["builder"] == "msun-scale-bn"
+    assert (saved["train_config"]["method"], saved["train_config"]["bn"]) == ("mst", "private")

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from ckascope.errors import InputError
 from ckascope.views import resize
 from msun import build_msun
 from msun.cli import main
@@ -64,6 +65,25 @@ def test_statistics_are_the_equal_weight_average_of_the_batches_in_float64() -> 
     assert not net.training
     assert not bn.training
     assert not net[3].training  # dropout never switched on
+
+
+def test_uneven_batches_weigh_each_image_alike() -> None:
+    """Batches of 6, 6 and 2 images: the mean is that of all 14 images' features; the variance
+    the image-weighted mean of the batches' unbiased variances (float64 reference)."""
+    net = _small_net()
+    batches = [*(x for x, _ in _batches(10)[:2]), _batches(11)[0][0][:2]]
+    assert [len(x) for x in batches] == [6, 6, 2]
+    recalibrate(net, batches, net)
+    outs = [net[0](x).detach().double().numpy() for x in batches]  # (n, C, h, w) each
+    every = np.concatenate(outs)
+    np.testing.assert_allclose(
+        net[1].running_mean.double().numpy(), every.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6
+    )
+    var = [o.transpose(1, 0, 2, 3).reshape(5, -1).var(axis=1, ddof=1) for o in outs]
+    want = np.average(var, axis=0, weights=[len(o) for o in outs])
+    np.testing.assert_allclose(net[1].running_var.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="batch of 1 image"):
+        recalibrate(net, [batches[0][:1]], net)
 
 
 def test_kept_statistics_restores_everything_after_success_and_after_an_error() -> None:
@@ -186,5 +206,6 @@ def test_eval_recalibrate_bn_is_recorded_and_labelled(tmp_path: Path) -> None:
     assert summary["recalibrate_bn"] == 12
     assert summary["bn"] == "private"
     assert summary["variant"] == "mst, private BN, BN recalibrated on 12"
+    assert summary["recalibrate_batch"] == 64  # msun eval's --batch-size
     assert "BN recalibrated on 12" in result.output
     assert summary["path"] == [0, 1]  # 16 px -> set 0, 32 px -> set 1
