@@ -21,6 +21,12 @@ from msun.privatebn import PrivateBatchNorm2d, build_scale_bn_net
 from tests import reference as ref
 from tests import tinyrun
 
+#: 16 synthetic images at 16 and 32 px, two batches: a comparison of a tiny model in seconds.
+SMALL_SWEEP = [
+    *("--scales", "16", "32", "--image-size", "32", "--resize-size", "37"),
+    *("--num-images", "16", "--batch-size", "8"),
+]
+
 
 @pytest.fixture(scope="module")
 def tiny() -> torch.nn.Module:
@@ -94,17 +100,7 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
         "compare",
         "--checkpoint",
         str(tmp_path / "msun.pt"),
-        "--scales",
-        "16",
-        "32",
-        "--image-size",
-        "32",
-        "--resize-size",
-        "37",
-        "--num-images",
-        "16",
-        "--batch-size",
-        "8",
+        *SMALL_SWEEP,
         "--out",
         str(out),
     ]
@@ -130,17 +126,7 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
         "none",
         "--num-classes",
         "10",
-        "--scales",
-        "16",
-        "32",
-        "--image-size",
-        "32",
-        "--resize-size",
-        "37",
-        "--num-images",
-        "16",
-        "--batch-size",
-        "8",
+        *SMALL_SWEEP,
         "--out",
         str(analysis),
     ]
