@@ -1,6 +1,6 @@
 """Every option of ``msun eval`` and ``msun flops``, as typed dataclasses.
 
-Their command lines are generated from them (``ckascope.cliutils.config_options``), as ``msun
+Their command lines are generated from them (``ckascope.platform.config_options``), as ``msun
 train``'s from ``msun.config.TrainConfig``: a field's type, default, help and range live in one
 place. Plain values only (no torch), so ``--help`` and usage errors answer without importing
 torch.
@@ -27,7 +27,7 @@ class FlopsConfig:
         "Nominal input size of each subnet, ascending  [default: the paper's 32 128 224 scaled "
         "to --image-size: 4 16 28 at 28].",
     )
-    num_classes: int = config_field(1000, None)
+    num_classes: int = config_field(1000, "Classes of the classifier (the head's size).", min=2)
     image_size: int | None = config_field(
         None,
         "The size vanilla runs every input at, and the training size the test sizes scale "
@@ -88,8 +88,8 @@ class EvalConfig:
     batch_size: int = config_field(
         64, "Images per batch (and per BatchNorm estimate with --recalibrate-bn).", min=1
     )
-    workers: int = config_field(0, None, min=0)
-    device: str = config_field("auto", None)
+    workers: int = config_field(0, "DataLoader worker processes.", min=0)
+    device: str = config_field("auto", "auto, cpu, cuda or cuda:N.")
     memory_format: MemoryFormat = config_field(
         "auto",
         "Layout of the forward passes (auto: channels_last for CNNs on a CPU, faster there; "
