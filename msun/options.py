@@ -27,7 +27,7 @@ class FlopsConfig:
         "Nominal input size of each subnet, ascending  [default: the paper's 32 128 224 scaled "
         "to --image-size: 4 16 28 at 28].",
     )
-    num_classes: int = config_field(1000, "Classes of the classifier (the head's size).", min=2)
+    num_classes: int = config_field(1000, "Classes of the classifier (the head's size).")
     image_size: int | None = config_field(
         None,
         "The size vanilla runs every input at, and the training size the test sizes scale "
