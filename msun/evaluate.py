@@ -224,7 +224,8 @@ def evaluate(
                         forward = partial(
                             _logits, model, k=k, protocol=protocol, image_size=image_size
                         )
-                        _recalibrate(model, recalibration, size, device, layout, forward)
+                        with _autocast(device, amp_dtype):  # as the scoring passes
+                            _recalibrate(model, recalibration, size, device, layout, forward)
                         score([(i, size, [k])], count_images=k == todo[i][0])
     top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
