@@ -16,7 +16,7 @@ from ckascope.errors import InputError
 from ckascope.views import resize
 from msun import build_msun
 from msun.cli import main
-from msun.evaluate import evaluate
+from msun.evaluate import Recalibration, _passes, evaluate
 from msun.privatebn import build_scale_bn_net
 from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 from tests import tinyrun
@@ -209,3 +209,14 @@ def test_eval_recalibrate_bn_is_recorded_and_labelled(tmp_path: Path) -> None:
     assert summary["recalibrate_batch"] == 64  # msun eval's --batch-size
     assert "BN recalibrated on 12" in result.output
     assert summary["path"] == [0, 1]  # 16 px -> set 0, 32 px -> set 1
+
+
+def test_the_progress_bar_counts_one_pass_per_size_and_path_when_recalibrating() -> None:
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(8, 16), num_classes=4)
+    loader, sizes = _batches(12, count=3), [8, 12, 16]
+    recal = Recalibration(_batches(13), images=18, batch_size=6)
+    assert _passes(model, sizes, "all", None, loader) == 3  # one pass, every size and path
+    assert _passes(model, sizes, "all", recal, loader) == 3 * 3 * 2  # per size and path
+    assert _passes(model, sizes, "routed", recal, loader) == 3 * 3  # per size
+    assert _passes(_small_net(), sizes, "all", recal, loader) == 3 * 3  # one path
