@@ -22,7 +22,7 @@ from torch.func import functional_call
 from ckascope.platform import InputError, Protocol, build_model, check_protocol
 from ckascope.platform import resize as resize_images
 from msun.backbones import Head, backbone_for, check_split, classifier, make_subnets
-from msun.privatebn import check_bn, privatize, use_bn_set
+from msun.privatebn import check_bn, privatize, route_size, use_bn_set
 from msun.recipes import recipe_for
 
 #: At most this many subnets (the paper's ablation goes from 2 to 5).
@@ -154,10 +154,7 @@ class MSUN(nn.Module):
 
     def route(self, size: int) -> int:
         """The path serving inputs of ``size`` (max of height and width)."""
-        for k, bound in enumerate(self.routing):
-            if size <= bound:
-                return k
-        return self.num_paths - 1
+        return route_size(self.routing, size)
 
     def _check_path(self, k: int) -> int:
         if not 0 <= k < self.num_paths:

@@ -175,6 +175,15 @@ def use_bn_set(module: nn.Module, k: int) -> Iterator[None]:
             layer.active = old
 
 
+def route_size(routing: Sequence[int], size: int) -> int:
+    """The path (or set) serving inputs of ``size`` under the fixed table ``routing``.
+
+    Path k serves sizes up to ``routing[k]``; the last path (``len(routing)``) the rest. The
+    one rule MSUN's paths and a private-BatchNorm network's sets follow.
+    """
+    return next((k for k, bound in enumerate(routing) if size <= bound), len(routing))
+
+
 def check_bn(bn: str) -> str:
     """Validates a BatchNorm mode.
 
@@ -228,9 +237,7 @@ class ScaleBNNet(nn.Module):
 
     def route(self, size: int) -> int:
         """The set serving inputs of ``size``."""
-        return next(
-            (k for k, bound in enumerate(self.routing) if size <= bound), len(self.scales) - 1
-        )
+        return route_size(self.routing, size)
 
     def forward_path(self, x: Tensor, k: int, *, protocol: Protocol = "upsample") -> Tensor:
         """Logits (B, num_classes) of images x (B, 3, H, W) with BatchNorm set k.
