@@ -1,4 +1,5 @@
-"""msun.objective: each method's loss terms, and the loss falls on a fixed batch."""
+"""msun.objective: each method's loss terms, the loss falls on a fixed batch, and torch.compile
+changes none of it."""
 
 from __future__ import annotations
 
@@ -41,3 +42,42 @@ def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
         if method == "mst"
         else {"ce"}
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "bn", "distill"),
+    [("vanilla", "shared", False), ("mst", "private", True), ("msun", "private", False)],
+)
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_compiled_objective_computes_the_eager_loss_gradients_and_statistics(
+    method: str, bn: str, distill: bool
+) -> None:
+    # `msun train --compile` wraps the Objective in torch.compile. The aot_eager backend runs
+    # the graphs dynamo and AOT autograd capture (the private BatchNorm's set switches and
+    # in-place counter updates included) without inductor's C++ build, minutes on 2 cores.
+    cfg = TrainConfig(
+        model="resnet18",
+        method=method,
+        scales=(16, 32),
+        image_size=32,
+        num_classes=4,
+        si_threshold=0.0,
+        bn=bn,
+        distill=distill,
+    )
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    eager, compiled = build_network(cfg), build_network(cfg)
+    torch._dynamo.reset()
+    runs = [Objective(eager, cfg), torch.compile(Objective(compiled, cfg), backend="aot_eager")]
+    losses = []
+    for objective in runs:
+        for _ in range(2):  # the second step blends its statistics into the first one's
+            loss, _ = objective(images, labels)
+            loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, a), b in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -23,8 +23,10 @@ from click.testing import CliRunner
 
 from ckascope import models
 from ckascope.result import CKAResult
-from msun import MSUN, build_msun
+from msun import MSUN
 from msun.cli import main
+from msun.config import load_yaml, merge
+from msun.train import build_network
 from tests import tinyrun
 from tests.msun.runs import TINY, train_tiny
 
@@ -133,12 +135,19 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path: P
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-@pytest.mark.parametrize("bn", ["shared", "private"])
-def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path, bn: str) -> None:
-    common = [
-        *["--method", "msun", "--bn", bn, "--epochs", "1", "--steps-per-epoch", "3"],
-        *["--workers", "0"],
-    ]
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "msun", "--bn", "shared"],
+        ["--method", "msun", "--bn", "private"],  # a BatchNorm set per path in the trunk
+        ["--method", "mst", "--bn", "private", "--distill"],  # RS-Nets' network and loss
+    ],
+    ids=["msun", "msun-private", "mst-private-distill"],
+)
+def test_two_gloo_processes_equal_one_process_with_accumulation(
+    tmp_path: Path, method: list[str]
+) -> None:
+    common = [*method, "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0"]
     one = subprocess.run(
         _subprocess(*common, "--accum-steps", "2", "--out", str(tmp_path / "one")),
         env=_env(),
@@ -170,8 +179,8 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path: Path, 
     params = [
         k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     ]
-    torch.manual_seed(0)  # the runs' initialisation (seed 0): training must have moved away from it
-    start = build_msun("resnet18", scales=(16, 32), num_classes=10, bn=bn).state_dict()
+    # the runs' initialisation (build_network seeds it): training must have moved away from it
+    start = build_network(merge(load_yaml(tmp_path / "one" / "config.yaml"))).state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in params) > 1e-4
     for key in params:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
