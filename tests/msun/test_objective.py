@@ -11,17 +11,24 @@ from msun.objective import Objective
 from msun.train import build_network
 
 
-@pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
-@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
-    cfg = TrainConfig(
+def _config(method: str, *, bn: str = "shared", distill: bool = False) -> TrainConfig:
+    """A tiny resnet18 config: scales 16 and 32, 4 classes, the SI term on every pair."""
+    return TrainConfig(
         model="resnet18",
         method=method,
         scales=(16, 32),
         image_size=32,
         num_classes=4,
         si_threshold=0.0,
+        bn=bn,
+        distill=distill,
     )
+
+
+@pytest.mark.parametrize("method", ["msun", "mst", "vanilla"])
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_loss_decreases_on_a_fixed_batch(method: str) -> None:
+    cfg = _config(method)
     model = build_network(cfg)
     objective = Objective(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -55,16 +62,7 @@ def test_a_compiled_objective_computes_the_eager_loss_gradients_and_statistics(
     # `msun train --compile` wraps the Objective in torch.compile. The aot_eager backend runs
     # the graphs dynamo and AOT autograd capture (the private BatchNorm's set switches and
     # in-place counter updates included) without inductor's C++ build, minutes on 2 cores.
-    cfg = TrainConfig(
-        model="resnet18",
-        method=method,
-        scales=(16, 32),
-        image_size=32,
-        num_classes=4,
-        si_threshold=0.0,
-        bn=bn,
-        distill=distill,
-    )
+    cfg = _config(method, bn=bn, distill=distill)
     torch.manual_seed(0)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     eager, compiled = build_network(cfg), build_network(cfg)
