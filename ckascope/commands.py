@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from ckascope.models import (
     is_self_describing,
     model_from_checkpoint,
     read_checkpoint,
+    read_inputs,
     weights_input_size,
 )
 from ckascope.options import SweepFields, ViewFields, values_of
@@ -185,17 +188,51 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
     """The config with the image size and the scales decided.
 
     The image size is --image-size, else the size pretrained weights expect (299 for
-    inception_v3), else the data's native size, else 224.
+    inception_v3), else the one a checkpoint was trained at (its ``inputs``), else the data's
+    native size, else 224. A checkpoint's smallest and largest training scales are the
+    default --scales when its image size is used.
     """
     if cfg.two_models and cfg.scales:
         raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
     expected = (weights_input_size(cfg.model, cfg.weights) if not cfg.checkpoint else None) or (
         weights_input_size(cfg.model_b, cfg.weights_b) if not cfg.checkpoint_b else None
     )
+    trained = _trained_on(cfg)
+    if cfg.image_size is None and cfg.scales is None and {"scales", "image_size"} <= set(trained):
+        cfg = dataclasses.replace(cfg, scales=(min(trained["scales"]), max(trained["scales"])))
     # Two models at --scale S see S-px images (the base images cropped at S), not S-px images
     # resized back up to another size.
-    chosen = cfg.image_size or (cfg.scale if cfg.two_models else None) or expected
+    chosen = (
+        cfg.image_size
+        or (cfg.scale if cfg.two_models else None)
+        or expected
+        or trained.get("image_size")
+    )
     return config.resolve(cfg, image_size_for(cfg.data, chosen))
+
+
+def _trained_on(cfg: CompareConfig) -> dict[str, Any]:
+    """What the one compared checkpoint was trained on (``models.read_inputs``), noting its data.
+
+    A model trained on other images than the ones compared is worth a word when the user chose
+    none: the synthetic set is ckascope's default, not the checkpoint's.
+    """
+    if cfg.two_models or cfg.checkpoint is None:
+        return {}
+    trained = read_inputs(cfg.checkpoint)
+    data = trained.get("data")
+    if cfg.data is None and data not in (None, "shapes") and _first_process():
+        click.echo(
+            f"note: {cfg.checkpoint} was trained on {data}; these are the synthetic images. "
+            f"Hint: --data {data} analyses it on its own",
+            err=True,
+        )
+    return trained
+
+
+def _first_process() -> bool:
+    """Rank 0 under torchrun (before the process group exists), or the only process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def analyse(cfg: CompareConfig) -> tuple[CKAResult, bool]:
@@ -258,7 +295,7 @@ def _model_settings(
     return {
         f"model{suffix}": model_label(name, checkpoint),
         f"arch{suffix}": arch,
-        f"weights{suffix}": weights,
+        f"weights{suffix}": None if checkpoint else weights,  # a checkpoint's are its own
         f"checkpoint{suffix}": str(checkpoint) if checkpoint else None,
     }
 
@@ -286,9 +323,20 @@ def report(result: CKAResult, out: Path) -> None:
         f"{s['images_used'] // result.repeats} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
+    if same_path(s):
+        console.print(
+            f"note: both scales went to path {s['paths'][0]} of this multi-path model: this "
+            "compares one path with itself. Hint: pick --scales its routing sends to different paths"
+        )
     console.print(f"result written to {out}/:")
     for name in sorted(p.name for p in out.iterdir()):
         console.print(f"  {out / name}")
+
+
+def same_path(settings: dict[str, Any]) -> bool:
+    """Whether a cross-scale comparison of a multi-path model routed both scales to one path."""
+    paths = settings.get("paths") or []
+    return settings.get("mode") == "scales" and len(paths) == 2 and paths[0] == paths[1]
 
 
 def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandidate]:
@@ -297,8 +345,9 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
         return [SplitCandidate(p.strip()) for p in split_points.split(",") if p.strip()]
     if result.settings.get("paths"):
         raise InputError(
-            "this result is of a multi-path model, which is already split. Hint: analyse the "
-            "single-path (vanilla) model"
+            "this result is of a multi-path model (each scale routed to its own path or "
+            "BatchNorm set); split points are chosen on a single-path network. Hint: analyse "
+            "the vanilla model, or price given points with --split-points"
         )
     if result.arch is None:
         raise InputError("this result records no architecture. Hint: pass --split-points")

@@ -51,7 +51,8 @@ class Subjects:
     scales: tuple[int, int] | None = config_field(
         None,
         "Two input scales in px  [default: image size/7 and the image size, e.g. 32 224; "
-        "4 28 for Fashion-MNIST with --weights none].",
+        "4 28 for Fashion-MNIST with --weights none; a checkpoint's smallest and largest "
+        "training scales when its training size is used].",
         min=1,
         max=MAX_SCALE,
     )

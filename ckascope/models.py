@@ -9,7 +9,11 @@ Checkpoints are read with ``torch.load(weights_only=True)`` only. A plain state 
 architecture's name; a self-describing checkpoint names a registered builder and carries the
 config to rebuild the model:
 
-    {"format": "ckascope-model", "builder": "<name>", "config": {...}, "state_dict": {...}}
+    {"format": "ckascope-model", "builder": "<name>", "config": {...}, "state_dict": {...},
+     "inputs": {"image_size": 32, "scales": [4, 16, 32], "data": "fashionmnist"}}
+
+``inputs`` (optional, each key optional) says what the model was trained on; ``ckascope
+compare --checkpoint`` takes its image size and scales from it unless told otherwise.
 
 Builders are the ``model_builders`` entries of ``ckascope.plugins`` (torchvision's is built in,
 other families declare theirs as entry points), imported only when such a checkpoint is loaded;
@@ -35,6 +39,7 @@ from torchvision.models._api import WeightsEnum
 
 from ckascope import plugins
 from ckascope.errors import InputError, WeightsUnavailableError, hint_close
+from ckascope.vocab import MAX_SCALE
 
 #: Seconds a weight download may stall before it counts as offline.
 DOWNLOAD_TIMEOUT = 10.0
@@ -183,6 +188,54 @@ def checkpoint_label(path: str | os.PathLike[str]) -> str:
     return p.parent.name if p.stem in ("last", "best") else p.stem
 
 
+#: What ``torch.load`` raises for a file that is not a readable checkpoint.
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    zipfile.BadZipFile,
+    ValueError,
+    KeyError,
+    IndexError,
+)
+
+
+def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``inputs`` a self-describing checkpoint records: what its model was trained on.
+
+    Memory-mapped, so the weights stay on disk. Only well-formed entries are kept (they set
+    defaults, nothing more): ``image_size`` (int), ``scales`` (ints, two or more) and ``data``
+    (str).
+
+    Returns:
+        The entries found; {} for a file without them or one that cannot be read (loading
+        the model reports why).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE:
+        return {}
+    inputs = ckpt.get("inputs") if is_self_describing(ckpt) else None
+    if not isinstance(inputs, Mapping):
+        return {}
+    size, scales, data = (inputs.get(k) for k in ("image_size", "scales", "data"))
+    return {
+        **({"image_size": size} if _is_side(size) else {}),
+        **(
+            {"scales": [int(s) for s in scales]}
+            if isinstance(scales, list | tuple) and len(scales) >= 2 and all(map(_is_side, scales))
+            else {}
+        ),
+        **({"data": data} if isinstance(data, str) and data else {}),
+    }
+
+
+def _is_side(value: Any) -> bool:
+    """Whether ``value`` is an image side ckascope accepts (an int in 1..MAX_SCALE)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SCALE
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors for bad files.
 
@@ -205,15 +258,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"refusing to load {p}: it holds Python objects other than tensors and plain "
             "containers, which could run code (only weights_only checkpoints are accepted)"
         ) from e
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        zipfile.BadZipFile,
-        ValueError,
-        KeyError,
-        IndexError,
-    ) as e:
+    except _UNREADABLE as e:
         raise InputError(
             f"{p} is not a readable checkpoint (truncated or corrupted?): {e!r}"
         ) from e

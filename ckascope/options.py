@@ -40,7 +40,8 @@ class ViewFields:
     image_size: int | None = config_field(
         None,
         "Centre-crop size of the base images (the model's input size under upsample)  "
-        "[default: the size pretrained weights expect (299 inception_v3), else the data's "
+        "[default: the size pretrained weights expect (299 inception_v3), else the size a "
+        "checkpoint was trained at (when it records it), else the data's "
         "native size (28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
         min=4,
         max=MAX_SCALE,

@@ -6,10 +6,12 @@ One file::
      "config": {"arch", "split_at", "scales", "num_classes", "routing", "bn"},
      "state_dict": {...}, **extra}
 
-(``bn`` is written only for a private-BN trunk; without it, as in files written before
-private BatchNorm existed, the trunk is "shared".) An
-MST network with private BatchNorm per scale (``msun.privatebn.ScaleBNNet``) names the builder
+``bn`` is written only for a private-BN trunk; without it, as in files written before
+private BatchNorm existed, the trunk is "shared". An MST network with private BatchNorm per
+scale (``msun.privatebn.ScaleBNNet``) names the builder
 ``msun-scale-bn`` with config {"arch", "scales", "routing", "image_size", "num_classes"}.
+A training run's checkpoints add its state and ``inputs`` (:func:`training_inputs`: what it
+was trained on, the defaults of ``ckascope compare --checkpoint``).
 
 ``ckascope.models.load_checkpoint`` finds :func:`model_from_config` through its builder registry,
 so ckascope loads these files without importing msun until it meets one.
@@ -32,6 +34,7 @@ from ckascope.platform import (
     torch_save,
 )
 from msun.backbones import classifier
+from msun.config import TrainConfig
 from msun.model import MSUN, build_msun
 from msun.privatebn import ScaleBNNet, build_scale_bn_net
 
@@ -79,6 +82,24 @@ def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
         "builder": builder,
         "config": config,
         "state_dict": model.state_dict(),
+    }
+
+
+def training_inputs(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """A run checkpoint's ``inputs`` (``ckascope.models.read_inputs``): what it was trained on.
+
+    The image size and data of the run, and the training scales of a network that has them
+    (an MSUN's or a private-BatchNorm network's own, the config's for plain MST); a vanilla
+    network's ``--scales`` only named test sizes, so it records none.
+    """
+    if isinstance(model, MSUN | ScaleBNNet):
+        scales: list[int] | None = list(model.scales)
+    else:
+        scales = list(cfg.scales) if cfg.method == "mst" else None
+    return {
+        "image_size": cfg.image_size,
+        "data": cfg.data,
+        **({"scales": scales} if scales else {}),
     }
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckascope.platform import DistInfo, InputError, read_checkpoint, torch_save, write_text
-from msun.checkpoint import model_payload
+from msun.checkpoint import model_payload, training_inputs
 from msun.config import TrainConfig, differences
 
 
@@ -98,6 +98,7 @@ def save_state(
     torch_save(
         {
             **model_payload(t.model, cfg.model),
+            "inputs": training_inputs(t.model, cfg),  # ckascope compare's defaults
             "train_config": cfg.to_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),

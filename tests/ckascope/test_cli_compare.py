@@ -249,6 +249,35 @@ def test_a_checkpoint_result_keeps_its_architecture_apart_from_its_label(tmp_pat
     assert split.exit_code == 0, split.output  # resnet18's split points, not "my-run"'s
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_checkpoint_sets_the_image_size_and_scales_it_was_trained_at(tmp_path: Path) -> None:
+    import torchvision
+
+    from ckascope.models import CHECKPOINT_FORMAT
+
+    net = torchvision.models.resnet18(num_classes=10)
+    config = {"arch": "resnet18", "num_classes": 10}
+    inputs = {"image_size": 32, "scales": [8, 16, 32], "data": "fashionmnist"}
+    payload = {"format": CHECKPOINT_FORMAT, "builder": "torchvision", "config": config}
+    torch.save({**payload, "state_dict": net.state_dict(), "inputs": inputs}, tmp_path / "a.pt")
+    common = ["compare", "--checkpoint", str(tmp_path / "a.pt"), "--no-figures"]
+    common += ["--num-images", "8", "--batch-size", "8", "--resize-size", "37"]
+    runs = {
+        "own": [],  # the training image size, smallest and largest training scale
+        "scales": ["--scales", "16", "32"],
+        "size": ["--image-size", "24", "--resize-size", "28"],  # its own default scales
+    }
+    expected = {"own": (32, [8, 32]), "scales": (32, [16, 32]), "size": (24, [3, 24])}
+    for name, extra in runs.items():
+        result = CliRunner().invoke(main, [*common, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        settings = CKAResult.load(tmp_path / name).settings
+        assert (settings["image_size"], settings["scales"]) == expected[name], name
+        assert settings["weights"] is None  # the checkpoint's, not --weights' default
+        assert "trained on fashionmnist; these are the synthetic images" in result.stderr
+        assert "Hint: --data fashionmnist" in result.stderr
+
+
 def test_results_written_before_the_architecture_was_recorded_still_name_it() -> None:
     old = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], settings={"model": "resnet50"})
     assert old.arch == "resnet50"

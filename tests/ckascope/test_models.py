@@ -243,3 +243,23 @@ def test_registering_a_taken_name_is_refused_unless_asked(monkeypatch: pytest.Mo
     plugins.register("model_builders", "msun", installed)  # msun registering itself: fine
     with pytest.raises(InputError, match="already has an entry 'msun'"):
         plugins.register("model_builders", "msun", "other.pkg:build")
+
+
+def test_a_checkpoint_says_what_it_was_trained_on_and_malformed_entries_are_left_out(
+    tmp_path: Path,
+) -> None:
+    head = {"format": models.CHECKPOINT_FORMAT, "builder": "torchvision", "config": {}}
+    inputs = {"image_size": 32, "scales": [8, 16, 32], "data": "fashionmnist"}
+    torch.save({**head, "state_dict": {}, "inputs": inputs}, tmp_path / "run.pt")
+    assert models.read_inputs(tmp_path / "run.pt") == inputs
+    malformed = {"image_size": "32", "scales": [8], "data": ""}
+    torch.save({**head, "inputs": malformed}, tmp_path / "odd.pt")
+    assert models.read_inputs(tmp_path / "odd.pt") == {}
+    odd = {"image_size": True, "scales": [8, 0], "data": 3}
+    torch.save({**head, "inputs": odd}, tmp_path / "odd2.pt")
+    assert models.read_inputs(tmp_path / "odd2.pt") == {}
+    torch.save({"state_dict": {}, "inputs": inputs}, tmp_path / "plain.pt")  # not self-describing
+    assert models.read_inputs(tmp_path / "plain.pt") == {}
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert models.read_inputs(tmp_path / "junk.pt") == {}
+    assert models.read_inputs(tmp_path / "missing.pt") == {}

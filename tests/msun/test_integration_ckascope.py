@@ -112,7 +112,19 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
     assert saved.settings["paths"] == [0, 1]
     split = CliRunner().invoke(ckascope_main, ["suggest-split", "--from", str(out)])
     assert split.exit_code == 2
-    assert "already split" in split.stderr
+    assert "chosen on a single-path network" in split.stderr
+
+
+def test_scales_routed_to_one_path_are_compared_with_a_note(
+    tiny: torch.nn.Module, tmp_path: Path
+) -> None:
+    save_checkpoint(tiny, tmp_path / "msun.pt")
+    args = ["compare", "--checkpoint", str(tmp_path / "msun.pt"), *SMALL_SWEEP, "--no-figures"]
+    args[args.index("--scales") + 1] = "24"  # 24 and 32 both go to the 32-px path
+    result = CliRunner().invoke(ckascope_main, [*args, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert CKAResult.load(tmp_path / "cmp").settings["paths"] == [1, 1]
+    assert "note: both scales went to path 1" in result.output
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)

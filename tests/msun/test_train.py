@@ -77,6 +77,9 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: st
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["progress"]["epoch"] == 2
     assert ckpt["train_config"] == config
+    # what ckascope compare --checkpoint takes its defaults from; vanilla has no training scales
+    scales = {} if method == "vanilla" else {"scales": [16, 32]}
+    assert models.read_inputs(out / "last.pt") == {"image_size": 32, "data": "shapes", **scales}
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
