@@ -73,7 +73,9 @@ class TrainConfig:
         "scaled to the image size: 4 16 28 at 28 px, 9 37 64 at 64].",
     )
     data: str = config_field(
-        "shapes", "ImageFolder root with train/ and val/, NAME:PATH, or shapes (synthetic)."
+        "shapes",
+        "ImageFolder root with train/ and val/, NAME:PATH (cifar10:~/data), fashionmnist "
+        "(Debian's dataset-fashion-mnist), or shapes (synthetic).",
     )
     out: str = config_field("runs/msun", "Run folder: checkpoints, metrics, config.")
     num_classes: int | None = config_field(None, "Classes [from the data].")
@@ -150,7 +152,9 @@ class TrainConfig:
         False, "Also log to TensorBoard (needs the tensorboard package)."
     )
     init_from: str | None = config_field(
-        None, "Fine-tune from this checkpoint (msun or torchvision)."
+        None,
+        "Fine-tune from this checkpoint (msun or torchvision); a self-describing one sets the "
+        "network: its --model, --method and --bn.",
     )
     linear_probe: bool = config_field(False, "With --init-from: train only the new classifier.")
 

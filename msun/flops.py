@@ -185,6 +185,14 @@ def _report(config_json: str, sizes: tuple[int, ...], image_size: int) -> FlopsR
     )
 
 
+_PRIVATE = ", a BatchNorm set per path"
+
+
+def _private(report: FlopsReport) -> bool:
+    """Whether the MSUN's trunk has private BatchNorm (``--bn private``)."""
+    return report.config.get("bn") == "private"
+
+
 def _g(flops: float) -> str:
     return f"{flops / 1e9:.3f}"
 
@@ -193,8 +201,8 @@ def flops_table(report: FlopsReport) -> Table:
     """Per test size: routed path, GFLOPs under both protocols and vanilla's; then means."""
     scales = report.config["scales"]
     table = Table(
-        title=f"{report.config['arch']} MSUN (trunk from {report.config['split_at']}): "
-        "GFLOPs per image",
+        title=f"{report.config['arch']} MSUN (trunk from {report.config['split_at']}"
+        f"{_PRIVATE if _private(report) else ''}): GFLOPs per image",
         caption="upsample: input resized to the path's nominal size; native: fed at its size. "
         "Interpolations are not counted.",
     )
@@ -219,7 +227,8 @@ def parameters_table(report: FlopsReport) -> Table:
     table.add_column("parameters", justify="right")
     for k, (count, scale) in enumerate(zip(params.subnets, report.config["scales"], strict=True)):
         table.add_row(f"subnet S{k + 1} ({scale})", f"{count / 1e6:.3f}")
-    for name, count in (("trunk", params.trunk), ("head", params.head)):
+    trunk = "trunk" + (_PRIVATE if _private(report) else "")
+    for name, count in ((trunk, params.trunk), ("head", params.head)):
         table.add_row(name, f"{count / 1e6:.3f}")
     table.add_section()
     table.add_row("MSUN total", f"{params.total / 1e6:.3f}")

@@ -524,6 +524,11 @@ def _configure(
     """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method, bn = init_arch(init, cfg)
+    if (arch, method) != (cfg.model, cfg.method) and info.is_main:
+        make_console().print(  # the checkpoint's network is fine-tuned as it is
+            f"note: fine-tuning {cfg.init_from} as it is: a {arch} {method} network (the "
+            "checkpoint's architecture and method, whatever --model and --method say)"
+        )
     cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes)
@@ -593,8 +598,7 @@ def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
     micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
-        f"{cfg.method} {cfg.model}"
-        + (f" split at {cfg.split_at}, scales {list(cfg.scales)}" if cfg.method == "msun" else "")
+        network_words(cfg)
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epochs on {info.device}"
     )
@@ -602,6 +606,24 @@ def _announce(loop: Loop, console: Console) -> None:
         console.print(
             f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"
         )
+
+
+def network_words(cfg: C.TrainConfig) -> str:
+    """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation."""
+    words = f"{cfg.method} {cfg.model}"
+    if cfg.method == "msun":
+        words += f" split at {cfg.split_at}, scales {list(cfg.scales)}"
+    elif cfg.method == "mst":
+        words += f" at scales {list(cfg.scales)}"
+    if cfg.bn == "private":
+        words += ", a BatchNorm set per " + (
+            "path in the trunk" if cfg.method == "msun" else "scale"
+        )
+    if cfg.distill:
+        words += ", ensemble distillation"
+    if cfg.init_from is not None:
+        words += f", {'linear probe' if cfg.linear_probe else 'fine-tuning'} of {cfg.init_from}"
+    return words
 
 
 #: Steps timed before a run's length is estimated; runs estimated longer than LONG_RUN seconds

@@ -96,6 +96,11 @@ def test_cli_table() -> None:
     assert result.exit_code == 0, result.output
     for text in ("trunk from layer3", "fewer FLOPs", "S2 (224)", "MSUN total", "vanilla"):
         assert text in result.stdout
+    assert "BatchNorm set" not in result.stdout
+    private = CliRunner().invoke(main, [*args, "--bn", "private"])
+    assert private.exit_code == 0, private.output
+    assert "trunk from layer3, a BatchNorm set per path):" in private.stdout  # the title
+    assert "trunk, a BatchNorm set per path" in private.stdout  # the parameter table's row
 
 
 @pytest.mark.parametrize(

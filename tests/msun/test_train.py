@@ -339,6 +339,8 @@ def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) 
     ]
     result = CliRunner().invoke(main, args)  # no --model: the default resnet50 must not leak in
     assert result.exit_code == 0, result.output
+    assert "a resnet18 vanilla network (the checkpoint's architecture and method" in result.output
+    assert "vanilla resnet18, fine-tuning of " in result.output  # what the run trains
     tuned = models.load_checkpoint(tmp_path / "ft" / "last.pt")
     assert isinstance(tuned, torchvision.models.ResNet)
     assert len(tuned.layer1) == 2
@@ -373,3 +375,23 @@ def test_deterministic_fixes_the_cublas_workspace(
     assert result.exit_code == 0, result.output
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     torch.use_deterministic_algorithms(False)
+
+
+def test_a_run_announces_what_it_trains() -> None:
+    from msun.config import TrainConfig
+    from msun.train import network_words
+
+    def words(**values: object) -> str:
+        return network_words(TrainConfig(model="resnet18", scales=(4, 16, 28), **values))
+
+    assert words(method="vanilla") == "vanilla resnet18"
+    assert words(method="mst") == "mst resnet18 at scales [4, 16, 28]"
+    assert words(method="mst", bn="private", distill=True) == (
+        "mst resnet18 at scales [4, 16, 28], a BatchNorm set per scale, ensemble distillation"
+    )
+    assert words(method="msun", split_at="layer2", bn="private") == (
+        "msun resnet18 split at layer2, scales [4, 16, 28], a BatchNorm set per path in the trunk"
+    )
+    assert words(method="vanilla", init_from="a.pt", linear_probe=True) == (
+        "vanilla resnet18, linear probe of a.pt"
+    )
