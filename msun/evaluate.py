@@ -114,7 +114,8 @@ class EvalResult:
         top1: (S, P) percent per size and path (P = 1 for vanilla/MST).
         top5: (S, P).
         routed: (S,) path index used per size (zeros for a plain network).
-        protocol: "upsample" or "native" (MSUN), "upsample" (plain networks).
+        protocol: The protocol the model was run under: "upsample" or "native" (MSUN),
+            always "upsample" for other networks, whatever was asked.
         info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
     """
 
@@ -201,7 +202,9 @@ def evaluate(
         on_batch: Called after each batch of each pass over ``loader`` (progress).
     """
     check_protocol(protocol)
-    if not isinstance(model, MSUN):  # vanilla and MST (private BN too) see their training size
+    # Vanilla and MST (a private-BN MST network too) always see their training size: the input
+    # they were trained on (docs/msun.md). The protocol returned is the one that ran.
+    if not isinstance(model, MSUN):
         protocol = "upsample"
     device = next(model.parameters()).device
     multi = is_multipath(model)
@@ -426,6 +429,17 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                     )
     table: pd.DataFrame = pd.DataFrame(rows)
     return table
+
+
+def shared_protocol(protocols: Iterable[str]) -> str | None:
+    """The protocol every column ran under, or None when they differ (say so per column).
+
+    ``--protocol native`` reaches MSUN paths only: vanilla and MST columns run under
+    ``upsample`` beside native MSUN columns, and a title naming one protocol would misname
+    the others.
+    """
+    found = set(protocols)
+    return found.pop() if len(found) == 1 else None
 
 
 @dataclass(frozen=True)

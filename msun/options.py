@@ -63,8 +63,8 @@ class EvalConfig:
     protocol: Protocol = config_field(
         "upsample",
         "MSUN path input: resized to its nominal size (upsample, as for the paper's accuracy "
-        "tables), or as it is (native); other networks always see the image at their training "
-        "size.",
+        "tables), or as it is (native); other networks (vanilla, MST, private BN too) always "
+        "see the image at their training size, and are recorded as upsample.",
     )
     paths: Literal["all", "routed"] = config_field(
         "all", "Evaluate every path, or only the routed one."

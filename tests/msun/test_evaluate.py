@@ -1,8 +1,9 @@
 """msun.evaluate (msun eval): checkpoints of other data or sizes refused, the numbers against a
-direct computation, and scoring in channels-last."""
+direct computation, scoring in channels-last, and the protocol each column ran under."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,8 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ckascope.views import resize
 from msun import build_msun, save_checkpoint
 from msun.cli import main
+from msun.evaluate import evaluate
+from msun.plot import accuracy_vs_size
+from msun.privatebn import build_scale_bn_net
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
@@ -111,3 +116,78 @@ def test_evaluation_in_channels_last_scores_alike_and_gives_the_model_back() -> 
         assert (after[name].data_ptr(), after[name].stride()) == (ptr, stride), name
         assert torch.equal(after[name], value), name
     assert model.training
+
+
+def test_a_private_bn_mst_network_runs_and_is_recorded_under_upsample_whatever_was_asked() -> None:
+    """MST's input protocol (docs/msun.md): set k sees the test image brought back up to the
+    training size, under --protocol native too; the result says so."""
+    torch.manual_seed(0)
+    model = build_scale_bn_net("resnet18", scales=(8, 16), num_classes=4, image_size=16).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g))]
+    got = evaluate(model, batches, [8, 16], protocol="native", image_size=16)
+    assert got.protocol == "upsample"
+    (x, y) = batches[0]
+    with torch.no_grad():
+        for i, size in enumerate([8, 16]):
+            for k in range(2):
+                logits = model.forward_path(resize(x, size), k, protocol="upsample")
+                want = 100 * float((logits.argmax(1) == y).float().mean())
+                assert got.top1[i, k] == pytest.approx(want), (size, k)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_columns_of_different_protocols_are_named_per_column(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    mst = build_scale_bn_net("resnet18", scales=(16, 32), num_classes=10, image_size=32).eval()
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    save_checkpoint(msun_model, tmp_path / "msun.pt", train_config=config)
+    save_checkpoint(mst, tmp_path / "mst.pt", train_config={**config, "method": "mst"})
+    args = ["eval", str(tmp_path / "msun.pt"), str(tmp_path / "mst.pt"), "--num-val", "8"]
+    native = CliRunner().invoke(main, [*args, "--protocol", "native", "--out", str(tmp_path / "n")])
+    assert native.exit_code == 0, native.output
+    assert "top-1 (%) per test size, protocol per column" in native.output
+    assert "per test size, upsample protocol" not in native.output  # the old, wrong title
+    assert "native protocol" in native.output
+    assert "upsample protocol" in native.output
+    assert "note: --protocol native applies to MSUN paths; mst saw" in native.output
+    summaries = json.loads((tmp_path / "n" / "eval.json").read_text())
+    assert [s["protocol"] for s in summaries] == ["native", "upsample"]
+    with open(tmp_path / "n" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["checkpoint"], r["protocol"]) for r in rows} == {
+        ("msun", "native"),
+        ("mst", "upsample"),
+    }
+    upsample = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "u")])
+    assert upsample.exit_code == 0, upsample.output
+    assert "top-1 (%) per test size, upsample protocol" in upsample.output
+    assert "note:" not in upsample.output
+    again = json.loads((tmp_path / "u" / "eval.json").read_text())[1]
+    assert again["top1_per_path"] == summaries[1]["top1_per_path"]  # what ran: upsample both times
+
+
+def _summary(name: str, protocol: str) -> dict[str, object]:
+    return {
+        "checkpoint": name,
+        "variant": "msun",
+        "method": "msun",
+        "protocol": protocol,
+        "sizes": [16, 32],
+        "top1": [10.0, 20.0],
+        "mean_top1": 15.0,
+        "mean_flops": 1e9,
+        "parameters": 1e6,
+    }
+
+
+def test_the_figure_names_the_protocol_only_when_every_curve_shares_it() -> None:
+    mixed = accuracy_vs_size([_summary("a", "native"), _summary("b", "upsample")])
+    assert mixed.axes[0].get_title() == "Accuracy vs test size (protocol per curve)"
+    labels = [t.get_text() for t in mixed.legends[0].get_texts()]
+    assert "native protocol" in labels[0]
+    assert "upsample protocol" in labels[1]
+    same = accuracy_vs_size([_summary("a", "native"), _summary("b", "native")])
+    assert same.axes[0].get_title() == "Accuracy vs test size (native protocol)"
+    assert all("protocol" not in t.get_text() for t in same.legends[0].get_texts())
