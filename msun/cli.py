@@ -202,6 +202,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         evaluate_checkpoints,
         load_for_eval,
         recalibration_set,
+        unique_labels,
     )
 
     cfg = EvalConfig(**values)
@@ -209,7 +210,8 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         parse_sizes(cfg.eval_sizes)  # a bad flag is refused before any checkpoint is read
     out = cfg.out or next_free(Path("msun-eval"))
     check_output_dir(out, cfg.overwrite)
-    loaded = [load_for_eval(p) for p in checkpoints]
+    names = unique_labels(checkpoints)
+    loaded = [load_for_eval(p, n) for p, n in zip(checkpoints, names, strict=True)]
     check_same_setting(loaded, cfg.data, cfg.image_size)
     info = init_distributed(cfg.device)
     image_size = cfg.image_size or loaded[0].image_size
@@ -250,6 +252,8 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
             memory_format=cfg.memory_format,
             recalibration=recalibration,
             progress=info.is_main,
+            data=data,
+            image_size=image_size,
         )
     finally:
         close_distributed()

@@ -96,13 +96,15 @@ class TopKCounts(Metric):
         self.total[size_index] += count
 
     def compute(self) -> Tensor:
-        """Top-1 and top-5 accuracy in percent, stacked: (2, S, P).
+        """Top-1 and top-5 accuracy in percent and the images scored, stacked: (3, S, P).
 
-        One tensor of at least two elements, which torchmetrics never squeezes (it squeezes
-        one-element results, which would break a single size and path).
+        One tensor of at least three elements, which torchmetrics never squeezes (it squeezes
+        one-element results, which would break a single size and path). The images per size
+        are repeated over the paths so that all three share one shape.
         """
         denom = self.total.clamp_min(1)[:, None]
-        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom])
+        images = self.total[:, None].expand_as(self.correct1)
+        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom, images])
 
 
 @dataclass
@@ -117,6 +119,7 @@ class EvalResult:
         protocol: The protocol the model was run under: "upsample" or "native" (MSUN),
             always "upsample" for other networks, whatever was asked.
         info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
+        images: Test images scored at each size (every process's, unreadable ones left out).
     """
 
     sizes: list[int]
@@ -125,6 +128,7 @@ class EvalResult:
     routed: list[int]
     protocol: str
     info: dict[str, Any] = field(default_factory=dict)
+    images: int = 0
 
     @property
     def routed_top1(self) -> np.ndarray:
@@ -230,12 +234,13 @@ def evaluate(
                         with _autocast(device, amp_dtype):  # as the scoring passes
                             _recalibrate(model, recalibration, size, device, layout, forward)
                         score([(i, size, [k])], count_images=k == todo[i][0])
-    top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
+    top1, top5, seen = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
-    return EvalResult(list(sizes), top1, top5, routed, protocol, {"memory_format": layout})
+    info = {"memory_format": layout}
+    return EvalResult(list(sizes), top1, top5, routed, protocol, info, int(seen.max(initial=0)))
 
 
 Job = tuple[int, int, list[int]]  # (size index, test size, paths to score)
@@ -337,7 +342,10 @@ def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size:
 
 @dataclass
 class Evaluated:
-    """One checkpoint's evaluation with what the paper's Figure 4 shows next to it."""
+    """One checkpoint's evaluation with what the paper's Figure 4 shows next to it.
+
+    With what it takes to score it again: the file, the data, the test images' size and count.
+    """
 
     name: str
     result: EvalResult
@@ -347,6 +355,10 @@ class Evaluated:
     bn: str = "shared"  # "private": a BatchNorm set per scale (mst) or per path in the trunk
     recalibrate_bn: int = 0  # training images BatchNorm was re-estimated on per size; 0: none
     recalibrate_batch: int = 0  # in batches of this many images (image-weighted)
+    checkpoint_path: str = ""  # the file, absolute
+    data: str = ""  # the --data spec the test images came from
+    image_size: int = 0  # the test images' centre crop, before each test size
+    distill: bool | None = None  # its training config's, where it has the key
 
     @property
     def variant(self) -> str:
@@ -366,9 +378,15 @@ class Evaluated:
     def summary(self) -> dict[str, Any]:
         """JSON-able numbers of this checkpoint."""
         r = self.result
+        distill = {} if self.distill is None else {"distill": self.distill}
         return {
             "checkpoint": self.name,
+            "checkpoint_path": self.checkpoint_path,
+            "data": self.data,
+            "image_size": self.image_size,
+            "images": r.images,
             "method": self.method,
+            **distill,
             "bn": self.bn,
             "recalibrate_bn": self.recalibrate_bn,
             "recalibrate_batch": self.recalibrate_batch,
@@ -406,7 +424,12 @@ def flops_per_size(
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
-    """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag."""
+    """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag.
+
+    Each row carries what scoring it again takes: the checkpoint's file, the data, the test
+    images' size and count, and the BatchNorm settings (``distill`` empty where the
+    checkpoint's training config does not have it).
+    """
     rows = []
     for ev in evaluated:
         r = ev.result
@@ -416,7 +439,15 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                     rows.append(
                         {
                             "checkpoint": ev.name,
+                            "checkpoint_path": ev.checkpoint_path,
+                            "data": ev.data,
+                            "image_size": ev.image_size,
+                            "images": r.images,
                             "method": ev.method,
+                            "bn": ev.bn,
+                            "distill": ev.distill,
+                            "recalibrate_bn": ev.recalibrate_bn,
+                            "recalibrate_batch": ev.recalibrate_batch,
                             "variant": ev.variant,
                             "protocol": r.protocol,
                             "size": size,
@@ -449,7 +480,8 @@ class Recalibration:
     Attributes:
         batches: A re-iterable of batches (a DataLoader or a list), the same on every process.
         images: How many images they hold (recorded with the results).
-        batch_size: The images per batch (the last may hold up to one more; recorded).
+        batch_size: The images per batch, at most ``images`` (the last may hold up to one
+            more; recorded).
     """
 
     batches: Iterable[Any]
@@ -488,7 +520,7 @@ def recalibration_set(
     if len(batches) > 1 and len(batches[-1]) < 2:  # a lone image has no variance
         batches[-2:] = [batches[-2] + batches[-1]]
     loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
-    return Recalibration(loader, len(keep), batch_size)
+    return Recalibration(loader, len(keep), min(batch_size, len(keep)))
 
 
 @dataclass(frozen=True)
@@ -504,16 +536,21 @@ class Loaded:
     data: str  # what it was trained on
     seed: int = 0  # its run's seed: --num-val draws the images its validation scored
     bn: str = "shared"
+    path: str = ""  # the file, absolute
+    distill: bool | None = None  # its training config's, None where it has no such key
 
 
-def load_for_eval(path: Path) -> Loaded:
-    """Any self-describing checkpoint (msun train writes them), with its training settings."""
+def load_for_eval(path: Path, name: str | None = None) -> Loaded:
+    """Any self-describing checkpoint (msun train writes them), with its training settings.
+
+    Named ``name``, else by ``checkpoint_label`` (``unique_labels`` names several apart).
+    """
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)  # only self-describing checkpoints get this far
     train = ckpt.get("train_config") or {}
     method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
     arch = str(ckpt["config"].get("arch", "?"))
-    name = checkpoint_label(path)
+    name = name or checkpoint_label(path)
     size, sizes, data = (
         int(train.get("image_size", 224)),
         train.get("eval_sizes"),
@@ -524,7 +561,62 @@ def load_for_eval(path: Path) -> Loaded:
         if isinstance(model, ScaleBNNet) or getattr(model, "bn", "") == "private"
         else "shared"
     )
-    return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)), bn)
+    distill = bool(train["distill"]) if "distill" in train else None
+    return Loaded(
+        name,
+        model,
+        method,
+        arch,
+        size,
+        sizes,
+        data,
+        int(train.get("seed", 0)),
+        bn,
+        str(path.absolute()),
+        distill,
+    )
+
+
+def unique_labels(paths: Sequence[Path]) -> list[str]:
+    """A label per checkpoint for tables, files and legends, no two alike.
+
+    ``checkpoint_label`` where it is unique; files that share one take as many trailing parts
+    of their path as tell them apart, without the suffix ("rs/best", "rs/last"); the same file
+    given again gets "#2", "#3" after its label.
+    """
+    files = [Path(p).absolute() for p in paths]
+    distinct = list(dict.fromkeys(files))
+    names = dict(zip(distinct, _labels_apart(distinct), strict=True))
+    seen: dict[Path, int] = {}
+    labels = []
+    for f in files:
+        seen[f] = seen.get(f, 0) + 1
+        labels.append(names[f] + (f"#{seen[f]}" if seen[f] > 1 else ""))
+    return labels
+
+
+def _labels_apart(files: Sequence[Path]) -> list[str]:
+    """Labels of distinct files: ``checkpoint_label``, lengthened where two share one."""
+    labels = [checkpoint_label(f) for f in files]
+    parts = [f.with_suffix("").as_posix().split("/") for f in files]
+    for depth in range(2, max(len(x) for x in parts) + 1):
+        shared = _repeated(labels)
+        if not shared:
+            return labels
+        labels = [
+            "/".join(x[-depth:]) if i in shared else label
+            for i, (label, x) in enumerate(zip(labels, parts, strict=True))
+        ]
+    shared = _repeated(labels)  # "m.pt" and "m.pth": only the suffix tells them apart
+    return [
+        f.as_posix() if i in shared else label
+        for i, (label, f) in enumerate(zip(labels, files, strict=True))
+    ]
+
+
+def _repeated(labels: Sequence[str]) -> set[int]:
+    """The indices of labels that occur more than once."""
+    return {i for i, label in enumerate(labels) if labels.count(label) > 1}
 
 
 def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:
@@ -576,11 +668,15 @@ def evaluate_checkpoints(
     memory_format: MemoryFormat = "contiguous",
     recalibration: Recalibration | None = None,
     progress: bool = False,
+    data: str = "",
+    image_size: int = 0,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
     ``memory_format`` is the forward passes' layout and ``recalibration`` the training images
-    BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint (lines every few seconds without a terminal).
+    BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint
+    (lines every few seconds without a terminal). ``data`` and ``image_size`` (the test
+    images' spec and centre crop) are recorded with each result.
     """
     out = []
     run = partial(
@@ -589,6 +685,8 @@ def evaluate_checkpoints(
         paths=paths,
         memory_format=memory_format,
         recalibration=recalibration,
+        data=data,
+        image_size=image_size,
     )
     with make_progress(progress) as bar:
         for item in loaded:
@@ -607,6 +705,8 @@ def _evaluate_one(
     recalibration: Recalibration | None,
     device: torch.device,
     bar: Reporter,
+    data: str = "",
+    image_size: int = 0,
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(
@@ -630,7 +730,20 @@ def _evaluate_one(
     images, batch = (
         (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)
     )
-    return Evaluated(item.name, result, item.method, params, flops, item.bn, images, batch)
+    return Evaluated(
+        item.name,
+        result,
+        item.method,
+        params,
+        flops,
+        item.bn,
+        images,
+        batch,
+        checkpoint_path=item.path,
+        data=data,
+        image_size=image_size,
+        distill=item.distill,
+    )
 
 
 def _passes(

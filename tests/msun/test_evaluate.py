@@ -1,5 +1,6 @@
 """msun.evaluate (msun eval): checkpoints of other data or sizes refused, the numbers against a
-direct computation, scoring in channels-last, and the protocol each column ran under."""
+direct computation, scoring in channels-last, the protocol each column ran under, and what the
+result files record to score a checkpoint again."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from ckascope.views import resize
 from msun import build_msun, save_checkpoint
 from msun.cli import main
-from msun.evaluate import evaluate
+from msun.evaluate import evaluate, unique_labels
 from msun.plot import accuracy_vs_size
 from msun.privatebn import build_scale_bn_net
 
@@ -86,6 +87,7 @@ def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
                 )
             assert summary["path"][i] == (0 if size <= 16 else 1)
     assert summary["mean_top1"] == pytest.approx(np.mean(summary["top1"]))
+    assert summary["images"] == 12
     assert summary["memory_format"] == "channels_last"  # auto on a CPU; the reference: contiguous
     assert {p.name for p in out.iterdir()} == {
         "eval.csv",
@@ -127,6 +129,7 @@ def test_a_private_bn_mst_network_runs_and_is_recorded_under_upsample_whatever_w
     batches = [(torch.rand(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g))]
     got = evaluate(model, batches, [8, 16], protocol="native", image_size=16)
     assert got.protocol == "upsample"
+    assert got.images == 6
     (x, y) = batches[0]
     with torch.no_grad():
         for i, size in enumerate([8, 16]):
@@ -191,3 +194,48 @@ def test_the_figure_names_the_protocol_only_when_every_curve_shares_it() -> None
     same = accuracy_vs_size([_summary("a", "native"), _summary("b", "native")])
     assert same.axes[0].get_title() == "Accuracy vs test size (native protocol)"
     assert all("protocol" not in t.get_text() for t in same.legends[0].get_texts())
+
+
+def test_checkpoints_that_share_a_label_get_labels_apart(tmp_path: Path) -> None:
+    runs = Path("runs")
+    assert unique_labels([runs / "rs/best.pt", runs / "rs/last.pt"]) == ["rs/best", "rs/last"]
+    assert unique_labels([runs / "van/best.pt", runs / "rs/best.pt"]) == ["van", "rs"]
+    assert unique_labels([Path("a/rs/best.pt"), Path("b/rs/best.pt"), runs / "x.pt"]) == [
+        "a/rs/best",
+        "b/rs/best",
+        "x",
+    ]
+    assert unique_labels([Path("m.pt"), Path("m.pt")]) == ["m", "m#2"]
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
+    """The file, data, image size and images scored; best.pt and last.pt of one run apart."""
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    (tmp_path / "rs").mkdir()
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    save_checkpoint(model, tmp_path / "rs" / "best.pt", train_config={**config, "distill": False})
+    save_checkpoint(model, tmp_path / "rs" / "last.pt", train_config=config)  # no "distill"
+    out = tmp_path / "ev"
+    args = ["eval", str(tmp_path / "rs" / "best.pt"), str(tmp_path / "rs" / "last.pt")]
+    result = CliRunner().invoke(main, [*args, "--num-val", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rs/best" in result.output
+    assert "rs/last" in result.output
+    best, last = json.loads((out / "eval.json").read_text())
+    assert (best["checkpoint"], last["checkpoint"]) == ("rs/best", "rs/last")
+    assert best["checkpoint_path"] == str((tmp_path / "rs" / "best.pt").absolute())
+    assert last["checkpoint_path"] == str((tmp_path / "rs" / "last.pt").absolute())
+    for summary in (best, last):
+        assert (summary["data"], summary["image_size"], summary["images"]) == ("shapes", 32, 8)
+    assert best["distill"] is False
+    assert "distill" not in last
+    with open(out / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["checkpoint"] for r in rows} == {"rs/best", "rs/last"}
+    assert {(r["data"], r["image_size"], r["images"]) for r in rows} == {("shapes", "32", "8")}
+    assert {r["checkpoint_path"] for r in rows} == {
+        best["checkpoint_path"],
+        last["checkpoint_path"],
+    }

@@ -206,7 +206,7 @@ def test_eval_recalibrate_bn_is_recorded_and_labelled(tmp_path: Path) -> None:
     assert summary["recalibrate_bn"] == 12
     assert summary["bn"] == "private"
     assert summary["variant"] == "mst, private BN, BN recalibrated on 12"
-    assert summary["recalibrate_batch"] == 64  # msun eval's --batch-size
+    assert summary["recalibrate_batch"] == 12  # --batch-size 64, but 12 images in all
     assert "BN recalibrated on 12" in result.output
     assert summary["path"] == [0, 1]  # 16 px -> set 0, 32 px -> set 1
 
