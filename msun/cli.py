@@ -22,7 +22,7 @@ from msun.config import (
     parse_sizes,
     sizes_text,
 )
-from msun.options import EvalConfig, FlopsConfig
+from msun.options import EvalConfig, FlopsConfig, check_eval
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -198,6 +198,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     from msun.data import validation_seed
     from msun.evaluate import (
         check_classes,
+        check_recalibratable,
         check_same_setting,
         evaluate_checkpoints,
         load_for_eval,
@@ -206,13 +207,16 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     )
 
     cfg = EvalConfig(**values)
+    check_eval(cfg)  # bad flags are refused before any checkpoint is read
     if cfg.eval_sizes:
-        parse_sizes(cfg.eval_sizes)  # a bad flag is refused before any checkpoint is read
+        parse_sizes(cfg.eval_sizes)
     out = cfg.out or next_free(Path("msun-eval"))
     check_output_dir(out, cfg.overwrite)
     names = unique_labels(checkpoints)
     loaded = [load_for_eval(p, n) for p, n in zip(checkpoints, names, strict=True)]
     check_same_setting(loaded, cfg.data, cfg.image_size)
+    if cfg.recalibrate_bn:
+        check_recalibratable(loaded)
     info = init_distributed(cfg.device)
     image_size = cfg.image_size or loaded[0].image_size
     sizes = parse_sizes(
@@ -229,7 +233,14 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     )
     check_classes(loaded, dataset, data)
     recalibration = (
-        recalibration_set(data, image_size, cfg.recalibrate_bn, cfg.batch_size, loaded[0].seed)
+        recalibration_set(
+            data,
+            image_size,
+            cfg.recalibrate_bn,
+            cfg.batch_size,
+            loaded[0].seed,
+            synthetic_train=loaded[0].synthetic_train,
+        )
         if cfg.recalibrate_bn
         else None
     )

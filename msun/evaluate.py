@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 import numpy as np
 import pandas as pd
@@ -55,11 +55,11 @@ from ckascope.platform import (
     to_layout,
 )
 from msun.backbones import classifier
-from msun.data import recalibration_seed
+from msun.data import SYNTHETIC_TRAIN, recalibration_seed
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
 from msun.privatebn import ScaleBNNet
-from msun.recalibrate import kept_statistics, recalibrate
+from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 
 
 class TopKCounts(Metric):
@@ -490,16 +490,30 @@ class Recalibration:
 
 
 def recalibration_set(
-    data: str, image_size: int, count: int, batch_size: int, seed: int
+    data: str,
+    image_size: int,
+    count: int,
+    batch_size: int,
+    seed: int,
+    *,
+    synthetic_train: int = SYNTHETIC_TRAIN,
 ) -> Recalibration:
     """``count`` training images of ``data`` under the test images' transform, in batches.
 
     Drawn with ``msun.data.recalibration_seed(seed)`` (a run of ``seed``: apart from its
     validation draw). Not shared out between processes: each must estimate the same statistics.
+    The synthetic set is drawn on the fly, so it has no size of its own: its training split
+    counts ``synthetic_train`` images (a run's ``--num-train``, msun train's
+    ``SYNTHETIC_TRAIN`` without it), and ``count`` of them are its first ``count``.
 
     Raises:
-        InputError: ``data`` has no training split, or cannot be read.
+        InputError: ``data`` has no training split or cannot be read, or holds fewer than
+            ``count`` training images (named: a larger count is refused, never clamped).
     """
+    synthetic = data in ("", "shapes")
+    if synthetic and count > synthetic_train:  # refused before a set that large is drawn
+        source = f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
+        _too_many(count, synthetic_train, source)
     train = build_dataset(
         data,
         "train",
@@ -508,8 +522,12 @@ def recalibration_set(
         seed=seed,
         synthetic_size=image_size,
         require_split=True,
+        missing_split_hint="--recalibrate-bn needs the training images: give --data a folder "
+        "with train/ beside val/ (one sub-folder per class), or drop --recalibrate-bn",
     )
     total = dataset_len(train)
+    if count > total:
+        _too_many(count, total, f"{data} holds")
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
     if len(keep) < 2:
         raise InputError(
@@ -521,6 +539,17 @@ def recalibration_set(
         batches[-2:] = [batches[-2] + batches[-1]]
     loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
     return Recalibration(loader, len(keep), min(batch_size, len(keep)))
+
+
+def _too_many(count: int, total: int, source: str) -> NoReturn:
+    """Refuses ``--recalibrate-bn count`` on a training set of ``total`` images.
+
+    ``source`` says whose, as in "fashionmnist holds".
+    """
+    raise InputError(
+        f"--recalibrate-bn {count} asks for more training images than {source}: {total}. "
+        f"Hint: give --recalibrate-bn {total} or fewer"
+    )
 
 
 @dataclass(frozen=True)
@@ -538,6 +567,15 @@ class Loaded:
     bn: str = "shared"
     path: str = ""  # the file, absolute
     distill: bool | None = None  # its training config's, None where it has no such key
+    num_train: int | None = None  # its training config's --num-train
+
+    @property
+    def synthetic_train(self) -> int:
+        """The synthetic training split as the run drew it: --num-train images, else the default.
+
+        Meaningful for runs on the synthetic set (``data`` "shapes"); the others' default.
+        """
+        return (self.num_train if self.data == "shapes" else None) or SYNTHETIC_TRAIN
 
 
 def load_for_eval(path: Path, name: str | None = None) -> Loaded:
@@ -562,6 +600,7 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
         else "shared"
     )
     distill = bool(train["distill"]) if "distill" in train else None
+    num_train = int(train["num_train"]) if train.get("num_train") else None
     return Loaded(
         name,
         model,
@@ -574,6 +613,7 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
         bn,
         str(path.absolute()),
         distill,
+        num_train,
     )
 
 
@@ -617,6 +657,23 @@ def _labels_apart(files: Sequence[Path]) -> list[str]:
 def _repeated(labels: Sequence[str]) -> set[int]:
     """The indices of labels that occur more than once."""
     return {i for i, label in enumerate(labels) if labels.count(label) > 1}
+
+
+def check_recalibratable(loaded: Sequence[Loaded]) -> None:
+    """Refuses ``--recalibrate-bn`` for a network with no BatchNorm statistics to re-estimate.
+
+    Its scores would come out unchanged but labelled "BN recalibrated".
+
+    Raises:
+        InputError: Naming the first such checkpoint and its model.
+    """
+    for item in loaded:
+        if not norm_layers(item.model):
+            raise InputError(
+                f"{item.name} ({item.arch}) has no BatchNorm layers, so --recalibrate-bn has "
+                "nothing to re-estimate. Hint: drop --recalibrate-bn, or evaluate "
+                f"{item.name} in a separate msun eval without it"
+            )
 
 
 def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:
