@@ -324,6 +324,7 @@ def build_dataset(
     seed: int = 0,
     synthetic_size: int = 224,
     require_split: bool = False,
+    missing_split_hint: str | None = None,
 ) -> Dataset[Any]:
     """The dataset named by a ``--data`` spec.
 
@@ -337,6 +338,8 @@ def build_dataset(
         synthetic_size: Canvas side of the synthetic images.
         require_split: An ImageFolder root must hold ``split/`` (training must never validate
             on its own images); otherwise the root itself is used when ``split/`` is absent.
+        missing_split_hint: The hint of the refusal when ``require_split`` finds no
+            ``split/`` (what needs it) [training's: PATH/train and PATH/val].
 
     Returns:
         A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
@@ -354,7 +357,8 @@ def build_dataset(
         if name not in TORCHVISION_DATASETS:
             raise InputError(hint_close(name, list_datasets(), what="dataset"))
         return _torchvision_dataset(name, root, split, transform)
-    return _image_folder(Path(spec).expanduser(), split, transform, require_split)
+    folder = Path(spec).expanduser()
+    return _image_folder(folder, split, transform, require_split, missing_split_hint)
 
 
 def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Dataset[Any]:
@@ -374,7 +378,9 @@ def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Da
         ) from e
 
 
-def _image_folder(path: Path, split: str, transform: Any, require_split: bool) -> Dataset[Any]:
+def _image_folder(
+    path: Path, split: str, transform: Any, require_split: bool, missing_split_hint: str | None
+) -> Dataset[Any]:
     if path.exists() and not path.is_dir():
         raise InputError(
             f"--data {path} is a file; it takes a folder of images (one sub-folder per class), "
@@ -387,9 +393,10 @@ def _image_folder(path: Path, split: str, transform: Any, require_split: bool) -
             "synthetic set"
         )
     if require_split and not (path / split).is_dir():
-        raise InputError(
-            f"{path} has no {split}/ folder. Hint: training needs PATH/train and PATH/val, one sub-folder per class in each"
+        hint = missing_split_hint or (
+            "training needs PATH/train and PATH/val, one sub-folder per class in each"
         )
+        raise InputError(f"{path} has no {split}/ folder. Hint: {hint}")
     root = path / split if (path / split).is_dir() else path
     try:
         return SafeImageFolder(str(root), transform=transform)

@@ -22,7 +22,7 @@ from msun.config import (
     parse_sizes,
     sizes_text,
 )
-from msun.options import EvalConfig, FlopsConfig
+from msun.options import EvalConfig, FlopsConfig, check_eval
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -198,19 +198,25 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     from msun.data import validation_seed
     from msun.evaluate import (
         check_classes,
+        check_recalibratable,
         check_same_setting,
         evaluate_checkpoints,
         load_for_eval,
         recalibration_set,
+        unique_labels,
     )
 
     cfg = EvalConfig(**values)
+    check_eval(cfg)  # bad flags are refused before any checkpoint is read
     if cfg.eval_sizes:
-        parse_sizes(cfg.eval_sizes)  # a bad flag is refused before any checkpoint is read
+        parse_sizes(cfg.eval_sizes)
     out = cfg.out or next_free(Path("msun-eval"))
     check_output_dir(out, cfg.overwrite)
-    loaded = [load_for_eval(p) for p in checkpoints]
+    names = unique_labels(checkpoints)
+    loaded = [load_for_eval(p, n) for p, n in zip(checkpoints, names, strict=True)]
     check_same_setting(loaded, cfg.data, cfg.image_size)
+    if cfg.recalibrate_bn:
+        check_recalibratable(loaded)
     info = init_distributed(cfg.device)
     image_size = cfg.image_size or loaded[0].image_size
     sizes = parse_sizes(
@@ -227,7 +233,14 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     )
     check_classes(loaded, dataset, data)
     recalibration = (
-        recalibration_set(data, image_size, cfg.recalibrate_bn, cfg.batch_size, loaded[0].seed)
+        recalibration_set(
+            data,
+            image_size,
+            cfg.recalibrate_bn,
+            cfg.batch_size,
+            loaded[0].seed,
+            synthetic_train=loaded[0].synthetic_train,
+        )
         if cfg.recalibrate_bn
         else None
     )
@@ -250,11 +263,13 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
             memory_format=cfg.memory_format,
             recalibration=recalibration,
             progress=info.is_main,
+            data=data,
+            image_size=image_size,
         )
     finally:
         close_distributed()
     if info.is_main:
-        _write_eval(evaluated, out)
+        _write_eval(evaluated, out, cfg.protocol)
 
 
 def path_table(ev: Evaluated) -> Table:
@@ -276,21 +291,30 @@ def path_table(ev: Evaluated) -> Table:
     return table
 
 
-def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
+def _write_eval(evaluated: list[Evaluated], out: Path, asked: str = "upsample") -> None:
+    """eval.csv, eval.json and Figure 4 in ``out``, then the tables and what ``asked`` missed.
+
+    The protocol is named in the title only where every column ran under it; otherwise each
+    column names its own.
+    """
     from rich.table import Table
 
     from ckascope.platform import atomic_write, staged_folder, write_json
     from msun.evaluate import frame as eval_frame
+    from msun.evaluate import shared_protocol
     from msun.plot import save_accuracy_figure
 
     with staged_folder(out, overwrite=True) as staging:  # --out was checked before the work
         atomic_write(staging / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
         write_json(staging / "eval.json", [ev.summary() for ev in evaluated])
         save_accuracy_figure(evaluated, staging)
-    table = Table(title=f"top-1 (%) per test size, {evaluated[0].result.protocol} protocol")
+    shared = shared_protocol(ev.result.protocol for ev in evaluated)
+    heading = f"{shared} protocol" if shared else "protocol per column"
+    table = Table(title=f"top-1 (%) per test size, {heading}")
     table.add_column("size", justify="right")
     for ev in evaluated:
-        table.add_column(f"{ev.name}\n({ev.variant})", justify="right")
+        protocol = "" if shared else f"\n{ev.result.protocol} protocol"
+        table.add_column(f"{ev.name}\n({ev.variant}){protocol}", justify="right")
     for i, size in enumerate(evaluated[0].result.sizes):
         table.add_row(str(size), *(f"{ev.result.routed_top1[i]:.2f}" for ev in evaluated))
     table.add_row("mean", *(f"{ev.result.mean_top1:.2f}" for ev in evaluated), style="bold")
@@ -301,6 +325,12 @@ def _write_eval(evaluated: list[Evaluated], out: Path) -> None:
     for ev in evaluated:
         if ev.result.top1.shape[1] > 1:
             console.print(path_table(ev))
+    missed = [ev.name for ev in evaluated if ev.result.protocol != asked]
+    if missed:  # --protocol native reaches MSUN paths only
+        console.print(
+            f"note: --protocol {asked} applies to MSUN paths; {', '.join(missed)} saw each test "
+            "image at its training size (upsample), as recorded"
+        )
     console.print(
         f"wrote {out / 'eval.csv'}, {out / 'eval.json'}, {out / 'figure4.png'}, {out / 'figure4.pdf'}"
     )

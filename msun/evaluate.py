@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 import numpy as np
 import pandas as pd
@@ -55,11 +55,11 @@ from ckascope.platform import (
     to_layout,
 )
 from msun.backbones import classifier
-from msun.data import recalibration_seed
+from msun.data import SYNTHETIC_TRAIN, recalibration_seed
 from msun.flops import flops_report, vanilla_flops
 from msun.model import MSUN
 from msun.privatebn import ScaleBNNet
-from msun.recalibrate import kept_statistics, recalibrate
+from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 
 
 class TopKCounts(Metric):
@@ -96,13 +96,15 @@ class TopKCounts(Metric):
         self.total[size_index] += count
 
     def compute(self) -> Tensor:
-        """Top-1 and top-5 accuracy in percent, stacked: (2, S, P).
+        """Top-1 and top-5 accuracy in percent and the images scored, stacked: (3, S, P).
 
-        One tensor of at least two elements, which torchmetrics never squeezes (it squeezes
-        one-element results, which would break a single size and path).
+        One tensor of at least three elements, which torchmetrics never squeezes (it squeezes
+        one-element results, which would break a single size and path). The images per size
+        are repeated over the paths so that all three share one shape.
         """
         denom = self.total.clamp_min(1)[:, None]
-        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom])
+        images = self.total[:, None].expand_as(self.correct1)
+        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom, images])
 
 
 @dataclass
@@ -114,8 +116,10 @@ class EvalResult:
         top1: (S, P) percent per size and path (P = 1 for vanilla/MST).
         top5: (S, P).
         routed: (S,) path index used per size (zeros for a plain network).
-        protocol: "upsample" or "native" (MSUN), "upsample" (plain networks).
+        protocol: The protocol the model was run under: "upsample" or "native" (MSUN),
+            always "upsample" for other networks, whatever was asked.
         info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
+        images: Test images scored at each size (every process's, unreadable ones left out).
     """
 
     sizes: list[int]
@@ -124,6 +128,7 @@ class EvalResult:
     routed: list[int]
     protocol: str
     info: dict[str, Any] = field(default_factory=dict)
+    images: int = 0
 
     @property
     def routed_top1(self) -> np.ndarray:
@@ -201,7 +206,9 @@ def evaluate(
         on_batch: Called after each batch of each pass over ``loader`` (progress).
     """
     check_protocol(protocol)
-    if not isinstance(model, MSUN):  # vanilla and MST (private BN too) see their training size
+    # Vanilla and MST (a private-BN MST network too) always see their training size: the input
+    # they were trained on (docs/msun.md). The protocol returned is the one that ran.
+    if not isinstance(model, MSUN):
         protocol = "upsample"
     device = next(model.parameters()).device
     multi = is_multipath(model)
@@ -227,12 +234,13 @@ def evaluate(
                         with _autocast(device, amp_dtype):  # as the scoring passes
                             _recalibrate(model, recalibration, size, device, layout, forward)
                         score([(i, size, [k])], count_images=k == todo[i][0])
-    top1, top5 = counts.compute().cpu().numpy()  # (S, P) each
+    top1, top5, seen = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
-    return EvalResult(list(sizes), top1, top5, routed, protocol, {"memory_format": layout})
+    info = {"memory_format": layout}
+    return EvalResult(list(sizes), top1, top5, routed, protocol, info, int(seen.max(initial=0)))
 
 
 Job = tuple[int, int, list[int]]  # (size index, test size, paths to score)
@@ -334,7 +342,10 @@ def _logits(model: nn.Module, x: Tensor, k: int, protocol: Protocol, image_size:
 
 @dataclass
 class Evaluated:
-    """One checkpoint's evaluation with what the paper's Figure 4 shows next to it."""
+    """One checkpoint's evaluation with what the paper's Figure 4 shows next to it.
+
+    With what it takes to score it again: the file, the data, the test images' size and count.
+    """
 
     name: str
     result: EvalResult
@@ -344,6 +355,10 @@ class Evaluated:
     bn: str = "shared"  # "private": a BatchNorm set per scale (mst) or per path in the trunk
     recalibrate_bn: int = 0  # training images BatchNorm was re-estimated on per size; 0: none
     recalibrate_batch: int = 0  # in batches of this many images (image-weighted)
+    checkpoint_path: str = ""  # the file, absolute
+    data: str = ""  # the --data spec the test images came from
+    image_size: int = 0  # the test images' centre crop, before each test size
+    distill: bool | None = None  # its training config's, where it has the key
 
     @property
     def variant(self) -> str:
@@ -363,9 +378,15 @@ class Evaluated:
     def summary(self) -> dict[str, Any]:
         """JSON-able numbers of this checkpoint."""
         r = self.result
+        distill = {} if self.distill is None else {"distill": self.distill}
         return {
             "checkpoint": self.name,
+            "checkpoint_path": self.checkpoint_path,
+            "data": self.data,
+            "image_size": self.image_size,
+            "images": r.images,
             "method": self.method,
+            **distill,
             "bn": self.bn,
             "recalibrate_bn": self.recalibrate_bn,
             "recalibrate_batch": self.recalibrate_batch,
@@ -403,7 +424,12 @@ def flops_per_size(
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
-    """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag."""
+    """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag.
+
+    Each row carries what scoring it again takes: the checkpoint's file, the data, the test
+    images' size and count, and the BatchNorm settings (``distill`` empty where the
+    checkpoint's training config does not have it).
+    """
     rows = []
     for ev in evaluated:
         r = ev.result
@@ -413,7 +439,15 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                     rows.append(
                         {
                             "checkpoint": ev.name,
+                            "checkpoint_path": ev.checkpoint_path,
+                            "data": ev.data,
+                            "image_size": ev.image_size,
+                            "images": r.images,
                             "method": ev.method,
+                            "bn": ev.bn,
+                            "distill": ev.distill,
+                            "recalibrate_bn": ev.recalibrate_bn,
+                            "recalibrate_batch": ev.recalibrate_batch,
                             "variant": ev.variant,
                             "protocol": r.protocol,
                             "size": size,
@@ -428,6 +462,17 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
     return table
 
 
+def shared_protocol(protocols: Iterable[str]) -> str | None:
+    """The protocol every column ran under, or None when they differ (say so per column).
+
+    ``--protocol native`` reaches MSUN paths only: vanilla and MST columns run under
+    ``upsample`` beside native MSUN columns, and a title naming one protocol would misname
+    the others.
+    """
+    found = set(protocols)
+    return found.pop() if len(found) == 1 else None
+
+
 @dataclass(frozen=True)
 class Recalibration:
     """Training images BatchNorm is re-estimated on before each test size (``evaluate``).
@@ -435,7 +480,8 @@ class Recalibration:
     Attributes:
         batches: A re-iterable of batches (a DataLoader or a list), the same on every process.
         images: How many images they hold (recorded with the results).
-        batch_size: The images per batch (the last may hold up to one more; recorded).
+        batch_size: The images per batch, at most ``images`` (the last may hold up to one
+            more; recorded).
     """
 
     batches: Iterable[Any]
@@ -444,16 +490,30 @@ class Recalibration:
 
 
 def recalibration_set(
-    data: str, image_size: int, count: int, batch_size: int, seed: int
+    data: str,
+    image_size: int,
+    count: int,
+    batch_size: int,
+    seed: int,
+    *,
+    synthetic_train: int = SYNTHETIC_TRAIN,
 ) -> Recalibration:
     """``count`` training images of ``data`` under the test images' transform, in batches.
 
     Drawn with ``msun.data.recalibration_seed(seed)`` (a run of ``seed``: apart from its
     validation draw). Not shared out between processes: each must estimate the same statistics.
+    The synthetic set is drawn on the fly, so it has no size of its own: its training split
+    counts ``synthetic_train`` images (a run's ``--num-train``, msun train's
+    ``SYNTHETIC_TRAIN`` without it), and ``count`` of them are its first ``count``.
 
     Raises:
-        InputError: ``data`` has no training split, or cannot be read.
+        InputError: ``data`` has no training split or cannot be read, or holds fewer than
+            ``count`` training images (named: a larger count is refused, never clamped).
     """
+    synthetic = data in ("", "shapes")
+    if synthetic and count > synthetic_train:  # refused before a set that large is drawn
+        source = f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
+        _too_many(count, synthetic_train, source)
     train = build_dataset(
         data,
         "train",
@@ -462,8 +522,12 @@ def recalibration_set(
         seed=seed,
         synthetic_size=image_size,
         require_split=True,
+        missing_split_hint="--recalibrate-bn needs the training images: give --data a folder "
+        "with train/ beside val/ (one sub-folder per class), or drop --recalibrate-bn",
     )
     total = dataset_len(train)
+    if count > total:
+        _too_many(count, total, f"{data} holds")
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
     if len(keep) < 2:
         raise InputError(
@@ -474,7 +538,18 @@ def recalibration_set(
     if len(batches) > 1 and len(batches[-1]) < 2:  # a lone image has no variance
         batches[-2:] = [batches[-2] + batches[-1]]
     loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
-    return Recalibration(loader, len(keep), batch_size)
+    return Recalibration(loader, len(keep), min(batch_size, len(keep)))
+
+
+def _too_many(count: int, total: int, source: str) -> NoReturn:
+    """Refuses ``--recalibrate-bn count`` on a training set of ``total`` images.
+
+    ``source`` says whose, as in "fashionmnist holds".
+    """
+    raise InputError(
+        f"--recalibrate-bn {count} asks for more training images than {source}: {total}. "
+        f"Hint: give --recalibrate-bn {total} or fewer"
+    )
 
 
 @dataclass(frozen=True)
@@ -490,16 +565,30 @@ class Loaded:
     data: str  # what it was trained on
     seed: int = 0  # its run's seed: --num-val draws the images its validation scored
     bn: str = "shared"
+    path: str = ""  # the file, absolute
+    distill: bool | None = None  # its training config's, None where it has no such key
+    num_train: int | None = None  # its training config's --num-train
+
+    @property
+    def synthetic_train(self) -> int:
+        """The synthetic training split as the run drew it: --num-train images, else the default.
+
+        Meaningful for runs on the synthetic set (``data`` "shapes"); the others' default.
+        """
+        return (self.num_train if self.data == "shapes" else None) or SYNTHETIC_TRAIN
 
 
-def load_for_eval(path: Path) -> Loaded:
-    """Any self-describing checkpoint (msun train writes them), with its training settings."""
+def load_for_eval(path: Path, name: str | None = None) -> Loaded:
+    """Any self-describing checkpoint (msun train writes them), with its training settings.
+
+    Named ``name``, else by ``checkpoint_label`` (``unique_labels`` names several apart).
+    """
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)  # only self-describing checkpoints get this far
     train = ckpt.get("train_config") or {}
     method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
     arch = str(ckpt["config"].get("arch", "?"))
-    name = checkpoint_label(path)
+    name = name or checkpoint_label(path)
     size, sizes, data = (
         int(train.get("image_size", 224)),
         train.get("eval_sizes"),
@@ -510,7 +599,81 @@ def load_for_eval(path: Path) -> Loaded:
         if isinstance(model, ScaleBNNet) or getattr(model, "bn", "") == "private"
         else "shared"
     )
-    return Loaded(name, model, method, arch, size, sizes, data, int(train.get("seed", 0)), bn)
+    distill = bool(train["distill"]) if "distill" in train else None
+    num_train = int(train["num_train"]) if train.get("num_train") else None
+    return Loaded(
+        name,
+        model,
+        method,
+        arch,
+        size,
+        sizes,
+        data,
+        int(train.get("seed", 0)),
+        bn,
+        str(path.absolute()),
+        distill,
+        num_train,
+    )
+
+
+def unique_labels(paths: Sequence[Path]) -> list[str]:
+    """A label per checkpoint for tables, files and legends, no two alike.
+
+    ``checkpoint_label`` where it is unique; files that share one take as many trailing parts
+    of their path as tell them apart, without the suffix ("rs/best", "rs/last"); the same file
+    given again gets "#2", "#3" after its label.
+    """
+    files = [Path(p).absolute() for p in paths]
+    distinct = list(dict.fromkeys(files))
+    names = dict(zip(distinct, _labels_apart(distinct), strict=True))
+    seen: dict[Path, int] = {}
+    labels = []
+    for f in files:
+        seen[f] = seen.get(f, 0) + 1
+        labels.append(names[f] + (f"#{seen[f]}" if seen[f] > 1 else ""))
+    return labels
+
+
+def _labels_apart(files: Sequence[Path]) -> list[str]:
+    """Labels of distinct files: ``checkpoint_label``, lengthened where two share one."""
+    labels = [checkpoint_label(f) for f in files]
+    parts = [f.with_suffix("").as_posix().split("/") for f in files]
+    for depth in range(2, max(len(x) for x in parts) + 1):
+        shared = _repeated(labels)
+        if not shared:
+            return labels
+        labels = [
+            "/".join(x[-depth:]) if i in shared else label
+            for i, (label, x) in enumerate(zip(labels, parts, strict=True))
+        ]
+    shared = _repeated(labels)  # "m.pt" and "m.pth": only the suffix tells them apart
+    return [
+        f.as_posix() if i in shared else label
+        for i, (label, f) in enumerate(zip(labels, files, strict=True))
+    ]
+
+
+def _repeated(labels: Sequence[str]) -> set[int]:
+    """The indices of labels that occur more than once."""
+    return {i for i, label in enumerate(labels) if labels.count(label) > 1}
+
+
+def check_recalibratable(loaded: Sequence[Loaded]) -> None:
+    """Refuses ``--recalibrate-bn`` for a network with no BatchNorm statistics to re-estimate.
+
+    Its scores would come out unchanged but labelled "BN recalibrated".
+
+    Raises:
+        InputError: Naming the first such checkpoint and its model.
+    """
+    for item in loaded:
+        if not norm_layers(item.model):
+            raise InputError(
+                f"{item.name} ({item.arch}) has no BatchNorm layers, so --recalibrate-bn has "
+                "nothing to re-estimate. Hint: drop --recalibrate-bn, or evaluate "
+                f"{item.name} in a separate msun eval without it"
+            )
 
 
 def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: int | None) -> None:
@@ -562,11 +725,15 @@ def evaluate_checkpoints(
     memory_format: MemoryFormat = "contiguous",
     recalibration: Recalibration | None = None,
     progress: bool = False,
+    data: str = "",
+    image_size: int = 0,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
     ``memory_format`` is the forward passes' layout and ``recalibration`` the training images
-    BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint (lines every few seconds without a terminal).
+    BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint
+    (lines every few seconds without a terminal). ``data`` and ``image_size`` (the test
+    images' spec and centre crop) are recorded with each result.
     """
     out = []
     run = partial(
@@ -575,6 +742,8 @@ def evaluate_checkpoints(
         paths=paths,
         memory_format=memory_format,
         recalibration=recalibration,
+        data=data,
+        image_size=image_size,
     )
     with make_progress(progress) as bar:
         for item in loaded:
@@ -593,6 +762,8 @@ def _evaluate_one(
     recalibration: Recalibration | None,
     device: torch.device,
     bar: Reporter,
+    data: str = "",
+    image_size: int = 0,
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(
@@ -616,7 +787,20 @@ def _evaluate_one(
     images, batch = (
         (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)
     )
-    return Evaluated(item.name, result, item.method, params, flops, item.bn, images, batch)
+    return Evaluated(
+        item.name,
+        result,
+        item.method,
+        params,
+        flops,
+        item.bn,
+        images,
+        batch,
+        checkpoint_path=item.path,
+        data=data,
+        image_size=image_size,
+        distill=item.distill,
+    )
 
 
 def _passes(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ckascope.platform import REQUIRED, MemoryFormat, Protocol, config_field
+from ckascope.platform import REQUIRED, InputError, MemoryFormat, Protocol, config_field
 from msun.config import BN_MODES
 
 
@@ -63,8 +63,8 @@ class EvalConfig:
     protocol: Protocol = config_field(
         "upsample",
         "MSUN path input: resized to its nominal size (upsample, as for the paper's accuracy "
-        "tables), or as it is (native); other networks always see the image at their training "
-        "size.",
+        "tables), or as it is (native); other networks (vanilla, MST, private BN too) always "
+        "see the image at their training size, and are recorded as upsample.",
     )
     paths: Literal["all", "routed"] = config_field(
         "all", "Evaluate every path, or only the routed one."
@@ -82,11 +82,16 @@ class EvalConfig:
         None,
         "Before scoring each test size (and path), re-estimate every BatchNorm's statistics "
         "on this many training images brought to that size (FixRes-style; weights untouched, "
-        "statistics restored after; uses training images at evaluation time).",
+        "statistics restored after; uses training images at evaluation time). At most the "
+        "training set's size (synthetic: the run's --num-train, else 20000): more is refused. "
+        "Every checkpoint needs BatchNorm layers.",
         min=2,
     )
     batch_size: int = config_field(
-        64, "Images per batch (and per BatchNorm estimate with --recalibrate-bn).", min=1
+        64,
+        "Images per batch (and per BatchNorm estimate with --recalibrate-bn, which needs 2 or "
+        "more).",
+        min=1,
     )
     workers: int = config_field(0, "DataLoader worker processes.", min=0)
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N.")
@@ -101,3 +106,18 @@ class EvalConfig:
         "free msun-eval-2, -3, ...: a default never replaces a result].",
     )
     overwrite: bool = config_field(False, "Let --out replace what its folder holds.", flag=True)
+
+
+def check_eval(cfg: EvalConfig) -> None:
+    """Refuses flag combinations no evaluation can run, before any checkpoint is read.
+
+    Raises:
+        InputError: ``--recalibrate-bn`` with ``--batch-size 1`` (a batch of one image gives
+            BatchNorm no variance to estimate).
+    """
+    if cfg.recalibrate_bn and cfg.batch_size < 2:
+        raise InputError(
+            f"--recalibrate-bn estimates BatchNorm statistics per batch, and --batch-size "
+            f"{cfg.batch_size} gives batches of one image, which have no variance. Hint: give "
+            "--batch-size 2 or more with --recalibrate-bn"
+        )

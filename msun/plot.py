@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ckascope.platform import save
-from msun.evaluate import Evaluated
+from msun.evaluate import Evaluated, shared_protocol
 
 
 def accuracy_vs_size(summaries: Sequence[Mapping[str, Any]], *, title: str | None = None) -> Figure:
@@ -22,14 +22,18 @@ def accuracy_vs_size(summaries: Sequence[Mapping[str, Any]], *, title: str | Non
     Args:
         summaries: ``Evaluated.summary()`` of each checkpoint, as ``msun eval`` writes them to
             eval.json (so a figure can be drawn again from its numbers alone).
-        title: The axes' title [the protocol of the first].
+        title: The axes' title [the protocol all curves share, else "protocol per curve",
+            each legend entry then naming its own].
     """
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
+    shared = shared_protocol(r["protocol"] for r in summaries)
     for r in summaries:
+        protocol = "" if shared else f", {r['protocol']} protocol"
         label = (
-            f"{r['checkpoint']} ({r.get('variant', r['method'])}): mean {r['mean_top1']:.1f}%, "
-            f"{r['mean_flops'] / 1e9:.2f} GFLOPs, {r['parameters'] / 1e6:.2f} M params"
+            f"{r['checkpoint']} ({r.get('variant', r['method'])}{protocol}): mean "
+            f"{r['mean_top1']:.1f}%, {r['mean_flops'] / 1e9:.2f} GFLOPs, "
+            f"{r['parameters'] / 1e6:.2f} M params"
         )
         ax.plot(r["sizes"], r["top1"], marker="o", label=label)
     ax.set_xticks(sorted({s for r in summaries for s in r["sizes"]}))
@@ -38,7 +42,8 @@ def accuracy_vs_size(summaries: Sequence[Mapping[str, Any]], *, title: str | Non
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside lower center")  # never over the curves
-    ax.set_title(title or f"Accuracy vs test size ({summaries[0]['protocol']} protocol)")
+    heading = f"{shared} protocol" if shared else "protocol per curve"
+    ax.set_title(title or f"Accuracy vs test size ({heading})")
     return fig
 
 

@@ -1,8 +1,10 @@
 """msun.evaluate (msun eval): checkpoints of other data or sizes refused, the numbers against a
-direct computation, and scoring in channels-last."""
+direct computation, scoring in channels-last, the protocol each column ran under, and what the
+result files record to score a checkpoint again."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,8 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ckascope.views import resize
 from msun import build_msun, save_checkpoint
 from msun.cli import main
+from msun.evaluate import evaluate, unique_labels
+from msun.plot import accuracy_vs_size
+from msun.privatebn import build_scale_bn_net
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
@@ -81,6 +87,7 @@ def test_eval_numbers_match_a_direct_computation(tmp_path: Path) -> None:
                 )
             assert summary["path"][i] == (0 if size <= 16 else 1)
     assert summary["mean_top1"] == pytest.approx(np.mean(summary["top1"]))
+    assert summary["images"] == 12
     assert summary["memory_format"] == "channels_last"  # auto on a CPU; the reference: contiguous
     assert {p.name for p in out.iterdir()} == {
         "eval.csv",
@@ -111,3 +118,124 @@ def test_evaluation_in_channels_last_scores_alike_and_gives_the_model_back() -> 
         assert (after[name].data_ptr(), after[name].stride()) == (ptr, stride), name
         assert torch.equal(after[name], value), name
     assert model.training
+
+
+def test_a_private_bn_mst_network_runs_and_is_recorded_under_upsample_whatever_was_asked() -> None:
+    """MST's input protocol (docs/msun.md): set k sees the test image brought back up to the
+    training size, under --protocol native too; the result says so."""
+    torch.manual_seed(0)
+    model = build_scale_bn_net("resnet18", scales=(8, 16), num_classes=4, image_size=16).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(6, 3, 16, 16, generator=g), torch.randint(0, 4, (6,), generator=g))]
+    got = evaluate(model, batches, [8, 16], protocol="native", image_size=16)
+    assert got.protocol == "upsample"
+    assert got.images == 6
+    (x, y) = batches[0]
+    with torch.no_grad():
+        for i, size in enumerate([8, 16]):
+            for k in range(2):
+                logits = model.forward_path(resize(x, size), k, protocol="upsample")
+                want = 100 * float((logits.argmax(1) == y).float().mean())
+                assert got.top1[i, k] == pytest.approx(want), (size, k)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_columns_of_different_protocols_are_named_per_column(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    mst = build_scale_bn_net("resnet18", scales=(16, 32), num_classes=10, image_size=32).eval()
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    save_checkpoint(msun_model, tmp_path / "msun.pt", train_config=config)
+    save_checkpoint(mst, tmp_path / "mst.pt", train_config={**config, "method": "mst"})
+    args = ["eval", str(tmp_path / "msun.pt"), str(tmp_path / "mst.pt"), "--num-val", "8"]
+    native = CliRunner().invoke(main, [*args, "--protocol", "native", "--out", str(tmp_path / "n")])
+    assert native.exit_code == 0, native.output
+    assert "top-1 (%) per test size, protocol per column" in native.output
+    assert "per test size, upsample protocol" not in native.output  # the old, wrong title
+    assert "native protocol" in native.output
+    assert "upsample protocol" in native.output
+    assert "note: --protocol native applies to MSUN paths; mst saw" in native.output
+    summaries = json.loads((tmp_path / "n" / "eval.json").read_text())
+    assert [s["protocol"] for s in summaries] == ["native", "upsample"]
+    with open(tmp_path / "n" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["checkpoint"], r["protocol"]) for r in rows} == {
+        ("msun", "native"),
+        ("mst", "upsample"),
+    }
+    upsample = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "u")])
+    assert upsample.exit_code == 0, upsample.output
+    assert "top-1 (%) per test size, upsample protocol" in upsample.output
+    assert "note:" not in upsample.output
+    again = json.loads((tmp_path / "u" / "eval.json").read_text())[1]
+    assert again["top1_per_path"] == summaries[1]["top1_per_path"]  # what ran: upsample both times
+
+
+def _summary(name: str, protocol: str) -> dict[str, object]:
+    return {
+        "checkpoint": name,
+        "variant": "msun",
+        "method": "msun",
+        "protocol": protocol,
+        "sizes": [16, 32],
+        "top1": [10.0, 20.0],
+        "mean_top1": 15.0,
+        "mean_flops": 1e9,
+        "parameters": 1e6,
+    }
+
+
+def test_the_figure_names_the_protocol_only_when_every_curve_shares_it() -> None:
+    mixed = accuracy_vs_size([_summary("a", "native"), _summary("b", "upsample")])
+    assert mixed.axes[0].get_title() == "Accuracy vs test size (protocol per curve)"
+    labels = [t.get_text() for t in mixed.legends[0].get_texts()]
+    assert "native protocol" in labels[0]
+    assert "upsample protocol" in labels[1]
+    same = accuracy_vs_size([_summary("a", "native"), _summary("b", "native")])
+    assert same.axes[0].get_title() == "Accuracy vs test size (native protocol)"
+    assert all("protocol" not in t.get_text() for t in same.legends[0].get_texts())
+
+
+def test_checkpoints_that_share_a_label_get_labels_apart(tmp_path: Path) -> None:
+    runs = Path("runs")
+    assert unique_labels([runs / "rs/best.pt", runs / "rs/last.pt"]) == ["rs/best", "rs/last"]
+    assert unique_labels([runs / "van/best.pt", runs / "rs/best.pt"]) == ["van", "rs"]
+    assert unique_labels([Path("a/rs/best.pt"), Path("b/rs/best.pt"), runs / "x.pt"]) == [
+        "a/rs/best",
+        "b/rs/best",
+        "x",
+    ]
+    assert unique_labels([Path("m.pt"), Path("m.pt")]) == ["m", "m#2"]
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
+    """The file, data, image size and images scored; best.pt and last.pt of one run apart."""
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    (tmp_path / "rs").mkdir()
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    save_checkpoint(model, tmp_path / "rs" / "best.pt", train_config={**config, "distill": False})
+    save_checkpoint(model, tmp_path / "rs" / "last.pt", train_config=config)  # no "distill"
+    out = tmp_path / "ev"
+    args = ["eval", str(tmp_path / "rs" / "best.pt"), str(tmp_path / "rs" / "last.pt")]
+    result = CliRunner().invoke(main, [*args, "--num-val", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rs/best" in result.output
+    assert "rs/last" in result.output
+    best, last = json.loads((out / "eval.json").read_text())
+    assert (best["checkpoint"], last["checkpoint"]) == ("rs/best", "rs/last")
+    assert best["checkpoint_path"] == str((tmp_path / "rs" / "best.pt").absolute())
+    assert last["checkpoint_path"] == str((tmp_path / "rs" / "last.pt").absolute())
+    for summary in (best, last):
+        assert (summary["data"], summary["image_size"], summary["images"]) == ("shapes", 32, 8)
+    assert best["distill"] is False
+    assert "distill" not in last
+    with open(out / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["checkpoint"] for r in rows} == {"rs/best", "rs/last"}
+    assert {(r["data"], r["image_size"], r["images"]) for r in rows} == {("shapes", "32", "8")}
+    assert {r["checkpoint_path"] for r in rows} == {
+        best["checkpoint_path"],
+        last["checkpoint_path"],
+    }

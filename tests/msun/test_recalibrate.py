@@ -13,13 +13,16 @@ from click.testing import CliRunner
 from torch import nn
 
 from ckascope.errors import InputError
+from ckascope.platform import CHECKPOINT_FORMAT, torch_save
 from ckascope.views import resize
-from msun import build_msun
+from msun import build_msun, save_checkpoint
 from msun.cli import main
-from msun.evaluate import Recalibration, _passes, evaluate
+from msun.evaluate import Recalibration, _passes, evaluate, recalibration_set
 from msun.privatebn import build_scale_bn_net
 from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 from tests import tinyrun
+from tests.ckascope.test_idx import _write_idx
+from tests.refusals import assert_refused
 
 
 def _small_net() -> nn.Sequential:
@@ -206,7 +209,7 @@ def test_eval_recalibrate_bn_is_recorded_and_labelled(tmp_path: Path) -> None:
     assert summary["recalibrate_bn"] == 12
     assert summary["bn"] == "private"
     assert summary["variant"] == "mst, private BN, BN recalibrated on 12"
-    assert summary["recalibrate_batch"] == 64  # msun eval's --batch-size
+    assert summary["recalibrate_batch"] == 12  # --batch-size 64, but 12 images in all
     assert "BN recalibrated on 12" in result.output
     assert summary["path"] == [0, 1]  # 16 px -> set 0, 32 px -> set 1
 
@@ -220,3 +223,94 @@ def test_the_progress_bar_counts_one_pass_per_size_and_path_when_recalibrating()
     assert _passes(model, sizes, "all", recal, loader) == 3 * 3 * 2  # per size and path
     assert _passes(model, sizes, "routed", recal, loader) == 3 * 3  # per size
     assert _passes(_small_net(), sizes, "all", recal, loader) == 3 * 3  # one path
+
+
+def _torchvision_checkpoint(path: Path, arch: str, num_classes: int = 10) -> Path:
+    """A vanilla run's kind of checkpoint of a small torchvision network (random weights)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(arch, num_classes=num_classes).eval()
+    config = {"arch": arch, "num_classes": num_classes}
+    payload = {"format": CHECKPOINT_FORMAT, "builder": "torchvision", "config": config}
+    torch_save({**payload, "state_dict": net.state_dict()}, path)
+    return path
+
+
+def test_recalibrating_a_network_without_batchnorm_is_refused_up_front(tmp_path: Path) -> None:
+    """squeezenet has no BatchNorm: "recalibrated" scores would be the plain ones, mislabelled."""
+    plain = _torchvision_checkpoint(tmp_path / "sq.pt", "squeezenet1_1")
+    with_bn = _torchvision_checkpoint(tmp_path / "mob.pt", "mobilenet_v3_small")
+    tail = ["--num-val", "8", "--recalibrate-bn", "8", "--out", str(tmp_path / "ev")]
+    line = assert_refused(
+        main, ["eval", str(plain), *tail], "sq (squeezenet1_1) has no BatchNorm", tmp_path
+    )
+    assert "--recalibrate-bn" in line
+    line = assert_refused(  # several checkpoints: the one without BatchNorm is named
+        main, ["eval", str(with_bn), str(plain), *tail], "sq (squeezenet1_1)", tmp_path
+    )
+    assert "mob" not in line
+
+
+def test_recalibrating_on_batches_of_one_image_is_refused_before_any_checkpoint_is_read(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint does not exist: only a check made before reading it can name the flags."""
+    argv = ["eval", str(tmp_path / "none.pt"), "--recalibrate-bn", "3", "--batch-size", "1"]
+    line = assert_refused(main, argv, "--batch-size 2 or more with --recalibrate-bn", tmp_path)
+    assert line.count("--recalibrate-bn") == 2
+
+
+def _msun_checkpoint(path: Path, num_classes: int = 10, **train_config: object) -> Path:
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=num_classes).eval()
+    save_checkpoint(model, path, train_config={"data": "shapes", "image_size": 32, **train_config})
+    return path
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_more_images_than_the_training_set_holds_are_refused_naming_its_size(
+    tmp_path: Path,
+) -> None:
+    """The synthetic set is as large as the run's training set (--num-train, else 20000); a
+    count far beyond it once crashed in randperm. A real set refuses above its own size."""
+    tail = ["--num-val", "8", "--eval-sizes", "16,32", "--out", str(tmp_path / "ev")]
+    run = _msun_checkpoint(tmp_path / "run.pt", num_train=40)
+    for count in ("41", "1000000000"):
+        argv = ["eval", str(run), "--recalibrate-bn", count, *tail]
+        line = assert_refused(main, argv, f"--recalibrate-bn {count} asks for more", tmp_path)
+        assert "run (its --num-train, else 20000): 40. Hint: give --recalibrate-bn 40 or" in line
+    default = _msun_checkpoint(tmp_path / "default.pt")  # no --num-train: msun train's 20000
+    argv = ["eval", str(default), "--recalibrate-bn", "20001", *tail]
+    assert_refused(main, argv, "--recalibrate-bn 20000 or fewer", tmp_path)
+    _write_idx(tmp_path / "fm", 20, gz=True)
+    argv = ["eval", str(run), "--data", f"fashionmnist:{tmp_path / 'fm'}", *tail]
+    line = assert_refused(main, [*argv, "--recalibrate-bn", "21"], "fashionmnist", tmp_path)
+    assert "holds: 20. Hint: give --recalibrate-bn 20 or fewer" in line
+
+
+def test_a_recalibration_set_of_the_whole_training_set_records_the_batch_it_used(
+    tmp_path: Path,
+) -> None:
+    _write_idx(tmp_path / "fm", 20, gz=True)
+    whole = recalibration_set(f"fashionmnist:{tmp_path / 'fm'}", 28, 20, 64, 0)
+    assert (whole.images, whole.batch_size) == (20, 20)  # --batch-size 64 never filled
+    assert [len(b.images) for b in whole.batches] == [20]
+    synthetic = recalibration_set("shapes", 16, 12, 5, 0, synthetic_train=12)
+    assert (synthetic.images, synthetic.batch_size) == (12, 5)
+
+
+def test_recalibrating_on_a_folder_without_training_images_names_the_flag(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / "val" / label).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "data" / "val" / label / "0.png")
+    run = _msun_checkpoint(tmp_path / "run.pt", num_classes=2)
+    argv = ["eval", str(run), "--data", str(tmp_path / "data"), "--recalibrate-bn", "8"]
+    argv += ["--eval-sizes", "16,32", "--out", str(tmp_path / "ev")]
+    line = assert_refused(main, argv, "has no train/ folder", tmp_path)
+    assert "--recalibrate-bn needs the training images" in line
+    assert "training needs" not in line
