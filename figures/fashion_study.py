@@ -340,8 +340,11 @@ def evaluation(last: Path, s: dict[str, Any], *, recalibrate: bool = False) -> d
         device=torch.device("cpu"),
         memory_format="contiguous",  # the layout every run of the study was scored in
         recalibration=recalibration,
+        data=s["data"],
+        image_size=s["image_size"],
     )
-    return ev.summary()
+    # the checkpoint's file is on the machine that trained it, not in the committed data
+    return {k: v for k, v in ev.summary().items() if k != "checkpoint_path"}
 
 
 def cka(last: Path, s: dict[str, Any], kernel: Kernel) -> CKAResult:

@@ -169,6 +169,8 @@ def evaluate_runs(checkpoints: list[Path], s: dict[str, Any]) -> list[Evaluated]
         protocol="upsample",
         paths="all",
         device=torch.device("cpu"),
+        data="shapes",
+        image_size=size,
     )
 
 

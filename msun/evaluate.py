@@ -725,8 +725,8 @@ def evaluate_checkpoints(
     memory_format: MemoryFormat = "contiguous",
     recalibration: Recalibration | None = None,
     progress: bool = False,
-    data: str = "",
-    image_size: int = 0,
+    data: str,
+    image_size: int,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
@@ -762,8 +762,8 @@ def _evaluate_one(
     recalibration: Recalibration | None,
     device: torch.device,
     bar: Reporter,
-    data: str = "",
-    image_size: int = 0,
+    data: str,
+    image_size: int,
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(

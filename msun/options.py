@@ -53,7 +53,8 @@ class EvalConfig:
 
     data: str | None = config_field(
         None,
-        "ImageFolder root (val/ is used), NAME:PATH, or shapes  [default: the first run's data].",
+        "ImageFolder root (val/ is used), NAME:PATH, fashionmnist, or shapes  "
+        "[default: the first run's data].",
     )
     eval_sizes: str | None = config_field(
         None,
