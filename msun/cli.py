@@ -157,12 +157,13 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
         for k, v in values.items()
         if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
     }
-    cfg = merge(load_yaml(config_file) if config_file else {}, given)
+    from_file = load_yaml(config_file) if config_file else {}
+    cfg = merge(from_file, given)
     from ckascope.platform import close_distributed
     from msun.train import main as train_main
 
     try:
-        out = train_main(cfg, resume=resume)
+        out = train_main(cfg, resume=resume, explicit={*from_file, *given})
     finally:
         close_distributed()
     make_console().print(

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,23 @@ def build_network(cfg: C.TrainConfig) -> nn.Module:
     if classes != cfg.num_classes:
         replace_classifier(model, cfg.num_classes)
     return model.train()
+
+
+def check_init_flags(cfg: C.TrainConfig, arch: str, method: str, explicit: Collection[str]) -> None:
+    """Refuses a --model or --method set to another network than the one ``--init-from`` holds.
+
+    Fine-tuning trains the checkpoint's network as it is; a flag asking for another would be
+    silently ignored. Options left at their defaults are not the user's request.
+
+    Raises:
+        InputError: Naming the flag, the value asked for and the checkpoint's network.
+    """
+    for flag, asked, held in (("model", cfg.model, arch), ("method", cfg.method, method)):
+        if flag in explicit and asked != held:
+            raise InputError(
+                f"--init-from {cfg.init_from} fine-tunes its own network as it is, a {arch} "
+                f"{method} network; --{flag} {asked} asks for another. Hint: drop --{flag}"
+            )
 
 
 def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, str, str]:
@@ -515,20 +532,18 @@ def _end_of_epoch(
 
 
 def _configure(
-    cfg: C.TrainConfig, info: DistInfo, saved: Mapping[str, Any] | None
+    cfg: C.TrainConfig, info: DistInfo, saved: Mapping[str, Any] | None, explicit: Collection[str]
 ) -> tuple[C.TrainConfig, Dataset[Any], Dataset[Any], Mapping[str, Any] | None]:
     """The resolved config, the datasets and the ``--init-from`` checkpoint.
 
     Everything is checked before anything is written; the split point comes last (the
     ``--split-at auto`` analysis writes), decided here once: ``_build`` builds what it says.
+    ``explicit`` names the options the user set (see ``main``).
     """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method, bn = init_arch(init, cfg)
-    if (arch, method) != (cfg.model, cfg.method) and info.is_main:
-        make_console().print(  # the checkpoint's network is fine-tuned as it is
-            f"note: fine-tuning {cfg.init_from} as it is: a {arch} {method} network (the "
-            "checkpoint's architecture and method, whatever --model and --method say)"
-        )
+    if init is not None:
+        check_init_flags(cfg, arch, method, explicit)
     cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes)
@@ -611,9 +626,9 @@ def _announce(loop: Loop, console: Console) -> None:
 def network_words(cfg: C.TrainConfig) -> str:
     """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation."""
     words = f"{cfg.method} {cfg.model}"
-    if cfg.method == "msun":
+    if cfg.method == "msun":  # a fine-tuned MSUN's split and scales are its checkpoint's
         words += f" split at {cfg.split_at}, scales {list(cfg.scales)}"
-    elif cfg.method == "mst":
+    elif cfg.method == "mst" and cfg.init_from is None:  # fine-tuning runs at one size
         words += f" at scales {list(cfg.scales)}"
     if cfg.bn == "private":
         words += ", a BatchNorm set per " + (
@@ -622,7 +637,8 @@ def network_words(cfg: C.TrainConfig) -> str:
     if cfg.distill:
         words += ", ensemble distillation"
     if cfg.init_from is not None:
-        words += f", {'linear probe' if cfg.linear_probe else 'fine-tuning'} of {cfg.init_from}"
+        what = "linear probe" if cfg.linear_probe else "fine-tuning"
+        words += f", {what} of {cfg.init_from} at {cfg.image_size} px"
     return words
 
 
@@ -661,8 +677,16 @@ def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
                 )
 
 
-def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
-    """Trains as ``cfg`` says; returns the run folder (last.pt, best.pt, metrics, config)."""
+def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] = ()) -> Path:
+    """Trains as ``cfg`` says; returns the run folder (last.pt, best.pt, metrics, config).
+
+    Args:
+        cfg: The options.
+        resume: Continue the run in ``cfg.out`` from its last.pt.
+        explicit: The options the user set (command line or config file), as opposed to
+            defaults: a --model or --method that ``--init-from``'s network contradicts is
+            refused only when set.
+    """
     C.check(cfg)
     if cfg.deterministic:
         # cuBLAS needs its workspace fixed before its first handle; ops with no deterministic
@@ -674,7 +698,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False) -> Path:
     out, console = Path(cfg.out), make_console(quiet=not info.is_main)
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)
-        cfg, train_set, val_set, init = _configure(cfg, info, saved)
+        cfg, train_set, val_set, init = _configure(cfg, info, saved, explicit)
         loop = _build(cfg, info, train_set, val_set, init)
         if saved is not None:
             check_resume(saved, cfg)
@@ -721,4 +745,4 @@ def train_or_reuse(cfg: C.TrainConfig) -> Path:
 def _resolved(cfg: C.TrainConfig, saved: Mapping[str, Any]) -> C.TrainConfig:
     """``cfg`` resolved as ``main`` resolves it to continue ``saved``; nothing is written."""
     C.check(cfg)
-    return _configure(cfg, init_distributed(cfg.device), saved)[0]
+    return _configure(cfg, init_distributed(cfg.device), saved, ())[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from msun.config import TrainConfig
 from msun.objective import Objective
@@ -67,13 +68,16 @@ def test_a_compiled_objective_computes_the_eager_loss_gradients_and_statistics(
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     eager, compiled = build_network(cfg), build_network(cfg)
     torch._dynamo.reset()
-    runs = [Objective(eager, cfg), torch.compile(Objective(compiled, cfg), backend="aot_eager")]
+    counter = CompileCounterWithBackend("aot_eager")  # proves the graphs ran, not eager code
+    runs = [Objective(eager, cfg), torch.compile(Objective(compiled, cfg), backend=counter)]
     losses = []
     for objective in runs:
         for _ in range(2):  # the second step blends its statistics into the first one's
             loss, _ = objective(images, labels)
             loss.backward()
         losses.append(loss.detach())
+    assert counter.frame_count >= 1
+    assert counter.op_count > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)

@@ -339,12 +339,20 @@ def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) 
     ]
     result = CliRunner().invoke(main, args)  # no --model: the default resnet50 must not leak in
     assert result.exit_code == 0, result.output
-    assert "a resnet18 vanilla network (the checkpoint's architecture and method" in result.output
     assert "vanilla resnet18, fine-tuning of " in result.output  # what the run trains
     tuned = models.load_checkpoint(tmp_path / "ft" / "last.pt")
     assert isinstance(tuned, torchvision.models.ResNet)
     assert len(tuned.layer1) == 2
     assert yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["model"] == "resnet18"
+    for flag, value in (("--model", "resnet50"), ("--method", "msun")):  # asked for, not defaults
+        out = tmp_path / f"ft{flag}"
+        refused = CliRunner().invoke(main, [*args[:-1], str(out), flag, value])
+        assert refused.exit_code == 2, refused.output
+        assert f"a resnet18 vanilla network; {flag} {value} asks for another" in refused.stderr
+        assert f"Hint: drop {flag}" in refused.stderr
+        assert not out.exists()
+    same = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "ft2"), "--model", "resnet18"])
+    assert same.exit_code == 0, same.output  # the checkpoint's own value is no conflict
 
 
 def test_split_at_auto_refusals_write_nothing(tmp_path: Path) -> None:
@@ -392,6 +400,9 @@ def test_a_run_announces_what_it_trains() -> None:
     assert words(method="msun", split_at="layer2", bn="private") == (
         "msun resnet18 split at layer2, scales [4, 16, 28], a BatchNorm set per path in the trunk"
     )
-    assert words(method="vanilla", init_from="a.pt", linear_probe=True) == (
-        "vanilla resnet18, linear probe of a.pt"
+    assert words(method="vanilla", init_from="a.pt", linear_probe=True, image_size=32) == (
+        "vanilla resnet18, linear probe of a.pt at 32 px"
     )
+    assert words(method="mst", bn="private", init_from="a.pt", image_size=32) == (
+        "mst resnet18, a BatchNorm set per scale, fine-tuning of a.pt at 32 px"
+    )  # a fine-tuned network runs at one size, not at its training scales
