@@ -324,9 +324,10 @@ def report(result: CKAResult, out: Path) -> None:
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
     if same_path(s):
-        console.print(
+        click.echo(
             f"note: both scales went to path {s['paths'][0]} of this multi-path model: this "
-            "compares one path with itself. Hint: pick --scales its routing sends to different paths"
+            "compares one path with itself. Hint: pick --scales its routing sends to different paths",
+            err=True,
         )
     console.print(f"result written to {out}/:")
     for name in sorted(p.name for p in out.iterdir()):

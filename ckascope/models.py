@@ -39,7 +39,7 @@ from torchvision.models._api import WeightsEnum
 
 from ckascope import plugins
 from ckascope.errors import InputError, WeightsUnavailableError, hint_close
-from ckascope.vocab import MAX_SCALE
+from ckascope.vocab import MAX_SCALE, MIN_IMAGE_SIZE
 
 #: Seconds a weight download may stall before it counts as offline.
 DOWNLOAD_TIMEOUT = 10.0
@@ -212,16 +212,12 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
         The entries found; {} for a file without them or one that cannot be read (loading
         the model reports why).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except _UNREADABLE:
-        return {}
-    inputs = ckpt.get("inputs") if is_self_describing(ckpt) else None
+    inputs = _load_for_inputs(path).get("inputs")
     if not isinstance(inputs, Mapping):
         return {}
     size, scales, data = (inputs.get(k) for k in ("image_size", "scales", "data"))
     return {
-        **({"image_size": size} if _is_side(size) else {}),
+        **({"image_size": size} if _is_side(size, MIN_IMAGE_SIZE) else {}),
         **(
             {"scales": [int(s) for s in scales]}
             if isinstance(scales, list | tuple) and len(scales) >= 2 and all(map(_is_side, scales))
@@ -231,9 +227,23 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def _is_side(value: Any) -> bool:
-    """Whether ``value`` is an image side ckascope accepts (an int in 1..MAX_SCALE)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SCALE
+def _load_for_inputs(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """A self-describing checkpoint, memory-mapped where its format allows; else {}.
+
+    Files in torch's legacy (pre-zip) format cannot be mapped and are read whole.
+    """
+    for mmap in (True, False):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except _UNREADABLE:
+            continue
+        return ckpt if is_self_describing(ckpt) else {}
+    return {}
+
+
+def _is_side(value: Any, smallest: int = 1) -> bool:
+    """Whether ``value`` is an image side ckascope accepts (an int in smallest..MAX_SCALE)."""
+    return isinstance(value, int) and not isinstance(value, bool) and smallest <= value <= MAX_SCALE
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:

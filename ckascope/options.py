@@ -18,6 +18,7 @@ from typing import Any
 from ckascope.cliutils import config_field
 from ckascope.vocab import (
     MAX_SCALE,
+    MIN_IMAGE_SIZE,
     RESIZE_MODES,
     Bandwidth,
     GramDtype,
@@ -41,16 +42,16 @@ class ViewFields:
         None,
         "Centre-crop size of the base images (the model's input size under upsample)  "
         "[default: the size pretrained weights expect (299 inception_v3), else the size a "
-        "checkpoint was trained at (when it records it), else the data's "
+        "lone checkpoint (no --checkpoint-b) was trained at, when it records it, else the data's "
         "native size (28 for mnist/fashionmnist/kmnist, 32 cifar/svhn, 96 stl10), else 224].",
-        min=4,
+        min=MIN_IMAGE_SIZE,
         max=MAX_SCALE,
     )
     resize_size: int | None = config_field(
         None,
         "Short side before the centre crop  [default: image size x 256/224; the image size "
         "(whole image) for the small-image sets].",
-        min=4,
+        min=MIN_IMAGE_SIZE,
         max=MAX_SCALE,
     )
     resize_mode: str = config_field(

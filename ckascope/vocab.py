@@ -23,6 +23,8 @@ Protocol = Literal["upsample", "native"]
 PROTOCOLS: tuple[Protocol, ...] = ("upsample", "native")
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 MAX_SCALE = 4096
+#: The smallest image size (centre crop) and resize size a view takes.
+MIN_IMAGE_SIZE = 4
 
 #: Minimum same-layer cross-scale CKA of the shared trunk's input (``suggest-split``).
 DEFAULT_THRESHOLD = 0.8

@@ -292,7 +292,7 @@ def path_table(ev: Evaluated) -> Table:
     return table
 
 
-def _write_eval(evaluated: list[Evaluated], out: Path, asked: str = "upsample") -> None:
+def _write_eval(evaluated: list[Evaluated], out: Path, asked: str) -> None:
     """eval.csv, eval.json and Figure 4 in ``out``, then the tables and what ``asked`` missed.
 
     The protocol is named in the title only where every column ran under it; otherwise each

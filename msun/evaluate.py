@@ -489,6 +489,10 @@ class Recalibration:
     batch_size: int
 
 
+#: The ``--data`` spec of the synthetic set (msun train's default).
+SYNTHETIC = "shapes"
+
+
 def recalibration_set(
     data: str,
     image_size: int,
@@ -510,8 +514,7 @@ def recalibration_set(
         InputError: ``data`` has no training split or cannot be read, or holds fewer than
             ``count`` training images (named: a larger count is refused, never clamped).
     """
-    synthetic = data in ("", "shapes")
-    if synthetic and count > synthetic_train:  # refused before a set that large is drawn
+    if data == SYNTHETIC and count > synthetic_train:  # refused before a set that large is drawn
         source = f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
         _too_many(count, synthetic_train, source)
     train = build_dataset(
@@ -575,7 +578,7 @@ class Loaded:
 
         Meaningful for runs on the synthetic set (``data`` "shapes"); the others' default.
         """
-        return (self.num_train if self.data == "shapes" else None) or SYNTHETIC_TRAIN
+        return (self.num_train if self.data == SYNTHETIC else None) or SYNTHETIC_TRAIN
 
 
 def load_for_eval(path: Path, name: str | None = None) -> Loaded:
@@ -592,7 +595,7 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
     size, sizes, data = (
         int(train.get("image_size", 224)),
         train.get("eval_sizes"),
-        str(train.get("data", "shapes")),
+        str(train.get("data", SYNTHETIC)),
     )
     bn = (
         "private"
@@ -606,14 +609,14 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
         model,
         method,
         arch,
-        size,
-        sizes,
-        data,
-        int(train.get("seed", 0)),
-        bn,
-        str(path.absolute()),
-        distill,
-        num_train,
+        image_size=size,
+        eval_sizes=sizes,
+        data=data,
+        seed=int(train.get("seed", 0)),
+        bn=bn,
+        path=str(path.absolute()),
+        distill=distill,
+        num_train=num_train,
     )
 
 
@@ -670,7 +673,8 @@ def check_recalibratable(loaded: Sequence[Loaded]) -> None:
     for item in loaded:
         if not norm_layers(item.model):
             raise InputError(
-                f"{item.name} ({item.arch}) has no BatchNorm layers, so --recalibrate-bn has "
+                f"{item.name} ({item.arch}) has no BatchNorm running statistics, so "
+                "--recalibrate-bn has "
                 "nothing to re-estimate. Hint: drop --recalibrate-bn, or evaluate "
                 f"{item.name} in a separate msun eval without it"
             )

@@ -11,7 +11,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from tests.ckascope.test_idx import _write_idx
+from tests.idxfiles import write_idx
 from tests.scripts import FIGURES, load_figure_script
 
 COMMITTED = FIGURES / "fashion"
@@ -63,7 +63,7 @@ def test_the_loop_verdict_compares_the_gap_with_the_pooled_seed_std(study: Modul
 def test_quick_study_runs_in_pieces_and_reuses_what_it_made(
     study: ModuleType, tmp_path: Path
 ) -> None:
-    _write_idx(tmp_path / "fm", 128, gz=True)
+    write_idx(tmp_path / "fm", 128, gz=True)
     s = study.settings(True, f"fashionmnist:{tmp_path / 'fm'}")
     out, runs, data = tmp_path / "out", tmp_path / "runs", tmp_path / "out" / "data"
     assert study.status(s, data, runs)[1].startswith("to do        probe_")

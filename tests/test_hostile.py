@@ -26,7 +26,7 @@ from ckascope.data import SafeImageFolder
 from ckascope.errors import InputError
 from msun.cli import main as msun_main
 from tests import tinyrun
-from tests.ckascope.test_idx import _write_idx
+from tests.idxfiles import write_idx
 from tests.refusals import assert_refused
 
 R18 = ["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
@@ -51,7 +51,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (made / "int_key.yaml").write_text("1: x\n")
     (made / "nan_lr.yaml").write_text("lr: .nan\n")
     (made / "afile").write_text("x")
-    _write_idx(made / "badlabels", 32, gz=True)
+    write_idx(made / "badlabels", 32, gz=True)
     _labels_file(made / "badlabels", [1, 2, 12] + [0] * 29)
     no_layers = CKAResult(np.eye(2)[None], ["a", "b"], ["a", "b"], {"mode": "scales"})
     no_layers.save(made / "no_layers")

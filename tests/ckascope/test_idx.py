@@ -17,6 +17,7 @@ from ckascope.cli import main as ckascope_main
 from ckascope.data import build_dataset, default_resize, eval_transform, native_size
 from ckascope.errors import InputError
 from msun.cli import main as msun_main
+from tests.idxfiles import write_idx
 
 REAL = idxdata.SYSTEM_COPIES["fashionmnist"][0]
 real_data = pytest.mark.skipif(
@@ -25,33 +26,12 @@ real_data = pytest.mark.skipif(
 )
 
 
-def _write_idx(folder: Path, n: int, *, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """The four idx files of a tiny set (train n, test n // 2 images); returns what they hold."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for prefix, count in (("train", n), ("t10k", n // 2)):
-        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, count, dtype=np.uint8)
-        blobs = {
-            f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 2051, count, 28, 28)
-            + images.tobytes(),
-            f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 2049, count) + labels.tobytes(),
-        }
-        for name, blob in blobs.items():
-            path = folder / (name + ".gz" if gz else name)
-            path.write_bytes(gzip.compress(blob) if gz else blob)
-        written[prefix] = images
-        written[prefix + "_labels"] = labels
-    return written
-
-
 @pytest.mark.parametrize("gz", [True, False])
 @pytest.mark.parametrize("name", ["fashionmnist", "mnist", "kmnist"])
 def test_a_folder_of_idx_files_reads_exactly_what_was_written(
     tmp_path: Path, name: str, gz: bool
 ) -> None:
-    written = _write_idx(tmp_path, 8, gz=gz)
+    written = write_idx(tmp_path, 8, gz=gz)
     for split, prefix in (("train", "train"), ("val", "t10k")):
         ds = build_dataset(f"{name}:{tmp_path}", split)
         assert len(ds) == len(written[prefix])  # type: ignore[arg-type]
@@ -65,13 +45,13 @@ def test_a_folder_of_idx_files_reads_exactly_what_was_written(
 
 
 def test_torchvision_layout_is_found_below_the_root(tmp_path: Path) -> None:
-    written = _write_idx(tmp_path / "FashionMNIST" / "raw", 6, gz=False)
+    written = write_idx(tmp_path / "FashionMNIST" / "raw", 6, gz=False)
     ds = build_dataset(f"fashionmnist:{tmp_path}", "train")
     np.testing.assert_array_equal(np.asarray(ds[5][0]), written["train"][5])
 
 
 def test_images_become_three_channels_at_the_native_size_without_a_crop(tmp_path: Path) -> None:
-    written = _write_idx(tmp_path, 4, gz=True)
+    written = write_idx(tmp_path, 4, gz=True)
     spec = f"fashionmnist:{tmp_path}"
     assert native_size(spec) == 28
     assert default_resize(spec, 28) == 28
@@ -84,7 +64,7 @@ def test_images_become_three_channels_at_the_native_size_without_a_crop(tmp_path
 
 
 def test_missing_files_name_what_is_missing(tmp_path: Path) -> None:
-    _write_idx(tmp_path, 4, gz=True)
+    write_idx(tmp_path, 4, gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     build_dataset(f"fashionmnist:{tmp_path}", "train")  # the train split is complete
     with pytest.raises(InputError, match=r"t10k-labels-idx1-ubyte\[\.gz\]"):
@@ -92,7 +72,7 @@ def test_missing_files_name_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_corrupt_and_mismatched_files_are_refused(tmp_path: Path) -> None:
-    _write_idx(tmp_path, 4, gz=True)
+    write_idx(tmp_path, 4, gz=True)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(InputError, match="gzip"):
         build_dataset(f"mnist:{tmp_path}", "train")
@@ -104,7 +84,7 @@ def test_corrupt_and_mismatched_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no folder after"):
         build_dataset("mnist:", "train")
     other = tmp_path / "other"
-    _write_idx(other, 4, gz=False)
+    write_idx(other, 4, gz=False)
     (other / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 3) + bytes(3))
     with pytest.raises(InputError, match="4 images but"):
         build_dataset(f"mnist:{other}", "train")

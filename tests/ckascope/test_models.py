@@ -252,12 +252,17 @@ def test_a_checkpoint_says_what_it_was_trained_on_and_malformed_entries_are_left
     inputs = {"image_size": 32, "scales": [8, 16, 32], "data": "fashionmnist"}
     torch.save({**head, "state_dict": {}, "inputs": inputs}, tmp_path / "run.pt")
     assert models.read_inputs(tmp_path / "run.pt") == inputs
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format cannot be memory-mapped
+    torch.save({**head, "inputs": inputs}, legacy, _use_new_zipfile_serialization=False)
+    assert models.read_inputs(legacy) == inputs
     malformed = {"image_size": "32", "scales": [8], "data": ""}
     torch.save({**head, "inputs": malformed}, tmp_path / "odd.pt")
     assert models.read_inputs(tmp_path / "odd.pt") == {}
-    odd = {"image_size": True, "scales": [8, 0], "data": 3}
+    odd = {"image_size": 3, "scales": [8, 0], "data": 3}  # below --image-size's minimum 4
     torch.save({**head, "inputs": odd}, tmp_path / "odd2.pt")
     assert models.read_inputs(tmp_path / "odd2.pt") == {}
+    torch.save({**head, "inputs": {"image_size": True, "scales": [True, 8]}}, tmp_path / "b.pt")
+    assert models.read_inputs(tmp_path / "b.pt") == {}  # bools are not sizes
     torch.save({"state_dict": {}, "inputs": inputs}, tmp_path / "plain.pt")  # not self-describing
     assert models.read_inputs(tmp_path / "plain.pt") == {}
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

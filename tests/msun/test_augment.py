@@ -20,7 +20,7 @@ from ckascope.shapes import SyntheticShapes
 from msun.augment import RATIO, BatchAugmented, apply_crops, draw_crop, in_memory_images
 from msun.config import TrainConfig
 from msun.data import SeededItems, datasets, item_seed, make_loader, train_transform
-from tests.ckascope.test_idx import _write_idx
+from tests.idxfiles import write_idx
 
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -105,7 +105,7 @@ def test_an_uncropped_unflipped_image_is_only_normalised() -> None:
 
 
 def test_in_memory_sets_are_found_and_others_are_not(tmp_path: Path) -> None:
-    written = _write_idx(tmp_path / "fm", 32, gz=False)
+    written = write_idx(tmp_path / "fm", 32, gz=False)
     train = build_dataset(f"fashionmnist:{tmp_path / 'fm'}", "train")
     images, labels = in_memory_images(train)  # type: ignore[misc]
     assert images.shape == (32, 1, 28, 28)
@@ -130,7 +130,7 @@ def test_in_memory_sets_are_found_and_others_are_not(tmp_path: Path) -> None:
 
 
 def test_training_on_the_mnist_family_takes_the_batched_path(tmp_path: Path) -> None:
-    _write_idx(tmp_path / "fm", 64, gz=True)
+    write_idx(tmp_path / "fm", 64, gz=True)
     cfg = TrainConfig(
         data=f"fashionmnist:{tmp_path / 'fm'}", image_size=20, batch_size=8, num_train=48
     )

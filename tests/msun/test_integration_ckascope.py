@@ -124,7 +124,7 @@ def test_scales_routed_to_one_path_are_compared_with_a_note(
     result = CliRunner().invoke(ckascope_main, [*args, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     assert CKAResult.load(tmp_path / "cmp").settings["paths"] == [1, 1]
-    assert "note: both scales went to path 1" in result.output
+    assert "note: both scales went to path 1" in result.stderr
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)

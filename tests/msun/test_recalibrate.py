@@ -21,7 +21,7 @@ from msun.evaluate import Recalibration, _passes, evaluate, recalibration_set
 from msun.privatebn import build_scale_bn_net
 from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 from tests import tinyrun
-from tests.ckascope.test_idx import _write_idx
+from tests.idxfiles import write_idx
 from tests.refusals import assert_refused
 
 
@@ -243,7 +243,10 @@ def test_recalibrating_a_network_without_batchnorm_is_refused_up_front(tmp_path:
     with_bn = _torchvision_checkpoint(tmp_path / "mob.pt", "mobilenet_v3_small")
     tail = ["--num-val", "8", "--recalibrate-bn", "8", "--out", str(tmp_path / "ev")]
     line = assert_refused(
-        main, ["eval", str(plain), *tail], "sq (squeezenet1_1) has no BatchNorm", tmp_path
+        main,
+        ["eval", str(plain), *tail],
+        "sq (squeezenet1_1) has no BatchNorm running statistics",
+        tmp_path,
     )
     assert "--recalibrate-bn" in line
     line = assert_refused(  # several checkpoints: the one without BatchNorm is named
@@ -283,7 +286,7 @@ def test_more_images_than_the_training_set_holds_are_refused_naming_its_size(
     default = _msun_checkpoint(tmp_path / "default.pt")  # no --num-train: msun train's 20000
     argv = ["eval", str(default), "--recalibrate-bn", "20001", *tail]
     assert_refused(main, argv, "--recalibrate-bn 20000 or fewer", tmp_path)
-    _write_idx(tmp_path / "fm", 20, gz=True)
+    write_idx(tmp_path / "fm", 20, gz=True)
     argv = ["eval", str(run), "--data", f"fashionmnist:{tmp_path / 'fm'}", *tail]
     line = assert_refused(main, [*argv, "--recalibrate-bn", "21"], "fashionmnist", tmp_path)
     assert "holds: 20. Hint: give --recalibrate-bn 20 or fewer" in line
@@ -292,7 +295,7 @@ def test_more_images_than_the_training_set_holds_are_refused_naming_its_size(
 def test_a_recalibration_set_of_the_whole_training_set_records_the_batch_it_used(
     tmp_path: Path,
 ) -> None:
-    _write_idx(tmp_path / "fm", 20, gz=True)
+    write_idx(tmp_path / "fm", 20, gz=True)
     whole = recalibration_set(f"fashionmnist:{tmp_path / 'fm'}", 28, 20, 64, 0)
     assert (whole.images, whole.batch_size) == (20, 20)  # --batch-size 64 never filled
     assert [len(b.images) for b in whole.batches] == [20]
