@@ -1093,7 +1093,7 @@ def redraw(out: Path) -> None:
     if saved["ablation"]:
         suggested = None if loop["verdict"] is None else loop["verdict"]["suggested"]
         title = (
-            f"Split ablation (Fashion-MNIST, published SI, {epochs} epochs, mean ± std over seeds)"
+            f"Split ablation (Fashion-MNIST, published SI, {epochs} epochs,\nmean ± std over seeds)"
         )
         png(ablation_figure(saved["ablation"], suggested, title), out, "ablation_split")
     write_text(out / "RESULTS.md", results_markdown(saved, loop, budget_data, data))
