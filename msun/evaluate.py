@@ -508,20 +508,17 @@ def recalibration_set(
     validation draw). Not shared out between processes: each must estimate the same statistics.
     The synthetic set is drawn on the fly, so it has no size of its own: its training split
     counts ``synthetic_train`` images (a run's ``--num-train``, msun train's
-    ``SYNTHETIC_TRAIN`` without it), and ``count`` of them are its first ``count``.
+    ``SYNTHETIC_TRAIN`` without it), of which ``count`` are drawn as from any other set.
 
     Raises:
         InputError: ``data`` has no training split or cannot be read, or holds fewer than
             ``count`` training images (named: a larger count is refused, never clamped).
     """
-    if data == SYNTHETIC and count > synthetic_train:  # refused before a set that large is drawn
-        source = f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
-        _too_many(count, synthetic_train, source)
     train = build_dataset(
         data,
         "train",
         eval_transform(image_size, default_resize(data, image_size)),
-        num_images=count,
+        num_images=synthetic_train,  # the synthetic set's size; the other sets have their own
         seed=seed,
         synthetic_size=image_size,
         require_split=True,
@@ -530,7 +527,7 @@ def recalibration_set(
     )
     total = dataset_len(train)
     if count > total:
-        _too_many(count, total, f"{data} holds")
+        _too_many(count, total, _holder(data))
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
     if len(keep) < 2:
         raise InputError(
@@ -542,6 +539,13 @@ def recalibration_set(
         batches[-2:] = [batches[-2] + batches[-1]]
     loader = DataLoader(train, batch_sampler=batches, collate_fn=collate_skip)
     return Recalibration(loader, len(keep), min(batch_size, len(keep)))
+
+
+def _holder(data: str) -> str:
+    """Whose training images a count is measured against, as in "fashionmnist holds"."""
+    if data == SYNTHETIC:
+        return f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
+    return f"{data} holds"
 
 
 def _too_many(count: int, total: int, source: str) -> NoReturn:
