@@ -22,6 +22,7 @@ from ckascope import config, plugins
 from ckascope.cliutils import make_console
 from ckascope.compare import SideSpec, SweepOptions, compare_sides, image_size_for
 from ckascope.config import CompareConfig
+from ckascope.data import is_synthetic
 from ckascope.distributed import close_distributed, init_distributed
 from ckascope.errors import InputError
 from ckascope.models import (
@@ -221,7 +222,7 @@ def _trained_on(cfg: CompareConfig) -> dict[str, Any]:
         return {}
     trained = read_inputs(cfg.checkpoint)
     data = trained.get("data")
-    if cfg.data is None and data not in (None, "shapes") and _first_process():
+    if cfg.data is None and not is_synthetic(data) and _first_process():
         click.echo(
             f"note: {cfg.checkpoint} was trained on {data}; these are the synthetic images. "
             f"Hint: --data {data} analyses it on its own",

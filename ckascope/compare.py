@@ -35,6 +35,7 @@ from ckascope.data import (
     dataset_len,
     default_resize,
     eval_transform,
+    is_synthetic,
     native_size,
     plan_batches,
     resize_for,
@@ -603,7 +604,7 @@ def as_source(
         return data, opts
     size = cast(int, view.image_size)
     count = opts.num_images or SYNTHETIC_SWEEP
-    if data in (None, "shapes"):
+    if is_synthetic(data):
         count, opts = synthetic_pool(opts)
     transform = eval_transform(size, default_resize(data, size, view.resize_size))
     dataset = build_dataset(

@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
+from typing_extensions import TypeIs
 
 from ckascope.errors import InputError, hint_close
 from ckascope.idxdata import IDX_DATASETS, IDX_SIZE, idx_dataset
@@ -87,9 +88,14 @@ def list_datasets() -> list[str]:
     return ["shapes", *sorted([*TORCHVISION_DATASETS, *IDX_DATASETS])]
 
 
+def is_synthetic(spec: str | None) -> TypeIs[Literal["shapes"] | None]:
+    """Whether a ``--data`` spec names the built-in synthetic set (``shapes``, or no spec)."""
+    return spec in (None, "shapes")
+
+
 def dataset_name(spec: str | None) -> str | None:
     """The dataset a ``--data`` spec names ("fashionmnist:DIR" -> "fashionmnist"), else None."""
-    if spec is None or spec == "shapes":
+    if is_synthetic(spec):
         return None
     if spec in IDX_DATASETS:
         return spec
@@ -344,7 +350,7 @@ def build_dataset(
     Returns:
         A map-style dataset of (image, label) pairs (``Skipped`` for unreadable folder images).
     """
-    if spec in (None, "shapes"):
+    if is_synthetic(spec):
         return SyntheticShapes(
             split, num_images, seed=seed, size=synthetic_size, transform=transform
         )
