@@ -266,6 +266,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
             progress=info.is_main,
             data=data,
             image_size=image_size,
+            test_draw_seed=loaded[0].seed,
         )
     finally:
         close_distributed()

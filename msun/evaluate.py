@@ -359,6 +359,9 @@ class Evaluated:
     data: str = ""  # the --data spec the test images came from
     image_size: int = 0  # the test images' centre crop, before each test size
     distill: bool | None = None  # its training config's, where it has the key
+    # the run seed whose validation draw chose the test images (msun eval: the first
+    # checkpoint's); None where the caller drew them some other way
+    test_draw_seed: int | None = None
 
     @property
     def variant(self) -> str:
@@ -379,12 +382,14 @@ class Evaluated:
         """JSON-able numbers of this checkpoint."""
         r = self.result
         distill = {} if self.distill is None else {"distill": self.distill}
+        draw = {} if self.test_draw_seed is None else {"test_draw_seed": self.test_draw_seed}
         return {
             "checkpoint": self.name,
             "checkpoint_path": self.checkpoint_path,
             "data": self.data,
             "image_size": self.image_size,
             "images": r.images,
+            **draw,
             "method": self.method,
             **distill,
             "bn": self.bn,
@@ -427,7 +432,8 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
     """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag.
 
     Each row carries what scoring it again takes: the checkpoint's file, the data, the test
-    images' size and count, and the BatchNorm settings (``distill`` empty where the
+    images' size, count and draw (``test_draw_seed``, empty where not recorded), and the
+    BatchNorm settings (``distill`` empty where the
     checkpoint's training config does not have it).
     """
     rows = []
@@ -443,6 +449,7 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                             "data": ev.data,
                             "image_size": ev.image_size,
                             "images": r.images,
+                            "test_draw_seed": ev.test_draw_seed,
                             "method": ev.method,
                             "bn": ev.bn,
                             "distill": ev.distill,
@@ -735,13 +742,15 @@ def evaluate_checkpoints(
     progress: bool = False,
     data: str,
     image_size: int,
+    test_draw_seed: int | None = None,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
     ``memory_format`` is the forward passes' layout and ``recalibration`` the training images
     BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint
     (lines every few seconds without a terminal). ``data`` and ``image_size`` (the test
-    images' spec and centre crop) are recorded with each result.
+    images' spec and centre crop) are recorded with each result, and ``test_draw_seed`` (the
+    run seed whose validation draw ``loader`` holds) where given.
     """
     out = []
     run = partial(
@@ -752,6 +761,7 @@ def evaluate_checkpoints(
         recalibration=recalibration,
         data=data,
         image_size=image_size,
+        test_draw_seed=test_draw_seed,
     )
     with make_progress(progress) as bar:
         for item in loaded:
@@ -772,6 +782,7 @@ def _evaluate_one(
     bar: Reporter,
     data: str,
     image_size: int,
+    test_draw_seed: int | None,
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(
@@ -808,6 +819,7 @@ def _evaluate_one(
         data=data,
         image_size=image_size,
         distill=item.distill,
+        test_draw_seed=test_draw_seed,
     )
 
 

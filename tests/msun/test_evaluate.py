@@ -144,7 +144,7 @@ def test_columns_of_different_protocols_are_named_per_column(tmp_path: Path) -> 
     torch.manual_seed(0)
     msun_model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
     mst = build_scale_bn_net("resnet18", scales=(16, 32), num_classes=10, image_size=32).eval()
-    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32", "seed": 3}
     save_checkpoint(msun_model, tmp_path / "msun.pt", train_config=config)
     save_checkpoint(mst, tmp_path / "mst.pt", train_config={**config, "method": "mst"})
     args = ["eval", str(tmp_path / "msun.pt"), str(tmp_path / "mst.pt"), "--num-val", "8"]
@@ -214,7 +214,7 @@ def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
     (tmp_path / "rs").mkdir()
-    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32"}
+    config = {"data": "shapes", "image_size": 32, "eval_sizes": "16,32", "seed": 3}
     save_checkpoint(model, tmp_path / "rs" / "best.pt", train_config={**config, "distill": False})
     save_checkpoint(model, tmp_path / "rs" / "last.pt", train_config=config)  # no "distill"
     out = tmp_path / "ev"
@@ -229,12 +229,15 @@ def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
     assert last["checkpoint_path"] == str((tmp_path / "rs" / "last.pt").absolute())
     for summary in (best, last):
         assert (summary["data"], summary["image_size"], summary["images"]) == ("shapes", 32, 8)
+        assert summary["test_draw_seed"] == 3  # the first checkpoint's run drew the images
     assert best["distill"] is False
     assert "distill" not in last
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["checkpoint"] for r in rows} == {"rs/best", "rs/last"}
-    assert {(r["data"], r["image_size"], r["images"]) for r in rows} == {("shapes", "32", "8")}
+    assert {(r["data"], r["image_size"], r["images"], r["test_draw_seed"]) for r in rows} == {
+        ("shapes", "32", "8", "3")
+    }
     assert {r["checkpoint_path"] for r in rows} == {
         best["checkpoint_path"],
         last["checkpoint_path"],
