@@ -649,25 +649,27 @@ def verdict(acc: dict[str, Any], msun: str) -> list[tuple[str, bool, str]]:
     def m(name: str, key: str) -> tuple[float, float]:
         return acc[name][key]["mean"], acc[name][key]["std"]
 
-    (a, sa), (b, sb), (c, sc) = m(msun, "mean"), m("mst", "mean"), m("vanilla", "mean")
+    a, b, c = (m(n, "mean")[0] for n in (msun, "mst", "vanilla"))
     small = m(msun, "smallest")[0] - m("vanilla", "smallest")[0]
     full = m("vanilla", "full")[0] - m(msun, "full")[0]
+    seeds = {n: acc[n]["seeds"] for n in (msun, "mst", "vanilla")}
 
-    one_seed = min(acc[n]["seeds"] for n in (msun, "mst", "vanilla")) < 2
-    spread = [(a, sa), (b, sb), (c, sc)]
-
-    def gap(x: float, sx: float, y: float, sy: float) -> str:
-        if one_seed:
-            return f"{x - y:+.2f} (one seed: its spread is not known yet)"
-        return f"{x - y:+.2f} ({'beyond' if abs(x - y) > max(sx, sy) else 'within'} the larger seed std)"
+    def gap(x: str, y: str) -> str:
+        (mx, sx), (my, sy) = m(x, "mean"), m(y, "mean")
+        if min(seeds[x], seeds[y]) < 2:
+            return f"{mx - my:+.2f} (one seed: its spread is not known yet)"
+        return f"{mx - my:+.2f} ({'beyond' if abs(mx - my) > max(sx, sy) else 'within'} the larger seed std)"
 
     return [
         (
             "MSUN > MST > vanilla on the mean over sizes",
             a > b > c,
-            " / ".join(f"{x:.2f}" + ("" if one_seed else f" ± {sx:.2f}") for x, sx in spread)
+            " / ".join(
+                f"{m(n, 'mean')[0]:.2f}" + ("" if k < 2 else f" ± {m(n, 'mean')[1]:.2f}")
+                for n, k in seeds.items()
+            )
             + "; MSUN - MST "
-            f"{gap(a, sa, b, sb)}, MST - vanilla {gap(b, sb, c, sc)}",
+            f"{gap(msun, 'mst')}, MST - vanilla {gap('mst', 'vanilla')}",
         ),
         (
             f"MSUN >= {FAR_ABOVE:g} points above vanilla at the smallest size",

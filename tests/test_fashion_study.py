@@ -179,3 +179,17 @@ def test_the_rivals_criteria_are_read_as_pre_registered(study: ModuleType) -> No
     assert study.rival_state(one, recal, 3) == " (provisional: 1 of 3 seeds)"
     assert study.rival_state(acc, recal, 3) == ""
     assert study.rival_verdict({"vanilla": acc["vanilla"]}, {}) == []  # nothing to judge yet
+
+
+def test_the_papers_criteria_name_the_spread_of_each_pair_they_compare(study: ModuleType) -> None:
+    acc = {
+        "vanilla": {**_agg(3, 36.0, 88.0), "mean": {"mean": 77.0, "std": 1.0}},
+        "mst": {**_agg(3, 47.0, 81.0), "mean": {"mean": 79.0, "std": 0.1}},
+        "msun": {**_agg(1, 55.0, 86.5, 0.0), "mean": {"mean": 79.5, "std": 0.0}},
+    }
+    (rank, met, why), (_, met_small, _), (_, met_full, _) = study.verdict(acc, "msun")
+    assert met  # 79.5 > 79.0 > 77.0
+    assert "79.50 / 79.00 ± 0.10 / 77.00 ± 1.00" in why  # no std for the one-seed MSUN
+    assert "MSUN - MST +0.50 (one seed: its spread is not known yet)" in why
+    assert "MST - vanilla +2.00 (beyond the larger seed std)" in why  # both have 3 seeds
+    assert met_small and not met_full  # +19 points; vanilla - MSUN = 1.5 > 1
