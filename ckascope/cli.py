@@ -39,6 +39,34 @@ def compare(**args: Any) -> None:
     run_compare(CompareConfig.from_options(args))
 
 
+@main.command(name="plot", context_settings=CONTEXT)
+@click.argument("result_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Folder for the figures (created if missing)  [default: RESULT_DIR itself].",
+)
+@click.option("--annotate", is_flag=True, help="Print each cell's CKA in the heatmap.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace figure files of the same names already there."
+)
+def plot_command(result_dir: Path, out: Path | None, annotate: bool, overwrite: bool) -> None:
+    """Draw a saved result's figures again: heatmap.png/pdf and curve.png/pdf.
+
+    The same figures compare writes, from RESULT_DIR's numbers alone (no model is run): for a
+    result saved with --no-figures, or to add --annotate. Only the figure files are written;
+    existing ones are kept unless --overwrite.
+
+    \b
+    Examples:
+      ckascope plot ckascope-out/resnet18_32-224
+      ckascope plot ckascope-out/resnet18_32-224 --out slides/cka --annotate
+    """
+    from ckascope.commands import run_plot
+
+    run_plot(result_dir, out, annotate, overwrite)
+
+
 @main.command(name="models", context_settings=CONTEXT)
 def models_command() -> None:
     """List the torchvision model names --model accepts."""

@@ -35,7 +35,7 @@ from ckascope.models import (
     weights_input_size,
 )
 from ckascope.options import SweepFields, ViewFields, values_of
-from ckascope.plot import save_figures
+from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import SplitCandidate, split_table, suggest_split
 from ckascope.views import ViewOptions
@@ -255,6 +255,25 @@ def figures(result: CKAResult, annotate: bool = False) -> Callable[[Path], None]
         save_figures(result, folder, annotate=annotate)
 
     return write
+
+
+def run_plot(result_dir: Path, out: Path | None, annotate: bool, overwrite: bool) -> None:
+    """``ckascope plot``: a saved result's figures drawn again, by default into its own folder.
+
+    The result is read first, so a folder that holds none is refused before anything is drawn.
+    """
+    if not (result_dir / "result.json").is_file():
+        raise InputError(
+            f"{result_dir} holds no ckascope result (no result.json). Hint: give a folder "
+            "ckascope compare wrote, e.g. ckascope plot ckascope-out/resnet18_32-224"
+        )
+    result = CKAResult.load(result_dir)
+    folder = out or result_dir
+    paths = redraw(result, folder, annotate=annotate, overwrite=overwrite)
+    console = make_console()
+    console.print(f"figures written to {folder}/:")
+    for path in paths:
+        console.print(f"  {path}")
 
 
 def view_options(cfg: CompareConfig) -> ViewOptions:

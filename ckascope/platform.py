@@ -49,7 +49,8 @@ Distributed: one process or torchrun's many. ``DistInfo``, ``close_distributed``
 
 Files and output folders: atomic writes and folders that never replace a result by accident.
     ``atomic_path``, ``atomic_write``, ``json_matrix``, ``torch_save``, ``write_json``,
-    ``write_text``; ``check_output_dir``, ``next_free``, ``staged_folder``.
+    ``write_text``; ``OutputKind`` (what ``--overwrite`` may replace), ``check_output_dir``,
+    ``next_free``, ``staged_folder``.
 
 Models and checkpoints: torchvision models and self-describing checkpoints.
     ``CHECKPOINT_FORMAT``, ``build_model``, ``checkpoint_label``, ``is_self_describing``,
@@ -129,6 +130,7 @@ _EXPORTS = {
     "torch_save": "ckascope.fileio",
     "write_json": "ckascope.fileio",
     "write_text": "ckascope.fileio",
+    "OutputKind": "ckascope.result",
     "check_output_dir": "ckascope.result",
     "next_free": "ckascope.result",
     "staged_folder": "ckascope.result",
@@ -180,6 +182,7 @@ __all__ = [
     "Layout",
     "MemoryFormat",
     "MultiPathModel",
+    "OutputKind",
     "PathView",
     "Precision",
     "Protocol",
@@ -294,7 +297,13 @@ if TYPE_CHECKING:
     from ckascope.plot import curve, heatmap, save
     from ckascope.plugins import register
     from ckascope.progress import Reporter, make_progress
-    from ckascope.result import CKAResult, check_output_dir, next_free, staged_folder
+    from ckascope.result import (
+        CKAResult,
+        OutputKind,
+        check_output_dir,
+        next_free,
+        staged_folder,
+    )
     from ckascope.split import SplitCandidate, SplitSuggestion, split_table, suggest_split
     from ckascope.views import check_protocol, down_and_up, resize
     from ckascope.vocab import (

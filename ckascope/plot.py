@@ -6,6 +6,8 @@ touch the caller's backend. Files are written atomically, PNG and PDF.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ckascope.fileio import atomic_path
-from ckascope.result import CKAResult
+from ckascope.errors import InputError
+from ckascope.fileio import atomic_path, staging_dir
+from ckascope.result import CKAResult, check_writable_folder
 
 FORMATS = ("png", "pdf")
 #: Cells whose permutation p-value exceeds this are marked as not beating the null.
@@ -199,7 +202,8 @@ def _curve_line(ax: Any, result: CKAResult, name: str, color: str, first_null: b
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
-    """Writes ``stem.png`` and ``stem.pdf`` atomically."""
+    """Writes ``stem.png`` and ``stem.pdf`` atomically, creating their folder if it is missing."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in FORMATS:
         path = stem.with_suffix(f".{ext}")
@@ -215,3 +219,66 @@ def save_figures(result: CKAResult, folder: Path, *, annotate: bool = False) -> 
     if result.has_diagonal:
         paths += save(curve(result), folder / "curve")
     return paths
+
+
+def figure_names(result: CKAResult) -> list[str]:
+    """The files ``save_figures`` writes for ``result`` (heatmap, and curve with a diagonal)."""
+    stems = ["heatmap", *(["curve"] if result.has_diagonal else [])]
+    return [f"{stem}.{ext}" for stem in stems for ext in FORMATS]
+
+
+#: The name of ``redraw``'s hidden staging folders (``.figures.XXXX.tmp``).
+_STAGING = "figures"
+
+
+def redraw(
+    result: CKAResult, folder: Path, *, annotate: bool = False, overwrite: bool = False
+) -> list[Path]:
+    """Draws ``result``'s figures (``save_figures``) into ``folder``, beside what it holds.
+
+    All figures are drawn in a hidden staging folder first and moved in only when every one is
+    drawn, so a failure while drawing leaves the files in ``folder`` as they were; nothing but
+    the figures' own files is ever replaced.
+
+    Args:
+        result: The result to draw (e.g. ``CKAResult.load`` of a saved one).
+        folder: Where the figures go; created when missing.
+        annotate: Print each cell's CKA in the heatmap.
+        overwrite: Replace figure files of the same names already in ``folder``.
+
+    Returns:
+        The files written.
+
+    Raises:
+        InputError: ``folder`` cannot be written, or already holds a figure and not
+            ``overwrite``.
+    """
+    names = figure_names(result)
+    _check_figures_free(folder, names, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{_STAGING}.*.tmp"):  # a killed redraw's
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = staging_dir(folder / _STAGING, ".tmp")
+    try:
+        save_figures(result, staging, annotate=annotate)
+        for name in names:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [folder / name for name in names]
+
+
+def _check_figures_free(folder: Path, names: list[str], overwrite: bool) -> None:
+    """Refuses a folder that would lose a file: a figure already there unless ``overwrite``."""
+    check_writable_folder(folder)
+    taken = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if taken and not overwrite:
+        raise InputError(
+            f"{folder} already holds {', '.join(taken)}. Hint: pass --overwrite "
+            "(overwrite=True from Python) to draw them again, or choose another --out"
+        )
+    for name in taken:
+        if (folder / name).is_dir():
+            raise InputError(
+                f"{folder / name} is a folder, not a figure. Hint: choose another --out"
+            )

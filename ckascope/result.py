@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -204,8 +204,9 @@ class CKAResult:
         """Writes the result (and whatever ``extra`` writes into the folder) atomically.
 
         Args:
-            directory: Output folder; an existing one must be empty unless ``overwrite``.
-            overwrite: Replace what the folder holds (an earlier result or other files).
+            directory: Output folder: missing, empty, or holding an earlier result.
+            overwrite: Replace an earlier result in the folder. A folder holding anything
+                else is refused all the same: ``save`` never deletes other files.
             extra: Called with the staging folder to add files (e.g. figures).
 
         Returns:
@@ -280,23 +281,16 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-@contextmanager
-def staged_folder(dest: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A staging folder that replaces ``dest`` as a whole when the block succeeds.
+class OutputKind(NamedTuple):
+    """What an output folder may hold for ``overwrite`` to replace it.
 
-    An interruption or error leaves ``dest`` as it was (an earlier result or nothing), never a
-    mix; ``dest`` must be missing or empty unless ``overwrite`` (``check_output_dir``).
+    Attributes:
+        name: The earlier output, as an error names it (e.g. "an earlier ckascope result").
+        holds: Whether a folder holds such an output (and so may be replaced).
     """
-    check_output_dir(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(dest)
-    staging = staging_dir(dest, ".tmp")
-    try:
-        yield staging
-        _swap_in(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    name: str
+    holds: Callable[[Path], bool]
 
 
 def is_result_dir(path: Path) -> bool:
@@ -308,11 +302,75 @@ def is_result_dir(path: Path) -> bool:
     return True
 
 
-def check_output_dir(dest: Path, overwrite: bool) -> None:
-    """Refuses a folder that exists and holds anything (an earlier result too) unless ``overwrite``.
+#: What ``--out`` of ``ckascope compare`` (and ``CKAResult.save``) may replace.
+RESULT_OUTPUT = OutputKind("an earlier ckascope result", is_result_dir)
+
+
+@contextmanager
+def staged_folder(
+    dest: Path, overwrite: bool = False, kind: OutputKind = RESULT_OUTPUT
+) -> Iterator[Path]:
+    """A staging folder that replaces ``dest`` as a whole when the block succeeds.
+
+    An interruption or error leaves ``dest`` as it was (an earlier output or nothing), never a
+    mix; ``dest`` must be missing or empty, or hold an earlier output of ``kind`` and
+    ``overwrite`` be given (``check_output_dir``).
+
+    Args:
+        dest: The output folder.
+        overwrite: Let an earlier output of ``kind`` be replaced.
+        kind: What ``dest`` may hold to be replaced [an earlier ckascope result].
+    """
+    check_output_dir(dest, overwrite, kind)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest, kind)
+    staging = staging_dir(dest, ".tmp")
+    try:
+        yield staging
+        _swap_in(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_output_dir(dest: Path, overwrite: bool, kind: OutputKind = RESULT_OUTPUT) -> None:
+    """Refuses an output folder that cannot (or may not) be replaced by the new output.
+
+    A missing or empty folder is free; one holding an earlier output of ``kind`` is replaced
+    only with ``overwrite``; one holding anything else is never replaced, so ``overwrite``
+    cannot delete a user's files.
+
+    Args:
+        dest: The output folder.
+        overwrite: Let an earlier output of ``kind`` be replaced.
+        kind: What ``dest`` may hold to be replaced [an earlier ckascope result].
 
     Raises:
-        InputError: ``dest`` is a file, or a non-empty folder and not ``overwrite``.
+        InputError: ``dest`` is the working folder or above it, a file, below something not a
+            writable folder, or a non-empty folder it may not replace.
+    """
+    _refuse_working_folder(dest)
+    check_writable_folder(dest)
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return
+    if not kind.holds(dest):
+        never = ", which --overwrite never replaces" if overwrite else ""
+        raise InputError(
+            f"output folder {dest} holds files that are not {kind.name}{never}. Hint: choose "
+            "another --out, or empty or remove the folder yourself"
+        )
+    if not overwrite:
+        raise InputError(
+            f"output folder {dest} holds {kind.name}. Hint: choose another --out, or pass "
+            "--overwrite (overwrite=True from Python) to replace it"
+        )
+
+
+def check_writable_folder(dest: Path) -> None:
+    """Refuses an output folder that is a file, or that cannot be created or written.
+
+    Raises:
+        InputError: ``dest`` is a file, or its nearest existing ancestor is not a writable folder.
     """
     if dest.exists() and not dest.is_dir():
         raise InputError(f"output {dest} exists and is a file. Hint: choose another --out")
@@ -323,11 +381,20 @@ def check_output_dir(dest: Path, overwrite: bool) -> None:
         raise InputError(
             f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out"
         )
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        held = "an earlier ckascope result" if is_result_dir(dest) else "files of another kind"
+
+
+def _refuse_working_folder(dest: Path) -> None:
+    """Refuses the working folder and those above it: replacing one would pull the floor away.
+
+    Renaming the folder a process runs in fails (or, for an ancestor, would move this very
+    output into the trash), so it is refused before any work rather than after it.
+    """
+    here = Path.cwd().resolve()
+    target = dest.resolve()
+    if target == here or target in here.parents:
         raise InputError(
-            f"output folder {dest} holds {held}. Hint: choose another --out, or pass --overwrite "
-            "to replace it"
+            f"output folder {dest} is the current folder or one above it, which the output "
+            f"cannot replace. Hint: name a new folder inside it, e.g. --out {dest / 'out'}"
         )
 
 
@@ -340,16 +407,16 @@ def next_free(dest: Path) -> Path:
     return candidate
 
 
-def _remove_leftovers(dest: Path) -> None:
+def _remove_leftovers(dest: Path, kind: OutputKind) -> None:
     """Cleans up after a run killed (SIGKILL) while saving to ``dest``.
 
-    Unfinished staging folders go. A previous result moved aside (``.old``) just before the kill
-    comes back when ``dest`` is missing, so one of the two results always survives.
+    Unfinished staging folders go. A previous output of ``kind`` moved aside (``.old``) just
+    before the kill comes back when ``dest`` is missing, so one of the two always survives.
     """
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     for old in sorted(dest.parent.glob(f".{dest.name}.*.old")):
-        if not dest.exists() and is_result_dir(old):
+        if not dest.exists() and kind.holds(old):
             old.rename(dest)
         else:
             shutil.rmtree(old, ignore_errors=True)

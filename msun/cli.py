@@ -198,6 +198,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     )
     from msun.data import validation_seed
     from msun.evaluate import (
+        EVAL_OUTPUT,
         check_classes,
         check_recalibratable,
         check_same_setting,
@@ -212,7 +213,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     if cfg.eval_sizes:
         parse_sizes(cfg.eval_sizes)
     out = cfg.out or next_free(Path("msun-eval"))
-    check_output_dir(out, cfg.overwrite)
+    check_output_dir(out, cfg.overwrite, EVAL_OUTPUT)  # before any checkpoint is read
     names = unique_labels(checkpoints)
     loaded = [load_for_eval(p, n) for p, n in zip(checkpoints, names, strict=True)]
     check_same_setting(loaded, cfg.data, cfg.image_size)
@@ -302,11 +303,12 @@ def _write_eval(evaluated: list[Evaluated], out: Path, asked: str) -> None:
     from rich.table import Table
 
     from ckascope.platform import atomic_write, staged_folder, write_json
+    from msun.evaluate import EVAL_OUTPUT, shared_protocol
     from msun.evaluate import frame as eval_frame
-    from msun.evaluate import shared_protocol
     from msun.plot import save_accuracy_figure
 
-    with staged_folder(out, overwrite=True) as staging:  # --out was checked before the work
+    # --out was checked before the work; only an earlier eval output is ever replaced
+    with staged_folder(out, overwrite=True, kind=EVAL_OUTPUT) as staging:
         atomic_write(staging / "eval.csv", lambda f: eval_frame(evaluated).to_csv(f, index=False))
         write_json(staging / "eval.json", [ev.summary() for ev in evaluated])
         save_accuracy_figure(evaluated, staging)

@@ -13,6 +13,7 @@ Counts are float64 torchmetrics states with sum reduction, so DDP ranks combine 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ckascope.platform import (
     Layout,
     MemoryFormat,
     MultiPathModel,
+    OutputKind,
     Precision,
     Protocol,
     Reporter,
@@ -409,6 +411,34 @@ class Evaluated:
             "parameters": self.parameters,
             **r.info,
         }
+
+
+#: The keys of every ``Evaluated.summary`` that Figure 4 is drawn from (``msun.plot``), there
+#: since msun eval's first output: what marks an eval.json as msun's.
+SUMMARY_KEYS = frozenset(
+    ("checkpoint", "method", "protocol", "sizes", "top1", "mean_top1", "mean_flops", "parameters")
+)
+
+
+def is_eval_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``msun eval`` output, which ``--overwrite`` may replace.
+
+    That is a folder whose eval.json is a non-empty list of checkpoint summaries, each with the
+    ``SUMMARY_KEYS``; a training run's folder or a folder of other files is none.
+    """
+    try:
+        summaries = json.loads((path / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON (or not UTF-8)
+        return False
+    return (
+        isinstance(summaries, list)
+        and bool(summaries)
+        and all(isinstance(s, dict) and s.keys() >= SUMMARY_KEYS for s in summaries)
+    )
+
+
+#: What ``msun eval --out`` may replace.
+EVAL_OUTPUT = OutputKind("an earlier msun eval output (eval.json)", is_eval_dir)
 
 
 def flops_per_size(

@@ -106,7 +106,11 @@ class EvalConfig:
         "Folder for eval.csv, eval.json, figure4.png/pdf  [default: msun-eval, or the first "
         "free msun-eval-2, -3, ...: a default never replaces a result].",
     )
-    overwrite: bool = config_field(False, "Let --out replace what its folder holds.", flag=True)
+    overwrite: bool = config_field(
+        False,
+        "Let --out replace an earlier msun eval output (never a folder of other files).",
+        flag=True,
+    )
 
 
 def check_eval(cfg: EvalConfig) -> None:

@@ -132,7 +132,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "not a readable checkpoint",
     ),
     ("ckascope", C, ["--model", "resnet18", "--checkpoint", "{evil}"], "refusing to load"),
-    ("ckascope", C, ["--model", "resnet18", "--out", "{foreign}"], "--overwrite"),
+    ("ckascope", C, ["--model", "resnet18", "--out", "{foreign}"], "remove the folder yourself"),
     ("ckascope", C, ["--model", "resnet18", "--out", "{afile}"], "is a file"),
     ("ckascope", C, ["--model", "resnet18", "--out", "{afile}/sub"], "not a writable folder"),
     ("ckascope", C, ["--model", "resnet18", "--weights", "IMAGENET1K_V9"], "weights for resnet18"),

@@ -147,7 +147,8 @@ def test_foreign_output_folder_refused_before_any_work(tmp_path: Path) -> None:
     (out / "thesis.tex").write_text("do not touch")
     result = CliRunner().invoke(main, ["compare", "--model", "resnet18", *SMALL, "--out", str(out)])
     assert result.exit_code == 2
-    assert "--overwrite" in result.stderr
+    assert "not an earlier ckascope result" in result.stderr
+    assert "--overwrite" not in result.stderr  # it would not help: never suggested
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 

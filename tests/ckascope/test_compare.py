@@ -203,14 +203,16 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="not an earlier ckascope result"):
         result.save(foreign)
-    assert (foreign / "notes.txt").read_text() == "mine"
-    result.save(foreign, overwrite=True)
-    assert not (foreign / "notes.txt").exists()
-    with pytest.raises(InputError, match="earlier ckascope result"):
-        result.save(foreign)  # an earlier result is replaced only when asked
-    result.save(foreign, overwrite=True)
+    with pytest.raises(InputError, match="--overwrite never replaces"):
+        result.save(foreign, overwrite=True)  # other files are never deleted
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    result.save(earlier)
+    with pytest.raises(InputError, match="holds an earlier ckascope result"):
+        result.save(earlier)  # an earlier result is replaced only when asked
+    result.save(earlier, overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()
     result.save(empty)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ckascope.errors import InputError
-from ckascope.plot import curve, heatmap, save_figures
+from ckascope.plot import curve, heatmap, redraw, save, save_figures
 from ckascope.result import CKAResult
 
 
@@ -106,6 +106,39 @@ def test_two_model_results_get_only_a_heatmap(tmp_path: Path) -> None:
     assert sorted(p.name for p in paths) == ["heatmap.pdf", "heatmap.png"]
     with pytest.raises(InputError, match="no same-layer"):
         curve(_result(mode="models"))
+
+
+def test_save_creates_a_missing_folder(tmp_path: Path) -> None:
+    paths = save(curve(_result()), tmp_path / "replot" / "deeper" / "curve")
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "replot/deeper/curve.png",
+        "replot/deeper/curve.pdf",
+    ]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_redraw_keeps_what_the_folder_holds_and_replaces_figures_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "talk.md").write_text("mine")
+    (folder / "heatmap.png").write_bytes(b"my own drawing")
+    with pytest.raises(InputError, match=r"already holds heatmap\.png\. Hint: pass --overwrite"):
+        redraw(_result(), folder)
+    assert (folder / "heatmap.png").read_bytes() == b"my own drawing"
+    assert sorted(p.name for p in folder.iterdir()) == ["heatmap.png", "talk.md"]
+    paths = redraw(_result(), folder, overwrite=True)
+    assert sorted(p.name for p in paths) == ["curve.pdf", "curve.png", "heatmap.pdf", "heatmap.png"]
+    assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "talk.md").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == [  # no staging folder left behind
+        "curve.pdf",
+        "curve.png",
+        "heatmap.pdf",
+        "heatmap.png",
+        "talk.md",
+    ]
 
 
 def _layers(n: int) -> list[str]:

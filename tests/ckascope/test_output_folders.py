@@ -1,0 +1,100 @@
+"""What an output folder may replace: ``--overwrite`` replaces an earlier result, nothing else.
+
+A folder holding anything but an earlier ckascope result (an msun training run, a user's files)
+survives ``--overwrite`` untouched, from the command line and from Python; the working folder
+and the folders above it are refused before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ckascope.cli import main
+from ckascope.errors import InputError
+from ckascope.result import CKAResult
+from tests.ckascope.test_cli_compare import SMALL
+from tests.folders import contents, own_files, training_run
+
+#: A comparison that fails once it starts (the model has no such layer): refusing the folder
+#: instead proves the folder was checked before any work.
+DOOMED = ["compare", "--model", "resnet18", *SMALL, "--layers", "nosuch"]
+
+MAKERS = [pytest.param(training_run, id="msun-run"), pytest.param(own_files, id="own-files")]
+
+
+def _result(run: int = 1) -> CKAResult:
+    return CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": run})
+
+
+@pytest.mark.parametrize("make", MAKERS)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_save_never_replaces_a_folder_of_other_files(
+    tmp_path: Path, make: Callable[[Path], Path], overwrite: bool
+) -> None:
+    folder = make(tmp_path / "mine")
+    before = contents(folder)
+    with pytest.raises(InputError, match="not an earlier ckascope result") as refused:
+        _result().save(folder, overwrite=overwrite)
+    assert "pass --overwrite" not in str(refused.value)
+    assert "remove the folder yourself" in str(refused.value)
+    assert contents(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging left beside it
+
+
+def test_save_replaces_an_earlier_result_only_with_overwrite(tmp_path: Path) -> None:
+    dest = tmp_path / "res"
+    _result(1).save(dest)
+    with pytest.raises(InputError, match=r"overwrite=True from Python"):
+        _result(2).save(dest)
+    assert CKAResult.load(dest).settings == {"run": 1}
+    _result(2).save(dest, overwrite=True)
+    assert CKAResult.load(dest).settings == {"run": 2}
+
+
+@pytest.mark.parametrize("make", MAKERS)
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_compare_leaves_a_folder_of_other_files_untouched(
+    tmp_path: Path, make: Callable[[Path], Path], overwrite: list[str]
+) -> None:
+    folder = make(tmp_path / "vancopy")
+    before = contents(folder)
+    done = CliRunner().invoke(main, [*DOOMED, "--out", str(folder), *overwrite])
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.strip().splitlines()
+    assert "not an earlier ckascope result" in line
+    assert "Hint: choose another --out, or empty or remove the folder yourself" in line
+    assert "pass --overwrite" not in line
+    assert ("--overwrite never replaces" in line) == bool(overwrite)
+    assert contents(folder) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "out"), [("result", "."), ("result", "{cwd}"), ("result/sub", "..")]
+)
+def test_compare_refuses_the_working_folder_and_above_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, out: str
+) -> None:
+    """Even holding an earlier result, which --overwrite may replace elsewhere."""
+    result = tmp_path / "result"
+    _result().save(result)
+    (result / "sub").mkdir()
+    before = contents(result)
+    cwd = tmp_path / where
+    monkeypatch.chdir(cwd)
+    done = CliRunner().invoke(main, [*DOOMED, "--out", out.format(cwd=cwd), "--overwrite"])
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.strip().splitlines()
+    assert "is the current folder or one above it" in line
+    assert contents(result) == before
+
+
+def test_save_refuses_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="current folder or one above it"):
+        _result().save(".", overwrite=True)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,86 @@
+"""What ``msun eval --out`` may replace: an earlier eval output, never a training run's folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import msun
+from msun.cli import main
+from msun.evaluate import SUMMARY_KEYS, is_eval_dir
+from tests.folders import contents, training_run
+
+TINY = ["--image-size", "32", "--num-val", "8"]
+
+
+def _eval_json(folder: Path, content: Any) -> Path:
+    folder.mkdir()
+    (folder / "eval.json").write_text(json.dumps(content))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[], {"checkpoint": "m"}, [1, 2], [{"checkpoint": "m", "top1": [50.0]}]],
+    ids=["empty", "a-dict", "numbers", "keys-missing"],
+)
+def test_an_eval_json_without_msun_summaries_marks_no_eval_output(
+    tmp_path: Path, content: Any
+) -> None:
+    assert not is_eval_dir(_eval_json(tmp_path / "e", content))
+
+
+def test_what_marks_an_eval_output(tmp_path: Path) -> None:
+    summary = dict.fromkeys(SUMMARY_KEYS, 0)
+    assert is_eval_dir(_eval_json(tmp_path / "e", [summary, summary]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "eval.json").write_bytes(b"\xff not json")
+    assert not is_eval_dir(tmp_path / "bad")
+    assert not is_eval_dir(training_run(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_eval_never_replaces_atraining_run_folder(tmp_path: Path, overwrite: list[str]) -> None:
+    """``msun eval run/last.pt --out run``: refused before the checkpoint is read."""
+    run = training_run(tmp_path / "run")
+    before = contents(run)
+    done = CliRunner().invoke(main, ["eval", str(run / "last.pt"), "--out", str(run), *overwrite])
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.strip().splitlines()
+    assert "holds files that are not an earlier msun eval output" in line
+    assert "remove the folder yourself" in line
+    assert "pass --overwrite" not in line
+    assert contents(run) == before
+
+
+def test_eval_refuses_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(main, ["eval", "missing.pt", "--out", ".", "--overwrite"])
+    assert done.exit_code == 2, done.output
+    assert "is the current folder or one above it" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_overwrite_replaces_an_earlier_eval_output(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    msun.save_checkpoint(
+        msun.build_msun("resnet18", scales=(16, 32), num_classes=10), tmp_path / "m.pt"
+    )
+    out = tmp_path / "ev"
+    args = ["eval", str(tmp_path / "m.pt"), *TINY, "--out", str(out)]
+    first = CliRunner().invoke(main, [*args, "--eval-sizes", "16,32"])
+    assert first.exit_code == 0, first.output
+    assert is_eval_dir(out)  # what msun eval writes is what --overwrite may replace
+    again = CliRunner().invoke(main, [*args, "--eval-sizes", "16"])
+    assert again.exit_code == 2
+    assert "holds an earlier msun eval output (eval.json)" in again.stderr
+    replaced = CliRunner().invoke(main, [*args, "--eval-sizes", "16", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [s["sizes"] for s in json.loads((out / "eval.json").read_text())] == [[16]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev", "m.pt"]
