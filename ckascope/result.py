@@ -287,10 +287,13 @@ class OutputKind(NamedTuple):
     Attributes:
         name: The earlier output, as an error names it (e.g. "an earlier ckascope result").
         holds: Whether a folder holds such an output (and so may be replaced).
+        files: The names such an output's folder consists of: a file of any other name in it
+            is someone else's, and keeps the folder from being replaced.
     """
 
     name: str
     holds: Callable[[Path], bool]
+    files: frozenset[str]
 
 
 def is_result_dir(path: Path) -> bool:
@@ -302,8 +305,15 @@ def is_result_dir(path: Path) -> bool:
     return True
 
 
+#: What a result folder consists of: ``CKAResult.save``'s files and the figures
+#: ``ckascope.plot.save_figures`` draws (the heatmap; the curve where there is a diagonal).
+RESULT_FILES = frozenset(
+    ["result.json", "matrices.npz", "cka.csv"]
+    + [f"{stem}.{ext}" for stem in ("heatmap", "curve") for ext in ("png", "pdf")]
+)
+
 #: What ``--out`` of ``ckascope compare`` (and ``CKAResult.save``) may replace.
-RESULT_OUTPUT = OutputKind("an earlier ckascope result", is_result_dir)
+RESULT_OUTPUT = OutputKind("an earlier ckascope result", is_result_dir, RESULT_FILES)
 
 
 @contextmanager
@@ -353,17 +363,24 @@ def check_output_dir(dest: Path, overwrite: bool, kind: OutputKind = RESULT_OUTP
     check_writable_folder(dest)
     if not dest.is_dir() or not any(dest.iterdir()):
         return
-    if not kind.holds(dest):
+    others = sorted(p.name for p in dest.iterdir() if p.name not in kind.files)
+    if others or not kind.holds(dest):
         never = ", which --overwrite never replaces" if overwrite else ""
         raise InputError(
-            f"output folder {dest} holds files that are not {kind.name}{never}. Hint: choose "
-            "another --out, or empty or remove the folder yourself"
+            f"output folder {dest} holds files that are not {kind.name}"
+            f"{_named(others) if kind.holds(dest) else ''}{never}. Hint: choose another --out, "
+            "or empty or remove the folder yourself"
         )
     if not overwrite:
         raise InputError(
             f"output folder {dest} holds {kind.name}. Hint: choose another --out, or pass "
             "--overwrite (overwrite=True from Python) to replace it"
         )
+
+
+def _named(files: list[str]) -> str:
+    """The first few of ``files`` in brackets, for a message: " (a, b, c, ...)"."""
+    return f" ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
 
 
 def check_writable_folder(dest: Path) -> None:

@@ -438,7 +438,11 @@ def is_eval_dir(path: Path) -> bool:
 
 
 #: What ``msun eval --out`` may replace.
-EVAL_OUTPUT = OutputKind("an earlier msun eval output (eval.json)", is_eval_dir)
+EVAL_OUTPUT = OutputKind(
+    "an earlier msun eval output (eval.json)",
+    is_eval_dir,
+    frozenset(["eval.json", "eval.csv", "figure4.png", "figure4.pdf"]),
+)
 
 
 def flops_per_size(

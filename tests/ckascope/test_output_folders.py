@@ -98,3 +98,26 @@ def test_save_refuses_the_working_folder(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(InputError, match="current folder or one above it"):
         _result().save(".", overwrite=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "sub"])
+def test_overwrite_keeps_a_result_folder_that_also_holds_a_users_files(
+    tmp_path: Path, extra: str
+) -> None:
+    """A result with a file (or folder) of the user's added is not a result alone: kept whole."""
+    dest = tmp_path / "res"
+    _result(1).save(dest)
+    (dest / extra).mkdir() if extra == "sub" else (dest / extra).write_text("mine")
+    before = contents(dest)
+    with pytest.raises(InputError, match=rf"not an earlier ckascope result \({extra}\)"):
+        _result(2).save(dest, overwrite=True)
+    assert contents(dest) == before
+
+
+def test_every_figure_compare_draws_belongs_to_a_result_folder() -> None:
+    from ckascope.plot import figure_names
+    from ckascope.result import RESULT_FILES
+
+    square = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"scales": [8, 16]})
+    assert square.has_diagonal
+    assert set(figure_names(square)) <= RESULT_FILES

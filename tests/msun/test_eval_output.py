@@ -11,8 +11,10 @@ import torch
 from click.testing import CliRunner
 
 import msun
+from ckascope.errors import InputError
+from ckascope.result import check_output_dir
 from msun.cli import main
-from msun.evaluate import SUMMARY_KEYS, is_eval_dir
+from msun.evaluate import EVAL_OUTPUT, SUMMARY_KEYS, is_eval_dir
 from tests.folders import contents, training_run
 
 TINY = ["--image-size", "32", "--num-val", "8"]
@@ -44,8 +46,16 @@ def test_what_marks_an_eval_output(tmp_path: Path) -> None:
     assert not is_eval_dir(training_run(tmp_path / "run"))
 
 
+def test_an_eval_output_with_a_users_file_added_is_kept_whole(tmp_path: Path) -> None:
+    folder = _eval_json(tmp_path / "e", [dict.fromkeys(SUMMARY_KEYS, 0)])
+    check_output_dir(folder, True, EVAL_OUTPUT)  # an eval output alone: --overwrite replaces it
+    (folder / "slides.pptx").write_bytes(b"mine")
+    with pytest.raises(InputError, match=r"eval output \(eval.json\) \(slides.pptx\)"):
+        check_output_dir(folder, True, EVAL_OUTPUT)
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_eval_never_replaces_atraining_run_folder(tmp_path: Path, overwrite: list[str]) -> None:
+def test_eval_never_replaces_a_training_run_folder(tmp_path: Path, overwrite: list[str]) -> None:
     """``msun eval run/last.pt --out run``: refused before the checkpoint is read."""
     run = training_run(tmp_path / "run")
     before = contents(run)
