@@ -7,6 +7,12 @@ of at least ``threshold``. The scale-sensitive shallow layers before it stay in 
 subnets; everything after is shared. The earliest such point also keeps the extra parameters of
 the subnets smallest.
 
+The split points are taken in forward order, their order in the analysed layers, whatever order
+they were given in. The rule reads every split point's input, so each one must be measured: a
+point whose input is not among the analysed layers (it lies before the first analysed layer, or
+the stage before it has no analysed layer, or it cannot be placed among them at all) is refused,
+naming it, rather than judged on values that were never measured.
+
 The default threshold, 0.8, is where CKA is conventionally read as "highly similar". On the
 paper's ResNet-50 curve (stem 0.53, layer1's blocks 0.85-0.86, layer2's 0.83-0.90, ...) it
 separates the scale-sensitive stem from layer1's outputs and picks ``layer2``, the published
@@ -175,12 +181,83 @@ def position(layers: Sequence[str], module: str) -> int | None:
     return None
 
 
-def _row(candidate: SplitCandidate, layers: list[str], diag: list[float]) -> SplitRow | None:
+def in_forward_order(
+    layers: Sequence[str], candidates: Sequence[SplitCandidate]
+) -> list[SplitCandidate]:
+    """``candidates`` in the order of the analysed layers (as given on ties).
+
+    As given when one cannot be placed among ``layers``: it has no depth to sort by (and
+    ``check_analysed`` refuses it).
+    """
+    depths = [position(layers, c.trunk_module) for c in candidates]
+    placed = [d for d in depths if d is not None]
+    if len(placed) < len(depths):
+        return list(candidates)
+    return [c for _, c in sorted(zip(placed, candidates, strict=True), key=lambda dc: dc[0])]
+
+
+def unanalysed(layers: Sequence[str], candidates: Sequence[SplitCandidate]) -> list[str]:
+    """The candidates (given in forward order) whose trunk input is not among ``layers``.
+
+    A candidate's input is the output of the stage before it (from the previous candidate on),
+    so it is measured when an analysed layer lies in that stage: the candidate is placed after
+    the first analysed layer, and after the previous candidate, which must be placed too.
+    """
+    depths = [position(layers, c.trunk_module) for c in candidates]
+    missing = []
+    for i, (candidate, depth) in enumerate(zip(candidates, depths, strict=True)):
+        previous = depths[i - 1] if i else -1
+        if not depth or previous is None or previous >= depth:
+            missing.append(candidate.name)
+    return missing
+
+
+def check_analysed(
+    layers: Sequence[str],
+    candidates: Sequence[SplitCandidate],
+    judged: Sequence[str] | None = None,
+) -> None:
+    """Refuses split points whose trunk input the analysis did not measure.
+
+    Args:
+        layers: The analysed layers, in forward order.
+        candidates: Every split point, in forward order (a family's whole vocabulary, or those
+            given): a point's input is measured when an analysed layer lies in the stage
+            before it.
+        judged: The names to check (default: all of ``candidates``).
+
+    Raises:
+        InputError: Naming the unmeasured points, with the analysed ones that could be judged.
+    """
+    names = [c.name for c in candidates] if judged is None else list(judged)
+    missing = [name for name in unanalysed(layers, candidates) if name in names]
+    if not missing:
+        return
+    measured = [name for name in names if name not in missing]
+    them = "it" if len(missing) == 1 else "them"
+    only = (
+        f", or weigh only {', '.join(measured)} (suggest-split --split-points {','.join(measured)})"
+        if measured
+        else ""
+    )
+    raise InputError(
+        f"the analysed layers ({_span(layers)}) do not show the trunk input of "
+        f"{', '.join(missing)}: the rule cannot judge {them} on values never measured. Hint: "
+        "compare with the default --layers (blocks), which show every split point's input" + only
+    )
+
+
+def _span(layers: Sequence[str]) -> str:
+    """The analysed layers in a few words: all of them, or the first three and the last."""
+    if len(layers) <= 5:
+        return ", ".join(layers)
+    return f"{', '.join(layers[:3])}, ..., {layers[-1]}"
+
+
+def _row(candidate: SplitCandidate, layers: list[str], diag: list[float]) -> SplitRow:
+    """How a candidate looks (its trunk starts after the first analysed layer: ``check_analysed``)."""
     pos = position(layers, candidate.trunk_module)
-    if pos is None:
-        return None
-    if pos == 0:
-        return SplitRow(candidate, None, None, None, None)
+    assert pos, candidate  # None or 0: check_analysed refused it
     finite = [(v, layers[i]) for i, v in enumerate(diag[:pos]) if not math.isnan(v)]
     low = min(finite) if finite else (None, None)
     value = diag[pos - 1]
@@ -199,16 +276,18 @@ def suggest_split(
 
     Args:
         result: A result of one model at two scales (it needs a same-layer diagonal).
-        split_points: Legal split points in forward order (names, or candidates with costs).
+        split_points: Legal split points (names, or candidates with costs), in any order: they
+            are taken in the order of the analysed layers.
         threshold: Minimum CKA of the trunk's input, in [0, 1].
 
     Returns:
-        The suggestion; ``choice`` is always one of ``split_points``. With bootstrap replicates
-        in the result, ``stability`` gives the share of them choosing each candidate.
+        The suggestion; ``choice`` is always one of ``split_points``, ``rows`` are in forward
+        order. With bootstrap replicates in the result, ``stability`` gives the share of them
+        choosing each candidate.
 
     Raises:
-        InputError: Threshold outside [0, 1], no diagonal, or split points that do not fit the
-            analysed layers.
+        InputError: Threshold outside [0, 1], no diagonal, no split points, split points whose
+            input the analysis did not measure (``check_analysed``), or only NaN inputs.
     """
     if not 0.0 <= threshold <= 1.0:
         raise InputError(
@@ -216,8 +295,15 @@ def suggest_split(
         )
     diagonal = result.diagonal()
     layers, diag = list(diagonal["layer"]), [float(v) for v in diagonal["mean"]]
-    candidates = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
-    suggestion = replace(_suggest(layers, diag, candidates, threshold), notes=_notes(result))
+    if not split_points:
+        raise InputError("no split points to choose from. Hint: give at least one")
+    given = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
+    candidates = in_forward_order(layers, given)
+    check_analysed(layers, candidates)
+    suggestion = replace(
+        _suggest(layers, diag, candidates, threshold),
+        notes=_notes(result),
+    )
     replicates = result.calibration.get("bootstrap_diagonal")
     if replicates is None or not len(replicates):
         return suggestion
@@ -243,25 +329,19 @@ def _notes(result: CKAResult) -> tuple[str, ...]:
 def _suggest(
     layers: list[str], diag: list[float], candidates: list[SplitCandidate], threshold: float
 ) -> SplitSuggestion:
-    """The rule on one diagonal."""
+    """The rule on one diagonal (every candidate's input analysed: ``check_analysed``)."""
     rows = _rows(layers, diag, candidates)
-    if any(r.input_layer is not None for r in rows) and not _measured(rows):
+    if not _measured(rows):
         raise InputError(
             "the same-layer CKA of every split point's input is NaN in this result (constant "
             "or degenerate layers, or a failed analysis). Hint: check the compare run's "
             "warnings, or analyse other layers"
         )
-    if not _measured(rows):
-        names = ", ".join(c.name for c in candidates)
-        raise InputError(
-            f"the split points ({names}) do not fit the analysed layers ({', '.join(layers[:6])}, ...). "
-            "Hint: give the split points of this model's family, and analyse layers before and after them"
-        )
     return _choose(rows, threshold)
 
 
 def _rows(layers: list[str], diag: list[float], candidates: list[SplitCandidate]) -> list[SplitRow]:
-    return [r for r in (_row(c, layers, diag) for c in candidates) if r is not None]
+    return [_row(c, layers, diag) for c in candidates]
 
 
 def _measured(rows: list[SplitRow]) -> bool:
@@ -284,15 +364,15 @@ def _stability(
 
 
 def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
-    for row in rows:
+    for i, row in enumerate(rows):
         if row.consistent(threshold):
-            earlier = [r for r in rows if r is not row and rows.index(r) < rows.index(row)]
+            # "considered": the candidates may be a given subset of the family's split points
             why = (
                 f"the trunk's input ({row.input_layer}) has cross-scale CKA {row.input_cka:.3f} >= {threshold}"
                 + (
-                    ", while every earlier split point's input is below it"
-                    if earlier
-                    else ", the earliest legal split point"
+                    f", while no earlier split point's input reaches {threshold}"
+                    if i
+                    else ", the earliest split point considered"
                 )
             )
             return SplitSuggestion(row.candidate.name, why, threshold, rows)

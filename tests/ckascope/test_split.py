@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from ckascope.errors import InputError
 from ckascope.result import CKAResult
 from ckascope.split import SplitCandidate, position, suggest_split
 from ckascope.vocab import DEFAULT_THRESHOLD
+from tests.refusals import assert_refused
 
 # docs/msun.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
 PAPER = [
@@ -139,8 +141,10 @@ def test_placement_of_split_points_in_other_families() -> None:
 def test_bad_input() -> None:
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         suggest_split(_result(PAPER, R50_LAYERS), R50_SPLITS, threshold=1.5)
-    with pytest.raises(InputError, match="do not fit"):
+    with pytest.raises(InputError, match=r"do not show the trunk input of features\.24"):
         suggest_split(_result(PAPER, R50_LAYERS), ["features.24", "denseblock2"])
+    with pytest.raises(InputError, match="no split points"):
+        suggest_split(_result(PAPER, R50_LAYERS), [])
     with pytest.raises(InputError, match="no same-layer"):
         suggest_split(_result(PAPER, R50_LAYERS, mode="models"), R50_SPLITS)
 
@@ -189,7 +193,7 @@ def test_cli_prices_the_candidates_for_the_results_own_scales(tmp_path: Path) ->
     [
         ("models", [], "no same-layer"),
         ("scales", ["--threshold", "1.5"], "'--threshold'"),
-        ("scales", ["--split-points", "features.24"], "do not fit"),
+        ("scales", ["--split-points", "features.24"], "not a legal split point of resnet50"),
     ],
 )
 def test_cli_bad_input(tmp_path: Path, mode: str, args: list[str], needle: str) -> None:
@@ -197,3 +201,100 @@ def test_cli_bad_input(tmp_path: Path, mode: str, args: list[str], needle: str) 
     result = CliRunner().invoke(main, ["suggest-split", "--from", str(folder), *args])
     assert result.exit_code == 2
     assert needle in result.stderr
+
+
+# resnet18: stem and its 8 basic blocks; an input CKA that falls with depth
+R18_LAYERS = ["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+R18_DIAG = [0.97, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+
+
+def _r18(tmp_path: Path, name: str = "r18", **settings: object) -> Path:
+    """A saved cross-scale result of resnet18 (16 vs 32 px), settings as given."""
+    base = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": [16, 32]}
+    result = CKAResult(np.diag(R18_DIAG)[None], R18_LAYERS, R18_LAYERS, {**base, **settings})
+    return result.save(tmp_path / name)
+
+
+def _split_json(*args: str) -> Any:
+    out = CliRunner().invoke(main, ["suggest-split", *args, "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout)
+
+
+def test_given_points_are_taken_in_forward_order() -> None:
+    s = suggest_split(_result(PAPER, R50_LAYERS), ["layer4", "layer2", "layer1"], threshold=0.5)
+    assert s.choice == "layer1"  # the earliest passing one, not the first typed
+    assert [r.candidate.name for r in s.rows] == ["layer1", "layer2", "layer4"]
+    assert "earliest" in s.reason
+
+
+def test_split_points_whose_input_was_not_analysed_are_refused_not_judged() -> None:
+    """Layers "layer3.*,layer4*": nothing before layer3 was measured, so nothing is claimed."""
+    late = [i for i, name in enumerate(R50_LAYERS) if name.startswith(("layer3", "layer4"))]
+    result = _result([PAPER[i] for i in late], [R50_LAYERS[i] for i in late])
+    with pytest.raises(InputError, match="trunk input of layer1, layer2, layer3:") as refused:
+        suggest_split(result, R50_SPLITS)
+    assert "--split-points layer4)" in str(refused.value)  # what can be judged
+    assert "default --layers" in str(refused.value)
+    only = suggest_split(result, ["layer4"])
+    assert only.choice == "layer4"
+    assert only.rows[0].input_layer == "layer3.5"
+
+
+def test_a_stage_with_no_analysed_layer_leaves_the_next_split_point_unmeasured() -> None:
+    kept = [i for i, name in enumerate(R50_LAYERS) if not name.startswith("layer2")]
+    result = _result([PAPER[i] for i in kept], [R50_LAYERS[i] for i in kept])
+    with pytest.raises(InputError, match="trunk input of layer2, layer3:") as refused:
+        suggest_split(result, R50_SPLITS)  # layer3's input is layer2's output: not analysed
+    assert "--split-points layer1,layer4)" in str(refused.value)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_cli_given_points_are_ordered_checked_and_priced_as_the_family_prices_them(
+    tmp_path: Path,
+) -> None:
+    folder = _r18(tmp_path)
+    family = _split_json("--from", str(folder))
+    given = _split_json("--from", str(folder), "--split-points", "layer3,layer1")
+    assert given["choice"] == "layer1"  # layer1's input passes: depth order, not typed order
+    rows = given["candidates"]
+    assert [c["name"] for c in rows] == ["layer1", "layer3"]
+    priced = {c["name"]: (c["extra_params"], c["macs"]) for c in family["candidates"]}
+    assert {c["name"]: (c["extra_params"], c["macs"]) for c in rows} == {
+        k: priced[k] for k in ("layer1", "layer3")
+    }
+    assert all(c["extra_params"] for c in rows)
+    line = assert_refused(
+        main,
+        ["suggest-split", "--from", str(folder), "--split-points", "layer2,layerX"],
+        "layerX",
+        tmp_path,
+    )
+    assert "legal: layer1, layer2, layer3, layer4" in line
+    twice = ["suggest-split", "--from", str(folder), "--split-points", "layer2,layer2"]
+    assert_refused(main, twice, "layer2 twice", tmp_path)
+
+
+def test_cli_given_points_of_an_unknown_family_follow_the_analysed_layers(
+    tmp_path: Path,
+) -> None:
+    layers = ["stem", "block1", "block2", "block3"]
+    settings = {"mode": "scales", "model": "mynet", "arch": "mynet", "scales": [16, 32]}
+    folder = CKAResult(np.diag([0.5, 0.9, 0.6, 0.95])[None], layers, layers, settings).save(
+        tmp_path / "mynet"
+    )
+    data = _split_json("--from", str(folder), "--split-points", "block3,block2")
+    assert [c["name"] for c in data["candidates"]] == ["block2", "block3"]
+    assert data["choice"] == "block2"
+    assert [c["extra_params"] for c in data["candidates"]] == [None, None]
+    argv = ["suggest-split", "--from", str(folder), "--split-points", "block2,nope"]
+    assert_refused(main, argv, "nope: cannot be placed among the analysed layers", tmp_path)
+
+
+def test_cli_a_two_model_result_is_refused_for_having_no_diagonal(tmp_path: Path) -> None:
+    folder = _r18(tmp_path, mode="models", scales=[32, 32], model_b="resnet34")
+    line = assert_refused(
+        main, ["suggest-split", "--from", str(folder)], "compares two models", tmp_path
+    )
+    assert "no same-layer diagonal" in line
+    assert "bad scales" not in line
