@@ -41,6 +41,7 @@ from ckascope.split import (
     SplitCandidate,
     check_analysed,
     in_forward_order,
+    load_analysis,
     position,
     split_table,
     suggest_split,
@@ -169,7 +170,8 @@ def run_suggest_split(
 ) -> None:
     """``ckascope suggest-split`` with its parsed options."""
     if from_dir is not None:
-        result, is_main = CKAResult.load(from_dir), True
+        result = load_analysis(from_dir, "--from", direct="ckascope suggest-split")
+        is_main = True
     else:
         cfg = resolve_config(cfg)
         if cfg.out is not None:

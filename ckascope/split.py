@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from ckascope.errors import InputError
-from ckascope.result import CKAResult
+from ckascope.result import FILES, CKAResult, is_result_dir
 from ckascope.vocab import DEFAULT_THRESHOLD
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
@@ -383,6 +385,48 @@ def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
         f"trunk input ({best.input_cka:.3f}). Hint: a lower --threshold, or more layers in the analysis"
     )
     return SplitSuggestion(best.candidate.name, why, threshold, rows)
+
+
+#: Suffixes of files torch.save writes by convention (a zip archive is recognised as well).
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load_analysis(path: str | Path, option: str, direct: str | None = None) -> CKAResult:
+    """The saved ``ckascope compare`` result a split is chosen from; a file is refused.
+
+    Args:
+        path: The result's folder, as ``option`` gave it.
+        option: The flag that named it (``--from``, ``--cka-from``), for the message.
+        direct: A command that analyses a checkpoint at once (``ckascope suggest-split``),
+            offered first when ``path`` is a checkpoint.
+
+    Raises:
+        InputError: ``path`` is a file (a checkpoint, one of a result's files, another file),
+            with the hint that fits it; or what ``CKAResult.load`` refuses.
+    """
+    path = Path(path)
+    if path.is_file():
+        raise InputError(_file_instead_of_result(path, option, direct))
+    return CKAResult.load(path)
+
+
+def _file_instead_of_result(path: Path, option: str, direct: str | None) -> str:
+    if path.name in FILES and is_result_dir(path.parent):
+        return (
+            f"{option} {path} is a file of a saved result; {option} takes its folder. "
+            f"Hint: {option} {path.parent}"
+        )
+    if path.suffix in CHECKPOINT_SUFFIXES or zipfile.is_zipfile(path):
+        now = f"{direct} --checkpoint {path} analyses it now, or " if direct else ""
+        return (
+            f"{option} {path} is a model checkpoint (a file), not a saved ckascope compare "
+            f"result (a folder). Hint: {now}ckascope compare --checkpoint {path} --out DIR, "
+            f"then {option} DIR"
+        )
+    return (
+        f"{option} {path} is a file, not a saved ckascope compare result (a folder holding "
+        "result.json). Hint: give the folder ckascope compare --out wrote"
+    )
 
 
 def _fmt(value: float | None, scale: float = 1.0) -> str:

@@ -37,6 +37,7 @@ from ckascope.platform import (
     build_model,
     compare_scales,
     is_self_describing,
+    load_analysis,
     make_console,
     split_table,
     suggest_split,
@@ -113,7 +114,7 @@ def msun_scales(smallest: int, largest: int) -> tuple[int, ...]:
 def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
     """The cross-scale CKA result the choice is made from."""
     if cfg.cka_from:
-        result = CKAResult.load(cfg.cka_from)
+        result = load_analysis(cfg.cka_from, "--cka-from")
         if result.arch != cfg.model:
             raise InputError(
                 f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "

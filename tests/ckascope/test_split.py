@@ -15,6 +15,8 @@ from ckascope.errors import InputError
 from ckascope.result import CKAResult
 from ckascope.split import SplitCandidate, position, suggest_split
 from ckascope.vocab import DEFAULT_THRESHOLD
+from msun.cli import main as msun_main
+from tests import tinyrun
 from tests.refusals import assert_refused
 
 # docs/msun.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
@@ -298,3 +300,27 @@ def test_cli_a_two_model_result_is_refused_for_having_no_diagonal(tmp_path: Path
     )
     assert "no same-layer diagonal" in line
     assert "bad scales" not in line
+
+
+def test_cli_a_checkpoint_or_a_results_file_as_from_gets_the_command_that_fits(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    run = tmp_path / "runs" / "van"
+    run.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run / "last.pt")
+    line = assert_refused(
+        main, ["suggest-split", "--from", str(run / "last.pt")], "checkpoint", tmp_path
+    )
+    assert f"Hint: ckascope suggest-split --checkpoint {run / 'last.pt'}" in line
+    assert "compare --out" not in line
+    folder = _r18(tmp_path)
+    argv = ["suggest-split", "--from", str(folder / "result.json")]
+    assert_refused(main, argv, f"Hint: --from {folder}", tmp_path)
+    train = ["train", *tinyrun.TRAIN, "--out", str(tmp_path / "out"), "--split-at", "auto"]
+    line = assert_refused(
+        msun_main, [*train, "--cka-from", str(run / "last.pt")], "--cka-from", tmp_path
+    )
+    assert "is a model checkpoint" in line
+    assert f"ckascope compare --checkpoint {run / 'last.pt'} --out DIR, then --cka-from DIR" in line
