@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +167,15 @@ def run_suggest_split(
     split_points: str | None,
     as_json: bool,
     cfg: CompareConfig,
+    compare_flags: Sequence[str] = (),
 ) -> None:
-    """``ckascope suggest-split`` with its parsed options."""
+    """``ckascope suggest-split`` with its parsed options.
+
+    ``compare_flags`` are the comparison's options the user set (e.g. ``--bootstrap``): they
+    set up a new comparison, so a saved result (``--from``) refuses them.
+    """
     if from_dir is not None:
+        refuse_compare_flags(from_dir, compare_flags)
         result = load_analysis(from_dir, "--from", direct="ckascope suggest-split")
         is_main = True
     else:
@@ -192,6 +198,22 @@ def run_suggest_split(
     console.print(split_table(suggestion))
     for line in suggestion.lines():
         console.print(line)
+
+
+def refuse_compare_flags(from_dir: Path, flags: Sequence[str]) -> None:
+    """Refuses options of a new comparison next to ``--from`` (a saved one), naming them.
+
+    Raises:
+        InputError: ``flags`` is not empty.
+    """
+    if not flags:
+        return
+    them = "it" if len(flags) == 1 else "them"
+    raise InputError(
+        f"{', '.join(flags)} {'sets' if len(flags) == 1 else 'set'} up a new comparison and "
+        f"{'does' if len(flags) == 1 else 'do'} not apply to a saved result (--from "
+        f"{from_dir}). Hint: drop {them}, or leave out --from to run the comparison with {them}"
+    )
 
 
 def resolve_config(cfg: CompareConfig) -> CompareConfig:

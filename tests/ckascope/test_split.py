@@ -324,3 +324,12 @@ def test_cli_a_checkpoint_or_a_results_file_as_from_gets_the_command_that_fits(
     )
     assert "is a model checkpoint" in line
     assert f"ckascope compare --checkpoint {run / 'last.pt'} --out DIR, then --cka-from DIR" in line
+
+
+def test_cli_options_of_a_new_comparison_are_refused_next_to_from(tmp_path: Path) -> None:
+    folder = _r18(tmp_path)
+    argv = ["suggest-split", "--from", str(folder), "--bootstrap", "500", "--model", "resnet50"]
+    line = assert_refused(main, [*argv, "--out", str(tmp_path / "x")], "do not apply", tmp_path)
+    assert "--model, --bootstrap, --out" in line
+    same = ["suggest-split", "--from", str(folder), "--repeats", "1"]  # the default, but typed
+    assert_refused(main, same, "--repeats sets up a new comparison", tmp_path)
