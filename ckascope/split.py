@@ -23,7 +23,8 @@ How sure the choice is. On a result with bootstrap replicates (``ckascope compar
 the rule is applied again to every replicate's diagonal: ``stability`` is the share of
 replicates that choose each candidate. The choice is called stable when at least
 ``STABLE_SHARE`` of them agree with it; otherwise other images could well have given another
-split, and the output says so.
+split, and the output says so. A bootstrap over fewer than ``FEW_BATCHES`` minibatches is too
+coarse to judge either way (``ckascope.calibration``): the output says so and names the fix.
 
 A split point is placed among the analysed layers by module name: its trunk starts at the first
 analysed layer that is, or lies inside, the split module, or that follows it among numbered
@@ -43,6 +44,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ckascope.calibration import FEW_BATCHES, MIN_BATCHES
 from ckascope.errors import InputError
 from ckascope.result import FILES, CKAResult, is_result_dir
 from ckascope.vocab import DEFAULT_THRESHOLD
@@ -101,24 +103,34 @@ class SplitSuggestion:
     stability: dict[str, float] | None = None  # candidate -> share of bootstrap replicates
     replicates: int = 0
     notes: tuple[str, ...] = ()  # what a reader must know about the analysis behind it
+    minibatches: int | None = None  # batches a bootstrap replicate draws; 0: none; None: unknown
+
+    @property
+    def coarse(self) -> bool:
+        """Whether the bootstrap had too few minibatches (``FEW_BATCHES``) to judge stability."""
+        return self.minibatches is not None and self.minibatches < FEW_BATCHES
 
     @property
     def stable(self) -> bool | None:
         """Whether at least ``STABLE_SHARE`` of the replicates choose the same; None: unknown."""
-        if self.stability is None:
+        if self.stability is None or self.coarse:
             return None
         return self.stability.get(self.choice, 0.0) >= STABLE_SHARE
 
     def stability_text(self) -> str:
         """The stability in words, e.g. "layer2 in 87 % of 1000 bootstrap resamples; ..."."""
         if self.stability is None:
-            return (
-                "stability unknown: this result has no bootstrap resamples. Hint: rerun "
-                "ckascope compare with --bootstrap 1000 (no extra forward pass)"
-            )
+            return _no_resamples(self.minibatches)
         shares = sorted(self.stability.items(), key=lambda kv: -kv[1])
         listed = "; ".join(f"{name} in {100 * share:.0f} %" for name, share in shares if share)
         text = f"stability: {listed} of {self.replicates} bootstrap resamples"
+        if self.coarse:
+            # A handful of batches has few distinct resamples: 100 % agreement means little.
+            return (
+                f"{text}, but they resample only {self.minibatches} minibatches: too few to judge "
+                f"stability (at least {FEW_BATCHES} needed). Hint: more --num-images or a smaller "
+                "--batch-size"
+            )
         if self.stable:
             return f"{text} (stable: at least {100 * STABLE_SHARE:.0f} % agree)"
         return (
@@ -150,8 +162,23 @@ class SplitSuggestion:
             "stability": self.stability,
             "replicates": self.replicates,
             "stable": self.stable,
+            "minibatches": self.minibatches,
             "notes": list(self.notes),
         }
+
+
+def _no_resamples(minibatches: int | None) -> str:
+    """Why a result has no bootstrap replicates, and the fix."""
+    if minibatches == 0:  # asked for, but one batch gives nothing to resample
+        return (
+            f"stability unknown: the bootstrap had fewer than {MIN_BATCHES} minibatches, "
+            "nothing to resample. Hint: more --num-images or a smaller --batch-size, for at "
+            f"least {FEW_BATCHES} minibatches"
+        )
+    return (
+        "stability unknown: this result has no bootstrap resamples. Hint: rerun "
+        "ckascope compare with --bootstrap 1000 (no extra forward pass)"
+    )
 
 
 def _inside_or_after(layer: str, module: str) -> bool:
@@ -305,6 +332,7 @@ def suggest_split(
     suggestion = replace(
         _suggest(layers, diag, candidates, threshold),
         notes=_notes(result),
+        minibatches=_minibatches(result),
     )
     replicates = result.calibration.get("bootstrap_diagonal")
     if replicates is None or not len(replicates):
@@ -314,6 +342,15 @@ def suggest_split(
         stability=_stability(layers, replicates, candidates, threshold),
         replicates=len(replicates),
     )
+
+
+def _minibatches(result: CKAResult) -> int | None:
+    """The batches a bootstrap replicate of the result draws (0: too few to resample).
+
+    None when the result records none: no bootstrap, or a result older than the record.
+    """
+    draws = result.settings.get("bootstrap_draws")
+    return None if draws is None else int(draws)
 
 
 def _notes(result: CKAResult) -> tuple[str, ...]:

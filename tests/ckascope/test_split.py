@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckascope.calibration import FEW_BATCHES
 from ckascope.cli import main
 from ckascope.errors import InputError
 from ckascope.result import CKAResult
@@ -251,6 +252,44 @@ def test_a_stage_with_no_analysed_layer_leaves_the_next_split_point_unmeasured()
     assert "--split-points layer1,layer4)" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("draws", "stable", "words"),
+    [
+        (2, None, "only 2 minibatches: too few to judge"),
+        (FEW_BATCHES - 1, None, f"only {FEW_BATCHES - 1} minibatches"),
+        (FEW_BATCHES, True, "(stable: at least 80 % agree)"),
+        (None, True, "(stable: at least 80 % agree)"),  # a result older than the record
+    ],
+)
+def test_a_bootstrap_over_few_minibatches_is_too_coarse_to_call_stable(
+    draws: int | None, stable: bool | None, words: str
+) -> None:
+    result = _result(PAPER, R50_LAYERS)
+    result.calibration["bootstrap_diagonal"] = np.tile(PAPER, (100, 1))
+    result.settings["bootstrap_draws"] = draws
+    s = suggest_split(result, R50_SPLITS)
+    assert s.stable is stable
+    assert words in s.stability_text()
+    assert s.to_dict()["minibatches"] == draws
+    if stable is None:
+        assert "stable:" not in s.stability_text()
+        assert "Hint: more --num-images or a smaller --batch-size" in s.stability_text()
+
+
+def test_one_minibatch_names_the_real_fix_not_the_bootstrap_flag() -> None:
+    result = _result(PAPER, R50_LAYERS)
+    result.settings.update(bootstrap=100, bootstrap_draws=0)  # one batch: nothing resampled
+    text = suggest_split(result, R50_SPLITS).stability_text()
+    assert text.startswith("stability unknown: the bootstrap had fewer than 2 minibatches")
+    assert "--batch-size" in text
+    assert "--bootstrap" not in text
+
+
+def test_the_docs_state_the_coarse_bootstrap_bound_of_the_code() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "calibration.md").read_text()
+    assert f"fewer than {FEW_BATCHES} minibatches" in " ".join(docs.split())
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_cli_given_points_are_ordered_checked_and_priced_as_the_family_prices_them(
     tmp_path: Path,
@@ -333,3 +372,23 @@ def test_cli_options_of_a_new_comparison_are_refused_next_to_from(tmp_path: Path
     assert "--model, --bootstrap, --out" in line
     same = ["suggest-split", "--from", str(folder), "--repeats", "1"]  # the default, but typed
     assert_refused(main, same, "--repeats sets up a new comparison", tmp_path)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> None:
+    common = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "8", "16"]
+    common += ["--image-size", "16", "--batch-size", "16", "--bootstrap", "100", "--no-figures"]
+    two_batches = [*common, "--num-images", "32", "--out", str(tmp_path / "n32")]
+    assert CliRunner().invoke(main, two_batches).exit_code == 0
+    one_batch = [*common, "--num-images", "16", "--out", str(tmp_path / "n16")]
+    with pytest.warns(RuntimeWarning, match="1 batch"):
+        assert CliRunner().invoke(main, one_batch).exit_code == 0
+    two = CliRunner().invoke(main, ["suggest-split", "--from", str(tmp_path / "n32")])
+    assert two.exit_code == 0, two.output
+    assert "only 2 minibatches: too few to judge stability" in " ".join(two.stdout.split())
+    assert "(stable:" not in two.stdout
+    one = CliRunner().invoke(main, ["suggest-split", "--from", str(tmp_path / "n16")])
+    assert one.exit_code == 0, one.output
+    text = " ".join(one.stdout.split())
+    assert "fewer than 2 minibatches, nothing to resample" in text
+    assert "--bootstrap 1000" not in text
