@@ -104,6 +104,9 @@ class Resamples:
 
 #: Fewer batches than this (over all sweeps) give no bootstrap interval.
 MIN_BATCHES = 2
+#: Fewer batches than this per replicate give a coarse bootstrap (docs/calibration.md): too
+#: few distinct resamples to judge how stable a choice made from it is.
+FEW_BATCHES = 10
 
 
 def effective_draws(batches: Sequence[int], overlap: float) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ckascope import __version__
 from ckascope.cliutils import FriendlyGroup, config_options
@@ -80,7 +81,8 @@ def models_command() -> None:
     "--from",
     "from_dir",
     type=click.Path(path_type=Path),
-    help="A saved compare result (otherwise run one with the options below).",
+    help="A saved compare result folder (otherwise run one with the options below; they do not "
+    "apply to a saved one).",
 )
 @click.option(
     "--threshold",
@@ -108,4 +110,16 @@ def suggest_split_command(
     """
     from ckascope.commands import run_suggest_split
 
-    run_suggest_split(from_dir, threshold, split_points, as_json, CompareConfig.from_options(args))
+    cfg = CompareConfig.from_options(args)
+    flags = _flags_set(click.get_current_context(), set(args))
+    run_suggest_split(from_dir, threshold, split_points, as_json, cfg, flags)
+
+
+def _flags_set(ctx: click.Context, names: set[str]) -> list[str]:
+    """The flags of the parameters ``names`` the user set (on the command line), in order."""
+    unset = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return [
+        p.opts[0]
+        for p in ctx.command.params
+        if p.name in names and ctx.get_parameter_source(p.name) not in unset
+    ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,15 @@ from ckascope.models import (
 from ckascope.options import SweepFields, ViewFields, values_of
 from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
-from ckascope.split import SplitCandidate, split_table, suggest_split
+from ckascope.split import (
+    SplitCandidate,
+    check_analysed,
+    in_forward_order,
+    load_analysis,
+    position,
+    split_table,
+    suggest_split,
+)
 from ckascope.views import ViewOptions
 
 
@@ -159,10 +167,17 @@ def run_suggest_split(
     split_points: str | None,
     as_json: bool,
     cfg: CompareConfig,
+    compare_flags: Sequence[str] = (),
 ) -> None:
-    """``ckascope suggest-split`` with its parsed options."""
+    """``ckascope suggest-split`` with its parsed options.
+
+    ``compare_flags`` are the comparison's options the user set (e.g. ``--bootstrap``): they
+    set up a new comparison, so a saved result (``--from``) refuses them.
+    """
     if from_dir is not None:
-        result, is_main = CKAResult.load(from_dir), True
+        refuse_compare_flags(from_dir, compare_flags)
+        result = load_analysis(from_dir, "--from", direct="ckascope suggest-split")
+        is_main = True
     else:
         cfg = resolve_config(cfg)
         if cfg.out is not None:
@@ -183,6 +198,22 @@ def run_suggest_split(
     console.print(split_table(suggestion))
     for line in suggestion.lines():
         console.print(line)
+
+
+def refuse_compare_flags(from_dir: Path, flags: Sequence[str]) -> None:
+    """Refuses options of a new comparison next to ``--from`` (a saved one), naming them.
+
+    Raises:
+        InputError: ``flags`` is not empty.
+    """
+    if not flags:
+        return
+    them = "it" if len(flags) == 1 else "them"
+    raise InputError(
+        f"{', '.join(flags)} {'sets' if len(flags) == 1 else 'set'} up a new comparison and "
+        f"{'does' if len(flags) == 1 else 'do'} not apply to a saved result (--from "
+        f"{from_dir}). Hint: drop {them}, or leave out --from to run the comparison with {them}"
+    )
 
 
 def resolve_config(cfg: CompareConfig) -> CompareConfig:
@@ -361,19 +392,89 @@ def same_path(settings: dict[str, Any]) -> bool:
 
 
 def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandidate]:
-    """The vocabulary: given on the command line, or a registered family's for the architecture."""
-    if split_points:
-        return [SplitCandidate(p.strip()) for p in split_points.split(",") if p.strip()]
-    if result.settings.get("paths"):
+    """The vocabulary: given on the command line, or a registered family's for the architecture.
+
+    Given points are taken in forward order whatever order they were typed in; a family that
+    knows the architecture checks and prices them as it prices its whole vocabulary.
+
+    Raises:
+        InputError: A result without a same-layer diagonal (two models), a multi-path result
+            without given points, given points that are not split points of the model (the
+            message lists the legal ones), or an architecture no family knows.
+    """
+    result.diagonal()  # a two-model result is refused in its words, before pricing its scales
+    given = _given_points(split_points) if split_points is not None else None
+    if given is None and result.settings.get("paths"):
         raise InputError(
             "this result is of a multi-path model (each scale routed to its own path or "
             "BatchNorm set); split points are chosen on a single-path network. Hint: analyse "
             "the vanilla model, or price given points with --split-points"
         )
-    if result.arch is None:
-        raise InputError("this result records no architecture. Hint: pass --split-points")
+    known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
+    if given is None:
+        if result.arch is None:
+            raise InputError("this result records no architecture. Hint: pass --split-points")
+        return known if known is not None else split_vocabulary(result.arch)
+    if known is None:
+        return _placed_points(result, given)
+    return _legal_points(result, known, given)
+
+
+def _given_points(split_points: str) -> list[str]:
+    """The names of --split-points, each once."""
+    names = [p.strip() for p in split_points.split(",") if p.strip()]
+    if not names:
+        raise InputError("--split-points is empty. Hint: name split points, e.g. layer1,layer2")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(
+            f"--split-points lists {', '.join(twice)} twice. Hint: name each split point once"
+        )
+    return names
+
+
+def _priced_scales(result: CKAResult) -> tuple[int, int]:
+    """The compared scales (smallest, largest) a family prices its candidates for."""
     scales = [s for s in result.settings.get("scales") or [] if isinstance(s, int)]
-    return split_vocabulary(result.arch, (min(scales), max(scales)) if scales else (32, 224))
+    return (min(scales), max(scales)) if scales else (32, 224)
+
+
+def _legal_points(
+    result: CKAResult, vocabulary: list[SplitCandidate], given: list[str]
+) -> list[SplitCandidate]:
+    """The family's candidates ``given`` names (by split point or module), in forward order.
+
+    Each must be measured as the whole vocabulary places it (the stage before it analysed),
+    not only among the given ones.
+    """
+    legal = {name: c for c in vocabulary for name in (c.name, c.trunk_module)}
+    unknown = [name for name in given if name not in legal]
+    if unknown:
+        raise InputError(
+            f"--split-points {', '.join(unknown)}: not a legal split point of {result.arch} "
+            f"(legal: {', '.join(c.name for c in vocabulary)}). Hint: pick among them, or leave "
+            "out --split-points to weigh them all"
+        )
+    chosen = {legal[name].name for name in given}
+    check_analysed(
+        result.layers_a, vocabulary, judged=[c.name for c in vocabulary if c.name in chosen]
+    )
+    return [c for c in vocabulary if c.name in chosen]
+
+
+def _placed_points(result: CKAResult, given: list[str]) -> list[SplitCandidate]:
+    """Given points of an architecture no family knows: unpriced, ordered by the analysed layers."""
+    points = [SplitCandidate(name) for name in given]
+    lost = [p.name for p in points if position(result.layers_a, p.trunk_module) is None]
+    if lost:
+        known = f"{result.arch!r}" if result.arch else "this result's model"
+        raise InputError(
+            f"--split-points {', '.join(lost)}: cannot be placed among the analysed layers "
+            f"({', '.join(result.layers_a[:4])}, ...), and no registered family knows the split "
+            f"points of {known}. Hint: give module names of the analysed model where a trunk "
+            "could start"
+        )
+    return in_forward_order(result.layers_a, points)
 
 
 def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[SplitCandidate]:
@@ -383,13 +484,24 @@ def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[Spl
         arch: The analysed architecture.
         scales: The compared scales (smallest, largest): the family prices its candidates for
             a network built for them.
+
+    Raises:
+        InputError: No registered family knows ``arch``.
     """
+    vocabulary = _family_vocabulary(arch, scales)
+    if vocabulary is not None:
+        return vocabulary
     families = plugins.list_entries("split_vocabularies")
-    for family in families:
-        candidates = plugins.load("split_vocabularies", family)(arch, scales)
-        if candidates is not None:
-            return list(candidates)
     raise InputError(
         f"no registered model family knows the split points of {arch!r} (families: "
         f"{', '.join(families) or 'none'}). Hint: pass --split-points"
     )
+
+
+def _family_vocabulary(arch: str, scales: tuple[int, int]) -> list[SplitCandidate] | None:
+    """The first registered family's split points of ``arch`` (priced), None if none knows it."""
+    for family in plugins.list_entries("split_vocabularies"):
+        found = plugins.load("split_vocabularies", family)(arch, scales)
+        if found is not None:
+            return list(found)
+    return None

@@ -64,7 +64,7 @@ Multi-path models: the protocol a model with one path per scale meets to be comp
 
 Measurement and split suggestion: the comparison itself and what is read from it.
     ``CKAResult``, ``compare_scales``, ``SplitCandidate``, ``SplitSuggestion``,
-    ``split_table``, ``suggest_split``.
+    ``load_analysis``, ``split_table``, ``suggest_split``.
 
 Plots: ``curve`` and ``heatmap`` of a result, and ``save`` (a figure as PNG and PDF, atomically).
 """
@@ -156,6 +156,7 @@ _EXPORTS = {
     "compare_scales": "ckascope.compare",
     "SplitCandidate": "ckascope.split",
     "SplitSuggestion": "ckascope.split",
+    "load_analysis": "ckascope.split",
     "split_table": "ckascope.split",
     "suggest_split": "ckascope.split",
     # plots
@@ -215,6 +216,7 @@ __all__ = [
     "is_multipath",
     "is_self_describing",
     "json_matrix",
+    "load_analysis",
     "load_checkpoint",
     "make_console",
     "make_progress",
@@ -304,7 +306,13 @@ if TYPE_CHECKING:
         next_free,
         staged_folder,
     )
-    from ckascope.split import SplitCandidate, SplitSuggestion, split_table, suggest_split
+    from ckascope.split import (
+        SplitCandidate,
+        SplitSuggestion,
+        load_analysis,
+        split_table,
+        suggest_split,
+    )
     from ckascope.views import check_protocol, down_and_up, resize
     from ckascope.vocab import (
         MAX_SCALE,

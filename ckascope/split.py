@@ -7,6 +7,12 @@ of at least ``threshold``. The scale-sensitive shallow layers before it stay in 
 subnets; everything after is shared. The earliest such point also keeps the extra parameters of
 the subnets smallest.
 
+The split points are taken in forward order, their order in the analysed layers, whatever order
+they were given in. The rule reads every split point's input, so each one must be measured: a
+point whose input is not among the analysed layers (it lies before the first analysed layer, or
+the stage before it has no analysed layer, or it cannot be placed among them at all) is refused,
+naming it, rather than judged on values that were never measured.
+
 The default threshold, 0.8, is where CKA is conventionally read as "highly similar". On the
 paper's ResNet-50 curve (stem 0.53, layer1's blocks 0.85-0.86, layer2's 0.83-0.90, ...) it
 separates the scale-sensitive stem from layer1's outputs and picks ``layer2``, the published
@@ -17,7 +23,8 @@ How sure the choice is. On a result with bootstrap replicates (``ckascope compar
 the rule is applied again to every replicate's diagonal: ``stability`` is the share of
 replicates that choose each candidate. The choice is called stable when at least
 ``STABLE_SHARE`` of them agree with it; otherwise other images could well have given another
-split, and the output says so.
+split, and the output says so. A bootstrap over fewer than ``FEW_BATCHES`` minibatches is too
+coarse to judge either way (``ckascope.calibration``): the output says so and names the fix.
 
 A split point is placed among the analysed layers by module name: its trunk starts at the first
 analysed layer that is, or lies inside, the split module, or that follows it among numbered
@@ -28,15 +35,18 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ckascope.calibration import FEW_BATCHES, MIN_BATCHES
 from ckascope.errors import InputError
-from ckascope.result import CKAResult
+from ckascope.result import FILES, CKAResult, is_result_dir
 from ckascope.vocab import DEFAULT_THRESHOLD
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
@@ -93,24 +103,34 @@ class SplitSuggestion:
     stability: dict[str, float] | None = None  # candidate -> share of bootstrap replicates
     replicates: int = 0
     notes: tuple[str, ...] = ()  # what a reader must know about the analysis behind it
+    minibatches: int | None = None  # batches a bootstrap replicate draws; 0: none; None: unknown
+
+    @property
+    def coarse(self) -> bool:
+        """Whether the bootstrap had too few minibatches (``FEW_BATCHES``) to judge stability."""
+        return self.minibatches is not None and self.minibatches < FEW_BATCHES
 
     @property
     def stable(self) -> bool | None:
         """Whether at least ``STABLE_SHARE`` of the replicates choose the same; None: unknown."""
-        if self.stability is None:
+        if self.stability is None or self.coarse:
             return None
         return self.stability.get(self.choice, 0.0) >= STABLE_SHARE
 
     def stability_text(self) -> str:
         """The stability in words, e.g. "layer2 in 87 % of 1000 bootstrap resamples; ..."."""
         if self.stability is None:
-            return (
-                "stability unknown: this result has no bootstrap resamples. Hint: rerun "
-                "ckascope compare with --bootstrap 1000 (no extra forward pass)"
-            )
+            return _no_resamples(self.minibatches)
         shares = sorted(self.stability.items(), key=lambda kv: -kv[1])
         listed = "; ".join(f"{name} in {100 * share:.0f} %" for name, share in shares if share)
         text = f"stability: {listed} of {self.replicates} bootstrap resamples"
+        if self.coarse:
+            # A handful of batches has few distinct resamples: 100 % agreement means little.
+            return (
+                f"{text}, but they resample only {self.minibatches} minibatches: too few to judge "
+                f"stability (at least {FEW_BATCHES} needed). Hint: more --num-images or a smaller "
+                "--batch-size"
+            )
         if self.stable:
             return f"{text} (stable: at least {100 * STABLE_SHARE:.0f} % agree)"
         return (
@@ -142,8 +162,23 @@ class SplitSuggestion:
             "stability": self.stability,
             "replicates": self.replicates,
             "stable": self.stable,
+            "minibatches": self.minibatches,
             "notes": list(self.notes),
         }
+
+
+def _no_resamples(minibatches: int | None) -> str:
+    """Why a result has no bootstrap replicates, and the fix."""
+    if minibatches == 0:  # asked for, but one batch gives nothing to resample
+        return (
+            f"stability unknown: the bootstrap had fewer than {MIN_BATCHES} minibatches, "
+            "nothing to resample. Hint: more --num-images or a smaller --batch-size, for at "
+            f"least {FEW_BATCHES} minibatches"
+        )
+    return (
+        "stability unknown: this result has no bootstrap resamples. Hint: rerun "
+        "ckascope compare with --bootstrap 1000 (no extra forward pass)"
+    )
 
 
 def _inside_or_after(layer: str, module: str) -> bool:
@@ -175,12 +210,83 @@ def position(layers: Sequence[str], module: str) -> int | None:
     return None
 
 
-def _row(candidate: SplitCandidate, layers: list[str], diag: list[float]) -> SplitRow | None:
+def in_forward_order(
+    layers: Sequence[str], candidates: Sequence[SplitCandidate]
+) -> list[SplitCandidate]:
+    """``candidates`` in the order of the analysed layers (as given on ties).
+
+    As given when one cannot be placed among ``layers``: it has no depth to sort by (and
+    ``check_analysed`` refuses it).
+    """
+    depths = [position(layers, c.trunk_module) for c in candidates]
+    placed = [d for d in depths if d is not None]
+    if len(placed) < len(depths):
+        return list(candidates)
+    return [c for _, c in sorted(zip(placed, candidates, strict=True), key=lambda dc: dc[0])]
+
+
+def unanalysed(layers: Sequence[str], candidates: Sequence[SplitCandidate]) -> list[str]:
+    """The candidates (given in forward order) whose trunk input is not among ``layers``.
+
+    A candidate's input is the output of the stage before it (from the previous candidate on),
+    so it is measured when an analysed layer lies in that stage: the candidate is placed after
+    the first analysed layer, and after the previous candidate, which must be placed too.
+    """
+    depths = [position(layers, c.trunk_module) for c in candidates]
+    missing = []
+    for i, (candidate, depth) in enumerate(zip(candidates, depths, strict=True)):
+        previous = depths[i - 1] if i else -1
+        if not depth or previous is None or previous >= depth:
+            missing.append(candidate.name)
+    return missing
+
+
+def check_analysed(
+    layers: Sequence[str],
+    candidates: Sequence[SplitCandidate],
+    judged: Sequence[str] | None = None,
+) -> None:
+    """Refuses split points whose trunk input the analysis did not measure.
+
+    Args:
+        layers: The analysed layers, in forward order.
+        candidates: Every split point, in forward order (a family's whole vocabulary, or those
+            given): a point's input is measured when an analysed layer lies in the stage
+            before it.
+        judged: The names to check (default: all of ``candidates``).
+
+    Raises:
+        InputError: Naming the unmeasured points, with the analysed ones that could be judged.
+    """
+    names = [c.name for c in candidates] if judged is None else list(judged)
+    missing = [name for name in unanalysed(layers, candidates) if name in names]
+    if not missing:
+        return
+    measured = [name for name in names if name not in missing]
+    them = "it" if len(missing) == 1 else "them"
+    only = (
+        f", or weigh only {', '.join(measured)} (suggest-split --split-points {','.join(measured)})"
+        if measured
+        else ""
+    )
+    raise InputError(
+        f"the analysed layers ({_span(layers)}) do not show the trunk input of "
+        f"{', '.join(missing)}: the rule cannot judge {them} on values never measured. Hint: "
+        "compare with the default --layers (blocks), which show every split point's input" + only
+    )
+
+
+def _span(layers: Sequence[str]) -> str:
+    """The analysed layers in a few words: all of them, or the first three and the last."""
+    if len(layers) <= 5:
+        return ", ".join(layers)
+    return f"{', '.join(layers[:3])}, ..., {layers[-1]}"
+
+
+def _row(candidate: SplitCandidate, layers: list[str], diag: list[float]) -> SplitRow:
+    """How a candidate looks (its trunk starts after the first analysed layer: ``check_analysed``)."""
     pos = position(layers, candidate.trunk_module)
-    if pos is None:
-        return None
-    if pos == 0:
-        return SplitRow(candidate, None, None, None, None)
+    assert pos, candidate  # None or 0: check_analysed refused it
     finite = [(v, layers[i]) for i, v in enumerate(diag[:pos]) if not math.isnan(v)]
     low = min(finite) if finite else (None, None)
     value = diag[pos - 1]
@@ -199,16 +305,18 @@ def suggest_split(
 
     Args:
         result: A result of one model at two scales (it needs a same-layer diagonal).
-        split_points: Legal split points in forward order (names, or candidates with costs).
+        split_points: Legal split points (names, or candidates with costs), in any order: they
+            are taken in the order of the analysed layers.
         threshold: Minimum CKA of the trunk's input, in [0, 1].
 
     Returns:
-        The suggestion; ``choice`` is always one of ``split_points``. With bootstrap replicates
-        in the result, ``stability`` gives the share of them choosing each candidate.
+        The suggestion; ``choice`` is always one of ``split_points``, ``rows`` are in forward
+        order. With bootstrap replicates in the result, ``stability`` gives the share of them
+        choosing each candidate.
 
     Raises:
-        InputError: Threshold outside [0, 1], no diagonal, or split points that do not fit the
-            analysed layers.
+        InputError: Threshold outside [0, 1], no diagonal, no split points, split points whose
+            input the analysis did not measure (``check_analysed``), or only NaN inputs.
     """
     if not 0.0 <= threshold <= 1.0:
         raise InputError(
@@ -216,8 +324,16 @@ def suggest_split(
         )
     diagonal = result.diagonal()
     layers, diag = list(diagonal["layer"]), [float(v) for v in diagonal["mean"]]
-    candidates = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
-    suggestion = replace(_suggest(layers, diag, candidates, threshold), notes=_notes(result))
+    if not split_points:
+        raise InputError("no split points to choose from. Hint: give at least one")
+    given = [c if isinstance(c, SplitCandidate) else SplitCandidate(c) for c in split_points]
+    candidates = in_forward_order(layers, given)
+    check_analysed(layers, candidates)
+    suggestion = replace(
+        _suggest(layers, diag, candidates, threshold),
+        notes=_notes(result),
+        minibatches=_minibatches(result),
+    )
     replicates = result.calibration.get("bootstrap_diagonal")
     if replicates is None or not len(replicates):
         return suggestion
@@ -226,6 +342,15 @@ def suggest_split(
         stability=_stability(layers, replicates, candidates, threshold),
         replicates=len(replicates),
     )
+
+
+def _minibatches(result: CKAResult) -> int | None:
+    """The batches a bootstrap replicate of the result draws (0: too few to resample).
+
+    None when the result records none: no bootstrap, or a result older than the record.
+    """
+    draws = result.settings.get("bootstrap_draws")
+    return None if draws is None else int(draws)
 
 
 def _notes(result: CKAResult) -> tuple[str, ...]:
@@ -243,25 +368,19 @@ def _notes(result: CKAResult) -> tuple[str, ...]:
 def _suggest(
     layers: list[str], diag: list[float], candidates: list[SplitCandidate], threshold: float
 ) -> SplitSuggestion:
-    """The rule on one diagonal."""
+    """The rule on one diagonal (every candidate's input analysed: ``check_analysed``)."""
     rows = _rows(layers, diag, candidates)
-    if any(r.input_layer is not None for r in rows) and not _measured(rows):
+    if not _measured(rows):
         raise InputError(
             "the same-layer CKA of every split point's input is NaN in this result (constant "
             "or degenerate layers, or a failed analysis). Hint: check the compare run's "
             "warnings, or analyse other layers"
         )
-    if not _measured(rows):
-        names = ", ".join(c.name for c in candidates)
-        raise InputError(
-            f"the split points ({names}) do not fit the analysed layers ({', '.join(layers[:6])}, ...). "
-            "Hint: give the split points of this model's family, and analyse layers before and after them"
-        )
     return _choose(rows, threshold)
 
 
 def _rows(layers: list[str], diag: list[float], candidates: list[SplitCandidate]) -> list[SplitRow]:
-    return [r for r in (_row(c, layers, diag) for c in candidates) if r is not None]
+    return [_row(c, layers, diag) for c in candidates]
 
 
 def _measured(rows: list[SplitRow]) -> bool:
@@ -284,15 +403,15 @@ def _stability(
 
 
 def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
-    for row in rows:
+    for i, row in enumerate(rows):
         if row.consistent(threshold):
-            earlier = [r for r in rows if r is not row and rows.index(r) < rows.index(row)]
+            # "considered": the candidates may be a given subset of the family's split points
             why = (
                 f"the trunk's input ({row.input_layer}) has cross-scale CKA {row.input_cka:.3f} >= {threshold}"
                 + (
-                    ", while every earlier split point's input is below it"
-                    if earlier
-                    else ", the earliest legal split point"
+                    f", while no earlier split point's input reaches {threshold}"
+                    if i
+                    else ", the earliest split point considered"
                 )
             )
             return SplitSuggestion(row.candidate.name, why, threshold, rows)
@@ -303,6 +422,48 @@ def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
         f"trunk input ({best.input_cka:.3f}). Hint: a lower --threshold, or more layers in the analysis"
     )
     return SplitSuggestion(best.candidate.name, why, threshold, rows)
+
+
+#: Suffixes of files torch.save writes by convention (a zip archive is recognised as well).
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load_analysis(path: str | Path, option: str, direct: str | None = None) -> CKAResult:
+    """The saved ``ckascope compare`` result a split is chosen from; a file is refused.
+
+    Args:
+        path: The result's folder, as ``option`` gave it.
+        option: The flag that named it (``--from``, ``--cka-from``), for the message.
+        direct: A command that analyses a checkpoint at once (``ckascope suggest-split``),
+            offered first when ``path`` is a checkpoint.
+
+    Raises:
+        InputError: ``path`` is a file (a checkpoint, one of a result's files, another file),
+            with the hint that fits it; or what ``CKAResult.load`` refuses.
+    """
+    path = Path(path)
+    if path.is_file():
+        raise InputError(_file_instead_of_result(path, option, direct))
+    return CKAResult.load(path)
+
+
+def _file_instead_of_result(path: Path, option: str, direct: str | None) -> str:
+    if path.name in FILES and is_result_dir(path.parent):
+        return (
+            f"{option} {path} is a file of a saved result; {option} takes its folder. "
+            f"Hint: {option} {path.parent}"
+        )
+    if path.suffix in CHECKPOINT_SUFFIXES or zipfile.is_zipfile(path):
+        now = f"{direct} --checkpoint {path} analyses it now, or " if direct else ""
+        return (
+            f"{option} {path} is a model checkpoint (a file), not a saved ckascope compare "
+            f"result (a folder). Hint: {now}ckascope compare --checkpoint {path} --out DIR, "
+            f"then {option} DIR"
+        )
+    return (
+        f"{option} {path} is a file, not a saved ckascope compare result (a folder holding "
+        "result.json). Hint: give the folder ckascope compare --out wrote"
+    )
 
 
 def _fmt(value: float | None, scale: float = 1.0) -> str:

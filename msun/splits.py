@@ -37,6 +37,7 @@ from ckascope.platform import (
     build_model,
     compare_scales,
     is_self_describing,
+    load_analysis,
     make_console,
     split_table,
     suggest_split,
@@ -52,6 +53,10 @@ from msun.recipes import recipe_for
 ANALYSIS_IMAGES = 512
 #: Bootstrap replicates of that analysis, so the choice comes with its stability (~1 % cost).
 ANALYSIS_BOOTSTRAP = 1000
+#: Batches of that analysis: a bootstrap over fewer than 10 is too coarse to judge the
+#: stability (ckascope's calibration.FEW_BATCHES). 16 of 32 images; more, smaller ones when
+#: torchrun runs over 16 processes (each gets a batch).
+ANALYSIS_BATCHES = 16
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -113,7 +118,7 @@ def msun_scales(smallest: int, largest: int) -> tuple[int, ...]:
 def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
     """The cross-scale CKA result the choice is made from."""
     if cfg.cka_from:
-        result = CKAResult.load(cfg.cka_from)
+        result = load_analysis(cfg.cka_from, "--cka-from")
         if result.arch != cfg.model:
             raise InputError(
                 f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "
@@ -135,7 +140,7 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         scales,
         image_size=cfg.image_size,
         num_images=ANALYSIS_IMAGES,
-        batch_size=max(4, min(128, ANALYSIS_IMAGES // info.world_size)),  # a batch per process
+        batch_size=analysis_batch(info.world_size),
         seed=cfg.seed,
         bootstrap=ANALYSIS_BOOTSTRAP,
         device=info.device,
@@ -143,6 +148,11 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         world_size=info.world_size,
         settings={"model": cfg.model, "arch": cfg.model, "weights": "default"},
     )
+
+
+def analysis_batch(world_size: int) -> int:
+    """The analysis' batch size: ``ANALYSIS_BATCHES`` batches, and a batch for every process."""
+    return max(4, min(ANALYSIS_IMAGES // ANALYSIS_BATCHES, ANALYSIS_IMAGES // world_size))
 
 
 def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) -> str:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,11 +10,15 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckascope.calibration import FEW_BATCHES
 from ckascope.cli import main
 from ckascope.errors import InputError
 from ckascope.result import CKAResult
 from ckascope.split import SplitCandidate, position, suggest_split
 from ckascope.vocab import DEFAULT_THRESHOLD
+from msun.cli import main as msun_main
+from tests import tinyrun
+from tests.refusals import assert_refused
 
 # docs/msun.md: ResNet-50, stem and its 16 bottlenecks, 32 vs 224 px.
 PAPER = [
@@ -139,8 +144,10 @@ def test_placement_of_split_points_in_other_families() -> None:
 def test_bad_input() -> None:
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         suggest_split(_result(PAPER, R50_LAYERS), R50_SPLITS, threshold=1.5)
-    with pytest.raises(InputError, match="do not fit"):
+    with pytest.raises(InputError, match=r"do not show the trunk input of features\.24"):
         suggest_split(_result(PAPER, R50_LAYERS), ["features.24", "denseblock2"])
+    with pytest.raises(InputError, match="no split points"):
+        suggest_split(_result(PAPER, R50_LAYERS), [])
     with pytest.raises(InputError, match="no same-layer"):
         suggest_split(_result(PAPER, R50_LAYERS, mode="models"), R50_SPLITS)
 
@@ -189,7 +196,7 @@ def test_cli_prices_the_candidates_for_the_results_own_scales(tmp_path: Path) ->
     [
         ("models", [], "no same-layer"),
         ("scales", ["--threshold", "1.5"], "'--threshold'"),
-        ("scales", ["--split-points", "features.24"], "do not fit"),
+        ("scales", ["--split-points", "features.24"], "not a legal split point of resnet50"),
     ],
 )
 def test_cli_bad_input(tmp_path: Path, mode: str, args: list[str], needle: str) -> None:
@@ -197,3 +204,191 @@ def test_cli_bad_input(tmp_path: Path, mode: str, args: list[str], needle: str) 
     result = CliRunner().invoke(main, ["suggest-split", "--from", str(folder), *args])
     assert result.exit_code == 2
     assert needle in result.stderr
+
+
+# resnet18: stem and its 8 basic blocks; an input CKA that falls with depth
+R18_LAYERS = ["maxpool"] + [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+R18_DIAG = [0.97, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+
+
+def _r18(tmp_path: Path, name: str = "r18", **settings: object) -> Path:
+    """A saved cross-scale result of resnet18 (16 vs 32 px), settings as given."""
+    base = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": [16, 32]}
+    result = CKAResult(np.diag(R18_DIAG)[None], R18_LAYERS, R18_LAYERS, {**base, **settings})
+    return result.save(tmp_path / name)
+
+
+def _split_json(*args: str) -> Any:
+    out = CliRunner().invoke(main, ["suggest-split", *args, "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout)
+
+
+def test_given_points_are_taken_in_forward_order() -> None:
+    s = suggest_split(_result(PAPER, R50_LAYERS), ["layer4", "layer2", "layer1"], threshold=0.5)
+    assert s.choice == "layer1"  # the earliest passing one, not the first typed
+    assert [r.candidate.name for r in s.rows] == ["layer1", "layer2", "layer4"]
+    assert "earliest" in s.reason
+
+
+def test_split_points_whose_input_was_not_analysed_are_refused_not_judged() -> None:
+    """Layers "layer3.*,layer4*": nothing before layer3 was measured, so nothing is claimed."""
+    late = [i for i, name in enumerate(R50_LAYERS) if name.startswith(("layer3", "layer4"))]
+    result = _result([PAPER[i] for i in late], [R50_LAYERS[i] for i in late])
+    with pytest.raises(InputError, match="trunk input of layer1, layer2, layer3:") as refused:
+        suggest_split(result, R50_SPLITS)
+    assert "--split-points layer4)" in str(refused.value)  # what can be judged
+    assert "default --layers" in str(refused.value)
+    only = suggest_split(result, ["layer4"])
+    assert only.choice == "layer4"
+    assert only.rows[0].input_layer == "layer3.5"
+
+
+def test_a_stage_with_no_analysed_layer_leaves_the_next_split_point_unmeasured() -> None:
+    kept = [i for i, name in enumerate(R50_LAYERS) if not name.startswith("layer2")]
+    result = _result([PAPER[i] for i in kept], [R50_LAYERS[i] for i in kept])
+    with pytest.raises(InputError, match="trunk input of layer2, layer3:") as refused:
+        suggest_split(result, R50_SPLITS)  # layer3's input is layer2's output: not analysed
+    assert "--split-points layer1,layer4)" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("draws", "stable", "words"),
+    [
+        (2, None, "only 2 minibatches: too few to judge"),
+        (FEW_BATCHES - 1, None, f"only {FEW_BATCHES - 1} minibatches"),
+        (FEW_BATCHES, True, "(stable: at least 80 % agree)"),
+        (None, True, "(stable: at least 80 % agree)"),  # a result older than the record
+    ],
+)
+def test_a_bootstrap_over_few_minibatches_is_too_coarse_to_call_stable(
+    draws: int | None, stable: bool | None, words: str
+) -> None:
+    result = _result(PAPER, R50_LAYERS)
+    result.calibration["bootstrap_diagonal"] = np.tile(PAPER, (100, 1))
+    result.settings["bootstrap_draws"] = draws
+    s = suggest_split(result, R50_SPLITS)
+    assert s.stable is stable
+    assert words in s.stability_text()
+    assert s.to_dict()["minibatches"] == draws
+    if stable is None:
+        assert "stable:" not in s.stability_text()
+        assert "Hint: more --num-images or a smaller --batch-size" in s.stability_text()
+
+
+def test_one_minibatch_names_the_real_fix_not_the_bootstrap_flag() -> None:
+    result = _result(PAPER, R50_LAYERS)
+    result.settings.update(bootstrap=100, bootstrap_draws=0)  # one batch: nothing resampled
+    text = suggest_split(result, R50_SPLITS).stability_text()
+    assert text.startswith("stability unknown: the bootstrap had fewer than 2 minibatches")
+    assert "--batch-size" in text
+    assert "--bootstrap" not in text
+
+
+def test_the_docs_state_the_coarse_bootstrap_bound_of_the_code() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "calibration.md").read_text()
+    assert f"fewer than {FEW_BATCHES} minibatches" in " ".join(docs.split())
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_cli_given_points_are_ordered_checked_and_priced_as_the_family_prices_them(
+    tmp_path: Path,
+) -> None:
+    folder = _r18(tmp_path)
+    family = _split_json("--from", str(folder))
+    given = _split_json("--from", str(folder), "--split-points", "layer3,layer1")
+    assert given["choice"] == "layer1"  # layer1's input passes: depth order, not typed order
+    rows = given["candidates"]
+    assert [c["name"] for c in rows] == ["layer1", "layer3"]
+    priced = {c["name"]: (c["extra_params"], c["macs"]) for c in family["candidates"]}
+    assert {c["name"]: (c["extra_params"], c["macs"]) for c in rows} == {
+        k: priced[k] for k in ("layer1", "layer3")
+    }
+    assert all(c["extra_params"] for c in rows)
+    line = assert_refused(
+        main,
+        ["suggest-split", "--from", str(folder), "--split-points", "layer2,layerX"],
+        "layerX",
+        tmp_path,
+    )
+    assert "legal: layer1, layer2, layer3, layer4" in line
+    twice = ["suggest-split", "--from", str(folder), "--split-points", "layer2,layer2"]
+    assert_refused(main, twice, "layer2 twice", tmp_path)
+
+
+def test_cli_given_points_of_an_unknown_family_follow_the_analysed_layers(
+    tmp_path: Path,
+) -> None:
+    layers = ["stem", "block1", "block2", "block3"]
+    settings = {"mode": "scales", "model": "mynet", "arch": "mynet", "scales": [16, 32]}
+    folder = CKAResult(np.diag([0.5, 0.9, 0.6, 0.95])[None], layers, layers, settings).save(
+        tmp_path / "mynet"
+    )
+    data = _split_json("--from", str(folder), "--split-points", "block3,block2")
+    assert [c["name"] for c in data["candidates"]] == ["block2", "block3"]
+    assert data["choice"] == "block2"
+    assert [c["extra_params"] for c in data["candidates"]] == [None, None]
+    argv = ["suggest-split", "--from", str(folder), "--split-points", "block2,nope"]
+    assert_refused(main, argv, "nope: cannot be placed among the analysed layers", tmp_path)
+
+
+def test_cli_a_two_model_result_is_refused_for_having_no_diagonal(tmp_path: Path) -> None:
+    folder = _r18(tmp_path, mode="models", scales=[32, 32], model_b="resnet34")
+    line = assert_refused(
+        main, ["suggest-split", "--from", str(folder)], "compares two models", tmp_path
+    )
+    assert "no same-layer diagonal" in line
+    assert "bad scales" not in line
+
+
+def test_cli_a_checkpoint_or_a_results_file_as_from_gets_the_command_that_fits(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    run = tmp_path / "runs" / "van"
+    run.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run / "last.pt")
+    line = assert_refused(
+        main, ["suggest-split", "--from", str(run / "last.pt")], "checkpoint", tmp_path
+    )
+    assert f"Hint: ckascope suggest-split --checkpoint {run / 'last.pt'}" in line
+    assert "compare --out" not in line
+    folder = _r18(tmp_path)
+    argv = ["suggest-split", "--from", str(folder / "result.json")]
+    assert_refused(main, argv, f"Hint: --from {folder}", tmp_path)
+    train = ["train", *tinyrun.TRAIN, "--out", str(tmp_path / "out"), "--split-at", "auto"]
+    line = assert_refused(
+        msun_main, [*train, "--cka-from", str(run / "last.pt")], "--cka-from", tmp_path
+    )
+    assert "is a model checkpoint" in line
+    assert f"ckascope compare --checkpoint {run / 'last.pt'} --out DIR, then --cka-from DIR" in line
+
+
+def test_cli_options_of_a_new_comparison_are_refused_next_to_from(tmp_path: Path) -> None:
+    folder = _r18(tmp_path)
+    argv = ["suggest-split", "--from", str(folder), "--bootstrap", "500", "--model", "resnet50"]
+    line = assert_refused(main, [*argv, "--out", str(tmp_path / "x")], "do not apply", tmp_path)
+    assert "--model, --bootstrap, --out" in line
+    same = ["suggest-split", "--from", str(folder), "--repeats", "1"]  # the default, but typed
+    assert_refused(main, same, "--repeats sets up a new comparison", tmp_path)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> None:
+    common = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "8", "16"]
+    common += ["--image-size", "16", "--batch-size", "16", "--bootstrap", "100", "--no-figures"]
+    two_batches = [*common, "--num-images", "32", "--out", str(tmp_path / "n32")]
+    assert CliRunner().invoke(main, two_batches).exit_code == 0
+    one_batch = [*common, "--num-images", "16", "--out", str(tmp_path / "n16")]
+    with pytest.warns(RuntimeWarning, match="1 batch"):
+        assert CliRunner().invoke(main, one_batch).exit_code == 0
+    two = CliRunner().invoke(main, ["suggest-split", "--from", str(tmp_path / "n32")])
+    assert two.exit_code == 0, two.output
+    assert "only 2 minibatches: too few to judge stability" in " ".join(two.stdout.split())
+    assert "(stable:" not in two.stdout
+    one = CliRunner().invoke(main, ["suggest-split", "--from", str(tmp_path / "n16")])
+    assert one.exit_code == 0, one.output
+    text = " ".join(one.stdout.split())
+    assert "fewer than 2 minibatches, nothing to resample" in text
+    assert "--bootstrap 1000" not in text

@@ -52,3 +52,12 @@ def test_auto_keeps_the_choice_of_the_run_it_resumes() -> None:
     cfg = TrainConfig(model="resnet18", split_at="auto", scales=(16, 32))
     saved = {"train_config": {**cfg.to_dict(), "split_at": "layer4"}}
     assert resolve_split(cfg, None, saved, CPU) == ("layer4", (16, 32))
+
+
+def test_the_auto_analysis_has_enough_minibatches_to_judge_its_stability() -> None:
+    from ckascope.calibration import FEW_BATCHES
+    from msun.splits import ANALYSIS_IMAGES, analysis_batch
+
+    for world in (1, 2, 4, 8, 16, 32, 64):
+        batch = analysis_batch(world)
+        assert ANALYSIS_IMAGES // batch >= max(FEW_BATCHES, world), world  # a batch per process
