@@ -98,7 +98,8 @@ class SweepFields:
     memory_format: MemoryFormat = config_field(
         "auto",
         "Layout of the forward passes' feature maps (auto: channels_last for CNNs on a CPU, "
-        "measured 1.4-1.9x faster at 224 px; the model is left as it was).",
+        "measured 1.05-1.87x faster at 224 px over seven torchvision families, see "
+        "docs/performance.md; the model is left as it was).",
     )
     precision: Precision = config_field(
         "float32",
