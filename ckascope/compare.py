@@ -57,7 +57,7 @@ from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
-from ckascope.options import SweepFields, literal_choices
+from ckascope.options import CI_RANGE, SweepFields, check_ranges, literal_choices
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
@@ -256,6 +256,7 @@ class SweepOptions(SweepFields):
             raise InputError(f"--repeats must be at least 1, got {self.repeats}")
         if self.num_workers < 0:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
+        check_ranges(self, SweepFields)  # the rest of the command line's ranges (num_images)
 
 
 #: The sweep options that name one of a few choices (their ``Literal`` types say which).
@@ -296,8 +297,9 @@ def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
         raise InputError(
             f"--bootstrap and --permutations must be >= 0 (0: none), got {bootstrap} and {permutations}"
         )
-    if not 0 < ci < 1:  # NaN fails too
-        raise InputError(f"--ci must be a coverage in (0, 1), e.g. 0.95, got {ci}")
+    low, high = CI_RANGE
+    if not low <= ci <= high:  # NaN fails too
+        raise InputError(f"--ci must be a coverage in {low}..{high}, e.g. 0.95, got {ci}")
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:

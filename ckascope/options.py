@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckascope.cliutils import config_field
+from ckascope.errors import InputError
 from ckascope.vocab import (
     MAX_SCALE,
     MIN_IMAGE_SIZE,
@@ -28,6 +29,9 @@ from ckascope.vocab import (
     Protocol,
     Weighting,
 )
+
+#: The coverages ``--ci`` takes: below 0.5 an interval says little, at 1 it is every replicate.
+CI_RANGE = (0.5, 0.999)
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ class SweepFields:
         "sweeps; no extra forward pass; e.g. 1000) [0: none].",
         min=0,
     )
-    ci: float = config_field(0.95, "Coverage of the bootstrap interval.", min=0.5, max=0.999)
+    ci: float = config_field(
+        0.95, "Coverage of the bootstrap interval.", min=CI_RANGE[0], max=CI_RANGE[1]
+    )
     permutations: int = config_field(
         0,
         "Permutation null: CKA with the images shuffled between the sides within each batch, "
@@ -124,3 +130,45 @@ def literal_choices(config: type) -> dict[str, tuple[str, ...]]:
         for f in dataclasses.fields(config)
         if typing.get_origin(hints[f.name]) is typing.Literal
     }
+
+
+def check_ranges(options: object, group: type) -> None:
+    """Raises InputError for a field of ``group`` outside the range its command-line option takes.
+
+    The library keeps the command line's ranges (``config_field``'s ``min``/``max``), so a value
+    ``ckascope compare`` refuses is refused at construction of ``ViewOptions``/``SweepOptions``
+    too. A field whose default is None may be None (derived later).
+
+    Args:
+        options: A dataclass holding the fields of ``group`` (e.g. a ``ViewOptions``).
+        group: The dataclass that declares them (``ViewFields`` or ``SweepFields``).
+    """
+    for f in dataclasses.fields(group):
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        value = getattr(options, f.name)
+        if (low is None and high is None) or (value is None and f.default is None):
+            continue
+        integral = not isinstance(low, float) and not isinstance(high, float)
+        if not _within(value, low, high, integral):
+            flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+            raise InputError(
+                f"{type(options).__name__}.{f.name} must be {_span(low, high, integral)}, got "
+                f"{value!r}. Hint: the command line's {flag} takes the same values"
+                + ("; None gives the default" if f.default is None else "")
+            )
+
+
+def _within(value: Any, low: float | None, high: float | None, integral: bool) -> bool:
+    """Whether ``value`` is a number of the field's kind in [low, high] (NaN never is)."""
+    kinds = (int,) if integral else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _span(low: float | None, high: float | None, integral: bool) -> str:
+    """How a range reads in a message: "an integer in 4..4096", "an integer >= 1"."""
+    kind = "an integer" if integral else "a number"
+    if low is not None and high is not None:
+        return f"{kind} in {low}..{high}"
+    return f"{kind} >= {low}" if low is not None else f"{kind} <= {high}"

@@ -282,6 +282,55 @@ def test_image_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn
         )
 
 
+def _outside(low: float | None, high: float | None) -> list[float]:
+    """Values just outside a field's range (its kind's step beyond each bound)."""
+    step = 0.001 if isinstance(low, float) or isinstance(high, float) else 1
+    return [b + d for b, d in ((low, -step), (high, step)) if b is not None]
+
+
+def test_every_command_line_range_holds_at_construction() -> None:
+    from dataclasses import fields
+
+    from ckascope.compare import SweepOptions
+    from ckascope.options import SweepFields, ViewFields
+    from ckascope.views import ViewOptions
+
+    checked = []
+    for owner, group in ((ViewOptions, ViewFields), (SweepOptions, SweepFields)):
+        for f in fields(group):
+            if "min" not in f.metadata and "max" not in f.metadata:
+                continue
+            flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+            for value in _outside(f.metadata.get("min"), f.metadata.get("max")):
+                with pytest.raises(InputError) as refused:
+                    owner(**{f.name: value})
+                assert f"{owner.__name__}.{f.name}" in str(refused.value) or flag in str(
+                    refused.value
+                )
+                checked.append(f.name)
+    assert {"image_size", "resize_size", "num_images", "ci", "repeats"} <= set(checked)
+    with pytest.raises(
+        InputError, match=r"ViewOptions\.image_size must be an integer in 4\.\.4096"
+    ):
+        ViewOptions(image_size=2)  # the command line refuses below 4 too
+    with pytest.raises(InputError, match="an integer"):
+        ViewOptions(image_size=32.0)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"--ci must be a coverage in 0\.5\.\.0\.999"):
+        SweepOptions(ci=float("nan"))
+    assert ViewOptions(image_size=4, resize_size=4096).image_size == 4  # the bounds themselves
+
+
+def test_one_pixel_inputs_run_under_the_native_protocol() -> None:
+    """The benchmarks' MLPs: (n, width, 1, 1) "images" fed as they are at scale 1."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, 1, 1), torch.zeros(16))
+    result = compare_models(
+        mlp, mlp, data, scale=1, protocol="native", layers=["2", "4"], batch_size=8
+    )
+    np.testing.assert_allclose(np.diag(result.matrix), 1.0, atol=1e-12)
+
+
 def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> None:
     CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(tmp_path / "res")
     (tmp_path / "res").rename(tmp_path / ".res.abc.old")  # killed between the two renames
