@@ -14,6 +14,7 @@ Batches of fewer than 4 images (a short remainder) are dropped: the unbiased HSI
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -117,9 +118,7 @@ class Side:
                     raise
                 raise InputError(
                     f"the model cannot run on {tuple(x.shape[-2:])}-px inputs "
-                    f"({' '.join(str(e).split())}). Hint: a fixed-size model (ViT, Swin, ...) "
-                    "needs --protocol upsample, which feeds every scale at the image size; a CNN "
-                    "needs a larger scale"
+                    f"({' '.join(str(e).split())}). Hint: {self._size_hint(e, x.shape[-1])}"
                 ) from e
             recorded = self.recorder.pop()
         if not recorded:
@@ -127,6 +126,40 @@ class Side:
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
         return list(recorded), self.stack.stack()
+
+    def _size_hint(self, error: Exception, side: int) -> str:
+        """What makes a model that refused ``side``-px inputs run: the options that set its input.
+
+        Under ``upsample`` the model sees the image size, so that is what to change; a side
+        fed at its scale (``native``) sees the scale unless ``upsample`` feeds it the image size.
+        """
+        fixed = _fixed_size(error, self.model)
+        native = side != getattr(self.view, "image_size", side)
+        if fixed is not None and native:
+            return (
+                f"this model takes {fixed}-px inputs only: pass --image-size {fixed} with "
+                "--protocol upsample, which feeds every scale at that size"
+            )
+        if fixed is not None:
+            return (
+                f"this model takes {fixed}-px inputs only: pass --image-size {fixed} (--protocol "
+                "upsample, the default, then feeds every scale at that size)"
+            )
+        if native:
+            return (
+                "use a larger scale, or --protocol upsample, which feeds every scale at the image "
+                "size (a fixed-size model such as a ViT needs it, with --image-size its input size)"
+            )
+        return "use a larger --image-size (a fixed-size model such as a ViT: its input size)"
+
+
+def _fixed_size(error: Exception, model: nn.Module) -> int | None:
+    """The one input size a model takes (a torchvision ViT's ``image_size``), if it says."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return size
+    found = re.search(r"expected (\d+) but got \d+", str(error), re.IGNORECASE)  # a ViT's
+    return int(found.group(1)) if found else None
 
 
 #: What torch and torchvision say when an input is too small or not the size a model is built for.

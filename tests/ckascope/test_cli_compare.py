@@ -141,6 +141,15 @@ def test_bad_input_one_line_no_traceback_no_files(
     assert not out.exists()
 
 
+def test_a_vit_at_another_image_size_is_told_the_size_it_takes(tmp_path: Path) -> None:
+    args = ["compare", "--model", "vit_b_16", "--weights", "none", "--image-size", "32"]
+    args += ["--num-images", "8", "--batch-size", "8", "--layers", "encoder.layers.encoder_layer_0"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "Hint: this model takes 224-px inputs only: pass --image-size 224" in result.stderr
+    assert "needs --protocol upsample" not in result.stderr  # upsample is already the default
+
+
 def test_foreign_output_folder_refused_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()

@@ -331,6 +331,45 @@ def test_one_pixel_inputs_run_under_the_native_protocol() -> None:
     np.testing.assert_allclose(np.diag(result.matrix), 1.0, atol=1e-12)
 
 
+def _tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    return vit.eval()
+
+
+def test_a_fixed_size_model_is_told_the_image_size_it_takes() -> None:
+    vit, images = (
+        _tiny_vit(),
+        torch.utils.data.TensorDataset(torch.rand(8, 3, 16, 16), torch.zeros(8)),
+    )
+    options = {"layers": ["encoder.layers.encoder_layer_0"], "batch_size": 8}
+    with pytest.raises(InputError, match="cannot run on") as upsampled:
+        compare_scales(vit, images, (8, 16), image_size=16, **options)  # type: ignore[arg-type]
+    hint = str(upsampled.value).split("Hint: ")[1]
+    assert "pass --image-size 32 (--protocol upsample, the default" in hint
+    with pytest.raises(InputError) as native:
+        compare_scales(vit, images, (8, 16), image_size=16, protocol="native", **options)  # type: ignore[arg-type]
+    assert "pass --image-size 32 with --protocol upsample" in str(native.value)
+    wrapped = nn.Sequential(vit)  # a model that does not say its size: its error does
+    inner = {**options, "layers": ["0.encoder.layers.encoder_layer_0"]}
+    with pytest.raises(InputError, match="takes 32-px inputs only"):
+        compare_scales(wrapped, images, (8, 16), image_size=16, **inner)  # type: ignore[arg-type]
+    data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32), torch.zeros(8))
+    result = compare_scales(_tiny_vit(), data, (8, 32), image_size=32, **options)  # type: ignore[arg-type]
+    assert result.matrix.shape == (1, 1)  # what the hint says runs
+
+
+def test_a_cnn_too_small_for_its_inputs_is_told_to_use_larger_ones() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 5), nn.Flatten())
+    data = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.zeros(8))
+    with pytest.raises(InputError, match="Hint: use a larger scale, or --protocol upsample"):
+        compare_scales(net, data, (4, 8), image_size=8, protocol="native", batch_size=8)
+    with pytest.raises(InputError, match="Hint: use a larger --image-size"):
+        compare_scales(net, data, (4, 8), image_size=4, batch_size=8)
+
+
 def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> None:
     CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(tmp_path / "res")
     (tmp_path / "res").rename(tmp_path / ".res.abc.old")  # killed between the two renames
