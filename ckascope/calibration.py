@@ -38,7 +38,6 @@ permutations and so is never zero (Phipson & Smyth 2010).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ckascope.errors import warn
 from ckascope.functional import packed_stats
 from ckascope.kernels import cka_from_hsic
 from ckascope.packing import BlockLayout, unpack
@@ -276,11 +276,9 @@ def _bootstrap(
     batches = pool(kept)
     shape = (replicates, *batches.cross.shape[1:])
     if len(batches) < MIN_BATCHES:
-        warnings.warn(
+        warn(
             f"{len(batches)} batch(es) cannot be bootstrapped: no interval. Hint: more images "
-            "or a smaller --batch-size",
-            RuntimeWarning,
-            stacklevel=3,
+            "or a smaller --batch-size"
         )
         return torch.full(shape, float("nan"), dtype=torch.float64), {"bootstrap_draws": 0}
     draws = effective_draws([len(b) for b in kept], overlap)
@@ -295,9 +293,7 @@ def _warn_lost(boot: Tensor) -> None:
     lost = torch.isnan(boot) & torch.isfinite(boot).any(dim=0)
     if bool(lost.any()):
         share = float(lost.sum(dim=0).max()) / len(boot)
-        warnings.warn(
+        warn(
             f"up to {100 * share:.1f} % of the bootstrap replicates of some cells are NaN (a "
-            "resampled HSIC(K, K) was not positive) and left out of their intervals",
-            RuntimeWarning,
-            stacklevel=4,
+            "resampled HSIC(K, K) was not positive) and left out of their intervals"
         )

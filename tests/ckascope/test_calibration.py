@@ -265,3 +265,35 @@ def test_results_without_calibration_still_load_draw_and_say_stability_is_unknow
     text = suggest_split(old, ["layer1", "layer2", "layer3", "layer4"]).stability_text()
     assert text.startswith("stability unknown")
     assert "--bootstrap" in text
+
+
+def _one_batch_options() -> dict[str, object]:
+    return {"image_size": 32, "num_images": 8, "batch_size": 8, "layers": "stages"}
+
+
+def test_one_batch_warns_the_caller_that_it_cannot_be_bootstrapped() -> None:
+    from ckascope import compare_scales
+    from ckascope.errors import CKAScopeWarning
+    from ckascope.models import build_model
+
+    model = build_model("resnet18", "none", num_classes=4, seed=0)
+    with pytest.warns(CKAScopeWarning, match="1 batch") as caught:
+        result = compare_scales(model, None, (16, 32), bootstrap=10, **_one_batch_options())  # type: ignore[arg-type]
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]  # this call's line
+    assert issubclass(caught[0].category, RuntimeWarning)  # what callers filtered before
+    assert np.isnan(result.cell("ci_low")).all()  # type: ignore[arg-type]
+
+
+def test_one_batch_is_a_one_line_note_on_the_command_line(tmp_path: Path) -> None:
+    args = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "16", "32"]
+    args += ["--image-size", "32", "--num-images", "8", "--batch-size", "8", "--layers", "stages"]
+    args += ["--bootstrap", "10", "--no-figures", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(ckascope_main, args)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "bootstrapped" in line]
+    assert notes == [
+        "note: 1 batch(es) cannot be bootstrapped: no interval. Hint: more images or a smaller "
+        "--batch-size"
+    ]
+    assert "Warning" not in result.stderr  # no category, file or source line
+    assert ".py:" not in result.stderr
