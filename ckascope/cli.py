@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ckascope import __version__
-from ckascope.cliutils import FriendlyGroup, config_options
+from ckascope.cliutils import FriendlyGroup, config_options, explicit_options
 from ckascope.config import CompareConfig
 from ckascope.vocab import DEFAULT_THRESHOLD
 
@@ -36,7 +36,7 @@ def compare(**args: Any) -> None:
     """
     from ckascope.commands import run_compare
 
-    run_compare(CompareConfig.from_options(args))
+    run_compare(CompareConfig.from_options(args), explicit_options())
 
 
 @main.command(name="models", context_settings=CONTEXT)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click import ParameterSource
 from rich.console import Console
 
 from ckascope.errors import CKAScopeError, CKAScopeWarning
@@ -102,6 +103,17 @@ class FriendlyGroup(click.Group):
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+def explicit_options() -> frozenset[str]:
+    """The names of the running command's parameters that the user gave, not left at default.
+
+    Given means on the command line, in the environment or at a prompt (click's parameter
+    source): a default typed out (``--ci 0.95``) is given, which the values alone cannot tell.
+    """
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
 #: The default of a ``config_field`` whose option must be given (a required option).

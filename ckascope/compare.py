@@ -58,7 +58,14 @@ from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
-from ckascope.options import CI_RANGE, SweepFields, check_ranges, literal_choices
+from ckascope.options import (
+    CI_RANGE,
+    SWEEP_USES,
+    SweepFields,
+    check_ranges,
+    literal_choices,
+    refuse_ignored,
+)
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
@@ -272,7 +279,11 @@ class SweepOptions(SweepFields):
         self.check()  # at construction: the error names the field, before any work
 
     def check(self) -> None:
-        """Raises InputError for values no sweep can use."""
+        """Raises InputError for values no sweep can use, or that this sweep would ignore.
+
+        Ignored: an option serving another one that is off (``sigma_frac`` with the linear
+        kernel, ``ci`` without ``bootstrap``), when its value is not the default.
+        """
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
         check_execution(self.memory_format, self.precision)
@@ -290,6 +301,7 @@ class SweepOptions(SweepFields):
         if self.num_workers < 0:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
         check_ranges(self, SweepFields)  # the rest of the command line's ranges (num_images)
+        refuse_ignored(self, SWEEP_USES)
 
 
 #: The sweep options that name one of a few choices (their ``Literal`` types say which).
@@ -634,8 +646,18 @@ def as_source(
         data: See ``compare_sides``.
         view: View options with the image size resolved (``resolve_view``).
         opts: Sweep options (the synthetic set fills in its sweep size).
+
+    Raises:
+        InputError: ``resize_size`` with a dataset or loader, whose own transform sizes its
+            images (the option would be ignored).
     """
     if not (data is None or isinstance(data, str)):
+        if view.resize_size is not None:
+            raise InputError(
+                "resize_size sets the short side before the centre crop of a --data spec or the "
+                "synthetic set; a dataset or loader brings its images as its transform made them. "
+                "Hint: resize in that transform, or drop resize_size"
+            )
         return data, opts
     size = cast(int, view.image_size)
     count = opts.num_images or SYNTHETIC_SWEEP

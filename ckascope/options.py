@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,9 @@ class SweepFields:
     """The sweep over the images: kernel, batching, calibration, precision (see ``SweepOptions``)."""
 
     kernel: Kernel = config_field("linear", "CKA kernel.")
-    sigma_frac: float = config_field(1.0, "RBF bandwidth: sigma² = f² · median D².")
+    sigma_frac: float = config_field(1.0, "RBF bandwidth (--kernel rbf): sigma² = f² · median D².")
     bandwidth: Bandwidth = config_field(
-        "batch", "RBF sigma per batch, or fixed from the first batch."
+        "batch", "RBF sigma (--kernel rbf) per batch, or fixed from the first batch."
     )
     weighting: Weighting = config_field("batch", "Weight of a short batch.")
     batch_size: int = config_field(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
@@ -92,7 +93,10 @@ class SweepFields:
         min=0,
     )
     ci: float = config_field(
-        0.95, "Coverage of the bootstrap interval.", min=CI_RANGE[0], max=CI_RANGE[1]
+        0.95,
+        "Coverage of the bootstrap interval (with --bootstrap).",
+        min=CI_RANGE[0],
+        max=CI_RANGE[1],
     )
     permutations: int = config_field(
         0,
@@ -112,6 +116,81 @@ class SweepFields:
         "Forward passes in float32, or autocast to bf16/fp16 (faster, CKA moves: see "
         "benchmarks/README.md; the Grams stay float32/float64).",
     )
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When an option does something, and what to say when it is set where it does nothing.
+
+    Attributes:
+        when: Whether the option is used, given all the options (a config or SweepOptions).
+        why: What it does and why this run would ignore it (the message goes on after its flag).
+        hint: What to do instead.
+    """
+
+    when: Callable[[Any], bool]
+    why: str
+    hint: str
+
+
+def _rbf(options: Any) -> bool:
+    return bool(options.kernel == "rbf")
+
+
+#: When the sweep options that serve only another option do something (``refuse_ignored``).
+SWEEP_USES: dict[str, Applies] = {
+    "sigma_frac": Applies(
+        _rbf,
+        "sets the RBF kernel's bandwidth, and the kernel is linear (it has none)",
+        "add --kernel rbf, or drop --sigma-frac",
+    ),
+    "bandwidth": Applies(
+        _rbf,
+        "chooses how the RBF kernel's bandwidth is set, and the kernel is linear (it has none)",
+        "add --kernel rbf, or drop --bandwidth",
+    ),
+    "ci": Applies(
+        lambda o: o.bootstrap > 0,
+        "sets the coverage of the bootstrap interval, and --bootstrap is 0 (no interval)",
+        "add --bootstrap N (e.g. 1000), or drop --ci",
+    ),
+}
+
+
+def refuse_ignored(
+    options: object, uses: Mapping[str, Applies], explicit: Collection[str] | None = None
+) -> None:
+    """Raises InputError for an option that was set where the run would ignore it.
+
+    Only options that were set count, so a default never triggers it.
+
+    Args:
+        options: A dataclass of options (a ``CompareConfig``, a ``SweepOptions``).
+        uses: When each option does something, by field name.
+        explicit: The names of the options the user set (the command line knows them: click's
+            parameter source, ``cliutils.explicit_options``), so that a default typed out
+            (``--ci 0.95``) counts too. None: the fields whose value differs from their
+            default, all that a dataclass can tell.
+    """
+    given = changed_fields(options) if explicit is None else explicit
+    for name, rule in uses.items():
+        if name in given and not rule.when(options):
+            raise InputError(f"{_flag(options, name)} {rule.why}. Hint: {rule.hint}")
+
+
+def changed_fields(options: object) -> set[str]:
+    """The names of the fields of dataclass ``options`` whose value is not their default."""
+    return {
+        f.name
+        for f in dataclasses.fields(options)  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING and getattr(options, f.name) != f.default
+    }
+
+
+def _flag(options: object, name: str) -> str:
+    """The command-line flag of field ``name`` (``--sigma-frac``; a field's own ``option``)."""
+    field = next(f for f in dataclasses.fields(options) if f.name == name)  # type: ignore[arg-type]
+    return str(field.metadata.get("option", "--" + name.replace("_", "-")))
 
 
 def values_of(config: object, group: type) -> dict[str, Any]:

@@ -370,6 +370,24 @@ def test_a_cnn_too_small_for_its_inputs_is_told_to_use_larger_ones() -> None:
         compare_scales(net, data, (4, 8), image_size=4, batch_size=8)
 
 
+def test_options_a_sweep_would_ignore_are_refused(model: nn.Module, data) -> None:
+    from ckascope.compare import SweepOptions
+
+    with pytest.raises(InputError, match="--sigma-frac sets the RBF kernel's bandwidth"):
+        SweepOptions(sigma_frac=0.5)
+    with pytest.raises(InputError, match="--bandwidth chooses how the RBF"):
+        SweepOptions(bandwidth="first")
+    with pytest.raises(InputError, match="--ci sets the coverage of the bootstrap interval"):
+        SweepOptions(ci=0.9)
+    SweepOptions(kernel="rbf", sigma_frac=0.5, bandwidth="first", bootstrap=10, ci=0.9)
+    SweepOptions(sigma_frac=1.0, ci=0.95)  # the defaults: nothing says they were set
+    kw = {"image_size": BASE, "batch_size": 8, "num_images": 8}
+    with pytest.raises(InputError, match="--sigma-frac"):
+        compare_scales(model, data, (16, BASE), sigma_frac=0.8, **kw)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="a dataset or loader brings its images"):
+        compare_scales(model, data, (16, BASE), resize_size=64, **kw)  # type: ignore[arg-type]
+
+
 def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> None:
     CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(tmp_path / "res")
     (tmp_path / "res").rename(tmp_path / ".res.abc.old")  # killed between the two renames
