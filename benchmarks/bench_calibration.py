@@ -48,12 +48,12 @@ def resnet18_runs() -> dict[str, Callable[[], object]]:
 
 def mlp_runs() -> dict[str, Callable[[], object]]:
     a, b = mlp(50, 256, 0), mlp(50, 256, 1)
-    # "1-px images" (bench_interleaved's): the views at scale 1 pass them unchanged
+    # "1-px images" (bench_interleaved's): native views at scale 1 pass them unchanged
     x = torch.randn(1024, 256, 1, 1, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(x, torch.zeros(1024, dtype=torch.long))
     names = [f"relu{i}" for i in range(50)]
     run = partial(
-        compare_models, a, b, data, scale=1, image_size=1, layers=names, batch_size=256, seed=0
+        compare_models, a, b, data, scale=1, protocol="native", layers=names, batch_size=256, seed=0
     )
     return {name: partial(run, **options) for name, options in VARIANTS.items()}
 

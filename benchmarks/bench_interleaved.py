@@ -69,14 +69,14 @@ def mlp(depth: int, width: int, seed: int) -> nn.Sequential:
 
 def mlp_tools() -> dict[str, Callable[[], object]]:
     a, b = mlp(50, 256, 0), mlp(50, 256, 1)
-    # "1-px images" (workloads.mlp_inputs): ckascope's views at scale 1 pass them unchanged
+    # "1-px images" (workloads.mlp_inputs): ckascope's native views at scale 1 pass them unchanged
     inputs = torch.randn(1024, 256, 1, 1, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(inputs, torch.zeros(1024, dtype=torch.long))
     names = [f"relu{i}" for i in range(50)]
 
     def ours() -> object:
         return compare_models(
-            a, b, data, scale=1, image_size=1, layers=names, batch_size=256, seed=0
+            a, b, data, scale=1, protocol="native", layers=names, batch_size=256, seed=0
         )
 
     def bare() -> None:

@@ -117,8 +117,8 @@ def build_mlp(depth: int, width: int, seed: int, init: str = "kaiming") -> nn.Se
 
 
 def mlp_inputs(count: int, width: int, seed: int) -> Tensor:
-    """Gaussian inputs shaped (count, width, 1, 1): "1-px images", which ckascope's views at
-    scale 1 pass through unchanged, so ``compare_models`` runs the MLP as it is."""
+    """Gaussian inputs shaped (count, width, 1, 1): "1-px images", which ckascope's native
+    views at scale 1 pass through unchanged, so ``compare_models`` runs the MLP as it is."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(count, width, 1, 1, generator=g)
 
@@ -271,7 +271,7 @@ def _mlp_workload(spec: MLPSpec) -> Workload:
             model_b,
             data,
             scale=1,
-            image_size=1,
+            protocol="native",
             layers=layers,
             batch_size=spec.batch_size,
             seed=spec.seed,

@@ -38,7 +38,7 @@ permutations and so is never zero (Phipson & Smyth 2010).
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ckascope.errors import warn
 from ckascope.functional import packed_stats
 from ckascope.kernels import cka_from_hsic
 from ckascope.packing import BlockLayout, unpack
@@ -159,7 +160,7 @@ class NullSummary:
 
     Attributes:
         mean: (La, Lb) mean of the null replicates.
-        std: (La, Lb) their std (ddof 1).
+        std: (La, Lb) their std (ddof 1; NaN for one replicate).
         z_score: (La, Lb) (observed - mean) / std.
         p_value: (La, Lb) (1 + #{null >= observed}) / (N + 1).
     """
@@ -173,13 +174,41 @@ class NullSummary:
 def null_summary(observed: Tensor, null: Tensor) -> NullSummary:
     """Summarises null replicates (N, La, Lb) against the observed matrix (La, Lb)."""
     mean = null.mean(dim=0)
-    std = null.std(dim=0, correction=1) if len(null) > 1 else torch.zeros_like(mean)
+    # ddof 1 needs two replicates: one gives no spread to estimate (NaN, as documented), not 0
+    unknown = torch.full_like(mean, float("nan"))
+    std = null.std(dim=0, correction=1) if len(null) > 1 else unknown
     exceed = (null >= observed).sum(dim=0).to(torch.float64)
     p_value = (1.0 + exceed) / (len(null) + 1.0)
     nan = torch.isnan(observed) | torch.isnan(null).any(dim=0)
     p_value = torch.where(nan, torch.full_like(p_value, float("nan")), p_value)
     spread = torch.where(std > 0, std, torch.full_like(std, float("nan")))  # no spread: no z
     return NullSummary(mean, std, (observed - mean) / spread, p_value)
+
+
+#: The p-value the permutation null is read at (the heatmap circles the cells above it).
+ALPHA = 0.05
+
+
+def smallest_p_value(permutations: int) -> float:
+    """1 / (M + 1): the smallest p-value M permutations give (the observed pairing counts)."""
+    return 1.0 / (permutations + 1)
+
+
+def coarse_null_note(permutations: int, alpha: float = ALPHA) -> str | None:
+    """What to know when M permutations cannot give any cell a p-value <= ``alpha``, else None.
+
+    Every p-value is at least 1 / (M + 1), so fewer than 1 / alpha - 1 permutations (19 for
+    0.05) can never reach the level, whatever the data.
+    """
+    smallest = smallest_p_value(permutations)
+    if permutations < 1 or smallest <= alpha:
+        return None
+    need = math.ceil(1.0 / alpha) - 1
+    return (
+        f"with {permutations} permutation(s) the smallest possible p-value is "
+        f"1/{permutations + 1} = {smallest:.3g}: no cell can reach p <= {alpha:g}. "
+        f"Hint: --permutations {need} or more (e.g. 100) for p-values that can"
+    )
 
 
 def permuted_cross_terms(pa: Tensor, pb: Tensor, layout: BlockLayout, perms: Tensor) -> Tensor:
@@ -279,11 +308,9 @@ def _bootstrap(
     batches = pool(kept)
     shape = (replicates, *batches.cross.shape[1:])
     if len(batches) < MIN_BATCHES:
-        warnings.warn(
+        warn(
             f"{len(batches)} batch(es) cannot be bootstrapped: no interval. Hint: more images "
-            "or a smaller --batch-size",
-            RuntimeWarning,
-            stacklevel=3,
+            "or a smaller --batch-size"
         )
         return torch.full(shape, float("nan"), dtype=torch.float64), {"bootstrap_draws": 0}
     draws = effective_draws([len(b) for b in kept], overlap)
@@ -298,9 +325,7 @@ def _warn_lost(boot: Tensor) -> None:
     lost = torch.isnan(boot) & torch.isfinite(boot).any(dim=0)
     if bool(lost.any()):
         share = float(lost.sum(dim=0).max()) / len(boot)
-        warnings.warn(
+        warn(
             f"up to {100 * share:.1f} % of the bootstrap replicates of some cells are NaN (a "
-            "resampled HSIC(K, K) was not positive) and left out of their intervals",
-            RuntimeWarning,
-            stacklevel=4,
+            "resampled HSIC(K, K) was not positive) and left out of their intervals"
         )

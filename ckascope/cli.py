@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 from ckascope import __version__
-from ckascope.cliutils import FriendlyGroup, config_options
+from ckascope.cliutils import FriendlyGroup, config_options, explicit_options
 from ckascope.config import CompareConfig
 from ckascope.vocab import DEFAULT_THRESHOLD
 
@@ -37,7 +37,7 @@ def compare(**args: Any) -> None:
     """
     from ckascope.commands import run_compare
 
-    run_compare(CompareConfig.from_options(args))
+    run_compare(CompareConfig.from_options(args), explicit_options())
 
 
 @main.command(name="plot", context_settings=CONTEXT)

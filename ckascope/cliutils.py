@@ -2,23 +2,27 @@
 
 User mistakes (click usage errors, ``InputError``) exit with code 2, runtime failures
 (``CKAScopeError``, ``OSError``) with code 1, an interrupt with 130; each prints exactly one line
-on stderr and no traceback. Anything else is a bug and keeps its traceback.
+on stderr and no traceback. Anything else is a bug and keeps its traceback. A
+``CKAScopeWarning`` is one ``note: ...`` line on stderr, without Python's file and source line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click import ParameterSource
 from rich.console import Console
 
-from ckascope.errors import CKAScopeError
+from ckascope.errors import CKAScopeError, CKAScopeWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,6 +47,33 @@ def _usage_message(error: click.UsageError) -> str:
     return error.format_message() + where
 
 
+@contextlib.contextmanager
+def warnings_as_notes() -> Iterator[None]:
+    """Shows each ``CKAScopeWarning`` as one ``note: ...`` line on stderr, others as Python does.
+
+    A command-line user needs the message, not the library's file, line number and source line
+    that Python's warning display adds.
+    """
+    with warnings.catch_warnings():  # restores the display on exit
+        shown = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: typing.TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if issubclass(category, CKAScopeWarning):
+                click.echo(f"note: {' '.join(str(message).split())}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 class FriendlyGroup(click.Group):
     """A click group whose errors are one line on stderr with a meaningful exit code."""
 
@@ -56,7 +87,8 @@ class FriendlyGroup(click.Group):
     ) -> Any:
         """Runs the command line; see the module docstring for the exit codes."""
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings_as_notes():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             fail(_usage_message(e), 2)
         except click.ClickException as e:
@@ -71,6 +103,17 @@ class FriendlyGroup(click.Group):
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+def explicit_options() -> frozenset[str]:
+    """The names of the running command's parameters that the user gave, not left at default.
+
+    Given means on the command line, in the environment or at a prompt (click's parameter
+    source): a default typed out (``--ci 0.95``) is given, which the values alone cannot tell.
+    """
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
 #: The default of a ``config_field`` whose option must be given (a required option).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from rich.table import Table
 from torch import nn
 
 from ckascope import config, plugins
+from ckascope.calibration import coarse_null_note
 from ckascope.cliutils import make_console
 from ckascope.compare import SideSpec, SweepOptions, compare_sides, image_size_for
 from ckascope.config import CompareConfig
@@ -147,8 +148,13 @@ def _calibration_cells(result: CKAResult, i: int, j: int) -> list[str]:
     return cells
 
 
-def run_compare(cfg: CompareConfig) -> None:
-    """``ckascope compare`` with its parsed options."""
+def run_compare(cfg: CompareConfig, explicit: Collection[str] | None = None) -> None:
+    """``ckascope compare`` with its parsed options and the names of those the user gave.
+
+    ``explicit`` (None: the options that differ from their defaults) lets an option given
+    where it does nothing be refused before any model is built (``config.check_applies``).
+    """
+    config.check_applies(cfg, explicit)
     cfg = resolve_config(cfg)
     out = cfg.out or next_free(default_out(cfg))  # a default never replaces a result
     check_output_dir(out, cfg.overwrite)
@@ -224,8 +230,7 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
     native size, else 224. A checkpoint's smallest and largest training scales are the
     default --scales when its image size is used.
     """
-    if cfg.two_models and cfg.scales:
-        raise InputError("--scales compares two scales of one model; with --model-b use --scale S")
+    config.check_applies(cfg)  # options that differ from their defaults (--scales with --model-b)
     expected = (weights_input_size(cfg.model, cfg.weights) if not cfg.checkpoint else None) or (
         weights_input_size(cfg.model_b, cfg.weights_b) if not cfg.checkpoint_b else None
     )
@@ -374,6 +379,9 @@ def report(result: CKAResult, out: Path) -> None:
         f"{s['images_used'] // result.repeats} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
+    coarse = coarse_null_note(int(s.get("permutations") or 0))
+    if coarse:  # the p column cannot say it; the heatmap's legend is absent with --no-figures
+        click.echo(f"note: {coarse}", err=True)
     if same_path(s):
         click.echo(
             f"note: both scales went to path {s['paths'][0]} of this multi-path model: this "

@@ -14,6 +14,7 @@ Batches of fewer than 4 images (a short remainder) are dropped: the unbiased HSI
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -57,7 +58,14 @@ from ckascope.kernels import check_kernel, ieee_fp32
 from ckascope.layers import LayerSpec, resolve_layers
 from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
-from ckascope.options import SweepFields, literal_choices
+from ckascope.options import (
+    CI_RANGE,
+    SWEEP_USES,
+    SweepFields,
+    check_ranges,
+    literal_choices,
+    refuse_ignored,
+)
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
@@ -117,9 +125,7 @@ class Side:
                     raise
                 raise InputError(
                     f"the model cannot run on {tuple(x.shape[-2:])}-px inputs "
-                    f"({' '.join(str(e).split())}). Hint: a fixed-size model (ViT, Swin, ...) "
-                    "needs --protocol upsample, which feeds every scale at the image size; a CNN "
-                    "needs a larger scale"
+                    f"({' '.join(str(e).split())}). Hint: {self._size_hint(e, x.shape[-1])}"
                 ) from e
             recorded = self.recorder.pop()
         if not recorded:
@@ -127,6 +133,40 @@ class Side:
                 "none of the chosen layers ran in the forward pass. Hint: check --layers"
             )
         return list(recorded), self.stack.stack()
+
+    def _size_hint(self, error: Exception, side: int) -> str:
+        """What makes a model that refused ``side``-px inputs run: the options that set its input.
+
+        Under ``upsample`` the model sees the image size, so that is what to change; a side
+        fed at its scale (``native``) sees the scale unless ``upsample`` feeds it the image size.
+        """
+        fixed = _fixed_size(error, self.model)
+        native = side != getattr(self.view, "image_size", side)
+        if fixed is not None and native:
+            return (
+                f"this model takes {fixed}-px inputs only: pass --image-size {fixed} with "
+                "--protocol upsample, which feeds every scale at that size"
+            )
+        if fixed is not None:
+            return (
+                f"this model takes {fixed}-px inputs only: pass --image-size {fixed} (--protocol "
+                "upsample, the default, then feeds every scale at that size)"
+            )
+        if native:
+            return (
+                "use a larger scale, or --protocol upsample, which feeds every scale at the image "
+                "size (a fixed-size model such as a ViT needs it, with --image-size its input size)"
+            )
+        return "use a larger --image-size (a fixed-size model such as a ViT: its input size)"
+
+
+def _fixed_size(error: Exception, model: nn.Module) -> int | None:
+    """The one input size a model takes (a torchvision ViT's ``image_size``), if it says."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return size
+    found = re.search(r"expected (\d+) but got \d+", str(error), re.IGNORECASE)  # a ViT's
+    return int(found.group(1)) if found else None
 
 
 #: What torch and torchvision say when an input is too small or not the size a model is built for.
@@ -239,7 +279,11 @@ class SweepOptions(SweepFields):
         self.check()  # at construction: the error names the field, before any work
 
     def check(self) -> None:
-        """Raises InputError for values no sweep can use."""
+        """Raises InputError for values no sweep can use, or that this sweep would ignore.
+
+        Ignored: an option serving another one that is off (``sigma_frac`` with the linear
+        kernel, ``ci`` without ``bootstrap``), when its value is not the default.
+        """
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
         check_execution(self.memory_format, self.precision)
@@ -256,6 +300,8 @@ class SweepOptions(SweepFields):
             raise InputError(f"--repeats must be at least 1, got {self.repeats}")
         if self.num_workers < 0:
             raise InputError(f"--workers must be >= 0, got {self.num_workers}")
+        check_ranges(self, SweepFields)  # the rest of the command line's ranges (num_images)
+        refuse_ignored(self, SWEEP_USES)
 
 
 #: The sweep options that name one of a few choices (their ``Literal`` types say which).
@@ -296,8 +342,9 @@ def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
         raise InputError(
             f"--bootstrap and --permutations must be >= 0 (0: none), got {bootstrap} and {permutations}"
         )
-    if not 0 < ci < 1:  # NaN fails too
-        raise InputError(f"--ci must be a coverage in (0, 1), e.g. 0.95, got {ci}")
+    low, high = CI_RANGE
+    if not low <= ci <= high:  # NaN fails too
+        raise InputError(f"--ci must be a coverage in {low}..{high}, e.g. 0.95, got {ci}")
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
@@ -599,8 +646,18 @@ def as_source(
         data: See ``compare_sides``.
         view: View options with the image size resolved (``resolve_view``).
         opts: Sweep options (the synthetic set fills in its sweep size).
+
+    Raises:
+        InputError: ``resize_size`` with a dataset or loader, whose own transform sizes its
+            images (the option would be ignored).
     """
     if not (data is None or isinstance(data, str)):
+        if view.resize_size is not None:
+            raise InputError(
+                "resize_size sets the short side before the centre crop of a --data spec or the "
+                "synthetic set; a dataset or loader brings its images as its transform made them. "
+                "Hint: resize in that transform, or drop resize_size"
+            )
         return data, opts
     size = cast(int, view.image_size)
     count = opts.num_images or SYNTHETIC_SWEEP

@@ -5,19 +5,22 @@ help and range live in one place, here for what is compared and the output, in
 ``ckascope.options`` for the view and sweep options the library takes too. Plain values only
 (no torch), so ``--help`` and usage errors answer without importing torch.
 
-``resolve`` fills the defaults that depend on other options (the image size, the scales) and
-returns a new config: nothing is set as a side effect.
+``check_applies`` refuses an option set where the comparison would ignore it (``--scale`` with
+one model, ``--ci`` without ``--bootstrap``, ...), before any work. ``resolve`` fills the
+defaults that depend on other options (the image size, the scales) and returns a new config:
+nothing is set as a side effect.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckascope.cliutils import config_field
-from ckascope.options import SweepFields, ViewFields
+from ckascope.options import SWEEP_USES, Applies, SweepFields, ViewFields, refuse_ignored
 from ckascope.vocab import MAX_SCALE
 
 #: The size of the base images when neither the weights nor the data say otherwise.
@@ -103,6 +106,62 @@ class CompareConfig(SweepFields, ViewFields, Subjects):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(CompareConfig)}
+
+
+def _two_models(cfg: CompareConfig) -> bool:
+    return cfg.two_models
+
+
+#: When the options about the compared models and the output do something (``check_applies``).
+COMPARE_USES: dict[str, Applies] = {
+    "scale": Applies(
+        _two_models,
+        "is the one scale two models (--model-b or --checkpoint-b) are compared at; this run "
+        "compares one model at two scales and would drop it",
+        "use --scales A B (e.g. --scales 16 32), or add --model-b NAME",
+    ),
+    "scales": Applies(
+        lambda cfg: not cfg.two_models,
+        "compares two scales of one model; two models (--model-b or --checkpoint-b) are "
+        "compared at one scale",
+        "use --scale S",
+    ),
+    "layers_b": Applies(
+        _two_models,
+        "names the second model's layers, and this run compares one model at two scales",
+        "use --layers for its layers, or add --model-b NAME",
+    ),
+    "weights_b": Applies(
+        _two_models,
+        "sets the second model's weights, and this run compares one model at two scales",
+        "use --weights for its weights, or add --model-b NAME",
+    ),
+    "annotate": Applies(
+        lambda cfg: not cfg.no_figures,
+        "prints each cell's CKA in the heatmap, and --no-figures draws none",
+        "drop --annotate or --no-figures",
+    ),
+}
+
+
+def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -> None:
+    """Refuses an option set where the comparison would ignore it; reads no file, builds nothing.
+
+    E.g. ``--scale`` with one model (compared at two scales), ``--scales`` with two, ``--layers-b``
+    or ``--weights-b`` without a second model, ``--ci`` without ``--bootstrap``,
+    ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--annotate`` with
+    ``--no-figures``. Only options that were set count: a default never triggers it.
+
+    Args:
+        cfg: The parsed options (before ``resolve``, which fills in defaults).
+        explicit: The names of the options the user gave (``cliutils.explicit_options`` in a
+            click command), so that a default typed out (``--weights-b default``) counts too;
+            None: the fields whose value differs from their default.
+
+    Raises:
+        InputError: The first such option, saying why it does not apply and what to do.
+    """
+    refuse_ignored(cfg, {**COMPARE_USES, **SWEEP_USES}, explicit)
 
 
 def default_scales(image_size: int) -> tuple[int, int]:

@@ -22,7 +22,6 @@ silently. Grayscale, palette, CMYK and alpha images are converted to RGB (alpha 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 from typing_extensions import TypeIs
 
-from ckascope.errors import InputError, hint_close
+from ckascope.errors import InputError, hint_close, warn
 from ckascope.idxdata import IDX_DATASETS, IDX_SIZE, idx_dataset
 from ckascope.shapes import SyntheticShapes
 
@@ -316,9 +315,7 @@ def unusable(what: str, item: Any, wanted: str) -> str:
 def warn_skipped(skipped: Sequence[Skipped]) -> None:
     """One warning per unreadable image, naming it."""
     for item in skipped:
-        warnings.warn(
-            f"skipped unreadable image {item.path} ({item.reason})", RuntimeWarning, stacklevel=2
-        )
+        warn(f"skipped unreadable image {item.path} ({item.reason})")
 
 
 def build_dataset(

@@ -1,13 +1,18 @@
-"""Typed errors shared by ckascope and the packages built on it.
+"""Typed errors and warnings shared by ckascope and the packages built on it.
 
 Every error a user can cause carries a message that says what was wrong and what to do instead.
-The command-line tools print ``str(error)`` as one line and exit with ``error.exit_code``.
+The command-line tools print ``str(error)`` as one line and exit with ``error.exit_code``, and
+a ``CKAScopeWarning`` as one ``note: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
+from types import FrameType
 
 
 class CKAScopeError(Exception):
@@ -28,6 +33,33 @@ class NumericalError(CKAScopeError, ArithmeticError):
 
 class WeightsUnavailableError(CKAScopeError):
     """Pretrained weights are not cached and cannot be downloaded."""
+
+
+class CKAScopeWarning(RuntimeWarning):
+    """Something to know about a result that still ran (no interval, skipped images, ...)."""
+
+
+#: ckascope's own folder: its frames are not where a warning is shown (``warn``).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str) -> None:
+    """Warns with ``CKAScopeWarning``, shown at the first caller outside ckascope.
+
+    The line to show is the caller's (their ``compare_scales(...)``), not a line inside
+    ckascope, whose depth depends on the entry point; the command lines print the message
+    alone, as a note (``cliutils.warnings_as_notes``).
+    """
+    warnings.warn(message, CKAScopeWarning, stacklevel=_outside_level())
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` at which ``warn``'s warning names the first frame outside ckascope."""
+    level = 2
+    frame: FrameType | None = sys._getframe(level)  # 0: here, 1: warn, 2: warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def hint_close(name: str, choices: Iterable[str], *, what: str = "name", limit: int = 5) -> str:

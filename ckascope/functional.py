@@ -7,7 +7,6 @@ diagonal and upper blocks, ``ckascope.packing``) plus (L, n) corrections, instea
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckascope.errors import InputError, NumericalError
+from ckascope.errors import InputError, NumericalError, warn
 from ckascope.kernels import (
     center_gram,
     centered_gram,
@@ -203,11 +202,9 @@ def warn_degenerate(self_terms: Tensor, names: Sequence[str], side: str) -> None
     """Warns, naming the layers, when HSIC(K, K) is not positive (their CKA becomes NaN)."""
     bad = [names[i] for i in torch.nonzero(~(self_terms > 0)).flatten().tolist()]
     if bad:
-        warnings.warn(
+        warn(
             f"HSIC(K, K) <= 0 or NaN for {len(bad)} layer(s) of side {side}: "
-            f"{', '.join(bad)}; their CKA is NaN (constant or degenerate representations)",
-            RuntimeWarning,
-            stacklevel=3,
+            f"{', '.join(bad)}; their CKA is NaN (constant or degenerate representations)"
         )
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ckascope.cliutils import config_field
+from ckascope.errors import InputError
 from ckascope.vocab import (
     MAX_SCALE,
     MIN_IMAGE_SIZE,
@@ -28,6 +30,9 @@ from ckascope.vocab import (
     Protocol,
     Weighting,
 )
+
+#: The coverages ``--ci`` takes: below 0.5 an interval says little, at 1 it is every replicate.
+CI_RANGE = (0.5, 0.999)
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,9 @@ class SweepFields:
     """The sweep over the images: kernel, batching, calibration, precision (see ``SweepOptions``)."""
 
     kernel: Kernel = config_field("linear", "CKA kernel.")
-    sigma_frac: float = config_field(1.0, "RBF bandwidth: sigma² = f² · median D².")
+    sigma_frac: float = config_field(1.0, "RBF bandwidth (--kernel rbf): sigma² = f² · median D².")
     bandwidth: Bandwidth = config_field(
-        "batch", "RBF sigma per batch, or fixed from the first batch."
+        "batch", "RBF sigma (--kernel rbf) per batch, or fixed from the first batch."
     )
     weighting: Weighting = config_field("batch", "Weight of a short batch.")
     batch_size: int = config_field(128, "Images per batch (at least 4: the unbiased HSIC needs 4).")
@@ -87,7 +92,12 @@ class SweepFields:
         "sweeps; no extra forward pass; e.g. 1000) [0: none].",
         min=0,
     )
-    ci: float = config_field(0.95, "Coverage of the bootstrap interval.", min=0.5, max=0.999)
+    ci: float = config_field(
+        0.95,
+        "Coverage of the bootstrap interval (with --bootstrap).",
+        min=CI_RANGE[0],
+        max=CI_RANGE[1],
+    )
     permutations: int = config_field(
         0,
         "Permutation null: CKA with the images shuffled between the sides within each batch, "
@@ -98,13 +108,89 @@ class SweepFields:
     memory_format: MemoryFormat = config_field(
         "auto",
         "Layout of the forward passes' feature maps (auto: channels_last for CNNs on a CPU, "
-        "measured 1.4-1.9x faster at 224 px; the model is left as it was).",
+        "measured 1.05-1.87x faster at 224 px over seven torchvision families, see "
+        "docs/performance.md; the model is left as it was).",
     )
     precision: Precision = config_field(
         "float32",
         "Forward passes in float32, or autocast to bf16/fp16 (faster, CKA moves: see "
         "benchmarks/README.md; the Grams stay float32/float64).",
     )
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When an option does something, and what to say when it is set where it does nothing.
+
+    Attributes:
+        when: Whether the option is used, given all the options (a config or SweepOptions).
+        why: What it does and why this run would ignore it (the message goes on after its flag).
+        hint: What to do instead.
+    """
+
+    when: Callable[[Any], bool]
+    why: str
+    hint: str
+
+
+def _rbf(options: Any) -> bool:
+    return bool(options.kernel == "rbf")
+
+
+#: When the sweep options that serve only another option do something (``refuse_ignored``).
+SWEEP_USES: dict[str, Applies] = {
+    "sigma_frac": Applies(
+        _rbf,
+        "sets the RBF kernel's bandwidth, and the kernel is linear (it has none)",
+        "add --kernel rbf, or drop --sigma-frac",
+    ),
+    "bandwidth": Applies(
+        _rbf,
+        "chooses how the RBF kernel's bandwidth is set, and the kernel is linear (it has none)",
+        "add --kernel rbf, or drop --bandwidth",
+    ),
+    "ci": Applies(
+        lambda o: o.bootstrap > 0,
+        "sets the coverage of the bootstrap interval, and --bootstrap is 0 (no interval)",
+        "add --bootstrap N (e.g. 1000), or drop --ci",
+    ),
+}
+
+
+def refuse_ignored(
+    options: object, uses: Mapping[str, Applies], explicit: Collection[str] | None = None
+) -> None:
+    """Raises InputError for an option that was set where the run would ignore it.
+
+    Only options that were set count, so a default never triggers it.
+
+    Args:
+        options: A dataclass of options (a ``CompareConfig``, a ``SweepOptions``).
+        uses: When each option does something, by field name.
+        explicit: The names of the options the user set (the command line knows them: click's
+            parameter source, ``cliutils.explicit_options``), so that a default typed out
+            (``--ci 0.95``) counts too. None: the fields whose value differs from their
+            default, all that a dataclass can tell.
+    """
+    given = changed_fields(options) if explicit is None else explicit
+    for name, rule in uses.items():
+        if name in given and not rule.when(options):
+            raise InputError(f"{_flag(options, name)} {rule.why}. Hint: {rule.hint}")
+
+
+def changed_fields(options: object) -> set[str]:
+    """The names of the fields of dataclass ``options`` whose value is not their default."""
+    return {
+        f.name
+        for f in dataclasses.fields(options)  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING and getattr(options, f.name) != f.default
+    }
+
+
+def _flag(options: object, name: str) -> str:
+    """The command-line flag of field ``name`` (``--sigma-frac``; a field's own ``option``)."""
+    field = next(f for f in dataclasses.fields(options) if f.name == name)  # type: ignore[arg-type]
+    return str(field.metadata.get("option", "--" + name.replace("_", "-")))
 
 
 def values_of(config: object, group: type) -> dict[str, Any]:
@@ -123,3 +209,45 @@ def literal_choices(config: type) -> dict[str, tuple[str, ...]]:
         for f in dataclasses.fields(config)
         if typing.get_origin(hints[f.name]) is typing.Literal
     }
+
+
+def check_ranges(options: object, group: type) -> None:
+    """Raises InputError for a field of ``group`` outside the range its command-line option takes.
+
+    The library keeps the command line's ranges (``config_field``'s ``min``/``max``), so a value
+    ``ckascope compare`` refuses is refused at construction of ``ViewOptions``/``SweepOptions``
+    too. A field whose default is None may be None (derived later).
+
+    Args:
+        options: A dataclass holding the fields of ``group`` (e.g. a ``ViewOptions``).
+        group: The dataclass that declares them (``ViewFields`` or ``SweepFields``).
+    """
+    for f in dataclasses.fields(group):
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        value = getattr(options, f.name)
+        if (low is None and high is None) or (value is None and f.default is None):
+            continue
+        integral = not isinstance(low, float) and not isinstance(high, float)
+        if not _within(value, low, high, integral):
+            flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+            raise InputError(
+                f"{type(options).__name__}.{f.name} must be {_span(low, high, integral)}, got "
+                f"{value!r}. Hint: the command line's {flag} takes the same values"
+                + ("; None gives the default" if f.default is None else "")
+            )
+
+
+def _within(value: Any, low: float | None, high: float | None, integral: bool) -> bool:
+    """Whether ``value`` is a number of the field's kind in [low, high] (NaN never is)."""
+    kinds = (int,) if integral else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _span(low: float | None, high: float | None, integral: bool) -> str:
+    """How a range reads in a message: "an integer in 4..4096", "an integer >= 1"."""
+    kind = "an integer" if integral else "a number"
+    if low is not None and high is not None:
+        return f"{kind} in {low}..{high}"
+    return f"{kind} >= {low}" if low is not None else f"{kind} <= {high}"

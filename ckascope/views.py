@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckascope.errors import InputError
-from ckascope.options import ViewFields
+from ckascope.options import ViewFields, check_ranges
 from ckascope.vocab import MAX_SCALE, PROTOCOLS, RESIZE_MODES, Protocol
 
 
@@ -93,15 +93,10 @@ class ViewOptions(ViewFields):
         """Raises InputError for a value no view can use, naming the field.
 
         An unknown protocol or resize mode, antialias it cannot do, or an image or resize size
-        outside 1..MAX_SCALE.
+        outside the range ``ckascope compare`` takes (MIN_IMAGE_SIZE..MAX_SCALE).
         """
         check_view_options(self.protocol, self.resize_mode, self.antialias)
-        for name in ("image_size", "resize_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 1 <= value <= MAX_SCALE):
-                raise InputError(
-                    f"ViewOptions.{name} must be an integer in 1..{MAX_SCALE}, got {value!r}"
-                )
+        check_ranges(self, ViewFields)
 
     def at(self, scale: int) -> ScaleView:
         """The view of a side at ``scale`` (``image_size`` must be resolved)."""

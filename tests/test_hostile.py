@@ -88,7 +88,7 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("numbers", MSUN, T, ["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
     ("numbers", MSUN, T, ["--seed", "4294967296"], "--seed must be in 0 .. 2**32 - 1"),
     ("numbers", CKA, C, ["--kernel", "rbf", "--sigma-frac", "nan"], "sigma_frac"),
-    ("numbers", CKA, C, ["--ci", "nan"], "--ci must be a coverage"),
+    ("numbers", CKA, C, ["--bootstrap", "10", "--ci", "nan"], "--ci must be a coverage"),
     ("sizes", MSUN, T, ["--eval-sizes", "32,99999"], "each in 1..4096"),
     ("sizes", MSUN, T, ["--eval-sizes", "16,32,16"], "16 listed twice"),
     ("sizes", MSUN, E, ["{run}/last.pt", "--eval-sizes", "16,16"], "16 listed twice"),

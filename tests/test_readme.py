@@ -21,7 +21,7 @@ CHEAP = [
     "msun flops --model resnet18 --scales 4 16 28",
     "msun split-points densenet121",
     "ckascope compare --model resnet18 --weights none --scales 32 64 --num-images 192 "
-    "--batch-size 16 --bootstrap 200 --permutations 10 --out ckascope-out/calibrated",
+    "--batch-size 16 --bootstrap 200 --permutations 20 --out ckascope-out/calibrated",
     "ckascope suggest-split --from ckascope-out/calibrated",
 ]
 FASHION = [

@@ -102,7 +102,12 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("ckascope", C, ["--model", "resnet18", "--kernel", "cosine"], "--kernel"),
     ("ckascope", C, ["--model", "resnet18", "--bootstrap", "-1"], "--bootstrap"),
     ("ckascope", C, ["--model", "resnet18", "--permutations", "many"], "--permutations"),
-    ("ckascope", C, ["--model", "resnet18", "--ci", "nan"], "--ci must be a coverage"),
+    (
+        "ckascope",
+        C,
+        ["-m", "resnet18", "--bootstrap", "9", "--ci", "nan"],
+        "--ci must be a coverage",
+    ),
     ("ckascope", C, ["--model", "resnet18", "--ci", "1.5"], "--ci"),
     ("ckascope", C, ["--model", "resnet18", "--kernel", "rbf", "--sigma-frac", "0"], "sigma_frac"),
     ("ckascope", C, ["--model", "resnet18", "--protocol", "crop"], "--protocol"),

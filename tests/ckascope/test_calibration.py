@@ -265,3 +265,80 @@ def test_results_without_calibration_still_load_draw_and_say_stability_is_unknow
     text = suggest_split(old, ["layer1", "layer2", "layer3", "layer4"]).stability_text()
     assert text.startswith("stability unknown")
     assert "--bootstrap" in text
+
+
+def _one_batch_options() -> dict[str, object]:
+    return {"image_size": 32, "num_images": 8, "batch_size": 8, "layers": "stages"}
+
+
+def test_one_batch_warns_the_caller_that_it_cannot_be_bootstrapped() -> None:
+    from ckascope import compare_scales
+    from ckascope.errors import CKAScopeWarning
+    from ckascope.models import build_model
+
+    model = build_model("resnet18", "none", num_classes=4, seed=0)
+    with pytest.warns(CKAScopeWarning, match="1 batch") as caught:
+        result = compare_scales(model, None, (16, 32), bootstrap=10, **_one_batch_options())  # type: ignore[arg-type]
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]  # this call's line
+    assert issubclass(caught[0].category, RuntimeWarning)  # what callers filtered before
+    assert np.isnan(result.cell("ci_low")).all()  # type: ignore[arg-type]
+
+
+def test_one_batch_is_a_one_line_note_on_the_command_line(tmp_path: Path) -> None:
+    args = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "16", "32"]
+    args += ["--image-size", "32", "--num-images", "8", "--batch-size", "8", "--layers", "stages"]
+    args += ["--bootstrap", "10", "--no-figures", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(ckascope_main, args)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "bootstrapped" in line]
+    assert notes == [
+        "note: 1 batch(es) cannot be bootstrapped: no interval. Hint: more images or a smaller "
+        "--batch-size"
+    ]
+    assert "Warning" not in result.stderr  # no category, file or source line
+    assert ".py:" not in result.stderr
+
+
+def test_one_permutation_has_no_null_std_and_no_z_score() -> None:
+    observed = torch.tensor([[0.3]], dtype=torch.float64)
+    s = null_summary(observed, torch.tensor([[[0.1]]], dtype=torch.float64))
+    assert np.isnan(float(s.std))  # ddof 1 of one replicate, not 0
+    assert np.isnan(float(s.z_score))
+    assert float(s.p_value) == pytest.approx(0.5)  # 1 / (1 + 1): the observed pairing counts
+
+
+def test_too_few_permutations_to_reach_five_percent_get_a_note() -> None:
+    from ckascope.calibration import coarse_null_note
+
+    note = coarse_null_note(10)
+    assert note is not None
+    assert "smallest possible p-value is 1/11 = 0.0909: no cell can reach p <= 0.05" in note
+    assert "Hint: --permutations 19 or more" in note
+    assert "1/2 = 0.5" in (coarse_null_note(1) or "")
+    assert [coarse_null_note(m) for m in (0, 19, 20, 1000)] == [None] * 4
+
+
+def test_the_command_line_notes_coarse_p_values_and_writes_one_permutations_std_as_missing(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    import pandas as pd
+
+    args = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "16", "32"]
+    args += ["--image-size", "32", "--num-images", "8", "--batch-size", "8", "--layers", "stages"]
+    args += ["--no-figures"]
+    one = CliRunner().invoke(
+        ckascope_main, [*args, "--permutations", "1", "--out", str(tmp_path / "1")]
+    )
+    assert one.exit_code == 0, one.output
+    assert "note: with 1 permutation(s) the smallest possible p-value is 1/2 = 0.5" in one.stderr
+    saved = json.loads((tmp_path / "1" / "result.json").read_text())
+    assert {v for row in saved["null_std"] for v in row} == {None}  # JSON's missing value
+    assert pd.read_csv(tmp_path / "1" / "cka.csv")["null_std"].isna().all()  # an empty cell
+    assert np.isnan(CKAResult.load(tmp_path / "1").cell("null_std")).all()  # type: ignore[arg-type]
+    enough = CliRunner().invoke(
+        ckascope_main, [*args, "--permutations", "19", "--out", str(tmp_path / "19")]
+    )
+    assert enough.exit_code == 0, enough.output
+    assert "permutation" not in enough.stderr

@@ -141,6 +141,70 @@ def test_bad_input_one_line_no_traceback_no_files(
     assert not out.exists()
 
 
+def test_a_vit_at_another_image_size_is_told_the_size_it_takes(tmp_path: Path) -> None:
+    args = ["compare", "--model", "vit_b_16", "--weights", "none", "--image-size", "32"]
+    args += ["--num-images", "8", "--batch-size", "8", "--layers", "encoder.layers.encoder_layer_0"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "Hint: this model takes 224-px inputs only: pass --image-size 224" in result.stderr
+    assert "needs --protocol upsample" not in result.stderr  # upsample is already the default
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--scale", "16"], "--scale is the one scale two models"),  # was dropped
+        (["--model-b", "resnet34", "--scales", "16", "32"], "Hint: use --scale S"),
+        (["--checkpoint-b", "{missing}", "--scales", "16", "32"], "Hint: use --scale S"),
+        (["--layers-b", "stages"], "--layers-b names the second model's layers"),
+        (["--weights-b", "default"], "--weights-b sets the second model's weights"),  # a default
+        (["--ci", "0.95"], "--ci sets the coverage of the bootstrap interval"),  # typed out
+        (["--sigma-frac", "1.0"], "--sigma-frac sets the RBF kernel's bandwidth"),
+        (["--bandwidth", "first"], "--bandwidth chooses how the RBF kernel's bandwidth"),
+        (["--annotate", "--no-figures"], "--annotate prints each cell's CKA in the heatmap"),
+    ],
+)
+def test_an_option_that_does_not_apply_is_refused_before_any_work(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    from tests.refusals import assert_refused
+
+    missing = str(tmp_path / "missing.pt")  # refused before the checkpoint is read
+    argv = ["compare", "--model", "resnet18", "--weights", "none", "--out", str(tmp_path / "o")]
+    line = assert_refused(
+        main, [*argv, *(a.format(missing=missing) for a in args)], needle, tmp_path
+    )
+    assert "does not exist" not in line
+    assert "Hint: " in line
+
+
+def test_options_count_when_given_and_defaults_never_trigger_the_check() -> None:
+    from ckascope.config import CompareConfig, check_applies
+    from ckascope.errors import InputError
+
+    check_applies(CompareConfig(model="resnet18"), explicit=set())  # every default
+    check_applies(CompareConfig(model="resnet18"))  # a Python caller: nothing changed
+    given = {
+        "model": "resnet18",
+        "model_b": "resnet34",
+        "weights_b": "none",
+        "scale": 16,
+        "layers_b": "stages",
+        "kernel": "rbf",
+        "sigma_frac": 0.5,
+        "bandwidth": "first",
+        "bootstrap": 10,
+        "ci": 0.9,
+        "annotate": True,
+    }
+    check_applies(CompareConfig(**given), explicit=given.keys())  # each of them applies
+    with pytest.raises(InputError, match="--scale is the one scale"):
+        check_applies(CompareConfig(model="resnet18", scale=16))  # changed: the API can tell
+    check_applies(CompareConfig(model="resnet18", ci=0.95))  # the default, not given
+    with pytest.raises(InputError, match="--ci sets the coverage"):
+        check_applies(CompareConfig(model="resnet18", ci=0.95), explicit={"model", "ci"})
+
+
 def test_foreign_output_folder_refused_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()

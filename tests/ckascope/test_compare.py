@@ -284,6 +284,112 @@ def test_image_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn
         )
 
 
+def _outside(low: float | None, high: float | None) -> list[float]:
+    """Values just outside a field's range (its kind's step beyond each bound)."""
+    step = 0.001 if isinstance(low, float) or isinstance(high, float) else 1
+    return [b + d for b, d in ((low, -step), (high, step)) if b is not None]
+
+
+def test_every_command_line_range_holds_at_construction() -> None:
+    from dataclasses import fields
+
+    from ckascope.compare import SweepOptions
+    from ckascope.options import SweepFields, ViewFields
+    from ckascope.views import ViewOptions
+
+    checked = []
+    for owner, group in ((ViewOptions, ViewFields), (SweepOptions, SweepFields)):
+        for f in fields(group):
+            if "min" not in f.metadata and "max" not in f.metadata:
+                continue
+            flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+            for value in _outside(f.metadata.get("min"), f.metadata.get("max")):
+                with pytest.raises(InputError) as refused:
+                    owner(**{f.name: value})
+                assert f"{owner.__name__}.{f.name}" in str(refused.value) or flag in str(
+                    refused.value
+                )
+                checked.append(f.name)
+    assert {"image_size", "resize_size", "num_images", "ci", "repeats"} <= set(checked)
+    with pytest.raises(
+        InputError, match=r"ViewOptions\.image_size must be an integer in 4\.\.4096"
+    ):
+        ViewOptions(image_size=2)  # the command line refuses below 4 too
+    with pytest.raises(InputError, match="an integer"):
+        ViewOptions(image_size=32.0)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"--ci must be a coverage in 0\.5\.\.0\.999"):
+        SweepOptions(ci=float("nan"))
+    assert ViewOptions(image_size=4, resize_size=4096).image_size == 4  # the bounds themselves
+
+
+def test_one_pixel_inputs_run_under_the_native_protocol() -> None:
+    """The benchmarks' MLPs: (n, width, 1, 1) "images" fed as they are at scale 1."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, 1, 1), torch.zeros(16))
+    result = compare_models(
+        mlp, mlp, data, scale=1, protocol="native", layers=["2", "4"], batch_size=8
+    )
+    np.testing.assert_allclose(np.diag(result.matrix), 1.0, atol=1e-12)
+
+
+def _tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    return vit.eval()
+
+
+def test_a_fixed_size_model_is_told_the_image_size_it_takes() -> None:
+    vit, images = (
+        _tiny_vit(),
+        torch.utils.data.TensorDataset(torch.rand(8, 3, 16, 16), torch.zeros(8)),
+    )
+    options = {"layers": ["encoder.layers.encoder_layer_0"], "batch_size": 8}
+    with pytest.raises(InputError, match="cannot run on") as upsampled:
+        compare_scales(vit, images, (8, 16), image_size=16, **options)  # type: ignore[arg-type]
+    hint = str(upsampled.value).split("Hint: ")[1]
+    assert "pass --image-size 32 (--protocol upsample, the default" in hint
+    with pytest.raises(InputError) as native:
+        compare_scales(vit, images, (8, 16), image_size=16, protocol="native", **options)  # type: ignore[arg-type]
+    assert "pass --image-size 32 with --protocol upsample" in str(native.value)
+    wrapped = nn.Sequential(vit)  # a model that does not say its size: its error does
+    inner = {**options, "layers": ["0.encoder.layers.encoder_layer_0"]}
+    with pytest.raises(InputError, match="takes 32-px inputs only"):
+        compare_scales(wrapped, images, (8, 16), image_size=16, **inner)  # type: ignore[arg-type]
+    data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32), torch.zeros(8))
+    result = compare_scales(_tiny_vit(), data, (8, 32), image_size=32, **options)  # type: ignore[arg-type]
+    assert result.matrix.shape == (1, 1)  # what the hint says runs
+
+
+def test_a_cnn_too_small_for_its_inputs_is_told_to_use_larger_ones() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 5), nn.Flatten())
+    data = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.zeros(8))
+    with pytest.raises(InputError, match="Hint: use a larger scale, or --protocol upsample"):
+        compare_scales(net, data, (4, 8), image_size=8, protocol="native", batch_size=8)
+    with pytest.raises(InputError, match="Hint: use a larger --image-size"):
+        compare_scales(net, data, (4, 8), image_size=4, batch_size=8)
+
+
+def test_options_a_sweep_would_ignore_are_refused(model: nn.Module, data) -> None:
+    from ckascope.compare import SweepOptions
+
+    with pytest.raises(InputError, match="--sigma-frac sets the RBF kernel's bandwidth"):
+        SweepOptions(sigma_frac=0.5)
+    with pytest.raises(InputError, match="--bandwidth chooses how the RBF"):
+        SweepOptions(bandwidth="first")
+    with pytest.raises(InputError, match="--ci sets the coverage of the bootstrap interval"):
+        SweepOptions(ci=0.9)
+    SweepOptions(kernel="rbf", sigma_frac=0.5, bandwidth="first", bootstrap=10, ci=0.9)
+    SweepOptions(sigma_frac=1.0, ci=0.95)  # the defaults: nothing says they were set
+    kw = {"image_size": BASE, "batch_size": 8, "num_images": 8}
+    with pytest.raises(InputError, match="--sigma-frac"):
+        compare_scales(model, data, (16, BASE), sigma_frac=0.8, **kw)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="a dataset or loader brings its images"):
+        compare_scales(model, data, (16, BASE), resize_size=64, **kw)  # type: ignore[arg-type]
+
+
 def test_a_result_moved_aside_by_a_killed_save_comes_back(tmp_path: Path) -> None:
     CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 1}).save(tmp_path / "res")
     (tmp_path / "res").rename(tmp_path / ".res.abc.old")  # killed between the two renames
