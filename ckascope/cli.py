@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 from ckascope import __version__
 from ckascope.cliutils import FriendlyGroup, config_options, explicit_options
@@ -111,15 +110,5 @@ def suggest_split_command(
     from ckascope.commands import run_suggest_split
 
     cfg = CompareConfig.from_options(args)
-    flags = _flags_set(click.get_current_context(), set(args))
-    run_suggest_split(from_dir, threshold, split_points, as_json, cfg, flags)
-
-
-def _flags_set(ctx: click.Context, names: set[str]) -> list[str]:
-    """The flags of the parameters ``names`` the user set (on the command line), in order."""
-    unset = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-    return [
-        p.opts[0]
-        for p in ctx.command.params
-        if p.name in names and ctx.get_parameter_source(p.name) not in unset
-    ]
+    explicit = explicit_options() & set(args)  # the comparison's options the user gave
+    run_suggest_split(from_dir, threshold, split_points, as_json, cfg, explicit)

@@ -35,7 +35,7 @@ from ckascope.models import (
     read_inputs,
     weights_input_size,
 )
-from ckascope.options import SweepFields, ViewFields, values_of
+from ckascope.options import SweepFields, ViewFields, changed_fields, flag_of, values_of
 from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, next_free
 from ckascope.split import (
@@ -173,18 +173,22 @@ def run_suggest_split(
     split_points: str | None,
     as_json: bool,
     cfg: CompareConfig,
-    compare_flags: Sequence[str] = (),
+    explicit: Collection[str] | None = None,
 ) -> None:
     """``ckascope suggest-split`` with its parsed options.
 
-    ``compare_flags`` are the comparison's options the user set (e.g. ``--bootstrap``): they
-    set up a new comparison, so a saved result (``--from``) refuses them.
+    ``explicit`` names the comparison's options the user gave (None: those that differ from
+    their defaults): with a saved result (``--from``) they would set up a comparison that is
+    not run, so they are refused; otherwise they are checked as ``compare`` checks them.
     """
+    if explicit is None:
+        explicit = changed_fields(cfg)
     if from_dir is not None:
-        refuse_compare_flags(from_dir, compare_flags)
+        refuse_compare_flags(from_dir, [flag_of(cfg, n) for n in config.FIELDS if n in explicit])
         result = load_analysis(from_dir, "--from", direct="ckascope suggest-split")
         is_main = True
     else:
+        config.check_applies(cfg, explicit)
         cfg = resolve_config(cfg)
         if cfg.out is not None:
             check_output_dir(cfg.out, cfg.overwrite)

@@ -83,7 +83,11 @@ class CompareConfig(SweepFields, ViewFields, Subjects):
         "Output folder [default: ckascope-out/<model>_<a>-<b>, or the first free <...>-2, -3: "
         "a default never replaces a result].",
     )
-    overwrite: bool = config_field(False, "Let --out replace what its folder holds.", flag=True)
+    overwrite: bool = config_field(
+        False,
+        "Let --out replace an earlier ckascope result (never a folder of other files).",
+        flag=True,
+    )
     no_figures: bool = config_field(False, "Skip the PNG/PDF figures.", flag=True)
     annotate: bool = config_field(False, "Print each cell's CKA in the heatmap.", flag=True)
 

@@ -175,7 +175,7 @@ def refuse_ignored(
     given = changed_fields(options) if explicit is None else explicit
     for name, rule in uses.items():
         if name in given and not rule.when(options):
-            raise InputError(f"{_flag(options, name)} {rule.why}. Hint: {rule.hint}")
+            raise InputError(f"{flag_of(options, name)} {rule.why}. Hint: {rule.hint}")
 
 
 def changed_fields(options: object) -> set[str]:
@@ -187,7 +187,7 @@ def changed_fields(options: object) -> set[str]:
     }
 
 
-def _flag(options: object, name: str) -> str:
+def flag_of(options: object, name: str) -> str:
     """The command-line flag of field ``name`` (``--sigma-frac``; a field's own ``option``)."""
     field = next(f for f in dataclasses.fields(options) if f.name == name)  # type: ignore[arg-type]
     return str(field.metadata.get("option", "--" + name.replace("_", "-")))

@@ -374,6 +374,13 @@ def test_cli_options_of_a_new_comparison_are_refused_next_to_from(tmp_path: Path
     assert_refused(main, same, "--repeats sets up a new comparison", tmp_path)
 
 
+def test_cli_an_option_its_own_comparison_would_ignore_is_refused(tmp_path: Path) -> None:
+    """Without --from, suggest-split's comparison checks its options as compare does."""
+    argv = ["suggest-split", "--model", "resnet18", "--weights", "none", "--scale", "16"]
+    line = assert_refused(main, argv, "--scale", tmp_path)
+    assert "Hint:" in line
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> None:
     common = ["compare", "--model", "resnet18", "--weights", "none", "--scales", "8", "16"]
