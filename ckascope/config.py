@@ -140,6 +140,12 @@ COMPARE_USES: dict[str, Applies] = {
         "sets the second model's weights, and this run compares one model at two scales",
         "use --weights for its weights, or add --model-b NAME",
     ),
+    "overwrite": Applies(
+        lambda cfg: cfg.out is not None,
+        "lets --out replace an earlier result, and without --out the result goes to a new "
+        "default folder that never replaces one",
+        "add --out FOLDER, or drop --overwrite",
+    ),
     "annotate": Applies(
         lambda cfg: not cfg.no_figures,
         "prints each cell's CKA in the heatmap, and --no-figures draws none",
@@ -153,8 +159,9 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
 
     E.g. ``--scale`` with one model (compared at two scales), ``--scales`` with two, ``--layers-b``
     or ``--weights-b`` without a second model, ``--ci`` without ``--bootstrap``,
-    ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--annotate`` with
-    ``--no-figures``. Only options that were set count: a default never triggers it.
+    ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--overwrite`` without ``--out``,
+    ``--annotate`` with ``--no-figures``. Only options that were set count: a default never
+    triggers it.
 
     Args:
         cfg: The parsed options (before ``resolve``, which fills in defaults).

@@ -178,6 +178,17 @@ def test_an_option_that_does_not_apply_is_refused_before_any_work(
     assert "Hint: " in line
 
 
+def test_overwrite_without_out_is_refused_a_default_folder_replaces_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.refusals import assert_refused
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--model", "resnet18", "--weights", "none", "--overwrite"]
+    line = assert_refused(main, argv, "--overwrite lets --out replace an earlier result", tmp_path)
+    assert "Hint: add --out FOLDER, or drop --overwrite" in line
+
+
 def test_options_count_when_given_and_defaults_never_trigger_the_check() -> None:
     from ckascope.config import CompareConfig, check_applies
     from ckascope.errors import InputError
