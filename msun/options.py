@@ -118,8 +118,15 @@ def check_eval(cfg: EvalConfig) -> None:
 
     Raises:
         InputError: ``--recalibrate-bn`` with ``--batch-size 1`` (a batch of one image gives
-            BatchNorm no variance to estimate).
+            BatchNorm no variance to estimate), or ``--overwrite`` without ``--out`` (the
+            default folder never replaces an output, so it would do nothing).
     """
+    if cfg.overwrite and cfg.out is None:
+        raise InputError(
+            "--overwrite lets --out replace an earlier eval output, and without --out the "
+            "tables go to a new default folder that never replaces one. Hint: add --out "
+            "FOLDER, or drop --overwrite"
+        )
     if cfg.recalibrate_bn and cfg.batch_size < 2:
         raise InputError(
             f"--recalibrate-bn estimates BatchNorm statistics per batch, and --batch-size "

@@ -94,3 +94,14 @@ def test_eval_overwrite_replaces_an_earlier_eval_output(tmp_path: Path) -> None:
     assert replaced.exit_code == 0, replaced.output
     assert [s["sizes"] for s in json.loads((out / "eval.json").read_text())] == [[16]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev", "m.pt"]
+
+
+def test_overwrite_without_out_is_refused_before_any_checkpoint_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.refusals import assert_refused
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", str(tmp_path / "none.pt"), "--overwrite"]
+    line = assert_refused(main, argv, "Hint: add --out FOLDER, or drop --overwrite", tmp_path)
+    assert "none.pt" not in line  # the checkpoint was never looked at
