@@ -22,6 +22,7 @@ CHEAP = [
     "msun split-points densenet121",
     "ckascope compare --model resnet18 --weights none --scales 32 64 --num-images 192 "
     "--batch-size 16 --bootstrap 200 --permutations 20 --out ckascope-out/calibrated",
+    "ckascope plot ckascope-out/calibrated --out slides/cka --annotate",
     "ckascope suggest-split --from ckascope-out/calibrated",
 ]
 FASHION = [
@@ -73,6 +74,7 @@ def _run_as_written(commands: list[str], cwd: Path) -> str:
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_the_cheap_commands_run_as_written(tmp_path: Path) -> None:
     stability = _run_as_written(CHEAP, tmp_path)  # suggest-split on the calibrated result
+    assert (tmp_path / "slides" / "cka" / "heatmap.pdf").is_file()  # drawn again, annotated
     assert "stability:" in stability
     assert "too few to judge" not in stability  # 12 minibatches: enough to judge
 
