@@ -131,6 +131,7 @@ _EXPORTS = {
     "write_json": "ckascope.fileio",
     "write_text": "ckascope.fileio",
     "OutputKind": "ckascope.result",
+    "RESULT_OUTPUT": "ckascope.result",
     "check_output_dir": "ckascope.result",
     "next_free": "ckascope.result",
     "staged_folder": "ckascope.result",
@@ -173,6 +174,7 @@ __all__ = [
     "MEMORY_FORMATS",
     "PROTOCOLS",
     "REQUIRED",
+    "RESULT_OUTPUT",
     "Batch",
     "CKAResult",
     "CKAScopeError",
@@ -300,6 +302,7 @@ if TYPE_CHECKING:
     from ckascope.plugins import register
     from ckascope.progress import Reporter, make_progress
     from ckascope.result import (
+        RESULT_OUTPUT,
         CKAResult,
         OutputKind,
         check_output_dir,

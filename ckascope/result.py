@@ -200,6 +200,7 @@ class CKAResult:
         *,
         overwrite: bool = False,
         extra: Callable[[Path], None] | None = None,
+        kind: OutputKind | None = None,
     ) -> Path:
         """Writes the result (and whatever ``extra`` writes into the folder) atomically.
 
@@ -208,12 +209,14 @@ class CKAResult:
             overwrite: Replace an earlier result in the folder. A folder holding anything
                 else is refused all the same: ``save`` never deletes other files.
             extra: Called with the staging folder to add files (e.g. figures).
+            kind: What an earlier output in the folder consists of [``RESULT_OUTPUT``: a
+                result and its figures]; a caller whose ``extra`` adds other files names them.
 
         Returns:
             The output folder.
         """
         dest = Path(directory)
-        with staged_folder(dest, overwrite) as staging:
+        with staged_folder(dest, overwrite, kind or RESULT_OUTPUT) as staging:
             self._write_files(staging)
             if extra is not None:
                 extra(staging)

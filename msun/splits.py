@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ckascope.platform import (
+    RESULT_OUTPUT,
     CKAResult,
     DistInfo,
     InputError,
@@ -35,6 +36,7 @@ from ckascope.platform import (
     SplitSuggestion,
     WeightsUnavailableError,
     build_model,
+    check_output_dir,
     compare_scales,
     is_self_describing,
     load_analysis,
@@ -57,6 +59,10 @@ ANALYSIS_BOOTSTRAP = 1000
 #: stability (ckascope's calibration.FEW_BATCHES). 16 of 32 images; more, smaller ones when
 #: torchrun runs over 16 processes (each gets a batch).
 ANALYSIS_BATCHES = 16
+#: The run's ``split-analysis/`` folder: the analysis, its figures and the choice made from it.
+SPLIT_ANALYSIS = RESULT_OUTPUT._replace(
+    name="an earlier split analysis", files=RESULT_OUTPUT.files | {"suggestion.json"}
+)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -164,6 +170,8 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
     """
     if saved is not None:
         return str(saved["train_config"]["split_at"])
+    # a run started again (no checkpoint yet) replaces its own analysis, nothing else
+    check_output_dir(Path(cfg.out) / "split-analysis", True, SPLIT_ANALYSIS)
     result = analysis(cfg, info)
     suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
     if info.is_main:
@@ -172,8 +180,12 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
 
 
 def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
-    result.save(out / "split-analysis", overwrite=True)
-    write_json(out / "split-analysis" / "suggestion.json", suggestion.to_dict())
+    result.save(
+        out / "split-analysis",
+        overwrite=True,
+        extra=lambda folder: write_json(folder / "suggestion.json", suggestion.to_dict()),
+        kind=SPLIT_ANALYSIS,
+    )
     console = make_console()
     console.print(split_table(suggestion))
     for line in suggestion.lines("--split-at auto ->"):

@@ -158,6 +158,23 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
         [*train, "--split-at", "auto", "--cka-from", str(analysis), "--resume", "--epochs", "1"],
     )
     assert again.exit_code == 0, again.output
+    # Started again before its first checkpoint (e.g. killed in epoch 1): it replaces its own
+    # split-analysis/ (the result and suggestion.json), and refuses one holding a user's file
+    # before analysing anything.
+    for name in ("last.pt", "best.pt"):
+        (run / name).unlink()
+    fresh = [*train, "--split-at", "auto", "--cka-from", str(analysis)]
+    restarted = CliRunner().invoke(msun_main, fresh)
+    assert restarted.exit_code == 0, restarted.output
+    assert (run / "split-analysis" / "suggestion.json").read_text() == suggestion
+    for name in ("last.pt", "best.pt"):
+        (run / name).unlink()
+    (run / "split-analysis" / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(msun_main, fresh)
+    assert refused.exit_code == 2, refused.output
+    assert "split-analysis holds files that are not an earlier split analysis" in refused.stderr
+    assert "--split-at auto ->" not in refused.stdout  # refused before the analysis
+    assert (run / "split-analysis" / "notes.txt").read_text() == "mine"
 
 
 def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -> None:
