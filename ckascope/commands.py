@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Collection, Sequence
@@ -190,14 +191,8 @@ def run_suggest_split(
     else:
         config.check_applies(cfg, explicit)
         cfg = resolve_config(cfg)
-        if cfg.out is not None:
-            check_output_dir(cfg.out, cfg.overwrite)
-        try:
-            result, is_main = analyse(cfg)
-        finally:
-            close_distributed()
-        if is_main and cfg.out is not None:
-            save(result, cfg.out, cfg)
+        check_split_request(cfg, split_points)  # before the comparison, not after it
+        result, is_main = _analyse_and_save(cfg)
     if not is_main:
         return
     suggestion = suggest_split(result, candidates(result, split_points), threshold=threshold)
@@ -208,6 +203,44 @@ def run_suggest_split(
     console.print(split_table(suggestion))
     for line in suggestion.lines():
         console.print(line)
+
+
+def _analyse_and_save(cfg: CompareConfig) -> tuple[CKAResult, bool]:
+    """suggest-split's own comparison, saved where ``--out`` says; whether this is rank 0."""
+    if cfg.out is not None:
+        check_output_dir(cfg.out, cfg.overwrite)
+    try:
+        result, is_main = analyse(cfg)
+    finally:
+        close_distributed()
+    if is_main and cfg.out is not None:
+        save(result, cfg.out, cfg)
+    return result, is_main
+
+
+def check_split_request(cfg: CompareConfig, split_points: str | None) -> None:
+    """Refuses, before any comparison runs, what ``candidates`` would refuse after it.
+
+    Args:
+        cfg: The resolved options (``resolve_config``: the scales decided).
+        split_points: ``--split-points``, None when not given.
+
+    Raises:
+        InputError: Two models (no same-layer diagonal to read), or ``split_points`` empty,
+            repeated, or not split points of ``--model``'s family.
+    """
+    if cfg.two_models:
+        raise InputError(
+            "suggest-split reads same-layer CKA across two scales of one model, and --model-b / "
+            "--checkpoint-b compare two models. Hint: drop the second model, and give --scales"
+        )
+    if split_points is None:
+        return
+    given = _given_points(split_points)
+    scales = (min(cfg.scales or (32, 224)), max(cfg.scales or (32, 224)))  # as the result's
+    known = _family_vocabulary(cfg.model, scales) if cfg.model else None
+    if known is not None:
+        _refuse_unknown(cfg.model, known, given)
 
 
 def refuse_compare_flags(from_dir: Path, flags: Sequence[str]) -> None:
@@ -459,19 +492,31 @@ def _legal_points(
     Each must be measured as the whole vocabulary places it (the stage before it analysed),
     not only among the given ones.
     """
-    legal = {name: c for c in vocabulary for name in (c.name, c.trunk_module)}
-    unknown = [name for name in given if name not in legal]
-    if unknown:
-        raise InputError(
-            f"--split-points {', '.join(unknown)}: not a legal split point of {result.arch} "
-            f"(legal: {', '.join(c.name for c in vocabulary)}). Hint: pick among them, or leave "
-            "out --split-points to weigh them all"
-        )
+    legal = _refuse_unknown(result.arch, vocabulary, given)
     chosen = {legal[name].name for name in given}
     check_analysed(
         result.layers_a, vocabulary, judged=[c.name for c in vocabulary if c.name in chosen]
     )
     return [c for c in vocabulary if c.name in chosen]
+
+
+def _refuse_unknown(
+    arch: str | None, vocabulary: list[SplitCandidate], given: list[str]
+) -> dict[str, SplitCandidate]:
+    """The family's candidates by split point and trunk module; refuses a name among neither.
+
+    Raises:
+        InputError: A name in ``given`` that is not a split point of ``arch``, listing the legal.
+    """
+    legal = {name: c for c in vocabulary for name in (c.name, c.trunk_module)}
+    unknown = [name for name in given if name not in legal]
+    if unknown:
+        raise InputError(
+            f"--split-points {', '.join(unknown)}: not a legal split point of {arch} "
+            f"(legal: {', '.join(c.name for c in vocabulary)}). Hint: pick among them, or leave "
+            "out --split-points to weigh them all"
+        )
+    return legal
 
 
 def _placed_points(result: CKAResult, given: list[str]) -> list[SplitCandidate]:
@@ -512,8 +557,16 @@ def split_vocabulary(arch: str, scales: tuple[int, int] = (32, 224)) -> list[Spl
 
 def _family_vocabulary(arch: str, scales: tuple[int, int]) -> list[SplitCandidate] | None:
     """The first registered family's split points of ``arch`` (priced), None if none knows it."""
+    found = _priced_vocabulary(arch, scales)
+    return None if found is None else list(found)
+
+
+@functools.lru_cache(maxsize=8)
+def _priced_vocabulary(arch: str, scales: tuple[int, int]) -> tuple[SplitCandidate, ...] | None:
+    # pricing builds the family's networks (seconds for a resnet50); suggest-split checks the
+    # given points before its comparison and reads them after it, so the second is a lookup
     for family in plugins.list_entries("split_vocabularies"):
         found = plugins.load("split_vocabularies", family)(arch, scales)
         if found is not None:
-            return list(found)
+            return tuple(found)
     return None

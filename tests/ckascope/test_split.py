@@ -400,3 +400,21 @@ def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> N
     text = " ".join(one.stdout.split())
     assert "fewer than 2 minibatches, nothing to resample" in text
     assert "--bootstrap 1000" not in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--split-points", "layer2,layer2"], "--split-points lists layer2 twice"),
+        (["--split-points", "layer2,layerX"], "--split-points layerX: not a legal split point"),
+        (["--model-b", "resnet34", "--scale", "16"], "--model-b / --checkpoint-b compare two"),
+    ],
+)
+def test_cli_a_split_request_it_would_refuse_is_refused_before_its_comparison(
+    tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    """--layers nosuch fails once the comparison starts: these must be refused before that."""
+    argv = ["suggest-split", "--model", "resnet18", "--weights", "none", "--layers", "nosuch"]
+    line = assert_refused(main, [*argv, *extra], needle, tmp_path)
+    assert "nosuch" not in line
+    assert "Hint:" in line
