@@ -38,7 +38,7 @@ from ckascope.models import (
 )
 from ckascope.options import SweepFields, ViewFields, changed_fields, flag_of, values_of
 from ckascope.plot import redraw, save_figures
-from ckascope.result import CKAResult, check_output_dir, next_free
+from ckascope.result import CKAResult, check_output_dir, is_result_dir, next_free
 from ckascope.split import (
     SplitCandidate,
     check_analysed,
@@ -342,6 +342,12 @@ def run_plot(result_dir: Path, out: Path | None, annotate: bool, overwrite: bool
         )
     result = CKAResult.load(result_dir)
     folder = out or result_dir
+    if folder.resolve() != result_dir.resolve() and is_result_dir(folder):
+        raise InputError(
+            f"--out {folder} holds another ckascope result, whose figures would then show "
+            f"{result_dir}'s numbers. Hint: choose another --out, or ckascope plot {folder} "
+            "to draw that result's own figures"
+        )
     paths = redraw(result, folder, annotate=annotate, overwrite=overwrite)
     console = make_console()
     console.print(f"figures written to {folder}/:")

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 
 from ckascope.errors import InputError
 from ckascope.fileio import atomic_path, staging_dir
-from ckascope.result import CKAResult, check_writable_folder
+from ckascope.result import FIGURE_STAGING, CKAResult, check_writable_folder
 
 FORMATS = ("png", "pdf")
 #: Cells whose permutation p-value exceeds this are marked as not beating the null.
@@ -227,8 +227,6 @@ def figure_names(result: CKAResult) -> list[str]:
     return [f"{stem}.{ext}" for stem in stems for ext in FORMATS]
 
 
-#: The name of ``redraw``'s hidden staging folders (``.figures.XXXX.tmp``).
-_STAGING = "figures"
 
 
 def redraw(
@@ -256,9 +254,9 @@ def redraw(
     names = figure_names(result)
     _check_figures_free(folder, names, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{_STAGING}.*.tmp"):  # a killed redraw's
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = staging_dir(folder / _STAGING, ".tmp")
+    # a killed redraw's staging stays (hidden; a result folder counts it as its own), as a
+    # redraw running beside this one into the same folder may still be drawing in it
+    staging = staging_dir(folder / FIGURE_STAGING, ".tmp")
     try:
         save_figures(result, staging, annotate=annotate)
         for name in names:

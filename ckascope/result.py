@@ -17,6 +17,7 @@ interruption leaves either the previous result or the new one, never a mix.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -315,6 +316,16 @@ RESULT_FILES = frozenset(
     + [f"{stem}.{ext}" for stem in ("heatmap", "curve") for ext in ("png", "pdf")]
 )
 
+#: The stem of ``ckascope.plot.redraw``'s hidden staging folders in a result folder
+#: (``.figures.XXXX.tmp``): a killed redraw leaves one, which is the result's own debris.
+FIGURE_STAGING = "figures"
+
+
+def _own(name: str, kind: OutputKind) -> bool:
+    """Whether a file named ``name`` in a folder of ``kind`` belongs to that output."""
+    return name in kind.files or fnmatch.fnmatch(name, f".{FIGURE_STAGING}.*.tmp")
+
+
 #: What ``--out`` of ``ckascope compare`` (and ``CKAResult.save``) may replace.
 RESULT_OUTPUT = OutputKind("an earlier ckascope result", is_result_dir, RESULT_FILES)
 
@@ -366,7 +377,7 @@ def check_output_dir(dest: Path, overwrite: bool, kind: OutputKind = RESULT_OUTP
     check_writable_folder(dest)
     if not dest.is_dir() or not any(dest.iterdir()):
         return
-    others = sorted(p.name for p in dest.iterdir() if p.name not in kind.files)
+    others = sorted(p.name for p in dest.iterdir() if not _own(p.name, kind))
     if others or not kind.holds(dest):
         never = ", which --overwrite never replaces" if overwrite else ""
         raise InputError(

@@ -95,3 +95,25 @@ def test_plot_refuses_a_missing_folder(tmp_path: Path) -> None:
     done = CliRunner().invoke(main, ["plot", str(tmp_path / "nothere")])
     assert done.exit_code == 2
     assert "does not exist" in done.stderr
+
+
+def test_plot_refuses_an_out_holding_another_result(tmp_path: Path) -> None:
+    """B saved without figures would otherwise get A's figures beside B's numbers."""
+    a, b = _saved(tmp_path / "a"), _saved(tmp_path / "b")
+    before = contents(b)
+    done = CliRunner().invoke(main, ["plot", str(a), "--out", str(b), "--overwrite"])
+    assert done.exit_code == 2, done.output
+    assert f"--out {b} holds another ckascope result" in done.stderr
+    assert contents(b) == before
+    again = CliRunner().invoke(main, ["plot", str(a), "--out", str(a)])  # itself: fine
+    assert again.exit_code == 0, again.output
+
+
+def test_a_killed_redraws_staging_does_not_keep_the_result_from_being_replaced(
+    tmp_path: Path,
+) -> None:
+    res = _saved(tmp_path / "res")
+    (res / ".figures.k1ll3d.tmp").mkdir()  # what a redraw killed while drawing leaves
+    (res / ".figures.k1ll3d.tmp" / "heatmap.png").write_bytes(b"half")
+    CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"run": 2}).save(res, overwrite=True)
+    assert sorted(p.name for p in res.iterdir()) == ["cka.csv", "matrices.npz", "result.json"]
