@@ -344,7 +344,10 @@ def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
         )
     low, high = CI_RANGE
     if not low <= ci <= high:  # NaN fails too
-        raise InputError(f"--ci must be a coverage in {low}..{high}, e.g. 0.95, got {ci}")
+        raise InputError(
+            f"--ci must be a coverage in {low}..{high}, got {ci}. Hint: e.g. --ci 0.95 for a "
+            "95 % interval"
+        )
 
 
 def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:

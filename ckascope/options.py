@@ -11,6 +11,7 @@ answer without importing torch.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -216,7 +217,8 @@ def check_ranges(options: object, group: type) -> None:
 
     The library keeps the command line's ranges (``config_field``'s ``min``/``max``), so a value
     ``ckascope compare`` refuses is refused at construction of ``ViewOptions``/``SweepOptions``
-    too. A field whose default is None may be None (derived later).
+    too. A field whose default is None may be None (derived later). A NumPy number in range is
+    stored as the Python number it equals, as the settings are written to JSON.
 
     Args:
         options: A dataclass holding the fields of ``group`` (e.g. a ``ViewOptions``).
@@ -229,17 +231,20 @@ def check_ranges(options: object, group: type) -> None:
             continue
         integral = not isinstance(low, float) and not isinstance(high, float)
         if not _within(value, low, high, integral):
-            flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+            flag = flag_of(options, f.name)
             raise InputError(
                 f"{type(options).__name__}.{f.name} must be {_span(low, high, integral)}, got "
                 f"{value!r}. Hint: the command line's {flag} takes the same values"
                 + ("; None gives the default" if f.default is None else "")
             )
+        # frozen dataclasses: the one way to store the plain number in place
+        object.__setattr__(options, f.name, int(value) if integral else float(value))
 
 
 def _within(value: Any, low: float | None, high: float | None, integral: bool) -> bool:
     """Whether ``value`` is a number of the field's kind in [low, high] (NaN never is)."""
-    kinds = (int,) if integral else (int, float)
+    # numbers.Integral / Real: NumPy's integers and floats are numbers here too
+    kinds = (numbers.Integral,) if integral else (numbers.Real,)
     if isinstance(value, bool) or not isinstance(value, kinds):
         return False
     return (low is None or value >= low) and (high is None or value <= high)

@@ -555,3 +555,14 @@ def test_the_package_names_stay_functions_and_renamed_options_say_so(model: nn.M
         compare_scales(model, None, (8, 16), base_size=32)  # type: ignore[call-arg]
     with pytest.raises(InputError, match="no option 'sclaes'"):
         compare_models(model, model, None, sclaes=3)  # type: ignore[call-arg]
+
+
+def test_numpy_numbers_are_options_too_and_stored_as_python_ones() -> None:
+    """The settings are written as JSON, which has no NumPy scalars."""
+    from ckascope.compare import SweepOptions
+    from ckascope.views import ViewOptions
+
+    view = ViewOptions(image_size=np.int64(32))
+    sweep = SweepOptions(num_images=np.int32(64), repeats=np.int64(2))
+    assert (type(view.image_size), type(sweep.num_images), type(sweep.repeats)) == (int, int, int)
+    assert (view.image_size, sweep.num_images, sweep.repeats) == (32, 64, 2)
