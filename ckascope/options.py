@@ -247,7 +247,8 @@ def _within(value: Any, low: float | None, high: float | None, integral: bool) -
     kinds = (numbers.Integral,) if integral else (numbers.Real,)
     if isinstance(value, bool) or not isinstance(value, kinds):
         return False
-    return (low is None or value >= low) and (high is None or value <= high)
+    number = float(value)
+    return (low is None or number >= low) and (high is None or number <= high)
 
 
 def _span(low: float | None, high: float | None, integral: bool) -> str:

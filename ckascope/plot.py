@@ -227,8 +227,6 @@ def figure_names(result: CKAResult) -> list[str]:
     return [f"{stem}.{ext}" for stem in stems for ext in FORMATS]
 
 
-
-
 def redraw(
     result: CKAResult, folder: Path, *, annotate: bool = False, overwrite: bool = False
 ) -> list[Path]:
