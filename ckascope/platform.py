@@ -24,7 +24,8 @@ Errors (no torch): the typed errors a command line prints as one line with a hin
 Command line (no torch): click and rich plumbing shared by the command lines. ``FriendlyGroup``
     (one-line errors, Ctrl-C as exit 130), ``config_field`` and ``config_options`` (a config
     dataclass whose fields are also the command's options; ``REQUIRED`` marks a field without
-    a default), ``make_console``, ``renamed_flags`` (old flag names kept for a release, with a
+    a default), ``explicit_options`` (the options a user gave, not left at default),
+    ``make_console``, ``renamed_flags`` (old flag names kept for a release, with a
     note), and ``run`` (a console script's start, quiet on Ctrl-C before the command line is
     imported).
 
@@ -49,8 +50,8 @@ Distributed: one process or torchrun's many. ``DistInfo``, ``close_distributed``
 
 Files and output folders: atomic writes and folders that never replace a result by accident.
     ``atomic_path``, ``atomic_write``, ``json_matrix``, ``torch_save``, ``write_json``,
-    ``write_text``; ``OutputKind`` (what ``--overwrite`` may replace), ``check_output_dir``,
-    ``next_free``, ``staged_folder``.
+    ``write_text``; ``OutputKind`` (what ``--overwrite`` may replace; ``RESULT_OUTPUT``: a
+    ckascope result and its figures), ``check_output_dir``, ``next_free``, ``staged_folder``.
 
 Models and checkpoints: torchvision models and self-describing checkpoints.
     ``CHECKPOINT_FORMAT``, ``build_model``, ``checkpoint_label``, ``is_self_describing``,
@@ -86,6 +87,7 @@ _EXPORTS = {
     "REQUIRED": "ckascope.cliutils",
     "config_field": "ckascope.cliutils",
     "config_options": "ckascope.cliutils",
+    "explicit_options": "ckascope.cliutils",
     "make_console": "ckascope.cliutils",
     "renamed_flags": "ckascope.cliutils",
     "run": "ckascope.entry",
@@ -211,6 +213,7 @@ __all__ = [
     "default_resize",
     "down_and_up",
     "eval_transform",
+    "explicit_options",
     "heatmap",
     "hint_close",
     "in_layout",
@@ -258,6 +261,7 @@ if TYPE_CHECKING:
         FriendlyGroup,
         config_field,
         config_options,
+        explicit_options,
         make_console,
         renamed_flags,
     )

@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from click.core import ParameterSource
 
-from ckascope.platform import FriendlyGroup, config_options, make_console, renamed_flags
+from ckascope.platform import (
+    FriendlyGroup,
+    config_options,
+    explicit_options,
+    make_console,
+    renamed_flags,
+)
 from msun import __version__
 from msun.config import (
     TrainConfig,
@@ -142,8 +147,7 @@ def split_points_command(arch: str) -> None:
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @config_options(TrainConfig, overrides={"scales": _SCALES_OPTION})
-@click.pass_context
-def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **values: Any) -> None:
+def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     """Train MSUN, MST or vanilla with the published recipe (one CPU, one GPU, or torchrun).
 
     \b
@@ -152,11 +156,8 @@ def train(ctx: click.Context, /, config_file: Path | None, resume: bool, **value
       msun train --model resnet18 --data shapes --image-size 96 --scales 16 48 96 --epochs 8
       torchrun --nproc_per_node 8 -m msun train --config recipe.yaml
     """
-    given = {
-        k: v
-        for k, v in values.items()
-        if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE
-    }
+    explicit = explicit_options()
+    given = {k: v for k, v in values.items() if k in explicit}
     from_file = load_yaml(config_file) if config_file else {}
     cfg = merge(from_file, given)
     from ckascope.platform import close_distributed
