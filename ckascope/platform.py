@@ -65,7 +65,8 @@ Multi-path models: the protocol a model with one path per scale meets to be comp
 
 Measurement and split suggestion: the comparison itself and what is read from it.
     ``CKAResult``, ``compare_scales``, ``SplitCandidate``, ``SplitSuggestion``,
-    ``load_analysis``, ``split_table``, ``suggest_split``.
+    ``load_analysis``, ``split_table``, ``suggest_split``, ``unanalysed`` (split points whose
+    trunk input an analysis did not measure).
 
 Plots: ``curve`` and ``heatmap`` of a result, and ``save`` (a figure as PNG and PDF, atomically).
 """
@@ -162,6 +163,7 @@ _EXPORTS = {
     "load_analysis": "ckascope.split",
     "split_table": "ckascope.split",
     "suggest_split": "ckascope.split",
+    "unanalysed": "ckascope.split",
     # plots
     "curve": "ckascope.plot",
     "heatmap": "ckascope.plot",
@@ -241,6 +243,7 @@ __all__ = [
     "to_layout",
     "to_rgb",
     "torch_save",
+    "unanalysed",
     "warn_skipped",
     "write_json",
     "write_text",
@@ -319,6 +322,7 @@ if TYPE_CHECKING:
         load_analysis,
         split_table,
         suggest_split,
+        unanalysed,
     )
     from ckascope.views import check_protocol, down_and_up, resize
     from ckascope.vocab import (

@@ -43,6 +43,7 @@ from ckascope.platform import (
     make_console,
     split_table,
     suggest_split,
+    unanalysed,
     write_json,
 )
 from msun.backbones import backbone_for, check_split, meta_model, split_points, supported_archs
@@ -173,10 +174,32 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
     # a run started again (no checkpoint yet) replaces its own analysis, nothing else
     check_output_dir(Path(cfg.out) / "split-analysis", True, SPLIT_ANALYSIS)
     result = analysis(cfg, info)
-    suggestion = suggest_split(result, split_candidates(cfg.model, cfg.scales))
+    candidates = split_candidates(cfg.model, cfg.scales)
+    check_measured(cfg, result, candidates)
+    suggestion = suggest_split(result, candidates)
     if info.is_main:
         _record(result, suggestion, Path(cfg.out))
     return suggestion.choice
+
+
+def check_measured(
+    cfg: TrainConfig, result: CKAResult, candidates: Sequence[SplitCandidate]
+) -> None:
+    """Refuses an analysis (``--cka-from``) that does not show every split point's trunk input.
+
+    The rule takes the first point whose input passes, so an unmeasured earlier point would be
+    skipped unseen (ckascope's own refusal names suggest-split's flags, not the trainer's).
+
+    Raises:
+        InputError: Naming the unmeasured points and how to choose anyway.
+    """
+    missing = unanalysed(result.layers_a, candidates)
+    if missing:
+        raise InputError(
+            f"--cka-from {cfg.cka_from} does not show the trunk input of {', '.join(missing)} "
+            "(its --layers leave them out), so --split-at auto cannot judge them. Hint: analyse "
+            f"with ckascope compare's default --layers (blocks), or name the split with --split-at"
+        )
 
 
 def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:

@@ -177,6 +177,22 @@ def test_split_at_auto_from_a_saved_analysis(tmp_path: Path) -> None:
     assert (run / "split-analysis" / "notes.txt").read_text() == "mine"
 
 
+def test_split_at_auto_refuses_an_analysis_that_does_not_show_every_split_points_input(
+    tmp_path: Path,
+) -> None:
+    analysis = tmp_path / "narrow"
+    compare = ["compare", "--model", "resnet18", "--weights", "none", "--num-classes", "10"]
+    compare += [*SMALL_SWEEP, "--layers", "layer3.*,layer4", "--out", str(analysis)]
+    assert CliRunner().invoke(ckascope_main, compare).exit_code == 0
+    train = ["train", *tinyrun.TRAIN, "--out", str(tmp_path / "run"), "--split-at", "auto"]
+    done = CliRunner().invoke(msun_main, [*train, "--cka-from", str(analysis)])
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.strip().splitlines()
+    assert f"--cka-from {analysis} does not show the trunk input of layer1, layer2, layer3" in line
+    assert "name the split with --split-at" in line
+    assert "suggest-split" not in line  # the trainer's words, not ckascope's
+
+
 def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -> None:
     args = [
         "train",
