@@ -140,7 +140,7 @@ class Side:
         Under ``upsample`` the model sees the image size, so that is what to change; a side
         fed at its scale (``native``) sees the scale unless ``upsample`` feeds it the image size.
         """
-        fixed = _fixed_size(error, self.model)
+        fixed = _fixed_size(error)
         native = side != getattr(self.view, "image_size", side)
         if fixed is not None and native:
             return (
@@ -160,12 +160,13 @@ class Side:
         return "use a larger --image-size (a fixed-size model such as a ViT: its input size)"
 
 
-def _fixed_size(error: Exception, model: nn.Module) -> int | None:
-    """The one input size a model takes (a torchvision ViT's ``image_size``), if it says."""
-    size = getattr(model, "image_size", None)
-    if isinstance(size, int):
-        return size
-    found = re.search(r"expected (\d+) but got \d+", str(error), re.IGNORECASE)  # a ViT's
+def _fixed_size(error: Exception) -> int | None:
+    """The one input size a model takes, where its refusal names it (a torchvision ViT's).
+
+    Read from the error, not from an ``image_size`` attribute, which other models carry too
+    (a network trained at that size, not one that takes nothing else).
+    """
+    found = re.search(r"expected (\d+) but got \d+", str(error), re.IGNORECASE)
     return int(found.group(1)) if found else None
 
 

@@ -354,7 +354,7 @@ def test_a_fixed_size_model_is_told_the_image_size_it_takes() -> None:
     with pytest.raises(InputError) as native:
         compare_scales(vit, images, (8, 16), image_size=16, protocol="native", **options)  # type: ignore[arg-type]
     assert "pass --image-size 32 with --protocol upsample" in str(native.value)
-    wrapped = nn.Sequential(vit)  # a model that does not say its size: its error does
+    wrapped = nn.Sequential(vit)  # no image_size attribute: the error says the size
     inner = {**options, "layers": ["0.encoder.layers.encoder_layer_0"]}
     with pytest.raises(InputError, match="takes 32-px inputs only"):
         compare_scales(wrapped, images, (8, 16), image_size=16, **inner)  # type: ignore[arg-type]
