@@ -36,7 +36,14 @@ from ckascope.models import (
     read_inputs,
     weights_input_size,
 )
-from ckascope.options import SweepFields, ViewFields, changed_fields, flag_of, values_of
+from ckascope.options import (
+    SweepFields,
+    ViewFields,
+    changed_fields,
+    flag_of,
+    refuse_ignored,
+    values_of,
+)
 from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, is_result_dir, next_free
 from ckascope.split import (
@@ -190,6 +197,7 @@ def run_suggest_split(
         is_main = True
     else:
         config.check_applies(cfg, explicit)
+        refuse_ignored(cfg, config.SUGGEST_USES, explicit)
         cfg = resolve_config(cfg)
         check_split_request(cfg, split_points)  # before the comparison, not after it
         result, is_main = _analyse_and_save(cfg)

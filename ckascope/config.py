@@ -154,6 +154,20 @@ COMPARE_USES: dict[str, Applies] = {
 }
 
 
+#: What else suggest-split's own comparison uses: it saves (with figures) only to ``--out``.
+SUGGEST_USES: dict[str, Applies] = {
+    name: Applies(
+        lambda cfg: cfg.out is not None,
+        f"{what}, and suggest-split without --out saves no result and draws no figure",
+        f"add --out FOLDER to keep the comparison, or drop {flag}",
+    )
+    for name, flag, what in (
+        ("annotate", "--annotate", "prints each cell's CKA in the heatmap"),
+        ("no_figures", "--no-figures", "skips the figures of the saved result"),
+    )
+}
+
+
 def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -> None:
     """Refuses an option set where the comparison would ignore it; reads no file, builds nothing.
 

@@ -382,7 +382,7 @@ def check_output_dir(dest: Path, overwrite: bool, kind: OutputKind = RESULT_OUTP
         never = ", which --overwrite never replaces" if overwrite else ""
         raise InputError(
             f"output folder {dest} holds files that are not {kind.name}"
-            f"{_named(others) if kind.holds(dest) else ''}{never}. Hint: choose another --out, "
+            f"{_named(others) if others else ''}{never}. Hint: choose another --out, "
             "or empty or remove the folder yourself"
         )
     if not overwrite:

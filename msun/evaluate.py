@@ -439,7 +439,7 @@ def is_eval_dir(path: Path) -> bool:
 
 #: What ``msun eval --out`` may replace.
 EVAL_OUTPUT = OutputKind(
-    "an earlier msun eval output (eval.json)",
+    "an earlier msun eval output",
     is_eval_dir,
     frozenset(["eval.json", "eval.csv", "figure4.png", "figure4.pdf"]),
 )

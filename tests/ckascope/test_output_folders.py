@@ -66,7 +66,7 @@ def test_compare_leaves_a_folder_of_other_files_untouched(
     done = CliRunner().invoke(main, [*DOOMED, "--out", str(folder), *overwrite])
     assert done.exit_code == 2, done.output
     [line] = done.stderr.strip().splitlines()
-    assert "not an earlier ckascope result" in line
+    assert "not an earlier ckascope result (" in line  # naming the first of them
     assert "Hint: choose another --out, or empty or remove the folder yourself" in line
     assert "pass --overwrite" not in line
     assert ("--overwrite never replaces" in line) == bool(overwrite)

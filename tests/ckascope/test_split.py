@@ -408,6 +408,8 @@ def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> N
         (["--split-points", "layer2,layer2"], "--split-points lists layer2 twice"),
         (["--split-points", "layer2,layerX"], "--split-points layerX: not a legal split point"),
         (["--model-b", "resnet34", "--scale", "16"], "--model-b / --checkpoint-b compare two"),
+        (["--annotate"], "suggest-split without --out saves no result and draws no figure"),
+        (["--no-figures"], "suggest-split without --out saves no result and draws no figure"),
     ],
 )
 def test_cli_a_split_request_it_would_refuse_is_refused_before_its_comparison(
