@@ -725,9 +725,7 @@ def compare_sides(
     view = resolve_view(view, data)
     view.check()
     size = cast(int, view.image_size)
-    scales = [size if s.scale is None else s.scale for s in (a, b)]
-    for scale in scales:
-        check_scale(scale)
+    scales = [check_scale(size if s.scale is None else s.scale) for s in (a, b)]
     for model in (a.model, b.model):
         if device is not None:
             model.to(device)

@@ -217,13 +217,14 @@ def check_ranges(options: object, group: type) -> None:
 
     The library keeps the command line's ranges (``config_field``'s ``min``/``max``), so a value
     ``ckascope compare`` refuses is refused at construction of ``ViewOptions``/``SweepOptions``
-    too. A field whose default is None may be None (derived later). A NumPy number in range is
-    stored as the Python number it equals, as the settings are written to JSON.
+    too. A field whose default is None may be None (derived later). A NumPy number is stored
+    as the Python number it equals (``_plain_numbers``).
 
     Args:
         options: A dataclass holding the fields of ``group`` (e.g. a ``ViewOptions``).
         group: The dataclass that declares them (``ViewFields`` or ``SweepFields``).
     """
+    _plain_numbers(options, group)
     for f in dataclasses.fields(group):
         low, high = f.metadata.get("min"), f.metadata.get("max")
         value = getattr(options, f.name)
@@ -237,8 +238,19 @@ def check_ranges(options: object, group: type) -> None:
                 f"{value!r}. Hint: the command line's {flag} takes the same values"
                 + ("; None gives the default" if f.default is None else "")
             )
-        # frozen dataclasses: the one way to store the plain number in place
-        object.__setattr__(options, f.name, int(value) if integral else float(value))
+
+
+def _plain_numbers(options: object, group: type) -> None:
+    """Stores each NumPy number among the fields of ``group`` as the Python number it equals.
+
+    The settings are written to JSON and seeds go to torch, neither of which takes NumPy's.
+    """
+    for f in dataclasses.fields(group):
+        value = getattr(options, f.name)
+        if isinstance(value, bool | int | float) or not isinstance(value, numbers.Real):
+            continue  # already plain, or not a number at all (a check below names it)
+        plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+        object.__setattr__(options, f.name, plain)  # frozen dataclasses: the way to store it
 
 
 def _within(value: Any, low: float | None, high: float | None, integral: bool) -> bool:

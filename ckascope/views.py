@@ -15,6 +15,7 @@ Protocols (``vocab.PROTOCOLS``):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -25,10 +26,17 @@ from ckascope.options import ViewFields, check_ranges
 from ckascope.vocab import MAX_SCALE, PROTOCOLS, RESIZE_MODES, Protocol
 
 
-def check_scale(size: int) -> None:
-    """Raises InputError unless 1 <= size <= MAX_SCALE."""
-    if not isinstance(size, int) or not 1 <= size <= MAX_SCALE:
-        raise InputError(f"scales must be integers in 1..{MAX_SCALE} px, got {size!r}")
+def check_scale(size: int) -> int:
+    """``size`` as a Python int (a NumPy integer too); InputError unless 1 <= size <= MAX_SCALE."""
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, numbers.Integral)
+        or not 1 <= size <= MAX_SCALE
+    ):
+        raise InputError(
+            f"scales must be integers in 1..{MAX_SCALE} px, got {size!r}. Hint: e.g. (32, 224)"
+        )
+    return int(size)
 
 
 def resize(images: Tensor, size: int, mode: str = "bilinear", antialias: bool = False) -> Tensor:

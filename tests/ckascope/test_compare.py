@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -563,6 +564,23 @@ def test_numpy_numbers_are_options_too_and_stored_as_python_ones() -> None:
     from ckascope.views import ViewOptions
 
     view = ViewOptions(image_size=np.int64(32))
-    sweep = SweepOptions(num_images=np.int32(64), repeats=np.int64(2))
-    assert (type(view.image_size), type(sweep.num_images), type(sweep.repeats)) == (int, int, int)
-    assert (view.image_size, sweep.num_images, sweep.repeats) == (32, 64, 2)
+    sweep = SweepOptions(num_images=np.int32(64), repeats=np.int64(2), batch_size=np.int64(16))
+    sweep = dataclasses.replace(sweep, seed=np.int64(3))
+    plain = (view.image_size, sweep.num_images, sweep.repeats, sweep.batch_size, sweep.seed)
+    assert plain == (32, 64, 2, 16, 3)
+    assert {type(v) for v in plain} == {int}
+
+
+def test_numpy_numbers_run_and_save_end_to_end(model: nn.Module, tmp_path: Path) -> None:
+    result = compare_scales(
+        model,
+        None,
+        (np.int64(16), np.int64(32)),
+        image_size=32,
+        num_images=np.int64(8),
+        batch_size=np.int64(8),
+        seed=np.int64(1),
+        layers="stages",
+    )
+    result.save(tmp_path / "r")  # the settings are JSON: no NumPy scalar reaches them
+    assert CKAResult.load(tmp_path / "r").settings["scales"] == [16, 32]
