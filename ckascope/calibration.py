@@ -211,6 +211,22 @@ def coarse_null_note(permutations: int, alpha: float = ALPHA) -> str | None:
     )
 
 
+def coarse_bootstrap_note(replicates: int, ci: float) -> str | None:
+    """What to know when B replicates leave a ``ci`` percentile interval's tails empty, else None.
+
+    Each tail holds B (1 - ci) / 2 replicates; under one, the interval is just the range of the
+    replicates (zero width for B = 1), whatever coverage it is labelled with.
+    """
+    need = math.ceil(round(2.0 / (1.0 - ci), 9))  # 2 / 0.1 is 20.000000000000004
+    if replicates < 1 or replicates >= need:
+        return None
+    return (
+        f"with {replicates} bootstrap replicate(s) the {ci:.0%} interval has less than one "
+        "replicate in each tail: it is only their range, not a calibrated interval. Hint: "
+        f"--bootstrap {need} or more (e.g. 1000)"
+    )
+
+
 def permuted_cross_terms(pa: Tensor, pb: Tensor, layout: BlockLayout, perms: Tensor) -> Tensor:
     """HSIC1 cross terms with side b's examples shuffled, one shuffle per row of ``perms``.
 

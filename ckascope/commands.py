@@ -20,7 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from ckascope import config, plugins
-from ckascope.calibration import coarse_null_note
+from ckascope.calibration import coarse_bootstrap_note, coarse_null_note
 from ckascope.cliutils import make_console
 from ckascope.compare import SideSpec, SweepOptions, compare_sides, image_size_for
 from ckascope.config import CompareConfig
@@ -430,9 +430,12 @@ def report(result: CKAResult, out: Path) -> None:
         f"{s['images_used'] // result.repeats} images x {result.repeats} sweep(s), {result.elapsed:.1f} s"
         + (f", {s['images_skipped']} unreadable image(s) skipped" if s["images_skipped"] else "")
     )
-    coarse = coarse_null_note(int(s.get("permutations") or 0))
-    if coarse:  # the p column cannot say it; the heatmap's legend is absent with --no-figures
-        click.echo(f"note: {coarse}", err=True)
+    coarse = [
+        coarse_bootstrap_note(int(s.get("bootstrap") or 0), float(s.get("ci") or 0.95)),
+        coarse_null_note(int(s.get("permutations") or 0)),
+    ]
+    for note in filter(None, coarse):  # the table cannot say it; nor the figures (--no-figures)
+        click.echo(f"note: {note}", err=True)
     if same_path(s):
         click.echo(
             f"note: both scales went to path {s['paths'][0]} of this multi-path model: this "

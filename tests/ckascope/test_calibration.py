@@ -318,6 +318,18 @@ def test_too_few_permutations_to_reach_five_percent_get_a_note() -> None:
     assert [coarse_null_note(m) for m in (0, 19, 20, 1000)] == [None] * 4
 
 
+def test_too_few_bootstrap_replicates_for_the_intervals_tails_get_a_note() -> None:
+    from ckascope.calibration import coarse_bootstrap_note
+
+    note = coarse_bootstrap_note(1, 0.95)
+    assert note is not None
+    assert "with 1 bootstrap replicate(s) the 95% interval has less than one replicate" in note
+    assert "Hint: --bootstrap 40 or more" in note  # 40 x 2.5 % = 1 in each tail
+    assert coarse_bootstrap_note(39, 0.95) is not None
+    assert "--bootstrap 20 or more" in (coarse_bootstrap_note(5, 0.9) or "")
+    assert [coarse_bootstrap_note(b, 0.95) for b in (0, 40, 1000)] == [None] * 3
+
+
 def test_the_command_line_notes_coarse_p_values_and_writes_one_permutations_std_as_missing(
     tmp_path: Path,
 ) -> None:
@@ -333,6 +345,11 @@ def test_the_command_line_notes_coarse_p_values_and_writes_one_permutations_std_
     )
     assert one.exit_code == 0, one.output
     assert "note: with 1 permutation(s) the smallest possible p-value is 1/2 = 0.5" in one.stderr
+    assert "bootstrap" not in one.stderr  # no bootstrap asked, nothing to note
+    boot = [*args, "--num-images", "16", "--bootstrap", "1", "--out", str(tmp_path / "b1")]
+    done = CliRunner().invoke(ckascope_main, boot)
+    assert done.exit_code == 0, done.output
+    assert "note: with 1 bootstrap replicate(s) the 95% interval" in done.stderr
     saved = json.loads((tmp_path / "1" / "result.json").read_text())
     assert {v for row in saved["null_std"] for v in row} == {None}  # JSON's missing value
     assert pd.read_csv(tmp_path / "1" / "cka.csv")["null_std"].isna().all()  # an empty cell
