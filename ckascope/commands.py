@@ -210,7 +210,7 @@ def run_suggest_split(
     console = make_console()
     console.print(split_table(suggestion))
     for line in suggestion.lines():
-        console.print(line)
+        console.print(line, soft_wrap=True)  # one line each: a terminal wraps it
 
 
 def _analyse_and_save(cfg: CompareConfig) -> tuple[CKAResult, bool]:
@@ -234,18 +234,21 @@ def check_split_request(cfg: CompareConfig, split_points: str | None) -> None:
         split_points: ``--split-points``, None when not given.
 
     Raises:
-        InputError: Two models (no same-layer diagonal to read), or ``split_points`` empty,
-            repeated, or not split points of ``--model``'s family.
+        InputError: Two models (no same-layer diagonal to read), a ``--model`` no family knows
+            without ``split_points``, or ``split_points`` empty, repeated, or not split points
+            of ``--model``'s family.
     """
     if cfg.two_models:
         raise InputError(
             "suggest-split reads same-layer CKA across two scales of one model, and --model-b / "
             "--checkpoint-b compare two models. Hint: drop the second model, and give --scales"
         )
+    scales = (min(cfg.scales or (32, 224)), max(cfg.scales or (32, 224)))  # as the result's
     if split_points is None:
+        if cfg.model:  # a checkpoint's architecture is known once it is read
+            split_vocabulary(cfg.model, scales)  # refuses a model no family knows
         return
     given = _given_points(split_points)
-    scales = (min(cfg.scales or (32, 224)), max(cfg.scales or (32, 224)))  # as the result's
     known = _family_vocabulary(cfg.model, scales) if cfg.model else None
     if known is not None:
         _refuse_unknown(cfg.model, known, given)

@@ -142,8 +142,8 @@ COMPARE_USES: dict[str, Applies] = {
     ),
     "overwrite": Applies(
         lambda cfg: cfg.out is not None,
-        "lets --out replace an earlier result, and without --out the result goes to a new "
-        "default folder that never replaces one",
+        "lets --out replace an earlier result, and no --out was given (a default folder "
+        "never replaces one)",
         "add --out FOLDER, or drop --overwrite",
     ),
     "annotate": Applies(

@@ -267,9 +267,12 @@ def _current_names(settings: dict[str, Any]) -> dict[str, Any]:
 def _read_meta(folder: Path) -> dict[str, Any]:
     path = folder / "result.json"
     if not path.is_file():
-        raise InputError(
-            f"{folder} holds no ckascope result (no result.json). Hint: run ckascope compare --out {folder}"
+        hint = (
+            f"run ckascope compare --out {folder}"
+            if not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+            else "give the folder ckascope compare --out wrote"  # this one holds other files
         )
+        raise InputError(f"{folder} holds no ckascope result (no result.json). Hint: {hint}")
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -374,6 +377,11 @@ def check_output_dir(dest: Path, overwrite: bool, kind: OutputKind = RESULT_OUTP
             writable folder, or a non-empty folder it may not replace.
     """
     _refuse_working_folder(dest)
+    if dest.is_symlink():  # replacing it would swap the link, not the folder it points to
+        raise InputError(
+            f"output {dest} is a symbolic link. Hint: give the folder it points to "
+            f"({os.path.realpath(dest)}), or another --out"
+        )
     check_writable_folder(dest)
     if not dest.is_dir() or not any(dest.iterdir()):
         return

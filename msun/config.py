@@ -363,7 +363,8 @@ def check(cfg: TrainConfig) -> None:
             raise InputError(f"--{key.replace('_', '-')} must be {wanted}, got {getattr(cfg, key)}")
     if cfg.method != "msun" and (cfg.split_at is not None or cfg.cka_from is not None):
         raise InputError(
-            f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets"
+            f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets. "
+            "Hint: drop them, or train --method msun"
         )
     given = [f"--{k.replace('_', '-')}" for k, v in MSUN_ONLY.items() if getattr(cfg, k) != v]
     if cfg.method != "msun" and given:

@@ -197,7 +197,7 @@ def check_measured(
     if missing:
         raise InputError(
             f"--cka-from {cfg.cka_from} does not show the trunk input of {', '.join(missing)} "
-            "(its --layers leave them out), so --split-at auto cannot judge them. Hint: analyse "
+            "(left out by its --layers), so --split-at auto cannot judge every point. Hint: analyse "
             f"with ckascope compare's default --layers (blocks), or name the split with --split-at"
         )
 
@@ -212,7 +212,7 @@ def _record(result: CKAResult, suggestion: SplitSuggestion, out: Path) -> None:
     console = make_console()
     console.print(split_table(suggestion))
     for line in suggestion.lines("--split-at auto ->"):
-        console.print(line)
+        console.print(line, soft_wrap=True)  # one line each: a terminal wraps it
 
 
 # ----------------------------------------------------------------------------- the run's split

@@ -121,3 +121,25 @@ def test_every_figure_compare_draws_belongs_to_a_result_folder() -> None:
     square = CKAResult(np.eye(2), ["a", "b"], ["a", "b"], {"scales": [8, 16]})
     assert square.has_diagonal
     assert set(figure_names(square)) <= RESULT_FILES
+
+
+def test_a_symbolic_link_as_out_is_refused_naming_its_target(tmp_path: Path) -> None:
+    """Replacing it would swap the link for a folder and leave the target as it was."""
+    target = tmp_path / "base"
+    _result(1).save(target)
+    link = tmp_path / "linkbase"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match=r"is a symbolic link\. Hint: give the folder it points"):
+        _result(2).save(link, overwrite=True)
+    assert link.is_symlink()
+    assert CKAResult.load(target).settings == {"run": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "linkbase"]
+
+
+def test_a_folder_of_other_files_as_a_result_is_pointed_to_the_folder_compare_wrote(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(InputError, match="give the folder ckascope compare --out wrote"):
+        CKAResult.load(training_run(tmp_path / "run"))
+    with pytest.raises(InputError, match="run ckascope compare --out"):
+        CKAResult.load(tmp_path / "missing")

@@ -409,6 +409,7 @@ def test_cli_a_real_comparison_over_few_minibatches_says_so(tmp_path: Path) -> N
         (["--split-points", "layer2,layerX"], "--split-points layerX: not a legal split point"),
         (["--model-b", "resnet34", "--scale", "16"], "--model-b / --checkpoint-b compare two"),
         (["--annotate"], "suggest-split without --out saves no result and draws no figure"),
+        (["--model", "vit_b_16"], "no registered model family knows the split points"),
         (["--no-figures"], "suggest-split without --out saves no result and draws no figure"),
     ],
 )
