@@ -40,11 +40,15 @@ if TYPE_CHECKING:
 _INTEGER = re.compile(r"-?\d+")
 
 
-def _join_lists(args: Sequence[str], names: Sequence[str]) -> list[str]:
+def _join_lists(
+    args: Sequence[str], names: Sequence[str], integers_only: bool = False
+) -> list[str]:
     """Turns ``--scales 32 128 224`` into ``--scales 32,128,224`` so click sees one value.
 
     Tokens after a list option are joined until the next option (a negative integer still
-    counts as a value, so that the scale check can name the problem).
+    counts as a value, so that the scale check can name the problem); with ``integers_only``
+    (a command that also takes arguments, such as checkpoints) until the first token that is
+    not an integer or a comma-separated list of them.
     """
     out: list[str] = []
     tokens = list(args)
@@ -54,11 +58,18 @@ def _join_lists(args: Sequence[str], names: Sequence[str]) -> list[str]:
         if token not in names:
             continue
         values = []
-        while tokens and (not tokens[0].startswith("-") or _INTEGER.fullmatch(tokens[0])):
+        while tokens and _is_value(tokens[0], integers_only):
             values.append(tokens.pop(0))
         if values:
             out.append(",".join(values))
     return out
+
+
+def _is_value(token: str, integers_only: bool) -> bool:
+    """Whether ``token`` continues a list option's values (see ``_join_lists``)."""
+    if integers_only:
+        return all(_INTEGER.fullmatch(part) for part in token.split(","))
+    return not token.startswith("-") or bool(_INTEGER.fullmatch(token))
 
 
 #: Flags renamed so one idea has one name; the old ones still work for one release.
@@ -69,11 +80,19 @@ class ListOptionCommand(click.Command):
     """A command whose ``list_options`` take one or more space- or comma-separated values
     (and whose renamed flags still take their old names)."""
 
-    list_options: tuple[str, ...] = ("--scales",)
+    list_options: tuple[str, ...] = ("--scales", "--eval-sizes")
+    integers_only = False  # True where arguments may follow a list (see ``_join_lists``)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         args = renamed_flags(args, RENAMED)
-        return super().parse_args(ctx, _join_lists(args, self.list_options))
+        return super().parse_args(ctx, _join_lists(args, self.list_options, self.integers_only))
+
+
+class EvalCommand(ListOptionCommand):
+    """``msun eval``: ``--eval-sizes 4 16 28`` as in train, with checkpoints around it."""
+
+    list_options = ("--eval-sizes",)
+    integers_only = True
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
@@ -172,7 +191,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     )
 
 
-@main.command(name="eval", cls=ListOptionCommand, context_settings={"max_content_width": 110})
+@main.command(name="eval", cls=EvalCommand, context_settings={"max_content_width": 110})
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @config_options(EvalConfig)
 def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:

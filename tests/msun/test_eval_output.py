@@ -105,3 +105,20 @@ def test_overwrite_without_out_is_refused_before_any_checkpoint_is_read(
     argv = ["eval", str(tmp_path / "none.pt"), "--overwrite"]
     line = assert_refused(main, argv, "Hint: add --out FOLDER, or drop --overwrite", tmp_path)
     assert "none.pt" not in line  # the checkpoint was never looked at
+
+
+def test_eval_sizes_take_space_separated_values_with_checkpoints_around_them() -> None:
+    """As msun train's --scales: `--eval-sizes 4 16`, and the checkpoints still count."""
+    from msun.cli import eval_command, train
+
+    argv = ["a.pt", "--eval-sizes", "4", "16", "b.pt", "--eval-sizes", "8,12", "24"]
+    ctx = eval_command.make_context("eval", argv)
+    assert ctx.params["checkpoints"] == (Path("a.pt"), Path("b.pt"))
+    assert ctx.params["eval_sizes"] == "8,12,24"  # the last given, as click takes it
+    ctx = eval_command.make_context("eval", ["a.pt", "--eval-sizes", "4:28:2", "16.pt"])
+    assert (ctx.params["eval_sizes"], ctx.params["checkpoints"]) == (
+        "4:28:2",
+        (Path("a.pt"), Path("16.pt")),
+    )
+    ctx = train.make_context("train", ["--eval-sizes", "4", "8", "16", "--epochs", "1"])
+    assert ctx.params["eval_sizes"] == "4,8,16"
