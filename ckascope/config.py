@@ -14,7 +14,7 @@ nothing is set as a side effect.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,26 @@ COMPARE_USES: dict[str, Applies] = {
 }
 
 
+def _pretrained_used(weights: str, checkpoint: str) -> Callable[[CompareConfig], bool]:
+    """Whether field ``weights`` loads anything: no ``checkpoint`` field set, or "none"."""
+    return lambda cfg: getattr(cfg, checkpoint) is None or getattr(cfg, weights) == "none"
+
+
+#: --weights next to a checkpoint: the checkpoint's weights are loaded, the pretrained ones never
+#: ("none", a random start the checkpoint overwrites, changes nothing and is let through).
+CHECKPOINT_USES: dict[str, Applies] = {
+    name: Applies(
+        _pretrained_used(name, ckpt),
+        f"loads pretrained weights, and {flag}'s weights are the ones compared",
+        f"drop --{name.replace('_', '-')}, or {flag} to compare the pretrained model",
+    )
+    for name, ckpt, flag in (
+        ("weights", "checkpoint", "--checkpoint"),
+        ("weights_b", "checkpoint_b", "--checkpoint-b"),
+    )
+}
+
+
 #: What else suggest-split's own comparison uses: it saves (with figures) only to ``--out``.
 SUGGEST_USES: dict[str, Applies] = {
     name: Applies(
@@ -174,7 +194,7 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
     E.g. ``--scale`` with one model (compared at two scales), ``--scales`` with two, ``--layers-b``
     or ``--weights-b`` without a second model, ``--ci`` without ``--bootstrap``,
     ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--overwrite`` without ``--out``,
-    ``--annotate`` with ``--no-figures``. Only options that were set count: a default never
+    ``--annotate`` with ``--no-figures``, ``--weights`` (other than none) with ``--checkpoint``. Only options that were set count: a default never
     triggers it.
 
     Args:
@@ -187,6 +207,7 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
         InputError: The first such option, saying why it does not apply and what to do.
     """
     refuse_ignored(cfg, {**COMPARE_USES, **SWEEP_USES}, explicit)
+    refuse_ignored(cfg, CHECKPOINT_USES, explicit)
 
 
 def default_scales(image_size: int) -> tuple[int, int]:

@@ -162,6 +162,14 @@ def test_a_vit_at_another_image_size_is_told_the_size_it_takes(tmp_path: Path) -
         (["--sigma-frac", "1.0"], "--sigma-frac sets the RBF kernel's bandwidth"),
         (["--bandwidth", "first"], "--bandwidth chooses how the RBF kernel's bandwidth"),
         (["--annotate", "--no-figures"], "--annotate prints each cell's CKA in the heatmap"),
+        (
+            ["--checkpoint", "{missing}", "--weights", "default"],
+            "--weights loads pretrained weights, and --checkpoint's weights are the ones",
+        ),
+        (
+            ["--model-b", "resnet34", "--checkpoint-b", "{missing}", "--weights-b", "default"],
+            "--weights-b loads pretrained weights, and --checkpoint-b's weights are the ones",
+        ),
     ],
 )
 def test_an_option_that_does_not_apply_is_refused_before_any_work(
