@@ -285,6 +285,7 @@ class SweepOptions(SweepFields):
         Ignored: an option serving another one that is off (``sigma_frac`` with the linear
         kernel, ``ci`` without ``bootstrap``), when its value is not the default.
         """
+        check_ranges(self, SweepFields)  # first: NumPy numbers made plain, the CLI's ranges
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
         check_execution(self.memory_format, self.precision)
@@ -297,11 +298,6 @@ class SweepOptions(SweepFields):
             raise InputError(
                 f"--batch-size must be at least 4 (the unbiased HSIC needs 4), got {self.batch_size}"
             )
-        if self.repeats < 1:
-            raise InputError(f"--repeats must be at least 1, got {self.repeats}")
-        if self.num_workers < 0:
-            raise InputError(f"--workers must be >= 0, got {self.num_workers}")
-        check_ranges(self, SweepFields)  # the rest of the command line's ranges (num_images)
         refuse_ignored(self, SWEEP_USES)
 
 

@@ -194,8 +194,8 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
     E.g. ``--scale`` with one model (compared at two scales), ``--scales`` with two, ``--layers-b``
     or ``--weights-b`` without a second model, ``--ci`` without ``--bootstrap``,
     ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--overwrite`` without ``--out``,
-    ``--annotate`` with ``--no-figures``, ``--weights`` (other than none) with ``--checkpoint``. Only options that were set count: a default never
-    triggers it.
+    ``--annotate`` with ``--no-figures``, ``--weights`` (other than none) with ``--checkpoint``.
+    Only options that were set count: a default never triggers it.
 
     Args:
         cfg: The parsed options (before ``resolve``, which fills in defaults).

@@ -255,12 +255,10 @@ def _plain_numbers(options: object, group: type) -> None:
 
 def _within(value: Any, low: float | None, high: float | None, integral: bool) -> bool:
     """Whether ``value`` is a number of the field's kind in [low, high] (NaN never is)."""
-    # numbers.Integral / Real: NumPy's integers and floats are numbers here too
-    kinds = (numbers.Integral,) if integral else (numbers.Real,)
+    kinds = (int,) if integral else (int, float)  # NumPy's made plain (``_plain_numbers``)
     if isinstance(value, bool) or not isinstance(value, kinds):
         return False
-    number = float(value)
-    return (low is None or number >= low) and (high is None or number <= high)
+    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def _span(low: float | None, high: float | None, integral: bool) -> str:
