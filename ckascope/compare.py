@@ -285,7 +285,6 @@ class SweepOptions(SweepFields):
         Ignored: an option serving another one that is off (``sigma_frac`` with the linear
         kernel, ``ci`` without ``bootstrap``), when its value is not the default.
         """
-        check_ranges(self, SweepFields)  # first: NumPy numbers made plain, the CLI's ranges
         check_kernel(self.kernel, self.sigma_frac)
         check_calibration(self.bootstrap, self.ci, self.permutations)
         check_execution(self.memory_format, self.precision)
@@ -298,6 +297,7 @@ class SweepOptions(SweepFields):
             raise InputError(
                 f"--batch-size must be at least 4 (the unbiased HSIC needs 4), got {self.batch_size}"
             )
+        check_ranges(self, SweepFields)  # the command line's other ranges (repeats, num_images)
         refuse_ignored(self, SWEEP_USES)
 
 
