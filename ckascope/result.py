@@ -294,8 +294,8 @@ class OutputKind(NamedTuple):
     Attributes:
         name: The earlier output, as an error names it (e.g. "an earlier ckascope result").
         holds: Whether a folder holds such an output (and so may be replaced).
-        files: The names such an output's folder consists of: a file of any other name in it
-            is someone else's, and keeps the folder from being replaced.
+        files: The names (``fnmatch`` patterns) such an output's folder consists of: a file
+            of any other name in it is someone else's, and keeps the folder from being replaced.
     """
 
     name: str
@@ -312,21 +312,22 @@ def is_result_dir(path: Path) -> bool:
     return True
 
 
-#: What a result folder consists of: ``CKAResult.save``'s files and the figures
-#: ``ckascope.plot.save_figures`` draws (the heatmap; the curve where there is a diagonal).
-RESULT_FILES = frozenset(
-    ["result.json", "matrices.npz", "cka.csv"]
-    + [f"{stem}.{ext}" for stem in ("heatmap", "curve") for ext in ("png", "pdf")]
-)
-
 #: The stem of ``ckascope.plot.redraw``'s hidden staging folders in a result folder
 #: (``.figures.XXXX.tmp``): a killed redraw leaves one, which is the result's own debris.
 FIGURE_STAGING = "figures"
 
+#: What a result folder consists of: ``CKAResult.save``'s files, the figures
+#: ``ckascope.plot.save_figures`` draws (the heatmap; the curve where there is a diagonal) and
+#: what a killed ``redraw`` leaves.
+RESULT_FILES = frozenset(
+    ["result.json", "matrices.npz", "cka.csv", f".{FIGURE_STAGING}.*.tmp"]
+    + [f"{stem}.{ext}" for stem in ("heatmap", "curve") for ext in ("png", "pdf")]
+)
+
 
 def _own(name: str, kind: OutputKind) -> bool:
     """Whether a file named ``name`` in a folder of ``kind`` belongs to that output."""
-    return name in kind.files or fnmatch.fnmatch(name, f".{FIGURE_STAGING}.*.tmp")
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in kind.files)
 
 
 #: What ``--out`` of ``ckascope compare`` (and ``CKAResult.save``) may replace.
