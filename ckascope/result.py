@@ -320,7 +320,7 @@ FIGURE_STAGING = "figures"
 #: ``ckascope.plot.save_figures`` draws (the heatmap; the curve where there is a diagonal) and
 #: what a killed ``redraw`` leaves.
 RESULT_FILES = frozenset(
-    ["result.json", "matrices.npz", "cka.csv", f".{FIGURE_STAGING}.*.tmp"]
+    [*FILES, f".{FIGURE_STAGING}.*.tmp"]
     + [f"{stem}.{ext}" for stem in ("heatmap", "curve") for ext in ("png", "pdf")]
 )
 
