@@ -3,13 +3,15 @@
 User mistakes (click usage errors, ``InputError``) exit with code 2, runtime failures
 (``CKAScopeError``, ``OSError``) with code 1, an interrupt with 130; each prints exactly one line
 on stderr and no traceback. Anything else is a bug and keeps its traceback. A
-``CKAScopeWarning`` is one ``note: ...`` line on stderr, without Python's file and source line.
+``CKAScopeWarning`` is one ``note: ...`` line on stderr, without Python's file and source line;
+under torchrun rank 0 alone shows it, and each rank shows its own ``LocalWarning``, naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -22,7 +24,7 @@ import click
 from click import ParameterSource
 from rich.console import Console
 
-from ckascope.errors import CKAScopeError, CKAScopeWarning
+from ckascope.errors import CKAScopeError, CKAScopeWarning, LocalWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,12 +49,34 @@ def _usage_message(error: click.UsageError) -> str:
     return error.format_message() + where
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, number of processes) as torchrun sets them; (0, 1) for a single process.
+
+    Read from the environment: known before (and without) a process group.
+    """
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def note_text(message: Warning | str, category: type[Warning]) -> str | None:
+    """The ``note: ...`` line of a ckascope warning in this process; None when it is not shown.
+
+    A ``CKAScopeWarning`` holds for the whole job, so under torchrun only rank 0 shows it; a
+    ``LocalWarning`` is this process's alone and names its rank when there are several.
+    """
+    rank, world = launched_rank()
+    local = issubclass(category, LocalWarning)
+    if rank != 0 and not local:
+        return None
+    where = f"rank {rank}: " if local and world > 1 else ""
+    return f"note: {where}{' '.join(str(message).split())}"
+
+
 @contextlib.contextmanager
 def warnings_as_notes() -> Iterator[None]:
     """Shows each ``CKAScopeWarning`` as one ``note: ...`` line on stderr, others as Python does.
 
     A command-line user needs the message, not the library's file, line number and source line
-    that Python's warning display adds.
+    that Python's warning display adds; under torchrun, once (``note_text``).
     """
     with warnings.catch_warnings():  # restores the display on exit
         shown = warnings.showwarning
@@ -66,7 +90,9 @@ def warnings_as_notes() -> Iterator[None]:
             line: str | None = None,
         ) -> None:
             if issubclass(category, CKAScopeWarning):
-                click.echo(f"note: {' '.join(str(message).split())}", err=True)
+                text = note_text(message, category)
+                if text is not None:
+                    click.echo(text, err=True)
             else:
                 shown(message, category, filename, lineno, file, line)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from ckascope import config, plugins
 from ckascope.calibration import coarse_bootstrap_note, coarse_null_note
-from ckascope.cliutils import make_console
+from ckascope.cliutils import launched_rank, make_console
 from ckascope.compare import SideSpec, SweepOptions, compare_sides, image_size_for
 from ckascope.config import CompareConfig
 from ckascope.data import is_synthetic
@@ -317,7 +316,7 @@ def _trained_on(cfg: CompareConfig) -> dict[str, Any]:
 
 def _first_process() -> bool:
     """Rank 0 under torchrun (before the process group exists), or the only process."""
-    return os.environ.get("RANK", "0") == "0"
+    return launched_rank()[0] == 0
 
 
 def analyse(cfg: CompareConfig) -> tuple[CKAResult, bool]:

@@ -313,9 +313,9 @@ def unusable(what: str, item: Any, wanted: str) -> str:
 
 
 def warn_skipped(skipped: Sequence[Skipped]) -> None:
-    """One warning per unreadable image, naming it."""
+    """One warning per unreadable image, naming it (this process's: under torchrun, each rank's)."""
     for item in skipped:
-        warn(f"skipped unreadable image {item.path} ({item.reason})")
+        warn(f"skipped unreadable image {item.path} ({item.reason})", local=True)
 
 
 def build_dataset(

@@ -36,21 +36,34 @@ class WeightsUnavailableError(CKAScopeError):
 
 
 class CKAScopeWarning(RuntimeWarning):
-    """Something to know about a result that still ran (no interval, skipped images, ...)."""
+    """Something to know about a result that still ran (no interval, too few permutations, ...).
+
+    It holds for the whole job: under torchrun every process would say the same, so the
+    command lines show it once, from rank 0.
+    """
+
+
+class LocalWarning(CKAScopeWarning):
+    """Something one process alone met in its share of the work (an unreadable image).
+
+    Under torchrun each process shows its own, naming its rank: rank 0 cannot know of it.
+    """
 
 
 #: ckascope's own folder: its frames are not where a warning is shown (``warn``).
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def warn(message: str) -> None:
-    """Warns with ``CKAScopeWarning``, shown at the first caller outside ckascope.
+def warn(message: str, *, local: bool = False) -> None:
+    """Warns, shown at the first caller outside ckascope.
 
+    ``local``: a ``LocalWarning`` (what this process alone met), else a ``CKAScopeWarning``.
     The line to show is the caller's (their ``compare_scales(...)``), not a line inside
     ckascope, whose depth depends on the entry point; the command lines print the message
     alone, as a note (``cliutils.warnings_as_notes``).
     """
-    warnings.warn(message, CKAScopeWarning, stacklevel=_outside_level())
+    category = LocalWarning if local else CKAScopeWarning
+    warnings.warn(message, category, stacklevel=_outside_level())
 
 
 def _outside_level() -> int:

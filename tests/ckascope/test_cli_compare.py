@@ -463,3 +463,37 @@ def test_results_written_before_the_image_size_rename_load_with_the_new_name(
     meta = json.loads((tmp_path / "old" / "result.json").read_text())
     assert meta["settings"]["base_size"] == 64  # as an older ckascope wrote it
     assert CKAResult.load(tmp_path / "old").settings["image_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("rank", "world", "shown"),
+    [
+        ("0", "1", ["note: for the job", "note: bad.jpg"]),
+        ("0", "2", ["note: for the job", "note: rank 0: bad.jpg"]),
+        ("1", "2", ["note: rank 1: bad.jpg"]),  # rank 0 says what holds for the job
+    ],
+)
+def test_under_torchrun_a_note_for_the_job_is_shown_once_and_each_rank_names_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    rank: str,
+    world: str,
+    shown: list[str],
+) -> None:
+    from ckascope.cliutils import warnings_as_notes
+    from ckascope.errors import warn
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with warnings_as_notes():
+        warn("for the job")
+        warn("bad.jpg", local=True)
+    assert capsys.readouterr().err.splitlines() == shown
+
+
+def test_an_unreadable_image_is_a_note_of_the_process_that_met_it() -> None:
+    from ckascope.data import Skipped, warn_skipped
+    from ckascope.errors import LocalWarning
+
+    with pytest.warns(LocalWarning, match="skipped unreadable image x.jpg"):
+        warn_skipped([Skipped("x.jpg", "bad")])
