@@ -35,6 +35,7 @@ from ckascope.models import (
     read_inputs,
     weights_input_size,
 )
+from ckascope.multipath import is_multipath
 from ckascope.options import (
     SweepFields,
     ViewFields,
@@ -243,14 +244,29 @@ def check_split_request(cfg: CompareConfig, split_points: str | None) -> None:
             "--checkpoint-b compare two models. Hint: drop the second model, and give --scales"
         )
     scales = (min(cfg.scales or (32, 224)), max(cfg.scales or (32, 224)))  # as the result's
+    arch = _checked_checkpoint(cfg, split_points) if cfg.checkpoint else cfg.model
     if split_points is None:
-        if cfg.model:  # a checkpoint's architecture is known once it is read
-            split_vocabulary(cfg.model, scales)  # refuses a model no family knows
+        if arch is None:
+            raise InputError(f"{cfg.checkpoint} records no architecture. Hint: pass --split-points")
+        split_vocabulary(arch, scales)  # refuses a model no family knows
         return
     given = _given_points(split_points)
-    known = _family_vocabulary(cfg.model, scales) if cfg.model else None
+    known = _family_vocabulary(arch, scales) if arch else None
     if known is not None:
-        _refuse_unknown(cfg.model, known, given)
+        _refuse_unknown(arch, known, given)
+
+
+def _checked_checkpoint(cfg: CompareConfig, split_points: str | None) -> str | None:
+    """The architecture of ``--checkpoint`` (read now: a few seconds, not a comparison).
+
+    Raises:
+        InputError: A multi-path checkpoint without ``split_points``, or one that cannot be read.
+    """
+    assert cfg.checkpoint is not None
+    model, arch = resolve_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.num_classes, cfg.seed)
+    if split_points is None and is_multipath(model):
+        raise InputError(MULTIPATH_REFUSAL)
+    return arch
 
 
 def refuse_compare_flags(from_dir: Path, flags: Sequence[str]) -> None:
@@ -455,6 +471,14 @@ def same_path(settings: dict[str, Any]) -> bool:
     return settings.get("mode") == "scales" and len(paths) == 2 and paths[0] == paths[1]
 
 
+#: Why split points are not weighed on a multi-path model ("this result is ...").
+MULTIPATH_REFUSAL = (
+    "of a multi-path model (each scale routed to its own path or BatchNorm set); split points "
+    "are chosen on a single-path network. Hint: analyse the vanilla model, or price given "
+    "points with --split-points"
+)
+
+
 def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandidate]:
     """The vocabulary: given on the command line, or a registered family's for the architecture.
 
@@ -469,11 +493,7 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
     result.diagonal()  # a two-model result is refused in its words, before pricing its scales
     given = _given_points(split_points) if split_points is not None else None
     if given is None and result.settings.get("paths"):
-        raise InputError(
-            "this result is of a multi-path model (each scale routed to its own path or "
-            "BatchNorm set); split points are chosen on a single-path network. Hint: analyse "
-            "the vanilla model, or price given points with --split-points"
-        )
+        raise InputError(f"this result is {MULTIPATH_REFUSAL}")
     known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
     if given is None:
         if result.arch is None:

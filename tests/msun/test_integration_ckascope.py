@@ -115,6 +115,23 @@ def test_cli_compare_on_an_msun_checkpoint_and_overlay(
     assert "chosen on a single-path network" in split.stderr
 
 
+def test_suggest_split_refuses_a_multi_path_checkpoint_before_comparing(
+    tiny: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckascope import commands
+
+    def no_comparison(*args: object) -> None:
+        raise AssertionError("the comparison ran before the refusal")
+
+    monkeypatch.setattr(commands, "_analyse_and_save", no_comparison)
+    save_checkpoint(tiny, tmp_path / "msun.pt")
+    args = ["suggest-split", "--checkpoint", str(tmp_path / "msun.pt"), *SMALL_SWEEP]
+    split = CliRunner().invoke(ckascope_main, [*args, "--out", str(tmp_path / "cmp")])
+    assert split.exit_code == 2, split.output
+    assert "chosen on a single-path network" in split.stderr
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_scales_routed_to_one_path_are_compared_with_a_note(
     tiny: torch.nn.Module, tmp_path: Path
 ) -> None:
