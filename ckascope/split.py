@@ -28,7 +28,8 @@ coarse to judge either way (``ckascope.calibration``): the output says so and na
 
 A split point is placed among the analysed layers by module name: its trunk starts at the first
 analysed layer that is, or lies inside, the split module, or that follows it among numbered
-siblings (``features.26`` follows ``features.24``).
+siblings (``features.26`` follows ``features.24``; ``layer3.1`` precedes ``layer4``, as its
+stage ``layer3`` does); with none, just after the last analysed layer known to precede it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ckascope.errors import InputError
 from ckascope.result import FILES, CKAResult, is_result_dir
 from ckascope.vocab import DEFAULT_THRESHOLD
 
-_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")  # layer3, features.26
 #: The share of bootstrap replicates that must agree with the choice for it to be called stable.
 STABLE_SHARE = 0.8
 
@@ -181,16 +182,25 @@ def _no_resamples(minibatches: int | None) -> str:
     )
 
 
-def _inside_or_after(layer: str, module: str) -> bool:
+def _relation(layer: str, module: str) -> int:
+    """1 if ``layer`` is, lies inside or follows ``module``; -1 if it precedes it; 0 if unknown.
+
+    Order is read from numbered siblings at the module's depth: ``layer3.1`` precedes ``layer4``
+    (its ancestor ``layer3`` does), ``features.26`` follows ``features.24``.
+    """
     base = layer.split("#")[0]
     if base == module or base.startswith(module + "."):
-        return True
-    return _sibling_order(base, module) == 1
+        return 1
+    depth = module.count(".") + 1
+    parts = base.split(".")
+    if len(parts) < depth:
+        return 0
+    return _sibling_order(".".join(parts[:depth]), module)
 
 
-def _sibling_order(layer: str, module: str) -> int:
-    """1 if ``layer`` follows ``module`` among numbered siblings, -1 if it precedes, else 0."""
-    a, b = _NUMBERED.match(layer), _NUMBERED.match(module)
+def _sibling_order(name: str, module: str) -> int:
+    """1 if ``name`` follows ``module`` among numbered siblings, -1 if it precedes, else 0."""
+    a, b = _NUMBERED.match(name), _NUMBERED.match(module)
     if not (a and b) or a.group(1) != b.group(1):
         return 0
     return 1 if int(a.group(2)) > int(b.group(2)) else -1
@@ -199,15 +209,15 @@ def _sibling_order(layer: str, module: str) -> int:
 def position(layers: Sequence[str], module: str) -> int | None:
     """Index of the first analysed layer in the trunk starting at ``module``.
 
-    ``len(layers)`` when every analysed layer precedes it among numbered siblings; None when
-    the module cannot be placed among these layers at all.
+    When no analysed layer is, lies inside or follows ``module``, the index after the last one
+    known to precede it (``len(layers)`` when it is the last); None when the module cannot be
+    placed among these layers at all.
     """
-    for i, layer in enumerate(layers):
-        if _inside_or_after(layer, module):
-            return i
-    if any(_sibling_order(layer.split("#")[0], module) == -1 for layer in layers):
-        return len(layers)
-    return None
+    relations = [_relation(layer, module) for layer in layers]
+    if 1 in relations:
+        return relations.index(1)
+    before = [i for i, r in enumerate(relations) if r == -1]
+    return before[-1] + 1 if before else None
 
 
 def in_forward_order(

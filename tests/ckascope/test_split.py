@@ -247,9 +247,24 @@ def test_split_points_whose_input_was_not_analysed_are_refused_not_judged() -> N
 def test_a_stage_with_no_analysed_layer_leaves_the_next_split_point_unmeasured() -> None:
     kept = [i for i, name in enumerate(R50_LAYERS) if not name.startswith("layer2")]
     result = _result([PAPER[i] for i in kept], [R50_LAYERS[i] for i in kept])
-    with pytest.raises(InputError, match="trunk input of layer2, layer3:") as refused:
+    with pytest.raises(InputError, match="trunk input of layer3:") as refused:
         suggest_split(result, R50_SPLITS)  # layer3's input is layer2's output: not analysed
-    assert "--split-points layer1,layer4)" in str(refused.value)
+    assert "--split-points layer1,layer2,layer4)" in str(refused.value)
+    judged = suggest_split(result, ["layer1", "layer2", "layer4"])  # layer2's input: layer1's
+    assert [r.input_layer for r in judged.rows] == ["maxpool", "layer1.2", "layer3.5"]
+
+
+def test_a_split_point_whose_own_stage_is_not_analysed_follows_the_stages_before_it() -> None:
+    """Layers "layer3.*": layer4's input is layer3's output, measured although layer4 is not."""
+    layers = ["layer3.0", "layer3.1", "fc"]
+    assert position(layers, "layer4") == 2  # after layer3.1: fc's place is unknown by name
+    result = _result([0.7, 0.9, 0.95], layers)
+    with pytest.raises(InputError, match="trunk input of layer3:"):
+        suggest_split(result, ["layer3", "layer4"])  # layer3's input, layer2's output: not here
+    only = suggest_split(result, ["layer4"])
+    assert (only.choice, only.rows[0].input_layer) == ("layer4", "layer3.1")
+    assert position(["features.3.conv", "features.5.conv"], "features.4") == 1
+    assert position(["features.denseblock1"], "features.transition1") is None  # other names
 
 
 @pytest.mark.parametrize(
