@@ -417,10 +417,26 @@ def check_writable_folder(dest: Path) -> None:
     ancestor = dest
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not ancestor.is_dir() or not _can_create_in(ancestor):
         raise InputError(
             f"cannot create or write {dest} ({ancestor} is not a writable folder). Hint: choose another --out"
         )
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder``: tried (and removed), not inferred.
+
+    Permission bits do not say it all: root passes ``os.access`` everywhere, and /proc
+    refuses a new entry whatever its bits say. Asked before the work, not found after it.
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        probe = tempfile.mkdtemp(prefix=".probe.", dir=folder)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
 
 
 def _refuse_working_folder(dest: Path) -> None:
