@@ -304,6 +304,26 @@ def recalibration_seed(seed: int) -> int:
     return seed + 2
 
 
+def check_num_val(count: int | None, available: int, data: str) -> None:
+    """Refuses ``--num-val count`` above the validation images ``data`` holds (never clamped).
+
+    Clamped, a run or an evaluation would score fewer images than it says it asked for.
+
+    Args:
+        count: The ``--num-val`` given (None: not given, nothing to check).
+        available: The images in ``data``'s validation split.
+        data: The ``--data`` spec, named in the message.
+
+    Raises:
+        InputError: ``count`` above ``available``, naming both.
+    """
+    if count is not None and count > available:
+        raise InputError(
+            f"--num-val {count} asks for more validation images than {data} holds: "
+            f"{available}. Hint: give --num-val {available} or fewer"
+        )
+
+
 def validation_subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:
     """The ``count`` validation images a run of ``seed`` scores (``validation_seed``)."""
     return subset(dataset, count, validation_seed(seed))

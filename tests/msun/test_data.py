@@ -91,3 +91,16 @@ def test_num_val_scores_the_images_the_runs_validation_scored(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "eval.json").read_text())[0]
     assert summary["top1"] == pytest.approx([row[f"val_top1_{s}"] for s in (8, 16, 32)])
+
+
+def test_num_val_above_the_validation_set_is_refused_never_clamped() -> None:
+    """One check for msun train and msun eval (``msun.data.check_num_val``)."""
+    from ckascope.errors import InputError
+    from msun.data import check_num_val
+
+    for fits in (None, 1, 10):
+        check_num_val(fits, 10, "imgs")
+    with pytest.raises(
+        InputError, match=r"--num-val 11 .* imgs holds: 10\. Hint: give --num-val 10"
+    ):
+        check_num_val(11, 10, "imgs")
