@@ -204,27 +204,26 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     from torch.utils.data import DataLoader
 
     from ckascope.platform import (
-        build_dataset,
         check_output_dir,
         close_distributed,
         collate_skip,
         dataset_len,
-        default_resize,
-        eval_transform,
         init_distributed,
         next_free,
         plan_batches,
         subset_indices,
     )
-    from msun.data import validation_seed
+    from msun.data import check_num_val, validation_seed
     from msun.evaluate import (
         EVAL_OUTPUT,
         check_classes,
         check_recalibratable,
         check_same_setting,
+        eval_dataset,
         evaluate_checkpoints,
         load_for_eval,
         recalibration_set,
+        scored_in_place,
         unique_labels,
     )
 
@@ -245,15 +244,16 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         cfg.eval_sizes or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
     )
     data = cfg.data or loaded[0].data
-    dataset = build_dataset(
-        data,
-        "val",
-        eval_transform(image_size, default_resize(data, image_size)),
-        num_images=cfg.num_val or 2000,
-        seed=loaded[0].seed,  # the synthetic set: the pool the run's validation drew
-        synthetic_size=image_size,
-    )
+    # the synthetic set: the pool the run's validation drew
+    dataset = eval_dataset(data, image_size, cfg.num_val or 2000, loaded[0].seed)
+    count = dataset_len(dataset)
+    check_num_val(cfg.num_val, count, data)
     check_classes(loaded, dataset, data)
+    in_place = scored_in_place(dataset, data)
+    if in_place is not None and info.is_main:
+        make_console().print(
+            f"note: {in_place} has no val/ folder: scoring the images of its own class sub-folders"
+        )
     recalibration = (
         recalibration_set(
             data,
@@ -266,10 +266,8 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         if cfg.recalibrate_bn
         else None
     )
-    count = dataset_len(dataset)
     # the images the (first) run's own validation scored: the same draw as msun.data's
-    seed = validation_seed(loaded[0].seed)
-    keep = subset_indices(count, cfg.num_val if cfg.num_val and cfg.num_val < count else None, seed)
+    keep = subset_indices(count, cfg.num_val, validation_seed(loaded[0].seed))
     batches = plan_batches(keep, cfg.batch_size, info.rank, info.world_size, deal="images")
     loader = DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_skip, num_workers=cfg.workers

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
+from torchvision.datasets import ImageFolder
 
 from ckascope.platform import (
     InputError,
@@ -47,6 +48,7 @@ from ckascope.platform import (
     eval_transform,
     in_layout,
     is_multipath,
+    is_self_describing,
     json_matrix,
     make_progress,
     model_from_checkpoint,
@@ -55,6 +57,7 @@ from ckascope.platform import (
     resize,
     subset_indices,
     to_layout,
+    warn_skipped,
 )
 from msun.backbones import classifier
 from msun.data import SYNTHETIC_TRAIN, recalibration_seed
@@ -65,7 +68,9 @@ from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 
 
 class TopKCounts(Metric):
-    """Correct top-1 / top-5 counts per (test size, path) and images per test size.
+    """Correct top-1 / top-5 counts per (test size, path); images scored and skipped per size.
+
+    The images skipped are the unreadable ones, left out of the accuracies.
 
     Args:
         num_sizes: Number of test sizes S.
@@ -76,6 +81,7 @@ class TopKCounts(Metric):
     correct1: Tensor
     correct5: Tensor
     total: Tensor
+    skipped: Tensor
 
     def __init__(self, num_sizes: int, num_paths: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -83,7 +89,8 @@ class TopKCounts(Metric):
             self.add_state(
                 name, torch.zeros(num_sizes, num_paths, dtype=torch.float64), dist_reduce_fx="sum"
             )
-        self.add_state("total", torch.zeros(num_sizes, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("total", "skipped"):
+            self.add_state(name, torch.zeros(num_sizes, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, size_index: int, path: int, logits: Tensor, labels: Tensor) -> None:
         """Adds one batch of logits (n, C) for one test size and path."""
@@ -93,20 +100,24 @@ class TopKCounts(Metric):
         self.correct1[size_index, path] += hits[:, 0].sum()
         self.correct5[size_index, path] += hits.any(dim=1).sum()
 
-    def add_images(self, size_index: int, count: int) -> None:
-        """Counts the images of one batch at one test size."""
+    def add_images(self, size_index: int, count: int, skipped: int = 0) -> None:
+        """Counts the images of one batch at one test size, and those it had to skip."""
         self.total[size_index] += count
+        self.skipped[size_index] += skipped
 
     def compute(self) -> Tensor:
-        """Top-1 and top-5 accuracy in percent and the images scored, stacked: (3, S, P).
+        """Top-1 and top-5 accuracy in percent, the images scored and those skipped: (4, S, P).
 
-        One tensor of at least three elements, which torchmetrics never squeezes (it squeezes
-        one-element results, which would break a single size and path). The images per size
-        are repeated over the paths so that all three share one shape.
+        One tensor of at least four elements, which torchmetrics never squeezes (it squeezes
+        one-element results, which would break a single size and path). The accuracies are
+        over the images scored (unreadable ones left out); the counts per size are repeated
+        over the paths so that all four share one shape.
         """
         denom = self.total.clamp_min(1)[:, None]
-        images = self.total[:, None].expand_as(self.correct1)
-        return torch.stack([100 * self.correct1 / denom, 100 * self.correct5 / denom, images])
+        images, skipped = (c[:, None].expand_as(self.correct1) for c in (self.total, self.skipped))
+        return torch.stack(
+            [100 * self.correct1 / denom, 100 * self.correct5 / denom, images, skipped]
+        )
 
 
 @dataclass
@@ -122,6 +133,7 @@ class EvalResult:
             always "upsample" for other networks, whatever was asked.
         info: Anything else worth keeping with the numbers (model, method, FLOPs, params).
         images: Test images scored at each size (every process's, unreadable ones left out).
+        skipped: Test images left out as unreadable (every process's; each named in a warning).
     """
 
     sizes: list[int]
@@ -131,6 +143,7 @@ class EvalResult:
     protocol: str
     info: dict[str, Any] = field(default_factory=dict)
     images: int = 0
+    skipped: int = 0
 
     @property
     def routed_top1(self) -> np.ndarray:
@@ -164,11 +177,23 @@ class EvalResult:
         return frame
 
 
-def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
+def _batches(
+    loader: Iterable[Any], device: torch.device, *, report: bool
+) -> Iterable[tuple[Tensor, Tensor, int]]:
+    """(images, labels, unreadable images skipped) of each batch, the images on ``device``.
+
+    A ``Batch``'s skipped images are named in a warning where ``report`` (once per image: a
+    loader passed over again for each test size and path reports on its first pass only);
+    a batch whose every image was skipped comes with no images.
+    """
     for batch in loader:
         images, labels = (batch.images, batch.labels) if hasattr(batch, "images") else batch
-        if len(images):
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        skipped = getattr(batch, "skipped", [])
+        if report:
+            warn_skipped(skipped)
+        if len(images) or skipped:
+            moved = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield *moved, len(skipped)
 
 
 @torch.inference_mode()
@@ -234,15 +259,24 @@ def evaluate(
                             _logits, model, k=k, protocol=protocol, image_size=image_size
                         )
                         with _autocast(device, amp_dtype):  # as the scoring passes
-                            _recalibrate(model, recalibration, size, device, layout, forward)
+                            _recalibrate(
+                                model,
+                                recalibration,
+                                size,
+                                device,
+                                layout,
+                                forward,
+                                report=i == 0 and k == todo[0][0],
+                            )
                         score([(i, size, [k])], count_images=k == todo[i][0])
-    top1, top5, seen = counts.compute().cpu().numpy()  # (S, P) each
+    top1, top5, seen, skipped = counts.compute().cpu().numpy()  # (S, P) each
     if paths == "routed":  # paths that did not run have no accuracy, not 0 %
         ran = np.zeros_like(top1, dtype=bool)
         ran[np.arange(len(sizes)), routed] = True
         top1, top5 = np.where(ran, top1, np.nan), np.where(ran, top5, np.nan)
     info = {"memory_format": layout}
-    return EvalResult(list(sizes), top1, top5, routed, protocol, info, int(seen.max(initial=0)))
+    scored, unreadable = (int(c.max(initial=0)) for c in (seen, skipped))
+    return EvalResult(list(sizes), top1, top5, routed, protocol, info, scored, unreadable)
 
 
 Job = tuple[int, int, list[int]]  # (size index, test size, paths to score)
@@ -262,11 +296,18 @@ def _score(
     *,
     count_images: bool = True,
 ) -> None:
-    """One pass over ``loader``, scoring every (size, paths) job on each batch."""
-    for images, labels in _batches(loader, device):
+    """One pass over ``loader``, scoring every (size, paths) job on each batch.
+
+    Unreadable images are counted with the images, and named by the pass that counts the
+    first size's (the only pass, without recalibration).
+    """
+    report = count_images and jobs[0][0] == 0
+    for images, labels, skipped in _batches(loader, device, report=report):
         for i, size, ks in jobs:
             if count_images:
-                counts.add_images(i, len(labels))
+                counts.add_images(i, len(labels), skipped)
+            if not len(labels):  # every image of the batch was unreadable
+                continue
             for part, x in _resized_parts(images, size, image_size):
                 x = to_layout(x, layout)
                 for k in ks:
@@ -284,15 +325,23 @@ def _recalibrate(
     device: torch.device,
     layout: Layout,
     forward: Callable[[Tensor], Tensor],
+    *,
+    report: bool,
 ) -> None:
     """BatchNorm statistics of ``model`` re-estimated on ``batches`` at the test size ``size``.
+
+    ``report``: name the unreadable training images (on the first of the passes only).
 
     Raises:
         InputError: ``batches`` held no images (the statistics would be left reset).
     """
     # Whole batches (not _resized_parts' memory-bounded pieces): each batch is one estimate
     # of the statistics, and a piece of a batch would be a smaller, noisier one.
-    inputs = (to_layout(resize(images, size), layout) for images, _ in _batches(batches, device))
+    inputs = (
+        to_layout(resize(images, size), layout)
+        for images, _, _ in _batches(batches, device, report=report)
+        if len(images)
+    )
     if recalibrate(model, inputs, forward) == 0:
         raise InputError(
             "no images to recalibrate BatchNorm on. Hint: give --recalibrate-bn a positive count "
@@ -391,6 +440,7 @@ class Evaluated:
             "data": self.data,
             "image_size": self.image_size,
             "images": r.images,
+            "skipped_images": r.skipped,
             **draw,
             "method": self.method,
             **distill,
@@ -466,7 +516,8 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
     """Tidy table over checkpoints: one row per (checkpoint, size, path) with a routed flag.
 
     Each row carries what scoring it again takes: the checkpoint's file, the data, the test
-    images' size, count and draw (``test_draw_seed``, empty where not recorded), and the
+    images' size, count (and the unreadable ones skipped, ``skipped_images``) and draw
+    (``test_draw_seed``, empty where not recorded), and the
     BatchNorm settings (``distill`` empty where the
     checkpoint's training config does not have it).
     """
@@ -483,6 +534,7 @@ def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:
                             "data": ev.data,
                             "image_size": ev.image_size,
                             "images": r.images,
+                            "skipped_images": r.skipped,
                             "test_draw_seed": ev.test_draw_seed,
                             "method": ev.method,
                             "bn": ev.bn,
@@ -630,9 +682,19 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
     """Any self-describing checkpoint (msun train writes them), with its training settings.
 
     Named ``name``, else by ``checkpoint_label`` (``unique_labels`` names several apart).
+
+    Raises:
+        InputError: The file is unreadable, or does not name its model (a plain state dict).
     """
     ckpt = read_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)  # only self-describing checkpoints get this far
+    if not is_self_describing(ckpt):
+        raise InputError(
+            f"{path} does not name its model (a plain state dict?): msun eval scores "
+            "checkpoints that do, such as msun train's last.pt and best.pt. Hint: give such a "
+            f"checkpoint; analyse a plain state dict with ckascope compare --checkpoint {path} "
+            "--model NAME"
+        )
+    model = model_from_checkpoint(ckpt, path)
     train = ckpt.get("train_config") or {}
     method = str(train.get("method") or ("msun" if isinstance(model, MSUN) else "vanilla"))
     arch = str(ckpt["config"].get("arch", "?"))
@@ -745,6 +807,47 @@ def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: i
                 f"evaluate them separately, or pass {flag} (and --data / --image-size) to "
                 "evaluate every one on the same images"
             )
+
+
+def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Dataset[Any]:
+    """The validation split of ``data`` that msun eval scores: an image folder's val/.
+
+    An image folder with train/ but no val/ is refused in training's words (its training
+    images would be scored instead); one with neither is a folder of classes, scored itself
+    (``scored_in_place`` says so).
+
+    Args:
+        data: The ``--data`` spec.
+        image_size: The test images' centre crop.
+        num_images: The synthetic set's size (the others have their own).
+        seed: The synthetic set's seed (the pool the run's validation drew).
+
+    Raises:
+        InputError: As ``build_dataset``, and for the folder without val/ above.
+    """
+    return build_dataset(
+        data,
+        "val",
+        eval_transform(image_size, default_resize(data, image_size)),
+        num_images=num_images,
+        seed=seed,
+        synthetic_size=image_size,
+        # read for an image folder only (build_dataset decides what the spec names)
+        require_split=(Path(data).expanduser() / "train").is_dir(),
+        missing_split_hint="msun eval scores the images in val/ (one sub-folder per class): "
+        "give --data a folder with val/, or a folder of class sub-folders",
+    )
+
+
+def scored_in_place(dataset: Dataset[Any], data: str) -> Path | None:
+    """The folder ``--data`` named when its own class sub-folders are scored (it has no val/).
+
+    None for a folder with val/ and for every set that is no image folder.
+    """
+    folder = Path(data).expanduser()
+    if isinstance(dataset, ImageFolder) and Path(dataset.root) == folder:
+        return folder
+    return None
 
 
 def check_classes(loaded: Sequence[Loaded], dataset: Any, data: str) -> None:

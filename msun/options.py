@@ -53,8 +53,9 @@ class EvalConfig:
 
     data: str | None = config_field(
         None,
-        "ImageFolder root (val/ is used), NAME:PATH, fashionmnist, or shapes  "
-        "[default: the first run's data].",
+        "ImageFolder root (its val/ is scored; a folder of class sub-folders alone is scored "
+        "itself, with a note; one with train/ but no val/ is refused), NAME:PATH, "
+        "fashionmnist, or shapes  [default: the first run's data].",
     )
     eval_sizes: str | None = config_field(
         None,
@@ -76,7 +77,7 @@ class EvalConfig:
     num_val: int | None = config_field(
         None,
         "Evaluate on this many of the images: the ones the (first) run's validation scored with "
-        "the same --num-val  [all; synthetic 2000].",
+        "the same --num-val; at most the set's size (more is refused)  [all; synthetic 2000].",
         min=1,
     )
     recalibrate_bn: int | None = config_field(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from click.testing import CliRunner
 
 from ckascope.views import resize
@@ -242,3 +243,121 @@ def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
         best["checkpoint_path"],
         last["checkpoint_path"],
     }
+
+
+# ----------------------------------------------------------------------------- what eval scores
+
+
+def _class_folders(root: Path, classes: tuple[str, ...], count: int) -> Path:
+    """``count`` random 32x32 images in a sub-folder of ``root`` per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An msun checkpoint of two classes at 32 px, beside nothing else."""
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=2).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    save_checkpoint(model, path, train_config={"data": "shapes", "image_size": 32})
+    return path
+
+
+def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
+    """(msun eval arguments, words of the one line) for what eval refuses before scoring."""
+    plain = tmp_path / "tv.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), plain)
+    _class_folders(tmp_path / "noval" / "train", ("a", "b"), 1)
+    _class_folders(tmp_path / "small" / "val", ("a", "b"), 1)
+    ckpt, out = str(checkpoint), ["--out", str(tmp_path / "ev")]
+    return [
+        (
+            [str(plain), *out],
+            f"Error: {plain} does not name its model (a plain state dict?): msun eval scores "
+            "checkpoints that do, such as msun train's last.pt and best.pt. Hint: give such a "
+            f"checkpoint; analyse a plain state dict with ckascope compare --checkpoint {plain} "
+            "--model NAME",
+        ),
+        ([ckpt, "--data", str(tmp_path / "noval"), *out], "noval has no val/ folder. Hint:"),
+        (
+            [ckpt, "--data", str(tmp_path / "small"), "--num-val", "3", *out],
+            "--num-val 3 asks for more validation images than "
+            f"{tmp_path / 'small'} holds: 2. Hint: give --num-val 2 or fewer",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["plain-state-dict", "train-without-val", "num-val"])
+def test_eval_refuses_before_scoring(tmp_path: Path, two_classes: Path, case: int) -> None:
+    from tests.refusals import assert_refused
+
+    argv, needle = _refusals(tmp_path, two_classes)[case]
+    assert_refused(main, ["eval", *argv], needle, tmp_path)
+
+
+def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:
+    """msun eval's message is its own; ckascope compare still asks for --model."""
+    from ckascope.errors import InputError
+    from ckascope.models import load_checkpoint
+
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "tv.pt")
+    with pytest.raises(InputError, match=r"plain state dict\. Hint: name its architecture with"):
+        load_checkpoint(tmp_path / "tv.pt")
+
+
+def test_unreadable_images_are_named_once_and_counted_apart_from_the_scored() -> None:
+    """Recalibrating passes over the test images once per size and path: one warning each."""
+    from ckascope.data import Batch, Skipped
+    from ckascope.errors import LocalWarning
+
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=4).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(5, 3, 32, 32, generator=g), torch.randint(0, 4, (5,), generator=g)
+    bad = [Skipped(f"bad{i}.png", "truncated") for i in range(3)]
+    batches = [
+        Batch(x[:3], y[:3], bad[:1]),
+        Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad[1:]),  # all unreadable
+        Batch(x[3:], y[3:], []),
+    ]
+    recal = [(torch.rand(4, 3, 32, 32, generator=g), torch.zeros(4, dtype=torch.long))]
+    with pytest.warns(LocalWarning) as caught:
+        got = evaluate(model, batches, [16, 32], image_size=32, recalibration=recal)
+    named = [str(w.message) for w in caught if issubclass(w.category, LocalWarning)]
+    assert named == [f"skipped unreadable image bad{i}.png (truncated)" for i in range(3)]
+    assert (got.images, got.skipped) == (5, 3)
+    plain = evaluate(model, [(x, y)], [16, 32], image_size=32, recalibration=recal)
+    np.testing.assert_allclose(got.top1, plain.top1)  # over the 5 images scored, not 8
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_records_unreadable_images_and_names_a_folder_scored_in_place(
+    tmp_path: Path, two_classes: Path
+) -> None:
+    imgs = _class_folders(tmp_path / "imgs" / "val", ("a", "b"), 3).parent
+    (imgs / "val" / "a" / "broken.png").write_bytes(b"not a png")
+    args = ["eval", str(two_classes), "--eval-sizes", "16,32", "--batch-size", "4"]
+    result = CliRunner().invoke(main, [*args, "--data", str(imgs), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert f"skipped unreadable image {imgs / 'val' / 'a' / 'broken.png'}" in result.stderr
+    assert "has no val/ folder" not in result.output
+    summary = json.loads((tmp_path / "e" / "eval.json").read_text())[0]
+    assert (summary["images"], summary["skipped_images"]) == (6, 1)
+    hits = np.array(summary["top1_per_path"]) * 6 / 100  # percent of the 6 images scored
+    np.testing.assert_allclose(hits, np.round(hits), atol=1e-9)
+    with open(tmp_path / "e" / "eval.csv") as f:
+        assert {(r["images"], r["skipped_images"]) for r in csv.DictReader(f)} == {("6", "1")}
+    val = imgs / "val"
+    in_place = CliRunner().invoke(main, [*args, "--data", str(val), "--out", str(tmp_path / "v")])
+    assert in_place.exit_code == 0, in_place.output
+    assert f"note: {val} has no val/ folder: scoring the images of its own class" in " ".join(
+        in_place.output.split()
+    )
