@@ -283,6 +283,18 @@ def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
     assert images(10**6, available=10_000, method="msun", **common) == 10_000
 
 
+def test_the_num_val_help_states_that_rule() -> None:
+    from msun.data import MIN_VALIDATION, SYNTHETIC_VAL, VALIDATION_SHARE
+
+    [field] = [f for f in dataclasses.fields(TrainConfig) if f.name == "num_val"]
+    shown = field.metadata["help"]
+    assert VALIDATION_SHARE == 0.1
+    assert "a tenth of the training it follows" in shown
+    assert f"at least {MIN_VALIDATION}" in shown
+    assert f"at most the validation set ({SYNTHETIC_VAL} synthetic)" in shown
+    assert "[all" not in shown  # it was never all of them
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_run_without_num_val_validates_its_share_and_records_it(tmp_path: Path) -> None:
     i = tinyrun.TRAIN.index("--num-val")
