@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -298,7 +299,7 @@ def test_the_learning_rate_is_stepped_every_optimiser_step() -> None:
         scheduler.step()
         rates.append(scheduler.get_last_lr()[0])
     assert rates[:5] == pytest.approx([0.01, 0.2575, 0.505, 0.7525, 1.0])  # within epoch 1
-    assert all(a > b for a, b in zip(rates[4:], rates[5:], strict=False))  # every step lower
+    assert all(a > b for a, b in itertools.pairwise(rates[4:]))  # every step lower
     assert rates[-1] == pytest.approx(0.01)  # after the last step: the floor
 
 
