@@ -32,7 +32,16 @@ class NumericalError(CKAScopeError, ArithmeticError):
 
 
 class WeightsUnavailableError(CKAScopeError):
-    """Pretrained weights are not cached and cannot be downloaded."""
+    """Pretrained weights are not cached and cannot be downloaded.
+
+    Attributes:
+        problem: The message without its hint, so that a caller whose options are not
+            ckascope's (a trainer) can give its own hint.
+    """
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        super().__init__(f"{problem} Hint: {hint}" if hint else problem)
+        self.problem = problem
 
 
 class CKAScopeWarning(RuntimeWarning):

@@ -107,8 +107,9 @@ def ensure_weights_file(weights: WeightsEnum, suffix: str = "") -> Path:
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
         raise WeightsUnavailableError(
             f"pretrained weights {weights} are not cached at {dest} and could not be downloaded "
-            f"({e}). Hint: pass --weights{suffix} none for random weights, --checkpoint{suffix} FILE for a local "
-            "file, or copy the file to that path"
+            f"({e}).",
+            f"pass --weights{suffix} none for random weights, --checkpoint{suffix} FILE for a local "
+            "file, or copy the file to that path",
         ) from e
     finally:
         socket.setdefaulttimeout(old_timeout)

@@ -18,8 +18,9 @@ business.
 The groups:
 
 Errors (no torch): the typed errors a command line prints as one line with a hint, exit 2 or 1.
-    ``CKAScopeError``, ``InputError``, ``WeightsUnavailableError``, and ``hint_close`` (an
-    "unknown name 'x'. Hint: did you mean ...?" message).
+    ``CKAScopeError``, ``InputError``, ``WeightsUnavailableError``, ``hint_close`` (an
+    "unknown name 'x'. Hint: did you mean ...?" message), and ``warn`` (a note to the user:
+    one ``note: ...`` line on a command line).
 
 Command line (no torch): click and rich plumbing shared by the command lines. ``FriendlyGroup``
     (one-line errors, Ctrl-C as exit 130), ``config_field`` and ``config_options`` (a config
@@ -83,6 +84,7 @@ _EXPORTS = {
     "InputError": "ckascope.errors",
     "WeightsUnavailableError": "ckascope.errors",
     "hint_close": "ckascope.errors",
+    "warn": "ckascope.errors",
     # command line
     "FriendlyGroup": "ckascope.cliutils",
     "REQUIRED": "ckascope.cliutils",
@@ -244,6 +246,7 @@ __all__ = [
     "to_rgb",
     "torch_save",
     "unanalysed",
+    "warn",
     "warn_skipped",
     "write_json",
     "write_text",
@@ -285,7 +288,13 @@ if TYPE_CHECKING:
     )
     from ckascope.distributed import DistInfo, close_distributed, init_distributed
     from ckascope.entry import run
-    from ckascope.errors import CKAScopeError, InputError, WeightsUnavailableError, hint_close
+    from ckascope.errors import (
+        CKAScopeError,
+        InputError,
+        WeightsUnavailableError,
+        hint_close,
+        warn,
+    )
     from ckascope.execution import Layout, choose_layout, in_layout, to_layout
     from ckascope.fileio import (
         atomic_path,

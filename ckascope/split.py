@@ -51,6 +51,8 @@ from ckascope.result import FILES, CKAResult, is_result_dir
 from ckascope.vocab import DEFAULT_THRESHOLD
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")  # layer3, features.26
+#: What the reason suggests when no split point reaches the threshold (suggest-split's options).
+LOW_CKA_HINT = "a lower --threshold, or more layers in the analysis"
 #: The share of bootstrap replicates that must agree with the choice for it to be called stable.
 STABLE_SHARE = 0.8
 
@@ -310,6 +312,7 @@ def suggest_split(
     split_points: Sequence[str | SplitCandidate],
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    hint: str = LOW_CKA_HINT,
 ) -> SplitSuggestion:
     """Applies the rule of the module docstring to a cross-scale result.
 
@@ -318,6 +321,8 @@ def suggest_split(
         split_points: Legal split points (names, or candidates with costs), in any order: they
             are taken in the order of the analysed layers.
         threshold: Minimum CKA of the trunk's input, in [0, 1].
+        hint: What the reason suggests when no split point reaches the threshold; a caller
+            whose options are not suggest-split's (a trainer) names its own.
 
     Returns:
         The suggestion; ``choice`` is always one of ``split_points``, ``rows`` are in forward
@@ -340,7 +345,7 @@ def suggest_split(
     candidates = in_forward_order(layers, given)
     check_analysed(layers, candidates)
     suggestion = replace(
-        _suggest(layers, diag, candidates, threshold),
+        _suggest(layers, diag, candidates, threshold, hint),
         notes=_notes(result),
         minibatches=_minibatches(result),
     )
@@ -376,7 +381,11 @@ def _notes(result: CKAResult) -> tuple[str, ...]:
 
 
 def _suggest(
-    layers: list[str], diag: list[float], candidates: list[SplitCandidate], threshold: float
+    layers: list[str],
+    diag: list[float],
+    candidates: list[SplitCandidate],
+    threshold: float,
+    hint: str,
 ) -> SplitSuggestion:
     """The rule on one diagonal (every candidate's input analysed: ``check_analysed``)."""
     rows = _rows(layers, diag, candidates)
@@ -386,7 +395,7 @@ def _suggest(
             "or degenerate layers, or a failed analysis). Hint: check the compare run's "
             "warnings, or analyse other layers"
         )
-    return _choose(rows, threshold)
+    return _choose(rows, threshold, hint)
 
 
 def _rows(layers: list[str], diag: list[float], candidates: list[SplitCandidate]) -> list[SplitRow]:
@@ -412,7 +421,8 @@ def _stability(
     return {c.name: choices[c.name] / len(replicates) for c in candidates}
 
 
-def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
+def _choose(rows: list[SplitRow], threshold: float, hint: str = LOW_CKA_HINT) -> SplitSuggestion:
+    """The rule on one diagonal's rows; ``hint`` ends the reason when no input reaches it."""
     for i, row in enumerate(rows):
         if row.consistent(threshold):
             # "considered": the candidates may be a given subset of the family's split points
@@ -429,7 +439,7 @@ def _choose(rows: list[SplitRow], threshold: float) -> SplitSuggestion:
     best = max(measured, key=lambda r: (r.input_cka, -rows.index(r)))
     why = (
         f"no split point's input reaches CKA {threshold}; {best.input_layer} is the most scale-consistent "
-        f"trunk input ({best.input_cka:.3f}). Hint: a lower --threshold, or more layers in the analysis"
+        f"trunk input ({best.input_cka:.3f}). Hint: {hint}"
     )
     return SplitSuggestion(best.candidate.name, why, threshold, rows)
 

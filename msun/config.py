@@ -131,7 +131,11 @@ class TrainConfig:
     num_train: int | None = config_field(
         None, "Training images (random subset; synthetic: set size) [all; 20000 synthetic]."
     )
-    num_val: int | None = config_field(None, "Validation images [all; 2000 synthetic].")
+    num_val: int | None = config_field(
+        None,
+        "Validation images [a tenth of the training it follows, in forward passes: at least "
+        "256, at most the validation set (2000 synthetic)].",
+    )
     eval_sizes: str | None = config_field(
         None,
         "Test sizes for validation: start:stop:step or a comma list [the paper's 13 sizes "

@@ -44,6 +44,7 @@ from ckascope.platform import (
     split_table,
     suggest_split,
     unanalysed,
+    warn,
     write_json,
 )
 from msun.backbones import backbone_for, check_split, meta_model, split_points, supported_archs
@@ -60,6 +61,12 @@ ANALYSIS_BOOTSTRAP = 1000
 #: stability (ckascope's calibration.FEW_BATCHES). 16 of 32 images; more, smaller ones when
 #: torchrun runs over 16 processes (each gets a batch).
 ANALYSIS_BATCHES = 16
+#: What the choice's reason suggests when no split point's input reaches the threshold: the
+#: trainer's options (ckascope suggest-split's own hint names its --threshold).
+LOW_CKA_HINT = (
+    "name the split with --split-at (the table compares the points), or give --cka-from DIR, "
+    "an analysis of your own (more images or layers, a network trained on your data)"
+)
 #: The run's ``split-analysis/`` folder: the analysis, its figures and the choice made from it.
 SPLIT_ANALYSIS = RESULT_OUTPUT._replace(
     name="an earlier split analysis", files=RESULT_OUTPUT.files | {"suggestion.json"}
@@ -123,22 +130,20 @@ def msun_scales(smallest: int, largest: int) -> tuple[int, ...]:
 
 
 def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
-    """The cross-scale CKA result the choice is made from."""
+    """The cross-scale CKA result the choice is made from.
+
+    Without ``--cka-from``, the pretrained vanilla model's: a random network's cross-scale CKA
+    shows its architecture, not what training learns.
+    """
     if cfg.cka_from:
-        result = load_analysis(cfg.cka_from, "--cka-from")
-        if result.arch != cfg.model:
-            raise InputError(
-                f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "
-                "Hint: analyse the architecture you train"
-            )
-        return result
+        return saved_analysis(cfg)
     try:
         model = build_model(cfg.model, "default")
     except WeightsUnavailableError as e:
         raise InputError(
-            f"--split-at auto needs a CKA analysis, and pretrained {cfg.model} weights are not "
-            f"available here. Hint: pass --cka-from DIR (from ckascope compare --model {cfg.model} "
-            "--out DIR) or name the split with --split-at"
+            f"--split-at auto without --cka-from analyses the pretrained {cfg.model} (a random "
+            "network's cross-scale CKA says little), and its weights are not available here. "
+            f"Hint: {offline_analysis(cfg)}, then --cka-from DIR; or name the split with --split-at"
         ) from e
     scales = (min(cfg.scales), max(cfg.scales))
     return compare_scales(
@@ -155,6 +160,50 @@ def analysis(cfg: TrainConfig, info: DistInfo) -> CKAResult:
         world_size=info.world_size,
         settings={"model": cfg.model, "arch": cfg.model, "weights": "default"},
     )
+
+
+def saved_analysis(cfg: TrainConfig) -> CKAResult:
+    """The ``--cka-from`` result, refused when it analysed another architecture.
+
+    Raises:
+        InputError: Another architecture (its split points are not this network's), or what
+            ``load_analysis`` refuses.
+    """
+    result = load_analysis(str(cfg.cka_from), "--cka-from")
+    if result.arch != cfg.model:
+        raise InputError(
+            f"--cka-from {cfg.cka_from} analysed {result.arch}, not {cfg.model}. "
+            "Hint: analyse the architecture you train"
+        )
+    return result
+
+
+def offline_analysis(cfg: TrainConfig) -> str:
+    """The ckascope compare commands that make an analysis for ``--cka-from`` without a download."""
+    options = f"--scales {min(cfg.scales)} {max(cfg.scales)} --image-size {cfg.image_size}"
+    options += f" --data {cfg.data}" if cfg.data else ""
+    return (
+        f"analyse a vanilla {cfg.model} you trained (msun train --method vanilla --out RUN; "
+        f"ckascope compare --checkpoint RUN/last.pt {options} --out DIR) or, saying less, "
+        f"random weights (ckascope compare --model {cfg.model} --weights none {options} --out DIR)"
+    )
+
+
+def note_other_scales(cfg: TrainConfig, result: CKAResult) -> None:
+    """Notes a ``--cka-from`` analysis of other scales than the run's smallest and largest.
+
+    The rule judges how alike the two ends of the run's range look (msun's own analysis
+    compares them); another pair may still guide the choice, so it is used, and said.
+    """
+    ends = [min(cfg.scales), max(cfg.scales)]
+    compared = sorted(int(s) for s in result.settings.get("scales") or [])
+    if compared != ends:
+        warn(
+            f"--cka-from {cfg.cka_from} compared scales {' and '.join(map(str, compared))}, not "
+            f"this run's smallest and largest ({ends[0]} and {ends[1]}), the pair --split-at "
+            "auto's own analysis compares: the split is chosen from the other pair. Hint: "
+            f"ckascope compare --scales {ends[0]} {ends[1]} analyses this run's range"
+        )
 
 
 def analysis_batch(world_size: int) -> int:
@@ -176,7 +225,9 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
     result = analysis(cfg, info)
     candidates = split_candidates(cfg.model, cfg.scales)
     check_measured(cfg, result, candidates)
-    suggestion = suggest_split(result, candidates)
+    suggestion = suggest_split(result, candidates, hint=LOW_CKA_HINT)
+    if cfg.cka_from:  # after every refusal: a refused analysis needs no note
+        note_other_scales(cfg, result)
     if info.is_main:
         _record(result, suggestion, Path(cfg.out))
     return suggestion.choice

@@ -31,6 +31,7 @@ from ckascope.platform import (
     DistInfo,
     InputError,
     Reporter,
+    WeightsUnavailableError,
     build_model,
     dataset_len,
     init_distributed,
@@ -101,8 +102,28 @@ def replace_classifier(model: nn.Module, num_classes: int) -> None:
     )
 
 
+#: What ``--weights`` can do instead when its download fails: msun train's options, not
+#: ckascope's (``--checkpoint``).
+OFFLINE_WEIGHTS_HINT = (
+    "--weights none trains from random weights; or copy the file to that path, or fine-tune a "
+    "local copy of it as a vanilla network with --init-from FILE"
+)
+
+
 def build_network(cfg: C.TrainConfig) -> nn.Module:
-    """The network of a resolved config: random init (seeded) or pretrained vanilla weights."""
+    """The network of a resolved config: random init (seeded) or pretrained vanilla weights.
+
+    Raises:
+        WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
+    """
+    try:
+        return _network(cfg)
+    except WeightsUnavailableError as e:
+        raise WeightsUnavailableError(e.problem, OFFLINE_WEIGHTS_HINT) from e
+
+
+def _network(cfg: C.TrainConfig) -> nn.Module:
+    """``build_network`` itself."""
     assert cfg.num_classes is not None, "resolve the config first"
     torch.manual_seed(cfg.seed)
     weights = None if cfg.weights == "none" else cfg.weights

@@ -20,6 +20,7 @@ from msun.cli import main as msun_main
 from msun.privatebn import PrivateBatchNorm2d, build_scale_bn_net
 from tests import reference as ref
 from tests import tinyrun
+from tests.refusals import assert_refused
 
 #: 16 synthetic images at 16 and 32 px, two batches: a comparison of a tiny model in seconds.
 SMALL_SWEEP = [
@@ -219,14 +220,27 @@ def test_split_at_auto_without_analysis_offline(tmp_path: Path, offline: Path) -
         "--out",
         str(tmp_path / "r"),
     ]
-    result = CliRunner().invoke(msun_main, args)
-    assert result.exit_code == 2
-    assert "--cka-from" in result.stderr
+    line = assert_refused(msun_main, args, "analyses the pretrained resnet18", tmp_path)
+    # why it needs them, and the analyses that can be made offline, for this run's range
+    assert "a random network's cross-scale CKA says little" in line
+    assert "ckascope compare --checkpoint RUN/last.pt --scales 16 32 --image-size 32" in line
+    assert "ckascope compare --model resnet18 --weights none --scales 16 32" in line
+    assert "then --cka-from DIR" in line
     wrong = CliRunner().invoke(
         msun_main, [*args[:-2], "--method", "vanilla", "--out", str(tmp_path / "v")]
     )
     assert wrong.exit_code == 2
     assert "no subnets" in wrong.stderr
+
+
+def test_pretrained_weights_offline_name_msun_trains_own_options(
+    tmp_path: Path, offline: Path
+) -> None:
+    args = ["train", *tinyrun.TRAIN, "--method", "vanilla", "--weights", "default"]
+    line = assert_refused(msun_main, [*args, "--out", str(tmp_path / "r")], "not cached", tmp_path)
+    assert "Hint: --weights none" in line
+    assert "--init-from FILE" in line
+    assert "--checkpoint" not in line  # ckascope compare's option, not msun train's
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -281,6 +282,37 @@ def test_default_validation_is_a_tenth_of_the_training_it_follows() -> None:
     assert images(5, method="msun", **common) == MIN_VALIDATION  # a tiny run: the floor
     assert images(5, available=100, method="msun", **common) == 100  # never more than there is
     assert images(10**6, available=10_000, method="msun", **common) == 10_000
+
+
+def test_the_learning_rate_is_stepped_every_optimiser_step() -> None:
+    """docs/msun.md: warm-up over the first 5/90 of the run, cosine to 1 % of the peak, updated
+    after every step (not once per epoch); metrics' lr, read after an epoch's last step, is the
+    floor at the end of the run."""
+    from msun.train import make_scheduler
+
+    cfg = resolve(TrainConfig(epochs=18, lr=1.0), num_classes=10)  # warm-up: 1 epoch
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, cfg, steps=4)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(18 * 4):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[:5] == pytest.approx([0.01, 0.2575, 0.505, 0.7525, 1.0])  # within epoch 1
+    assert all(a > b for a, b in itertools.pairwise(rates[4:]))  # every step lower
+    assert rates[-1] == pytest.approx(0.01)  # after the last step: the floor
+
+
+def test_the_num_val_help_states_that_rule() -> None:
+    from msun.data import MIN_VALIDATION, SYNTHETIC_VAL, VALIDATION_SHARE
+
+    [field] = [f for f in dataclasses.fields(TrainConfig) if f.name == "num_val"]
+    shown = field.metadata["help"]
+    assert VALIDATION_SHARE == 0.1
+    assert "a tenth of the training it follows" in shown
+    assert f"at least {MIN_VALIDATION}" in shown
+    assert f"at most the validation set ({SYNTHETIC_VAL} synthetic)" in shown
+    assert "[all" not in shown  # it was never all of them
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)

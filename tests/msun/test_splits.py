@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from ckascope.distributed import DistInfo
-from ckascope.errors import InputError
+from ckascope.errors import CKAScopeWarning, InputError
 from ckascope.models import CHECKPOINT_FORMAT
+from ckascope.result import CKAResult
+from ckascope.split import suggest_split
 from msun.config import TrainConfig
-from msun.splits import resolve_split
+from msun.splits import choose, resolve_split, split_candidates
 
 CPU = DistInfo(0, 1, torch.device("cpu"))
 
@@ -61,3 +67,47 @@ def test_the_auto_analysis_has_enough_minibatches_to_judge_its_stability() -> No
     for world in (1, 2, 4, 8, 16, 32, 64):
         batch = analysis_batch(world)
         assert ANALYSIS_IMAGES // batch >= max(FEW_BATCHES, world), world  # a batch per process
+
+
+def _saved(folder: Path, diagonal: float, scales: list[int]) -> Path:
+    """A saved resnet18 analysis of its blocks whose same-layer CKA is ``diagonal`` throughout."""
+    layers = ["maxpool", *(f"layer{s}.{i}" for s in range(1, 5) for i in range(2))]
+    matrix = np.full((1, len(layers), len(layers)), diagonal)
+    settings = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": scales}
+    CKAResult(matrix, layers, layers, settings).save(folder)
+    return folder
+
+
+def _auto(tmp_path: Path, analysis: Path) -> TrainConfig:
+    """``--split-at auto --cka-from analysis`` at scales 4 16 28 (the candidates' costs are
+    counted once per scales: every test here uses these)."""
+    out = str(tmp_path / "run")
+    return TrainConfig(
+        model="resnet18", split_at="auto", cka_from=str(analysis), out=out, scales=(4, 16, 28)
+    )
+
+
+def test_auto_below_the_threshold_names_the_trainers_options(tmp_path: Path) -> None:
+    analysis = _saved(tmp_path / "cka", 0.5, [4, 28])
+    assert choose(_auto(tmp_path, analysis), None, CPU) == "layer1"
+    reason = json.loads((tmp_path / "run/split-analysis/suggestion.json").read_text())["reason"]
+    assert "no split point's input reaches CKA 0.8" in reason
+    assert "Hint: name the split with --split-at" in reason
+    assert "--cka-from DIR" in reason
+    assert "--threshold" not in reason  # suggest-split's option: msun train has none
+    # ckascope suggest-split keeps its own hint (the fashion study's tables quote it)
+    candidates = split_candidates("resnet18", (4, 16, 28))
+    own = suggest_split(CKAResult.load(analysis), candidates).reason
+    assert own.endswith("Hint: a lower --threshold, or more layers in the analysis")
+
+
+def test_auto_notes_an_analysis_of_other_scales_than_the_runs_ends(tmp_path: Path) -> None:
+    other = _auto(tmp_path, _saved(tmp_path / "16-28", 0.9, [16, 28]))
+    note = r"compared scales 16 and 28, not this run's smallest and largest \(4 and 28\)"
+    with pytest.warns(CKAScopeWarning, match=note) as caught:
+        assert choose(other, None, CPU) == "layer1"  # used, and said
+    assert "ckascope compare --scales 4 28" in str(caught[0].message)
+    ends = _auto(tmp_path, _saved(tmp_path / "4-28", 0.9, [28, 4]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CKAScopeWarning)  # the run's own ends: nothing to say
+        assert choose(ends, None, CPU) == "layer1"
