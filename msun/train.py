@@ -69,6 +69,7 @@ from msun.runstate import (
     check_reuse,
     gather_rng,
     interrupt_flag,
+    is_finished,
     restore_state,
     save_state,
     saved_run,
@@ -699,9 +700,15 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)
         cfg, train_set, val_set, init = _configure(cfg, info, saved, explicit)
-        loop = _build(cfg, info, train_set, val_set, init)
         if saved is not None:
             check_resume(saved, cfg)
+            if is_finished(saved):
+                console.print(
+                    f"{out} is finished ({cfg.epochs} of {cfg.epochs} epochs); nothing to "
+                    f"resume. Hint: msun eval {out / 'best.pt'}"
+                )
+                return out
+        loop = _build(cfg, info, train_set, val_set, init)
         state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))

@@ -109,6 +109,7 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("run folders", MSUN, E, ["{run}"], "is a folder, not a checkpoint. Hint: give"),
     ("run folders", MSUN, E, ["{run}/last.pt", "--out", "{eval_out}"], "remove the folder"),
     ("run folders", MSUN, E, ["{run}/last.pt", "--out", "{run}", "--overwrite"], "not an earlier"),
+    ("run folders", MSUN, T, [*tinyrun.TRAIN, "--out", "{eval_out}"], "not an msun train run's"),
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-weight", "0.5"], "--si-weight shapes"),
     ("msun only", MSUN, T, ["--method", "mst", "--si-pairs", "largest"], "--si-pairs shapes"),
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-threshold", "0.1"], "--si-threshold"),
