@@ -76,7 +76,7 @@ from ckascope.platform import (  # noqa: E402
     write_json,
     write_text,
 )
-from msun.config import RESUMABLE_CHANGES, TrainConfig, paper_sizes, saved_value  # noqa: E402
+from msun.config import WEIGHT_NEUTRAL, TrainConfig, paper_sizes, saved_value  # noqa: E402
 from msun.evaluate import evaluate_checkpoints, load_for_eval, recalibration_set  # noqa: E402
 from msun.splits import choose, split_candidates  # noqa: E402
 
@@ -253,10 +253,10 @@ def matches(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """Whether a saved resolved config is what ``cfg`` asks for.
 
     Every value ``cfg`` fixes must be the saved one; None and "auto" mean "resolve it" (the lr,
-    the clip, amp) and settings that do not change the weights (``RESUMABLE_CHANGES``) may differ.
+    the clip, amp) and settings that do not change the weights (``WEIGHT_NEUTRAL``) may differ.
     """
     wanted = cfg.to_dict().items()
-    fixed = {k: v for k, v in wanted if v not in (None, "auto") and k not in RESUMABLE_CHANGES}
+    fixed = {k: v for k, v in wanted if v not in (None, "auto") and k not in WEIGHT_NEUTRAL}
     return all(saved_value(saved, k) == v for k, v in fixed.items())
 
 

@@ -25,6 +25,7 @@ from msun.config import (
     nominal_scales,
     paper_sizes,
     parse_sizes,
+    run_options,
     sizes_text,
 )
 from msun.options import EvalConfig, FlopsConfig, check_eval
@@ -164,7 +165,11 @@ def split_points_command(arch: str) -> None:
     type=click.Path(path_type=Path),
     help="YAML file of options (flags win).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last.pt, with its own options (config.yaml).",
+)
 @config_options(TrainConfig, overrides={"scales": _SCALES_OPTION})
 def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     """Train MSUN, MST or vanilla with the published recipe (one CPU, one GPU, or torchrun).
@@ -179,6 +184,8 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     given = {k: v for k, v in values.items() if k in explicit}
     from_file = load_yaml(config_file) if config_file else {}
     cfg = merge(from_file, given)
+    if resume:  # what was not given is the run's own (config.yaml), not today's defaults
+        cfg = merge(run_options(Path(cfg.out), {**from_file, **given}), from_file, given)
     from ckascope.platform import close_distributed
     from msun.train import main as train_main
 

@@ -33,21 +33,21 @@ from ckascope.platform import MAX_SCALE, InputError, config_field, hint_close
 METHODS = ("msun", "mst", "vanilla")
 BN_MODES = ("shared", "private")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-#: Keys that do not change the trajectory of the weights, so ``--resume`` may change them
-#: (``cka_from`` only feeds the first start's ``--split-at auto``: a resumed run keeps its split).
+#: Keys that ``--resume`` may change, none of them the recipe or what a logged number means:
+#: ``workers`` (loading speed: every batch is planned and seeded by index), ``tensorboard`` and
+#: ``save_every`` (what is written besides, and how often), ``device`` and ``out`` (where it
+#: runs and writes; the precision, ``amp``, is compared), ``eval_every`` (which epochs are
+#: validated: every score keeps its meaning under the same validation options), ``cka_from``
+#: (only feeds the first start's ``--split-at auto``: a resumed run keeps its split).
 RESUMABLE_CHANGES = frozenset(
-    {
-        "workers",
-        "tensorboard",
-        "save_every",
-        "eval_every",
-        "device",
-        "out",
-        "num_val",
-        "eval_sizes",
-        "cka_from",
-    }
+    {"workers", "tensorboard", "save_every", "eval_every", "device", "out", "cka_from"}
 )
+#: What validation measures. They change no weight, but a run's validation means are
+#: comparable (and its best.pt chosen among them) only under one setting: ``--resume`` refuses
+#: another, while a finished run may be reused whatever they are (nothing is validated again).
+VALIDATION_OPTIONS = frozenset({"num_val", "eval_sizes"})
+#: Keys that never change the weights a run ends with.
+WEIGHT_NEUTRAL = RESUMABLE_CHANGES | VALIDATION_OPTIONS
 
 
 @dataclass
@@ -470,8 +470,12 @@ def resolve(cfg: TrainConfig, *, num_classes: int) -> TrainConfig:
     )
 
 
-def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every trajectory-changing key that differs.
+def differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    allowed: frozenset[str] = RESUMABLE_CHANGES,
+) -> list[str]:
+    """``key: saved -> current`` for every key that differs and may not (not in ``allowed``).
 
     MSUN's loss options change nothing of another method's run (runs made before they were
     refused for vanilla and MST saved them anyway).
@@ -479,12 +483,19 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     out = []
     plain = "msun" not in (saved.get("method"), current.get("method"))
     for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CHANGES or (plain and key in MSUN_ONLY):
+        if key in allowed or (plain and key in MSUN_ONLY):
             continue
         a, b = saved_value(saved, key), saved_value(current, key)
-        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+        if _comparable(key, a) != _comparable(key, b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """``value`` in a form where equal settings compare equal (``4:28:12`` is ``4,16,28``)."""
+    if key == "eval_sizes" and isinstance(value, str):
+        return parse_sizes(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 #: Options added after runs were made: a run saved without one ran with this value.
@@ -494,6 +505,37 @@ ADDED_LATER: dict[str, Any] = {"bn": "shared", "distill": False}
 def saved_value(config: Mapping[str, Any], key: str) -> Any:
     """Option ``key`` of a saved config; an option added later has the value runs had then."""
     return config.get(key, ADDED_LATER.get(key))
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml of ``msun train``'s: every option a run records."""
+    try:
+        options = load_yaml(path)
+        merge(options)
+    except InputError:
+        return False
+    return set(FIELDS) - set(ADDED_LATER) <= set(options)
+
+
+def run_options(folder: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of the run in ``folder`` (its config.yaml), for ``--resume`` to start from.
+
+    The options ``given`` (flags, a config file) go on top, and the resume compares the result
+    with the run's checkpoint, so a given option that differs is refused by name. Left out:
+    ``out`` (the folder is where the run is now) and ``cka_from`` (it fed the run's
+    ``--split-at auto``, whose choice the config records as its split). None of the run's
+    options when there is no such config.yaml (the resume then stops on its missing
+    checkpoint), or when ``given`` asks for another network (``model``, ``method``): the run's
+    split point and MSUN-only options would be refused for it before the resume could name
+    what differs.
+    """
+    path = folder / "config.yaml"
+    if not is_run_config(path):
+        return {}
+    options = load_yaml(path)
+    if any(given.get(key, options[key]) != options[key] for key in ("model", "method")):
+        return {}
+    return {k: v for k, v in options.items() if k not in ("out", "cka_from")}
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import fnmatch
 import io
 import json
 import os
@@ -27,18 +28,34 @@ from torch import nn
 
 from ckascope.platform import DistInfo, InputError, read_checkpoint, torch_save, write_text
 from msun.checkpoint import model_payload, training_inputs
-from msun.config import TrainConfig, differences
+from msun.config import (
+    RESUMABLE_CHANGES,
+    WEIGHT_NEUTRAL,
+    TrainConfig,
+    differences,
+    is_run_config,
+)
 
 
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch and step to run, and the best score so far."""
+    """Where training stands: the next epoch and step to run, and the best score so far.
+
+    ``epoch_sums`` holds what the epoch in progress has logged so far (``TermSums.saved`` in
+    ``msun.train``: its loss terms' sums, and the seconds and images of its steps), so that a
+    resumed epoch's metrics cover all of its steps; empty between epochs.
+    """
 
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_sums: dict[str, Any] = field(default_factory=dict)
+
+
+#: TrainState's fields that a checkpoint keeps apart from ``progress``.
+_NOT_PROGRESS = ("history", "epoch_sums")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def save_state(
     path: Path, t: Trainables, cfg: TrainConfig, state: TrainState, rng: list[dict[str, Any]]
 ) -> None:
     """Writes a training checkpoint atomically; ``rng`` holds every process's generators."""
-    progress = {k: v for k, v in asdict(state).items() if k != "history"}
+    progress = {k: v for k, v in asdict(state).items() if k not in _NOT_PROGRESS}
     torch_save(
         {
             **model_payload(t.model, cfg.model),
@@ -105,10 +122,47 @@ def save_state(
             "scaler": t.scaler.state_dict(),
             "progress": progress,
             "history": state.history,
+            "epoch_sums": state.epoch_sums,
             "rng": {"ranks": rng},
         },
         path,
     )
+
+
+#: What a run writes into its folder before its first checkpoint (config.yaml) and beside it
+#: (best.pt is written before last.pt, the logs after it): a new run replaces them only where
+#: config.yaml is a run's.
+RUN_FILES = frozenset({"config.yaml", "best.pt", "metrics.jsonl", "metrics.csv"})
+#: Names a new run accepts in its folder and never replaces: the lock, the split analysis
+#: (``msun.splits`` replaces only an earlier one), TensorBoard's folder (appended to), and
+#: what a killed atomic write or staging leaves (``.last.pt.XXXX.tmp``, ``.NAME.XXXX.old``).
+RUN_KEEPS = (".lock", "split-analysis", "tensorboard", ".*.tmp", ".split-analysis.*.old")
+
+
+def check_new_run(folder: Path) -> None:
+    """Refuses a folder without last.pt that holds files a new run would replace.
+
+    A run started again before its first checkpoint finds its own config.yaml (and, for
+    ``--split-at auto``, its split-analysis/), and is accepted; anything else is a user's.
+
+    Raises:
+        InputError: Naming the first few such files.
+    """
+    if not folder.is_dir():
+        return
+    own = RUN_FILES if is_run_config(folder / "config.yaml") else frozenset()
+    others = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in own and not any(fnmatch.fnmatchcase(p.name, k) for k in RUN_KEEPS)
+    )
+    if others:
+        named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise InputError(
+            f"--out {folder} holds files that are not an msun train run's ({named}); a new run "
+            "starts in an empty folder or one of its own. Hint: choose another --out, or move "
+            "them away"
+        )
 
 
 def saved_run(folder: Path, resume: bool) -> Mapping[str, Any] | None:
@@ -116,7 +170,8 @@ def saved_run(folder: Path, resume: bool) -> Mapping[str, Any] | None:
 
     Raises:
         InputError: ``--resume`` without a run, a folder that holds a run but no ``--resume``,
-            or a file that is not a training checkpoint.
+            a folder of other files (``check_new_run``), or a file that is not a training
+            checkpoint.
     """
     last = folder / "last.pt"
     if not resume:
@@ -124,6 +179,7 @@ def saved_run(folder: Path, resume: bool) -> Mapping[str, Any] | None:
             raise InputError(
                 f"{folder} already holds a training run. Hint: add --resume to continue it, or choose another --out"
             )
+        check_new_run(folder)
         return None
     if not last.is_file():
         raise InputError(f"--resume but {last} does not exist. Hint: start without --resume")
@@ -140,20 +196,33 @@ def restore_state(ckpt: Mapping[str, Any], t: Trainables, info: DistInfo) -> Tra
     t.scheduler.load_state_dict(ckpt["scheduler"])
     t.scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"], info)
-    return TrainState(**ckpt["progress"], history=list(ckpt.get("history", [])))
+    return TrainState(
+        **ckpt["progress"],
+        history=list(ckpt.get("history", [])),
+        # older checkpoints have none: a resumed epoch's row covers the steps run after it
+        epoch_sums=dict(ckpt.get("epoch_sums") or {}),
+    )
 
 
-def run_differences(ckpt: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
-    """``key: saved -> current`` for every trajectory-changing setting the run saved differently.
+def is_finished(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a training checkpoint's run has trained all of its epochs."""
+    return bool(ckpt["progress"]["epoch"] >= ckpt["train_config"]["epochs"])
+
+
+def run_differences(
+    ckpt: Mapping[str, Any], cfg: TrainConfig, allowed: frozenset[str] = RESUMABLE_CHANGES
+) -> list[str]:
+    """``key: saved -> current`` for every setting the run saved differently, but ``allowed``.
 
     Args:
         ckpt: A training checkpoint.
         cfg: The resolved config that would continue it.
+        allowed: The settings that may differ.
     """
     saved = dict(ckpt["train_config"])
     if saved.get("amp") == "auto":  # saved before amp was stored resolved: it meant this device's
         saved["amp"] = cfg.amp
-    return differences(saved, cfg.to_dict())
+    return differences(saved, cfg.to_dict(), allowed)
 
 
 def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
@@ -167,18 +236,22 @@ def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
         saved = ckpt["train_config"]
         raise InputError(
             f"--resume with a config that differs from {cfg.out}/last.pt: {'; '.join(diff)}. "
-            f"Hint: repeat the original options{_old_defaults(saved, cfg)}, or train into a new --out"
+            "Hint: leave those options out (--resume takes the run's own from its config.yaml) "
+            f"or repeat the original values{_old_defaults(saved, cfg)}, or train into a new --out"
         )
 
 
 def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
-    """Refuses to reuse or continue a run made with other trajectory-changing settings.
+    """Refuses to reuse or continue a run made with other settings.
+
+    A finished run is reused whatever its validation options (nothing is validated again); one
+    to continue needs them as ``--resume`` does.
 
     Raises:
         InputError: Naming every differing key with its saved and wanted value; the run is
             left as it is.
     """
-    diff = run_differences(ckpt, cfg)
+    diff = run_differences(ckpt, cfg, WEIGHT_NEUTRAL if is_finished(ckpt) else RESUMABLE_CHANGES)
     if diff:
         raise InputError(
             f"{cfg.out} holds a run with other settings ({'; '.join(diff)}). "
@@ -186,13 +259,22 @@ def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
         )
 
 
+#: Defaults of runs made before the authors' recipe became the default: clipping for every
+#: method, tau 0.001 for the ResNets but ResNet-50, a 5-epoch warm-up whatever the run's length.
+OLDER_DEFAULTS = {"grad_clip": 1.0, "warmup_epochs": 5.0, "si_threshold": 0.001}
+
+
 def _old_defaults(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
-    """Flags that give back defaults of runs made before the authors' recipe became the default."""
-    keys = ["grad_clip", "warmup_epochs", *(["si_threshold"] if cfg.method == "msun" else [])]
+    """Flags that give back the older defaults a run was made with, where they differ now.
+
+    Only a saved value equal to an older default is named: any other (0.1667, a warm-up derived
+    from a run's length) was never a default, and the differences already name it.
+    """
+    keys = [k for k in OLDER_DEFAULTS if k != "si_threshold" or cfg.method == "msun"]
     flags = [
         f"--{key.replace('_', '-')} {saved[key]:g}"
         for key in keys
-        if isinstance(saved.get(key), (int, float)) and saved[key] != getattr(cfg, key)
+        if saved.get(key) == OLDER_DEFAULTS[key] and saved[key] != getattr(cfg, key)
     ]
     return f" (older defaults: {' '.join(flags)})" if flags else ""
 

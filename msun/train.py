@@ -70,6 +70,7 @@ from msun.runstate import (
     check_reuse,
     gather_rng,
     interrupt_flag,
+    is_finished,
     restore_state,
     save_state,
     saved_run,
@@ -324,11 +325,25 @@ class TermSums:
 
     A torchmetrics ``MeanMetric`` per term and micro-batch would cost host-device syncs (its
     NaN check) on every call; the epoch's means need one all-reduce and one copy at its end.
+    A resumed epoch starts from the sums its checkpoint saved (``restored``): the first process
+    carries them, the others start at zero with the same terms, so the means cover every step
+    of the epoch (bit for bit on one process; under torchrun up to the order of additions).
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.count = 0  # micro-batches this process added
+        self.earlier = 0  # micro-batches of all processes in the sums restored
+
+    @classmethod
+    def restored(cls, saved: Mapping[str, Any], info: DistInfo) -> TermSums:
+        """The sums ``saved`` (``TrainState.epoch_sums``; empty: none) on this process."""
+        meters = cls()
+        for key, value in saved.get("terms", {}).items():
+            carried = float(value) if info.is_main else 0.0
+            meters.sums[key] = torch.tensor(carried, dtype=torch.float64, device=info.device)
+        meters.earlier = int(saved.get("count", 0))
+        return meters
 
     def add(self, terms: Mapping[str, torch.Tensor]) -> None:
         """Adds one micro-batch's detached scalar terms."""
@@ -337,15 +352,53 @@ class TermSums:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
-    def means(self, info: DistInfo) -> dict[str, float]:
-        """Mean of every term over the micro-batches of all processes."""
-        if not self.sums:
-            return {}
+    def totals(self, info: DistInfo) -> tuple[torch.Tensor, int]:
+        """Every term's sum over all processes (terms,), and the micro-batches they hold.
+
+        A collective call under torchrun (every process holds the same terms).
+        """
         stacked = torch.stack(list(self.sums.values()))  # (terms,)
         if info.world_size > 1:
             torch.distributed.all_reduce(stacked)
-        values = (stacked / (self.count * info.world_size)).tolist()  # the epoch's one sync
-        return dict(zip(self.sums, values, strict=True))
+        return stacked, self.count * info.world_size + self.earlier
+
+    def summary(self, info: DistInfo) -> tuple[dict[str, float], dict[str, Any]]:
+        """The means of every term over all processes' micro-batches, and the sums as saved.
+
+        The sums are what a checkpoint keeps (``restored`` takes them back); the epoch's one
+        sync (a collective call under torchrun).
+        """
+        if not self.sums:
+            return {}, {}
+        stacked, count = self.totals(info)
+        means = dict(zip(self.sums, (stacked / count).tolist(), strict=True))
+        return means, {"terms": dict(zip(self.sums, stacked.tolist(), strict=True)), "count": count}
+
+
+class EpochLog:
+    """What an epoch logs of its steps: its loss terms, and the seconds and images they took.
+
+    A resumed epoch goes on from what its checkpoint saved (``TrainState.epoch_sums``), so its
+    row is the uninterrupted epoch's, its time that of both parts.
+    """
+
+    def __init__(self, state: TrainState, info: DistInfo, batch_size: int) -> None:
+        saved = state.epoch_sums
+        self.terms = TermSums.restored(saved, info)
+        self.info, self.batch_size = info, batch_size
+        self.seconds, self.images = float(saved.get("seconds", 0.0)), int(saved.get("images", 0))
+        self.start, self.first_step = time.perf_counter(), state.step_in_epoch
+
+    def keep(self, state: TrainState) -> dict[str, float]:
+        """Puts the epoch's log so far into ``state.epoch_sums``; returns its terms' means.
+
+        A collective call under torchrun; a checkpoint saved next keeps the log.
+        """
+        means, terms = self.terms.summary(self.info)
+        images = self.images + (state.step_in_epoch - self.first_step) * self.batch_size
+        seconds = self.seconds + time.perf_counter() - self.start
+        state.epoch_sums = {**terms, "seconds": seconds, "images": images}
+        return means
 
 
 def _step_check(losses: list[torch.Tensor], stop: bool, info: DistInfo) -> tuple[bool, bool, float]:
@@ -415,10 +468,11 @@ def _nan_stop(loop: Loop, state: TrainState) -> TrainingStopError:
     )
 
 
-def _interrupted(loop: Loop, state: TrainState) -> TrainingInterruptedError:
+def _interrupted(loop: Loop, state: TrainState, during: str = "") -> TrainingInterruptedError:
+    """Saves ``last.pt`` where the run stands; the error says so (``during``: where it stopped)."""
     _save(loop, state)
     return TrainingInterruptedError(
-        f"interrupted at step {state.global_step}; continue with --resume (from {loop.out / 'last.pt'})"
+        f"interrupted at step {state.global_step}{during}; continue with --resume (from {loop.out / 'last.pt'})"
     )
 
 
@@ -431,10 +485,12 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Runs the rest of epoch ``state.epoch`` from ``state.step_in_epoch``.
 
-    ``on_pace`` is called once, with the seconds per step, after ``PACE_STEPS`` steps.
+    ``on_pace`` is called once, with the seconds per step, after ``PACE_STEPS`` steps. Every
+    checkpoint keeps the epoch's log so far (``EpochLog``), and so does ``state`` at the end.
 
     Returns:
-        Mean loss terms over the epoch's steps run here, learning rate and images/s.
+        Mean loss terms over the epoch's steps (those before a resume too, when its checkpoint
+        kept them), learning rate and images/s.
     """
     cfg, accum = loop.cfg, loop.cfg.accum_steps
     plan = epoch_plan(dataset_len(loop.train_loader.dataset), state.epoch, cfg, loop.info)
@@ -443,11 +499,10 @@ def train_one_epoch(
     task = bar.add_task(
         f"epoch {state.epoch + 1}/{cfg.epochs}", total=steps, completed=state.step_in_epoch
     )
-    meters = TermSums()
+    log = EpochLog(state, loop.info, cfg.batch_size)
     _set_train_mode(loop)
-    start, first_step = time.perf_counter(), state.step_in_epoch
     while state.step_in_epoch < steps:
-        losses = [_micro_step(loop, next(batches), m == accum - 1, meters) for m in range(accum)]
+        losses = [_micro_step(loop, next(batches), m == accum - 1, log.terms) for m in range(accum)]
         nonfinite, stopping, last = _step_check(losses, stop(), loop.info)
         if nonfinite:
             raise _nan_stop(loop, state)
@@ -456,18 +511,21 @@ def train_one_epoch(
         bar.update(
             task, advance=1, description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {last:.3f}"
         )
-        if cfg.save_every and state.global_step % cfg.save_every == 0:
+        saving = bool(cfg.save_every and state.global_step % cfg.save_every == 0)
+        if saving or stopping:
+            log.keep(state)
+        if saving:
             _save(loop, state)
         if stopping:
             raise _interrupted(loop, state)
-        if on_pace is not None and state.step_in_epoch - first_step == PACE_STEPS:
-            on_pace((time.perf_counter() - start) / PACE_STEPS)
+        if on_pace is not None and state.step_in_epoch - log.first_step == PACE_STEPS:
+            on_pace((time.perf_counter() - log.start) / PACE_STEPS)
     bar.remove_task(task)
-    seconds = time.perf_counter() - start
-    images = (state.step_in_epoch - first_step) * cfg.batch_size
+    means = log.keep(state)  # a Ctrl-C in the validation that follows saves it
+    seconds, images = state.epoch_sums["seconds"], state.epoch_sums["images"]
     lr = float(loop.trainables.scheduler.get_last_lr()[0])
     return {
-        **meters.means(loop.info),
+        **means,
         "lr": lr,
         "images_per_s": images / max(seconds, 1e-9),
         "train_seconds": seconds,
@@ -481,13 +539,33 @@ def _set_train_mode(loop: Loop) -> None:
         classifier(loop.model)[1].train()
 
 
-def validate(loop: Loop, bar: Reporter) -> EvalResult:
-    """Top-1/top-5 over the evaluation sizes on this process's share of the validation set."""
+class ValidationStoppedError(Exception):
+    """Ctrl-C or SIGTERM during a validation pass, seen by every process at the same batch."""
+
+
+def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) -> EvalResult:
+    """Top-1/top-5 over the evaluation sizes on this process's share of the validation set.
+
+    Raises:
+        ValidationStoppedError: ``stop`` returned True after a batch (on any process).
+    """
     assert loop.cfg.eval_sizes is not None, "resolve the config first"
     batch = max(2, loop.cfg.batch_size // loop.info.world_size)
-    plan = val_batches(dataset_len(loop.val_loader.dataset), batch, loop.info)
+    count = dataset_len(loop.val_loader.dataset)
+    plan = val_batches(count, batch, loop.info)
     sizes = C.parse_sizes(loop.cfg.eval_sizes)
     task = bar.add_task(f"validation ({len(sizes)} sizes)", total=len(plan))
+    # The processes agree on a stop after each batch (one all-reduce under torchrun); shares
+    # differ by up to one image, so only after the batches every process has.
+    last_rank = dataclasses.replace(loop.info, rank=loop.info.world_size - 1)
+    shared, done = len(val_batches(count, batch, last_rank)), [0]
+
+    def on_batch() -> None:
+        bar.advance(task)
+        done[0] += 1
+        if stop is not None and done[0] <= shared and any_rank(stop(), loop.info.device):
+            raise ValidationStoppedError
+
     result = evaluate(
         loop.model,
         loop.iterate(loop.val_loader, plan),
@@ -495,7 +573,7 @@ def validate(loop: Loop, bar: Reporter) -> EvalResult:
         image_size=loop.cfg.image_size,
         paths="all",
         amp_dtype=loop.amp,
-        on_batch=lambda: bar.advance(task),
+        on_batch=on_batch,
     )
     bar.remove_task(task)
     return result
@@ -523,15 +601,29 @@ def _epoch_row(
 
 
 def _end_of_epoch(
-    loop: Loop, state: TrainState, stats: dict[str, float], console: Console, bar: Reporter
+    loop: Loop,
+    state: TrainState,
+    stats: dict[str, float],
+    console: Console,
+    bar: Reporter,
+    stop: Callable[[], bool],
 ) -> None:
-    """Validates, logs and saves ``last.pt`` (and ``best.pt``, written first, when it improved)."""
+    """Validates, logs and saves ``last.pt`` (and ``best.pt``, written first, when it improved).
+
+    Raises:
+        TrainingInterruptedError: ``stop`` during the validation: ``last.pt`` is saved as after
+            the epoch's last step (its log kept), and ``--resume`` runs this validation again.
+    """
     last_epoch = state.epoch + 1 == loop.cfg.epochs
     due = (state.epoch + 1) % loop.cfg.eval_every == 0 or last_epoch
-    result = validate(loop, bar) if due else None
+    try:
+        result = validate(loop, bar, stop) if due else None
+    except ValidationStoppedError:
+        where = f", in epoch {state.epoch + 1}'s validation (a resume runs it again)"
+        raise _interrupted(loop, state, where) from None
     row = _epoch_row(state, stats, result)
     state.history.append(row)
-    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    state.epoch, state.step_in_epoch, state.epoch_sums = state.epoch + 1, 0, {}
     if result is not None and result.mean_top1 > state.best:
         state.best = result.mean_top1
         _save(loop, state, "best.pt")  # before last.pt: a crash between the two redoes this epoch
@@ -691,8 +783,8 @@ def _run_epochs(loop: Loop, state: TrainState, console: Console) -> None:
         while state.epoch < (loop.cfg.epochs or 0):
             stats = train_one_epoch(loop, state, stop, bar, pace)
             pace = None  # said once, from this process's first steps
-            _end_of_epoch(loop, state, stats, console, bar)
-            if any_rank(stop(), loop.info.device):  # Ctrl-C during validation: last.pt is saved
+            _end_of_epoch(loop, state, stats, console, bar, stop)
+            if any_rank(stop(), loop.info.device):  # Ctrl-C while saving or logging the epoch
                 raise TrainingInterruptedError(
                     f"interrupted after epoch {state.epoch}; continue with --resume"
                 )
@@ -720,9 +812,15 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
     with RunLock(out) if info.is_main else contextlib.nullcontext():
         saved = saved_run(out, resume)
         cfg, train_set, val_set, init = _configure(cfg, info, saved, explicit)
-        loop = _build(cfg, info, train_set, val_set, init)
         if saved is not None:
             check_resume(saved, cfg)
+            if is_finished(saved):
+                console.print(
+                    f"{out} is finished ({cfg.epochs} of {cfg.epochs} epochs); nothing to "
+                    f"resume. Hint: msun eval {out / 'best.pt'}"
+                )
+                return out
+        loop = _build(cfg, info, train_set, val_set, init)
         state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))

@@ -111,6 +111,7 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("run folders", MSUN, E, ["{run}/last.pt", "--out", "{run}", "--overwrite"], "not an earlier"),
     # root passes os.access everywhere; /proc refuses a new folder all the same
     ("run folders", MSUN, E, ["{run}/last.pt", "--out", "/proc/msuneval"], "not a writable"),
+    ("run folders", MSUN, T, [*tinyrun.TRAIN, "--out", "{eval_out}"], "not an msun train run's"),
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-weight", "0.5"], "--si-weight shapes"),
     ("msun only", MSUN, T, ["--method", "mst", "--si-pairs", "largest"], "--si-pairs shapes"),
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-threshold", "0.1"], "--si-threshold"),

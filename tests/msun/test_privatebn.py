@@ -299,8 +299,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(
     full = runner.invoke(main, _tiny(tmp_path / "full", *common))
     assert full.exit_code == 0, full.output
     monkeypatch.setattr(
-        msun.train, "interrupt_flag", _stop_after(4)
-    )  # 2 steps, the end of epoch 1, step 3
+        msun.train, "interrupt_flag", _stop_after(5)
+    )  # 2 steps, epoch 1's one validation batch, the end of epoch 1, step 3
     cut = runner.invoke(main, _tiny(tmp_path / "cut", *common))
     assert cut.exit_code == 130, cut.output
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)

@@ -1,15 +1,22 @@
-"""msun.runstate: each rank's generators on resume, a resume with other settings refused, and the
+"""msun.runstate: each rank's generators on resume, a resume with other settings refused (the
+run's own options taken where none are given), a run folder of other files refused, and the
 lock that keeps a second run out of a run folder."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from msun.runstate import RunLock
+from ckascope.errors import InputError
+from msun.cli import main
+from msun.config import TrainConfig, dump_yaml, resolve
+from msun.runstate import RunLock, check_new_run, check_resume, check_reuse
+from tests import tinyrun
 from tests.msun.runs import train_tiny
 
 
@@ -67,3 +74,72 @@ def test_a_lock_file_removed_under_a_starting_process_is_not_shared(
     assert fd is not None
     assert os.fstat(fd).st_ino == os.stat(second.path).st_ino
     os.close(fd)
+
+
+def _resolved(**options: Any) -> TrainConfig:
+    return resolve(TrainConfig(out="r", **options), num_classes=10)
+
+
+def _run(cfg: TrainConfig, epoch: int, **saved: Any) -> dict[str, Any]:
+    """A training checkpoint's entries the resume checks read: ``cfg`` saved, at ``epoch``."""
+    return {"train_config": {**cfg.to_dict(), **saved}, "progress": {"epoch": epoch}}
+
+
+def test_a_resume_refuses_other_validation_options() -> None:
+    cfg = _resolved(epochs=3, num_val=16, eval_sizes="4:28:12")
+    for saved, named in [({"num_val": 32}, "num_val: 32 -> 16"), ({"eval_sizes": "4,28"}, "4,28")]:
+        with pytest.raises(InputError, match=named):
+            check_resume(_run(cfg, 1, **saved), cfg)
+        with pytest.raises(InputError, match=named):  # a script continuing it: the same
+            check_reuse(_run(cfg, 1, **saved), cfg)
+        check_reuse(_run(cfg, 3, **saved), cfg)  # finished: reused, nothing is validated again
+    # the same sizes written another way, and an option that changes no number, are accepted
+    check_resume(_run(cfg, 1, eval_sizes="4,16,28", workers=2, save_every=5), cfg)
+
+
+def test_the_resume_hint_names_no_derived_value_as_an_older_default() -> None:
+    saved = _resolved(epochs=3)  # its warm-up, 3 x 5/90 epochs, derived from its length
+    with pytest.raises(InputError) as refused:
+        check_resume(_run(saved, 1), _resolved(epochs=4))
+    assert "epochs: 3 -> 4" in str(refused.value)
+    assert "older defaults" not in str(refused.value)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_resume_takes_the_runs_own_options_and_says_when_it_is_finished(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert train_tiny(out, "--epochs", "1").exit_code == 0
+    done = CliRunner().invoke(main, ["train", "--out", str(out), "--resume"])
+    assert done.exit_code == 0, done.output
+    assert f"{out} is finished (1 of 1 epochs); nothing to resume. Hint: msun eval" in done.stdout
+    assert "global batch" not in done.stdout  # no run is announced
+    longer = CliRunner().invoke(main, ["train", "--out", str(out), "--resume", "--epochs", "2"])
+    assert longer.exit_code == 2
+    [line] = longer.stderr.strip().splitlines()
+    assert f"differs from {out}/last.pt: epochs: 1 -> 2. Hint:" in line  # its one difference
+
+
+def test_a_new_run_refuses_a_folder_of_other_files(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"best.pt": "my weights", "metrics.csv": "my,own", "config.yaml": "mine: 1"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    result = CliRunner().invoke(main, ["train", *tinyrun.TRAIN, "--out", str(mine)])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "(best.pt, config.yaml, metrics.csv)" in line
+    assert "Hint: choose another --out" in line
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files  # untouched, no lock left
+
+
+def test_a_run_started_again_before_its_first_checkpoint_is_accepted(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "split-analysis").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(_resolved(epochs=1)))
+    for name in ("metrics.csv", "best.pt", ".lock", ".last.pt.x1y2.tmp"):  # killed mid-save
+        (run / name).write_text("")
+    check_new_run(run)
+    (run / "config.yaml").write_text("model: resnet18\n")  # a recipe of the user's, not a run's
+    with pytest.raises(InputError, match=r"\(best.pt, config.yaml, metrics.csv\)"):
+        check_new_run(run)

@@ -4,6 +4,7 @@ it writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -262,6 +265,76 @@ def test_interrupt_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     assert "Traceback" not in err
     progress = torch.load(out / "last.pt", weights_only=True)["progress"]
     assert progress["global_step"] >= 4
+
+
+#: A tiny run of 2 epochs, each 4 steps and a validation of 4 batches.
+TWO_EPOCHS = ["--epochs", "2", "--num-val", "32"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train_tiny(out, *TWO_EPOCHS).exit_code == 0
+    return out
+
+
+@contextlib.contextmanager
+def _ctrl_c_at(check: int, checks: list[int]) -> Iterator[Callable[[], bool]]:
+    """``interrupt_flag`` with Ctrl-C pressed before its ``check``-th check (kept in ``checks``)."""
+
+    def stop() -> bool:
+        checks.append(len(checks) + 1)
+        return len(checks) >= check
+
+    yield stop
+
+
+def _rows(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+@pytest.mark.parametrize(
+    ("check", "stands", "again"),
+    [
+        (5, (0, 4), []),  # resumed with the run's own options (config.yaml)
+        (4, (0, 4), [*TINY, *TWO_EPOCHS]),  # with every option repeated, as scripts do
+        (11, (1, 2), []),
+    ],
+    # the flag is checked at epoch 1's 4 steps, its 4 validation batches, after the epoch
+    # (9), then at epoch 2's steps
+    ids=["in-validation", "at-an-epochs-last-step", "mid-epoch"],
+)
+def test_an_interrupted_run_resumed_ends_and_logs_as_an_uninterrupted_one(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    uninterrupted: Path,
+    check: int,
+    stands: tuple[int, int],
+    again: list[str],
+) -> None:
+    import msun.train
+
+    out, checks = tmp_path / "cut", []
+    with monkeypatch.context() as m:
+        m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(check, checks))
+        cut = train_tiny(out, *TWO_EPOCHS)
+    assert cut.exit_code == 130, cut.output
+    assert len(checks) == check  # it stopped at the check that saw Ctrl-C, in validation too
+    progress = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"]) == stands
+    resumed = CliRunner().invoke(main, ["train", *again, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = _weights(uninterrupted / "last.pt"), _weights(out / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    timing = ("train_seconds", "images_per_s")
+    rows = [
+        [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
+        for run in (uninterrupted, out)
+    ]
+    assert rows[1] == rows[0]  # the loss terms of every step, the resumed epoch's too
+    for row in _rows(out):  # the time of both parts of the resumed epoch, and all its images
+        assert row["images_per_s"] * row["train_seconds"] == pytest.approx(32)
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
