@@ -204,6 +204,7 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         raise InputError(
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
+    check_num_val(cfg.num_val, dataset_len(val), cfg.data)
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
     train, val = (
         subset(train, cfg.num_train, cfg.seed),
@@ -212,6 +213,22 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     for split, dataset in (("training", train), ("validation", val)):
         check_labels(dataset, count, split, cfg.data)
     return _augmented(train, cfg, classes), val, count
+
+
+def check_num_val(num_val: int | None, available: int, data: str) -> None:
+    """Refuses ``msun train --num-val`` above the validation set's size, before any step.
+
+    Clamped, the run would validate on fewer images than asked and record the count asked for.
+
+    Raises:
+        InputError: Naming the count asked for, the data and its size.
+    """
+    if num_val is not None and num_val > available:
+        raise InputError(
+            f"--num-val {num_val} asks for more validation images than {data} holds: "
+            f"{available}. Hint: give --num-val {available} or fewer (or leave it out: a tenth "
+            "of the training's cost)"
+        )
 
 
 def check_labels(dataset: Dataset[Any], count: int, split: str, data: str) -> None:
