@@ -264,15 +264,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a disallowed class: not a checkpoint at all
-            raise InputError(f"{p} is not a readable checkpoint (truncated or corrupted?)") from e
+            raise _unreadable(p) from e
         raise InputError(
             f"refusing to load {p}: it holds Python objects other than tensors and plain "
             "containers, which could run code (only weights_only checkpoints are accepted)"
         ) from e
-    except _UNREADABLE as e:
-        raise InputError(
-            f"{p} is not a readable checkpoint (truncated or corrupted?): {e!r}"
-        ) from e
+    except _UNREADABLE as e:  # torch.load's own error says where its parser stopped, not why
+        raise _unreadable(p) from e
+
+
+def _unreadable(path: Path) -> InputError:
+    """The error for a file ``torch.load`` cannot read: what it is not, and what to give."""
+    return InputError(
+        f"{path} is not a readable checkpoint: not a file torch.save wrote, or one truncated or "
+        "corrupted. Hint: give a checkpoint file written by torch.save"
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str], arch: str | None = None) -> nn.Module:

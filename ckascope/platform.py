@@ -31,7 +31,8 @@ Command line (no torch): click and rich plumbing shared by the command lines. ``
     imported).
 
 Vocabulary (no torch): the option values both packages accept. ``Kernel``, ``MAX_SCALE``,
-    ``MEMORY_FORMATS``, ``MemoryFormat``, ``PROTOCOLS``, ``Precision``, ``Protocol``.
+    ``MEMORY_FORMATS``, ``MIN_IMAGE_SIZE``, ``MemoryFormat``, ``PROTOCOLS``, ``Precision``,
+    ``Protocol``.
 
 Plugins (no torch): ``register`` adds a model builder or a split vocabulary to ckascope's
     registries in code (installed packages use the entry points ``ckascope.plugins`` describes).
@@ -97,6 +98,7 @@ _EXPORTS = {
     # vocabulary
     "Kernel": "ckascope.vocab",
     "MAX_SCALE": "ckascope.vocab",
+    "MIN_IMAGE_SIZE": "ckascope.vocab",
     "MEMORY_FORMATS": "ckascope.vocab",
     "MemoryFormat": "ckascope.vocab",
     "PROTOCOLS": "ckascope.vocab",
@@ -178,6 +180,7 @@ __all__ = [
     "IMAGENET_STD",
     "MAX_SCALE",
     "MEMORY_FORMATS",
+    "MIN_IMAGE_SIZE",
     "PROTOCOLS",
     "REQUIRED",
     "RESULT_OUTPUT",
@@ -337,6 +340,7 @@ if TYPE_CHECKING:
     from ckascope.vocab import (
         MAX_SCALE,
         MEMORY_FORMATS,
+        MIN_IMAGE_SIZE,
         PROTOCOLS,
         Kernel,
         MemoryFormat,

@@ -17,10 +17,11 @@ this gives exactly the structures of the authors' code (docs/msun.md); it extend
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from ckascope.platform import InputError
+from ckascope.platform import MAX_SCALE, InputError
 
 RESNETS = (
     "resnet18",
@@ -328,6 +329,51 @@ def meta_model(arch: str, num_classes: int = 1000) -> nn.Module:
     with torch.device("meta"):
         model: nn.Module = torchvision.models.get_model(arch, num_classes=num_classes)
     return model
+
+
+def accepts(run: Callable[[torch.Tensor], object], side: int) -> bool:
+    """Whether ``run`` takes one (1, 3, side, side) image: a shape-only pass on the meta device.
+
+    ``run`` must hold meta tensors (``meta_model``, or a model built under ``torch.device("meta")``)
+    and be in eval mode: BatchNorm in training mode refuses one value per channel, which a
+    training batch (two images or more per process) never is.
+    """
+    x = torch.empty(1, 3, side, side, device="meta")
+    try:
+        with torch.no_grad():
+            run(x)
+    except RuntimeError:  # a pooling or convolution left with less than one pixel
+        return False
+    return True
+
+
+def smallest_side(run: Callable[[torch.Tensor], object]) -> int:
+    """The smallest image side in 1..MAX_SCALE that ``run`` takes (see ``accepts``).
+
+    A feature map never grows when its input shrinks, so every larger side works too: a
+    bisection, a dozen shape-only passes.
+    """
+    low, high = 1, MAX_SCALE
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if accepts(run, middle) else (middle + 1, high)
+    return low
+
+
+@functools.lru_cache(maxsize=32)
+def smallest_image(arch: str) -> int:
+    """The smallest image side ``arch``'s vanilla network (an MSUN's largest path) runs at.
+
+    1 for ResNets and MobileNetV2 (padded convolutions keep a pixel), 32 for VGG (five 2x2
+    max-pools), 29 for DenseNet (its transitions' 2x2 average pools).
+    """
+    return smallest_side(meta_model(arch).eval())
+
+
+@functools.lru_cache(maxsize=32)
+def too_small(arch: str, side: int) -> int | None:
+    """``smallest_image(arch)`` when ``side`` is below it, else None (one pass when it fits)."""
+    return None if accepts(meta_model(arch).eval(), side) else smallest_image(arch)
 
 
 def split_points(arch: str) -> list[str]:

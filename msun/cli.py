@@ -20,6 +20,7 @@ from ckascope.platform import (
 from msun import __version__
 from msun.config import (
     TrainConfig,
+    check,
     load_yaml,
     merge,
     nominal_scales,
@@ -111,6 +112,34 @@ _SCALES_OPTION = {
     "metavar": "S [S ...]",
 }
 
+#: The word that unsets, on the command line, an option a --config file set (YAML's own null
+#: stays the way to leave one unset in a file).
+UNSET = "none"
+
+
+def _text_or_unset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A text option's value; ``none`` unsets it (None)."""
+    return None if value == UNSET else value
+
+
+def _number_or_unset(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A number option's value; ``none`` unsets it (None)."""
+    if value is None or value == UNSET:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number (or {UNSET})") from None
+
+
+#: msun train's options that ``none`` unsets: the MSUN-only ones a run's config.yaml records,
+#: so that the file can train a baseline (``msun.config.check`` names them).
+_UNSETTABLE: dict[str, dict[str, Any]] = {
+    "split_at": {"callback": _text_or_unset},
+    "cka_from": {"callback": _text_or_unset},
+    "si_threshold": {"type": str, "callback": _number_or_unset, "metavar": "FLOAT|none"},
+}
+
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="msun")
@@ -136,9 +165,17 @@ def flops(**values: Any) -> None:
     size = cfg.image_size or max(cfg.scales, default=224)
     scales = cfg.scales or nominal_scales(size)
     tested = parse_sizes(cfg.eval_sizes) if cfg.eval_sizes else paper_sizes(size)
+    _check_flops_sizes(cfg, size, scales)
     with torch.device("meta"):  # structure only: counting needs no weights
         model = build_msun(
             cfg.model, split_at=cfg.split_at, scales=scales, num_classes=cfg.num_classes, bn=cfg.bn
+        )
+    if cfg.image_size and cfg.scales and cfg.image_size != scales[-1]:
+        click.echo(
+            f"note: vanilla runs at --image-size {size} and the MSUN's largest path at "
+            f"{scales[-1]} (the largest of --scales), so the saving compares inputs of different "
+            "sizes; msun train's default --scales end at its --image-size",
+            err=True,
         )
     report = flops_report(model.eval(), tested, size)
     if cfg.json:
@@ -147,6 +184,25 @@ def flops(**values: Any) -> None:
     console = make_console()
     console.print(flops_table(report))
     console.print(parameters_table(report))
+
+
+def _check_flops_sizes(cfg: FlopsConfig, size: int, scales: tuple[int, ...]) -> None:
+    """Refuses sizes the network shrinks to nothing: vanilla at ``size``, the largest path.
+
+    An MSUN's largest path is the vanilla network at the largest scale; its subnets are
+    checked as it is built, the test sizes (native protocol) as they are counted.
+    """
+    from msun.config import check_side
+    from msun.model import check_scales
+
+    largest = check_scales(scales)[-1]
+    if cfg.image_size or not cfg.scales:  # the image size: given, or the default's
+        check_side(cfg.model, size, f"vanilla runs at --image-size {size}", "--image-size")
+    listed = " ".join(map(str, scales))
+    runs = f"the MSUN's largest path and vanilla run at the largest of --scales {listed}"
+    if cfg.image_size:
+        runs = f"the MSUN's largest path runs at the largest of --scales {listed}"
+    check_side(cfg.model, largest, runs, "the largest of --scales")
 
 
 @main.command(name="split-points")
@@ -170,7 +226,7 @@ def split_points_command(arch: str) -> None:
     is_flag=True,
     help="Continue the run in --out from its last.pt, with its own options (config.yaml).",
 )
-@config_options(TrainConfig, overrides={"scales": _SCALES_OPTION})
+@config_options(TrainConfig, overrides={"scales": _SCALES_OPTION, **_UNSETTABLE})
 def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     """Train MSUN, MST or vanilla with the published recipe (one CPU, one GPU, or torchrun).
 
@@ -184,8 +240,12 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     given = {k: v for k, v in values.items() if k in explicit}
     from_file = load_yaml(config_file) if config_file else {}
     cfg = merge(from_file, given)
+    files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults
-        cfg = merge(run_options(Path(cfg.out), {**from_file, **given}), from_file, given)
+        run = run_options(Path(cfg.out), {**from_file, **given})
+        cfg = merge(run, from_file, given)
+        files = {**dict.fromkeys(run, str(Path(cfg.out) / "config.yaml")), **files}
+    check(cfg, {k: source for k, source in files.items() if k not in given})
     from ckascope.platform import close_distributed
     from msun.train import main as train_main
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ckascope.platform import MAX_SCALE, InputError, config_field, hint_close
+from ckascope.platform import MAX_SCALE, MIN_IMAGE_SIZE, InputError, config_field, hint_close
 
 METHODS = ("msun", "mst", "vanilla")
 BN_MODES = ("shared", "private")
@@ -62,10 +62,13 @@ class TrainConfig:
     )
     split_at: str | None = config_field(
         None,
-        "First stage of the shared trunk (msun split-points lists them), or auto (from CKA) [published].",
+        "First stage of the shared trunk (msun split-points lists them), auto (from CKA), or "
+        "none: unset a --config file's (msun: the published one) [published].",
     )
     cka_from: str | None = config_field(
-        None, "With --split-at auto: a saved ckascope compare result of this architecture."
+        None,
+        "With --split-at auto: a saved ckascope compare result of this architecture (none: "
+        "unset a --config file's).",
     )
     scales: tuple[int, ...] = config_field(
         (),
@@ -108,7 +111,8 @@ class TrainConfig:
     si_weight: float = config_field(1.0, "lambda, weight of the scale-invariance loss.")
     si_threshold: float | None = config_field(
         None,
-        "tau, dead zone of the scale-invariance loss [0.01 ResNet family, else 0.001].",
+        "tau, dead zone of the scale-invariance loss (none: unset a --config file's) [0.01 "
+        "ResNet family, else 0.001].",
     )
     si_pairs: str = config_field(
         "all",
@@ -324,12 +328,20 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
 #: Options of MSUN's scale-invariance loss, with their defaults: another method refuses others.
 MSUN_ONLY: dict[str, Any] = {"si_weight": 1.0, "si_pairs": "all", "si_threshold": None}
 
+#: The image sizes msun takes, in train, eval and flops alike: ckascope's. A run's checkpoints
+#: record its image size as the default of ``ckascope compare --image-size``, which takes
+#: MIN_IMAGE_SIZE..MAX_SCALE (and ignores a recorded size outside it); MAX_SCALE caps the test
+#: sizes too.
+IMAGE_SIZES = (MIN_IMAGE_SIZE, MAX_SCALE)
+
 #: The range of every numeric option: a test and how to say it.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{
-        k: (lambda v: v >= 1, ">= 1")
-        for k in ("batch_size", "image_size", "accum_steps", "eval_every")
-    },
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "accum_steps", "eval_every")},
+    "image_size": (
+        lambda v: IMAGE_SIZES[0] <= v <= IMAGE_SIZES[1],
+        f"in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}",
+    ),
+    "scales": (lambda v: all(1 <= s <= MAX_SCALE for s in v), f"sizes in 1..{MAX_SCALE}"),
     **{
         k: (_optional(lambda v: v >= 1), ">= 1")
         for k in ("epochs", "steps_per_epoch", "num_train", "num_val", "save_every")
@@ -350,37 +362,23 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check(cfg: TrainConfig) -> None:
-    """Raises InputError for values no run can use."""
-    choices = {k: f.metadata["choices"] for k, f in FIELDS.items() if "choices" in f.metadata}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise InputError(
-                f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
-            )
-    for key in FIELDS:
-        value = getattr(cfg, key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
-    for key, (test, wanted) in RANGES.items():
-        if not test(getattr(cfg, key)):
-            raise InputError(f"--{key.replace('_', '-')} must be {wanted}, got {getattr(cfg, key)}")
-    if cfg.method != "msun" and (cfg.split_at is not None or cfg.cka_from is not None):
-        raise InputError(
-            f"--split-at and --cka-from shape an MSUN; --method {cfg.method} has no subnets. "
-            "Hint: drop them, or train --method msun"
-        )
-    given = [f"--{k.replace('_', '-')}" for k, v in MSUN_ONLY.items() if getattr(cfg, k) != v]
-    if cfg.method != "msun" and given:
-        raise InputError(
-            f"{', '.join(given)} {'shapes' if len(given) == 1 else 'shape'} MSUN's "
-            f"scale-invariance loss; --method {cfg.method} has none. Hint: drop "
-            f"{'it' if len(given) == 1 else 'them'} (or use --method msun)"
-        )
+def check(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Raises InputError for values no run can use, before any work.
+
+    Args:
+        cfg: The merged config.
+        sources: The config file each option came from that the command line did not give:
+            where it conflicts with another, the message names the file and how to unset it
+            from the command line (a run's own config.yaml sets MSUN's options, for one).
+    """
+    sources = sources or {}
+    _check_values(cfg)
+    _check_method(cfg, sources)
     _check_bn(cfg)
     if cfg.cka_from is not None and cfg.split_at != "auto":
         raise InputError(
-            "--cka-from is the analysis behind --split-at auto. Hint: add --split-at auto"
+            f"{_named(['cka_from'], cfg, sources)} is the analysis behind --split-at auto. "
+            f"Hint: {' or '.join(['add --split-at auto', *_unset(['cka_from'], sources)])}"
         )
     if cfg.linear_probe and cfg.init_from is None:
         raise InputError(
@@ -388,6 +386,153 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.eval_sizes is not None:
         parse_sizes(cfg.eval_sizes)
+    _check_amp(cfg)
+    _check_sizes(cfg)
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Each option on its own: one of its choices, a finite number, in its range."""
+    choices = {k: f.metadata["choices"] for k, f in FIELDS.items() if "choices" in f.metadata}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise InputError(
+                f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
+            )
+    for key in FIELDS:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{_flag(key)} must be a finite number, got {value}")
+    for key, (test, wanted) in RANGES.items():
+        value = getattr(cfg, key)
+        if not test(value):
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise InputError(f"{_flag(key)} must be {wanted}, got {shown}")
+
+
+def _check_method(cfg: TrainConfig, sources: Mapping[str, str]) -> None:
+    """Refuses MSUN's options (its split, its scale-invariance loss) for another method."""
+    if cfg.method == "msun":
+        return
+    split = [k for k in ("split_at", "cka_from") if getattr(cfg, k) is not None]
+    loss = [k for k, v in MSUN_ONLY.items() if getattr(cfg, k) != v]
+    if split:  # named with the loss's options: a run's config.yaml sets both at once
+        keys = split + loss
+        raise InputError(
+            f"{_named(keys, cfg, sources)} {_shape(keys)} an MSUN; --method {cfg.method} has "
+            f"no subnets. Hint: {_drop(keys, sources)}, or train --method msun"
+        )
+    if loss:
+        raise InputError(
+            f"{_named(loss, cfg, sources)} {_shape(loss)} MSUN's scale-invariance loss; "
+            f"--method {cfg.method} has none. Hint: {_drop(loss, sources)} (or use --method msun)"
+        )
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of option ``key``: ``split_at`` -> ``--split-at``."""
+    return "--" + key.replace("_", "-")
+
+
+def _shape(keys: list[str]) -> str:
+    return "shapes" if len(keys) == 1 else "shape"
+
+
+def _named(keys: list[str], cfg: TrainConfig, sources: Mapping[str, str]) -> str:
+    """Options for a message: a flag as given, or with its value and the file that set it."""
+    return ", ".join(
+        f"{_flag(k)} {getattr(cfg, k)} (from {sources[k]})" if k in sources else _flag(k)
+        for k in keys
+    )
+
+
+def _unset_word(key: str) -> str:
+    """What unsets option ``key`` on the command line: none (``X | None``), else its default."""
+    default = FIELDS[key].default
+    return "none" if default is None else str(default)
+
+
+def _drop(keys: list[str], sources: Mapping[str, str]) -> str:
+    """The fix for options that do not belong: drop the flags given, unset what a file set."""
+    flags = [_flag(k) for k in keys if k not in sources]
+    fixes = [f"drop {' '.join(flags)}"] if flags else []
+    return " and ".join([*fixes, *_unset(keys, sources)])
+
+
+def _unset(keys: list[str], sources: Mapping[str, str]) -> list[str]:
+    """["give --split-at none to unset what c.yaml sets"] for the keys a file set; else []."""
+    filed = [k for k in keys if k in sources]
+    if not filed:
+        return []
+    flags = " ".join(f"{_flag(k)} {_unset_word(k)}" for k in filed)
+    return [f"give {flags} to unset what {', '.join(sorted({sources[k] for k in filed}))} sets"]
+
+
+def _check_amp(cfg: TrainConfig) -> None:
+    """Refuses ``--amp fp16`` on a CPU, before any work.
+
+    Float16 autocast is a CUDA recipe (with its loss scaler); on a CPU it runs many times slower
+    than float32 and the scaler's skipped steps make PyTorch warn about the schedule.
+    """
+    if cfg.amp != "fp16" or cfg.device not in ("auto", "cpu"):
+        return
+    import torch  # only a run is checked here: torch is loaded by then
+
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        raise InputError(
+            "--amp fp16 is mixed precision for CUDA GPUs, and this run is on the CPU (no GPU "
+            "here, or --device cpu). Hint: use --amp bf16, or --amp none (the CPU's default)"
+        )
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    """Refuses an image size or scales the network would shrink to nothing, before any work.
+
+    Vanilla and MST run the network at the image size (MST brings each scale back up to it).
+    An MSUN runs path k at ``scales[k]``, in training and in validation (whose ``upsample``
+    protocol resizes every test size to it): its largest path is the vanilla network, and each
+    subnet is checked as the MSUN is built, on the meta device (the split an ``auto`` run
+    chooses is checked when it is). A fine-tuned network is the checkpoint's, as trained.
+    """
+    if cfg.init_from is not None:
+        return
+    from msun.model import check_scales, check_structure  # torch, loaded by then
+
+    if cfg.method != "msun":
+        check_side(cfg.model, cfg.image_size, f"--image-size is {cfg.image_size}", "--image-size")
+        return
+    scales = check_scales(cfg.scales)
+    check_side(cfg.model, scales[-1], *_largest_path(scales, cfg.image_size))
+    if cfg.split_at != "auto":
+        check_structure(cfg.model, cfg.split_at, scales, cfg.bn)
+
+
+def _largest_path(scales: tuple[int, ...], image_size: int) -> tuple[str, str]:
+    """Where an MSUN's largest path size comes from, in words, and the option that raises it."""
+    listed = " ".join(map(str, scales))
+    if scales == nominal_scales(image_size):  # the default --scales, from the image size
+        where = f"the default --scales at --image-size {image_size}: {listed}"
+        return f"an MSUN's largest path runs at its largest scale ({where})", "--image-size"
+    where = f"--scales {listed}"
+    return f"an MSUN's largest path runs at its largest scale ({where})", "the largest of --scales"
+
+
+def check_side(arch: str, side: int, runs: str, fix: str) -> None:
+    """Refuses a square input side ``arch``'s vanilla network shrinks to nothing.
+
+    Args:
+        arch: The architecture.
+        side: The side it would run at.
+        runs: What runs at ``side``, in the user's words: "--image-size is 28".
+        fix: The option the hint raises: "--image-size", "the largest of --scales".
+    """
+    from msun.backbones import too_small  # torch, loaded by then
+
+    least = too_small(arch, side)
+    if least is not None:
+        raise InputError(
+            f"{arch} needs images of at least {least} px (a smaller one shrinks to nothing in "
+            f"its down-sampling); {runs}. Hint: make {fix} {least} or more"
+        )
 
 
 def _check_bn(cfg: TrainConfig) -> None:

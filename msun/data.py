@@ -204,6 +204,7 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         raise InputError(
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
+    check_num_val(cfg.num_val, dataset_len(val), cfg.data)
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
     train, val = (
         subset(train, cfg.num_train, cfg.seed),

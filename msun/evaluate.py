@@ -797,15 +797,15 @@ def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: i
         InputError: Checkpoints that differ in data (unless ``data``) or image size (unless
             ``image_size``), naming both.
     """
-    for key, given in (("data", data), ("image_size", image_size)):
-        values = {str(getattr(c, key)) for c in loaded}
+    for key, given, what in (("data", data, "data"), ("image_size", image_size, "image sizes")):
+        values = sorted({getattr(c, key) for c in loaded})
         if given is None and len(values) > 1:
             flag = "--" + key.replace("_", "-")
             raise InputError(
-                f"the checkpoints were trained with different {key.replace('_', ' ')}s "
-                f"({', '.join(sorted(values))}), so one test set would not fit them all. Hint: "
-                f"evaluate them separately, or pass {flag} (and --data / --image-size) to "
-                "evaluate every one on the same images"
+                f"the checkpoints were trained with different {what} "
+                f"({', '.join(map(str, values))}), so one test set would not fit them all. "
+                f"Hint: evaluate them separately, or pass {flag} to evaluate every one on the "
+                "same test images"
             )
 
 

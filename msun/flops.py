@@ -31,9 +31,9 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ckascope.platform import PROTOCOLS, Protocol
-from msun.backbones import meta_model
-from msun.config import paper_sizes
+from ckascope.platform import PROTOCOLS, InputError, Protocol
+from msun.backbones import accepts, meta_model
+from msun.config import paper_sizes, sizes_text
 from msun.model import MSUN, build_msun, eval_mode
 
 
@@ -174,7 +174,13 @@ def _report(config_json: str, sizes: tuple[int, ...], image_size: int) -> FlopsR
         return counts[k, size]
 
     at_nominal = tuple(count(k, s) for k, s in enumerate(twin.scales))
-    rows = [SizeRow(s, k, at_nominal[k], count(k, s)) for s in sizes for k in [twin.route(s)]]
+    try:
+        rows = [SizeRow(s, k, at_nominal[k], count(k, s)) for s in sizes for k in [twin.route(s)]]
+    except RuntimeError as e:  # a pooling left with less than a pixel (a shape error)?
+        refusal = native_refusal(twin, sizes)
+        if refusal is None:
+            raise
+        raise refusal from e
     return FlopsReport(
         config={**twin.config(), "unified_size": twin.unified_size},
         rows=tuple(rows),
@@ -183,6 +189,31 @@ def _report(config_json: str, sizes: tuple[int, ...], image_size: int) -> FlopsR
         parameters=count_parameters(twin),
         image_size=image_size,
     )
+
+
+def native_refusal(model: MSUN, sizes: Sequence[int]) -> InputError | None:
+    """The error for test sizes that their routed path shrinks to nothing when fed as they are.
+
+    Under the native protocol a size below a path's nominal size runs through that path's
+    subnet at its own size: a VGG subnet keeps max-pools that a few pixels do not survive.
+    None when every size runs.
+    """
+    with eval_mode(meta_twin(model)) as twin:
+        assert isinstance(twin, MSUN)
+        bad = [s for s in sizes if not accepts(_native_path(twin, twin.route(s)), s)]
+    if not bad:
+        return None
+    good = [s for s in sizes if s not in bad]
+    hint = f"--eval-sizes {sizes_text(good)}" if good else "larger --eval-sizes"
+    return InputError(
+        f"test size(s) {', '.join(map(str, bad))} shrink to nothing on the path they are routed "
+        f"to when fed as they are (the native protocol) in {twin.describe()}, scales "
+        f"{list(twin.scales)}. Hint: give {hint}, without them"
+    )
+
+
+def _native_path(model: MSUN, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: model.forward_path(x, k, protocol="native")
 
 
 _PRIVATE = ", a BatchNorm set per path"

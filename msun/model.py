@@ -9,6 +9,7 @@ to the vanilla model's name (e.g. ``subnets.0.layer1.2`` and ``subnets.2.layer1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import re
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 
-from ckascope.platform import InputError, Protocol, build_model, check_protocol
+from ckascope.platform import MAX_SCALE, InputError, Protocol, build_model, check_protocol
 from ckascope.platform import resize as resize_images
 from msun.backbones import Head, backbone_for, check_split, classifier, make_subnets
 from msun.privatebn import check_bn, privatize, route_size, use_bn_set
@@ -339,6 +340,21 @@ def build_msun(
     return model.train()
 
 
+@functools.lru_cache(maxsize=16)
+def check_structure(arch: str, split_at: str | None, scales: tuple[int, ...], bn: str) -> None:
+    """Builds that MSUN on the meta device, so that its own checks run.
+
+    They check the split point, the scales, each subnet at its nominal size
+    (``MSUN._output_size``) and a private-BN trunk. Shapes only, no memory; a structure found
+    good is not built again in this process.
+
+    Raises:
+        InputError: As ``build_msun``.
+    """
+    with torch.device("meta"):
+        build_msun(arch, split_at=split_at, scales=scales, bn=bn)
+
+
 def _vanilla(arch: str, weights: str | None, num_classes: int) -> nn.Module:
     """The torchvision model: pretrained via ckascope (fails fast offline) or random init."""
     if weights is not None and weights.lower() == "imagenet":
@@ -351,7 +367,7 @@ def _vanilla(arch: str, weights: str | None, num_classes: int) -> nn.Module:
 
 
 def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
-    """Validates nominal sizes: 2..5 strictly increasing positive ints.
+    """Validates nominal sizes: 2..5 strictly increasing ints in 1..MAX_SCALE (the test sizes').
 
     Raises:
         InputError: Otherwise, saying what a legal value looks like.
@@ -359,13 +375,16 @@ def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
     values = tuple(scales)
     legal = (
         2 <= len(values) <= MAX_SUBNETS
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in values)
+        and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in values
+        )
         and all(a < b for a, b in itertools.pairwise(values))
     )
     if not legal:
         raise InputError(
             f"bad scales {list(values)}. Hint: give 2 to {MAX_SUBNETS} distinct positive "
-            "integers in increasing order, e.g. 32 128 224 (the published subnets)"
+            f"integers up to {MAX_SCALE} in increasing order, e.g. 32 128 224 (the published "
+            "subnets)"
         )
     return values
 

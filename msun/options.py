@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ckascope.platform import REQUIRED, InputError, MemoryFormat, Protocol, config_field
-from msun.config import BN_MODES
+from msun.config import BN_MODES, IMAGE_SIZES
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,13 @@ class FlopsConfig:
         "Nominal input size of each subnet, ascending  [default: the paper's 32 128 224 scaled "
         "to --image-size: 4 16 28 at 28].",
     )
-    num_classes: int = config_field(1000, "Classes of the classifier (the head's size).")
+    num_classes: int = config_field(1000, "Classes of the classifier (the head's size).", min=2)
     image_size: int | None = config_field(
         None,
         "The size vanilla runs every input at, and the training size the test sizes scale "
         "with  [default: the largest scale].",
-        min=1,
+        min=IMAGE_SIZES[0],
+        max=IMAGE_SIZES[1],
     )
     eval_sizes: str | None = config_field(
         None,
@@ -72,7 +73,10 @@ class EvalConfig:
         "all", "Evaluate every path, or only the routed one."
     )
     image_size: int | None = config_field(
-        None, "Centre-crop size of the test images [the run's image size].", min=8
+        None,
+        "Centre-crop size of the test images [the run's image size].",
+        min=IMAGE_SIZES[0],
+        max=IMAGE_SIZES[1],
     )
     num_val: int | None = config_field(
         None,

@@ -728,7 +728,7 @@ def _announce(loop: Loop, console: Console) -> None:
     console.print(
         network_words(cfg)
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
-        + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epochs on {info.device}"
+        + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} on {info.device}"
     )
     if (cfg.warmup_epochs or 0) >= (cfg.epochs or 0):
         console.print(

@@ -52,6 +52,11 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (made / "nan_lr.yaml").write_text("lr: .nan\n")
     (made / "afile").write_text("x")
     write_idx(made / "badlabels", 32, gz=True)
+    write_idx(made / "idx", 32, gz=True)  # 16 validation images
+    # a run's own config.yaml records MSUN's split and loss (resolved), as msun train writes it
+    (made / "msun_run.yaml").write_text(
+        "model: resnet18\nmethod: msun\nsplit_at: layer2\ncka_from: null\nsi_threshold: 0.01\n"
+    )
     _labels_file(made / "badlabels", [1, 2, 12] + [0] * 29)
     no_layers = CKAResult(np.eye(2)[None], ["a", "b"], ["a", "b"], {"mode": "scales"})
     no_layers.save(made / "no_layers")
@@ -93,10 +98,52 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("sizes", MSUN, T, ["--eval-sizes", "16,32,16"], "16 listed twice"),
     ("sizes", MSUN, E, ["{run}/last.pt", "--eval-sizes", "16,16"], "16 listed twice"),
     ("sizes", MSUN, F, ["--model", "resnet18", "--eval-sizes", "8:99999:8"], "each in 1..4096"),
+    ("sizes", MSUN, T, ["--image-size", "100000"], "--image-size must be in 4..4096, got 100000"),
+    ("sizes", MSUN, T, ["--image-size", "3"], "--image-size must be in 4..4096, got 3"),
+    ("sizes", MSUN, E, ["{run}/last.pt", "--image-size", "3"], "3 is not in the range 4<=x<=4096"),
+    ("sizes", MSUN, E, ["{run}/last.pt", "--image-size", "5000"], "5000 is not in the range 4<="),
+    ("sizes", MSUN, T, ["--method", "mst", "--scales", "16", "99999"], "sizes in 1..4096"),
+    (
+        "sizes",
+        MSUN,
+        T,
+        ["--model", "vgg11", "--method", "vanilla", "--image-size", "28"],
+        "vgg11 needs images of at least 32 px (a smaller one shrinks to nothing in its "
+        "down-sampling); --image-size is 28. Hint: make --image-size 32 or more",
+    ),
+    (
+        "sizes",
+        MSUN,
+        T,
+        ["--model", "densenet121", "--method", "mst", "--image-size", "28"],
+        "densenet121 needs images of at least 29 px",
+    ),
+    (
+        "sizes",
+        MSUN,
+        T,
+        ["--model", "vgg16_bn", "--image-size", "28"],
+        "the default --scales at --image-size 28: 4 16 28). Hint: make --image-size 32 or more",
+    ),
+    (
+        "sizes",
+        MSUN,
+        T,
+        ["--model", "vgg11", "--image-size", "64", "--scales", "8", "16", "28"],
+        "(--scales 8 16 28). Hint: make the largest of --scales 32 or more",
+    ),
+    ("numbers", MSUN, T, ["--amp", "fp16", "--device", "cpu"], "Hint: use --amp bf16, or"),
     ("data", MSUN, T, [*tinyrun.TRAIN, "--data", "fashionmnist:{badlabels}"], "label 12"),
     ("data", MSUN, T, ["--data", "{afile}"], "is a file"),
     ("data", MSUN, T, ["--data", "fashionmnist:{afile}"], "names a file"),
     ("data", CKA, C, ["--data", "{afile}"], "is a file"),
+    (
+        "data",
+        MSUN,
+        T,
+        [*tinyrun.TRAIN, "--data", "fashionmnist:{idx}", "--num-val", "17"],
+        "--num-val 17 asks for more validation images than",
+    ),
     ("results", CKA, S, ["--from", "{no_layers}"], "has no valid 'layers_a'"),
     ("results", CKA, S, ["--from", "{nan_result}"], "is NaN in this result"),
     (
@@ -115,6 +162,22 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-weight", "0.5"], "--si-weight shapes"),
     ("msun only", MSUN, T, ["--method", "mst", "--si-pairs", "largest"], "--si-pairs shapes"),
     ("msun only", MSUN, T, ["--method", "vanilla", "--si-threshold", "0.1"], "--si-threshold"),
+    (
+        "msun only",
+        MSUN,
+        T,
+        ["--config", "{msun_run_yaml}", "--method", "vanilla"],
+        "--split-at layer2 (from {msun_run_yaml}), --si-threshold 0.01 (from {msun_run_yaml}) "
+        "shape an MSUN; --method vanilla has no subnets. Hint: give --split-at none "
+        "--si-threshold none to unset what {msun_run_yaml} sets",
+    ),
+    (
+        "msun only",
+        MSUN,
+        T,
+        ["--config", "{msun_run_yaml}", "--method", "mst", "--split-at", "none"],
+        "--si-threshold 0.01 (from {msun_run_yaml}) shapes MSUN's scale-invariance loss",
+    ),
 ]
 
 
@@ -139,6 +202,7 @@ def test_hostile_invocations_end_in_one_line(
     if command == C:
         extra = ["--model", "resnet18", "--weights", "none", "--num-images", "8"]
     argv = [command, *extra, *(a.format(**files) for a in args)]
+    needle = needle.format(**files)  # a needle may name a file too
     assert_refused(ckascope_main if tool == CKA else msun_main, argv, needle, tmp_path)
 
 

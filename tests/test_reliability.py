@@ -169,7 +169,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("msun", F, ["--model", "resnet5O"], "resnet50"),
     ("msun", F, ["--model", "resnet50", "--split-at", "layer9"], "layer2"),
     ("msun", F, ["--model", "resnet50", "--scales", "224", "32"], "increasing"),
-    ("msun", F, ["--model", "resnet50", "--num-classes", "1"], "num_classes"),
+    ("msun", F, ["--model", "resnet50", "--num-classes", "1"], "--num-classes"),
     ("msun", F, [], "--model"),
     ("msun", T, [*TINY_TRAIN, "--method", "distill"], "--method"),
     ("msun", T, [*TINY_TRAIN, "--data", "/no/such/dir"], "does not exist"),

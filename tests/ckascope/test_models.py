@@ -104,8 +104,13 @@ def test_hostile_and_broken_checkpoints(tmp_path: Path) -> None:
         models.load_checkpoint(junk, "resnet18")
     text = tmp_path / "text.pt"
     text.write_bytes(b"hello, this is not a checkpoint")
-    with pytest.raises(InputError, match="not a readable checkpoint"):
+    with pytest.raises(InputError, match="not a readable checkpoint") as refused:
         models.load_checkpoint(text, "resnet18")
+    # what the file is not, and the fix; not torch.load's internal error (KeyError(104))
+    assert str(refused.value).endswith(
+        "not a file torch.save wrote, or one truncated or corrupted. Hint: give a checkpoint "
+        "file written by torch.save"
+    )
     with pytest.raises(InputError, match="does not exist"):
         models.load_checkpoint(tmp_path / "missing.pt", "resnet18")
 

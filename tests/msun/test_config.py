@@ -69,3 +69,41 @@ def test_yaml_values_are_read_as_their_option_types(tmp_path: Path) -> None:
     )
     assert bad.exit_code == 2
     assert "epochs takes int" in bad.stderr
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_runs_own_config_trains_a_baseline_once_none_unsets_msuns_options(
+    tmp_path: Path,
+) -> None:
+    first = train_tiny(tmp_path / "first", "--epochs", "1")
+    assert first.exit_code == 0, first.output
+    assert "| 1 epoch on cpu" in first.stdout  # one epoch, not "1 epochs"
+    saved = tmp_path / "first" / "config.yaml"
+    base = ["train", "--config", str(saved), "--method", "vanilla"]
+    refused = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2
+    assert f"--split-at layer2 (from {saved})" in refused.stderr
+    assert f"give --split-at none --si-threshold none to unset what {saved} sets" in (
+        refused.stderr
+    )
+    assert not (tmp_path / "refused").exists()
+    unset = ["--split-at", "none", "--si-threshold", "none", "--out", str(tmp_path / "vanilla")]
+    vanilla = CliRunner().invoke(main, [*base, *unset])
+    assert vanilla.exit_code == 0, vanilla.output
+    written = yaml.safe_load((tmp_path / "vanilla" / "config.yaml").read_text())
+    assert (written["method"], written["split_at"], written["si_threshold"]) == (
+        "vanilla",
+        None,
+        None,
+    )
+
+
+def test_none_is_a_word_of_the_command_line_only(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("split_at: none\n")  # a file's value is read as it always was
+    result = train_tiny(tmp_path / "run", "--config", str(config))
+    assert result.exit_code == 2
+    assert "'none' is not a split point of resnet18" in result.stderr
+    bad = train_tiny(tmp_path / "run", "--si-threshold", "tiny")
+    assert bad.exit_code == 2
+    assert "'tiny' is not a number (or none)" in bad.stderr

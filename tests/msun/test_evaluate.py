@@ -35,7 +35,7 @@ def test_eval_refuses_checkpoints_of_other_data_or_sizes_unless_told_which(
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 2
     assert "different image sizes (32, 48)" in refused.output
-    assert "--image-size" in refused.output
+    assert "or pass --image-size to evaluate every one on the same test images" in refused.output
     assert not (tmp_path / "eval").exists()
     told = CliRunner().invoke(main, [*args, "--image-size", "32", "--batch-size", "4"])
     assert told.exit_code == 0, told.output

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 import msun
+from ckascope.errors import InputError
 from msun.cli import main
 from msun.config import paper_sizes
 from msun.flops import flops_report
@@ -111,7 +112,17 @@ def test_cli_table() -> None:
         (["--model", "resnet18", "--scales", "224", "32"], "increasing order"),
         (["--model", "resnet18", "--scales", "-32", "224"], "positive"),
         (["--model", "resnet18", "--scales", "32", "x"], "not a list of integers"),
-        (["--model", "resnet18", "--num-classes", "1"], ">= 2"),
+        (["--model", "resnet18", "--num-classes", "1"], "'--num-classes': 1 is not in the range"),
+        (["--model", "resnet18", "--image-size", "100000"], "'--image-size': 100000 is not in"),
+        (["--model", "resnet18", "--image-size", "3"], "'--image-size': 3 is not in"),
+        (["--model", "resnet18", "--scales", "4", "16", "99999"], "positive integers up to 4096"),
+        (["--model", "vgg11", "--image-size", "28"], "vanilla runs at --image-size 28"),
+        (["--model", "vgg11", "--scales", "4", "16", "28"], "make the largest of --scales 32"),
+        (
+            ["--model", "densenet121", "--image-size", "64", "--scales", "4", "16", "28"],
+            "densenet121 needs images of at least 29 px",
+        ),
+        (["--model", "vgg11", "--image-size", "32"], "--eval-sizes 5,9,11,14,16,18,21"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], match: str) -> None:
@@ -140,6 +151,26 @@ def test_cli_sizes_and_vanilla_follow_the_scales() -> None:
     derived = json.loads(CliRunner().invoke(main, sized).stdout)
     assert derived["scales"] == [4, 16, 28]
     assert derived["mean_flops"] == data["mean_flops"]
+
+
+def test_an_image_size_apart_from_the_largest_scale_is_noted() -> None:
+    args = ["flops", "--model", "resnet18", "--scales", "4", "16", "28", "--json"]
+    apart = CliRunner().invoke(main, [*args, "--image-size", "1000"])
+    assert apart.exit_code == 0, apart.output
+    assert "note: vanilla runs at --image-size 1000 and the MSUN's largest path at 28" in (
+        apart.stderr
+    )
+    assert json.loads(apart.stdout)["image_size"] == 1000  # noted, still counted as asked
+    same = CliRunner().invoke(main, [*args, "--image-size", "28"])
+    assert same.exit_code == 0, same.output
+    assert "note" not in same.stderr
+
+
+def test_native_sizes_a_path_cannot_take_are_refused_by_the_library() -> None:
+    model = meta_msun("vgg11", scales=(5, 18, 32))
+    with pytest.raises(InputError, match=r"test size\(s\) 7 shrink to nothing"):
+        flops_report(model, (5, 7, 32))
+    assert [row.size for row in flops_report(model, (5, 8, 32)).rows] == [5, 8, 32]
 
 
 def test_the_old_sizes_flag_still_works_and_names_the_new_one() -> None:
