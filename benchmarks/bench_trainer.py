@@ -65,7 +65,7 @@ def build_loop(method: str, data: str, steps: int, num_val: int) -> Loop:
         out="/nonexistent",  # nothing is saved: train_one_epoch writes no file
     )
     info = init_distributed("cpu")
-    cfg, train, val, init = _configure(cfg, info, None)
+    cfg, train, val, init = _configure(cfg, info, None, ())
     return _build(cfg, info, train, val, init)
 
 
@@ -82,7 +82,7 @@ def trainer_steps(loop: Loop, epoch: int) -> Callable[[], None]:
 def bare_steps(loop: Loop, epoch: int) -> Callable[[], None]:
     """One call = the same steps on the same batches, loaded beforehand (not timed)."""
     plan = epoch_plan(dataset_len(loop.train_loader.dataset), epoch, loop.cfg, loop.info)
-    batches = list(loop.plan_batches(loop.train_loader, plan))
+    batches = list(loop.iterate(loop.train_loader, plan))
     t = loop.trainables
     params = [p for p in loop.model.parameters() if p.requires_grad]
 
@@ -128,7 +128,7 @@ def interleaved(loop: Loop, rounds: int, steps: int) -> dict[str, Any]:
 def phases(loop: Loop, steps: int, num_eval: int) -> dict[str, float]:
     """The other parts of a run, once each: loader per batch, validation, evaluation."""
     plan = epoch_plan(dataset_len(loop.train_loader.dataset), 999, loop.cfg, loop.info)
-    loader_s = timed(lambda: list(loop.plan_batches(loop.train_loader, plan))) / steps
+    loader_s = timed(lambda: list(loop.iterate(loop.train_loader, plan))) / steps
     with make_progress(False) as bar:
         val_s = timed(lambda: validate(loop, bar))
     images = dataset_len(loop.val_loader.dataset)
