@@ -245,7 +245,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
         run = run_options(Path(cfg.out), {**from_file, **given})
         cfg = merge(run, from_file, given)
         files = {**dict.fromkeys(run, str(Path(cfg.out) / "config.yaml")), **files}
-    check(cfg, {k: source for k, source in files.items() if k not in given})
+    check(cfg, {k: source for k, source in files.items() if k not in given}, resume=resume)
     from ckascope.platform import close_distributed
     from msun.train import main as train_main
 

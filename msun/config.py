@@ -362,7 +362,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
+def check(
+    cfg: TrainConfig, sources: Mapping[str, str] | None = None, *, resume: bool = False
+) -> None:
     """Raises InputError for values no run can use, before any work.
 
     Args:
@@ -370,6 +372,8 @@ def check(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
         sources: The config file each option came from that the command line did not give:
             where it conflicts with another, the message names the file and how to unset it
             from the command line (a run's own config.yaml sets MSUN's options, for one).
+        resume: The run continues from its checkpoint, whose precision it keeps (a run
+            started with ``--amp fp16`` on a GPU may go on on a CPU, slowly).
     """
     sources = sources or {}
     _check_values(cfg)
@@ -386,7 +390,8 @@ def check(cfg: TrainConfig, sources: Mapping[str, str] | None = None) -> None:
         )
     if cfg.eval_sizes is not None:
         parse_sizes(cfg.eval_sizes)
-    _check_amp(cfg)
+    if not resume:
+        _check_amp(cfg)
     _check_sizes(cfg)
 
 
@@ -672,14 +677,22 @@ def run_options(folder: Path, given: Mapping[str, Any]) -> dict[str, Any]:
     options when there is no such config.yaml (the resume then stops on its missing
     checkpoint), or when ``given`` asks for another network (``model``, ``method``): the run's
     split point and MSUN-only options would be refused for it before the resume could name
-    what differs.
+    what differs, so that is refused here, naming only what was asked.
+
+    Raises:
+        InputError: ``given`` asks for another ``model`` or ``method`` than the run's.
     """
     path = folder / "config.yaml"
     if not is_run_config(path):
         return {}
     options = load_yaml(path)
-    if any(given.get(key, options[key]) != options[key] for key in ("model", "method")):
-        return {}
+    asked = {k: given[k] for k in ("model", "method") if k in given}
+    other = [f"{k}: {options[k]!r} -> {v!r}" for k, v in asked.items() if v != options[k]]
+    if other:
+        raise InputError(
+            f"--resume continues the run in {folder}, another network ({'; '.join(other)}). "
+            "Hint: leave those options out, or train into a new --out"
+        )
     return {k: v for k, v in options.items() if k not in ("out", "cka_from")}
 
 

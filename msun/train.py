@@ -800,7 +800,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
             defaults: a --model or --method that ``--init-from``'s network contradicts is
             refused only when set.
     """
-    C.check(cfg)
+    C.check(cfg, resume=resume)
     if cfg.deterministic:
         # cuBLAS needs its workspace fixed before its first handle; ops with no deterministic
         # kernel (e.g. some CUDA interpolation backward passes) warn by name and stay as they are.
@@ -863,5 +863,5 @@ def train_or_reuse(cfg: C.TrainConfig) -> Path:
 
 def _resolved(cfg: C.TrainConfig, saved: Mapping[str, Any]) -> C.TrainConfig:
     """``cfg`` resolved as ``main`` resolves it to continue ``saved``; nothing is written."""
-    C.check(cfg)
+    C.check(cfg, resume=True)
     return _configure(cfg, init_distributed(cfg.device), saved, ())[0]

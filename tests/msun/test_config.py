@@ -107,3 +107,25 @@ def test_none_is_a_word_of_the_command_line_only(tmp_path: Path) -> None:
     bad = train_tiny(tmp_path / "run", "--si-threshold", "tiny")
     assert bad.exit_code == 2
     assert "'tiny' is not a number (or none)" in bad.stderr
+
+
+def test_a_resume_asking_for_another_network_names_only_what_was_asked(tmp_path: Path) -> None:
+    from ckascope.platform import InputError
+    from msun.config import TrainConfig, dump_yaml, run_options
+
+    run = TrainConfig(model="resnet18", method="msun", split_at="layer2", data="fashionmnist")
+    (tmp_path / "config.yaml").write_text(dump_yaml(run))
+    with pytest.raises(InputError, match=r"another network \(method: 'msun' -> 'vanilla'\)\."):
+        run_options(tmp_path, {"model": "resnet18", "method": "vanilla"})
+    kept = run_options(tmp_path, {"model": "resnet18"})  # the same network: its own options
+    assert (kept["split_at"], kept["data"]) == ("layer2", "fashionmnist")
+
+
+def test_a_run_keeps_its_precision_on_resume_while_a_new_one_is_refused_fp16_on_a_cpu() -> None:
+    from ckascope.platform import InputError
+    from msun.config import TrainConfig, check
+
+    cfg = TrainConfig(model="resnet18", amp="fp16", device="cpu")
+    with pytest.raises(InputError, match="--amp fp16 is mixed precision for CUDA GPUs"):
+        check(cfg)
+    check(cfg, resume=True)  # a GPU run in fp16 may go on on a CPU: its checkpoint decides
