@@ -811,10 +811,17 @@ def ablation_figure(ablation: dict[str, Any], suggested: str | None, title: str)
         ax.legend(loc="lower left", fontsize=8)
     for x, m in zip(splits, means, strict=True):
         text = f"{m:.1f}%\n+{ablation[x]['extra_params'] / 1e6:.2f} M"
+        # beside the point, so the label never crosses its error bar
         ax.annotate(
-            text, (x, m), textcoords="offset points", xytext=(0, 12), ha="center", fontsize=8
+            text,
+            (x, m),
+            textcoords="offset points",
+            xytext=(12, 0),
+            va="center",
+            fontsize=8,
+            bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
         )
-    ax.margins(x=0.1, y=0.3)
+    ax.margins(x=0.25, y=0.3)
     ax.set_xlabel("the shared trunk starts at")
     ax.set_ylabel("mean top-1 over the 13 sizes (%)")
     ax.set_title(title, fontsize=9)
