@@ -169,7 +169,8 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     """The training set (seeded augmentation), the validation set and the number of classes.
 
     Raises:
-        InputError: Missing/empty data, or train and val with different classes.
+        InputError: Missing/empty data, train and val with different classes, or
+            ``--num-train`` / ``--num-val`` above the images of their split.
     """
     size = cfg.image_size
     train = build_dataset(
@@ -204,6 +205,7 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         raise InputError(
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
+    check_count("--num-train", cfg.num_train, dataset_len(train), "training", cfg.data)
     check_num_val(cfg.num_val, dataset_len(val), cfg.data)
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
     train, val = (
@@ -305,14 +307,16 @@ def recalibration_seed(seed: int) -> int:
     return seed + 2
 
 
-def check_num_val(count: int | None, available: int, data: str) -> None:
-    """Refuses ``--num-val count`` above the validation images ``data`` holds (never clamped).
+def check_count(option: str, count: int | None, available: int, split: str, data: str) -> None:
+    """Refuses ``option count`` above the images ``data``'s ``split`` holds (never clamped).
 
-    Clamped, a run or an evaluation would score fewer images than it says it asked for.
+    Clamped, a run or an evaluation would use fewer images than it says it asked for.
 
     Args:
-        count: The ``--num-val`` given (None: not given, nothing to check).
-        available: The images in ``data``'s validation split.
+        option: The flag, named in the message (``--num-train``, ``--num-val``).
+        count: Its value (None: not given, nothing to check).
+        available: The images in ``data``'s split.
+        split: Which split, in words ("training", "validation").
         data: The ``--data`` spec, named in the message.
 
     Raises:
@@ -320,9 +324,14 @@ def check_num_val(count: int | None, available: int, data: str) -> None:
     """
     if count is not None and count > available:
         raise InputError(
-            f"--num-val {count} asks for more validation images than {data} holds: "
-            f"{available}. Hint: give --num-val {available} or fewer"
+            f"{option} {count} asks for more {split} images than {data} holds: "
+            f"{available}. Hint: give {option} {available} or fewer"
         )
+
+
+def check_num_val(count: int | None, available: int, data: str) -> None:
+    """Refuses ``--num-val count`` above the validation images ``data`` holds (``check_count``)."""
+    check_count("--num-val", count, available, "validation", data)
 
 
 def validation_subset(dataset: Dataset[Any], count: int | None, seed: int) -> Dataset[Any]:

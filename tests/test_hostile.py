@@ -144,6 +144,14 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
         [*tinyrun.TRAIN, "--data", "fashionmnist:{idx}", "--num-val", "17"],
         "--num-val 17 asks for more validation images than",
     ),
+    (
+        "data",
+        MSUN,
+        T,
+        [*tinyrun.TRAIN, "--data", "fashionmnist:{idx}", "--num-train", "33"],
+        "--num-train 33 asks for more training images than fashionmnist:{idx} holds: 32. "
+        "Hint: give --num-train 32 or fewer",
+    ),
     ("results", CKA, S, ["--from", "{no_layers}"], "has no valid 'layers_a'"),
     ("results", CKA, S, ["--from", "{nan_result}"], "is NaN in this result"),
     (

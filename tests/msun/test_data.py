@@ -104,3 +104,18 @@ def test_num_val_above_the_validation_set_is_refused_never_clamped() -> None:
         InputError, match=r"--num-val 11 .* imgs holds: 10\. Hint: give --num-val 10"
     ):
         check_num_val(11, 10, "imgs")
+
+
+def test_num_train_above_the_training_set_is_refused_never_clamped() -> None:
+    """The same check as --num-val's (``msun.data.check_count``), for the training split."""
+    from ckascope.errors import InputError
+    from msun.data import check_count
+
+    for fits in (None, 1, 60000):
+        check_count("--num-train", fits, 60000, "training", "fashionmnist")
+    with pytest.raises(
+        InputError,
+        match=r"--num-train 100000 asks for more training images than fashionmnist holds: "
+        r"60000\. Hint: give --num-train 60000 or fewer",
+    ):
+        check_count("--num-train", 100000, 60000, "training", "fashionmnist")
