@@ -662,13 +662,23 @@ def _configure(
     cfg = C.resolve(cfg, num_classes=classes)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
     micro_batch(cfg, info.world_size)
-    if cfg.num_val is None:  # a share of the run's cost, not the whole validation set
+    if cfg.num_val is None and not _validates_whole_set(saved):  # a share of the run's cost
         steps = steps_per_epoch(dataset_len(train_set), cfg)
         cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
         val_set = validation_subset(val_set, cfg.num_val, cfg.seed)
     split_at, scales = resolve_split(cfg, init, saved, info)
     cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
     return cfg, train_set, val_set, init
+
+
+def _validates_whole_set(saved: Mapping[str, Any] | None) -> bool:
+    """Whether ``saved`` is a run from before ``default_num_val``, which validated every image.
+
+    Its config recorded ``num_val: null``: then the whole validation set (2000 synthetic
+    images), which it goes on scoring when resumed. Read as a default's share, it would differ
+    from the run's own, and ``--resume`` would refuse it with no way to give "null".
+    """
+    return saved is not None and saved["train_config"].get("num_val") is None
 
 
 def _build(

@@ -31,6 +31,7 @@ from msun.cli import main
 from msun.config import load_yaml, merge
 from msun.train import build_network
 from tests import tinyrun
+from tests.idxfiles import write_idx
 from tests.msun.runs import TINY, train_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,6 +336,48 @@ def test_an_interrupted_run_resumed_ends_and_logs_as_an_uninterrupted_one(
     assert rows[1] == rows[0]  # the loss terms of every step, the resumed epoch's too
     for row in _rows(out):  # the time of both parts of the resumed epoch, and all its images
         assert row["images_per_s"] * row["train_seconds"] == pytest.approx(32)
+
+
+def _as_before_default_num_val(run: Path) -> None:
+    """Makes ``run`` look written before ``default_num_val``: config.yaml and last.pt record
+    ``num_val: null`` (then: every validation image)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "num_val": None}, sort_keys=False))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["train_config"]["num_val"] = None
+    torch.save(ckpt, run / "last.pt")
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_run_that_recorded_num_val_null_resumes_validating_every_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such a run validated the whole set; resumed, it still does (no --num-val says "null"),
+    and ends as a run that validated the whole set from its start."""
+    import msun.train
+
+    write_idx(tmp_path / "fm", 32, gz=True)  # 32 training images, 16 validation images
+    data = f"fashionmnist:{tmp_path / 'fm'}"
+    args = ["--method", "vanilla", "--data", data, "--epochs", "2", "--num-val", "16"]
+    whole = tmp_path / "whole"
+    assert train_tiny(whole, *args).exit_code == 0
+    old = tmp_path / "old"
+    with monkeypatch.context() as m:  # 4 steps, 2 validation batches, then after epoch 1
+        m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(7, []))
+        assert train_tiny(old, *args).exit_code == 130
+    assert torch.load(old / "last.pt", weights_only=True)["progress"]["epoch"] == 1
+    _as_before_default_num_val(old)
+    resumed = CliRunner().invoke(main, ["train", "--out", str(old), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert yaml.safe_load((old / "config.yaml").read_text())["num_val"] is None  # as written
+    a, b = _weights(whole / "last.pt"), _weights(old / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    timing = ("train_seconds", "images_per_s")
+    rows = [
+        [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
+        for run in (whole, old)
+    ]
+    assert rows[1] == rows[0]  # epoch 2 validated the same 16 images
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
