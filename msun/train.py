@@ -275,6 +275,9 @@ class Loop:
     val_loader: DataLoader[Any]
     amp: torch.dtype | None
     out: Path
+    #: The side the network is fed: the image size, or the size a fine-tuned plain network was
+    #: trained at (``load_init``), which training and validation both resize to.
+    input_size: int
     writer: Any = None  # TensorBoard SummaryWriter (rank 0, --tensorboard)
 
     @property
@@ -546,6 +549,8 @@ class ValidationStoppedError(Exception):
 def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set.
 
+    A plain network sees each test image resized to ``loop.input_size``, the size it trains at.
+
     Raises:
         ValidationStoppedError: ``stop`` returned True after a batch (on any process).
     """
@@ -570,7 +575,7 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
         loop.model,
         loop.iterate(loop.val_loader, plan),
         sizes,
-        image_size=loop.cfg.image_size,
+        image_size=loop.input_size,
         paths="all",
         amp_dtype=loop.amp,
         on_batch=on_batch,
@@ -715,7 +720,15 @@ def _build(
     )
     loaders = make_loader(train_set, cfg, info.device), make_loader(val_set, cfg, info.device)
     return Loop(
-        cfg, info, objective, trainables, *loaders, amp, Path(cfg.out), _tensorboard(cfg, info)
+        cfg,
+        info,
+        objective,
+        trainables,
+        *loaders,
+        amp,
+        Path(cfg.out),
+        model_image_size,
+        _tensorboard(cfg, info),
     )
 
 

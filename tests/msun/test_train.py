@@ -431,6 +431,41 @@ def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(before["subnets.1.conv1.weight"], after_ft["subnets.1.conv1.weight"])
 
 
+def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(tmp_path: Path) -> None:
+    """Its 16-px crops reach it resized to its checkpoint's 32 px; validation must measure it
+    there too, not at --image-size (where it once saw every test image)."""
+    from ckascope.distributed import DistInfo
+    from ckascope.progress import make_progress
+    from msun.checkpoint import model_payload
+    from msun.config import TrainConfig
+    from msun.train import _build, _configure, validate
+
+    torch.manual_seed(0)
+    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
+    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
+    cfg = TrainConfig(
+        model="resnet18",
+        init_from=str(tmp_path / "src.pt"),
+        image_size=16,
+        eval_sizes="8,16",
+        batch_size=8,
+        num_train=8,
+        num_val=8,
+        epochs=1,
+    )
+    info = DistInfo(0, 1, torch.device("cpu"))
+    cfg, train, val, init = _configure(cfg, info, None, ())
+    loop = _build(cfg, info, train, val, init)
+    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
+    phase = "training"
+    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
+    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    phase = "validation"
+    with make_progress(False) as bar:
+        validate(loop, bar)
+    assert fed == {"training": {32}, "validation": {32}}
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_fine_tuning_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
     assert train_tiny(tmp_path / "src", "--method", "vanilla", "--epochs", "1").exit_code == 0
