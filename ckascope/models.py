@@ -116,6 +116,21 @@ def ensure_weights_file(weights: WeightsEnum, suffix: str = "") -> Path:
     return dest
 
 
+def ensure_weights(arch: str, weights: str | None, suffix: str = "") -> None:
+    """Makes sure ``build_model(arch, weights)`` will find its pretrained weights, building nothing.
+
+    The check ``build_model`` makes (the name resolved, the file cached or downloaded once),
+    for a caller that must refuse missing weights before it writes anything.
+
+    Raises:
+        InputError: An unknown architecture or weights name.
+        WeightsUnavailableError: The file is not cached and cannot be downloaded.
+    """
+    enum = resolve_weights(arch, weights)
+    if enum is not None:
+        ensure_weights_file(enum, suffix)
+
+
 def build_model(
     arch: str,
     weights: str | None = "none",

@@ -56,8 +56,9 @@ Files and output folders: atomic writes and folders that never replace a result 
     ckascope result and its figures), ``check_output_dir``, ``next_free``, ``staged_folder``.
 
 Models and checkpoints: torchvision models and self-describing checkpoints.
-    ``CHECKPOINT_FORMAT``, ``build_model``, ``checkpoint_label``, ``is_self_describing``,
-    ``load_checkpoint``, ``model_from_checkpoint``, ``read_checkpoint``.
+    ``CHECKPOINT_FORMAT``, ``build_model``, ``checkpoint_label``, ``ensure_weights`` (the
+    pretrained weights ``build_model`` would load are at hand, checked before any work),
+    ``is_self_describing``, ``load_checkpoint``, ``model_from_checkpoint``, ``read_checkpoint``.
 
 Execution layouts: the memory format of the forward passes. ``Layout``, ``choose_layout``,
     ``in_layout``, ``to_layout``.
@@ -145,6 +146,7 @@ _EXPORTS = {
     # models and checkpoints
     "CHECKPOINT_FORMAT": "ckascope.models",
     "build_model": "ckascope.models",
+    "ensure_weights": "ckascope.models",
     "checkpoint_label": "ckascope.models",
     "is_self_describing": "ckascope.models",
     "load_checkpoint": "ckascope.models",
@@ -219,6 +221,7 @@ __all__ = [
     "dataset_len",
     "default_resize",
     "down_and_up",
+    "ensure_weights",
     "eval_transform",
     "explicit_options",
     "heatmap",
@@ -311,6 +314,7 @@ if TYPE_CHECKING:
         CHECKPOINT_FORMAT,
         build_model,
         checkpoint_label,
+        ensure_weights,
         is_self_describing,
         load_checkpoint,
         model_from_checkpoint,

@@ -355,11 +355,17 @@ def check_structure(arch: str, split_at: str | None, scales: tuple[int, ...], bn
         build_msun(arch, split_at=split_at, scales=scales, bn=bn)
 
 
+def weights_name(weights: str | None) -> str:
+    """``weights`` as ckascope names them: None is "none", build_msun's "imagenet" "default"."""
+    if weights is None:
+        return "none"
+    return "default" if weights.lower() == "imagenet" else weights
+
+
 def _vanilla(arch: str, weights: str | None, num_classes: int) -> nn.Module:
     """The torchvision model: pretrained via ckascope (fails fast offline) or random init."""
-    if weights is not None and weights.lower() == "imagenet":
-        weights = "default"
-    if weights is None or weights.lower() == "none":
+    weights = weights_name(weights)
+    if weights.lower() == "none":
         # Global RNG, as for any nn.Module: torch.manual_seed controls the initialisation.
         model: nn.Module = torchvision.models.get_model(arch, num_classes=num_classes)
         return model

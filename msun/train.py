@@ -34,6 +34,7 @@ from ckascope.platform import (
     WeightsUnavailableError,
     build_model,
     dataset_len,
+    ensure_weights,
     init_distributed,
     is_self_describing,
     make_console,
@@ -58,7 +59,7 @@ from msun.data import (
 )
 from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
-from msun.model import MSUN, build_msun
+from msun.model import MSUN, build_msun, weights_name
 from msun.objective import Objective
 from msun.privatebn import build_scale_bn_net
 from msun.runstate import (
@@ -111,16 +112,36 @@ OFFLINE_WEIGHTS_HINT = (
 )
 
 
+@contextlib.contextmanager
+def _offline_hint() -> Iterator[None]:
+    """Gives a ``WeightsUnavailableError`` msun train's hint instead of ckascope's."""
+    try:
+        yield
+    except WeightsUnavailableError as e:
+        raise WeightsUnavailableError(e.problem, OFFLINE_WEIGHTS_HINT) from e
+
+
+def check_weights(cfg: C.TrainConfig) -> None:
+    """Refuses pretrained weights ``build_network`` could not load, before anything is written.
+
+    The network is built once its split is chosen, and ``--split-at auto`` writes its analysis
+    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written.
+
+    Raises:
+        WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
+    """
+    with _offline_hint():
+        ensure_weights(cfg.model, weights_name(cfg.weights))
+
+
 def build_network(cfg: C.TrainConfig) -> nn.Module:
     """The network of a resolved config: random init (seeded) or pretrained vanilla weights.
 
     Raises:
         WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
     """
-    try:
+    with _offline_hint():
         return _network(cfg)
-    except WeightsUnavailableError as e:
-        raise WeightsUnavailableError(e.problem, OFFLINE_WEIGHTS_HINT) from e
 
 
 def _network(cfg: C.TrainConfig) -> nn.Module:
@@ -662,6 +683,8 @@ def _configure(
     arch, method, bn = init_arch(init, cfg)
     if init is not None:
         check_init_flags(cfg, arch, method, explicit)
+    else:  # fine-tuning loads no pretrained weights
+        check_weights(cfg)
     cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
     cfg = C.resolve(cfg, num_classes=classes)

@@ -243,6 +243,20 @@ def test_pretrained_weights_offline_name_msun_trains_own_options(
     assert "--checkpoint" not in line  # ckascope compare's option, not msun train's
 
 
+def test_pretrained_weights_offline_are_refused_before_the_split_analysis_is_written(
+    tmp_path: Path, offline: Path
+) -> None:
+    """--split-at auto --cka-from writes split-analysis/ as it chooses; the network (and its
+    weights) comes after: the weights are checked first, so the refusal leaves no file."""
+    layers = ["maxpool", *(f"layer{s}.{i}" for s in range(1, 5) for i in range(2))]
+    settings = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": [16, 32]}
+    CKAResult(np.full((1, 9, 9), 0.9), layers, layers, settings).save(tmp_path / "cka")
+    args = ["train", *tinyrun.TRAIN, "--weights", "default", "--split-at", "auto"]
+    args += ["--cka-from", str(tmp_path / "cka"), "--out", str(tmp_path / "r")]
+    line = assert_refused(msun_main, args, "not cached", tmp_path)
+    assert "Hint: --weights none" in line
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_split_at_auto_under_torchrun_runs_the_analysis_on_every_rank(tmp_path: Path) -> None:
     """Without --cka-from the analysis is collective: rank 0 alone would hang (gloo, 2 ranks)."""
