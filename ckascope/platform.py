@@ -67,7 +67,8 @@ Multi-path models: the protocol a model with one path per scale meets to be comp
     ``MultiPathModel``, ``PathView``, ``is_multipath``.
 
 Measurement and split suggestion: the comparison itself and what is read from it.
-    ``CKAResult``, ``compare_scales``, ``SplitCandidate``, ``SplitSuggestion``,
+    ``CKAResult``, ``compare_scales``, ``SplitCandidate``, ``SplitHints`` (the fixes a
+    suggestion's stability and notes name, in the caller's options), ``SplitSuggestion``,
     ``load_analysis``, ``split_table``, ``suggest_split``, ``unanalysed`` (split points whose
     trunk input an analysis did not measure).
 
@@ -165,6 +166,7 @@ _EXPORTS = {
     "CKAResult": "ckascope.result",
     "compare_scales": "ckascope.compare",
     "SplitCandidate": "ckascope.split",
+    "SplitHints": "ckascope.split",
     "SplitSuggestion": "ckascope.split",
     "load_analysis": "ckascope.split",
     "split_table": "ckascope.split",
@@ -202,6 +204,7 @@ __all__ = [
     "Protocol",
     "Reporter",
     "SplitCandidate",
+    "SplitHints",
     "SplitSuggestion",
     "WeightsUnavailableError",
     "atomic_path",
@@ -334,6 +337,7 @@ if TYPE_CHECKING:
     )
     from ckascope.split import (
         SplitCandidate,
+        SplitHints,
         SplitSuggestion,
         load_analysis,
         split_table,

@@ -58,6 +58,33 @@ STABLE_SHARE = 0.8
 
 
 @dataclass(frozen=True)
+class SplitHints:
+    """What a suggestion's stability and notes suggest: the fixes of a better analysis.
+
+    The defaults name the options of ``ckascope compare`` and ``suggest-split`` (which takes
+    them when it compares); a caller whose options are others (a trainer, whose analysis
+    ``ckascope compare`` made) gives its own words, as it gives ``suggest_split``'s ``hint``.
+
+    Attributes:
+        trained_weights: The analysed network had random weights.
+        more_batches: The bootstrap resampled too few minibatches to judge the stability.
+        more_images: The choice is unstable over the bootstrap resamples.
+        bootstrap: The analysis has no bootstrap resamples.
+    """
+
+    trained_weights: str = "--weights default, or --checkpoint of a trained model"
+    more_batches: str = "more --num-images or a smaller --batch-size"
+    more_images: str = (
+        "more images (--num-images, --repeats), or weigh the candidates above by their cost"
+    )
+    bootstrap: str = "rerun ckascope compare with --bootstrap 1000 (no extra forward pass)"
+
+
+#: suggest-split's own hints.
+SUGGEST_SPLIT_HINTS = SplitHints()
+
+
+@dataclass(frozen=True)
 class SplitCandidate:
     """A legal split point.
 
@@ -107,6 +134,7 @@ class SplitSuggestion:
     replicates: int = 0
     notes: tuple[str, ...] = ()  # what a reader must know about the analysis behind it
     minibatches: int | None = None  # batches a bootstrap replicate draws; 0: none; None: unknown
+    hints: SplitHints = SUGGEST_SPLIT_HINTS  # the fixes its stability text names
 
     @property
     def coarse(self) -> bool:
@@ -123,7 +151,7 @@ class SplitSuggestion:
     def stability_text(self) -> str:
         """The stability in words, e.g. "layer2 in 87 % of 1000 bootstrap resamples; ..."."""
         if self.stability is None:
-            return _no_resamples(self.minibatches)
+            return _no_resamples(self.minibatches, self.hints)
         shares = sorted(self.stability.items(), key=lambda kv: -kv[1])
         listed = "; ".join(f"{name} in {100 * share:.0f} %" for name, share in shares if share)
         text = f"stability: {listed} of {self.replicates} bootstrap resamples"
@@ -131,15 +159,13 @@ class SplitSuggestion:
             # A handful of batches has few distinct resamples: 100 % agreement means little.
             return (
                 f"{text}, but they resample only {self.minibatches} minibatches: too few to judge "
-                f"stability (at least {FEW_BATCHES} needed). Hint: more --num-images or a smaller "
-                "--batch-size"
+                f"stability (at least {FEW_BATCHES} needed). Hint: {self.hints.more_batches}"
             )
         if self.stable:
             return f"{text} (stable: at least {100 * STABLE_SHARE:.0f} % agree)"
         return (
             f"{text}. UNSTABLE: fewer than {100 * STABLE_SHARE:.0f} % of the resamples choose "
-            f"{self.choice}; other images could give another split. Hint: more images "
-            "(--num-images, --repeats), or weigh the candidates above by their cost"
+            f"{self.choice}; other images could give another split. Hint: {self.hints.more_images}"
         )
 
     def lines(self, chose: str = "--split-at") -> list[str]:
@@ -170,18 +196,15 @@ class SplitSuggestion:
         }
 
 
-def _no_resamples(minibatches: int | None) -> str:
-    """Why a result has no bootstrap replicates, and the fix."""
+def _no_resamples(minibatches: int | None, hints: SplitHints) -> str:
+    """Why a result has no bootstrap replicates, and the fix (in ``hints``' words)."""
     if minibatches == 0:  # asked for, but one batch gives nothing to resample
         return (
             f"stability unknown: the bootstrap had fewer than {MIN_BATCHES} minibatches, "
-            "nothing to resample. Hint: more --num-images or a smaller --batch-size, for at "
-            f"least {FEW_BATCHES} minibatches"
+            f"nothing to resample. Hint: {hints.more_batches}, for at least {FEW_BATCHES} "
+            "minibatches"
         )
-    return (
-        "stability unknown: this result has no bootstrap resamples. Hint: rerun "
-        "ckascope compare with --bootstrap 1000 (no extra forward pass)"
-    )
+    return f"stability unknown: this result has no bootstrap resamples. Hint: {hints.bootstrap}"
 
 
 def _relation(layer: str, module: str) -> int:
@@ -313,6 +336,7 @@ def suggest_split(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     hint: str = LOW_CKA_HINT,
+    hints: SplitHints = SUGGEST_SPLIT_HINTS,
 ) -> SplitSuggestion:
     """Applies the rule of the module docstring to a cross-scale result.
 
@@ -323,6 +347,7 @@ def suggest_split(
         threshold: Minimum CKA of the trunk's input, in [0, 1].
         hint: What the reason suggests when no split point reaches the threshold; a caller
             whose options are not suggest-split's (a trainer) names its own.
+        hints: What the stability and the notes suggest, in the same way.
 
     Returns:
         The suggestion; ``choice`` is always one of ``split_points``, ``rows`` are in forward
@@ -346,8 +371,9 @@ def suggest_split(
     check_analysed(layers, candidates)
     suggestion = replace(
         _suggest(layers, diag, candidates, threshold, hint),
-        notes=_notes(result),
+        notes=_notes(result, hints),
         minibatches=_minibatches(result),
+        hints=hints,
     )
     replicates = result.calibration.get("bootstrap_diagonal")
     if replicates is None or not len(replicates):
@@ -368,14 +394,14 @@ def _minibatches(result: CKAResult) -> int | None:
     return None if draws is None else int(draws)
 
 
-def _notes(result: CKAResult) -> tuple[str, ...]:
+def _notes(result: CKAResult, hints: SplitHints) -> tuple[str, ...]:
     """Warnings about the analysis itself: a network with random weights says little."""
     s = result.settings
     if s.get("weights") == "none" and not s.get("checkpoint"):
         return (
-            "the analysed network has random weights (--weights none): its cross-scale CKA shows "
-            "the architecture, not what training learns, and a split chosen from it says little "
-            "about a trained network. Hint: --weights default, or --checkpoint of a trained model",
+            "the analysed network has random weights: its cross-scale CKA shows the "
+            "architecture, not what training learns, and a split chosen from it says little "
+            f"about a trained network. Hint: {hints.trained_weights}",
         )
     return ()
 

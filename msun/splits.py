@@ -33,6 +33,7 @@ from ckascope.platform import (
     DistInfo,
     InputError,
     SplitCandidate,
+    SplitHints,
     SplitSuggestion,
     WeightsUnavailableError,
     build_model,
@@ -66,6 +67,27 @@ ANALYSIS_BATCHES = 16
 LOW_CKA_HINT = (
     "name the split with --split-at (the table compares the points), or give --cka-from DIR, "
     "an analysis of your own (more images or layers, a network trained on your data)"
+)
+#: What the choice's stability and notes suggest, in msun train's options (ckascope's own
+#: name ``ckascope compare``'s, which msun train has not or means otherwise: --weights,
+#: --batch-size): a better analysis, made by ckascope compare and given with --cka-from.
+SPLIT_HINTS = SplitHints(
+    trained_weights=(
+        "give --cka-from an analysis of a trained network (ckascope compare --checkpoint "
+        "RUN/last.pt), or leave --cka-from out where the pretrained weights can be downloaded"
+    ),
+    more_batches=(
+        "give --cka-from an analysis of more minibatches (ckascope compare with more "
+        "--num-images or a smaller --batch-size)"
+    ),
+    more_images=(
+        "give --cka-from an analysis of more images (ckascope compare --num-images, --repeats), "
+        "or name the split with --split-at, weighing the candidates above by their cost"
+    ),
+    bootstrap=(
+        "give --cka-from an analysis with bootstrap resamples (ckascope compare --bootstrap "
+        "1000, no extra forward pass)"
+    ),
 )
 #: The run's ``split-analysis/`` folder: the analysis, its figures and the choice made from it.
 SPLIT_ANALYSIS = RESULT_OUTPUT._replace(
@@ -225,7 +247,7 @@ def choose(cfg: TrainConfig, saved: Mapping[str, Any] | None, info: DistInfo) ->
     result = analysis(cfg, info)
     candidates = split_candidates(cfg.model, cfg.scales)
     check_measured(cfg, result, candidates)
-    suggestion = suggest_split(result, candidates, hint=LOW_CKA_HINT)
+    suggestion = suggest_split(result, candidates, hint=LOW_CKA_HINT, hints=SPLIT_HINTS)
     if cfg.cka_from:  # after every refusal: a refused analysis needs no note
         note_other_scales(cfg, result)
     if info.is_main:

@@ -69,12 +69,25 @@ def test_the_auto_analysis_has_enough_minibatches_to_judge_its_stability() -> No
         assert ANALYSIS_IMAGES // batch >= max(FEW_BATCHES, world), world  # a batch per process
 
 
-def _saved(folder: Path, diagonal: float, scales: list[int]) -> Path:
-    """A saved resnet18 analysis of its blocks whose same-layer CKA is ``diagonal`` throughout."""
+def _saved(
+    folder: Path,
+    diagonal: float,
+    scales: list[int],
+    calibration: dict[str, np.ndarray] | None = None,
+    **settings: Any,
+) -> Path:
+    """A saved resnet18 analysis of its blocks whose same-layer CKA is ``diagonal`` throughout
+    (with ``calibration`` arrays and more ``settings``, where given)."""
     layers = ["maxpool", *(f"layer{s}.{i}" for s in range(1, 5) for i in range(2))]
     matrix = np.full((1, len(layers), len(layers)), diagonal)
-    settings = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": scales}
-    CKAResult(matrix, layers, layers, settings).save(folder)
+    settings = {
+        "mode": "scales",
+        "model": "resnet18",
+        "arch": "resnet18",
+        "scales": scales,
+        **settings,
+    }
+    CKAResult(matrix, layers, layers, settings, calibration=calibration or {}).save(folder)
     return folder
 
 
@@ -99,6 +112,70 @@ def test_auto_below_the_threshold_names_the_trainers_options(tmp_path: Path) -> 
     candidates = split_candidates("resnet18", (4, 16, 28))
     own = suggest_split(CKAResult.load(analysis), candidates).reason
     assert own.endswith("Hint: a lower --threshold, or more layers in the analysis")
+
+
+#: What ckascope suggest-split's notes and stability name, options msun train has not (or
+#: means otherwise: its --weights is the training's, its --batch-size the training's).
+SUGGEST_SPLITS_WORDS = ("Hint: --weights", "--checkpoint of", "Hint: more", "Hint: rerun")
+
+
+def _replicates(shares: dict[float, int]) -> dict[str, np.ndarray]:
+    """Bootstrap diagonals: ``n`` replicates whose stem (maxpool) CKA is ``v``, per ``v: n``."""
+    rows = [[v] + [0.9] * 8 for v, n in shares.items() for _ in range(n)]
+    return {"bootstrap_diagonal": np.array(rows)}
+
+
+@pytest.mark.parametrize(
+    ("calibration", "settings", "says"),
+    [
+        (
+            None,
+            {"weights": "none"},
+            [
+                "note: the analysed network has random weights",
+                "Hint: give --cka-from an analysis of a trained network (ckascope compare "
+                "--checkpoint RUN/last.pt), or leave --cka-from out",
+                "this result has no bootstrap resamples. Hint: give --cka-from an analysis with "
+                "bootstrap resamples (ckascope compare --bootstrap 1000",
+            ],
+        ),
+        (
+            _replicates({0.9: 50, 0.5: 50}),  # layer1 in half of them, layer2 in the others
+            {"bootstrap_draws": 16},
+            [
+                "UNSTABLE",
+                "Hint: give --cka-from an analysis of more images (ckascope compare "
+                "--num-images, --repeats), or name the split with --split-at",
+            ],
+        ),
+        (
+            _replicates({0.9: 100}),
+            {"bootstrap_draws": 2},
+            [
+                "too few to judge",
+                "Hint: give --cka-from an analysis of more minibatches (ckascope compare with "
+                "more --num-images or a smaller --batch-size)",
+            ],
+        ),
+    ],
+    ids=["random-weights", "unstable", "few-minibatches"],
+)
+def test_auto_notes_and_stability_name_the_trainers_options(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    calibration: dict[str, np.ndarray] | None,
+    settings: dict[str, Any],
+    says: list[str],
+) -> None:
+    analysis = _saved(tmp_path / "cka", 0.9, [4, 28], calibration, **settings)
+    assert choose(_auto(tmp_path, analysis), None, CPU) == "layer1"
+    printed = " ".join(capsys.readouterr().out.split())  # one line each, wrapped or not
+    for words in says:
+        assert words in printed
+    recorded = json.loads((tmp_path / "run/split-analysis/suggestion.json").read_text())
+    for theirs in SUGGEST_SPLITS_WORDS:
+        assert theirs not in printed
+        assert theirs not in " ".join(recorded["notes"])
 
 
 def test_auto_notes_an_analysis_of_other_scales_than_the_runs_ends(tmp_path: Path) -> None:
