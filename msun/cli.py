@@ -14,6 +14,7 @@ from ckascope.platform import (
     FriendlyGroup,
     config_options,
     explicit_options,
+    launched_rank,
     make_console,
     renamed_flags,
 )
@@ -253,7 +254,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
         out = train_main(cfg, resume=resume, explicit={*from_file, *given})
     finally:
         close_distributed()
-    make_console().print(
+    make_console(quiet=launched_rank()[0] != 0).print(  # one folder for the job: said once
         f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
     )
 
