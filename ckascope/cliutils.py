@@ -5,6 +5,8 @@ User mistakes (click usage errors, ``InputError``) exit with code 2, runtime fai
 on stderr and no traceback. Anything else is a bug and keeps its traceback. A
 ``CKAScopeWarning`` is one ``note: ...`` line on stderr, without Python's file and source line;
 under torchrun rank 0 alone shows it, and each rank shows its own ``LocalWarning``, naming it.
+Errors alike: rank 0 shows a user's mistake and an interrupt, which every rank meets, and each
+rank its own runtime failure, naming its rank (``fail``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 import types
 import typing
 import warnings
@@ -38,9 +41,33 @@ def make_console(**kwargs: Any) -> Console:
     return Console(width=width, **kwargs)
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Prints ``Error: message`` as one line on stderr and exits with ``code``."""
-    click.echo(f"Error: {' '.join(message.split())}", err=True)
+#: Exit code of an interrupt (Ctrl-C, SIGTERM), which torchrun sends to every process.
+INTERRUPTED = 130
+
+#: Seconds a process other than rank 0 waits before it shows an error every process meets
+#: (``fail``): time for rank 0 to show it and exit, and for torchrun to end the others.
+JOB_ERROR_WAIT = 10.0
+
+
+def fail(message: str, code: int, *, whole_job: bool = False) -> NoReturn:
+    """Prints ``Error: message`` as one line on stderr and exits with ``code``.
+
+    Under torchrun (``launched_rank``), as ``note_text`` does for notes: an error every process
+    meets alike (``whole_job``: a user's mistake in the arguments) is shown by rank 0; any
+    other by the process that met it, naming its rank. Another rank with a whole-job error
+    waits ``JOB_ERROR_WAIT`` seconds first, in which torchrun ends it once rank 0 has failed;
+    still running, rank 0 did not meet it (a file missing on this node alone), so it shows the
+    error itself, naming its rank: no error goes unshown. An interrupt is shown by rank 0
+    alone, at once: every process was sent it.
+    """
+    rank, world = launched_rank()
+    whole_job = whole_job or code == INTERRUPTED
+    if world > 1 and rank != 0 and whole_job:
+        if code == INTERRUPTED:
+            sys.exit(code)
+        time.sleep(JOB_ERROR_WAIT)
+    where = f"rank {rank}: " if world > 1 and (rank != 0 or not whole_job) else ""
+    click.echo(f"Error: {where}{' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
@@ -115,14 +142,14 @@ class FriendlyGroup(click.Group):
         try:
             with warnings_as_notes():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            fail(_usage_message(e), 2)
+        except click.UsageError as e:  # the same arguments on every process
+            fail(_usage_message(e), 2, whole_job=True)
         except click.ClickException as e:
             fail(e.format_message(), e.exit_code)
         except CKAScopeError as e:
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, whole_job=e.whole_job)
         except (click.Abort, KeyboardInterrupt):
-            fail("interrupted", 130)
+            fail("interrupted", INTERRUPTED)
         except OSError as e:
             detail = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
             fail(detail, 1)
@@ -156,10 +183,10 @@ def renamed_flags(args: list[str], renamed: Mapping[str, str]) -> list[str]:
     for token in args:
         flag, eq, value = token.partition("=")
         if flag in renamed:
-            click.echo(
-                f"note: {flag} is now {renamed[flag]}; the old name goes in the next release",
-                err=True,
-            )
+            note = f"{flag} is now {renamed[flag]}; the old name goes in the next release"
+            text = note_text(note, CKAScopeWarning)  # the same arguments on every rank: once
+            if text is not None:
+                click.echo(text, err=True)
             token = renamed[flag] + eq + value
         out.append(token)
     return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ckascope.errors import InputError
+from ckascope.errors import InputError, LocalInputError
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,15 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def check_gpu_index(index: int, what: str) -> None:
-    """Raises InputError unless GPU ``index`` is visible to this process."""
+def check_gpu_index(index: int, what: str, *, local: bool = False) -> None:
+    """Raises InputError unless GPU ``index`` is visible to this process.
+
+    ``local``: the index is this process's own (torchrun's LOCAL_RANK), so other processes
+    may not meet the error (a ``LocalInputError``).
+    """
     count = torch.cuda.device_count()
     if not 0 <= index < count:
-        raise InputError(
+        raise (LocalInputError if local else InputError)(
             f"{what} asks for GPU {index}, but this process sees {count} GPU(s) "
             f"(cuda:0..cuda:{count - 1}). Hint: choose a visible GPU; CUDA_VISIBLE_DEVICES and "
             "--nproc_per_node must leave one per process"
@@ -75,7 +79,7 @@ def init_distributed(device: str | None = "auto") -> DistInfo:
         return DistInfo(0, 1, base)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if base.type == "cuda":
-        check_gpu_index(local_rank, f"torchrun's LOCAL_RANK {local_rank}")
+        check_gpu_index(local_rank, f"torchrun's LOCAL_RANK {local_rank}", local=True)
         base = torch.device("cuda", local_rank)
         torch.cuda.set_device(base)
     if not dist.is_initialized():

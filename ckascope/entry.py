@@ -2,7 +2,7 @@
 
 Importing the command line takes seconds (torch); a Ctrl-C in that time would otherwise end in
 a KeyboardInterrupt traceback. Until the command line is imported, SIGINT exits quietly with
-130; then ``FriendlyGroup`` handles it (one line, exit 130).
+130 (one line, from rank 0 alone under torchrun); then ``FriendlyGroup`` handles it (the same).
 
 Before torch loads, the commands tell its OpenMP runtime (libgomp) to spin only briefly before
 a waiting thread sleeps (``GOMP_SPINCOUNT``), unless the environment sets a policy itself. With
@@ -23,7 +23,9 @@ SPINCOUNT = "1000"
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
-    sys.stderr.write("Error: interrupted\n")
+    # torchrun sends Ctrl-C to every process: rank 0 says it for the job (as cliutils.fail)
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write("Error: interrupted\n")
     raise SystemExit(130)
 
 

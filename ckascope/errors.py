@@ -16,15 +16,35 @@ from types import FrameType
 
 
 class CKAScopeError(Exception):
-    """Base class of every error the tools raise on purpose (exit code 1)."""
+    """Base class of every error the tools raise on purpose (exit code 1).
+
+    A runtime failure is the process's own: under torchrun the command lines show it from the
+    process that met it, naming its rank (``cliutils.fail``).
+    """
 
     exit_code = 1
+    #: Whether every process of a torchrun job meets it alike, so that rank 0 alone shows it.
+    whole_job = False
 
 
 class InputError(CKAScopeError, ValueError):
-    """A bad argument, name, option or file given by the user (exit code 2)."""
+    """A bad argument, name, option or file given by the user (exit code 2).
+
+    Raised from the same arguments on every process of a torchrun job: rank 0 shows it (a
+    process that met it alone still does, naming its rank: ``cliutils.fail``).
+    """
 
     exit_code = 2
+    whole_job = True
+
+
+class LocalInputError(InputError):
+    """A mistake only some processes of a torchrun job meet (a LOCAL_RANK without its GPU).
+
+    Shown by the process that met it, naming its rank, at once: rank 0 may not meet it.
+    """
+
+    whole_job = False
 
 
 class NumericalError(CKAScopeError, ArithmeticError):

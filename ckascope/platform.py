@@ -27,8 +27,9 @@ Command line (no torch): click and rich plumbing shared by the command lines. ``
     dataclass whose fields are also the command's options; ``REQUIRED`` marks a field without
     a default), ``explicit_options`` (the options a user gave, not left at default),
     ``make_console``, ``renamed_flags`` (old flag names kept for a release, with a
-    note), and ``run`` (a console script's start, quiet on Ctrl-C before the command line is
-    imported).
+    note), ``launched_rank`` (this process's rank and the number of processes as torchrun
+    sets them, known before any process group: what the job says once, rank 0 says), and
+    ``run`` (a console script's start, quiet on Ctrl-C before the command line is imported).
 
 Vocabulary (no torch): the option values both packages accept. ``Kernel``, ``MAX_SCALE``,
     ``MEMORY_FORMATS``, ``MIN_IMAGE_SIZE``, ``MemoryFormat``, ``PROTOCOLS``, ``Precision``,
@@ -94,6 +95,7 @@ _EXPORTS = {
     "config_field": "ckascope.cliutils",
     "config_options": "ckascope.cliutils",
     "explicit_options": "ckascope.cliutils",
+    "launched_rank": "ckascope.cliutils",
     "make_console": "ckascope.cliutils",
     "renamed_flags": "ckascope.cliutils",
     "run": "ckascope.entry",
@@ -234,6 +236,7 @@ __all__ = [
     "is_multipath",
     "is_self_describing",
     "json_matrix",
+    "launched_rank",
     "load_analysis",
     "load_checkpoint",
     "make_console",
@@ -277,6 +280,7 @@ if TYPE_CHECKING:
         config_field,
         config_options,
         explicit_options,
+        launched_rank,
         make_console,
         renamed_flags,
     )

@@ -14,6 +14,7 @@ from ckascope.platform import (
     FriendlyGroup,
     config_options,
     explicit_options,
+    launched_rank,
     make_console,
     renamed_flags,
 )
@@ -253,7 +254,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
         out = train_main(cfg, resume=resume, explicit={*from_file, *given})
     finally:
         close_distributed()
-    make_console().print(
+    make_console(quiet=launched_rank()[0] != 0).print(  # one folder for the job: said once
         f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
     )
 
@@ -285,6 +286,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         EVAL_OUTPUT,
         check_classes,
         check_recalibratable,
+        check_runnable,
         check_same_setting,
         eval_dataset,
         evaluate_checkpoints,
@@ -305,11 +307,12 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     check_same_setting(loaded, cfg.data, cfg.image_size)
     if cfg.recalibrate_bn:
         check_recalibratable(loaded)
-    info = init_distributed(cfg.device)
     image_size = cfg.image_size or loaded[0].image_size
     sizes = parse_sizes(
         cfg.eval_sizes or loaded[0].eval_sizes or sizes_text(paper_sizes(image_size))
     )
+    check_runnable(loaded, sizes, cfg.protocol, cfg.paths)  # before the data is read
+    info = init_distributed(cfg.device)
     data = cfg.data or loaded[0].data
     # the synthetic set: the pool the run's validation drew
     dataset = eval_dataset(data, image_size, cfg.num_val or 2000, loaded[0].seed)

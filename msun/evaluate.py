@@ -59,10 +59,10 @@ from ckascope.platform import (
     to_layout,
     warn_skipped,
 )
-from msun.backbones import classifier
+from msun.backbones import accepts, classifier, smallest_side
 from msun.data import SYNTHETIC_TRAIN, recalibration_seed
-from msun.flops import flops_report, vanilla_flops
-from msun.model import MSUN
+from msun.flops import flops_report, meta_twin, vanilla_flops
+from msun.model import MSUN, eval_mode
 from msun.privatebn import ScaleBNNet
 from msun.recalibrate import kept_statistics, norm_layers, recalibrate
 
@@ -809,6 +809,99 @@ def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: i
             )
 
 
+def check_runnable(
+    loaded: Sequence[Loaded],
+    sizes: Sequence[int],
+    protocol: Protocol,
+    paths: Literal["all", "routed"],
+) -> None:
+    """Refuses test sizes a path of a checkpoint would shrink to nothing, before any is scored.
+
+    Every (size, path) the evaluation will run is tried on the meta device (shapes only,
+    ``msun.backbones.accepts``): an MSUN's path takes a test size as it is (native) or at the
+    path's nominal size (upsample). Other networks see their training image size, as trained.
+
+    Raises:
+        InputError: Naming the checkpoint, the sizes and paths, and what would run instead.
+    """
+    for item in loaded:
+        if isinstance(item.model, MSUN):
+            with eval_mode(meta_twin(item.model)) as twin:
+                _check_msun_sizes(item.name, cast(MSUN, twin), sizes, protocol, paths)
+
+
+def _check_msun_sizes(
+    name: str, twin: MSUN, sizes: Sequence[int], protocol: Protocol, paths: str
+) -> None:
+    """``check_runnable`` for one MSUN on the meta device (``twin``, in eval mode)."""
+    jobs: dict[int, list[int]] = {}
+    for s in sizes:
+        for k in range(twin.num_paths) if paths == "all" else [twin.route(s)]:
+            jobs.setdefault(k, []).append(s)
+    bad = {k: _too_small(twin, k, wanted, protocol) for k, wanted in jobs.items()}
+    bad = {k: failing for k, failing in bad.items() if failing}
+    if bad and protocol == "upsample":  # at their own scales: no test size helps
+        raise InputError(
+            f"{name} ({twin.describe()}, scales {_listed(twin.scales)}): path(s) "
+            f"{_listed(sorted(bad))} shrink their own nominal size to nothing in its "
+            "down-sampling, so the network cannot be scored. Hint: train it with larger scales "
+            "or an earlier split point (msun train refuses such a network)"
+        )
+    if bad:
+        raise InputError(_size_refusal(name, twin, sizes, bad, paths))
+
+
+def _too_small(twin: MSUN, k: int, sizes: list[int], protocol: Protocol) -> list[int]:
+    """The test sizes of ``sizes`` path k shrinks to nothing under ``protocol``.
+
+    A feature map never grows when its input shrinks: one pass at the smallest input says
+    whether all run; only then does a bisection find where the path stops.
+    """
+    run = partial(twin.forward_path, k=k, protocol="native")  # fed the side computed here
+    sides = {s: s if protocol == "native" else twin.scales[k] for s in sizes}
+    if accepts(run, min(sides.values())):
+        return []
+    least = smallest_side(run)
+    return [s for s, side in sides.items() if side < least]
+
+
+def _size_refusal(
+    name: str,
+    twin: MSUN,
+    sizes: Sequence[int],
+    bad: dict[int, list[int]],
+    paths: str,
+) -> str:
+    """The refusal of ``bad`` (path -> test sizes it cannot take as they are), with its fixes."""
+    routed = [s for s in sizes if s in bad.get(twin.route(s), [])]
+    good = [s for s in sizes if not any(s in failing for failing in bad.values())]
+    fixes = [] if routed or paths == "routed" else ["--paths routed"]
+    fixes.append(f"--eval-sizes {','.join(map(str, good))}" if good else "larger --eval-sizes")
+    if not any(_too_small(twin, k, [1], "upsample") for k in range(twin.num_paths)):
+        fixes.append("--protocol upsample (each path at its nominal size)")
+    return (
+        f"{name} ({twin.describe()}, scales {_listed(twin.scales)}) cannot take test size(s) "
+        f"{_where(twin, sizes, bad, routed)}: fed as they are (--protocol native), they shrink "
+        f"to nothing in its down-sampling. Hint: give {', or '.join(fixes)}"
+    )
+
+
+def _where(twin: MSUN, sizes: Sequence[int], bad: dict[int, list[int]], routed: list[int]) -> str:
+    """``bad`` in words: "2 on the path each is routed to; 3, 4 on path 1 (nominal 32)"."""
+    where = [f"{_listed(routed)} on the path each is routed to"] if routed else []
+    where += [
+        f"{_listed(others)} on path {k} (nominal {twin.scales[k]})"
+        for k, failing in sorted(bad.items())
+        if (others := [s for s in failing if twin.route(s) != k])
+    ]
+    return "; ".join(where)
+
+
+def _listed(sizes: Sequence[int]) -> str:
+    """``2, 3, 4``."""
+    return ", ".join(map(str, sizes))
+
+
 def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Dataset[Any]:
     """The validation split of ``data`` that msun eval scores: an image folder's val/.
 
@@ -888,8 +981,13 @@ def evaluate_checkpoints(
     (lines every few seconds without a terminal). ``data`` and ``image_size`` (the test
     images' spec and centre crop) are recorded with each result, and ``test_draw_seed`` (the
     run seed whose validation draw ``loader`` holds) where given.
+
+    Raises:
+        InputError: A test size a path would shrink to nothing (``check_runnable``), before
+            any checkpoint is scored.
     """
     out = []
+    check_runnable(loaded, sizes, protocol, paths)  # not after minutes of scoring
     run = partial(
         _evaluate_one,
         protocol=protocol,

@@ -563,6 +563,10 @@ def _set_train_mode(loop: Loop) -> None:
         classifier(loop.model)[1].train()
 
 
+#: The metrics column of the validation images skipped as unreadable (named in notes).
+SKIPPED = "val_skipped_images"
+
+
 class ValidationStoppedError(Exception):
     """Ctrl-C or SIGTERM during a validation pass, seen by every process at the same batch."""
 
@@ -608,7 +612,11 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
 def _epoch_row(
     state: TrainState, stats: dict[str, float], result: EvalResult | None
 ) -> dict[str, Any]:
-    """One line of metrics.csv: the epoch's training terms and, when validated, its accuracy."""
+    """One line of metrics.csv: the epoch's training terms and, when validated, its accuracy.
+
+    The validation images skipped as unreadable (every process's) come last, after the
+    columns that were there before them, as ``msun eval``'s ``skipped_images``.
+    """
     row: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.global_step, **stats}
     if result is None:
         return row
@@ -623,6 +631,7 @@ def _epoch_row(
                 for k in range(result.top1.shape[1])
             }
         )
+    row[SKIPPED] = result.skipped
     return row
 
 
@@ -662,7 +671,7 @@ def _end_of_epoch(
         shown = (
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in row.items()
-            if not k.startswith("val_top1_") or k == "val_top1_mean"
+            if (not k.startswith("val_top1_") or k == "val_top1_mean") and (k != SKIPPED or v)
         )
         console.print(" | ".join(shown))
 

@@ -159,3 +159,123 @@ def test_the_commands_set_openmp_to_share_cores_before_torch_loads(
     # the entry module loads no torch, so the setting is in place when the command imports it
     check = "import sys, ckascope.entry, msun.entry; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
+
+
+def _failing_group(error: BaseException) -> click.Group:
+    """A command line on the shared plumbing whose command ``go`` raises ``error``."""
+    from ckascope.cliutils import FriendlyGroup
+
+    @click.group(cls=FriendlyGroup)
+    def main() -> None:
+        """A group."""
+
+    @main.command()
+    def go() -> None:
+        raise error
+
+    return main
+
+
+def _errors() -> dict[str, tuple[BaseException | None, str]]:
+    """What a command meets (None: a usage error, ``nope`` is no command), and its words."""
+    from ckascope.errors import CKAScopeError, InputError, LocalInputError
+
+    return {
+        "input": (InputError("bad size. Hint: give 32"), "bad size. Hint: give 32"),
+        "local": (LocalInputError("no GPU 1. Hint: fewer"), "no GPU 1. Hint: fewer"),
+        "usage": (None, "No such command 'nope'"),
+        "runtime": (CKAScopeError("loss became NaN"), "loss became NaN"),
+        "file": (PermissionError(13, "Permission denied", "/x/y.pt"), "Permission denied: /x/y.pt"),
+        "interrupt": (KeyboardInterrupt(), "interrupted"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "rank", "world", "where", "waits"),
+    [
+        ("input", "0", "1", "", False),
+        ("input", "0", "2", "", False),  # the job's mistake: rank 0 says it for every rank
+        ("input", "1", "2", "rank 1: ", True),  # ... where torchrun did not end rank 1 first
+        ("local", "0", "2", "rank 0: ", False),  # this rank's alone (its LOCAL_RANK's GPU)
+        ("local", "1", "2", "rank 1: ", False),
+        ("usage", "0", "2", "", False),
+        ("usage", "1", "2", "rank 1: ", True),
+        ("runtime", "0", "1", "", False),
+        ("runtime", "0", "2", "rank 0: ", False),  # a rank's own failure, named at once
+        ("runtime", "1", "2", "rank 1: ", False),
+        ("file", "1", "2", "rank 1: ", False),
+        ("interrupt", "0", "2", "", False),
+        ("interrupt", "1", "2", None, False),  # every rank was interrupted: rank 0 says it
+    ],
+)
+def test_under_torchrun_an_error_of_the_job_is_shown_once_and_a_rank_s_own_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    rank: str,
+    world: str,
+    where: str | None,
+    waits: bool,
+) -> None:
+    from types import SimpleNamespace
+
+    from ckascope import cliutils
+
+    slept: list[float] = []
+    monkeypatch.setattr(cliutils, "time", SimpleNamespace(sleep=slept.append))
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    error, words = _errors()[kind]
+    args = ["nope"] if error is None else ["go"]
+    result = CliRunner().invoke(_failing_group(error or Exception()), args)
+    assert result.exit_code == {"input": 2, "local": 2, "usage": 2, "interrupt": 130}.get(kind, 1)
+    lines = [line for line in result.stderr.splitlines() if line]  # click: a newline on Ctrl-C
+    assert lines == ([] if where is None else [lines[0]])
+    if where is not None:
+        assert lines[0].startswith(f"Error: {where}{words}"), lines[0]
+        assert "rank" not in lines[0][len(f"Error: {where}") :]
+    assert slept == ([cliutils.JOB_ERROR_WAIT] if waits else [])
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
+def test_under_torchrun_a_renamed_flag_and_an_early_interrupt_are_said_by_rank_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: str, shown: bool
+) -> None:
+    """The same arguments and the same Ctrl-C reach every rank: rank 0 says so for the job."""
+    from ckascope.cliutils import renamed_flags
+    from ckascope.entry import _interrupted
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert renamed_flags(["--sizes=8"], {"--sizes": "--eval-sizes"}) == ["--eval-sizes=8"]
+    with pytest.raises(SystemExit) as stopped:
+        _interrupted(2, None)  # Ctrl-C before the command line is imported
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err.splitlines()
+    want = ["note: --sizes is now --eval-sizes; the old name goes in the next release"]
+    assert said == ([*want, "Error: interrupted"] if shown else [])
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+@pytest.mark.parametrize(
+    ("cli", "argv", "words"),
+    [
+        (
+            "msun",
+            ["train", "--model", "vgg11", "--method", "vanilla", "--image-size", "28"],
+            "vgg11 needs images of at least 32 px",
+        ),
+        ("ckascope", ["compare", "--model", "resnet18", "--scale", "32"], "--scale"),
+    ],
+    ids=["msun", "ckascope"],
+)
+def test_a_mistake_in_the_arguments_under_torchrun_is_said_once(
+    tmp_path: Path, cli: str, argv: list[str], words: str
+) -> None:
+    """Two processes meet it before any process group: rank 0 says it, torchrun ends rank 1."""
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", cli]
+    done = _run(*run, *argv, "--out", str(tmp_path / "out"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "rank" not in errors[0]
+    assert words in errors[0]
+    assert not (tmp_path / "out").exists()

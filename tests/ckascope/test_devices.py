@@ -36,9 +36,10 @@ def test_a_local_rank_beyond_the_gpu_count_is_refused(
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(InputError, match="LOCAL_RANK 1 asks for GPU 1"):
+    with pytest.raises(InputError, match="LOCAL_RANK 1 asks for GPU 1") as refused:
         distributed.init_distributed("auto")
     assert one_gpu == []  # refused before any CUDA call
+    assert not refused.value.whole_job  # rank 0 has its GPU: rank 1 says it, at once
 
 
 def test_only_a_group_it_started_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:

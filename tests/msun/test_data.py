@@ -119,3 +119,31 @@ def test_num_train_above_the_training_set_is_refused_never_clamped() -> None:
         r"60000\. Hint: give --num-train 60000 or fewer",
     ):
         check_count("--num-train", 100000, 60000, "training", "fashionmnist")
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_validation_counts_its_unreadable_images_in_the_metrics_rows(tmp_path: Path) -> None:
+    """As msun eval's skipped_images: a column after the ones there before it, in both logs."""
+    import csv
+
+    from PIL import Image
+
+    for split, count in (("train", 16), ("val", 4)):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(
+                    tmp_path / "d" / split / c / f"{i}.png"
+                )
+    (tmp_path / "d" / "val" / "a" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    result = train_tiny(out, "--data", str(tmp_path / "d"), "--num-val", "9", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "val_skipped_images 1" in result.stdout  # the epoch's line says it too
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert list(row)[-1] == "val_skipped_images"
+    assert row["val_skipped_images"] == 1
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[-1])[-1] == "val_skipped_images"
+    assert rows[-1]["val_skipped_images"] == "1"

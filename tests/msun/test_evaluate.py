@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from ckascope.views import resize
 from msun import build_msun, save_checkpoint
 from msun.cli import main
-from msun.evaluate import evaluate, unique_labels
+from msun.evaluate import Loaded, check_runnable, evaluate, evaluate_checkpoints, unique_labels
 from msun.plot import accuracy_vs_size
 from msun.privatebn import build_scale_bn_net
 
@@ -361,3 +362,94 @@ def test_eval_records_unreadable_images_and_names_a_folder_scored_in_place(
     assert f"note: {val} has no val/ folder: scoring the images of its own class" in " ".join(
         in_place.output.split()
     )
+
+
+def _meta_loaded(arch: str, scales: tuple[int, ...]) -> Loaded:
+    """A checkpoint as msun eval loads it, its MSUN on the meta device (shapes only)."""
+    with torch.device("meta"):
+        model = build_msun(arch, scales=scales, num_classes=10)
+    return Loaded("m", model, "msun", arch, image_size=scales[-1], eval_sizes=None, data="shapes")
+
+
+@pytest.mark.parametrize(
+    ("arch", "scales", "run", "words"),
+    [
+        # densenet121's 16-px path takes 3 px fed as they are, its 32-px path 5 px and up
+        (
+            "densenet121",
+            (16, 32),
+            ([4, 16, 32], "native", "all"),
+            "cannot take test size(s) 4 on path 1 (nominal 32): fed as they are (--protocol "
+            "native), they shrink to nothing in its down-sampling. Hint: give --paths routed, "
+            "or --eval-sizes 16,32, or --protocol upsample (each path at its nominal size)",
+        ),
+        (
+            "densenet121",
+            (16, 32),
+            ([2, 4, 32], "native", "routed"),
+            "cannot take test size(s) 2 on the path each is routed to: fed as they are "
+            "(--protocol native), they shrink to nothing in its down-sampling. Hint: give "
+            "--eval-sizes 4,32, or --protocol upsample",
+        ),
+        # vgg11's trunk after features.11 needs more than the 3 px its 28-px path gives it
+        ("vgg11", (8, 28), ([28], "upsample", "routed"), "path(s) 1 shrink their own"),
+    ],
+)
+def test_sizes_a_path_cannot_take_are_named_with_what_runs_instead(
+    arch: str, scales: tuple[int, ...], run: tuple[list[int], str, str], words: str
+) -> None:
+    from ckascope.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        check_runnable([_meta_loaded(arch, scales)], *run)  # type: ignore[arg-type]
+    assert words in str(refused.value)
+
+
+def test_sizes_every_path_takes_pass_the_check() -> None:
+    check_runnable([_meta_loaded("densenet121", (16, 32))], [5, 16, 32], "native", "all")
+    check_runnable([_meta_loaded("densenet121", (16, 32))], [1, 32], "upsample", "all")
+    check_runnable([_meta_loaded("resnet18", (4, 28))], [1, 28], "native", "all")
+
+
+def test_no_checkpoint_is_scored_before_every_one_is_checked() -> None:
+    """The second checkpoint's refusal comes before the first is scored, not minutes after."""
+    from ckascope.errors import InputError
+
+    class Unread:
+        def __iter__(self) -> Iterator[object]:
+            raise AssertionError("scored before the sizes were checked")
+
+    fine = Loaded(
+        "a", build_msun("resnet18", scales=(4, 28), num_classes=10), "msun", "r", 28, None, "shapes"
+    )
+    args = {"protocol": "native", "paths": "all", "device": torch.device("cpu")}
+    with pytest.raises(InputError, match="cannot take test size"):
+        evaluate_checkpoints(
+            [fine, _meta_loaded("densenet121", (16, 32))],
+            Unread(),
+            [4, 32],
+            data="shapes",
+            image_size=32,
+            **args,  # type: ignore[arg-type]
+        )
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_eval_refuses_sizes_a_path_cannot_take_before_reading_the_data(tmp_path: Path) -> None:
+    """Before the test images are even read (here: a folder that does not exist)."""
+    from tests.refusals import assert_refused
+
+    torch.manual_seed(0)
+    model = build_msun("densenet121", scales=(16, 32), num_classes=10).eval()
+    save_checkpoint(model, tmp_path / "d.pt", train_config={"data": "shapes", "image_size": 32})
+    argv = ["eval", str(tmp_path / "d.pt"), "--eval-sizes", "2", "16", "32"]
+    argv += [
+        "--protocol",
+        "native",
+        "--data",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path / "ev"),
+    ]
+    line = assert_refused(main, argv, "cannot take test size(s) 2 on the path each is", tmp_path)
+    assert line.startswith("Error: d (densenet121 MSUN split at denseblock2, scales 16, 32)")

@@ -143,3 +143,25 @@ def test_a_run_started_again_before_its_first_checkpoint_is_accepted(tmp_path: P
     (run / "config.yaml").write_text("model: resnet18\n")  # a recipe of the user's, not a run's
     with pytest.raises(InputError, match=r"\(best.pt, config.yaml, metrics.csv\)"):
         check_new_run(run)
+
+
+def test_metrics_rows_of_an_older_run_keep_their_columns_beside_a_newer_one(
+    tmp_path: Path,
+) -> None:
+    """A resumed run rewrites its logs from its checkpoint's rows: one written before a
+    column existed lacks it (an empty cell), and every column keeps its name and place."""
+    import csv
+    import json
+
+    from msun.runstate import write_metrics
+
+    old = {"epoch": 1, "step": 2, "loss": 2.5, "val_top1_mean": 10.0, "val_top1_28": 10.0}
+    new = {**old, "epoch": 2, "step": 4, "val_skipped_images": 3}
+    write_metrics(tmp_path, [old, new])
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [*old, "val_skipped_images"]
+    assert [r["val_skipped_images"] for r in rows] == ["", "3"]
+    assert [r["val_top1_28"] for r in rows] == ["10.0", "10.0"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "val_skipped_images" not in json.loads(lines[0])

@@ -182,6 +182,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(
         timeout=600,
     )
     assert two.returncode == 0, two.stderr
+    assert two.stdout.count("run folder:") == 1  # the job's one folder, said by rank 0
     a, b = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
     params = [
         k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
