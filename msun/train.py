@@ -692,7 +692,7 @@ def _configure(
     arch, method, bn = init_arch(init, cfg)
     if init is not None:
         check_init_flags(cfg, arch, method, explicit)
-    else:  # fine-tuning loads no pretrained weights
+    else:  # a fine-tuned run starts from its checkpoint, never from pretrained weights
         check_weights(cfg)
     cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
     train_set, val_set, classes = make_datasets(cfg)
