@@ -60,6 +60,7 @@ from ckascope.platform import (
     warn_skipped,
 )
 from msun.backbones import accepts, classifier, smallest_side
+from msun.checkpoint import input_size
 from msun.data import SYNTHETIC_TRAIN, recalibration_seed
 from msun.flops import flops_report, meta_twin, vanilla_flops
 from msun.model import MSUN, eval_mode
@@ -668,6 +669,14 @@ class Loaded:
     path: str = ""  # the file, absolute
     distill: bool | None = None  # its training config's, None where it has no such key
     num_train: int | None = None  # its training config's --num-train
+    #: The side a plain network is fed (``msun.checkpoint.input_size``: a fine-tuned one's
+    #: recorded size); None: ``image_size``, the size it was trained at.
+    input_size: int | None = None
+
+    @property
+    def fed_size(self) -> int:
+        """The side a plain network was fed in training, which scoring feeds it too."""
+        return self.input_size or self.image_size
 
     @property
     def synthetic_train(self) -> int:
@@ -724,6 +733,7 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
         path=str(path.absolute()),
         distill=distill,
         num_train=num_train,
+        input_size=input_size(ckpt),
     )
 
 
@@ -1029,14 +1039,14 @@ def _evaluate_one(
         loader,
         sizes,
         protocol=protocol,
-        image_size=item.image_size,
+        image_size=item.fed_size,
         paths=paths,
         memory_format=memory_format,
         recalibration=None if recalibration is None else recalibration.batches,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)
-    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.image_size)
+    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.fed_size)
     params = sum(p.numel() for p in model.parameters())
     images, batch = (
         (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)

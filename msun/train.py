@@ -46,7 +46,7 @@ from ckascope.platform import (
 )
 from msun import config as C
 from msun.backbones import classifier
-from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
+from msun.checkpoint import BUILDER, SCALE_BN_BUILDER, input_size
 from msun.data import (
     PlanSampler,
     default_num_val,
@@ -213,7 +213,10 @@ def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, 
 
 
 def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, int]:
-    """``--init-from``: the trained model with a new classifier, and its training image size.
+    """``--init-from``: the trained model with a new classifier, and the side it was fed.
+
+    That side (``msun.checkpoint.input_size``: a fine-tuned plain network's recorded one, else
+    its run's image size) is what a plain network goes on being fed.
 
     An MSUN trains only the path the dataset's images are routed to (the others would get no
     gradient); ``--linear-probe`` trains only the new classifier.
@@ -234,8 +237,7 @@ def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, i
     if cfg.linear_probe:
         model.requires_grad_(False)
         classifier(model)[1].requires_grad_(True)
-    saved = init.get("train_config") or {}
-    return model.train(), int(saved.get("image_size", 224))
+    return model.train(), input_size(init)
 
 
 def make_optimizer(model: nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
@@ -330,7 +332,7 @@ def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
         )
     rng = gather_rng(loop.info)
     if loop.info.is_main:
-        save_state(loop.out / name, loop.trainables, loop.cfg, state, rng)
+        save_state(loop.out / name, loop.trainables, loop.cfg, state, rng, loop.input_size)
 
 
 def _finite(t: Trainables) -> bool:

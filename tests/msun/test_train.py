@@ -432,9 +432,20 @@ def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(before["subnets.1.conv1.weight"], after_ft["subnets.1.conv1.weight"])
 
 
-def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(tmp_path: Path) -> None:
-    """Its 16-px crops reach it resized to its checkpoint's 32 px; validation must measure it
-    there too, not at --image-size (where it once saw every test image)."""
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"train_config": {"image_size": 32}},
+        # itself fine-tuned on 24-px crops, each resized to the 32 px it was fed
+        {"train_config": {"image_size": 24}, "inputs": {"image_size": 24, "input_size": 32}},
+    ],
+    ids=["trained", "fine-tuned"],
+)
+def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(
+    tmp_path: Path, source: dict[str, Any]
+) -> None:
+    """Its 16-px crops reach it resized to the 32 px its checkpoint was fed; validation must
+    measure it there too, not at --image-size (where it once saw every test image)."""
     from ckascope.distributed import DistInfo
     from ckascope.progress import make_progress
     from msun.checkpoint import model_payload
@@ -443,7 +454,7 @@ def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(tmp_pa
 
     torch.manual_seed(0)
     payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
-    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
+    torch.save({**payload, **source}, tmp_path / "src.pt")
     cfg = TrainConfig(
         model="resnet18",
         init_from=str(tmp_path / "src.pt"),
