@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -61,7 +61,7 @@ from ckascope.platform import (
 )
 from msun.backbones import accepts, classifier, smallest_side
 from msun.checkpoint import input_size
-from msun.data import SYNTHETIC_TRAIN, recalibration_seed
+from msun.data import SYNTHETIC_TRAIN, check_count, recalibration_seed
 from msun.flops import flops_report, meta_twin, vanilla_flops
 from msun.model import MSUN, eval_mode
 from msun.privatebn import ScaleBNNet
@@ -620,8 +620,7 @@ def recalibration_set(
         "with train/ beside val/ (one sub-folder per class), or drop --recalibrate-bn",
     )
     total = dataset_len(train)
-    if count > total:
-        _too_many(count, total, _holder(data))
+    check_count("--recalibrate-bn", count, total, "training", _holder(data))
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
     if len(keep) < 2:
         raise InputError(
@@ -636,21 +635,13 @@ def recalibration_set(
 
 
 def _holder(data: str) -> str:
-    """Whose training images a count is measured against, as in "fashionmnist holds"."""
-    if data == SYNTHETIC:
-        return f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
-    return f"{data} holds"
+    """Whose training images a count is measured against: ``data``, or the synthetic set's size.
 
-
-def _too_many(count: int, total: int, source: str) -> NoReturn:
-    """Refuses ``--recalibrate-bn count`` on a training set of ``total`` images.
-
-    ``source`` says whose, as in "fashionmnist holds".
+    The synthetic set is drawn on the fly: its size is the run's, which the message says.
     """
-    raise InputError(
-        f"--recalibrate-bn {count} asks for more training images than {source}: {total}. "
-        f"Hint: give --recalibrate-bn {total} or fewer"
-    )
+    if data == SYNTHETIC:
+        return f"the synthetic set drawn for this run (its --num-train, else {SYNTHETIC_TRAIN})"
+    return data
 
 
 @dataclass(frozen=True)
