@@ -84,6 +84,16 @@ class TrainingStopError(CKAScopeError):
     """Training cannot go on (NaN loss, out of memory); the message says what was kept."""
 
 
+class NonFiniteLossError(TrainingStopError):
+    """The loss became NaN/Inf: every process stops at the same step, so rank 0 says it.
+
+    One process's loss is enough, but the check is all-reduced (``_step_check``): each process
+    stops with the same step and, rank 0 deciding, the same words on what was kept.
+    """
+
+    whole_job = True
+
+
 class TrainingInterruptedError(TrainingStopError):
     """Ctrl-C or SIGTERM: a checkpoint was saved at the current step."""
 
@@ -483,12 +493,12 @@ def _optimizer_step(loop: Loop) -> None:
     t.scheduler.step()
 
 
-def _nan_stop(loop: Loop, state: TrainState) -> TrainingStopError:
+def _nan_stop(loop: Loop, state: TrainState) -> NonFiniteLossError:
     last = loop.out / "last.pt"
     kept = (
         f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was saved yet"
     )
-    return TrainingStopError(
+    return NonFiniteLossError(
         f"loss became NaN/Inf at step {state.global_step + 1} (epoch {state.epoch + 1}); {kept}. "
         "Hint: lower --lr, or use --amp bf16/none"
     )
