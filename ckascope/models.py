@@ -13,7 +13,10 @@ config to rebuild the model:
      "inputs": {"image_size": 32, "scales": [4, 16, 32], "data": "fashionmnist"}}
 
 ``inputs`` (optional, each key optional) says what the model was trained on; ``ckascope
-compare --checkpoint`` takes its image size and scales from it unless told otherwise.
+compare --checkpoint`` takes its image size and scales from it unless told otherwise. A model
+fed its images at another side than their crop (a network fine-tuned on smaller images, each
+resized to the size it was first trained at) records that side as ``input_size``, which the
+image size then is.
 
 Builders are the ``model_builders`` entries of ``ckascope.plugins`` (torchvision's is built in,
 other families declare theirs as entry points), imported only when such a checkpoint is loaded;
@@ -221,8 +224,8 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``inputs`` a self-describing checkpoint records: what its model was trained on.
 
     Memory-mapped, so the weights stay on disk. Only well-formed entries are kept (they set
-    defaults, nothing more): ``image_size`` (int), ``scales`` (ints, two or more) and ``data``
-    (str).
+    defaults, nothing more): ``image_size`` and ``input_size`` (ints), ``scales`` (ints, two
+    or more) and ``data`` (str).
 
     Returns:
         The entries found; {} for a file without them or one that cannot be read (loading
@@ -231,9 +234,12 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
     inputs = _load_for_inputs(path).get("inputs")
     if not isinstance(inputs, Mapping):
         return {}
-    size, scales, data = (inputs.get(k) for k in ("image_size", "scales", "data"))
+    size, fed, scales, data = (
+        inputs.get(k) for k in ("image_size", "input_size", "scales", "data")
+    )
     return {
         **({"image_size": size} if _is_side(size, MIN_IMAGE_SIZE) else {}),
+        **({"input_size": fed} if _is_side(fed, MIN_IMAGE_SIZE) else {}),
         **(
             {"scales": [int(s) for s in scales]}
             if isinstance(scales, list | tuple) and len(scales) >= 2 and all(map(_is_side, scales))

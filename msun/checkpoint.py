@@ -11,7 +11,8 @@ private BatchNorm existed, the trunk is "shared". An MST network with private Ba
 scale (``msun.privatebn.ScaleBNNet``) names the builder
 ``msun-scale-bn`` with config {"arch", "scales", "routing", "image_size", "num_classes"}.
 A training run's checkpoints add its state and ``inputs`` (:func:`training_inputs`: what it
-was trained on, the defaults of ``ckascope compare --checkpoint``).
+was trained on, the defaults of ``ckascope compare --checkpoint``); a fine-tuned plain network's
+``inputs`` add ``input_size``, the side it is fed (:func:`input_size`).
 
 ``ckascope.models.load_checkpoint`` finds :func:`model_from_config` through its builder registry,
 so ckascope loads these files without importing msun until it meets one.
@@ -29,6 +30,7 @@ from torch import nn
 from ckascope.platform import (
     CHECKPOINT_FORMAT,
     InputError,
+    is_multipath,
     model_from_checkpoint,
     read_checkpoint,
     torch_save,
@@ -85,22 +87,39 @@ def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
     }
 
 
-def training_inputs(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+def training_inputs(model: nn.Module, cfg: TrainConfig, fed: int) -> dict[str, Any]:
     """A run checkpoint's ``inputs`` (``ckascope.models.read_inputs``): what it was trained on.
 
     The image size and data of the run, and the training scales of a network that has them
     (an MSUN's or a private-BatchNorm network's own, the config's for plain MST); a vanilla
-    network's ``--scales`` only named test sizes, so it records none.
+    network's ``--scales`` only named test sizes, so it records none. A fine-tuned plain
+    network records ``fed`` as ``input_size``: the side every crop was resized to, its
+    ``--init-from``'s, which scoring it must feed it too (:func:`input_size`).
     """
     if isinstance(model, MSUN | ScaleBNNet):
         scales: list[int] | None = list(model.scales)
     else:
         scales = list(cfg.scales) if cfg.method == "mst" else None
+    tuned = cfg.init_from is not None and not is_multipath(model)
     return {
         "image_size": cfg.image_size,
         "data": cfg.data,
         **({"scales": scales} if scales else {}),
+        **({"input_size": fed} if tuned else {}),
     }
+
+
+def input_size(ckpt: Mapping[str, Any]) -> int:
+    """The side a checkpoint's plain network was fed in training, and must be fed to be scored.
+
+    A fine-tuned plain network's checkpoints record it (``inputs["input_size"]``); any other
+    plain network was fed its run's image size, and a plain state dict ImageNet's 224.
+    """
+    inputs = ckpt.get("inputs")
+    fed = inputs.get("input_size") if isinstance(inputs, Mapping) else None
+    if isinstance(fed, int) and not isinstance(fed, bool):
+        return fed
+    return int((ckpt.get("train_config") or {}).get("image_size", 224))
 
 
 def _num_classes(model: nn.Module) -> int:

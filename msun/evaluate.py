@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -60,7 +60,8 @@ from ckascope.platform import (
     warn_skipped,
 )
 from msun.backbones import accepts, classifier, smallest_side
-from msun.data import SYNTHETIC_TRAIN, recalibration_seed
+from msun.checkpoint import input_size
+from msun.data import SYNTHETIC_TRAIN, check_count, recalibration_seed
 from msun.flops import flops_report, meta_twin, vanilla_flops
 from msun.model import MSUN, eval_mode
 from msun.privatebn import ScaleBNNet
@@ -619,8 +620,7 @@ def recalibration_set(
         "with train/ beside val/ (one sub-folder per class), or drop --recalibrate-bn",
     )
     total = dataset_len(train)
-    if count > total:
-        _too_many(count, total, _holder(data))
+    check_count("--recalibrate-bn", count, total, "training", _holder(data))
     keep = subset_indices(total, count if count < total else None, recalibration_seed(seed))
     if len(keep) < 2:
         raise InputError(
@@ -635,21 +635,13 @@ def recalibration_set(
 
 
 def _holder(data: str) -> str:
-    """Whose training images a count is measured against, as in "fashionmnist holds"."""
-    if data == SYNTHETIC:
-        return f"the synthetic set holds for this run (its --num-train, else {SYNTHETIC_TRAIN})"
-    return f"{data} holds"
+    """Whose training images a count is measured against: ``data``, or the synthetic set's size.
 
-
-def _too_many(count: int, total: int, source: str) -> NoReturn:
-    """Refuses ``--recalibrate-bn count`` on a training set of ``total`` images.
-
-    ``source`` says whose, as in "fashionmnist holds".
+    The synthetic set is drawn on the fly: its size is the run's, which the message says.
     """
-    raise InputError(
-        f"--recalibrate-bn {count} asks for more training images than {source}: {total}. "
-        f"Hint: give --recalibrate-bn {total} or fewer"
-    )
+    if data == SYNTHETIC:
+        return f"the synthetic set drawn for this run (its --num-train, else {SYNTHETIC_TRAIN})"
+    return data
 
 
 @dataclass(frozen=True)
@@ -668,6 +660,14 @@ class Loaded:
     path: str = ""  # the file, absolute
     distill: bool | None = None  # its training config's, None where it has no such key
     num_train: int | None = None  # its training config's --num-train
+    #: The side a plain network is fed (``msun.checkpoint.input_size``: a fine-tuned one's
+    #: recorded size); None: ``image_size``, the size it was trained at.
+    input_size: int | None = None
+
+    @property
+    def fed_size(self) -> int:
+        """The side a plain network was fed in training, which scoring feeds it too."""
+        return self.input_size or self.image_size
 
     @property
     def synthetic_train(self) -> int:
@@ -724,6 +724,7 @@ def load_for_eval(path: Path, name: str | None = None) -> Loaded:
         path=str(path.absolute()),
         distill=distill,
         num_train=num_train,
+        input_size=input_size(ckpt),
     )
 
 
@@ -1029,14 +1030,14 @@ def _evaluate_one(
         loader,
         sizes,
         protocol=protocol,
-        image_size=item.image_size,
+        image_size=item.fed_size,
         paths=paths,
         memory_format=memory_format,
         recalibration=None if recalibration is None else recalibration.batches,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)
-    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.image_size)
+    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.fed_size)
     params = sum(p.numel() for p in model.parameters())
     images, batch = (
         (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)

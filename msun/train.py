@@ -46,7 +46,7 @@ from ckascope.platform import (
 )
 from msun import config as C
 from msun.backbones import classifier
-from msun.checkpoint import BUILDER, SCALE_BN_BUILDER
+from msun.checkpoint import BUILDER, SCALE_BN_BUILDER, input_size
 from msun.data import (
     PlanSampler,
     default_num_val,
@@ -82,6 +82,16 @@ from msun.splits import resolve_split
 
 class TrainingStopError(CKAScopeError):
     """Training cannot go on (NaN loss, out of memory); the message says what was kept."""
+
+
+class NonFiniteLossError(TrainingStopError):
+    """The loss became NaN/Inf: every process stops at the same step, so rank 0 says it.
+
+    One process's loss is enough, but the check is all-reduced (``_step_check``): each process
+    stops with the same step and, rank 0 deciding, the same words on what was kept.
+    """
+
+    whole_job = True
 
 
 class TrainingInterruptedError(TrainingStopError):
@@ -213,7 +223,10 @@ def init_arch(init: Mapping[str, Any] | None, cfg: C.TrainConfig) -> tuple[str, 
 
 
 def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, int]:
-    """``--init-from``: the trained model with a new classifier, and its training image size.
+    """``--init-from``: the trained model with a new classifier, and the side it was fed.
+
+    That side (``msun.checkpoint.input_size``: a fine-tuned plain network's recorded one, else
+    its run's image size) is what a plain network goes on being fed.
 
     An MSUN trains only the path the dataset's images are routed to (the others would get no
     gradient); ``--linear-probe`` trains only the new classifier.
@@ -234,8 +247,7 @@ def load_init(init: Mapping[str, Any], cfg: C.TrainConfig) -> tuple[nn.Module, i
     if cfg.linear_probe:
         model.requires_grad_(False)
         classifier(model)[1].requires_grad_(True)
-    saved = init.get("train_config") or {}
-    return model.train(), int(saved.get("image_size", 224))
+    return model.train(), input_size(init)
 
 
 def make_optimizer(model: nn.Module, cfg: C.TrainConfig) -> torch.optim.SGD:
@@ -330,7 +342,7 @@ def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
         )
     rng = gather_rng(loop.info)
     if loop.info.is_main:
-        save_state(loop.out / name, loop.trainables, loop.cfg, state, rng)
+        save_state(loop.out / name, loop.trainables, loop.cfg, state, rng, loop.input_size)
 
 
 def _finite(t: Trainables) -> bool:
@@ -481,12 +493,12 @@ def _optimizer_step(loop: Loop) -> None:
     t.scheduler.step()
 
 
-def _nan_stop(loop: Loop, state: TrainState) -> TrainingStopError:
+def _nan_stop(loop: Loop, state: TrainState) -> NonFiniteLossError:
     last = loop.out / "last.pt"
     kept = (
         f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was saved yet"
     )
-    return TrainingStopError(
+    return NonFiniteLossError(
         f"loss became NaN/Inf at step {state.global_step + 1} (epoch {state.epoch + 1}); {kept}. "
         "Hint: lower --lr, or use --amp bf16/none"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -174,3 +175,38 @@ def test_the_type_checker_sees_what_the_platform_hands_out() -> None:
 def test_every_platform_name_is_documented() -> None:
     doc = platform.__doc__ or ""
     assert [name for name in platform.__all__ if f"``{name}``" not in doc] == []
+
+
+def _table_rows() -> dict[str, tuple[list[str], str]]:
+    """docs/design.md's table of the platform: group -> (its names, "yes"/"no": torch on import)."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    table = text.split("| group | names | torch on import |\n")[1].split("\n\n")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[1:]]  # past the rule
+    return {g.strip(): (re.findall(r"`([^`]+)`", names), torch.strip()) for g, names, torch in rows}
+
+
+def _export_groups() -> dict[str, list[str]]:
+    """The groups of the platform's export table, by its comments: group -> its names."""
+    groups: dict[str, list[str]] = {}
+    source = Path(platform.__file__).read_text(encoding="utf-8")
+    body = source.split("_EXPORTS = {\n")[1].split("\n}\n")[0]
+    for line in body.splitlines():
+        if line.strip().startswith("# "):
+            group = groups.setdefault(line.strip()[2:], [])
+        else:
+            group.append(line.split('"')[1])
+    return groups
+
+
+def test_the_design_documents_table_is_the_platform() -> None:
+    """docs/design.md lists every platform name in its group, and no other; the groups it says
+    import no torch do not."""
+    rows = _table_rows()
+    groups = {g: sorted(names) for g, names in _export_groups().items()}
+    assert {g: sorted(names) for g, (names, _) in rows.items()} == groups
+    light = sorted(
+        {platform._EXPORTS[n] for names, torch in rows.values() if torch == "no" for n in names}
+    )
+    check = f"import sys; import {', '.join(light)}; assert 'torch' not in sys.modules, sys.modules"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr

@@ -273,3 +273,24 @@ def test_a_checkpoint_says_what_it_was_trained_on_and_malformed_entries_are_left
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert models.read_inputs(tmp_path / "junk.pt") == {}
     assert models.read_inputs(tmp_path / "missing.pt") == {}
+    tuned = {"image_size": 16, "input_size": 32, "data": "shapes"}  # fed at 32, crops of 16
+    torch.save({**head, "inputs": tuned}, tmp_path / "tuned.pt")
+    assert models.read_inputs(tmp_path / "tuned.pt") == tuned
+    torch.save({**head, "inputs": {**tuned, "input_size": 2}}, tmp_path / "tuned2.pt")
+    assert models.read_inputs(tmp_path / "tuned2.pt") == {"image_size": 16, "data": "shapes"}
+
+
+def test_compare_feeds_a_checkpoint_the_side_it_was_fed_in_training(tmp_path: Path) -> None:
+    """A plain network fine-tuned on 16-px crops, each resized to the 32 px it was first
+    trained at, is compared at 32 px; one without ``input_size`` at its image size, as ever."""
+    from ckascope.commands import resolve_config
+    from ckascope.config import CompareConfig
+
+    head = {"format": models.CHECKPOINT_FORMAT, "builder": "torchvision", "config": {}}
+    for name, inputs, side in (
+        ("tuned", {"image_size": 16, "input_size": 32}, 32),
+        ("plain", {"image_size": 16}, 16),
+    ):
+        torch.save({**head, "state_dict": {}, "inputs": inputs}, tmp_path / f"{name}.pt")
+        cfg = resolve_config(CompareConfig(checkpoint=tmp_path / f"{name}.pt", data="shapes"))
+        assert cfg.image_size == side, name

@@ -18,7 +18,14 @@ from click.testing import CliRunner
 from ckascope.views import resize
 from msun import build_msun, save_checkpoint
 from msun.cli import main
-from msun.evaluate import Loaded, check_runnable, evaluate, evaluate_checkpoints, unique_labels
+from msun.evaluate import (
+    Loaded,
+    check_runnable,
+    evaluate,
+    evaluate_checkpoints,
+    load_for_eval,
+    unique_labels,
+)
 from msun.plot import accuracy_vs_size
 from msun.privatebn import build_scale_bn_net
 
@@ -244,6 +251,54 @@ def test_eval_records_what_scores_a_checkpoint_again(tmp_path: Path) -> None:
         best["checkpoint_path"],
         last["checkpoint_path"],
     }
+
+
+def _fed_sides(path: Path) -> set[int]:
+    """The input sides ``evaluate_checkpoints`` feeds the network of checkpoint ``path``."""
+    loaded = load_for_eval(path)
+    fed: set[int] = set()
+    loaded.model.register_forward_pre_hook(lambda m, args: fed.add(args[0].shape[-1]))
+    batches = [(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))]
+    run = {"protocol": "upsample", "paths": "all", "device": torch.device("cpu")}
+    evaluate_checkpoints([loaded], batches, [8, 16], data="shapes", image_size=16, **run)  # type: ignore[arg-type]
+    return fed
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_fine_tuned_plain_network_is_scored_at_the_size_it_was_trained_at(
+    tmp_path: Path,
+) -> None:
+    """Its 16-px crops reached it resized to its source checkpoint's 32 px, in training and in
+    its run's validation; msun eval of its last.pt, on the images that validation drew, gives
+    the run's last accuracies. A checkpoint written before the size was recorded is fed its
+    run's image size, as it was then."""
+    from msun.flops import vanilla_flops
+
+    # a learning rate that leaves the random network's predictions depending on the input's
+    # size: a trained one this small predicts one class whatever it is fed
+    common = ["--model", "resnet18", "--batch-size", "8", "--num-train", "16", "--lr", "1e-5"]
+    common += ["--num-val", "16", "--epochs", "1"]
+    src, tuned = tmp_path / "src", tmp_path / "tuned"
+    args = ["--method", "vanilla", "--image-size", "32", "--eval-sizes", "32"]
+    done = CliRunner().invoke(main, ["train", *common, *args, "--out", str(src)])
+    assert done.exit_code == 0, done.output
+    args = ["--init-from", str(src / "last.pt"), "--image-size", "16", "--eval-sizes", "8,16"]
+    done = CliRunner().invoke(main, ["train", *common, *args, "--out", str(tuned)])
+    assert done.exit_code == 0, done.output
+    row = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "ev"
+    scored = ["eval", str(tuned / "last.pt"), "--num-val", "16", "--batch-size", "8"]
+    result = CliRunner().invoke(main, [*scored, "--memory-format", "contiguous", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "eval.json").read_text())[0]
+    assert (summary["sizes"], summary["image_size"]) == ([8, 16], 16)
+    assert summary["top1"] == pytest.approx([row["val_top1_8"], row["val_top1_16"]])
+    assert summary["flops"] == [vanilla_flops("resnet18", 32, 10)] * 2
+    assert _fed_sides(tuned / "last.pt") == {32}
+    old = torch.load(tuned / "last.pt", weights_only=True)
+    del old["inputs"]["input_size"]
+    torch.save(old, tmp_path / "old.pt")
+    assert _fed_sides(tmp_path / "old.pt") == {16}
 
 
 # ----------------------------------------------------------------------------- what eval scores

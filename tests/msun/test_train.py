@@ -223,6 +223,24 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         )
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_nan_loss_under_torchrun_is_said_once_for_the_job(tmp_path: Path) -> None:
+    """The check is all-reduced: every process stops at the same step, and rank 0 says so."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--method", "vanilla", "--lr", "1e30", "--warmup-epochs", "0", "--epochs", "1"]
+    done = subprocess.run(
+        [*run, "-m", "msun", "train", *TINY, *args, "--workers", "0", "--out", str(tmp_path)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("Error: loss became NaN/Inf at step "), errors[0]
+
+
 def test_weights_that_overflow_under_a_finite_loss_are_never_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -432,9 +450,20 @@ def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(before["subnets.1.conv1.weight"], after_ft["subnets.1.conv1.weight"])
 
 
-def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(tmp_path: Path) -> None:
-    """Its 16-px crops reach it resized to its checkpoint's 32 px; validation must measure it
-    there too, not at --image-size (where it once saw every test image)."""
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"train_config": {"image_size": 32}},
+        # itself fine-tuned on 24-px crops, each resized to the 32 px it was fed
+        {"train_config": {"image_size": 24}, "inputs": {"image_size": 24, "input_size": 32}},
+    ],
+    ids=["trained", "fine-tuned"],
+)
+def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(
+    tmp_path: Path, source: dict[str, Any]
+) -> None:
+    """Its 16-px crops reach it resized to the 32 px its checkpoint was fed; validation must
+    measure it there too, not at --image-size (where it once saw every test image)."""
     from ckascope.distributed import DistInfo
     from ckascope.progress import make_progress
     from msun.checkpoint import model_payload
@@ -443,7 +472,7 @@ def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(tmp_pa
 
     torch.manual_seed(0)
     payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
-    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
+    torch.save({**payload, **source}, tmp_path / "src.pt")
     cfg = TrainConfig(
         model="resnet18",
         init_from=str(tmp_path / "src.pt"),
