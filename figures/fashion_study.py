@@ -596,6 +596,15 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _gap_change(published: float, gap: float) -> str:
+    """What a private-BN trunk does to the published MSUN's full-size gap, in words."""
+    change = published - gap
+    if change < 0:
+        return f"; it widens the published MSUN's {published:+.2f}-point gap by {-change:.2f}"
+    share = f" ({100 * change / published:.0f} %)" if published > 0 else ""
+    return f"; it removes {change:.2f} of the published MSUN's {published:+.2f}-point gap{share}"
+
+
 def ablation_point(
     s: dict[str, Any], data: Path, split: str, plan: dict[str, Run]
 ) -> dict[str, Any] | None:
@@ -718,11 +727,7 @@ def rival_verdict(acc: dict[str, Any], recal: dict[str, Any]) -> list[tuple[str,
         before = ""
         if "msun" in acc:
             published = full - _at(acc["msun"], "full")[0]
-            share = f" ({100 * (published - gap) / published:.0f} %)" if published > 0 else ""
-            before = (
-                f"; it removes {published - gap:+.2f} of the published MSUN's {published:+.2f}-"
-                f"point gap{share}"
-            )
+            before = _gap_change(published, gap)
         out.append(
             (
                 f"A private-BN trunk brings MSUN within {WITHIN:g} point of vanilla at full size",
