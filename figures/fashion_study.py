@@ -596,13 +596,27 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _gap_change(published: float, gap: float) -> str:
-    """What a private-BN trunk does to the published MSUN's full-size gap, in words."""
-    change = published - gap
+def _gap_change(msun: dict[str, Any], pbn: dict[str, Any], full: float) -> str:
+    """What a private-BN trunk does to the published MSUN's full-size gap, in words.
+
+    Args:
+        msun, pbn: The published MSUN's and the private-BN trunk's aggregates.
+        full: Vanilla's mean top-1 at full size.
+    """
+    (a, sa), (b, sb) = _at(msun, "full"), _at(pbn, "full")
+    published, change = full - a, b - a  # the gap before; how much of it the trunk closes
+    if published <= 0:
+        return f"; the published MSUN is not below vanilla at full size ({-published:+.2f})"
+    if min(msun["seeds"], pbn["seeds"]) < 2:
+        spread = "one seed: its spread is not known yet"
+    else:
+        spread = f"{'beyond' if abs(change) > max(sa, sb) else 'within'} the larger seed std"
     if change < 0:
-        return f"; it widens the published MSUN's {published:+.2f}-point gap by {-change:.2f}"
-    share = f" ({100 * change / published:.0f} %)" if published > 0 else ""
-    return f"; it removes {change:.2f} of the published MSUN's {published:+.2f}-point gap{share}"
+        return f"; it widens the published MSUN's {published:+.2f}-point gap by {-change:.2f} ({spread})"
+    return (
+        f"; it removes {change:.2f} of the published MSUN's {published:+.2f}-point gap "
+        f"({100 * change / published:.0f} %; {spread})"
+    )
 
 
 def ablation_point(
@@ -724,10 +738,7 @@ def rival_verdict(acc: dict[str, Any], recal: dict[str, Any]) -> list[tuple[str,
     if "msun_pbn" in acc and "vanilla" in acc:
         full = _at(acc["vanilla"], "full")[0]
         gap = full - _at(acc["msun_pbn"], "full")[0]
-        before = ""
-        if "msun" in acc:
-            published = full - _at(acc["msun"], "full")[0]
-            before = _gap_change(published, gap)
+        before = _gap_change(acc["msun"], acc["msun_pbn"], full) if "msun" in acc else ""
         out.append(
             (
                 f"A private-BN trunk brings MSUN within {WITHIN:g} point of vanilla at full size",
