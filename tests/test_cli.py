@@ -180,13 +180,16 @@ def _failing_group(error: BaseException) -> click.Group:
 
 def _errors() -> dict[str, tuple[BaseException | None, str]]:
     """What a command meets (None: a usage error, ``nope`` is no command), and its words."""
-    from ckascope.errors import CKAScopeError, InputError, LocalInputError
+    from ckascope.errors import CKAScopeError, InputError, LocalInputError, WeightsUnavailableError
+
+    offline = "pretrained weights for resnet18 are not cached"
 
     return {
         "input": (InputError("bad size. Hint: give 32"), "bad size. Hint: give 32"),
         "local": (LocalInputError("no GPU 1. Hint: fewer"), "no GPU 1. Hint: fewer"),
         "usage": (None, "No such command 'nope'"),
         "runtime": (CKAScopeError("loss became NaN"), "loss became NaN"),
+        "weights": (WeightsUnavailableError(offline, "--weights none"), offline),
         "file": (PermissionError(13, "Permission denied", "/x/y.pt"), "Permission denied: /x/y.pt"),
         "interrupt": (KeyboardInterrupt(), "interrupted"),
     }
@@ -202,6 +205,8 @@ def _errors() -> dict[str, tuple[BaseException | None, str]]:
         ("local", "1", "2", "rank 1: ", False),
         ("usage", "0", "2", "", False),
         ("usage", "1", "2", "rank 1: ", True),
+        ("weights", "0", "2", "", False),  # offline: every process of the node alike
+        ("weights", "1", "2", "rank 1: ", True),
         ("runtime", "0", "1", "", False),
         ("runtime", "0", "2", "rank 0: ", False),  # a rank's own failure, named at once
         ("runtime", "1", "2", "rank 1: ", False),
