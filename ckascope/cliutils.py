@@ -63,12 +63,27 @@ def fail(message: str, code: int, *, whole_job: bool = False) -> NoReturn:
     rank, world = launched_rank()
     whole_job = whole_job or code == INTERRUPTED
     if world > 1 and rank != 0 and whole_job:
+        # An interrupt does not wait as a mistake does: torchrun, itself interrupted, waits (30 s)
+        # for its processes to end rather than ending them, so each would say it after the
+        # wait. One process alone interrupted (kill -INT) is named in torchrun's summary (130).
         if code == INTERRUPTED:
             sys.exit(code)
-        time.sleep(JOB_ERROR_WAIT)
+        _wait_for_rank_0(code)
     where = f"rank {rank}: " if world > 1 and (rank != 0 or not whole_job) else ""
     click.echo(f"Error: {where}{' '.join(message.split())}", err=True)
     sys.exit(code)
+
+
+def _wait_for_rank_0(code: int) -> None:
+    """Sleeps ``JOB_ERROR_WAIT`` seconds; a Ctrl-C in them exits with ``code``, saying nothing.
+
+    torchrun forwards a Ctrl-C to every process, and rank 0 says the job was interrupted;
+    Python's default handler would end the wait with a traceback, inside the error's.
+    """
+    try:
+        time.sleep(JOB_ERROR_WAIT)
+    except KeyboardInterrupt:
+        sys.exit(code)
 
 
 def _usage_message(error: click.UsageError) -> str:

@@ -54,10 +54,16 @@ class NumericalError(CKAScopeError, ArithmeticError):
 class WeightsUnavailableError(CKAScopeError):
     """Pretrained weights are not cached and cannot be downloaded.
 
+    Under torchrun every process of a node looks for the same file, offline alike: rank 0
+    shows it (a process that met it alone still does, naming its rank: ``cliutils.fail``), as
+    a missing file given by the user.
+
     Attributes:
         problem: The message without its hint, so that a caller whose options are not
             ckascope's (a trainer) can give its own hint.
     """
+
+    whole_job = True
 
     def __init__(self, problem: str, hint: str = "") -> None:
         super().__init__(f"{problem} Hint: {hint}" if hint else problem)

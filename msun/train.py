@@ -94,6 +94,16 @@ class NonFiniteLossError(TrainingStopError):
     whole_job = True
 
 
+class NonFiniteWeightsError(TrainingStopError):
+    """The weights or the optimizer state became NaN/Inf: every process stops at the same save.
+
+    DDP keeps every process's weights alike; the check is all-reduced all the same (``_finite``)
+    so that no process goes on to the save's collective while another stops. Rank 0 says it.
+    """
+
+    whole_job = True
+
+
 class TrainingInterruptedError(TrainingStopError):
     """Ctrl-C or SIGTERM: a checkpoint was saved at the current step."""
 
@@ -330,13 +340,14 @@ def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
     """Every process gives its generator states (collective); rank 0 writes the checkpoint.
 
     Raises:
-        TrainingStopError: The weights or the optimizer's state hold NaN/Inf (a loss can stay
-            finite while a step overflows them); nothing is written over the last good file.
+        NonFiniteWeightsError: The weights or the optimizer's state hold NaN/Inf on any process
+            (a loss can stay finite while a step overflows them); nothing is written over the
+            last good file.
     """
-    if not _finite(loop.trainables):
+    if not _finite(loop.trainables, loop.info):
         kept = loop.out / "last.pt"
         where = f"the last checkpoint ({kept}) is kept" if kept.exists() else "nothing was saved"
-        raise TrainingStopError(
+        raise NonFiniteWeightsError(
             f"the weights or the optimizer state became NaN/Inf by step {state.global_step}; "
             f"{where}. Hint: lower --lr, or keep --grad-clip on"
         )
@@ -345,11 +356,19 @@ def _save(loop: Loop, state: TrainState, name: str = "last.pt") -> None:
         save_state(loop.out / name, loop.trainables, loop.cfg, state, rng, loop.input_size)
 
 
-def _finite(t: Trainables) -> bool:
-    """Whether every parameter and optimizer state tensor is finite (one read of the device)."""
+def _finite(t: Trainables, info: DistInfo) -> bool:
+    """Whether every parameter and optimizer state tensor is finite on every process.
+
+    One read of the device, after one all-reduce under torchrun: a collective call, which every
+    process makes at each save (``_save``), so that they all agree.
+    """
     tensors = [*t.model.parameters(), *_state_tensors(t.optimizer.state_dict()["state"])]
-    checks = [torch.isfinite(x).all() for x in tensors if x.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
+    checks = [(~torch.isfinite(x)).any() for x in tensors if x.is_floating_point()]
+    none = torch.zeros((), dtype=torch.bool, device=info.device)  # stack needs one tensor
+    flag = torch.stack([none, *checks]).any().double()  # summed, as _step_check's flags
+    if info.world_size > 1:
+        torch.distributed.all_reduce(flag)
+    return not bool(flag > 0)
 
 
 def _state_tensors(state: Mapping[Any, Any]) -> list[torch.Tensor]:

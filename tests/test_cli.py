@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -178,13 +180,16 @@ def _failing_group(error: BaseException) -> click.Group:
 
 def _errors() -> dict[str, tuple[BaseException | None, str]]:
     """What a command meets (None: a usage error, ``nope`` is no command), and its words."""
-    from ckascope.errors import CKAScopeError, InputError, LocalInputError
+    from ckascope.errors import CKAScopeError, InputError, LocalInputError, WeightsUnavailableError
+
+    offline = "pretrained weights for resnet18 are not cached"
 
     return {
         "input": (InputError("bad size. Hint: give 32"), "bad size. Hint: give 32"),
         "local": (LocalInputError("no GPU 1. Hint: fewer"), "no GPU 1. Hint: fewer"),
         "usage": (None, "No such command 'nope'"),
         "runtime": (CKAScopeError("loss became NaN"), "loss became NaN"),
+        "weights": (WeightsUnavailableError(offline, "--weights none"), offline),
         "file": (PermissionError(13, "Permission denied", "/x/y.pt"), "Permission denied: /x/y.pt"),
         "interrupt": (KeyboardInterrupt(), "interrupted"),
     }
@@ -200,6 +205,8 @@ def _errors() -> dict[str, tuple[BaseException | None, str]]:
         ("local", "1", "2", "rank 1: ", False),
         ("usage", "0", "2", "", False),
         ("usage", "1", "2", "rank 1: ", True),
+        ("weights", "0", "2", "", False),  # offline: every process of the node alike
+        ("weights", "1", "2", "rank 1: ", True),
         ("runtime", "0", "1", "", False),
         ("runtime", "0", "2", "rank 0: ", False),  # a rank's own failure, named at once
         ("runtime", "1", "2", "rank 1: ", False),
@@ -234,6 +241,32 @@ def test_under_torchrun_an_error_of_the_job_is_shown_once_and_a_rank_s_own_names
         assert lines[0].startswith(f"Error: {where}{words}"), lines[0]
         assert "rank" not in lines[0][len(f"Error: {where}") :]
     assert slept == ([cliutils.JOB_ERROR_WAIT] if waits else [])
+
+
+def _state(pid: int) -> str:
+    """The state letter of a process (S: sleeping), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_ctrl_c_while_a_rank_waits_to_show_a_mistake_exits_with_its_code_quietly() -> None:
+    """torchrun forwards a Ctrl-C to every process: rank 1, waiting for rank 0 to fail, exits."""
+    script = (
+        "from ckascope.errors import InputError; from tests.test_cli import _failing_group; "
+        "group = _failing_group(InputError('bad size')); print('ready', flush=True); group(['go'])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": "1", "WORLD_SIZE": "2"}
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    deadline = time.monotonic() + 10
+    while _state(proc.pid) != "S" and time.monotonic() < deadline:  # in the wait's sleep
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (2, "")  # the mistake's code, and no traceback
 
 
 @pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])

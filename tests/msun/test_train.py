@@ -224,10 +224,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-def test_a_nan_loss_under_torchrun_is_said_once_for_the_job(tmp_path: Path) -> None:
-    """The check is all-reduced: every process stops at the same step, and rank 0 says so."""
+@pytest.mark.parametrize(
+    ("lr", "words"),
+    [
+        (["--lr", "1e30"], "loss became NaN/Inf at step "),  # huge weights overflow step 2
+        # a step of float32's largest lr overflows the weights under step 1's finite loss
+        (["--lr", "3e38", "--save-every", "1"], "the weights or the optimizer state became NaN"),
+    ],
+    ids=["loss", "weights"],
+)
+def test_a_nan_loss_or_nan_weights_under_torchrun_are_said_once_for_the_job(
+    tmp_path: Path, lr: list[str], words: str
+) -> None:
+    """The checks are all-reduced: every process stops at the same step, and rank 0 says so."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = ["--method", "vanilla", "--lr", "1e30", "--warmup-epochs", "0", "--epochs", "1"]
+    args = ["--method", "vanilla", *lr, "--warmup-epochs", "0", "--epochs", "1"]
     done = subprocess.run(
         [*run, "-m", "msun", "train", *TINY, *args, "--workers", "0", "--out", str(tmp_path)],
         env=_env(),
@@ -238,7 +249,7 @@ def test_a_nan_loss_under_torchrun_is_said_once_for_the_job(tmp_path: Path) -> N
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, done.stderr[-3000:]
-    assert errors[0].startswith("Error: loss became NaN/Inf at step "), errors[0]
+    assert errors[0].startswith(f"Error: {words}"), errors[0]
 
 
 def test_weights_that_overflow_under_a_finite_loss_are_never_saved(
