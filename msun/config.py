@@ -334,6 +334,9 @@ MSUN_ONLY: dict[str, Any] = {"si_weight": 1.0, "si_pairs": "all", "si_threshold"
 #: sizes too.
 IMAGE_SIZES = (MIN_IMAGE_SIZE, MAX_SCALE)
 
+#: The largest float32 (torch.finfo(torch.float32).max, without importing torch here).
+FLOAT32_MAX = 3.4028234663852886e38
+
 #: The range of every numeric option: a test and how to say it.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: v >= 1, ">= 1") for k in ("batch_size", "accum_steps", "eval_every")},
@@ -349,9 +352,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_classes": (_optional(lambda v: v >= 2), ">= 2"),
     "seed": (lambda v: 0 <= v < 2**32, "in 0 .. 2**32 - 1"),
     "workers": (lambda v: v >= 0, ">= 0"),
-    "lr": (_optional(lambda v: v > 0), "> 0"),
+    # The optimiser hands them to float32 kernels, which cannot take a larger number.
+    "lr": (_optional(lambda v: 0 < v <= FLOAT32_MAX), f"> 0 and at most {FLOAT32_MAX:.4g}"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: 0 <= v <= FLOAT32_MAX, f">= 0 and at most {FLOAT32_MAX:.4g}"),
     "warmup_epochs": (_optional(lambda v: v >= 0), ">= 0"),
     "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),

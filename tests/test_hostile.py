@@ -88,6 +88,8 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("numbers", MSUN, T, ["--warmup-epochs", "inf"], "--warmup-epochs must be a finite"),
     ("numbers", MSUN, T, ["--momentum", "-inf"], "--momentum must be a finite"),
     ("numbers", MSUN, T, ["--weight-decay", "nan"], "--weight-decay must be a finite"),
+    ("numbers", MSUN, T, ["--lr", "1e300"], "--lr must be > 0 and at most 3.403e+38"),
+    ("numbers", MSUN, T, ["--weight-decay", "1e39"], "--weight-decay must be >= 0 and at most"),
     ("numbers", MSUN, T, ["--si-weight", "nan"], "--si-weight must be a finite"),
     ("numbers", MSUN, T, ["--crop-scale-min", "nan"], "--crop-scale-min must be a finite"),
     ("numbers", MSUN, T, ["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
