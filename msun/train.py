@@ -700,24 +700,51 @@ def _configure(
     ``--split-at auto`` analysis writes), decided here once: ``_build`` builds what it says.
     ``explicit`` names the options the user set (see ``main``).
     """
+    cfg, init = _with_init(cfg, explicit)
+    train_set, val_set, classes = make_datasets(cfg, saved=saved is not None)
+    cfg = C.resolve(cfg, num_classes=classes)
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
+    micro_batch(cfg, info.world_size)
+    cfg, val_set = _validation_share(cfg, train_set, val_set, saved)
+    # a resumed run's weights are its checkpoint's, as a fine-tuned run's are its --init-from's
+    if saved is None and init is None:
+        check_weights(cfg)  # a download, after the cheap checks; before split-analysis/
+    split_at, scales = resolve_split(cfg, init, saved, info)
+    return dataclasses.replace(cfg, split_at=split_at, scales=scales), train_set, val_set, init
+
+
+def _with_init(
+    cfg: C.TrainConfig, explicit: Collection[str]
+) -> tuple[C.TrainConfig, Mapping[str, Any] | None]:
+    """``cfg`` with the network ``--init-from`` holds (architecture, method, BatchNorm mode),
+    and that checkpoint (None without ``--init-from``).
+
+    Raises:
+        InputError: An unreadable checkpoint, or a --model / --method it contradicts.
+    """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method, bn = init_arch(init, cfg)
     if init is not None:
         check_init_flags(cfg, arch, method, explicit)
-    else:  # a fine-tuned run starts from its checkpoint, never from pretrained weights
-        check_weights(cfg)
-    cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
-    train_set, val_set, classes = make_datasets(cfg)
-    cfg = C.resolve(cfg, num_classes=classes)
-    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
-    micro_batch(cfg, info.world_size)
-    if cfg.num_val is None and not _validates_whole_set(saved):  # a share of the run's cost
-        steps = steps_per_epoch(dataset_len(train_set), cfg)
-        cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
-        val_set = validation_subset(val_set, cfg.num_val, cfg.seed)
-    split_at, scales = resolve_split(cfg, init, saved, info)
-    cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
-    return cfg, train_set, val_set, init
+    return dataclasses.replace(cfg, model=arch, method=method, bn=bn), init
+
+
+def _validation_share(
+    cfg: C.TrainConfig,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any],
+    saved: Mapping[str, Any] | None,
+) -> tuple[C.TrainConfig, Dataset[Any]]:
+    """``cfg`` with its ``num_val`` decided, and the validation images it draws.
+
+    Without ``--num-val``, a share of the run's cost (``default_num_val``), not the whole
+    validation set; a run saved with ``num_val: null`` keeps validating every image.
+    """
+    if cfg.num_val is not None or _validates_whole_set(saved):
+        return cfg, val_set
+    steps = steps_per_epoch(dataset_len(train_set), cfg)
+    cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
+    return cfg, validation_subset(val_set, cfg.num_val, cfg.seed)
 
 
 def _validates_whole_set(saved: Mapping[str, Any] | None) -> bool:
