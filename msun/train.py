@@ -36,6 +36,7 @@ from ckascope.platform import (
     dataset_len,
     ensure_weights,
     init_distributed,
+    is_multipath,
     is_self_describing,
     make_console,
     make_progress,
@@ -308,15 +309,20 @@ class Loop:
     val_loader: DataLoader[Any]
     amp: torch.dtype | None
     out: Path
-    #: The side the network is fed: the image size, or the size a fine-tuned plain network was
-    #: trained at (``load_init``), which training and validation both resize to.
-    input_size: int
+    #: The side a fine-tuned plain network is validated at and its checkpoints record
+    #: (``_input_size``); None: its image size, as every other network's.
+    input_size: int | None
     writer: Any = None  # TensorBoard SummaryWriter (rank 0, --tensorboard)
 
     @property
     def model(self) -> nn.Module:
         """The bare network."""
         return self.trainables.model
+
+    @property
+    def validation_size(self) -> int:
+        """The side a plain network sees each test image resized to in validation."""
+        return self.input_size or self.cfg.image_size
 
     def iterate(self, loader: DataLoader[Any], batches: list[Any]) -> Iterator[Any]:
         """Iterates ``loader`` over ``batches``."""
@@ -586,7 +592,7 @@ class ValidationStoppedError(Exception):
 def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set.
 
-    A plain network sees each test image resized to ``loop.input_size``, the size it trains at.
+    A plain network sees each test image resized to ``loop.validation_size``.
 
     Raises:
         ValidationStoppedError: ``stop`` returned True after a batch (on any process).
@@ -612,7 +618,7 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
         loop.model,
         loop.iterate(loop.val_loader, plan),
         sizes,
-        image_size=loop.input_size,
+        image_size=loop.validation_size,
         paths="all",
         amp_dtype=loop.amp,
         on_batch=on_batch,
@@ -763,8 +769,12 @@ def _build(
     train_set: Dataset[Any],
     val_set: Dataset[Any],
     init: Mapping[str, Any] | None,
+    saved: Mapping[str, Any] | None = None,
 ) -> Loop:
-    """The network, its objective, optimiser, schedule and data loaders for a resolved config."""
+    """The network, its objective, optimiser, schedule and data loaders for a resolved config.
+
+    ``saved`` is the checkpoint a resumed run continues from (None: a new run).
+    """
     model, model_image_size = (
         load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
     )
@@ -798,9 +808,24 @@ def _build(
         *loaders,
         amp,
         Path(cfg.out),
-        model_image_size,
+        _input_size(model, init, saved),
         _tensorboard(cfg, info),
     )
+
+
+def _input_size(
+    model: nn.Module, init: Mapping[str, Any] | None, saved: Mapping[str, Any] | None
+) -> int | None:
+    """The side a fine-tuned plain network is validated at and its checkpoints record.
+
+    A new run's is its ``--init-from``'s (``load_init``: the side it trains at); a resumed
+    run's its own checkpoint's, and one saved before checkpoints recorded it validated at its
+    image size (``input_size``'s fallback), which it goes on doing: its epochs are scored one
+    way. None for any other network (an MSUN's paths take their own sizes).
+    """
+    if init is None or is_multipath(model):
+        return None
+    return input_size(saved if saved is not None else init)
 
 
 def _tensorboard(cfg: C.TrainConfig, info: DistInfo) -> Any:
@@ -914,7 +939,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
                     f"resume. Hint: msun eval {out / 'best.pt'}"
                 )
                 return out
-        loop = _build(cfg, info, train_set, val_set, init)
+        loop = _build(cfg, info, train_set, val_set, init, saved)
         state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))

@@ -83,7 +83,8 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: st
     assert ckpt["train_config"] == config
     # what ckascope compare --checkpoint takes its defaults from; vanilla has no training scales
     scales = {} if method == "vanilla" else {"scales": [16, 32]}
-    assert models.read_inputs(out / "last.pt") == {"image_size": 32, "data": "shapes", **scales}
+    inputs = {"image_size": 32, "input_size": 32, "data": "shapes", **scales}
+    assert models.read_inputs(out / "last.pt") == inputs
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -536,6 +537,55 @@ def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(
     with make_progress(False) as bar:
         validate(loop, bar)
     assert fed == {"training": {32}, "validation": {32}}
+
+
+@pytest.mark.parametrize(
+    ("recorded", "side"),
+    [({"input_size": 32}, 32), ({}, 16)],
+    ids=["recorded", "written-before-the-key"],
+)
+def test_a_resumed_fine_tuned_plain_network_is_validated_and_recorded_as_its_run_was(
+    tmp_path: Path, recorded: dict[str, int], side: int
+) -> None:
+    """Trained at its --init-from's 32 px either way; validated (and recorded) at the side its
+    own checkpoint says: one written before ``input_size`` was recorded validated at its
+    16-px --image-size, and goes on doing so, so best.pt compares epochs scored alike."""
+    from ckascope.distributed import DistInfo
+    from ckascope.progress import make_progress
+    from msun.checkpoint import model_payload
+    from msun.config import TrainConfig
+    from msun.runstate import TrainState
+    from msun.train import _build, _configure, _save, validate
+
+    torch.manual_seed(0)
+    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
+    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
+    cfg = TrainConfig(
+        model="resnet18",
+        init_from=str(tmp_path / "src.pt"),
+        image_size=16,
+        eval_sizes="8,16",
+        batch_size=8,
+        num_train=8,
+        num_val=8,
+        epochs=1,
+        out=str(tmp_path / "run"),
+    )
+    info = DistInfo(0, 1, torch.device("cpu"))
+    cfg, train, val, init = _configure(cfg, info, None, ())
+    saved = {"train_config": cfg.to_dict(), "inputs": {"image_size": 16, **recorded}}
+    loop = _build(cfg, info, train, val, init, saved)
+    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
+    phase = "training"
+    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
+    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    phase = "validation"
+    with make_progress(False) as bar:
+        validate(loop, bar)
+    assert fed == {"training": {32}, "validation": {side}}
+    (tmp_path / "run").mkdir()
+    _save(loop, TrainState())
+    assert models.read_inputs(tmp_path / "run" / "last.pt")["input_size"] == side
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
