@@ -136,7 +136,8 @@ def check_weights(cfg: C.TrainConfig) -> None:
     """Refuses pretrained weights ``build_network`` could not load, before anything is written.
 
     The network is built once its split is chosen, and ``--split-at auto`` writes its analysis
-    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written.
+    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written. Only
+    a new run needs them: a resumed one's weights are its checkpoint's (``_configure``).
 
     Raises:
         WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
@@ -722,8 +723,9 @@ def _configure(
 def _with_init(
     cfg: C.TrainConfig, explicit: Collection[str]
 ) -> tuple[C.TrainConfig, Mapping[str, Any] | None]:
-    """``cfg`` with the network ``--init-from`` holds (architecture, method, BatchNorm mode),
-    and that checkpoint (None without ``--init-from``).
+    """``cfg`` with the network ``--init-from`` holds, and that checkpoint (None without one).
+
+    The network is its architecture, method and BatchNorm mode.
 
     Raises:
         InputError: An unreadable checkpoint, or a --model / --method it contradicts.
