@@ -272,7 +272,11 @@ def input_side(ckpt: Mapping[str, Any]) -> int | None:
         The side; None where the checkpoint records none (a plain state dict).
     """
     inputs, config = (_mapping(ckpt.get(key)) for key in ("inputs", "train_config"))
-    sides = (inputs.get("input_size"), config.get("image_size"), inputs.get("image_size"))
+    sides: tuple[Any, ...] = (
+        inputs.get("input_size"),
+        config.get("image_size"),
+        inputs.get("image_size"),
+    )
     return next((int(s) for s in sides if _is_side(s, MIN_IMAGE_SIZE)), None)
 
 

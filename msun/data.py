@@ -165,9 +165,7 @@ def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[i
     return plan_batches(range(num_images), batch_size, info.rank, info.world_size, deal="images")
 
 
-def datasets(
-    cfg: TrainConfig, *, saved: bool = False
-) -> tuple[Dataset[Any], Dataset[Any], int]:
+def datasets(cfg: TrainConfig, *, saved: bool = False) -> tuple[Dataset[Any], Dataset[Any], int]:
     """The training set (seeded augmentation), the validation set and the number of classes.
 
     Args:
