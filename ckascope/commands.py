@@ -289,8 +289,8 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
     """The config with the image size and the scales decided.
 
     The image size is --image-size, else the size pretrained weights expect (299 for
-    inception_v3), else the side a checkpoint's model was fed in training (its ``inputs``:
-    ``input_size``, else ``image_size``), else the data's native size, else 224. A
+    inception_v3), else the side a checkpoint's model was fed in training
+    (``models.input_side``), else the data's native size, else 224. A
     checkpoint's smallest and largest training scales are the default --scales when its image
     size is used.
     """
@@ -307,7 +307,7 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
         cfg.image_size
         or (cfg.scale if cfg.two_models else None)
         or expected
-        or trained.get("input_size", trained.get("image_size"))
+        or trained.get("input_size")
     )
     return config.resolve(cfg, image_size_for(cfg.data, chosen))
 

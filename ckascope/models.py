@@ -16,7 +16,7 @@ config to rebuild the model:
 compare --checkpoint`` takes its image size and scales from it unless told otherwise. A model
 fed its images at another side than their crop (a network fine-tuned on smaller images, each
 resized to the size it was first trained at) records that side as ``input_size``, which the
-image size then is.
+image size then is (:func:`input_side`: one rule for every reader).
 
 Builders are the ``model_builders`` entries of ``ckascope.plugins`` (torchvision's is built in,
 other families declare theirs as entry points), imported only when such a checkpoint is loaded;
@@ -119,19 +119,38 @@ def ensure_weights_file(weights: WeightsEnum, suffix: str = "") -> Path:
     return dest
 
 
-def ensure_weights(arch: str, weights: str | None, suffix: str = "") -> None:
-    """Makes sure ``build_model(arch, weights)`` will find its pretrained weights, building nothing.
+def ensure_weights(
+    arch: str, weights: str | None, *, num_classes: int | None = None, suffix: str = ""
+) -> WeightsEnum | None:
+    """The pretrained weights ``build_model(arch, weights)`` loads, checked; nothing is built.
 
-    The check ``build_model`` makes (the name resolved, the file cached or downloaded once),
-    for a caller that must refuse missing weights before it writes anything.
+    The checks ``build_model`` makes before it builds (the name resolved, the classes, the file
+    cached or downloaded once), for a caller that must refuse missing weights before it writes
+    anything.
+
+    Args:
+        arch: torchvision model name.
+        weights: "none", "default", or an enum member name.
+        num_classes: The classes asked for (None: any); pretrained weights have their own.
+        suffix: The command-line options' suffix in hints ("-b" for the second model).
+
+    Returns:
+        The weights enum member, its file at hand; None for random initialisation.
 
     Raises:
-        InputError: An unknown architecture or weights name.
+        InputError: An unknown architecture or weights name, or other classes than theirs.
         WeightsUnavailableError: The file is not cached and cannot be downloaded.
     """
     enum = resolve_weights(arch, weights)
-    if enum is not None:
-        ensure_weights_file(enum, suffix)
+    if enum is None:
+        return None
+    classes = len(enum.meta["categories"])
+    if num_classes not in (None, classes):  # refused before any download
+        raise InputError(
+            f"{enum} has {classes} classes, not {num_classes}. Hint: drop --num-classes"
+        )
+    ensure_weights_file(enum, suffix)
+    return enum
 
 
 def build_model(
@@ -154,14 +173,8 @@ def build_model(
     Returns:
         The model, on CPU, in eval mode.
     """
-    enum = resolve_weights(arch, weights)
+    enum = ensure_weights(arch, weights, num_classes=num_classes, suffix=suffix)
     if enum is not None:
-        classes = len(enum.meta["categories"])
-        if num_classes not in (None, classes):
-            raise InputError(
-                f"{enum} has {classes} classes, not {num_classes}. Hint: drop --num-classes"
-            )
-        ensure_weights_file(enum, suffix)
         model: nn.Module = torchvision.models.get_model(arch, weights=enum)
         return model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -224,22 +237,20 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``inputs`` a self-describing checkpoint records: what its model was trained on.
 
     Memory-mapped, so the weights stay on disk. Only well-formed entries are kept (they set
-    defaults, nothing more): ``image_size`` and ``input_size`` (ints), ``scales`` (ints, two
-    or more) and ``data`` (str).
+    defaults, nothing more): ``image_size`` (int), ``scales`` (ints, two or more), ``data``
+    (str), and ``input_size``: the side its model was fed (:func:`input_side`).
 
     Returns:
         The entries found; {} for a file without them or one that cannot be read (loading
         the model reports why).
     """
-    inputs = _load_for_inputs(path).get("inputs")
-    if not isinstance(inputs, Mapping):
-        return {}
-    size, fed, scales, data = (
-        inputs.get(k) for k in ("image_size", "input_size", "scales", "data")
-    )
+    ckpt = _load_for_inputs(path)
+    inputs = _mapping(ckpt.get("inputs"))
+    size, scales, data = (inputs.get(k) for k in ("image_size", "scales", "data"))
+    fed = input_side(ckpt)
     return {
         **({"image_size": size} if _is_side(size, MIN_IMAGE_SIZE) else {}),
-        **({"input_size": fed} if _is_side(fed, MIN_IMAGE_SIZE) else {}),
+        **({"input_size": fed} if fed is not None else {}),
         **(
             {"scales": [int(s) for s in scales]}
             if isinstance(scales, list | tuple) and len(scales) >= 2 and all(map(_is_side, scales))
@@ -247,6 +258,31 @@ def read_inputs(path: str | os.PathLike[str]) -> dict[str, Any]:
         ),
         **({"data": data} if isinstance(data, str) and data else {}),
     }
+
+
+def input_side(ckpt: Mapping[str, Any]) -> int | None:
+    """The side a checkpoint's model was fed in training, and is fed to be measured or scored.
+
+    ``inputs["input_size"]`` (a network fed its crops resized to another side records it), else
+    its training config's ``image_size``, else ``inputs["image_size"]``. A value that is no
+    image side (an int in ``MIN_IMAGE_SIZE..MAX_SCALE``: a bad file's 0 or "32") is passed
+    over, as :func:`read_inputs` passes it over.
+
+    Returns:
+        The side; None where the checkpoint records none (a plain state dict).
+    """
+    inputs, config = (_mapping(ckpt.get(key)) for key in ("inputs", "train_config"))
+    sides: tuple[Any, ...] = (
+        inputs.get("input_size"),
+        config.get("image_size"),
+        inputs.get("image_size"),
+    )
+    return next((int(s) for s in sides if _is_side(s, MIN_IMAGE_SIZE)), None)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` where it is a mapping, else an empty one (a file's entries are not trusted)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _load_for_inputs(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -59,6 +59,7 @@ Files and output folders: atomic writes and folders that never replace a result 
 Models and checkpoints: torchvision models and self-describing checkpoints.
     ``CHECKPOINT_FORMAT``, ``build_model``, ``checkpoint_label``, ``ensure_weights`` (the
     pretrained weights ``build_model`` would load are at hand, checked before any work),
+    ``input_side`` (the side a checkpoint's model was fed in training: one rule for its readers),
     ``is_self_describing``, ``load_checkpoint``, ``model_from_checkpoint``, ``read_checkpoint``.
 
 Execution layouts: the memory format of the forward passes. ``Layout``, ``choose_layout``,
@@ -149,8 +150,9 @@ _EXPORTS = {
     # models and checkpoints
     "CHECKPOINT_FORMAT": "ckascope.models",
     "build_model": "ckascope.models",
-    "ensure_weights": "ckascope.models",
     "checkpoint_label": "ckascope.models",
+    "ensure_weights": "ckascope.models",
+    "input_side": "ckascope.models",
     "is_self_describing": "ckascope.models",
     "load_checkpoint": "ckascope.models",
     "model_from_checkpoint": "ckascope.models",
@@ -233,6 +235,7 @@ __all__ = [
     "hint_close",
     "in_layout",
     "init_distributed",
+    "input_side",
     "is_multipath",
     "is_self_describing",
     "json_matrix",
@@ -322,6 +325,7 @@ if TYPE_CHECKING:
         build_model,
         checkpoint_label,
         ensure_weights,
+        input_side,
         is_self_describing,
         load_checkpoint,
         model_from_checkpoint,

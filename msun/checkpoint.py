@@ -30,7 +30,7 @@ from torch import nn
 from ckascope.platform import (
     CHECKPOINT_FORMAT,
     InputError,
-    is_multipath,
+    input_side,
     model_from_checkpoint,
     read_checkpoint,
     torch_save,
@@ -87,39 +87,37 @@ def model_payload(model: nn.Module, arch: str) -> dict[str, Any]:
     }
 
 
-def training_inputs(model: nn.Module, cfg: TrainConfig, fed: int) -> dict[str, Any]:
+def training_inputs(
+    model: nn.Module, cfg: TrainConfig, input_size: int | None = None
+) -> dict[str, Any]:
     """A run checkpoint's ``inputs`` (``ckascope.models.read_inputs``): what it was trained on.
 
     The image size and data of the run, and the training scales of a network that has them
     (an MSUN's or a private-BatchNorm network's own, the config's for plain MST); a vanilla
-    network's ``--scales`` only named test sizes, so it records none. A fine-tuned plain
-    network records ``fed`` as ``input_size``: the side every crop was resized to, its
-    ``--init-from``'s, which scoring it must feed it too (:func:`input_size`).
+    network's ``--scales`` only named test sizes, so it records none. ``input_size`` (a
+    fine-tuned plain network's: the side every crop is resized to, which scoring it must feed
+    it too, :func:`input_size`) is recorded where given.
     """
     if isinstance(model, MSUN | ScaleBNNet):
         scales: list[int] | None = list(model.scales)
     else:
         scales = list(cfg.scales) if cfg.method == "mst" else None
-    tuned = cfg.init_from is not None and not is_multipath(model)
     return {
         "image_size": cfg.image_size,
         "data": cfg.data,
         **({"scales": scales} if scales else {}),
-        **({"input_size": fed} if tuned else {}),
+        **({"input_size": input_size} if input_size is not None else {}),
     }
 
 
 def input_size(ckpt: Mapping[str, Any]) -> int:
     """The side a checkpoint's plain network was fed in training, and must be fed to be scored.
 
-    A fine-tuned plain network's checkpoints record it (``inputs["input_size"]``); any other
-    plain network was fed its run's image size, and a plain state dict ImageNet's 224.
+    ``ckascope``'s rule (``input_side``: a fine-tuned plain network's recorded ``input_size``,
+    else its run's image size; a value that is no image side passed over), and ImageNet's 224
+    for a file that records none (a plain state dict).
     """
-    inputs = ckpt.get("inputs")
-    fed = inputs.get("input_size") if isinstance(inputs, Mapping) else None
-    if isinstance(fed, int) and not isinstance(fed, bool):
-        return fed
-    return int((ckpt.get("train_config") or {}).get("image_size", 224))
+    return input_side(ckpt) or 224
 
 
 def _num_classes(model: nn.Module) -> int:

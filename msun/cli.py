@@ -356,6 +356,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
             data=data,
             image_size=image_size,
             test_draw_seed=loaded[0].seed,
+            sizes_checked=True,  # above, before the data was read
         )
     finally:
         close_distributed()

@@ -165,12 +165,18 @@ def val_batches(num_images: int, batch_size: int, info: DistInfo) -> list[list[i
     return plan_batches(range(num_images), batch_size, info.rank, info.world_size, deal="images")
 
 
-def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
+def datasets(cfg: TrainConfig, *, saved: bool = False) -> tuple[Dataset[Any], Dataset[Any], int]:
     """The training set (seeded augmentation), the validation set and the number of classes.
+
+    Args:
+        cfg: The run's options.
+        saved: ``cfg`` is a saved run's own (resumed or reused): its ``num_train`` is taken as
+            the run took it, never refused. Older versions clamped one above the training set
+            to the whole set, which ``subset`` still gives: the run's own images.
 
     Raises:
         InputError: Missing/empty data, train and val with different classes, or
-            ``--num-train`` / ``--num-val`` above the images of their split.
+            ``--num-train`` (of a new run) / ``--num-val`` above the images of their split.
     """
     size = cfg.image_size
     train = build_dataset(
@@ -205,7 +211,8 @@ def datasets(cfg: TrainConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         raise InputError(
             f"--num-classes {cfg.num_classes} but the data holds {len(classes)} classes. Hint: drop --num-classes"
         )
-    check_count("--num-train", cfg.num_train, dataset_len(train), "training", cfg.data)
+    if not saved:
+        check_count("--num-train", cfg.num_train, dataset_len(train), "training", cfg.data)
     check_num_val(cfg.num_val, dataset_len(val), cfg.data)
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
     train, val = (

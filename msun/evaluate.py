@@ -660,14 +660,9 @@ class Loaded:
     path: str = ""  # the file, absolute
     distill: bool | None = None  # its training config's, None where it has no such key
     num_train: int | None = None  # its training config's --num-train
-    #: The side a plain network is fed (``msun.checkpoint.input_size``: a fine-tuned one's
-    #: recorded size); None: ``image_size``, the size it was trained at.
-    input_size: int | None = None
-
-    @property
-    def fed_size(self) -> int:
-        """The side a plain network was fed in training, which scoring feeds it too."""
-        return self.input_size or self.image_size
+    #: The side a plain network was fed in training, which scoring feeds it too
+    #: (``msun.checkpoint.input_size``: a fine-tuned one's recorded size, else its image size).
+    input_size: int = field(kw_only=True)
 
     @property
     def synthetic_train(self) -> int:
@@ -835,12 +830,11 @@ def _check_msun_sizes(
     name: str, twin: MSUN, sizes: Sequence[int], protocol: Protocol, paths: str
 ) -> None:
     """``check_runnable`` for one MSUN on the meta device (``twin``, in eval mode)."""
-    jobs: dict[int, list[int]] = {}
-    for s in sizes:
-        for k in range(twin.num_paths) if paths == "all" else [twin.route(s)]:
-            jobs.setdefault(k, []).append(s)
-    bad = {k: _too_small(twin, k, wanted, protocol) for k, wanted in jobs.items()}
-    bad = {k: failing for k, failing in bad.items() if failing}
+    bad = {
+        k: failing
+        for k, wanted in _jobs(twin, sizes, paths).items()
+        if (failing := _too_small(twin, k, wanted, protocol))
+    }
     if bad and protocol == "upsample":  # at their own scales: no test size helps
         raise InputError(
             f"{name} ({twin.describe()}, scales {_listed(twin.scales)}): path(s) "
@@ -852,18 +846,32 @@ def _check_msun_sizes(
         raise InputError(_size_refusal(name, twin, sizes, bad, paths))
 
 
+def _jobs(twin: MSUN, sizes: Sequence[int], paths: str) -> dict[int, list[int]]:
+    """Path -> the test sizes it is scored at: every size ("all"), or those routed to it."""
+    jobs: dict[int, list[int]] = {}
+    for s in sizes:
+        for k in range(twin.num_paths) if paths == "all" else [twin.route(s)]:
+            jobs.setdefault(k, []).append(s)
+    return jobs
+
+
 def _too_small(twin: MSUN, k: int, sizes: list[int], protocol: Protocol) -> list[int]:
     """The test sizes of ``sizes`` path k shrinks to nothing under ``protocol``.
 
     A feature map never grows when its input shrinks: one pass at the smallest input says
     whether all run; only then does a bisection find where the path stops.
     """
-    run = partial(twin.forward_path, k=k, protocol="native")  # fed the side computed here
+    run = _path(twin, k)
     sides = {s: s if protocol == "native" else twin.scales[k] for s in sizes}
     if accepts(run, min(sides.values())):
         return []
     least = smallest_side(run)
     return [s for s, side in sides.items() if side < least]
+
+
+def _path(twin: MSUN, k: int) -> Callable[[Tensor], Tensor]:
+    """Path k fed the side its caller computed (``--protocol upsample``'s, or a test size)."""
+    return partial(twin.forward_path, k=k, protocol="native")
 
 
 def _size_refusal(
@@ -875,16 +883,24 @@ def _size_refusal(
 ) -> str:
     """The refusal of ``bad`` (path -> test sizes it cannot take as they are), with its fixes."""
     routed = [s for s in sizes if s in bad.get(twin.route(s), [])]
-    good = [s for s in sizes if not any(s in failing for failing in bad.values())]
-    fixes = [] if routed or paths == "routed" else ["--paths routed"]
-    fixes.append(f"--eval-sizes {','.join(map(str, good))}" if good else "larger --eval-sizes")
-    if not any(_too_small(twin, k, [1], "upsample") for k in range(twin.num_paths)):
-        fixes.append("--protocol upsample (each path at its nominal size)")
     return (
         f"{name} ({twin.describe()}, scales {_listed(twin.scales)}) cannot take test size(s) "
         f"{_where(twin, sizes, bad, routed)}: fed as they are (--protocol native), they shrink "
-        f"to nothing in its down-sampling. Hint: give {', or '.join(fixes)}"
+        f"to nothing in its down-sampling. Hint: give "
+        + ", or ".join(_size_fixes(twin, sizes, bad, routed, paths))
     )
+
+
+def _size_fixes(
+    twin: MSUN, sizes: Sequence[int], bad: dict[int, list[int]], routed: list[int], paths: str
+) -> list[str]:
+    """What runs instead of ``bad``: the routed paths, the sizes all take, the nominal sizes."""
+    good = [s for s in sizes if not any(s in failing for failing in bad.values())]
+    fixes = [] if routed or paths == "routed" else ["--paths routed"]
+    fixes.append(f"--eval-sizes {','.join(map(str, good))}" if good else "larger --eval-sizes")
+    if all(accepts(_path(twin, k), twin.scales[k]) for k in range(twin.num_paths)):
+        fixes.append("--protocol upsample (each path at its nominal size)")
+    return fixes
 
 
 def _where(twin: MSUN, sizes: Sequence[int], bad: dict[int, list[int]], routed: list[int]) -> str:
@@ -974,6 +990,7 @@ def evaluate_checkpoints(
     data: str,
     image_size: int,
     test_draw_seed: int | None = None,
+    sizes_checked: bool = False,
 ) -> list[Evaluated]:
     """Evaluates every model on the same batches and counts its FLOPs and parameters.
 
@@ -981,14 +998,17 @@ def evaluate_checkpoints(
     BatchNorm is re-estimated on (see ``evaluate``); ``progress`` shows a bar per checkpoint
     (lines every few seconds without a terminal). ``data`` and ``image_size`` (the test
     images' spec and centre crop) are recorded with each result, and ``test_draw_seed`` (the
-    run seed whose validation draw ``loader`` holds) where given.
+    run seed whose validation draw ``loader`` holds) where given. ``sizes_checked``: the caller
+    ran ``check_runnable`` on these checkpoints and sizes (msun eval does, before it reads any
+    image), which is not done again.
 
     Raises:
         InputError: A test size a path would shrink to nothing (``check_runnable``), before
             any checkpoint is scored.
     """
     out = []
-    check_runnable(loaded, sizes, protocol, paths)  # not after minutes of scoring
+    if not sizes_checked:
+        check_runnable(loaded, sizes, protocol, paths)  # not after minutes of scoring
     run = partial(
         _evaluate_one,
         protocol=protocol,
@@ -1030,14 +1050,14 @@ def _evaluate_one(
         loader,
         sizes,
         protocol=protocol,
-        image_size=item.fed_size,
+        image_size=item.input_size,
         paths=paths,
         memory_format=memory_format,
         recalibration=None if recalibration is None else recalibration.batches,
         on_batch=lambda: bar.advance(task),
     )
     bar.remove_task(task)
-    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.fed_size)
+    flops = flops_per_size(model.cpu(), sizes, result.protocol, item.arch, item.input_size)
     params = sum(p.numel() for p in model.parameters())
     images, batch = (
         (0, 0) if recalibration is None else (recalibration.images, recalibration.batch_size)

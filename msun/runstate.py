@@ -113,17 +113,17 @@ def save_state(
     cfg: TrainConfig,
     state: TrainState,
     rng: list[dict[str, Any]],
-    fed: int,
+    input_size: int | None = None,
 ) -> None:
     """Writes a training checkpoint atomically; ``rng`` holds every process's generators.
 
-    ``fed`` is the side the network is fed (``training_inputs``).
+    ``input_size`` is a fine-tuned plain network's fed side (``training_inputs``).
     """
     progress = {k: v for k, v in asdict(state).items() if k not in _NOT_PROGRESS}
     torch_save(
         {
             **model_payload(t.model, cfg.model),
-            "inputs": training_inputs(t.model, cfg, fed),  # ckascope compare's defaults
+            "inputs": training_inputs(t.model, cfg, input_size),  # ckascope compare's defaults
             "train_config": cfg.to_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),

@@ -36,6 +36,7 @@ from ckascope.platform import (
     dataset_len,
     ensure_weights,
     init_distributed,
+    is_multipath,
     is_self_describing,
     make_console,
     make_progress,
@@ -145,7 +146,8 @@ def check_weights(cfg: C.TrainConfig) -> None:
     """Refuses pretrained weights ``build_network`` could not load, before anything is written.
 
     The network is built once its split is chosen, and ``--split-at auto`` writes its analysis
-    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written.
+    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written. Only
+    a new run needs them: a resumed one's weights are its checkpoint's (``_configure``).
 
     Raises:
         WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
@@ -318,15 +320,20 @@ class Loop:
     val_loader: DataLoader[Any]
     amp: torch.dtype | None
     out: Path
-    #: The side the network is fed: the image size, or the size a fine-tuned plain network was
-    #: trained at (``load_init``), which training and validation both resize to.
-    input_size: int
+    #: The side a fine-tuned plain network is validated at and its checkpoints record
+    #: (``_input_size``); None: its image size, as every other network's.
+    input_size: int | None
     writer: Any = None  # TensorBoard SummaryWriter (rank 0, --tensorboard)
 
     @property
     def model(self) -> nn.Module:
         """The bare network."""
         return self.trainables.model
+
+    @property
+    def validation_size(self) -> int:
+        """The side a plain network sees each test image resized to in validation."""
+        return self.input_size or self.cfg.image_size
 
     def iterate(self, loader: DataLoader[Any], batches: list[Any]) -> Iterator[Any]:
         """Iterates ``loader`` over ``batches``."""
@@ -605,7 +612,7 @@ class ValidationStoppedError(Exception):
 def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) -> EvalResult:
     """Top-1/top-5 over the evaluation sizes on this process's share of the validation set.
 
-    A plain network sees each test image resized to ``loop.input_size``, the size it trains at.
+    A plain network sees each test image resized to ``loop.validation_size``.
 
     Raises:
         ValidationStoppedError: ``stop`` returned True after a batch (on any process).
@@ -631,7 +638,7 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
         loop.model,
         loop.iterate(loop.val_loader, plan),
         sizes,
-        image_size=loop.input_size,
+        image_size=loop.validation_size,
         paths="all",
         amp_dtype=loop.amp,
         on_batch=on_batch,
@@ -719,24 +726,52 @@ def _configure(
     ``--split-at auto`` analysis writes), decided here once: ``_build`` builds what it says.
     ``explicit`` names the options the user set (see ``main``).
     """
+    cfg, init = _with_init(cfg, explicit)
+    train_set, val_set, classes = make_datasets(cfg, saved=saved is not None)
+    cfg = C.resolve(cfg, num_classes=classes)
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
+    micro_batch(cfg, info.world_size)
+    cfg, val_set = _validation_share(cfg, train_set, val_set, saved)
+    # a resumed run's weights are its checkpoint's, as a fine-tuned run's are its --init-from's
+    if saved is None and init is None:
+        check_weights(cfg)  # a download, after the cheap checks; before split-analysis/
+    split_at, scales = resolve_split(cfg, init, saved, info)
+    return dataclasses.replace(cfg, split_at=split_at, scales=scales), train_set, val_set, init
+
+
+def _with_init(
+    cfg: C.TrainConfig, explicit: Collection[str]
+) -> tuple[C.TrainConfig, Mapping[str, Any] | None]:
+    """``cfg`` with the network ``--init-from`` holds, and that checkpoint (None without one).
+
+    The network is its architecture, method and BatchNorm mode.
+
+    Raises:
+        InputError: An unreadable checkpoint, or a --model / --method it contradicts.
+    """
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method, bn = init_arch(init, cfg)
     if init is not None:
         check_init_flags(cfg, arch, method, explicit)
-    else:  # a fine-tuned run starts from its checkpoint, never from pretrained weights
-        check_weights(cfg)
-    cfg = dataclasses.replace(cfg, model=arch, method=method, bn=bn)
-    train_set, val_set, classes = make_datasets(cfg)
-    cfg = C.resolve(cfg, num_classes=classes)
-    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, info.device))
-    micro_batch(cfg, info.world_size)
-    if cfg.num_val is None and not _validates_whole_set(saved):  # a share of the run's cost
-        steps = steps_per_epoch(dataset_len(train_set), cfg)
-        cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
-        val_set = validation_subset(val_set, cfg.num_val, cfg.seed)
-    split_at, scales = resolve_split(cfg, init, saved, info)
-    cfg = dataclasses.replace(cfg, split_at=split_at, scales=scales)
-    return cfg, train_set, val_set, init
+    return dataclasses.replace(cfg, model=arch, method=method, bn=bn), init
+
+
+def _validation_share(
+    cfg: C.TrainConfig,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any],
+    saved: Mapping[str, Any] | None,
+) -> tuple[C.TrainConfig, Dataset[Any]]:
+    """``cfg`` with its ``num_val`` decided, and the validation images it draws.
+
+    Without ``--num-val``, a share of the run's cost (``default_num_val``), not the whole
+    validation set; a run saved with ``num_val: null`` keeps validating every image.
+    """
+    if cfg.num_val is not None or _validates_whole_set(saved):
+        return cfg, val_set
+    steps = steps_per_epoch(dataset_len(train_set), cfg)
+    cfg = dataclasses.replace(cfg, num_val=default_num_val(cfg, steps, dataset_len(val_set)))
+    return cfg, validation_subset(val_set, cfg.num_val, cfg.seed)
 
 
 def _validates_whole_set(saved: Mapping[str, Any] | None) -> bool:
@@ -755,8 +790,12 @@ def _build(
     train_set: Dataset[Any],
     val_set: Dataset[Any],
     init: Mapping[str, Any] | None,
+    saved: Mapping[str, Any] | None = None,
 ) -> Loop:
-    """The network, its objective, optimiser, schedule and data loaders for a resolved config."""
+    """The network, its objective, optimiser, schedule and data loaders for a resolved config.
+
+    ``saved`` is the checkpoint a resumed run continues from (None: a new run).
+    """
     model, model_image_size = (
         load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
     )
@@ -790,9 +829,24 @@ def _build(
         *loaders,
         amp,
         Path(cfg.out),
-        model_image_size,
+        _input_size(model, init, saved),
         _tensorboard(cfg, info),
     )
+
+
+def _input_size(
+    model: nn.Module, init: Mapping[str, Any] | None, saved: Mapping[str, Any] | None
+) -> int | None:
+    """The side a fine-tuned plain network is validated at and its checkpoints record.
+
+    A new run's is its ``--init-from``'s (``load_init``: the side it trains at); a resumed
+    run's its own checkpoint's, and one saved before checkpoints recorded it validated at its
+    image size (``input_size``'s fallback), which it goes on doing: its epochs are scored one
+    way. None for any other network (an MSUN's paths take their own sizes).
+    """
+    if init is None or is_multipath(model):
+        return None
+    return input_size(saved if saved is not None else init)
 
 
 def _tensorboard(cfg: C.TrainConfig, info: DistInfo) -> Any:
@@ -906,7 +960,7 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
                     f"resume. Hint: msun eval {out / 'best.pt'}"
                 )
                 return out
-        loop = _build(cfg, info, train_set, val_set, init)
+        loop = _build(cfg, info, train_set, val_set, init, saved)
         state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
         if info.is_main:
             write_text(out / "config.yaml", C.dump_yaml(cfg))

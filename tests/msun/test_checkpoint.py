@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -181,3 +182,32 @@ def test_the_old_name_still_loads_and_names_the_new_one(saved: Path) -> None:
     with pytest.warns(FutureWarning, match="msun.load_msun"):
         old = msun.load_checkpoint(saved)
     assert old.config() == msun.load_msun(saved).config()
+
+
+@pytest.mark.parametrize(
+    ("recorded", "side"),
+    [
+        ({"inputs": {"image_size": 16, "input_size": 32}, "train_config": {"image_size": 16}}, 32),
+        # a bad file's input_size is passed over: the training config's image size
+        ({"inputs": {"image_size": 16, "input_size": 0}, "train_config": {"image_size": 24}}, 24),
+        ({"inputs": {"image_size": 16, "input_size": -3}}, 16),
+        ({"inputs": {"input_size": 5000}, "train_config": {"image_size": "32"}}, None),
+        ({"inputs": {"input_size": True}, "train_config": {"image_size": 20}}, 20),
+        ({}, None),
+    ],
+)
+def test_every_reader_takes_the_side_a_checkpoint_was_fed_by_one_rule(
+    tmp_path: Path, recorded: dict[str, Any], side: int | None
+) -> None:
+    """ckascope compare (``read_inputs``), msun train's --init-from and resume
+    (``input_size``) and msun eval (``load_for_eval``) feed a checkpoint the same side: its
+    ``input_size``, else its run's image size, else its ``inputs``' image size, a value that
+    is no image side passed over; where none is left, ckascope its own default, msun 224."""
+    from msun.checkpoint import input_size, model_payload
+    from msun.evaluate import load_for_eval
+
+    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
+    torch.save({**payload, **recorded}, tmp_path / "c.pt")
+    assert ckascope.models.input_side(recorded) == side
+    assert ckascope.models.read_inputs(tmp_path / "c.pt").get("input_size") == side
+    assert input_size(recorded) == load_for_eval(tmp_path / "c.pt").input_size == (side or 224)

@@ -423,7 +423,8 @@ def _meta_loaded(arch: str, scales: tuple[int, ...]) -> Loaded:
     """A checkpoint as msun eval loads it, its MSUN on the meta device (shapes only)."""
     with torch.device("meta"):
         model = build_msun(arch, scales=scales, num_classes=10)
-    return Loaded("m", model, "msun", arch, image_size=scales[-1], eval_sizes=None, data="shapes")
+    size = scales[-1]
+    return Loaded("m", model, "msun", arch, size, None, "shapes", input_size=size)
 
 
 @pytest.mark.parametrize(
@@ -475,7 +476,14 @@ def test_no_checkpoint_is_scored_before_every_one_is_checked() -> None:
             raise AssertionError("scored before the sizes were checked")
 
     fine = Loaded(
-        "a", build_msun("resnet18", scales=(4, 28), num_classes=10), "msun", "r", 28, None, "shapes"
+        "a",
+        build_msun("resnet18", scales=(4, 28), num_classes=10),
+        "msun",
+        "r",
+        28,
+        None,
+        "shapes",
+        input_size=28,
     )
     args = {"protocol": "native", "paths": "all", "device": torch.device("cpu")}
     with pytest.raises(InputError, match="cannot take test size"):

@@ -83,7 +83,8 @@ def test_each_method_trains_and_writes_its_run_folder(tmp_path: Path, method: st
     assert ckpt["train_config"] == config
     # what ckascope compare --checkpoint takes its defaults from; vanilla has no training scales
     scales = {} if method == "vanilla" else {"scales": [16, 32]}
-    assert models.read_inputs(out / "last.pt") == {"image_size": 32, "data": "shapes", **scales}
+    inputs = {"image_size": 32, "input_size": 32, "data": "shapes", **scales}
+    assert models.read_inputs(out / "last.pt") == inputs
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -368,13 +369,13 @@ def test_an_interrupted_run_resumed_ends_and_logs_as_an_uninterrupted_one(
         assert row["images_per_s"] * row["train_seconds"] == pytest.approx(32)
 
 
-def _as_before_default_num_val(run: Path) -> None:
-    """Makes ``run`` look written before ``default_num_val``: config.yaml and last.pt record
-    ``num_val: null`` (then: every validation image)."""
+def _as_written_before(run: Path, **values: Any) -> None:
+    """Makes ``run`` look written by an older version: its config.yaml and last.pt record
+    ``values`` (``num_val=None``: before ``default_num_val``, every validation image)."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "num_val": None}, sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, **values}, sort_keys=False))
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["train_config"]["num_val"] = None
+    ckpt["train_config"].update(values)
     torch.save(ckpt, run / "last.pt")
 
 
@@ -396,7 +397,7 @@ def test_a_run_that_recorded_num_val_null_resumes_validating_every_image(
         m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(7, []))
         assert train_tiny(old, *args).exit_code == 130
     assert torch.load(old / "last.pt", weights_only=True)["progress"]["epoch"] == 1
-    _as_before_default_num_val(old)
+    _as_written_before(old, num_val=None)
     resumed = CliRunner().invoke(main, ["train", "--out", str(old), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert yaml.safe_load((old / "config.yaml").read_text())["num_val"] is None  # as written
@@ -408,6 +409,48 @@ def test_a_run_that_recorded_num_val_null_resumes_validating_every_image(
         for run in (whole, old)
     ]
     assert rows[1] == rows[0]  # epoch 2 validated the same 16 images
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_run_whose_num_train_was_clamped_then_resumes_and_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older versions clamped --num-train 40 on a 32-image set to its 32 images, and recorded
+    40: resumed or reused, the run goes on with those images, and ends as a run of 32."""
+    import msun.train
+
+    write_idx(tmp_path / "fm", 32, gz=True)  # 32 training images, 16 validation images
+    data = f"fashionmnist:{tmp_path / 'fm'}"
+    args = ["--method", "vanilla", "--data", data, "--epochs", "2", "--num-val", "16"]
+    assert train_tiny(tmp_path / "whole", *args).exit_code == 0  # TINY: --num-train 32
+    old = tmp_path / "old"
+    with monkeypatch.context() as m:  # 4 steps, 2 validation batches, then after epoch 1
+        m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(7, []))
+        assert train_tiny(old, *args).exit_code == 130
+    _as_written_before(old, num_train=40)
+    resumed = CliRunner().invoke(main, ["train", "--out", str(old), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(old / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    own = merge(load_yaml(old / "config.yaml"))
+    assert own.num_train == 40
+    assert msun.train.train_or_reuse(own) == old / "last.pt"  # reused as it is
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_finished_run_on_pretrained_weights_resumed_offline_says_it_is_finished(
+    tmp_path: Path, offline: Path
+) -> None:
+    """Its weights are its checkpoint's: nothing is downloaded, and no missing file refused."""
+    out = tmp_path / "run"
+    assert train_tiny(out, "--method", "vanilla", "--epochs", "1").exit_code == 0
+    _as_written_before(out, weights="default")  # as if trained from ImageNet's weights
+    resumed = CliRunner().invoke(main, ["train", "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{out} is finished (1 of 1 epochs); nothing to resume" in " ".join(
+        resumed.output.split()
+    )
+    assert not any(offline.rglob("*.pth"))  # nothing was fetched
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
@@ -505,6 +548,55 @@ def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(
     with make_progress(False) as bar:
         validate(loop, bar)
     assert fed == {"training": {32}, "validation": {32}}
+
+
+@pytest.mark.parametrize(
+    ("recorded", "side"),
+    [({"input_size": 32}, 32), ({}, 16)],
+    ids=["recorded", "written-before-the-key"],
+)
+def test_a_resumed_fine_tuned_plain_network_is_validated_and_recorded_as_its_run_was(
+    tmp_path: Path, recorded: dict[str, int], side: int
+) -> None:
+    """Trained at its --init-from's 32 px either way; validated (and recorded) at the side its
+    own checkpoint says: one written before ``input_size`` was recorded validated at its
+    16-px --image-size, and goes on doing so, so best.pt compares epochs scored alike."""
+    from ckascope.distributed import DistInfo
+    from ckascope.progress import make_progress
+    from msun.checkpoint import model_payload
+    from msun.config import TrainConfig
+    from msun.runstate import TrainState
+    from msun.train import _build, _configure, _save, validate
+
+    torch.manual_seed(0)
+    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
+    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
+    cfg = TrainConfig(
+        model="resnet18",
+        init_from=str(tmp_path / "src.pt"),
+        image_size=16,
+        eval_sizes="8,16",
+        batch_size=8,
+        num_train=8,
+        num_val=8,
+        epochs=1,
+        out=str(tmp_path / "run"),
+    )
+    info = DistInfo(0, 1, torch.device("cpu"))
+    cfg, train, val, init = _configure(cfg, info, None, ())
+    saved = {"train_config": cfg.to_dict(), "inputs": {"image_size": 16, **recorded}}
+    loop = _build(cfg, info, train, val, init, saved)
+    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
+    phase = "training"
+    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
+    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    phase = "validation"
+    with make_progress(False) as bar:
+        validate(loop, bar)
+    assert fed == {"training": {32}, "validation": {side}}
+    (tmp_path / "run").mkdir()
+    _save(loop, TrainState())
+    assert models.read_inputs(tmp_path / "run" / "last.pt")["input_size"] == side
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
