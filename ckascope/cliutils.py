@@ -5,8 +5,10 @@ User mistakes (click usage errors, ``InputError``) exit with code 2, runtime fai
 on stderr and no traceback. Anything else is a bug and keeps its traceback. A
 ``CKAScopeWarning`` is one ``note: ...`` line on stderr, without Python's file and source line;
 under torchrun rank 0 alone shows it, and each rank shows its own ``LocalWarning``, naming it.
-Errors alike: rank 0 shows a user's mistake and an interrupt, which every rank meets, and each
-rank its own runtime failure, naming its rank (``fail``).
+Errors alike: rank 0 shows an error of the whole job (one whose class says ``whole_job``: a
+user's mistake, missing pretrained weights, a non-finite loss or weights, an interrupt), which
+every rank meets, and each rank its own runtime failure, naming its rank; a rank that meets a
+whole-job error rank 0 did not shows it after a wait (``fail``).
 """
 
 from __future__ import annotations
