@@ -638,6 +638,12 @@ def ablation_point(
     }
 
 
+def suggested_split(loop: list[dict[str, Any]]) -> str:
+    """suggest-split's choice on the most seeds, the earliest split on a tie."""
+    choices = [r["choice"] for r in loop]
+    return max(SPLITS, key=lambda x: (choices.count(x), -SPLITS.index(x)))
+
+
 def loop_verdict(ablation: dict[str, Any], loop: list[dict[str, Any]]) -> dict[str, Any]:
     """The loop's pre-registered criterion.
 
@@ -646,7 +652,7 @@ def loop_verdict(ablation: dict[str, Any], loop: list[dict[str, Any]]) -> dict[s
     variances) of the best split's.
     """
     choices = [r["choice"] for r in loop]
-    suggested = max(SPLITS, key=lambda x: (choices.count(x), -SPLITS.index(x)))
+    suggested = suggested_split(loop)
     best = max(SPLITS, key=lambda x: ablation[x]["mean"])
     pooled = math.sqrt(float(np.mean([ablation[x]["std"] ** 2 for x in SPLITS])))
     gap = ablation[best]["mean"] - ablation[suggested]["mean"]
@@ -812,8 +818,13 @@ def budget_figure(saved: dict[str, Any]) -> Figure:
     return fig
 
 
-def ablation_figure(ablation: dict[str, Any], suggested: str | None, title: str) -> Figure:
-    """Mean accuracy over the test sizes against the split point, ± seed std, choice ringed."""
+def ablation_figure(
+    ablation: dict[str, Any], suggested: str | None, title: str, planned: int
+) -> Figure:
+    """Mean accuracy over the test sizes against the split point, ± seed std, choice ringed.
+
+    A point with fewer than the ``planned`` seeds says how many it has.
+    """
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
     splits = list(ablation)
@@ -826,7 +837,10 @@ def ablation_figure(ablation: dict[str, Any], suggested: str | None, title: str)
         )
         ax.legend(loc="lower left", fontsize=8)
     for x, m in zip(splits, means, strict=True):
-        text = f"{m:.1f}%\n+{ablation[x]['extra_params'] / 1e6:.2f} M"
+        seeds = ablation[x]["seeds"]
+        text = f"{m:.1f}%\n+{ablation[x]['extra_params'] / 1e6:.2f} M" + (
+            f"\n({_seeds(seeds)})" if seeds < planned else ""
+        )
         # beside the point, so the label never crosses its error bar
         ax.annotate(
             text,
@@ -1017,7 +1031,7 @@ def loop_markdown(saved: dict[str, Any], loop: dict[str, Any]) -> list[str]:
                     split,
                     f"{a['extra_params'] / 1e6:.3f}",
                     per_seed,
-                    f"{a['mean']:.2f} ± {a['std']:.2f}",
+                    _pm(a),
                     f"{a['gflops']:.4f}",
                     str(a["seeds"]),
                 ]
@@ -1116,11 +1130,12 @@ def redraw(out: Path) -> None:
             f"heatmap_{n}",
         )
     if saved["ablation"]:
-        suggested = None if loop["verdict"] is None else loop["verdict"]["suggested"]
+        suggested = suggested_split(loop["seeds"]) if loop["seeds"] else None
         title = (
             f"Split ablation (Fashion-MNIST, published SI, {epochs} epochs,\nmean ± std over seeds)"
         )
-        png(ablation_figure(saved["ablation"], suggested, title), out, "ablation_split")
+        planned = len(saved["settings"]["seeds"])
+        png(ablation_figure(saved["ablation"], suggested, title, planned), out, "ablation_split")
     write_text(out / "RESULTS.md", results_markdown(saved, loop, budget_data, data))
     write_text(out / "README_RESULTS.md", readme_block(saved, loop, budget_data))
 
