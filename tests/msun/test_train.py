@@ -359,14 +359,15 @@ def test_an_interrupted_run_resumed_ends_and_logs_as_an_uninterrupted_one(
     assert resumed.exit_code == 0, resumed.output
     a, b = _weights(uninterrupted / "last.pt"), _weights(out / "last.pt")
     assert all(torch.equal(a[key], b[key]) for key in a)
-    timing = ("train_seconds", "images_per_s")
-    rows = [
-        [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
-        for run in (uninterrupted, out)
-    ]
-    assert rows[1] == rows[0]  # the loss terms of every step, the resumed epoch's too
+    assert _untimed_rows(out) == _untimed_rows(uninterrupted)  # every step's loss terms too
     for row in _rows(out):  # the time of both parts of the resumed epoch, and all its images
         assert row["images_per_s"] * row["train_seconds"] == pytest.approx(32)
+
+
+def _untimed_rows(run: Path) -> list[dict[str, Any]]:
+    """``run``'s metrics rows without their timings, which no two runs share."""
+    timing = ("train_seconds", "images_per_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
 
 
 def _as_written_before(run: Path, **values: Any) -> None:
@@ -403,12 +404,7 @@ def test_a_run_that_recorded_num_val_null_resumes_validating_every_image(
     assert yaml.safe_load((old / "config.yaml").read_text())["num_val"] is None  # as written
     a, b = _weights(whole / "last.pt"), _weights(old / "last.pt")
     assert all(torch.equal(a[key], b[key]) for key in a)
-    timing = ("train_seconds", "images_per_s")
-    rows = [
-        [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
-        for run in (whole, old)
-    ]
-    assert rows[1] == rows[0]  # epoch 2 validated the same 16 images
+    assert _untimed_rows(old) == _untimed_rows(whole)  # epoch 2 validated the same 16 images
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
@@ -504,6 +500,53 @@ def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(before["subnets.1.conv1.weight"], after_ft["subnets.1.conv1.weight"])
 
 
+def _fine_tuned_loop(
+    tmp_path: Path, source: dict[str, Any], saved_inputs: dict[str, int] | None = None
+) -> Any:
+    """The Loop of a 16-px fine-tuning of a resnet18 checkpoint carrying ``source``; with
+    ``saved_inputs``, as resumed from a checkpoint that recorded them."""
+    from ckascope.distributed import DistInfo
+    from msun.checkpoint import model_payload
+    from msun.config import TrainConfig
+    from msun.train import _build, _configure
+
+    torch.manual_seed(0)
+    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
+    torch.save({**payload, **source}, tmp_path / "src.pt")
+    cfg = TrainConfig(
+        model="resnet18",
+        init_from=str(tmp_path / "src.pt"),
+        image_size=16,
+        eval_sizes="8,16",
+        batch_size=8,
+        num_train=8,
+        num_val=8,
+        epochs=1,
+        out=str(tmp_path / "run"),
+    )
+    info = DistInfo(0, 1, torch.device("cpu"))
+    cfg, train, val, init = _configure(cfg, info, None, ())
+    saved = (
+        None if saved_inputs is None else {"train_config": cfg.to_dict(), "inputs": saved_inputs}
+    )
+    return _build(cfg, info, train, val, init, saved)
+
+
+def _fed_sides(loop: Any) -> dict[str, set[int]]:
+    """The input sides the network receives in a training step and in a validation pass."""
+    from ckascope.progress import make_progress
+    from msun.train import validate
+
+    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
+    phase = "training"
+    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
+    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    phase = "validation"
+    with make_progress(False) as bar:
+        validate(loop, bar)
+    return fed
+
+
 @pytest.mark.parametrize(
     "source",
     [
@@ -518,36 +561,8 @@ def test_a_fine_tuned_plain_network_is_validated_at_the_size_it_trains_at(
 ) -> None:
     """Its 16-px crops reach it resized to the 32 px its checkpoint was fed; validation must
     measure it there too, not at --image-size (where it once saw every test image)."""
-    from ckascope.distributed import DistInfo
-    from ckascope.progress import make_progress
-    from msun.checkpoint import model_payload
-    from msun.config import TrainConfig
-    from msun.train import _build, _configure, validate
-
-    torch.manual_seed(0)
-    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
-    torch.save({**payload, **source}, tmp_path / "src.pt")
-    cfg = TrainConfig(
-        model="resnet18",
-        init_from=str(tmp_path / "src.pt"),
-        image_size=16,
-        eval_sizes="8,16",
-        batch_size=8,
-        num_train=8,
-        num_val=8,
-        epochs=1,
-    )
-    info = DistInfo(0, 1, torch.device("cpu"))
-    cfg, train, val, init = _configure(cfg, info, None, ())
-    loop = _build(cfg, info, train, val, init)
-    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
-    phase = "training"
-    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
-    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
-    phase = "validation"
-    with make_progress(False) as bar:
-        validate(loop, bar)
-    assert fed == {"training": {32}, "validation": {32}}
+    loop = _fine_tuned_loop(tmp_path, source)
+    assert _fed_sides(loop) == {"training": {32}, "validation": {32}}
 
 
 @pytest.mark.parametrize(
@@ -561,39 +576,12 @@ def test_a_resumed_fine_tuned_plain_network_is_validated_and_recorded_as_its_run
     """Trained at its --init-from's 32 px either way; validated (and recorded) at the side its
     own checkpoint says: one written before ``input_size`` was recorded validated at its
     16-px --image-size, and goes on doing so, so best.pt compares epochs scored alike."""
-    from ckascope.distributed import DistInfo
-    from ckascope.progress import make_progress
-    from msun.checkpoint import model_payload
-    from msun.config import TrainConfig
     from msun.runstate import TrainState
-    from msun.train import _build, _configure, _save, validate
+    from msun.train import _save
 
-    torch.manual_seed(0)
-    payload = model_payload(torchvision.models.resnet18(num_classes=10), "resnet18")
-    torch.save({**payload, "train_config": {"image_size": 32}}, tmp_path / "src.pt")
-    cfg = TrainConfig(
-        model="resnet18",
-        init_from=str(tmp_path / "src.pt"),
-        image_size=16,
-        eval_sizes="8,16",
-        batch_size=8,
-        num_train=8,
-        num_val=8,
-        epochs=1,
-        out=str(tmp_path / "run"),
-    )
-    info = DistInfo(0, 1, torch.device("cpu"))
-    cfg, train, val, init = _configure(cfg, info, None, ())
-    saved = {"train_config": cfg.to_dict(), "inputs": {"image_size": 16, **recorded}}
-    loop = _build(cfg, info, train, val, init, saved)
-    fed: dict[str, set[int]] = {"training": set(), "validation": set()}
-    phase = "training"
-    loop.model.register_forward_pre_hook(lambda m, args: fed[phase].add(args[0].shape[-1]))
-    loop.objective(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
-    phase = "validation"
-    with make_progress(False) as bar:
-        validate(loop, bar)
-    assert fed == {"training": {32}, "validation": {side}}
+    source = {"train_config": {"image_size": 32}}
+    loop = _fine_tuned_loop(tmp_path, source, {"image_size": 16, **recorded})
+    assert _fed_sides(loop) == {"training": {32}, "validation": {side}}
     (tmp_path / "run").mkdir()
     _save(loop, TrainState())
     assert models.read_inputs(tmp_path / "run" / "last.pt")["input_size"] == side
