@@ -170,13 +170,14 @@ def datasets(cfg: TrainConfig, *, saved: bool = False) -> tuple[Dataset[Any], Da
 
     Args:
         cfg: The run's options.
-        saved: ``cfg`` is a saved run's own (resumed or reused): its ``num_train`` is taken as
-            the run took it, never refused. Older versions clamped one above the training set
-            to the whole set, which ``subset`` still gives: the run's own images.
+        saved: ``cfg`` is a saved run's own (resumed or reused): its ``num_train`` and
+            ``num_val`` are taken as the run took them, never refused. Older versions clamped
+            one above its set to the whole set, which ``subset`` still gives: the run's own
+            images.
 
     Raises:
         InputError: Missing/empty data, train and val with different classes, or
-            ``--num-train`` (of a new run) / ``--num-val`` above the images of their split.
+            ``--num-train`` / ``--num-val`` of a new run above the images of their split.
     """
     size = cfg.image_size
     train = build_dataset(
@@ -213,7 +214,7 @@ def datasets(cfg: TrainConfig, *, saved: bool = False) -> tuple[Dataset[Any], Da
         )
     if not saved:
         check_count("--num-train", cfg.num_train, dataset_len(train), "training", cfg.data)
-    check_num_val(cfg.num_val, dataset_len(val), cfg.data)
+        check_num_val(cfg.num_val, dataset_len(val), cfg.data)
     count = int((cfg.num_classes if classes is None else len(classes)) or 0)
     train, val = (
         subset(train, cfg.num_train, cfg.seed),

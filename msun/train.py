@@ -146,8 +146,9 @@ def check_weights(cfg: C.TrainConfig) -> None:
     """Refuses pretrained weights ``build_network`` could not load, before anything is written.
 
     The network is built once its split is chosen, and ``--split-at auto`` writes its analysis
-    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written. Only
-    a new run needs them: a resumed one's weights are its checkpoint's (``_configure``).
+    as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written. A
+    saved run is not checked here (``_configure``): a finished one needs no network, and an
+    unfinished one's ``build_network`` still loads them before its checkpoint replaces them.
 
     Raises:
         WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.

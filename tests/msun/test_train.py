@@ -408,11 +408,13 @@ def test_a_run_that_recorded_num_val_null_resumes_validating_every_image(
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
-def test_a_run_whose_num_train_was_clamped_then_resumes_and_is_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("option", "clamped"), [("num_train", 40), ("num_val", 20)])
+def test_a_run_whose_count_was_clamped_then_resumes_and_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str, clamped: int
 ) -> None:
-    """Older versions clamped --num-train 40 on a 32-image set to its 32 images, and recorded
-    40: resumed or reused, the run goes on with those images, and ends as a run of 32."""
+    """Older versions clamped --num-train 40 on a 32-image set to its 32 images (--num-val 20
+    on 16 to its 16), and recorded 40 (20): resumed or reused, the run goes on with those
+    images, and ends as a run of 32 (validating 16)."""
     import msun.train
 
     write_idx(tmp_path / "fm", 32, gz=True)  # 32 training images, 16 validation images
@@ -423,13 +425,14 @@ def test_a_run_whose_num_train_was_clamped_then_resumes_and_is_reused(
     with monkeypatch.context() as m:  # 4 steps, 2 validation batches, then after epoch 1
         m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(7, []))
         assert train_tiny(old, *args).exit_code == 130
-    _as_written_before(old, num_train=40)
+    _as_written_before(old, **{option: clamped})
     resumed = CliRunner().invoke(main, ["train", "--out", str(old), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(old / "last.pt")
     assert all(torch.equal(a[key], b[key]) for key in a)
+    assert _untimed_rows(old) == _untimed_rows(tmp_path / "whole")
     own = merge(load_yaml(old / "config.yaml"))
-    assert own.num_train == 40
+    assert getattr(own, option) == clamped
     assert msun.train.train_or_reuse(own) == old / "last.pt"  # reused as it is
 
 
