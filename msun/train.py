@@ -148,7 +148,7 @@ def check_weights(cfg: C.TrainConfig) -> None:
     The network is built once its split is chosen, and ``--split-at auto`` writes its analysis
     as it chooses: offline, the run would otherwise stop with ``split-analysis/`` written. A
     saved run is not checked here (``_configure``): a finished one needs no network, and an
-    unfinished one's ``build_network`` still loads them before its checkpoint replaces them.
+    unfinished one's comes from its checkpoint (``_start_network``).
 
     Raises:
         WeightsUnavailableError: Pretrained weights that cannot be had, with msun train's hint.
@@ -797,9 +797,7 @@ def _build(
 
     ``saved`` is the checkpoint a resumed run continues from (None: a new run).
     """
-    model, model_image_size = (
-        load_init(init, cfg) if init is not None else (build_network(cfg), cfg.image_size)
-    )
+    model, model_image_size = _start_network(cfg, init, saved)
     model.to(info.device)
     if info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -833,6 +831,23 @@ def _build(
         _input_size(model, init, saved),
         _tensorboard(cfg, info),
     )
+
+
+def _start_network(
+    cfg: C.TrainConfig, init: Mapping[str, Any] | None, saved: Mapping[str, Any] | None
+) -> tuple[nn.Module, int]:
+    """The network a run starts from, and the side it is fed (``load_init``'s).
+
+    A resumed run's checkpoint replaces every weight, so pretrained ones are not loaded (nor
+    fetched: an unfinished ``--weights default`` run resumes offline). The structure is the
+    same: a supported architecture's torchvision builder changes nothing but the weights when
+    given them, and the classifier is the run's width either way.
+    """
+    if init is not None:
+        return load_init(init, cfg)
+    if saved is not None:
+        cfg = dataclasses.replace(cfg, weights="none")
+    return build_network(cfg), cfg.image_size
 
 
 def _input_size(

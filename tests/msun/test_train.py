@@ -453,6 +453,30 @@ def test_a_finished_run_on_pretrained_weights_resumed_offline_says_it_is_finishe
 
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+@pytest.mark.parametrize("network", [["vanilla"], ["msun"], ["mst", "--bn", "private"]])
+def test_an_unfinished_run_on_pretrained_weights_resumes_offline(
+    tmp_path: Path, offline: Path, monkeypatch: pytest.MonkeyPatch, network: list[str]
+) -> None:
+    """Its checkpoint holds every weight: resumed offline, nothing is fetched and it ends as a
+    run that was never stopped (it failed for want of ImageNet's file before)."""
+    import msun.train
+
+    args = ["--method", *network, "--epochs", "2", "--deterministic"]
+    assert train_tiny(tmp_path / "whole", *args).exit_code == 0
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # stopped after epoch 1's checkpoint, before epoch 2's
+        m.setattr(msun.train, "interrupt_flag", lambda: _ctrl_c_at(7, []))
+        assert train_tiny(out, *args).exit_code == 130
+    _as_written_before(out, weights="default")  # as if started from ImageNet's weights
+    assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] == 1
+    resumed = CliRunner().invoke(main, ["train", "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(out / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not any(offline.rglob("*.pth"))  # nothing was fetched
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_fine_tune_and_linear_probe_from_a_checkpoint(tmp_path: Path) -> None:
     assert train_tiny(tmp_path / "src", "--epochs", "1").exit_code == 0
     src = tmp_path / "src" / "last.pt"
