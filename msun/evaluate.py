@@ -502,15 +502,17 @@ def flops_per_size(
     """FLOPs of one image at each test size.
 
     For an MSUN the routed path, at its nominal size (``resize``) or the test size (``native``);
-    for a plain network (a private-BatchNorm MST network too), the network at its training
-    image size. BatchNorm is not counted (convolutions and matrix
-    products only), so private sets change parameters, not FLOPs.
+    for a plain network, the network at ``image_size`` (the side it is fed); a private-BatchNorm
+    MST network resizes every input to its own ``image_size``, which a fine-tuning run's image
+    size need not be. BatchNorm is not counted (convolutions and matrix products only), so
+    private sets change parameters, not FLOPs.
     """
     if isinstance(model, MSUN):
         report = flops_report(model, tuple(sizes))
         return [row.upsample if protocol == "upsample" else row.native for row in report.rows]
+    side = model.image_size if isinstance(model, ScaleBNNet) else image_size
     classes = classifier(model)[1].out_features
-    return [vanilla_flops(arch, image_size, classes)] * len(sizes)
+    return [vanilla_flops(arch, side, classes)] * len(sizes)
 
 
 def frame(evaluated: Sequence[Evaluated]) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import msun.train
 from ckascope.errors import InputError
@@ -22,6 +23,7 @@ from msun import build_msun
 from msun.checkpoint import model_payload
 from msun.cli import main
 from msun.config import TrainConfig, differences
+from msun.evaluate import flops_per_size
 from msun.flops import count_parameters
 from msun.objective import Objective, ensemble_distillation
 from msun.privatebn import (
@@ -358,3 +360,14 @@ def test_fine_tuning_keeps_the_checkpoints_private_batchnorm(tmp_path: Path) -> 
     saved = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)
     assert saved["builder"] == "msun-scale-bn"
     assert (saved["train_config"]["method"], saved["train_config"]["bn"]) == ("mst", "private")
+
+
+def test_its_flops_are_counted_at_the_side_it_resizes_every_input_to() -> None:
+    """A fine-tuning run's image size (16 here) need not be the network's (32): the count is
+    what its forward spends on a test image, whatever the run fed it."""
+    net = build_scale_bn_net("resnet18", scales=(8, 32), num_classes=10, image_size=32).eval()
+    counted = flops_per_size(net, [8, 20], "upsample", "resnet18", 16)
+    for size, flops in zip([8, 20], counted, strict=True):
+        with torch.no_grad(), FlopCounterMode(display=False) as spent:
+            net(torch.zeros(1, 3, size, size))
+        assert flops == spent.get_total_flops()
