@@ -674,6 +674,20 @@ def _epoch_row(
     return row
 
 
+def scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of a metrics row: every number but its ``epoch`` and ``step``.
+
+    Those two are the x axis; the count of skipped images (an int) is a curve like the rest.
+    """
+    return {
+        key: float(value)
+        for key, value in row.items()
+        if key not in ("epoch", "step")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    }
+
+
 def _end_of_epoch(
     loop: Loop,
     state: TrainState,
@@ -704,9 +718,10 @@ def _end_of_epoch(
     _save(loop, state)
     if loop.info.is_main:
         write_metrics(loop.out, state.history)
-        for key, value in row.items():
-            if loop.writer is not None and isinstance(value, float):
+        if loop.writer is not None:
+            for key, value in scalars(row).items():
                 loop.writer.add_scalar(key, value, state.epoch)
+            loop.writer.flush()  # a run stopped later keeps its finished epochs' curves
         shown = (
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in row.items()
@@ -977,20 +992,28 @@ def main(cfg: C.TrainConfig, *, resume: bool = False, explicit: Collection[str] 
                 )
                 return out
         loop = _build(cfg, info, train_set, val_set, init, saved)
-        state = restore_state(saved, loop.trainables, info) if saved is not None else TrainState()
-        if info.is_main:
-            write_text(out / "config.yaml", C.dump_yaml(cfg))
-            if state.history:  # a run killed between its checkpoint and its logs
-                write_metrics(out, state.history)
-        _announce(loop, console)
         try:
-            _run_epochs(loop, state, console)
+            _start(loop, saved, console)
         except torch.cuda.OutOfMemoryError as e:
             micro = micro_batch(cfg, info.world_size)
             raise TrainingStopError(
                 f"out of GPU memory with {micro} images per process and step. Hint: lower --batch-size or raise --accum-steps"
             ) from e
+        finally:
+            if loop.writer is not None:
+                loop.writer.close()
     return out
+
+
+def _start(loop: Loop, saved: Mapping[str, Any] | None, console: Console) -> None:
+    """Restores a resumed run's state, writes the run's config, then trains it."""
+    state = restore_state(saved, loop.trainables, loop.info) if saved is not None else TrainState()
+    if loop.info.is_main:
+        write_text(loop.out / "config.yaml", C.dump_yaml(loop.cfg))
+        if state.history:  # a run killed between its checkpoint and its logs
+            write_metrics(loop.out, state.history)
+    _announce(loop, console)
+    _run_epochs(loop, state, console)
 
 
 def train_or_reuse(cfg: C.TrainConfig) -> Path:

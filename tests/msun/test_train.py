@@ -364,6 +364,28 @@ def test_an_interrupted_run_resumed_ends_and_logs_as_an_uninterrupted_one(
         assert row["images_per_s"] * row["train_seconds"] == pytest.approx(32)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_tensorboard_logs_every_number_of_every_metrics_row(tmp_path: Path) -> None:
+    """Each column but epoch and step is a curve over epochs, the skipped images' count too."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert train_tiny(out, "--epochs", "2", "--tensorboard").exit_code == 0
+    events = accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = {
+        tag: [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+    rows = _rows(out)
+    wanted = {
+        key: [(row["epoch"], float(row[key])) for row in rows if key in row]
+        for key in rows[-1]
+        if key not in ("epoch", "step")
+    }
+    assert "val_skipped_images" in wanted
+    assert logged == wanted
+
+
 def _untimed_rows(run: Path) -> list[dict[str, Any]]:
     """``run``'s metrics rows without their timings, which no two runs share."""
     timing = ("train_seconds", "images_per_s")
