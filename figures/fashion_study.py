@@ -1054,12 +1054,20 @@ def loop_verdict_markdown(ablation: dict[str, Any], v: dict[str, Any] | None) ->
         "What a later split buys over the suggested one:",
         "",
     ]
-    for split, a in ablation.items():
-        if SPLITS.index(split) > SPLITS.index(s):
-            extra = (a["extra_params"] - ablation[s]["extra_params"]) / 1e6
-            gain = a["mean"] - ablation[s]["mean"]
-            lines.append(f"- {split}: +{extra:.3f} M parameters, {gain:+.2f} points of mean top-1")
-    return [*lines, ""]
+    later = [x for x in ablation if SPLITS.index(x) > SPLITS.index(s)]
+    return [*lines, *(_bought(ablation[x], ablation[s], x, v["pooled_std"]) for x in later), ""]
+
+
+def _bought(a: dict[str, Any], suggested: dict[str, Any], split: str, pooled: float) -> str:
+    """One line: a later split's extra parameters and FLOPs, and the accuracy they buy."""
+    extra = (a["extra_params"] - suggested["extra_params"]) / 1e6
+    flops = (a["gflops"] - suggested["gflops"]) * 1e3  # MFLOPs per image
+    gain = a["mean"] - suggested["mean"]
+    noise = "beyond" if abs(gain) > pooled else "within"
+    return (
+        f"- {split}: +{extra:.3f} M parameters, {flops:+.2f} MFLOPs per image (mean over the "
+        f"sizes), {gain:+.2f} points of mean top-1 ({noise} the pooled seed std)"
+    )
 
 
 def time_markdown(data: Path) -> list[str]:

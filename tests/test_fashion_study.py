@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,3 +207,25 @@ def test_the_papers_criteria_name_the_spread_of_each_pair_they_compare(study: Mo
     assert "MST - vanilla +2.00 (beyond the larger seed std)" in why  # both have 3 seeds
     assert met_small  # +19 points
     assert not met_full  # vanilla - MSUN = 1.5 > 1
+
+
+def test_what_a_later_split_buys_is_weighed_against_the_seed_noise(study: ModuleType) -> None:
+    def point(mean: float, params: int, gflops: float) -> dict[str, Any]:
+        return {"mean": mean, "std": 0.3, "extra_params": params, "gflops": gflops}
+
+    ablation = {
+        "layer1": point(90.0, 7_000, 0.0676),
+        "layer2": point(90.2, 303_000, 0.0694),
+        "layer3": point(90.5, 1_354_000, 0.0688),
+        "layer4": point(90.1, 5_000_000, 0.0700),
+    }
+    v = study.loop_verdict(ablation, [{"choice": "layer1"}])
+    lines = [x for x in study.loop_verdict_markdown(ablation, v) if x.startswith("- ")]
+    assert lines == [
+        "- layer2: +0.296 M parameters, +1.80 MFLOPs per image (mean over the sizes), +0.20 "
+        "points of mean top-1 (within the pooled seed std)",
+        "- layer3: +1.347 M parameters, +1.20 MFLOPs per image (mean over the sizes), +0.50 "
+        "points of mean top-1 (beyond the pooled seed std)",
+        "- layer4: +4.993 M parameters, +2.40 MFLOPs per image (mean over the sizes), +0.10 "
+        "points of mean top-1 (within the pooled seed std)",
+    ]
