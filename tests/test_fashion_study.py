@@ -205,8 +205,15 @@ def test_the_papers_criteria_name_the_spread_of_each_pair_they_compare(study: Mo
     assert "79.50 / 79.00 ± 0.10 / 77.00 ± 1.00" in why  # no std for the one-seed MSUN
     assert "MSUN - MST +0.50 (one seed: its spread is not known yet)" in why
     assert "MST - vanilla +2.00 (beyond the larger seed std)" in why  # both have 3 seeds
+    assert why.endswith("; met on the means only: a gap within the seed std leaves that order open")
     assert met_small  # +19 points
     assert not met_full  # vanilla - MSUN = 1.5 > 1
+    acc["msun"] = {**_agg(3, 55.0, 86.5), "mean": {"mean": 80.0, "std": 0.2}}
+    (_, met, why), *_ = study.verdict(acc, "msun")
+    assert met
+    assert why.endswith(
+        "MSUN - MST +1.00 (beyond the larger seed std), MST - vanilla +2.00 (beyond the larger seed std)"
+    )
 
 
 def test_what_a_later_split_buys_is_weighed_against_the_seed_noise(study: ModuleType) -> None:
