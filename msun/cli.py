@@ -29,6 +29,7 @@ from msun.config import (
     parse_sizes,
     run_options,
     sizes_text,
+    without_split_record,
 )
 from msun.options import EvalConfig, FlopsConfig, check_eval
 
@@ -239,7 +240,8 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     """
     explicit = explicit_options()
     given = {k: v for k, v in values.items() if k in explicit}
-    from_file = load_yaml(config_file) if config_file else {}
+    # a run's own config.yaml repeats the split it chose, not the analysis it chose it from
+    from_file = without_split_record(load_yaml(config_file), given) if config_file else {}
     cfg = merge(from_file, given)
     files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults

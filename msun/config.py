@@ -661,6 +661,23 @@ def saved_value(config: Mapping[str, Any], key: str) -> Any:
     return config.get(key, ADDED_LATER.get(key))
 
 
+def without_split_record(options: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's ``options`` less a ``cka_from`` that only records where its split came from.
+
+    A ``--split-at auto`` run's config.yaml holds the split it chose and the analysis it chose it
+    from: read again (``--config`` of it), the file repeats that split, as ``--resume`` does
+    (``run_options``), and its ``cka_from`` asks for no analysis. The ``cka_from`` stays where a
+    split is still to be chosen (``--split-at auto`` given or in the file) or the file names no
+    split (then it is refused, naming the file); a ``--cka-from`` in ``given`` (the command
+    line) is the user's own request.
+    """
+    split = given["split_at"] if "split_at" in given else options.get("split_at")
+    chosen = options.get("split_at") not in (None, "auto")
+    if "cka_from" in given or split == "auto" or not chosen:
+        return dict(options)
+    return {k: v for k, v in options.items() if k != "cka_from"}
+
+
 def is_run_config(path: Path) -> bool:
     """Whether ``path`` is a config.yaml of ``msun train``'s: every option a run records."""
     try:
