@@ -897,7 +897,7 @@ def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
     micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
-        network_words(cfg)
+        network_words(cfg, loop.input_size)
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} on {info.device}"
     )
@@ -907,8 +907,12 @@ def _announce(loop: Loop, console: Console) -> None:
         )
 
 
-def network_words(cfg: C.TrainConfig) -> str:
-    """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation."""
+def network_words(cfg: C.TrainConfig, fed: int | None = None) -> str:
+    """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation.
+
+    ``fed`` is the side a fine-tuned plain network is fed (``Loop.input_size``; None: its
+    image size): each crop is resized to it, which the words say where it is not the crop's.
+    """
     words = f"{cfg.method} {cfg.model}"
     if cfg.method == "msun":  # a fine-tuned MSUN's split and scales are its checkpoint's
         words += f" split at {cfg.split_at}, scales {list(cfg.scales)}"
@@ -922,8 +926,15 @@ def network_words(cfg: C.TrainConfig) -> str:
         words += ", ensemble distillation"
     if cfg.init_from is not None:
         what = "linear probe" if cfg.linear_probe else "fine-tuning"
-        words += f", {what} of {cfg.init_from} at {cfg.image_size} px"
+        words += f", {what} of {cfg.init_from} at {_fed_side(cfg.image_size, fed)}"
     return words
+
+
+def _fed_side(image_size: int, fed: int | None) -> str:
+    """The side in words: "28 px", or "224 px (28-px images resized)" where they differ."""
+    if fed is None or fed == image_size:
+        return f"{image_size} px"
+    return f"{fed} px ({image_size}-px images resized)"
 
 
 #: Steps timed before a run's length is estimated; runs estimated longer than LONG_RUN seconds

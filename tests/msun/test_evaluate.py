@@ -285,6 +285,7 @@ def test_a_fine_tuned_plain_network_is_scored_at_the_size_it_was_trained_at(
     args = ["--init-from", str(src / "last.pt"), "--image-size", "16", "--eval-sizes", "8,16"]
     done = CliRunner().invoke(main, ["train", *common, *args, "--out", str(tuned)])
     assert done.exit_code == 0, done.output
+    assert f"fine-tuning of {src / 'last.pt'} at 32 px (16-px images resized)" in done.stdout
     row = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
     out = tmp_path / "ev"
     scored = ["eval", str(tuned / "last.pt"), "--num-val", "16", "--batch-size", "8"]

@@ -727,3 +727,8 @@ def test_a_run_announces_what_it_trains() -> None:
     assert words(method="mst", bn="private", init_from="a.pt", image_size=32) == (
         "mst resnet18, a BatchNorm set per scale, fine-tuning of a.pt at 32 px"
     )  # a fine-tuned network runs at one size, not at its training scales
+    plain = TrainConfig(model="resnet18", method="vanilla", init_from="sd.pt", image_size=28)
+    assert network_words(plain, 224) == (
+        "vanilla resnet18, fine-tuning of sd.pt at 224 px (28-px images resized)"
+    )  # a plain state dict is fed ImageNet's side, as its checkpoints record
+    assert network_words(plain, 28).endswith("fine-tuning of sd.pt at 28 px")
