@@ -204,10 +204,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping of option names (dashes or underscores) to values.
 
     Raises:
-        InputError: No such file, a file too large, not UTF-8 text, not YAML, YAML with
+        InputError: No such file (or a folder), a file too large, not UTF-8 text, not YAML, YAML with
             aliases or nested too deep, or not a mapping of option names.
     """
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"config file {p} is a folder, not a YAML file. Hint: {_file_in(p)}")
     if not p.is_file():
         raise InputError(f"config file {p} does not exist")
     if p.stat().st_size > MAX_CONFIG_BYTES:
@@ -226,6 +228,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if bad is not None:
         raise InputError(f"{p}: option names are words, got the key {reprlib.repr(bad)}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _file_in(folder: Path) -> str:
+    """What to give instead of a folder: its run's config.yaml where it holds one."""
+    if (folder / "config.yaml").is_file():
+        return f"give {folder / 'config.yaml'}, the options of the run in it"
+    return "give the YAML file itself"
 
 
 def nominal_scales(image_size: int) -> tuple[int, ...]:

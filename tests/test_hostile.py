@@ -82,6 +82,7 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("config", MSUN, T, ["--config", "{big_yaml}"], "too large for a config file"),
     ("config", MSUN, T, ["--config", "{list_out_yaml}"], "out takes str, got a list of 2"),
     ("config", MSUN, T, ["--config", "{int_key_yaml}"], "option names are words"),
+    ("config", MSUN, T, ["--config", "{run}"], "is a folder, not a YAML file. Hint: give the"),
     ("numbers", MSUN, T, ["--config", "{nan_lr_yaml}"], "--lr must be a finite number"),
     ("numbers", MSUN, T, ["--lr", "nan"], "--lr must be a finite number"),
     ("numbers", MSUN, T, ["--lr", "inf"], "--lr must be a finite number"),

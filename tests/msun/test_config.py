@@ -152,6 +152,17 @@ def test_cka_from_without_split_at_auto_is_refused(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_given_as_the_config_file_is_named_a_folder(tmp_path: Path) -> None:
+    from ckascope.platform import InputError
+    from msun.config import load_yaml
+
+    with pytest.raises(InputError, match=r"is a folder, not a YAML file\. Hint: give the YAML"):
+        load_yaml(tmp_path)
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")  # a run folder: its own options
+    with pytest.raises(InputError, match=f"Hint: give {tmp_path / 'config.yaml'}, the options"):
+        load_yaml(tmp_path)
+
+
 def test_none_is_a_word_of_the_command_line_only(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("split_at: none\n")  # a file's value is read as it always was
