@@ -935,20 +935,32 @@ def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Data
         seed: The synthetic set's seed (the pool the run's validation drew).
 
     Raises:
-        InputError: As ``build_dataset``, and for the folder without val/ above.
+        InputError: As ``build_dataset`` (in msun eval's words where its hint names ckascope's
+            default data), and for the folder without val/ above.
     """
-    return build_dataset(
-        data,
-        "val",
-        eval_transform(image_size, default_resize(data, image_size)),
-        num_images=num_images,
-        seed=seed,
-        synthetic_size=image_size,
-        # read for an image folder only (build_dataset decides what the spec names)
-        require_split=(Path(data).expanduser() / "train").is_dir(),
-        missing_split_hint="msun eval scores the images in val/ (one sub-folder per class): "
-        "give --data a folder with val/, or a folder of class sub-folders",
-    )
+    try:
+        return build_dataset(
+            data,
+            "val",
+            eval_transform(image_size, default_resize(data, image_size)),
+            num_images=num_images,
+            seed=seed,
+            synthetic_size=image_size,
+            # read for an image folder only (build_dataset decides what the spec names)
+            require_split=(Path(data).expanduser() / "train").is_dir(),
+            missing_split_hint="msun eval scores the images in val/ (one sub-folder per class): "
+            "give --data a folder with val/, or a folder of class sub-folders",
+        )
+    except InputError as e:
+        raise InputError(str(e).replace(*EVAL_DEFAULT_DATA)) from e
+
+
+#: ckascope's hint for a --data folder that does not exist ends with ckascope's default, the
+#: synthetic set; msun eval's is the (first) run's own data, and the synthetic set is named.
+EVAL_DEFAULT_DATA = (
+    ", or omit --data for the synthetic set",
+    ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
+)
 
 
 def scored_in_place(dataset: Dataset[Any], data: str) -> Path | None:

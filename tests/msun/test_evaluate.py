@@ -345,6 +345,11 @@ def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
         ),
         ([ckpt, "--data", str(tmp_path / "noval"), *out], "noval has no val/ folder. Hint:"),
         (
+            [ckpt, "--data", str(tmp_path / "nowhere"), *out],
+            # leaving --data out scores the run's own data: shapes is the synthetic set
+            ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
+        ),
+        (
             [ckpt, "--data", str(tmp_path / "small"), "--num-val", "3", *out],
             "--num-val 3 asks for more validation images than "
             f"{tmp_path / 'small'} holds: 2. Hint: give --num-val 2 or fewer",
@@ -352,7 +357,9 @@ def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(3), ids=["plain-state-dict", "train-without-val", "num-val"])
+@pytest.mark.parametrize(
+    "case", range(4), ids=["plain-state-dict", "train-without-val", "missing-data", "num-val"]
+)
 def test_eval_refuses_before_scoring(tmp_path: Path, two_classes: Path, case: int) -> None:
     from tests.refusals import assert_refused
 
