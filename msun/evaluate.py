@@ -57,6 +57,7 @@ from ckascope.platform import (
     resize,
     subset_indices,
     to_layout,
+    warn,
     warn_skipped,
 )
 from msun.backbones import accepts, classifier, smallest_side
@@ -804,6 +805,22 @@ def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: i
                 f"({', '.join(map(str, values))}), so one test set would not fit them all. "
                 f"Hint: evaluate them separately, or pass {flag} to evaluate every one on the "
                 "same test images"
+            )
+
+
+def note_synthetic(loaded: Sequence[Loaded], data: str | None) -> None:
+    """Notes each checkpoint trained on other images than the synthetic ones ``--data`` asks for.
+
+    Its scores are then those of another set than its own, which the run's validation never
+    saw (``ckascope compare --checkpoint`` notes the same of its default data).
+    """
+    if data != SYNTHETIC:
+        return
+    for item in loaded:
+        if item.data != SYNTHETIC:
+            warn(
+                f"{item.path} was trained on {item.data}; these are the synthetic images. "
+                f"Hint: leave --data out (or --data {item.data}) to score it on its own"
             )
 
 

@@ -367,6 +367,23 @@ def test_eval_refuses_before_scoring(tmp_path: Path, two_classes: Path, case: in
     assert_refused(main, ["eval", *argv], needle, tmp_path)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Path) -> None:
+    """As ckascope compare --checkpoint notes it: its scores are not of its own images."""
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    ckpt = tmp_path / "fm.pt"
+    save_checkpoint(model, ckpt, train_config={"data": "fashionmnist", "image_size": 32})
+    args = ["eval", str(ckpt), "--data", "shapes", "--num-val", "8", "--batch-size", "8"]
+    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"note: {ckpt.absolute()} was trained on fashionmnist; these are the synthetic images. "
+        "Hint: leave --data out (or --data fashionmnist) to score it on its own"
+    ) in result.stderr
+
+
 def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:
     """msun eval's message is its own; ckascope compare still asks for --model."""
     from ckascope.errors import InputError
