@@ -246,6 +246,18 @@ def nominal_scales(image_size: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(image_size * s / 224)) for s in (32, 128, 224)}))
 
 
+def upsampled_scales(cfg: TrainConfig) -> list[int]:
+    """The training scales above the image size, to which each crop is upsampled.
+
+    An MSUN path or an MST scale there sees no detail its crop lacks (``nominal_scales``, the
+    default, ends at the image size). None for vanilla, which trains at the image size, nor for
+    fine-tuning, whose network is the checkpoint's.
+    """
+    if cfg.method == "vanilla" or cfg.init_from is not None:
+        return []
+    return [s for s in cfg.scales if s > cfg.image_size]
+
+
 def merge(*layers: Mapping[str, Any]) -> TrainConfig:
     """Defaults, then each mapping in turn (later ones win); unknown keys are refused."""
     values: dict[str, Any] = {}

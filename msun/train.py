@@ -42,6 +42,7 @@ from ckascope.platform import (
     make_progress,
     model_from_checkpoint,
     read_checkpoint,
+    warn,
     warn_skipped,
     write_text,
 )
@@ -901,9 +902,22 @@ def _announce(loop: Loop, console: Console) -> None:
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} on {info.device}"
     )
+    _note_upsampled(cfg)
     if (cfg.warmup_epochs or 0) >= (cfg.epochs or 0):
         console.print(
             f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"
+        )
+
+
+def _note_upsampled(cfg: C.TrainConfig) -> None:
+    """Notes training scales above ``--image-size``: its crops upsampled, no detail added."""
+    above = C.upsampled_scales(cfg)
+    if above:
+        warn(
+            f"--scales {' '.join(map(str, above))} above --image-size {cfg.image_size}: each "
+            f"{cfg.image_size}-px crop is upsampled to {'it' if len(above) == 1 else 'them'}, "
+            "which adds no detail (msun's default --scales end at the image size: "
+            f"{' '.join(map(str, C.nominal_scales(cfg.image_size)))})"
         )
 
 

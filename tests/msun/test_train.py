@@ -706,6 +706,19 @@ def test_deterministic_fixes_the_cublas_workspace(
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_training_scales_above_the_image_size_are_noted(tmp_path: Path) -> None:
+    result = train_tiny(
+        tmp_path / "r", "--scales", "16", "48", "--epochs", "1", "--steps-per-epoch", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: --scales 48 above --image-size 32: each 32-px crop is upsampled to it, which adds "
+        "no detail (msun's default --scales end at the image size: 5 18 32)"
+    ) in result.stderr
+    assert "note: --scales" not in train_tiny(tmp_path / "s", "--epochs", "1").stderr
+
+
 def test_a_run_announces_what_it_trains() -> None:
     from msun.config import TrainConfig
     from msun.train import network_words
