@@ -22,11 +22,11 @@ from msun import __version__
 from msun.config import (
     TrainConfig,
     check,
-    load_yaml,
     merge,
     nominal_scales,
     paper_sizes,
     parse_sizes,
+    read_options,
     run_options,
     sizes_text,
     without_split_record,
@@ -241,7 +241,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     explicit = explicit_options()
     given = {k: v for k, v in values.items() if k in explicit}
     # a run's own config.yaml repeats the split it chose, not the analysis it chose it from
-    from_file = without_split_record(load_yaml(config_file), given) if config_file else {}
+    from_file = without_split_record(read_options(config_file), given) if config_file else {}
     cfg = merge(from_file, given)
     files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults

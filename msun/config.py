@@ -263,10 +263,29 @@ def merge(*layers: Mapping[str, Any]) -> TrainConfig:
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key not in FIELDS:
-                raise InputError(hint_close(key, FIELDS, what="config key"))
-            values[key] = coerce(key, value)
+            values[key] = _option(key, value)
     return TrainConfig(**values)
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """A config file's options (``load_yaml``), each value as its option's type.
+
+    Raises:
+        InputError: What ``load_yaml`` refuses, an unknown option or a value its option does
+            not take, naming the file.
+    """
+    options = load_yaml(path)
+    try:
+        return {key: _option(key, value) for key, value in options.items()}
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def _option(key: str, value: Any) -> Any:
+    """``value`` as option ``key``'s type (``coerce``); an unknown ``key`` is refused."""
+    if key not in FIELDS:
+        raise InputError(hint_close(key, FIELDS, what="config key"))
+    return coerce(key, value)
 
 
 def option_type(key: str) -> tuple[Any, bool]:
@@ -291,10 +310,21 @@ def coerce(key: str, value: Any) -> Any:
     try:
         return _as(kind, value)
     except (TypeError, ValueError, OverflowError):
-        kind = (
-            "integers like 32 128 224" if key == "scales" else getattr(kind, "__name__", str(kind))
-        )
-        raise InputError(f"{key.replace('_', '-')} takes {kind}, got {_brief(value)}") from None
+        name, written = _KINDS[typing.get_origin(kind) or kind]
+        flag = key.replace("_", "-")
+        raise InputError(
+            f"{flag} takes {name}, got {_brief(value)}. Hint: give {flag} {written}"
+        ) from None
+
+
+#: Each option type in a refusal's words, and how a value of it is written.
+_KINDS: dict[type, tuple[str, str]] = {
+    int: ("int", "a whole number, such as 8"),
+    float: ("float", "a number, such as 0.1 or 1e-3"),
+    bool: ("bool", "true or false"),
+    str: ("str", "text, such as a name or a path"),
+    tuple: ("integers", "integers, such as 32 128 224"),
+}
 
 
 def _brief(value: Any) -> str:
@@ -401,7 +431,7 @@ def check(
             started with ``--amp fp16`` on a GPU may go on on a CPU, slowly).
     """
     sources = sources or {}
-    _check_values(cfg)
+    _check_values(cfg, sources)
     _check_method(cfg, sources)
     _check_bn(cfg)
     if cfg.cka_from is not None and cfg.split_at != "auto":
@@ -420,23 +450,35 @@ def check(
     _check_sizes(cfg)
 
 
-def _check_values(cfg: TrainConfig) -> None:
+def _check_values(cfg: TrainConfig, sources: Mapping[str, str]) -> None:
     """Each option on its own: one of its choices, a finite number, in its range."""
     choices = {k: f.metadata["choices"] for k, f in FIELDS.items() if "choices" in f.metadata}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise InputError(
-                f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
-            )
+            raise _unfit(key, f"one of {', '.join(allowed)}", cfg, sources)
     for key in FIELDS:
         value = getattr(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{_flag(key)} must be a finite number, got {value}")
+            raise _unfit(key, "a finite number", cfg, sources)
     for key, (test, wanted) in RANGES.items():
-        value = getattr(cfg, key)
-        if not test(value):
-            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-            raise InputError(f"{_flag(key)} must be {wanted}, got {shown}")
+        if not test(getattr(cfg, key)):
+            raise _unfit(key, wanted, cfg, sources)
+
+
+def _unfit(key: str, wanted: str, cfg: TrainConfig, sources: Mapping[str, str]) -> InputError:
+    """The refusal of option ``key``'s value, ``wanted`` saying what it must be.
+
+    A value a config file set names the file (as ``_named`` does) and how to mend it there.
+    """
+    value = getattr(cfg, key)
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    if key not in sources:
+        shown = repr(value) if isinstance(value, str) else shown
+        return InputError(f"{_flag(key)} must be {wanted}, got {shown}")
+    return InputError(
+        f"{_flag(key)} {shown} (from {sources[key]}) must be {wanted}. Hint: correct "
+        f"{key} in {sources[key]}, or give {_flag(key)} on the command line (flags win)"
+    )
 
 
 def _check_method(cfg: TrainConfig, sources: Mapping[str, str]) -> None:
