@@ -21,7 +21,7 @@ import math
 import reprlib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -642,6 +642,11 @@ def paper_sizes(image_size: int) -> list[int]:
     sizes that round to the same pixel count appear once.
     """
     return sorted({max(1, round(image_size * (2 + i) / 14)) for i in range(13)})
+
+
+def sizes_count(sizes: Sequence[int]) -> str:
+    """How many test sizes a progress line covers, in words: "13 sizes", "1 size"."""
+    return f"{len(sizes)} size{'' if len(sizes) == 1 else 's'}"
 
 
 def sizes_text(sizes: list[int]) -> str:

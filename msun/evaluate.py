@@ -62,6 +62,7 @@ from ckascope.platform import (
 )
 from msun.backbones import accepts, classifier, smallest_side
 from msun.checkpoint import input_size
+from msun.config import sizes_count
 from msun.data import SYNTHETIC_TRAIN, check_count, recalibration_seed
 from msun.flops import flops_report, meta_twin, vanilla_flops
 from msun.model import MSUN, eval_mode
@@ -1073,7 +1074,7 @@ def _evaluate_one(
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(
-        f"eval {item.name} ({len(sizes)} sizes)",
+        f"eval {item.name} ({sizes_count(sizes)})",
         total=_passes(model, sizes, paths, recalibration, loader),
     )
     result = evaluate(

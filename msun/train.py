@@ -624,7 +624,7 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
     count = dataset_len(loop.val_loader.dataset)
     plan = val_batches(count, batch, loop.info)
     sizes = C.parse_sizes(loop.cfg.eval_sizes)
-    task = bar.add_task(f"validation ({len(sizes)} sizes)", total=len(plan))
+    task = bar.add_task(f"validation ({C.sizes_count(sizes)})", total=len(plan))
     # The processes agree on a stop after each batch (one all-reduce under torchrun); shares
     # differ by up to one image, so only after the batches every process has.
     last_rank = dataclasses.replace(loop.info, rank=loop.info.world_size - 1)

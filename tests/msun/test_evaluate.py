@@ -382,6 +382,7 @@ def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Pa
         f"note: {ckpt.absolute()} was trained on fashionmnist; these are the synthetic images. "
         "Hint: leave --data out (or --data fashionmnist) to score it on its own"
     ) in result.stderr
+    assert "eval fm (1 size): 1/1 (" in result.output  # its progress, without a terminal
 
 
 def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:
