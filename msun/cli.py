@@ -293,6 +293,7 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         eval_dataset,
         evaluate_checkpoints,
         load_for_eval,
+        note_repeated,
         note_synthetic,
         recalibration_set,
         scored_in_place,
@@ -322,7 +323,9 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     count = dataset_len(dataset)
     check_num_val(cfg.num_val, count, data)
     check_classes(loaded, dataset, data)
-    note_synthetic(loaded, data)  # after the last refusal: a refused call prints one line
+    # after the last refusal: a refused call prints one line
+    note_repeated(checkpoints, names)
+    note_synthetic(loaded, data)
     in_place = scored_in_place(dataset, data)
     if in_place is not None and info.is_main:
         make_console().print(

@@ -745,6 +745,19 @@ def unique_labels(paths: Sequence[Path]) -> list[str]:
     return labels
 
 
+def note_repeated(paths: Sequence[Path], labels: Sequence[str]) -> None:
+    """Notes each checkpoint file given more than once: it is scored again under each label."""
+    given: dict[Path, list[str]] = {}
+    for path, label in zip(paths, labels, strict=True):
+        given.setdefault(Path(path).absolute(), []).append(label)
+    for path, named in given.items():
+        if len(named) > 1:
+            warn(
+                f"{path} is given {len(named)} times: it is evaluated each time, as "
+                f"{', '.join(named)}. Hint: give each checkpoint once"
+            )
+
+
 def _labels_apart(files: Sequence[Path]) -> list[str]:
     """Labels of distinct files: ``checkpoint_label``, lengthened where two share one."""
     labels = [checkpoint_label(f) for f in files]

@@ -385,6 +385,21 @@ def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Pa
     assert "eval fm (1 size): 1/1 (" in result.output  # its progress, without a terminal
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_checkpoint_given_twice_is_noted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(build_msun("resnet18", scales=(16, 32), num_classes=10).eval(), ckpt)
+    args = ["eval", str(ckpt), str(ckpt), "--num-val", "4", "--batch-size", "4"]
+    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"note: {ckpt} is given 2 times: it is evaluated each time, as m, m#2. "
+        "Hint: give each checkpoint once"
+    ) in result.stderr
+
+
 def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:
     """msun eval's message is its own; ckascope compare still asks for --model."""
     from ckascope.errors import InputError
