@@ -257,8 +257,25 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     finally:
         close_distributed()
     make_console(quiet=launched_rank()[0] != 0).print(  # one folder for the job: said once
-        f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
+        f"run folder: {out} ({_run_contents(out)})"
     )
+
+
+#: What a run folder may hold, in the order its last line names them.
+RUN_CONTENTS = (
+    "last.pt",
+    "best.pt",
+    "metrics.csv",
+    "metrics.jsonl",
+    "config.yaml",
+    "split-analysis/",
+    "tensorboard/",
+)
+
+
+def _run_contents(out: Path) -> str:
+    """The files and folders of a run that its folder holds (TensorBoard's with --tensorboard)."""
+    return ", ".join(name for name in RUN_CONTENTS if (out / name.rstrip("/")).exists())
 
 
 @main.command(name="eval", cls=EvalCommand, context_settings={"max_content_width": 110})

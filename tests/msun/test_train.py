@@ -369,7 +369,9 @@ def test_tensorboard_logs_every_number_of_every_metrics_row(tmp_path: Path) -> N
     """Each column but epoch and step is a curve over epochs, the skipped images' count too."""
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "run"
-    assert train_tiny(out, "--epochs", "2", "--tensorboard").exit_code == 0
+    result = train_tiny(out, "--epochs", "2", "--tensorboard")
+    assert result.exit_code == 0, result.output
+    assert "metrics.jsonl, config.yaml, tensorboard/)" in result.stdout  # the run folder's line
     events = accumulator.EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     logged = {
