@@ -22,13 +22,14 @@ from msun import __version__
 from msun.config import (
     TrainConfig,
     check,
-    load_yaml,
     merge,
     nominal_scales,
     paper_sizes,
     parse_sizes,
+    read_options,
     run_options,
     sizes_text,
+    without_split_record,
 )
 from msun.options import EvalConfig, FlopsConfig, check_eval
 
@@ -239,7 +240,8 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     """
     explicit = explicit_options()
     given = {k: v for k, v in values.items() if k in explicit}
-    from_file = load_yaml(config_file) if config_file else {}
+    # a run's own config.yaml repeats the split it chose, not the analysis it chose it from
+    from_file = without_split_record(read_options(config_file), given) if config_file else {}
     cfg = merge(from_file, given)
     files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults
@@ -255,8 +257,25 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     finally:
         close_distributed()
     make_console(quiet=launched_rank()[0] != 0).print(  # one folder for the job: said once
-        f"run folder: {out} (last.pt, best.pt, metrics.csv, metrics.jsonl, config.yaml)"
+        f"run folder: {out} ({_run_contents(out)})"
     )
+
+
+#: What a run folder may hold, in the order its last line names them.
+RUN_CONTENTS = (
+    "last.pt",
+    "best.pt",
+    "metrics.csv",
+    "metrics.jsonl",
+    "config.yaml",
+    "split-analysis/",
+    "tensorboard/",
+)
+
+
+def _run_contents(out: Path) -> str:
+    """The files and folders of a run that its folder holds (TensorBoard's with --tensorboard)."""
+    return ", ".join(name for name in RUN_CONTENTS if (out / name.rstrip("/")).exists())
 
 
 @main.command(name="eval", cls=EvalCommand, context_settings={"max_content_width": 110})
@@ -291,6 +310,8 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         eval_dataset,
         evaluate_checkpoints,
         load_for_eval,
+        note_repeated,
+        note_synthetic,
         recalibration_set,
         scored_in_place,
         unique_labels,
@@ -319,6 +340,9 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     count = dataset_len(dataset)
     check_num_val(cfg.num_val, count, data)
     check_classes(loaded, dataset, data)
+    # after the last refusal: a refused call prints one line
+    note_repeated(checkpoints, names)
+    note_synthetic(loaded, data)
     in_place = scored_in_place(dataset, data)
     if in_place is not None and info.is_main:
         make_console().print(

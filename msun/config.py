@@ -21,7 +21,7 @@ import math
 import reprlib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -204,10 +204,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping of option names (dashes or underscores) to values.
 
     Raises:
-        InputError: No such file, a file too large, not UTF-8 text, not YAML, YAML with
+        InputError: No such file (or a folder), a file too large, not UTF-8 text, not YAML, YAML with
             aliases or nested too deep, or not a mapping of option names.
     """
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"config file {p} is a folder, not a YAML file. Hint: {_file_in(p)}")
     if not p.is_file():
         raise InputError(f"config file {p} does not exist")
     if p.stat().st_size > MAX_CONFIG_BYTES:
@@ -228,6 +230,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _file_in(folder: Path) -> str:
+    """What to give instead of a folder: its run's config.yaml where it holds one."""
+    if (folder / "config.yaml").is_file():
+        return f"give {folder / 'config.yaml'}, the options of the run in it"
+    return "give the YAML file itself"
+
+
 def nominal_scales(image_size: int) -> tuple[int, ...]:
     """The paper's nominal sizes 32, 128, 224 scaled to ``image_size`` (4, 16, 28 for 28).
 
@@ -237,15 +246,46 @@ def nominal_scales(image_size: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(image_size * s / 224)) for s in (32, 128, 224)}))
 
 
+def upsampled_scales(cfg: TrainConfig) -> list[int]:
+    """The training scales above the image size, to which each crop is upsampled.
+
+    An MSUN path or an MST scale there sees no detail its crop lacks (``nominal_scales``, the
+    default, ends at the image size). None for vanilla, which trains at the image size, nor for
+    fine-tuning, whose network is the checkpoint's.
+    """
+    if cfg.method == "vanilla" or cfg.init_from is not None:
+        return []
+    return [s for s in cfg.scales if s > cfg.image_size]
+
+
 def merge(*layers: Mapping[str, Any]) -> TrainConfig:
     """Defaults, then each mapping in turn (later ones win); unknown keys are refused."""
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key not in FIELDS:
-                raise InputError(hint_close(key, FIELDS, what="config key"))
-            values[key] = coerce(key, value)
+            values[key] = _option(key, value)
     return TrainConfig(**values)
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """A config file's options (``load_yaml``), each value as its option's type.
+
+    Raises:
+        InputError: What ``load_yaml`` refuses, an unknown option or a value its option does
+            not take, naming the file.
+    """
+    options = load_yaml(path)
+    try:
+        return {key: _option(key, value) for key, value in options.items()}
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def _option(key: str, value: Any) -> Any:
+    """``value`` as option ``key``'s type (``coerce``); an unknown ``key`` is refused."""
+    if key not in FIELDS:
+        raise InputError(hint_close(key, FIELDS, what="config key"))
+    return coerce(key, value)
 
 
 def option_type(key: str) -> tuple[Any, bool]:
@@ -270,10 +310,21 @@ def coerce(key: str, value: Any) -> Any:
     try:
         return _as(kind, value)
     except (TypeError, ValueError, OverflowError):
-        kind = (
-            "integers like 32 128 224" if key == "scales" else getattr(kind, "__name__", str(kind))
-        )
-        raise InputError(f"{key.replace('_', '-')} takes {kind}, got {_brief(value)}") from None
+        name, written = _KINDS[typing.get_origin(kind) or kind]
+        flag = key.replace("_", "-")
+        raise InputError(
+            f"{flag} takes {name}, got {_brief(value)}. Hint: give {flag} {written}"
+        ) from None
+
+
+#: Each option type in a refusal's words, and how a value of it is written.
+_KINDS: dict[type, tuple[str, str]] = {
+    int: ("int", "a whole number, such as 8"),
+    float: ("float", "a number, such as 0.1 or 1e-3"),
+    bool: ("bool", "true or false"),
+    str: ("str", "text, such as a name or a path"),
+    tuple: ("integers", "integers, such as 32 128 224"),
+}
 
 
 def _brief(value: Any) -> str:
@@ -380,7 +431,7 @@ def check(
             started with ``--amp fp16`` on a GPU may go on on a CPU, slowly).
     """
     sources = sources or {}
-    _check_values(cfg)
+    _check_values(cfg, sources)
     _check_method(cfg, sources)
     _check_bn(cfg)
     if cfg.cka_from is not None and cfg.split_at != "auto":
@@ -399,23 +450,35 @@ def check(
     _check_sizes(cfg)
 
 
-def _check_values(cfg: TrainConfig) -> None:
+def _check_values(cfg: TrainConfig, sources: Mapping[str, str]) -> None:
     """Each option on its own: one of its choices, a finite number, in its range."""
     choices = {k: f.metadata["choices"] for k, f in FIELDS.items() if "choices" in f.metadata}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise InputError(
-                f"{_flag(key)} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
-            )
+            raise _unfit(key, f"one of {', '.join(allowed)}", cfg, sources)
     for key in FIELDS:
         value = getattr(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{_flag(key)} must be a finite number, got {value}")
+            raise _unfit(key, "a finite number", cfg, sources)
     for key, (test, wanted) in RANGES.items():
-        value = getattr(cfg, key)
-        if not test(value):
-            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-            raise InputError(f"{_flag(key)} must be {wanted}, got {shown}")
+        if not test(getattr(cfg, key)):
+            raise _unfit(key, wanted, cfg, sources)
+
+
+def _unfit(key: str, wanted: str, cfg: TrainConfig, sources: Mapping[str, str]) -> InputError:
+    """The refusal of option ``key``'s value, ``wanted`` saying what it must be.
+
+    A value a config file set names the file (as ``_named`` does) and how to mend it there.
+    """
+    value = getattr(cfg, key)
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    if key not in sources:
+        shown = repr(value) if isinstance(value, str) else shown
+        return InputError(f"{_flag(key)} must be {wanted}, got {shown}")
+    return InputError(
+        f"{_flag(key)} {shown} (from {sources[key]}) must be {wanted}. Hint: correct "
+        f"{key} in {sources[key]}, or give {_flag(key)} on the command line (flags win)"
+    )
 
 
 def _check_method(cfg: TrainConfig, sources: Mapping[str, str]) -> None:
@@ -581,6 +644,11 @@ def paper_sizes(image_size: int) -> list[int]:
     return sorted({max(1, round(image_size * (2 + i) / 14)) for i in range(13)})
 
 
+def sizes_count(sizes: Sequence[int]) -> str:
+    """How many test sizes a progress line covers, in words: "13 sizes", "1 size"."""
+    return f"{len(sizes)} size{'' if len(sizes) == 1 else 's'}"
+
+
 def sizes_text(sizes: list[int]) -> str:
     """``start:stop:step`` for evenly spaced sizes, else a comma list (``parse_sizes``' input)."""
     steps = {b - a for a, b in itertools.pairwise(sizes)}
@@ -659,6 +727,23 @@ ADDED_LATER: dict[str, Any] = {"bn": "shared", "distill": False}
 def saved_value(config: Mapping[str, Any], key: str) -> Any:
     """Option ``key`` of a saved config; an option added later has the value runs had then."""
     return config.get(key, ADDED_LATER.get(key))
+
+
+def without_split_record(options: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's ``options`` less a ``cka_from`` that only records where its split came from.
+
+    A ``--split-at auto`` run's config.yaml holds the split it chose and the analysis it chose it
+    from: read again (``--config`` of it), the file repeats that split, as ``--resume`` does
+    (``run_options``), and its ``cka_from`` asks for no analysis. The ``cka_from`` stays where a
+    split is still to be chosen (``--split-at auto`` given or in the file) or the file names no
+    split (then it is refused, naming the file); a ``--cka-from`` in ``given`` (the command
+    line) is the user's own request.
+    """
+    split = given["split_at"] if "split_at" in given else options.get("split_at")
+    chosen = options.get("split_at") not in (None, "auto")
+    if "cka_from" in given or split == "auto" or not chosen:
+        return dict(options)
+    return {k: v for k, v in options.items() if k != "cka_from"}
 
 
 def is_run_config(path: Path) -> bool:

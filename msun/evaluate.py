@@ -57,10 +57,12 @@ from ckascope.platform import (
     resize,
     subset_indices,
     to_layout,
+    warn,
     warn_skipped,
 )
 from msun.backbones import accepts, classifier, smallest_side
 from msun.checkpoint import input_size
+from msun.config import sizes_count
 from msun.data import SYNTHETIC_TRAIN, check_count, recalibration_seed
 from msun.flops import flops_report, meta_twin, vanilla_flops
 from msun.model import MSUN, eval_mode
@@ -743,6 +745,19 @@ def unique_labels(paths: Sequence[Path]) -> list[str]:
     return labels
 
 
+def note_repeated(paths: Sequence[Path], labels: Sequence[str]) -> None:
+    """Notes each checkpoint file given more than once: it is scored again under each label."""
+    given: dict[Path, list[str]] = {}
+    for path, label in zip(paths, labels, strict=True):
+        given.setdefault(Path(path).absolute(), []).append(label)
+    for path, named in given.items():
+        if len(named) > 1:
+            warn(
+                f"{path} is given {len(named)} times: it is evaluated each time, as "
+                f"{', '.join(named)}. Hint: give each checkpoint once"
+            )
+
+
 def _labels_apart(files: Sequence[Path]) -> list[str]:
     """Labels of distinct files: ``checkpoint_label``, lengthened where two share one."""
     labels = [checkpoint_label(f) for f in files]
@@ -804,6 +819,22 @@ def check_same_setting(loaded: Sequence[Loaded], data: str | None, image_size: i
                 f"({', '.join(map(str, values))}), so one test set would not fit them all. "
                 f"Hint: evaluate them separately, or pass {flag} to evaluate every one on the "
                 "same test images"
+            )
+
+
+def note_synthetic(loaded: Sequence[Loaded], data: str | None) -> None:
+    """Notes each checkpoint trained on other images than the synthetic ones ``--data`` asks for.
+
+    Its scores are then those of another set than its own, which the run's validation never
+    saw (``ckascope compare --checkpoint`` notes the same of its default data).
+    """
+    if data != SYNTHETIC:
+        return
+    for item in loaded:
+        if item.data != SYNTHETIC:
+            warn(
+                f"{item.path} was trained on {item.data}; these are the synthetic images. "
+                f"Hint: leave --data out (or --data {item.data}) to score it on its own"
             )
 
 
@@ -935,20 +966,32 @@ def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Data
         seed: The synthetic set's seed (the pool the run's validation drew).
 
     Raises:
-        InputError: As ``build_dataset``, and for the folder without val/ above.
+        InputError: As ``build_dataset`` (in msun eval's words where its hint names ckascope's
+            default data), and for the folder without val/ above.
     """
-    return build_dataset(
-        data,
-        "val",
-        eval_transform(image_size, default_resize(data, image_size)),
-        num_images=num_images,
-        seed=seed,
-        synthetic_size=image_size,
-        # read for an image folder only (build_dataset decides what the spec names)
-        require_split=(Path(data).expanduser() / "train").is_dir(),
-        missing_split_hint="msun eval scores the images in val/ (one sub-folder per class): "
-        "give --data a folder with val/, or a folder of class sub-folders",
-    )
+    try:
+        return build_dataset(
+            data,
+            "val",
+            eval_transform(image_size, default_resize(data, image_size)),
+            num_images=num_images,
+            seed=seed,
+            synthetic_size=image_size,
+            # read for an image folder only (build_dataset decides what the spec names)
+            require_split=(Path(data).expanduser() / "train").is_dir(),
+            missing_split_hint="msun eval scores the images in val/ (one sub-folder per class): "
+            "give --data a folder with val/, or a folder of class sub-folders",
+        )
+    except InputError as e:
+        raise InputError(str(e).replace(*EVAL_DEFAULT_DATA)) from e
+
+
+#: ckascope's hint for a --data folder that does not exist ends with ckascope's default, the
+#: synthetic set; msun eval's is the (first) run's own data, and the synthetic set is named.
+EVAL_DEFAULT_DATA = (
+    ", or omit --data for the synthetic set",
+    ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
+)
 
 
 def scored_in_place(dataset: Dataset[Any], data: str) -> Path | None:
@@ -1044,7 +1087,7 @@ def _evaluate_one(
 ) -> Evaluated:
     model = item.model.to(device)
     task = bar.add_task(
-        f"eval {item.name} ({len(sizes)} sizes)",
+        f"eval {item.name} ({sizes_count(sizes)})",
         total=_passes(model, sizes, paths, recalibration, loader),
     )
     result = evaluate(

@@ -246,7 +246,23 @@ def check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
             f"--resume with a config that differs from {cfg.out}/last.pt: {'; '.join(diff)}. "
             "Hint: leave those options out (--resume takes the run's own from its config.yaml) "
             f"or repeat the original values{_old_defaults(saved, cfg)}, or train into a new --out"
+            f"{_other_length(saved, cfg)}"
         )
+
+
+def _other_length(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
+    """How to train for another number of epochs, where ``--epochs`` differs: a new run.
+
+    The learning rate's warm-up and cosine decay span the run's own epochs, so a run cannot
+    be lengthened (``--init-from`` would fine-tune a new classifier, not continue it).
+    """
+    if saved.get("epochs") == cfg.epochs:
+        return ""
+    return (
+        f" (the learning rate decays over a run's own --epochs: for {cfg.epochs} epochs train "
+        f"a new run with its options, msun train --config {cfg.out}/config.yaml --epochs "
+        f"{cfg.epochs} --out NEW)"
+    )
 
 
 def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:

@@ -42,6 +42,7 @@ from ckascope.platform import (
     make_progress,
     model_from_checkpoint,
     read_checkpoint,
+    warn,
     warn_skipped,
     write_text,
 )
@@ -623,7 +624,7 @@ def validate(loop: Loop, bar: Reporter, stop: Callable[[], bool] | None = None) 
     count = dataset_len(loop.val_loader.dataset)
     plan = val_batches(count, batch, loop.info)
     sizes = C.parse_sizes(loop.cfg.eval_sizes)
-    task = bar.add_task(f"validation ({len(sizes)} sizes)", total=len(plan))
+    task = bar.add_task(f"validation ({C.sizes_count(sizes)})", total=len(plan))
     # The processes agree on a stop after each batch (one all-reduce under torchrun); shares
     # differ by up to one image, so only after the batches every process has.
     last_rank = dataclasses.replace(loop.info, rank=loop.info.world_size - 1)
@@ -897,18 +898,35 @@ def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
     micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
-        network_words(cfg)
+        network_words(cfg, loop.input_size)
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} on {info.device}"
     )
+    _note_upsampled(cfg)
     if (cfg.warmup_epochs or 0) >= (cfg.epochs or 0):
         console.print(
             f"warning: the {cfg.warmup_epochs:g}-epoch warm-up spans the whole {cfg.epochs}-epoch run; lower --warmup-epochs"
         )
 
 
-def network_words(cfg: C.TrainConfig) -> str:
-    """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation."""
+def _note_upsampled(cfg: C.TrainConfig) -> None:
+    """Notes training scales above ``--image-size``: its crops upsampled, no detail added."""
+    above = C.upsampled_scales(cfg)
+    if above:
+        warn(
+            f"--scales {' '.join(map(str, above))} above --image-size {cfg.image_size}: each "
+            f"{cfg.image_size}-px crop is upsampled to {'it' if len(above) == 1 else 'them'}, "
+            "which adds no detail (msun's default --scales end at the image size: "
+            f"{' '.join(map(str, C.nominal_scales(cfg.image_size)))})"
+        )
+
+
+def network_words(cfg: C.TrainConfig, fed: int | None = None) -> str:
+    """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation.
+
+    ``fed`` is the side a fine-tuned plain network is fed (``Loop.input_size``; None: its
+    image size): each crop is resized to it, which the words say where it is not the crop's.
+    """
     words = f"{cfg.method} {cfg.model}"
     if cfg.method == "msun":  # a fine-tuned MSUN's split and scales are its checkpoint's
         words += f" split at {cfg.split_at}, scales {list(cfg.scales)}"
@@ -922,8 +940,15 @@ def network_words(cfg: C.TrainConfig) -> str:
         words += ", ensemble distillation"
     if cfg.init_from is not None:
         what = "linear probe" if cfg.linear_probe else "fine-tuning"
-        words += f", {what} of {cfg.init_from} at {cfg.image_size} px"
+        words += f", {what} of {cfg.init_from} at {_fed_side(cfg.image_size, fed)}"
     return words
+
+
+def _fed_side(image_size: int, fed: int | None) -> str:
+    """The side in words: "28 px", or "224 px (28-px images resized)" where they differ."""
+    if fed is None or fed == image_size:
+        return f"{image_size} px"
+    return f"{fed} px ({image_size}-px images resized)"
 
 
 #: Steps timed before a run's length is estimated; runs estimated longer than LONG_RUN seconds

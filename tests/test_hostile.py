@@ -50,6 +50,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (made / "list_out.yaml").write_text("out: [runs, a]\n")
     (made / "int_key.yaml").write_text("1: x\n")
     (made / "nan_lr.yaml").write_text("lr: .nan\n")
+    (made / "word_lr.yaml").write_text('lr: "fast"\n')
     (made / "afile").write_text("x")
     write_idx(made / "badlabels", 32, gz=True)
     write_idx(made / "idx", 32, gz=True)  # 16 validation images
@@ -82,7 +83,22 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("config", MSUN, T, ["--config", "{big_yaml}"], "too large for a config file"),
     ("config", MSUN, T, ["--config", "{list_out_yaml}"], "out takes str, got a list of 2"),
     ("config", MSUN, T, ["--config", "{int_key_yaml}"], "option names are words"),
-    ("numbers", MSUN, T, ["--config", "{nan_lr_yaml}"], "--lr must be a finite number"),
+    ("config", MSUN, T, ["--config", "{run}"], "is a folder, not a YAML file. Hint: give the"),
+    (
+        "numbers",
+        MSUN,
+        T,
+        ["--config", "{nan_lr_yaml}"],
+        "--lr nan (from {nan_lr_yaml}) must be a finite number. Hint: correct lr in "
+        "{nan_lr_yaml}, or give --lr on the command line (flags win)",
+    ),
+    (
+        "numbers",
+        MSUN,
+        T,
+        ["--config", "{word_lr_yaml}"],
+        "{word_lr_yaml}: lr takes float, got 'fast'. Hint: give lr a number, such as 0.1 or 1e-3",
+    ),
     ("numbers", MSUN, T, ["--lr", "nan"], "--lr must be a finite number"),
     ("numbers", MSUN, T, ["--lr", "inf"], "--lr must be a finite number"),
     ("numbers", MSUN, T, ["--warmup-epochs", "inf"], "--warmup-epochs must be a finite"),

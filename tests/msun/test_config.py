@@ -99,6 +99,70 @@ def test_a_runs_own_config_trains_a_baseline_once_none_unsets_msuns_options(
     )
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_an_auto_runs_config_repeats_its_chosen_split_and_trains_a_baseline(
+    tmp_path: Path,
+) -> None:
+    """The README's two uses of a run's config.yaml, for a --split-at auto run: its cka_from
+    records where its split came from, and asks for no analysis when the file is read again."""
+    import numpy as np
+
+    from ckascope.result import CKAResult
+
+    layers = ["maxpool", *(f"layer{s}.{i}" for s in range(1, 5) for i in range(2))]
+    settings = {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": [16, 32]}
+    CKAResult(np.full((1, 9, 9), 0.9), layers, layers, settings).save(tmp_path / "cka")
+    auto = ["--split-at", "auto", "--cka-from", str(tmp_path / "cka")]
+    assert train_tiny(tmp_path / "auto", "--epochs", "1", *auto).exit_code == 0
+    saved = tmp_path / "auto" / "config.yaml"
+    chosen = yaml.safe_load(saved.read_text())["split_at"]
+    assert chosen != "auto"
+    again = CliRunner().invoke(
+        main, ["train", "--config", str(saved), "--out", str(tmp_path / "r")]
+    )
+    assert again.exit_code == 0, again.output
+    repeated = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (repeated["split_at"], repeated["cka_from"]) == (chosen, None)
+    assert not (tmp_path / "r" / "split-analysis").exists()  # no analysis: the split is chosen
+    baseline = ["--method", "vanilla", "--split-at", "none", "--si-threshold", "none"]
+    base = ["train", "--config", str(saved), *baseline, "--out", str(tmp_path / "vanilla")]
+    vanilla = CliRunner().invoke(main, base)
+    assert vanilla.exit_code == 0, vanilla.output
+    written = yaml.safe_load((tmp_path / "vanilla" / "config.yaml").read_text())
+    assert (written["method"], written["split_at"], written["cka_from"]) == ("vanilla", None, None)
+
+
+@pytest.mark.parametrize(
+    ("file", "flags", "needle"),
+    [
+        ("cka_from: cka\n", [], "--cka-from cka (from {file}) is the analysis behind"),
+        ("split_at: layer2\ncka_from: cka\n", ["--cka-from", "x"], "--cka-from is the analysis"),
+    ],
+    ids=["set-by-a-file-without-a-split", "given-on-the-command-line"],
+)
+def test_cka_from_without_split_at_auto_is_refused(
+    tmp_path: Path, file: str, flags: list[str], needle: str
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(file)
+    result = train_tiny(tmp_path / "run", "--config", str(config), *flags)
+    assert result.exit_code == 2, result.output
+    assert needle.format(file=config) in result.stderr
+    assert "Hint: add --split-at auto" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_given_as_the_config_file_is_named_a_folder(tmp_path: Path) -> None:
+    from ckascope.platform import InputError
+    from msun.config import load_yaml
+
+    with pytest.raises(InputError, match=r"is a folder, not a YAML file\. Hint: give the YAML"):
+        load_yaml(tmp_path)
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")  # a run folder: its own options
+    with pytest.raises(InputError, match=f"Hint: give {tmp_path / 'config.yaml'}, the options"):
+        load_yaml(tmp_path)
+
+
 def test_none_is_a_word_of_the_command_line_only(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("split_at: none\n")  # a file's value is read as it always was

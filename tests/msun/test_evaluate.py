@@ -285,6 +285,7 @@ def test_a_fine_tuned_plain_network_is_scored_at_the_size_it_was_trained_at(
     args = ["--init-from", str(src / "last.pt"), "--image-size", "16", "--eval-sizes", "8,16"]
     done = CliRunner().invoke(main, ["train", *common, *args, "--out", str(tuned)])
     assert done.exit_code == 0, done.output
+    assert f"fine-tuning of {src / 'last.pt'} at 32 px (16-px images resized)" in done.stdout
     row = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
     out = tmp_path / "ev"
     scored = ["eval", str(tuned / "last.pt"), "--num-val", "16", "--batch-size", "8"]
@@ -344,6 +345,11 @@ def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
         ),
         ([ckpt, "--data", str(tmp_path / "noval"), *out], "noval has no val/ folder. Hint:"),
         (
+            [ckpt, "--data", str(tmp_path / "nowhere"), *out],
+            # leaving --data out scores the run's own data: shapes is the synthetic set
+            ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
+        ),
+        (
             [ckpt, "--data", str(tmp_path / "small"), "--num-val", "3", *out],
             "--num-val 3 asks for more validation images than "
             f"{tmp_path / 'small'} holds: 2. Hint: give --num-val 2 or fewer",
@@ -351,12 +357,47 @@ def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(3), ids=["plain-state-dict", "train-without-val", "num-val"])
+@pytest.mark.parametrize(
+    "case", range(4), ids=["plain-state-dict", "train-without-val", "missing-data", "num-val"]
+)
 def test_eval_refuses_before_scoring(tmp_path: Path, two_classes: Path, case: int) -> None:
     from tests.refusals import assert_refused
 
     argv, needle = _refusals(tmp_path, two_classes)[case]
     assert_refused(main, ["eval", *argv], needle, tmp_path)
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Path) -> None:
+    """As ckascope compare --checkpoint notes it: its scores are not of its own images."""
+    torch.manual_seed(0)
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    ckpt = tmp_path / "fm.pt"
+    save_checkpoint(model, ckpt, train_config={"data": "fashionmnist", "image_size": 32})
+    args = ["eval", str(ckpt), "--data", "shapes", "--num-val", "8", "--batch-size", "8"]
+    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"note: {ckpt.absolute()} was trained on fashionmnist; these are the synthetic images. "
+        "Hint: leave --data out (or --data fashionmnist) to score it on its own"
+    ) in result.stderr
+    assert "eval fm (1 size): 1/1 (" in result.output  # its progress, without a terminal
+
+
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_a_checkpoint_given_twice_is_noted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(build_msun("resnet18", scales=(16, 32), num_classes=10).eval(), ckpt)
+    args = ["eval", str(ckpt), str(ckpt), "--num-val", "4", "--batch-size", "4"]
+    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"note: {ckpt} is given 2 times: it is evaluated each time, as m, m#2. "
+        "Hint: give each checkpoint once"
+    ) in result.stderr
 
 
 def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:

@@ -117,6 +117,13 @@ def test_resume_takes_the_runs_own_options_and_says_when_it_is_finished(tmp_path
     assert longer.exit_code == 2
     [line] = longer.stderr.strip().splitlines()
     assert f"differs from {out}/last.pt: epochs: 1 -> 2. Hint:" in line  # its one difference
+    # a longer schedule is a new run, whose options the run's config.yaml repeats
+    assert line.endswith(
+        f"(the learning rate decays over a run's own --epochs: for 2 epochs train a new run with "
+        f"its options, msun train --config {out}/config.yaml --epochs 2 --out NEW)"
+    )
+    again = ["train", "--config", str(out / "config.yaml"), "--epochs", "2"]
+    assert CliRunner().invoke(main, [*again, "--out", str(tmp_path / "new")]).exit_code == 0
 
 
 def test_a_new_run_refuses_a_folder_of_other_files(tmp_path: Path) -> None:

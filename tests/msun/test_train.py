@@ -369,7 +369,9 @@ def test_tensorboard_logs_every_number_of_every_metrics_row(tmp_path: Path) -> N
     """Each column but epoch and step is a curve over epochs, the skipped images' count too."""
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "run"
-    assert train_tiny(out, "--epochs", "2", "--tensorboard").exit_code == 0
+    result = train_tiny(out, "--epochs", "2", "--tensorboard")
+    assert result.exit_code == 0, result.output
+    assert "metrics.jsonl, config.yaml, tensorboard/)" in result.stdout  # the run folder's line
     events = accumulator.EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     logged = {
@@ -706,6 +708,19 @@ def test_deterministic_fixes_the_cublas_workspace(
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
+def test_training_scales_above_the_image_size_are_noted(tmp_path: Path) -> None:
+    result = train_tiny(
+        tmp_path / "r", "--scales", "16", "48", "--epochs", "1", "--steps-per-epoch", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: --scales 48 above --image-size 32: each 32-px crop is upsampled to it, which adds "
+        "no detail (msun's default --scales end at the image size: 5 18 32)"
+    ) in result.stderr
+    assert "note: --scales" not in train_tiny(tmp_path / "s", "--epochs", "1").stderr
+
+
 def test_a_run_announces_what_it_trains() -> None:
     from msun.config import TrainConfig
     from msun.train import network_words
@@ -727,3 +742,8 @@ def test_a_run_announces_what_it_trains() -> None:
     assert words(method="mst", bn="private", init_from="a.pt", image_size=32) == (
         "mst resnet18, a BatchNorm set per scale, fine-tuning of a.pt at 32 px"
     )  # a fine-tuned network runs at one size, not at its training scales
+    plain = TrainConfig(model="resnet18", method="vanilla", init_from="sd.pt", image_size=28)
+    assert network_words(plain, 224) == (
+        "vanilla resnet18, fine-tuning of sd.pt at 224 px (28-px images resized)"
+    )  # a plain state dict is fed ImageNet's side, as its checkpoints record
+    assert network_words(plain, 28).endswith("fine-tuning of sd.pt at 28 px")
