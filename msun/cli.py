@@ -241,7 +241,9 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     explicit = explicit_options()
     given = {k: v for k, v in values.items() if k in explicit}
     # a run's own config.yaml repeats the split it chose, not the analysis it chose it from
-    from_file = without_split_record(read_options(config_file), given) if config_file else {}
+    from_file = (
+        without_split_record(config_file, read_options(config_file), given) if config_file else {}
+    )
     cfg = merge(from_file, given)
     files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults
@@ -336,13 +338,12 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
     info = init_distributed(cfg.device)
     data = cfg.data or loaded[0].data
     # the synthetic set: the pool the run's validation drew
-    dataset = eval_dataset(data, image_size, cfg.num_val or 2000, loaded[0].seed)
+    dataset = eval_dataset(
+        data, image_size, cfg.num_val or 2000, loaded[0].seed, recorded=cfg.data is None
+    )
     count = dataset_len(dataset)
     check_num_val(cfg.num_val, count, data)
     check_classes(loaded, dataset, data)
-    # after the last refusal: a refused call prints one line
-    note_repeated(checkpoints, names)
-    note_synthetic(loaded, data)
     in_place = scored_in_place(dataset, data)
     if in_place is not None and info.is_main:
         make_console().print(
@@ -360,6 +361,9 @@ def eval_command(checkpoints: tuple[Path, ...], **values: Any) -> None:
         if cfg.recalibrate_bn
         else None
     )
+    # after the last refusal: a refused call prints one line
+    note_repeated(checkpoints, names)
+    note_synthetic(loaded, data)
     # the images the (first) run's own validation scored: the same draw as msun.data's
     keep = subset_indices(count, cfg.num_val, validation_seed(loaded[0].seed))
     batches = plan_batches(keep, cfg.batch_size, info.rank, info.world_size, deal="images")

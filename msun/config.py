@@ -611,12 +611,13 @@ def _check_bn(cfg: TrainConfig) -> None:
     """The BatchNorm options that make no network.
 
     Private BatchNorm needs several scales; distillation needs MST's several outputs; a
-    fine-tuned network keeps the BatchNorm it was trained with.
+    fine-tuned network keeps the BatchNorm it was trained with (a ``--bn`` other than the
+    checkpoint's is refused once it is read, ``msun.train.check_init_flags``).
     """
-    if cfg.init_from is not None and (cfg.bn != "shared" or cfg.distill):
+    if cfg.init_from is not None and cfg.distill:
         raise InputError(
-            "--init-from fine-tunes the checkpoint's network as it is, its BatchNorm included; "
-            "--bn and --distill shape a network trained from the start. Hint: drop them"
+            "--init-from fine-tunes the checkpoint's network as it is; --distill trains MST's "
+            "scales from the start. Hint: drop --distill"
         )
     if cfg.bn == "private" and cfg.method == "vanilla":
         raise InputError(
@@ -729,18 +730,21 @@ def saved_value(config: Mapping[str, Any], key: str) -> Any:
     return config.get(key, ADDED_LATER.get(key))
 
 
-def without_split_record(options: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+def without_split_record(
+    path: Path, options: Mapping[str, Any], given: Mapping[str, Any]
+) -> dict[str, Any]:
     """A config file's ``options`` less a ``cka_from`` that only records where its split came from.
 
-    A ``--split-at auto`` run's config.yaml holds the split it chose and the analysis it chose it
-    from: read again (``--config`` of it), the file repeats that split, as ``--resume`` does
-    (``run_options``), and its ``cka_from`` asks for no analysis. The ``cka_from`` stays where a
-    split is still to be chosen (``--split-at auto`` given or in the file) or the file names no
-    split (then it is refused, naming the file); a ``--cka-from`` in ``given`` (the command
-    line) is the user's own request.
+    A ``--split-at auto`` run's config.yaml (``is_run_config``) holds the split it chose and
+    the analysis it chose it from: read again (``--config`` of it), the file repeats that
+    split, as ``--resume`` does (``run_options``), and its ``cka_from`` asks for no analysis.
+    The ``cka_from`` stays where a split is still to be chosen (``--split-at auto`` given or in
+    the file), in a file of the user's own (a recipe) and where the file names no split (then
+    it is refused, naming the file); a ``--cka-from`` in ``given`` (the command line) is the
+    user's own request.
     """
     split = given["split_at"] if "split_at" in given else options.get("split_at")
-    chosen = options.get("split_at") not in (None, "auto")
+    chosen = options.get("split_at") not in (None, "auto") and is_run_config(path)
     if "cka_from" in given or split == "auto" or not chosen:
         return dict(options)
     return {k: v for k, v in options.items() if k != "cka_from"}

@@ -749,7 +749,7 @@ def note_repeated(paths: Sequence[Path], labels: Sequence[str]) -> None:
     """Notes each checkpoint file given more than once: it is scored again under each label."""
     given: dict[Path, list[str]] = {}
     for path, label in zip(paths, labels, strict=True):
-        given.setdefault(Path(path).absolute(), []).append(label)
+        given.setdefault(Path(path).resolve(), []).append(label)  # a/../m.pt is m.pt
     for path, named in given.items():
         if len(named) > 1:
             warn(
@@ -952,7 +952,9 @@ def _listed(sizes: Sequence[int]) -> str:
     return ", ".join(map(str, sizes))
 
 
-def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Dataset[Any]:
+def eval_dataset(
+    data: str, image_size: int, num_images: int, seed: int, *, recorded: bool = False
+) -> Dataset[Any]:
     """The validation split of ``data`` that msun eval scores: an image folder's val/.
 
     An image folder with train/ but no val/ is refused in training's words (its training
@@ -964,10 +966,12 @@ def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Data
         image_size: The test images' centre crop.
         num_images: The synthetic set's size (the others have their own).
         seed: The synthetic set's seed (the pool the run's validation drew).
+        recorded: ``data`` is the checkpoint's own (no --data given).
 
     Raises:
         InputError: As ``build_dataset`` (in msun eval's words where its hint names ckascope's
-            default data), and for the folder without val/ above.
+            default data, or the checkpoint's recorded data that cannot be read), and for the
+            folder without val/ above.
     """
     try:
         return build_dataset(
@@ -983,7 +987,22 @@ def eval_dataset(data: str, image_size: int, num_images: int, seed: int) -> Data
             "give --data a folder with val/, or a folder of class sub-folders",
         )
     except InputError as e:
-        raise InputError(str(e).replace(*EVAL_DEFAULT_DATA)) from e
+        raise InputError(_eval_data_hint(str(e), recorded)) from e
+
+
+def _eval_data_hint(message: str, recorded: bool) -> str:
+    """``build_dataset``'s refusal in msun eval's words.
+
+    Leaving --data out means the run's own data; when that is what cannot be read, the hint
+    says where else the images can come from.
+    """
+    if not recorded:
+        return message.replace(*EVAL_DEFAULT_DATA)
+    problem = message.split(" Hint:")[0]
+    return (
+        f"{problem} (the data the checkpoint records). Hint: give --data where those images "
+        "are now, or --data shapes for the synthetic set"
+    )
 
 
 #: ckascope's hint for a --data folder that does not exist ends with ckascope's default, the

@@ -32,6 +32,7 @@ from msun.config import (
     RESUMABLE_CHANGES,
     WEIGHT_NEUTRAL,
     TrainConfig,
+    default_warmup,
     differences,
     is_run_config,
 )
@@ -256,13 +257,24 @@ def _other_length(saved: Mapping[str, Any], cfg: TrainConfig) -> str:
     The learning rate's warm-up and cosine decay span the run's own epochs, so a run cannot
     be lengthened (``--init-from`` would fine-tune a new classifier, not continue it).
     """
-    if saved.get("epochs") == cfg.epochs:
+    if saved.get("epochs") == cfg.epochs or cfg.epochs is None:
         return ""
     return (
         f" (the learning rate decays over a run's own --epochs: for {cfg.epochs} epochs train "
         f"a new run with its options, msun train --config {cfg.out}/config.yaml --epochs "
-        f"{cfg.epochs} --out NEW)"
+        f"{cfg.epochs}{_warmup_for(saved, cfg.epochs)} --out NEW)"
     )
+
+
+def _warmup_for(saved: Mapping[str, Any], epochs: int) -> str:
+    """``--warmup-epochs`` for a new run of ``epochs``, where the saved one was the default.
+
+    config.yaml records the warm-up resolved for the run's own length (``default_warmup``);
+    a user's own warm-up carries over as it is.
+    """
+    if saved.get("warmup_epochs") != default_warmup(int(saved.get("epochs") or 0)):
+        return ""
+    return f" --warmup-epochs {default_warmup(epochs):.6g}"
 
 
 def check_reuse(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:

@@ -63,7 +63,7 @@ from msun.data import datasets as make_datasets
 from msun.evaluate import EvalResult, evaluate
 from msun.model import MSUN, build_msun, weights_name
 from msun.objective import Objective
-from msun.privatebn import build_scale_bn_net
+from msun.privatebn import ScaleBNNet, build_scale_bn_net
 from msun.runstate import (
     RunLock,
     Trainables,
@@ -202,20 +202,31 @@ def _network(cfg: C.TrainConfig) -> nn.Module:
     return model.train()
 
 
-def check_init_flags(cfg: C.TrainConfig, arch: str, method: str, explicit: Collection[str]) -> None:
-    """Refuses a --model or --method set to another network than the one ``--init-from`` holds.
+def check_init_flags(
+    cfg: C.TrainConfig, held: tuple[str, str, str], explicit: Collection[str]
+) -> None:
+    """Refuses a --model, --method or --bn set to another network than ``--init-from`` holds.
 
     Fine-tuning trains the checkpoint's network as it is; a flag asking for another would be
-    silently ignored. Options left at their defaults are not the user's request.
+    silently ignored. Options left at their defaults are not the user's request, and a
+    fine-tuning run's own config.yaml records the checkpoint's (``--resume``, ``--config``).
+
+    Args:
+        cfg: The options.
+        held: The checkpoint's architecture, method and BatchNorm mode (``init_arch``).
+        explicit: The options the user set.
 
     Raises:
         InputError: Naming the flag, the value asked for and the checkpoint's network.
     """
-    for flag, asked, held in (("model", cfg.model, arch), ("method", cfg.method, method)):
-        if flag in explicit and asked != held:
+    arch, method, bn = held
+    network = f"a {arch} {method} network" + (" with private BatchNorm" if bn == "private" else "")
+    for flag, value in zip(("model", "method", "bn"), held, strict=True):
+        asked = getattr(cfg, flag)
+        if flag in explicit and asked != value:
             raise InputError(
-                f"--init-from {cfg.init_from} fine-tunes its own network as it is, a {arch} "
-                f"{method} network; --{flag} {asked} asks for another. Hint: drop --{flag}"
+                f"--init-from {cfg.init_from} fine-tunes its own network as it is, {network}; "
+                f"--{flag} {asked} asks for another. Hint: drop --{flag}"
             )
 
 
@@ -769,7 +780,7 @@ def _with_init(
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     arch, method, bn = init_arch(init, cfg)
     if init is not None:
-        check_init_flags(cfg, arch, method, explicit)
+        check_init_flags(cfg, (arch, method, bn), explicit)
     return dataclasses.replace(cfg, model=arch, method=method, bn=bn), init
 
 
@@ -898,7 +909,7 @@ def _announce(loop: Loop, console: Console) -> None:
     cfg, info = loop.cfg, loop.info
     micro, lr = micro_batch(cfg, info.world_size), loop.trainables.optimizer.defaults["lr"]
     console.print(
-        network_words(cfg, loop.input_size)
+        network_words(cfg, _fed(loop))
         + f" | global batch {cfg.batch_size} = {info.world_size} process(es) x {cfg.accum_steps} accumulation x {micro}"
         + f" | lr {lr:.4g} ({lr * 256 / cfg.batch_size:.4g} per 256 images) | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} on {info.device}"
     )
@@ -924,8 +935,8 @@ def _note_upsampled(cfg: C.TrainConfig) -> None:
 def network_words(cfg: C.TrainConfig, fed: int | None = None) -> str:
     """What a run trains, in a few words: method, architecture, split, BatchNorm, distillation.
 
-    ``fed`` is the side a fine-tuned plain network is fed (``Loop.input_size``; None: its
-    image size): each crop is resized to it, which the words say where it is not the crop's.
+    ``fed`` is the side a fine-tuned network is fed (``_fed``; None: its image size): each
+    crop is resized to it, which the words say where it is not the crop's.
     """
     words = f"{cfg.method} {cfg.model}"
     if cfg.method == "msun":  # a fine-tuned MSUN's split and scales are its checkpoint's
@@ -942,6 +953,22 @@ def network_words(cfg: C.TrainConfig, fed: int | None = None) -> str:
         what = "linear probe" if cfg.linear_probe else "fine-tuning"
         words += f", {what} of {cfg.init_from} at {_fed_side(cfg.image_size, fed)}"
     return words
+
+
+def _fed(loop: Loop) -> int | None:
+    """The side a fine-tuned network is fed; None for a run that is no fine-tuning.
+
+    A plain network's is ``Loop.input_size``, a private-BN MST network's its own image size (it
+    resizes every input to it), an MSUN's its routed path's scale (its forward resizes to it).
+    """
+    model = loop.trainables.model
+    if loop.cfg.init_from is None:
+        return None
+    if isinstance(model, ScaleBNNet):
+        return model.image_size
+    if isinstance(model, MSUN):
+        return model.scales[model.route(loop.cfg.image_size)]
+    return loop.input_size
 
 
 def _fed_side(image_size: int, fed: int | None) -> str:

@@ -137,8 +137,10 @@ def test_an_auto_runs_config_repeats_its_chosen_split_and_trains_a_baseline(
     [
         ("cka_from: cka\n", [], "--cka-from cka (from {file}) is the analysis behind"),
         ("split_at: layer2\ncka_from: cka\n", ["--cka-from", "x"], "--cka-from is the analysis"),
+        # a recipe of the user's (not a run's config.yaml): its cka_from is a request
+        ("split_at: layer2\ncka_from: cka\n", [], "--cka-from cka (from {file}) is the analysis"),
     ],
-    ids=["set-by-a-file-without-a-split", "given-on-the-command-line"],
+    ids=["set-by-a-file-without-a-split", "given-on-the-command-line", "a-recipe-with-a-split"],
 )
 def test_cka_from_without_split_at_auto_is_refused(
     tmp_path: Path, file: str, flags: list[str], needle: str

@@ -400,6 +400,38 @@ def test_a_checkpoint_given_twice_is_noted(tmp_path: Path) -> None:
     ) in result.stderr
 
 
+def test_notes_wait_for_the_last_refusal(tmp_path: Path) -> None:
+    """A refused call prints its one line, not the notes a scored one would get first."""
+    from tests.refusals import assert_refused
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "fm.pt"
+    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
+    save_checkpoint(model, ckpt, train_config={"data": "fashionmnist", "image_size": 32})
+    argv = ["eval", str(ckpt), str(ckpt), "--data", "shapes", "--recalibrate-bn", "300000"]
+    needle = "--recalibrate-bn 300000 asks for more training images"
+    assert_refused(main, [*argv, "--out", str(tmp_path / "ev")], needle, tmp_path)
+
+
+def test_the_recorded_data_that_cannot_be_read_is_named_as_the_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """Without --data, eval reads the run's own data: omitting --data is no remedy then."""
+    from tests.refusals import assert_refused
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pt"
+    gone = tmp_path / "moved"
+    model = build_msun("resnet18", scales=(16, 32), num_classes=2).eval()
+    save_checkpoint(model, ckpt, train_config={"data": str(gone), "image_size": 32})
+    line = assert_refused(main, ["eval", str(ckpt), "--out", str(tmp_path / "ev")], "", tmp_path)
+    assert str(gone) in line
+    assert line.endswith(
+        "(the data the checkpoint records). Hint: give --data where those images are now, or "
+        "--data shapes for the synthetic set"
+    )
+
+
 def test_ckascope_keeps_its_own_words_for_a_plain_state_dict(tmp_path: Path) -> None:
     """msun eval's message is its own; ckascope compare still asks for --model."""
     from ckascope.errors import InputError

@@ -351,15 +351,31 @@ def test_fine_tuning_keeps_the_checkpoints_private_batchnorm(tmp_path: Path) -> 
     source = tmp_path / "mst"
     done = runner.invoke(main, _tiny(source, "--method", "mst", "--bn", "private", "--epochs", "1"))
     assert done.exit_code == 0, done.output
-    tune = [*_tiny(tmp_path / "tuned", "--epochs", "1"), "--init-from", str(source / "last.pt")]
-    refused = runner.invoke(main, [*tune, "--bn", "private"])
-    assert refused.exit_code == 2
-    assert "--init-from fine-tunes the checkpoint's network as it is" in refused.output
-    tuned = runner.invoke(main, tune)
+    tuned_out = tmp_path / "tuned"
+    tune = [*_tiny(tuned_out, "--epochs", "1"), "--init-from", str(source / "last.pt")]
+    for extra, needle in (
+        (["--bn", "shared"], "a resnet18 mst network with private BatchNorm; --bn shared asks"),
+        (["--distill"], "--init-from fine-tunes the checkpoint's network as it is; --distill"),
+    ):
+        refused = runner.invoke(main, [*tune, *extra])
+        assert refused.exit_code == 2
+        assert needle in refused.output
+        assert not tuned_out.exists()
+    tuned = runner.invoke(main, [*tune, "--image-size", "16"])
     assert tuned.exit_code == 0, tuned.output
-    saved = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)
+    # it resizes every input to its own 32 px, which its first line says
+    assert "fine-tuning of" in tuned.output
+    assert "at 32 px (16-px images resized)" in " ".join(tuned.output.split())
+    saved = torch.load(tuned_out / "last.pt", weights_only=True)
     assert saved["builder"] == "msun-scale-bn"
     assert (saved["train_config"]["method"], saved["train_config"]["bn"]) == ("mst", "private")
+    # its config.yaml records the checkpoint's BatchNorm: resumed or repeated, it is no request
+    done = runner.invoke(main, ["train", "--out", str(tuned_out), "--resume"])
+    assert done.exit_code == 0, done.output
+    assert "is finished" in done.output
+    again = ["train", "--config", str(tuned_out / "config.yaml"), "--out", str(tmp_path / "again")]
+    repeated = runner.invoke(main, again)
+    assert repeated.exit_code == 0, repeated.output
 
 
 def test_its_flops_are_counted_at_the_side_it_resizes_every_input_to() -> None:

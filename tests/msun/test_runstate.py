@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from ckascope.errors import InputError
 from msun.cli import main
-from msun.config import TrainConfig, dump_yaml, resolve
+from msun.config import TrainConfig, default_warmup, dump_yaml, resolve
 from msun.runstate import RunLock, check_new_run, check_resume, check_reuse
 from tests import tinyrun
 from tests.msun.runs import train_tiny
@@ -118,12 +119,19 @@ def test_resume_takes_the_runs_own_options_and_says_when_it_is_finished(tmp_path
     [line] = longer.stderr.strip().splitlines()
     assert f"differs from {out}/last.pt: epochs: 1 -> 2. Hint:" in line  # its one difference
     # a longer schedule is a new run, whose options the run's config.yaml repeats
+    # its config.yaml holds the warm-up resolved for 1 epoch: the hint gives 2 epochs' own
     assert line.endswith(
         f"(the learning rate decays over a run's own --epochs: for 2 epochs train a new run with "
-        f"its options, msun train --config {out}/config.yaml --epochs 2 --out NEW)"
+        f"its options, msun train --config {out}/config.yaml --epochs 2 --warmup-epochs 0.111111 "
+        "--out NEW)"
     )
     again = ["train", "--config", str(out / "config.yaml"), "--epochs", "2"]
-    assert CliRunner().invoke(main, [*again, "--out", str(tmp_path / "new")]).exit_code == 0
+    new = CliRunner().invoke(
+        main, [*again, "--warmup-epochs", "0.111111", "--out", str(tmp_path / "new")]
+    )
+    assert new.exit_code == 0, new.output
+    written = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())
+    assert written["warmup_epochs"] == pytest.approx(default_warmup(2), abs=1e-6)
 
 
 def test_a_new_run_refuses_a_folder_of_other_files(tmp_path: Path) -> None:
