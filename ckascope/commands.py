@@ -47,6 +47,7 @@ from ckascope.options import (
 from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, is_result_dir, next_free
 from ckascope.split import (
+    LOW_CKA_HINT,
     SplitCandidate,
     check_analysed,
     in_forward_order,
@@ -54,6 +55,7 @@ from ckascope.split import (
     position,
     split_table,
     suggest_split,
+    unanalysed,
 )
 from ckascope.views import ViewOptions
 
@@ -203,7 +205,8 @@ def run_suggest_split(
         result, is_main = _analyse_and_save(cfg)
     if not is_main:
         return
-    suggestion = suggest_split(result, candidates(result, split_points), threshold=threshold)
+    points, hint = candidates(result, split_points), low_cka_hint(result)
+    suggestion = suggest_split(result, points, threshold=threshold, hint=hint)
     if as_json:
         click.echo(json.dumps(suggestion.to_dict(), indent=2))
         return
@@ -265,7 +268,7 @@ def _checked_checkpoint(cfg: CompareConfig, split_points: str | None) -> str | N
     assert cfg.checkpoint is not None
     model, arch = resolve_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.num_classes, cfg.seed)
     if split_points is None and is_multipath(model):
-        raise InputError(MULTIPATH_REFUSAL)
+        raise InputError(f"{cfg.checkpoint} holds {MULTIPATH_REFUSAL}")
     return arch
 
 
@@ -472,9 +475,10 @@ def same_path(settings: dict[str, Any]) -> bool:
     return settings.get("mode") == "scales" and len(paths) == 2 and paths[0] == paths[1]
 
 
-#: Why split points are not weighed on a multi-path model ("this result is ...").
+#: Why split points are not weighed on a multi-path model ("FILE holds ...", "this result
+#: is of ...": each a whole sentence).
 MULTIPATH_REFUSAL = (
-    "of a multi-path model (each scale routed to its own path or BatchNorm set); split points "
+    "a multi-path model (each scale routed to its own path or BatchNorm set), and split points "
     "are chosen on a single-path network. Hint: analyse the vanilla model, or price given "
     "points with --split-points"
 )
@@ -494,7 +498,7 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
     result.diagonal()  # a two-model result is refused in its words, before pricing its scales
     given = _given_points(split_points) if split_points is not None else None
     if given is None and result.settings.get("paths"):
-        raise InputError(f"this result is {MULTIPATH_REFUSAL}")
+        raise InputError(f"this result is of {MULTIPATH_REFUSAL}")
     known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
     if given is None:
         if result.arch is None:
@@ -503,6 +507,25 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
     if known is None:
         return _placed_points(result, given)
     return _legal_points(result, known, given)
+
+
+def low_cka_hint(result: CKAResult) -> str:
+    """What the reason suggests when no split point's input reaches the threshold.
+
+    More layers can only help when the analysis leaves some of the family's split points
+    unmeasured (``--split-points`` then weighed a few); one that shows them all has only the
+    threshold left to move. An architecture no family knows keeps the general advice.
+    """
+    known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
+    if known is None:
+        return LOW_CKA_HINT
+    missing = unanalysed(result.layers_a, known)
+    if not missing:
+        return "a lower --threshold"
+    return (
+        f"a lower --threshold, or an analysis with the default --layers (blocks), to weigh "
+        f"{', '.join(missing)} too"
+    )
 
 
 def _given_points(split_points: str) -> list[str]:
