@@ -312,7 +312,9 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
         or expected
         or trained.get("input_size")
     )
-    return config.resolve(cfg, image_size_for(cfg.data, chosen))
+    resolved = config.resolve(cfg, image_size_for(cfg.data, chosen))
+    config.check_scales(resolved)
+    return resolved
 
 
 def _trained_on(cfg: CompareConfig) -> dict[str, Any]:
