@@ -165,6 +165,7 @@ def run_compare(cfg: CompareConfig, explicit: Collection[str] | None = None) -> 
     where it does nothing be refused before any model is built (``config.check_applies``).
     """
     config.check_applies(cfg, explicit)
+    check_sweep(cfg)
     cfg = resolve_config(cfg)
     out = cfg.out or next_free(default_out(cfg))  # a default never replaces a result
     check_output_dir(out, cfg.overwrite)
@@ -200,6 +201,7 @@ def run_suggest_split(
     else:
         config.check_applies(cfg, explicit)
         refuse_ignored(cfg, config.SUGGEST_USES, explicit)
+        check_sweep(cfg)
         cfg = resolve_config(cfg)
         check_split_request(cfg, split_points)  # before the comparison, not after it
         result, is_main = _analyse_and_save(cfg)
@@ -390,6 +392,14 @@ def run_plot(result_dir: Path, out: Path | None, annotate: bool, overwrite: bool
 def view_options(cfg: CompareConfig) -> ViewOptions:
     """How the images are prepared and resized, as the options say."""
     return ViewOptions(**values_of(cfg, ViewFields))
+
+
+def check_sweep(cfg: CompareConfig) -> None:
+    """Refuses sweep values no sweep takes (``SweepOptions.check``) before any model is built.
+
+    E.g. a --batch-size under 4 or --permutations beyond the most: not once the sweep starts.
+    """
+    sweep_options(cfg, 0, 1)
 
 
 def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
