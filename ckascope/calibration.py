@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckascope.errors import warn
+from ckascope.errors import InputError, warn
 from ckascope.functional import packed_stats
 from ckascope.kernels import cka_from_hsic
 from ckascope.packing import BlockLayout, unpack
@@ -294,7 +294,8 @@ def calibrate(
         The arrays: ``ci_low``/``ci_high`` and ``bootstrap_diagonal`` (R, L) with replicates
         (the diagonal when the matrix is square: what suggest-split reads), ``null_mean``,
         ``null_std``, ``z_score`` and ``p_value`` with a null (float64 NumPy); and what the
-        result records of how they were made.
+        result records of how they were made. Fewer than ``MIN_BATCHES`` batches give NaN
+        intervals, said by the caller (``bootstrap_gap``), which knows it before the sweep.
     """
     observed = torch.stack([s.matrix.cpu() for s in sweeps]).mean(dim=0)  # (La, Lb)
     out: dict[str, Tensor] = {}
@@ -302,8 +303,8 @@ def calibrate(
     kept = [s.batches for s in sweeps if s.batches is not None]
     if replicates and kept:
         boot, info = _bootstrap(kept, replicates, seed, overlap)
-        out["ci_low"], out["ci_high"] = percentile_interval(boot, observed, level)
-        if boot.shape[-1] == boot.shape[-2] and info["bootstrap_draws"]:
+        out["ci_low"], out["ci_high"] = _interval(boot, observed, level)
+        if boot is not None and boot.shape[-1] == boot.shape[-2]:
             out["bootstrap_diagonal"] = boot.diagonal(dim1=-2, dim2=-1)  # (R, L)
     nulls = [s.null.cpu() for s in sweeps if s.null is not None]
     if nulls:
@@ -317,23 +318,85 @@ def calibrate(
     return {k: v.numpy() for k, v in out.items()}, info
 
 
+def _interval(boot: Tensor | None, observed: Tensor, level: float) -> tuple[Tensor, Tensor]:
+    """The percentile interval of replicates (``percentile_interval``); NaN without any."""
+    if boot is None:
+        return torch.full_like(observed, float("nan")), torch.full_like(observed, float("nan"))
+    return percentile_interval(boot, observed, level)
+
+
 def _bootstrap(
     kept: Sequence[BatchTerms], replicates: int, seed: int, overlap: float
-) -> tuple[Tensor, dict[str, Any]]:
-    """(R, La, Lb) replicates (NaN without enough batches) and how they were drawn."""
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """(R, La, Lb) replicates (None without enough batches) and how they were drawn."""
     batches = pool(kept)
-    shape = (replicates, *batches.cross.shape[1:])
-    if len(batches) < MIN_BATCHES:
-        warn(
-            f"{len(batches)} batch(es) cannot be bootstrapped: no interval. Hint: more images "
-            "or a smaller --batch-size"
-        )
-        return torch.full(shape, float("nan"), dtype=torch.float64), {"bootstrap_draws": 0}
+    if len(batches) < MIN_BATCHES:  # nothing to resample, and no R x La x Lb of NaN to hold
+        return None, {"bootstrap_draws": 0}
     draws = effective_draws([len(b) for b in kept], overlap)
     boot = bootstrap_replicates(batches, draw_resamples(len(batches), draws, replicates, seed))
     _warn_lost(boot)
     info = {"bootstrap_draws": draws, "bootstrap_pool": len(batches), "sweep_overlap": overlap}
     return boot, info
+
+
+def bootstrap_gap(batches: int) -> str | None:
+    """The note for a bootstrap over ``batches`` (every sweep's and process's), when too few.
+
+    Known from the plan of the sweep (``compare``), so the command line says it at the start.
+    """
+    if batches >= MIN_BATCHES:
+        return None
+    return (
+        f"{batches} batch(es) cannot be bootstrapped: no interval. Hint: more images or a "
+        "smaller --batch-size"
+    )
+
+
+#: The most memory the calibration's matrices may take at once (``check_calibration_size``):
+#: past it a comparison is refused before its first batch rather than failing at its end.
+CALIBRATION_BYTES = 4 * 2**30
+
+
+def calibration_matrices(bootstrap: int, permutations: int, repeats: int) -> int:
+    """About how many (La, Lb) float64 matrices the calibration holds at once, at its peak.
+
+    Each sweep's permutation null is kept until the sweeps are averaged (the list, their stack
+    and the mean: 2 S + 1 nulls of N matrices); the bootstrap holds its R replicates, their
+    ratio's terms and a sorted copy for the percentiles (3 R).
+    """
+    return permutations * (2 * repeats + 1) + 3 * bootstrap
+
+
+def check_calibration_size(
+    bootstrap: int, permutations: int, repeats: int, layers_a: int, layers_b: int
+) -> None:
+    """Refuses a calibration whose matrices would take more than ``CALIBRATION_BYTES``.
+
+    Raises:
+        InputError: Naming the size, and the largest count of the larger share that fits.
+    """
+    per_matrix = 8 * layers_a * layers_b
+    need = per_matrix * calibration_matrices(bootstrap, permutations, repeats)
+    if need <= CALIBRATION_BYTES:
+        return
+    flag, fit = _largest_fit(bootstrap, permutations, repeats, CALIBRATION_BYTES // per_matrix)
+    fewer = f"{flag} {fit} or fewer, or " if fit else ""
+    counts = (("--bootstrap", bootstrap), ("--permutations", permutations))
+    asked = " and ".join(f"{name} {count}" for name, count in counts if count)
+    raise InputError(
+        f"{asked} over {repeats} sweep(s) of "
+        f"{layers_a} x {layers_b} layer pairs would hold about {need / 2**30:.1f} GiB of "
+        f"matrices at once, more than the {CALIBRATION_BYTES // 2**30} GiB a comparison may "
+        f"take. Hint: {fewer}fewer layers (e.g. --layers blocks)"
+    )
+
+
+def _largest_fit(bootstrap: int, permutations: int, repeats: int, room: int) -> tuple[str, int]:
+    """The option holding the larger share of ``room`` matrices, and its largest count that fits."""
+    null = 2 * repeats + 1
+    if permutations * null >= 3 * bootstrap:
+        return "--permutations", max(0, (room - 3 * bootstrap) // null)
+    return "--bootstrap", max(0, (room - permutations * null) // 3)
 
 
 def _warn_lost(boot: Tensor) -> None:

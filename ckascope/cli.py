@@ -30,7 +30,7 @@ def compare(**args: Any) -> None:
     Examples:
       ckascope compare --model resnet18 --weights none --scales 32 224
       ckascope compare --model resnet50 --data ~/imagenet/val --repeats 10
-      ckascope compare --model resnet18 --weights none --data fashionmnist --scales 7 28
+      ckascope compare --model resnet18 --weights none --data fashionmnist --scales 4 28
       ckascope compare --model resnet18 --model-b resnet34 --weights none --weights-b none
       ckascope compare --checkpoint run/last.pt --scales 32 224  # multi-path: each scale its path
     """

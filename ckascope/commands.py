@@ -47,6 +47,7 @@ from ckascope.options import (
 from ckascope.plot import redraw, save_figures
 from ckascope.result import CKAResult, check_output_dir, is_result_dir, next_free
 from ckascope.split import (
+    LOW_CKA_HINT,
     SplitCandidate,
     check_analysed,
     in_forward_order,
@@ -54,6 +55,7 @@ from ckascope.split import (
     position,
     split_table,
     suggest_split,
+    unanalysed,
 )
 from ckascope.views import ViewOptions
 
@@ -163,6 +165,7 @@ def run_compare(cfg: CompareConfig, explicit: Collection[str] | None = None) -> 
     where it does nothing be refused before any model is built (``config.check_applies``).
     """
     config.check_applies(cfg, explicit)
+    check_sweep(cfg)
     cfg = resolve_config(cfg)
     out = cfg.out or next_free(default_out(cfg))  # a default never replaces a result
     check_output_dir(out, cfg.overwrite)
@@ -198,12 +201,14 @@ def run_suggest_split(
     else:
         config.check_applies(cfg, explicit)
         refuse_ignored(cfg, config.SUGGEST_USES, explicit)
+        check_sweep(cfg)
         cfg = resolve_config(cfg)
         check_split_request(cfg, split_points)  # before the comparison, not after it
         result, is_main = _analyse_and_save(cfg)
     if not is_main:
         return
-    suggestion = suggest_split(result, candidates(result, split_points), threshold=threshold)
+    points, hint = candidates(result, split_points), low_cka_hint(result)
+    suggestion = suggest_split(result, points, threshold=threshold, hint=hint)
     if as_json:
         click.echo(json.dumps(suggestion.to_dict(), indent=2))
         return
@@ -265,7 +270,7 @@ def _checked_checkpoint(cfg: CompareConfig, split_points: str | None) -> str | N
     assert cfg.checkpoint is not None
     model, arch = resolve_model(cfg.model, cfg.weights, cfg.checkpoint, cfg.num_classes, cfg.seed)
     if split_points is None and is_multipath(model):
-        raise InputError(MULTIPATH_REFUSAL)
+        raise InputError(f"{cfg.checkpoint} holds {MULTIPATH_REFUSAL}")
     return arch
 
 
@@ -309,7 +314,9 @@ def resolve_config(cfg: CompareConfig) -> CompareConfig:
         or expected
         or trained.get("input_size")
     )
-    return config.resolve(cfg, image_size_for(cfg.data, chosen))
+    resolved = config.resolve(cfg, image_size_for(cfg.data, chosen))
+    config.check_scales(resolved)
+    return resolved
 
 
 def _trained_on(cfg: CompareConfig) -> dict[str, Any]:
@@ -385,6 +392,14 @@ def run_plot(result_dir: Path, out: Path | None, annotate: bool, overwrite: bool
 def view_options(cfg: CompareConfig) -> ViewOptions:
     """How the images are prepared and resized, as the options say."""
     return ViewOptions(**values_of(cfg, ViewFields))
+
+
+def check_sweep(cfg: CompareConfig) -> None:
+    """Refuses sweep values no sweep takes (``SweepOptions.check``) before any model is built.
+
+    E.g. a --batch-size under 4 or --permutations beyond the most: not once the sweep starts.
+    """
+    sweep_options(cfg, 0, 1)
 
 
 def sweep_options(cfg: CompareConfig, rank: int, world: int) -> SweepOptions:
@@ -472,9 +487,10 @@ def same_path(settings: dict[str, Any]) -> bool:
     return settings.get("mode") == "scales" and len(paths) == 2 and paths[0] == paths[1]
 
 
-#: Why split points are not weighed on a multi-path model ("this result is ...").
+#: Why split points are not weighed on a multi-path model ("FILE holds ...", "this result
+#: is of ...": each a whole sentence).
 MULTIPATH_REFUSAL = (
-    "of a multi-path model (each scale routed to its own path or BatchNorm set); split points "
+    "a multi-path model (each scale routed to its own path or BatchNorm set), and split points "
     "are chosen on a single-path network. Hint: analyse the vanilla model, or price given "
     "points with --split-points"
 )
@@ -494,7 +510,7 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
     result.diagonal()  # a two-model result is refused in its words, before pricing its scales
     given = _given_points(split_points) if split_points is not None else None
     if given is None and result.settings.get("paths"):
-        raise InputError(f"this result is {MULTIPATH_REFUSAL}")
+        raise InputError(f"this result is of {MULTIPATH_REFUSAL}")
     known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
     if given is None:
         if result.arch is None:
@@ -503,6 +519,25 @@ def candidates(result: CKAResult, split_points: str | None) -> list[SplitCandida
     if known is None:
         return _placed_points(result, given)
     return _legal_points(result, known, given)
+
+
+def low_cka_hint(result: CKAResult) -> str:
+    """What the reason suggests when no split point's input reaches the threshold.
+
+    More layers can only help when the analysis leaves some of the family's split points
+    unmeasured (``--split-points`` then weighed a few); one that shows them all has only the
+    threshold left to move. An architecture no family knows keeps the general advice.
+    """
+    known = _family_vocabulary(result.arch, _priced_scales(result)) if result.arch else None
+    if known is None:
+        return LOW_CKA_HINT
+    missing = unanalysed(result.layers_a, known)
+    if not missing:
+        return "a lower --threshold"
+    return (
+        f"a lower --threshold, or an analysis with the default --layers (blocks), to weigh "
+        f"{', '.join(missing)} too"
+    )
 
 
 def _given_points(split_points: str) -> list[str]:

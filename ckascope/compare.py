@@ -27,10 +27,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import Unpack
 
-from ckascope.calibration import SweepSummary, calibrate
+from ckascope.calibration import (
+    MIN_BATCHES,
+    SweepSummary,
+    bootstrap_gap,
+    calibrate,
+    check_calibration_size,
+)
 from ckascope.config import FALLBACK_IMAGE_SIZE, default_scales
 from ckascope.data import (
     Batch,
+    SafeImageFolder,
+    Skipped,
     build_dataset,
     collate_skip,
     dataset_len,
@@ -45,7 +53,7 @@ from ckascope.data import (
     warn_skipped,
 )
 from ckascope.distributed import all_reduce_sum
-from ckascope.errors import InputError
+from ckascope.errors import InputError, warn
 from ckascope.execution import (
     Layout,
     autocast_for,
@@ -60,6 +68,7 @@ from ckascope.metric import MinibatchCKA
 from ckascope.multipath import MultiPathModel, PathView, is_multipath
 from ckascope.options import (
     CI_RANGE,
+    MAX_REPLICATES,
     SWEEP_USES,
     SweepFields,
     check_ranges,
@@ -69,6 +78,7 @@ from ckascope.options import (
 from ckascope.progress import make_progress
 from ckascope.recorder import ActivationRecorder, GramStack
 from ckascope.result import CKAResult
+from ckascope.shapes import SyntheticShapes
 from ckascope.views import ScaleView, ViewOptions, check_scale
 from ckascope.vocab import (
     Bandwidth,
@@ -339,6 +349,8 @@ def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
         raise InputError(
             f"--bootstrap and --permutations must be >= 0 (0: none), got {bootstrap} and {permutations}"
         )
+    _check_count("--bootstrap", bootstrap)
+    _check_count("--permutations", permutations)
     low, high = CI_RANGE
     if not low <= ci <= high:  # NaN fails too
         raise InputError(
@@ -347,14 +359,100 @@ def check_calibration(bootstrap: int, ci: float, permutations: int) -> None:
         )
 
 
-def _rank_batches(indices: list[int], opts: SweepOptions) -> list[list[int]]:
-    batches = plan_batches(indices, opts.batch_size, min_size=4)
-    if len(batches) < opts.world_size:
+#: Per count option: what ``MAX_REPLICATES`` of it already give, and a usual value.
+_ENOUGH = {
+    "--bootstrap": ("the ends of a 95 % interval to about 1 % of its width", 1000),
+    "--permutations": (f"p-values down to 1/{MAX_REPLICATES + 1}", 100),
+}
+
+
+def _check_count(flag: str, count: int) -> None:
+    """Refuses more replicates than ``MAX_REPLICATES``, before any work.
+
+    Each is a matrix held in memory: 10**8 permutations of resnet18's 9 x 9 blocks were 65 GB.
+    """
+    if count > MAX_REPLICATES:
+        enough, usual = _ENOUGH[flag]
         raise InputError(
-            f"{len(indices)} images make {len(batches)} batches of >= 4, fewer than the "
-            f"{opts.world_size} processes. Hint: use more --num-images or a smaller --batch-size"
+            f"{flag} {count} is more than {MAX_REPLICATES}, the most a sweep takes: each one is "
+            f"a matrix held in memory, and {MAX_REPLICATES} already give {enough}. Hint: "
+            f"{flag} {MAX_REPLICATES} or fewer (e.g. {usual})"
         )
-    return batches[opts.rank :: opts.world_size]  # plan_batches' dealing, planned once
+
+
+def check_plan(plan: list[list[int]], n: int, opts: SweepOptions, dataset: Dataset[Any]) -> None:
+    """Refuses a sweep with fewer batches than processes; notes the images no batch takes.
+
+    Args:
+        plan: Every process's batches of one sweep (``plan_batches`` with ``min_size=4``).
+        n: The images the sweep was asked to use.
+        opts: The sweep options (batch size, processes).
+        dataset: Where the images come from (for the hint: can more be had?).
+
+    Raises:
+        InputError: Fewer batches than processes, with the fix that fits the case.
+    """
+    if len(plan) < opts.world_size:
+        raise InputError(too_few_batches(len(plan), n, opts, dataset))
+    dropped = n - sum(len(batch) for batch in plan)
+    if dropped:
+        warn(left_out(dropped, n, opts))
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``; ``batch`` and ``process`` take ``-es``."""
+    plural = noun + ("es" if noun.endswith(("ch", "ss")) else "s")
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def too_few_batches(batches: int, n: int, opts: SweepOptions, dataset: Dataset[Any]) -> str:
+    """Why ``n`` images make too few batches of at least 4 for the processes, and the fix."""
+    world = opts.world_size
+    made = "no batch" if not batches else f"only {_count(batches, 'batch')}"
+    text = f"{_count(n, 'image')} {'makes' if n == 1 else 'make'} {made} of at least 4 images"
+    if world > 1:
+        text += f", and each of the {world} processes needs one"
+    else:
+        text += ", the fewest the unbiased HSIC takes"
+    return f"{text}. Hint: {_more_batches(n, opts, dataset)}"
+
+
+def _more_batches(n: int, opts: SweepOptions, dataset: Dataset[Any]) -> str:
+    """The fix for too few batches: smaller batches, more images asked for, or more data."""
+    world, need = opts.world_size, 4 * opts.world_size  # a batch of 4 for every process
+    fewer = ", or fewer processes" if world > 1 else ""
+    if n >= need:
+        return f"a --batch-size of {n // world} or less gives each process a batch{fewer}"
+    total = dataset_len(dataset)
+    if isinstance(dataset, SyntheticShapes) or n < total:  # more can be asked for
+        return f"--num-images {need} or more{fewer}"
+    unread = sum(isinstance(dataset[i], Skipped) for i in range(total))  # under 4 per process
+    bad = f", {unread} of them unreadable" if unread else ""
+    where = "the folder" if isinstance(dataset, SafeImageFolder) else "the data"
+    return (
+        f"{where} holds {_count(total, 'image')}{bad}: give it at least {need} readable ones{fewer}"
+    )
+
+
+def left_out(dropped: int, n: int, opts: SweepOptions) -> str:
+    """The note on images left out of every sweep: a last batch under 4 is not used."""
+    each = " of each sweep" if opts.repeats > 1 else ""
+    fits = whole_batch_size(n, opts.batch_size, opts.world_size)
+    fix = f"--batch-size {fits} uses all {n}" if fits else "a --num-images that batches evenly"
+    return (
+        f"{dropped} of the {n} images{each} are left out: batches of {opts.batch_size} leave a "
+        f"last one of {dropped}, and the unbiased HSIC needs at least 4. Hint: {fix}"
+    )
+
+
+def whole_batch_size(n: int, batch_size: int, world: int = 1) -> int | None:
+    """The batch size nearest ``batch_size`` whose batches of ``n`` images use them all.
+
+    A batch size b does when the last batch is whole or holds at least 4 (n mod b is 0 or
+    >= 4), and each of ``world`` processes still gets a batch (b <= n / world); None if none does.
+    """
+    fits = [b for b in range(4, n // world + 1) if n % b == 0 or n % b >= 4]
+    return min(fits, key=lambda b: (abs(b - batch_size), -b), default=None)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
@@ -438,6 +536,7 @@ class _Sweep:
         self.layers_b: list[str] = []
         self.images_used = 0
         self.skipped = 0
+        self.planned: int | None = None  # every process's batches of all sweeps, when known
 
     def _sweeps(self) -> list[tuple[Callable[[], Iterator[Batch]], int | None]]:
         """Per sweep: a maker of its batches and their number (None: a loader without len)."""
@@ -445,16 +544,39 @@ class _Sweep:
         if _is_loader(source):  # one sweep over its batches as they come
             loader = cast(Iterable[Any], source)
             size = len(loader) if isinstance(loader, Sized) else None
+            self.planned = size if o.world_size == 1 else None  # each process has its own
             return [(lambda: map(as_batch, loader), size)]
-        count = dataset_len(cast(Dataset[Any], source))
-        plans = [
-            _rank_batches(subset_indices(count, o.num_images, o.seed + r), o)
-            for r in range(o.repeats)
-        ]
-        return [(lambda p=plan: self._loader(p), len(plan)) for plan in plans]  # type: ignore[misc]
+        first = self._plan(0)
+        check_plan(first, o.num_images or dataset_len(self.dataset), o, self.dataset)
+        self.planned = len(first) * o.repeats  # every sweep draws as many images
+        mine = len(first[o.rank :: o.world_size])
+        # Each sweep's subset is drawn when it starts: drawing them all first (a permutation of
+        # the whole pool each, 47 ms for 1.6 M images) kept a run of many sweeps silent, its
+        # progress not yet shown, for as long as the planning took.
+        return [(partial(self._sweep_batches, r, first), mine) for r in range(o.repeats)]
+
+    @property
+    def dataset(self) -> Dataset[Any]:
+        """The source as the map-style dataset it is when it is not a loader."""
+        return cast(Dataset[Any], self.source)
+
+    def _plan(self, repeat: int) -> list[list[int]]:
+        """Every process's batches of sweep ``repeat`` (each process draws the same ones)."""
+        o = self.opts
+        indices = subset_indices(dataset_len(self.dataset), o.num_images, o.seed + repeat)
+        return plan_batches(indices, o.batch_size, min_size=4)
+
+    def _sweep_batches(self, repeat: int, first: list[list[int]]) -> Iterator[Batch]:
+        """This process's batches of sweep ``repeat`` (the first sweep's plan already drawn)."""
+        return self._loader(self._mine(first if repeat == 0 else self._plan(repeat)))
+
+    def _mine(self, plan: list[list[int]]) -> list[list[int]]:
+        """This process's share of a sweep's batches: plan_batches' dealing, planned once."""
+        return plan[self.opts.rank :: self.opts.world_size]
 
     def run(self) -> list[SweepSummary]:
         sweeps = self._sweeps()
+        self._check_calibration()
         total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
         # Exact by default: TF32 convolutions (cuDNN's default) move CKA by ~1e-3 on a GPU.
@@ -470,6 +592,19 @@ class _Sweep:
             task = bar.add_task("CKA", total=total)
             advance = lambda: bar.advance(task)  # noqa: E731
             return [self._repeat(r, make(), advance) for r, (make, _) in enumerate(sweeps)]
+
+    def _check_calibration(self) -> None:
+        """Refuses a calibration too large to hold, before the first batch.
+
+        And says then, not after the sweep, when the planned batches are too few for any
+        bootstrap interval.
+        """
+        o = self.opts
+        layers = [len(side.recorder.layer_names) for side in (self.side_a, self.side_b)]
+        check_calibration_size(o.bootstrap, o.permutations, o.repeats, *layers)
+        gap = bootstrap_gap(self.planned) if o.bootstrap and self.planned is not None else None
+        if gap is not None:
+            warn(gap)
 
     @contextmanager
     def _hooked(self) -> Iterator[None]:
@@ -500,7 +635,7 @@ class _Sweep:
     ) -> SweepSummary:
         metric: MinibatchCKA | None = None
         # This process's k-th batch is the sweep's batch rank + k * world_size (the dealing of
-        # _rank_batches): kept terms are ordered and shuffles seeded as in one process.
+        # _mine): kept terms are ordered and shuffles seeded as in one process.
         for k, batch in enumerate(batches):
             warn_skipped(batch.skipped)
             self.skipped += len(batch.skipped)
@@ -512,8 +647,20 @@ class _Sweep:
                 metric = self._update(metric, images, repeat, index)
             advance()
         if metric is None:
-            raise InputError("no batch of at least 4 readable images. Hint: check --data")
+            raise InputError(self._no_batch())
         return metric.summary()
+
+    def _no_batch(self) -> str:
+        """Why a sweep had no batch of at least 4 images to measure, and the fix."""
+        if self.skipped:
+            return (
+                f"no batch held 4 readable images: {_count(self.skipped, 'image')} could not be "
+                "read (each named in a note). Hint: replace or remove the unreadable files, or "
+                "add readable images"
+            )
+        if _is_loader(self.source):
+            return "no batch of the loader held 4 images. Hint: batch it by 4 or more"
+        return "no batch of at least 4 readable images. Hint: check --data"
 
     def _update(
         self, metric: MinibatchCKA | None, images: Tensor, repeat: int, index: int
@@ -569,6 +716,9 @@ def run_comparison(
     start = time.perf_counter()
     sweep = _Sweep(side_a, side_b, source, opts)
     sweeps = sweep.run()  # each side's recorder restores its modules' own train/eval flags
+    told = sweep.planned is not None and sweep.planned < MIN_BATCHES  # before the sweep
+    if opts.bootstrap and not told:
+        _note_bootstrap_gap(sweeps)
     device = sweep.device
     options = applied(opts)  # the layout used, and what was asked (auto: the rule chose)
     options.update(memory_format=sweep.execution.layout, memory_format_requested=opts.memory_format)
@@ -591,6 +741,17 @@ def run_comparison(
         elapsed=time.perf_counter() - start,
         calibration=calibration,
     )
+
+
+def _note_bootstrap_gap(sweeps: Sequence[SweepSummary]) -> None:
+    """Says when the batches kept are too few for an interval, though more were planned.
+
+    Batches of unreadable images are dropped as they come, and a loader's count may be unknown.
+    """
+    kept = sum(len(s.batches) for s in sweeps if s.batches is not None)
+    gap = bootstrap_gap(kept)
+    if gap is not None:
+        warn(gap)
 
 
 def sweep_overlap(dataset: Dataset[Any], opts: SweepOptions) -> float:
@@ -722,6 +883,7 @@ def compare_sides(
     view.check()
     size = cast(int, view.image_size)
     scales = [check_scale(size if s.scale is None else s.scale) for s in (a, b)]
+    note_upsampled(scales, size)
     for model in (a.model, b.model):
         if device is not None:
             model.to(device)
@@ -731,6 +893,27 @@ def compare_sides(
     )
     info = _settings(a, b, scales, data, view)
     return run_comparison(side_a, side_b, source, opts, {**info, **(settings or {})})
+
+
+def note_upsampled(scales: Sequence[int], image_size: int) -> None:
+    """Notes scales above the image size: their images are the base images enlarged.
+
+    Such a side sees no detail the image-size images lack, which a reader of its CKA should
+    know; it is a choice one can make on purpose, so it is said, not refused.
+    """
+    above = sorted({s for s in scales if s > image_size})
+    if not above:
+        return
+    what, its = (
+        (f"scale {above[0]} is", "its")
+        if len(above) == 1
+        else (f"scales {above[0]} and {above[1]} are", "their")
+    )
+    warn(
+        f"{what} larger than the image size {image_size}: {its} images are the "
+        f"{image_size}-px images upsampled, with no finer detail. Hint: --image-size "
+        f"{above[-1]} or more compares images that have it, if the data does"
+    )
 
 
 def _check_types(**arguments: tuple[Any, type]) -> None:

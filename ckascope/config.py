@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ckascope.cliutils import config_field
+from ckascope.errors import InputError
 from ckascope.options import SWEEP_USES, Applies, SweepFields, ViewFields, refuse_ignored
 from ckascope.vocab import MAX_SCALE
 
@@ -140,6 +141,12 @@ COMPARE_USES: dict[str, Applies] = {
         "sets the second model's weights, and this run compares one model at two scales",
         "use --weights for its weights, or add --model-b NAME",
     ),
+    "num_classes": Applies(
+        lambda cfg: cfg.checkpoint is None or (cfg.two_models and cfg.checkpoint_b is None),
+        "sets the classes of a model built from its name, and every model here comes from a "
+        "checkpoint, whose weights set its classes",
+        "drop --num-classes",
+    ),
     "overwrite": Applies(
         lambda cfg: cfg.out is not None,
         "lets --out replace an earlier result, and no --out was given (a default folder "
@@ -194,7 +201,8 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
     E.g. ``--scale`` with one model (compared at two scales), ``--scales`` with two, ``--layers-b``
     or ``--weights-b`` without a second model, ``--ci`` without ``--bootstrap``,
     ``--sigma-frac``/``--bandwidth`` with the linear kernel, ``--overwrite`` without ``--out``,
-    ``--annotate`` with ``--no-figures``, ``--weights`` (other than none) with ``--checkpoint``.
+    ``--annotate`` with ``--no-figures``, ``--weights`` (other than none) with ``--checkpoint``,
+    ``--num-classes`` when every model comes from a checkpoint.
     Only options that were set count: a default never triggers it.
 
     Args:
@@ -208,6 +216,29 @@ def check_applies(cfg: CompareConfig, explicit: Collection[str] | None = None) -
     """
     refuse_ignored(cfg, {**COMPARE_USES, **SWEEP_USES}, explicit)
     refuse_ignored(cfg, CHECKPOINT_USES, explicit)
+
+
+def check_scales(cfg: CompareConfig) -> None:
+    """Refuses one model at one scale: both sides would see the same inputs (a table of 1s).
+
+    Two models at one scale stay valid (``--scale``): their layers differ.
+
+    Args:
+        cfg: The resolved options (``resolve``: the scales decided).
+
+    Raises:
+        InputError: One model and two equal scales, given or derived (a checkpoint trained at
+            one scale).
+    """
+    if cfg.two_models or cfg.scales is None or cfg.scales[0] != cfg.scales[1]:
+        return
+    s, size = cfg.scales[0], cfg.image_size or FALLBACK_IMAGE_SIZE
+    low, high = sorted((s, size)) if s != size else default_scales(size)
+    raise InputError(
+        f"both scales are {s} px: one model at one scale is compared with itself, and every "
+        f"same-layer CKA is 1. Hint: give two different --scales (e.g. --scales {low} {high}), "
+        f"or add --model-b NAME to compare two models at --scale {s}"
+    )
 
 
 def default_scales(image_size: int) -> tuple[int, int]:

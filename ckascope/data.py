@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 from typing_extensions import TypeIs
 
 from ckascope.errors import InputError, hint_close, warn
-from ckascope.idxdata import IDX_DATASETS, IDX_SIZE, idx_dataset
+from ckascope.idxdata import IDX_DATASETS, IDX_SIZE, SYSTEM_COPIES, idx_dataset
 from ckascope.shapes import SyntheticShapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -360,8 +360,7 @@ def build_dataset(
         if name not in TORCHVISION_DATASETS:
             raise InputError(hint_close(name, list_datasets(), what="dataset"))
         return _torchvision_dataset(name, root, split, transform)
-    folder = Path(spec).expanduser()
-    return _image_folder(folder, split, transform, require_split, missing_split_hint)
+    return _image_folder(spec, split, transform, require_split, missing_split_hint)
 
 
 def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Dataset[Any]:
@@ -382,19 +381,16 @@ def _torchvision_dataset(name: str, root: str, split: str, transform: Any) -> Da
 
 
 def _image_folder(
-    path: Path, split: str, transform: Any, require_split: bool, missing_split_hint: str | None
+    spec: str, split: str, transform: Any, require_split: bool, missing_split_hint: str | None
 ) -> Dataset[Any]:
+    path = Path(spec).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(
-            f"--data {path} is a file; it takes a folder of images (one sub-folder per class), "
+            f"--data {spec} is a file; it takes a folder of images (one sub-folder per class), "
             "NAME:PATH for a dataset on disk, or shapes"
         )
     if not path.is_dir():
-        raise InputError(
-            f"data directory {path} does not exist. Hint: give an ImageFolder directory, "
-            f"NAME:PATH with NAME in {', '.join(list_datasets()[1:])}, or omit --data for the "
-            "synthetic set"
-        )
+        raise InputError(f"data directory {spec} does not exist. Hint: {_data_hint(spec)}")
     if require_split and not (path / split).is_dir():
         hint = missing_split_hint or (
             "training needs PATH/train and PATH/val, one sub-folder per class in each"
@@ -408,6 +404,26 @@ def _image_folder(
             f"no images found in {root} ({e}). Hint: an ImageFolder needs one sub-folder per "
             "class holding .jpg/.png files"
         ) from e
+
+
+def _data_hint(spec: str) -> str:
+    """What ``--data`` takes, led by the spec ``spec`` may have meant (``FashionMNIST``)."""
+    names = sorted([*IDX_DATASETS, *TORCHVISION_DATASETS])
+    bare = ", ".join(f"{n} alone (Debian's {package})" for n, (_, package) in SYSTEM_COPIES.items())
+    listed = (
+        f"give an ImageFolder directory, NAME:PATH with NAME in {', '.join(names)}, {bare}, "
+        "or shapes (or no --data) for the synthetic set"
+    )
+    meant = _meant(spec, names)
+    return f"did you mean --data {meant}? Otherwise {listed}" if meant else listed
+
+
+def _meant(spec: str, names: list[str]) -> str | None:
+    """The ``--data`` spec a missing folder's name may have meant, in any case or spelling."""
+    name = Path(spec).name.lower().replace("-", "").replace("_", "")
+    if name == "shapes" or name in SYSTEM_COPIES:
+        return name
+    return f"{name}:PATH" if name in names else None
 
 
 def dataset_len(dataset: Dataset[Any]) -> int:

@@ -100,7 +100,18 @@ def _decompressed(path: Path, tmp: Path) -> Path:
     try:
         return Path(extract_archive(str(path), str(tmp)))
     except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path} is not a readable gzip file ({e})") from e
+        raise InputError(
+            f"{path} is not a readable gzip file ({e}). Hint: the file is damaged (cut short "
+            f"or overwritten): download it again{_reinstall(path)}"
+        ) from e
+
+
+def _reinstall(path: Path) -> str:
+    """How to restore ``path`` when a system package installed it (``SYSTEM_COPIES``)."""
+    for folder, package in SYSTEM_COPIES.values():
+        if path.parent == folder:
+            return f", or reinstall it (apt-get install --reinstall {package})"
+    return ""
 
 
 class _IdxFiles:

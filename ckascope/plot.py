@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ckascope.data import dataset_name, is_synthetic
 from ckascope.errors import InputError
 from ckascope.fileio import atomic_path, staging_dir
 from ckascope.result import FIGURE_STAGING, CKAResult, check_writable_folder
 
 FORMATS = ("png", "pdf")
+#: Characters of the heatmap's title (matplotlib's default "large", 12 pt) an inch holds: its
+#: lines are wrapped to the figure's width, which follows the matrix's.
+TITLE_CHARS_PER_INCH = 10
 #: Cells whose permutation p-value exceeds this are marked as not beating the null.
 ALPHA = 0.05
 
@@ -36,7 +41,13 @@ def side_labels(result: CKAResult) -> tuple[str, str]:
     return f"layer at {scales[0]} px", f"layer at {scales[1]} px"
 
 
-def _title(result: CKAResult) -> str:
+def _title(result: CKAResult, width: int = 80) -> str:
+    """The heatmap's title: models, kernel, sweeps; under it the inputs, each ``width`` wide."""
+    lines = [_heading(result), _inputs(result.settings)]
+    return "\n".join(textwrap.fill(line, width) for line in lines if line)
+
+
+def _heading(result: CKAResult) -> str:
     s = result.settings
     kind = f"{s.get('kernel', 'linear')} CKA"
     model = str(s.get("model", ""))
@@ -47,19 +58,47 @@ def _title(result: CKAResult) -> str:
     else:
         model = f"{model} {kind}".strip()
     sweeps = f", mean of {result.repeats} sweeps" if result.repeats > 1 else ""
-    return model + sweeps + _caveats(s)
+    return model + sweeps
 
 
-def _caveats(settings: dict[str, Any]) -> str:
-    """What a reader must know about the inputs: random weights, synthetic images."""
-    notes = [
-        "random weights"
-        for key in ("weights", "weights_b")
-        if settings.get(key) == "none" and not settings.get(key.replace("weights", "checkpoint"))
-    ][:1]
-    if settings.get("data") in (None, "shapes") and "data" in settings:
-        notes.append("synthetic images")
-    return f"\n({', '.join(notes)})" if notes else ""
+def _inputs(settings: dict[str, Any]) -> str:
+    """The subtitle: what the result was measured with, weights and images, in a few words.
+
+    Empty for a result that records neither (one made in Python without such settings).
+    """
+    parts = [*_weights_words(settings), *_data_words(settings)]
+    return f"({', '.join(parts)})" if parts else ""
+
+
+def _weights_words(settings: dict[str, Any]) -> list[str]:
+    """Each side's weights, once when both sides have the same, else by model."""
+    sides = [(settings.get(f"model{k}"), _weights_of(settings, k)) for k in ("", "_b")]
+    words = [(model, w) for model, w in sides if w is not None]
+    if len({w for _, w in words}) < 2:
+        return [w for _, w in words][:1]
+    return [f"{model}: {w}" for model, w in words]
+
+
+def _weights_of(settings: dict[str, Any], suffix: str) -> str | None:
+    """One side's weights: random, pretrained (which), or the checkpoint's file; None: unknown."""
+    checkpoint, weights = settings.get(f"checkpoint{suffix}"), settings.get(f"weights{suffix}")
+    if checkpoint:
+        return f"checkpoint {Path(str(checkpoint)).name}"
+    if weights is None:
+        return None
+    if weights == "none":
+        return "random weights"
+    return "pretrained weights" if str(weights).lower() == "default" else f"{weights} weights"
+
+
+def _data_words(settings: dict[str, Any]) -> list[str]:
+    """The images: synthetic, the set's name, or the last two parts of a folder's path."""
+    if "data" not in settings:
+        return []
+    spec = settings["data"]
+    if is_synthetic(spec):
+        return ["synthetic images"]
+    return [dataset_name(spec) or "/".join(Path(spec).expanduser().parts[-2:])]
 
 
 def heatmap(
@@ -82,10 +121,8 @@ def heatmap(
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
     # The canvas follows the matrix's shape (square cells), plus room for labels and colour bar.
     cell = 0.32
-    fig = Figure(
-        figsize=(3.2 + cell * len(result.layers_b), 2.2 + cell * len(result.layers_a)),
-        layout="constrained",
-    )
+    width = 3.2 + cell * len(result.layers_b)
+    fig = Figure(figsize=(width, 2.2 + cell * len(result.layers_a)), layout="constrained")
     ax = fig.subplots()
     ax.set_facecolor("0.85")
     ax.patch.set_hatch("xx")
@@ -110,7 +147,7 @@ def heatmap(
     label_a, label_b = side_labels(result)
     ax.set_xlabel(label_b)
     ax.set_ylabel(label_a)
-    ax.set_title(title or _title(result))
+    ax.set_title(title or _title(result, width=int(TITLE_CHARS_PER_INCH * width)))
     handles = _mark_chance(ax, result) if mark_null else []
     if not np.isfinite(m).all():
         handles.append(Patch(facecolor="0.85", edgecolor="0.55", hatch="xx", label="NaN"))
@@ -185,20 +222,33 @@ def curve(
 def _curve_line(ax: Any, result: CKAResult, name: str, color: str, first_null: bool) -> None:
     d = result.diagonal()
     idx = np.arange(len(d))
-    low, high = result.cell("ci_low"), result.cell("ci_high")
-    if low is not None and high is not None:
-        level = 100 * float(result.settings.get("ci") or 0.95)
-        band, what = (low[idx, idx], high[idx, idx]), f"{level:g} % interval"
-    else:
-        mean, std = d["mean"].to_numpy(), d["std"].to_numpy()
-        band, what = (mean - std, mean + std), "± std over sweeps"
-    ax.plot(d["depth"], d["mean"], marker="o", color=color, label=f"{name} ({what})")
-    ax.fill_between(d["depth"], *band, color=color, alpha=0.25)
+    band = _band(result)
+    line = name if band is None else f"{name} ({band[1]})"  # the legend names a drawn band only
+    ax.plot(d["depth"], d["mean"], marker="o", color=color, label=line)
+    if band is not None:
+        ax.fill_between(d["depth"], *band[0], color=color, alpha=0.25)
     null_mean, null_std = result.cell("null_mean"), result.cell("null_std")
     if null_mean is not None and null_std is not None:
         m, s = null_mean[idx, idx], null_std[idx, idx]
         label = "chance: permutation null, mean ± 2 std" if first_null else None
         ax.fill_between(d["depth"], m - 2 * s, m + 2 * s, color="0.5", alpha=0.25, label=label)
+
+
+def _band(result: CKAResult) -> tuple[tuple[np.ndarray, np.ndarray], str] | None:
+    """The band around the same-layer curve and what it is; None when there is none to draw.
+
+    The bootstrap interval where it has values (one batch gives NaN), else ± the std over
+    sweeps when there are several (one sweep has no spread).
+    """
+    idx = np.arange(len(result.layers_a))
+    low, high = result.cell("ci_low"), result.cell("ci_high")
+    if low is not None and high is not None and np.isfinite(low[idx, idx]).any():
+        level = 100 * float(result.settings.get("ci") or 0.95)
+        return (low[idx, idx], high[idx, idx]), f"{level:g} % interval"
+    if result.repeats > 1:
+        mean, std = result.matrix[idx, idx], result.std[idx, idx]
+        return (mean - std, mean + std), "± std over sweeps"
+    return None
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:

@@ -142,7 +142,8 @@ class CKAResult:
         if not self.has_diagonal:
             raise InputError(
                 "this result compares two models (or different layers), so it has no same-layer "
-                "diagonal. Hint: compare one model at two scales, or index .matrix yourself"
+                "diagonal. Hint: compare one model at two scales (ckascope compare --scales A B); "
+                "this result's layer pairs are in its cka.csv (CKAResult.matrix in Python)"
             )
         idx = np.arange(len(self.layers_a))
         frame: pd.DataFrame = pd.DataFrame(

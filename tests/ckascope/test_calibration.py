@@ -290,13 +290,62 @@ def test_one_batch_is_a_one_line_note_on_the_command_line(tmp_path: Path) -> Non
     args += ["--bootstrap", "10", "--no-figures", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(ckascope_main, args)
     assert result.exit_code == 0, result.output
-    notes = [line for line in result.stderr.splitlines() if "bootstrapped" in line]
+    lines = result.stderr.splitlines()
+    notes = [line for line in lines if "bootstrapped" in line]
     assert notes == [
         "note: 1 batch(es) cannot be bootstrapped: no interval. Hint: more images or a smaller "
         "--batch-size"
     ]
+    progress = [line for line in lines if line.startswith("CKA: ")]
+    assert lines.index(notes[0]) < lines.index(progress[0])  # said at the start, from the plan
     assert "Warning" not in result.stderr  # no category, file or source line
     assert ".py:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "needle"),
+    [
+        ("--permutations", "Hint: --permutations 10000 or fewer (e.g. 100)"),
+        ("--bootstrap", "Hint: --bootstrap 10000 or fewer (e.g. 1000)"),
+    ],
+)
+def test_counts_beyond_the_most_are_refused_before_any_work(
+    tmp_path: Path, flag: str, needle: str
+) -> None:
+    from ckascope import SweepOptions
+    from ckascope.errors import InputError
+    from tests.refusals import assert_refused
+
+    args = ["compare", "--model", "resnet18", "--weights", "none", "--image-size", "32"]
+    args += ["--num-images", "16", "--batch-size", "16", flag, "100000000"]
+    line = assert_refused(ckascope_main, [*args, "--out", str(tmp_path / "o")], needle, tmp_path)
+    assert f"{flag} 100000000 is more than 10000, the most a sweep takes" in line
+    with pytest.raises(InputError, match=f"{flag} 10001 is more than 10000"):
+        SweepOptions(**{flag[2:]: 10001})  # the library refuses it alike
+    SweepOptions(**{flag[2:]: 10000})
+
+
+def test_a_calibration_too_large_to_hold_is_refused_before_the_first_batch() -> None:
+    from ckascope import compare_scales
+    from ckascope.calibration import check_calibration_size
+    from ckascope.errors import InputError
+
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), *(torch.nn.ReLU() for _ in range(299)))
+    ran: list[int] = []
+    wide.register_forward_pre_hook(lambda m, i: ran.append(1))
+    options = {"image_size": 8, "num_images": 8, "batch_size": 8, "layers": "leaves"}
+    with pytest.raises(InputError) as caught:
+        compare_scales(wide, None, (4, 8), permutations=10000, **options)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "--permutations 10000 over 1 sweep(s) of 300 x 300 layer pairs would hold about 20.1 GiB of matrices at once, more than the 4 GiB a comparison may take. "
+        "Hint: --permutations 1988 or fewer, or fewer layers (e.g. --layers blocks)"
+    )
+    assert ran == []  # no forward pass ran
+    check_calibration_size(0, 1988, 1, 300, 300)  # the hint's count fits
+    with pytest.raises(
+        InputError, match=r"--bootstrap 10000 over 2 sweep\(s\) .* --bootstrap 1988 or"
+    ):
+        check_calibration_size(10000, 0, 2, 300, 300)  # the bootstrap's share does not grow
 
 
 def test_one_permutation_has_no_null_std_and_no_z_score() -> None:

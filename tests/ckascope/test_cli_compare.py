@@ -170,6 +170,14 @@ def test_a_vit_at_another_image_size_is_told_the_size_it_takes(tmp_path: Path) -
             ["--model-b", "resnet34", "--checkpoint-b", "{missing}", "--weights-b", "default"],
             "--weights-b loads pretrained weights, and --checkpoint-b's weights are the ones",
         ),
+        (
+            ["--checkpoint", "{missing}", "--num-classes", "5"],
+            "--num-classes sets the classes of a model built from its name, and every model",
+        ),
+        (
+            ["--checkpoint", "{missing}", "--checkpoint-b", "{missing}", "--num-classes", "1000"],
+            "--num-classes sets the classes",  # 1000: the default, typed out
+        ),
     ],
 )
 def test_an_option_that_does_not_apply_is_refused_before_any_work(
@@ -217,6 +225,8 @@ def test_options_count_when_given_and_defaults_never_trigger_the_check() -> None
         "annotate": True,
     }
     check_applies(CompareConfig(**given), explicit=given.keys())  # each of them applies
+    one_built = {"checkpoint": Path("a.pt"), "model_b": "resnet34", "num_classes": 5}
+    check_applies(CompareConfig(**one_built))  # --model-b is built from its name: it applies
     with pytest.raises(InputError, match="--scale is the one scale"):
         check_applies(CompareConfig(model="resnet18", scale=16))  # changed: the API can tell
     check_applies(CompareConfig(model="resnet18", ci=0.95))  # the default, not given
@@ -497,3 +507,28 @@ def test_an_unreadable_image_is_a_note_of_the_process_that_met_it() -> None:
 
     with pytest.warns(LocalWarning, match="skipped unreadable image x.jpg"):
         warn_skipped([Skipped("x.jpg", "bad")])
+
+
+def test_one_model_at_one_scale_is_refused_two_models_at_one_scale_run(tmp_path: Path) -> None:
+    from tests.refusals import assert_refused
+
+    argv = ["compare", "--model", "resnet18", "--weights", "none", "--image-size", "16"]
+    line = assert_refused(main, [*argv, "--scales", "8", "8"], "both scales are 8 px", tmp_path)
+    assert line == (
+        "Error: both scales are 8 px: one model at one scale is compared with itself, and every "
+        "same-layer CKA is 1. Hint: give two different --scales (e.g. --scales 8 16), or add "
+        "--model-b NAME to compare two models at --scale 8"
+    )
+    two = [*argv, "--model-b", "resnet18", "--weights-b", "none", "--scale", "8"]
+    two += ["--num-images", "8", "--batch-size", "8", "--layers", "stages", "--no-figures"]
+    done = CliRunner().invoke(main, [*two, "--out", str(tmp_path / "two")])
+    assert done.exit_code == 0, done.output
+
+
+def test_the_help_example_on_fashion_mnist_is_the_readmes() -> None:
+    """The --help and the README show one command for Fashion-MNIST (its default scales)."""
+    shown = CliRunner().invoke(main, ["compare", "--help"]).output
+    example = next(line.strip() for line in shown.splitlines() if "--data fashionmnist" in line)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert example in readme
+    assert example.endswith("--scales 4 28")  # config.default_scales(28)

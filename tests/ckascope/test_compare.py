@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 from ckascope import kernels, models
 from ckascope.compare import ScaleView, compare_models, compare_scales
 from ckascope.data import build_dataset, eval_transform, subset_indices
-from ckascope.errors import InputError
+from ckascope.errors import CKAScopeWarning, InputError
 from ckascope.result import CKAResult
 from tests import reference as ref
 
@@ -83,17 +84,18 @@ def test_end_to_end_equals_independent_computation(
 ) -> None:
     if chunk_bytes is not None:  # every layer centred in many chunks
         monkeypatch.setattr(kernels, "CENTER_CHUNK_BYTES", chunk_bytes)
-    result = compare_scales(
-        model,
-        data,
-        (16, BASE),
-        layers=LAYERS,
-        image_size=BASE,
-        batch_size=8,
-        num_images=26,
-        seed=5,
-        memory_format=memory_format,
-    )
+    with pytest.warns(CKAScopeWarning, match="2 of the 26 images are left out"):
+        result = compare_scales(
+            model,
+            data,
+            (16, BASE),
+            layers=LAYERS,
+            image_size=BASE,
+            batch_size=8,
+            num_images=26,
+            seed=5,
+            memory_format=memory_format,
+        )
     assert result.settings["memory_format"] == memory_format
     expected = _independent(model, data, (16, BASE), 26, 8, 5)
     assert result.layers_a == LAYERS == result.layers_b
@@ -257,10 +259,14 @@ def test_bad_arguments(model: nn.Module, data, kwargs: dict, match: str) -> None
 
 
 def test_too_few_images_for_processes(model: nn.Module, data) -> None:
-    with pytest.raises(InputError, match="fewer than the 2 processes"):
+    with pytest.raises(InputError) as caught:
         compare_scales(
             model, data, (16, BASE), image_size=BASE, batch_size=8, num_images=8, world_size=2
         )
+    assert str(caught.value) == (
+        "8 images make only 1 batch of at least 4 images, and each of the 2 processes needs "
+        "one. Hint: a --batch-size of 4 or less gives each process a batch, or fewer processes"
+    )
 
 
 def test_image_size_keeps_the_imagenet_resize_ratio_and_checks_options(model: nn.Module) -> None:
@@ -584,3 +590,126 @@ def test_numpy_numbers_run_and_save_end_to_end(model: nn.Module, tmp_path: Path)
     )
     result.save(tmp_path / "r")  # the settings are JSON: no NumPy scalar reaches them
     assert CKAResult.load(tmp_path / "r").settings["scales"] == [16, 32]
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+
+
+def _images(n: int, side: int = 8) -> torch.utils.data.Dataset:
+    return torch.utils.data.TensorDataset(torch.rand(n, 3, side, side), torch.zeros(n))
+
+
+def test_images_no_batch_takes_are_a_note_naming_how_many_and_why() -> None:
+    net, tiny = _tiny_net(), {"layers": ["1", "3"], "image_size": 8}
+    with pytest.warns(CKAScopeWarning) as caught:
+        result = compare_scales(net, _images(18), (4, 8), batch_size=8, **tiny)  # type: ignore[arg-type]
+    notes = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert notes == [
+        "2 of the 18 images are left out: batches of 8 leave a last one of 2, and the unbiased "
+        "HSIC needs at least 4. Hint: --batch-size 9 uses all 18"
+    ]
+    assert result.settings["images_used"] == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the hint says uses them all, and says nothing
+        assert (
+            compare_scales(net, _images(18), (4, 8), batch_size=9, **tiny).settings[  # type: ignore[arg-type]
+                "images_used"
+            ]
+            == 18
+        )
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "world", "fits"),
+    [(18, 8, 1, 9), (6, 4, 1, 6), (26, 8, 1, 9), (14, 4, 2, 5), (13, 4, 2, None)],
+)
+def test_the_batch_size_that_uses_every_image(
+    n: int, batch_size: int, world: int, fits: int | None
+) -> None:
+    from ckascope.compare import whole_batch_size
+
+    assert whole_batch_size(n, batch_size, world) == fits
+    if fits is not None:
+        assert n % fits == 0 or n % fits >= 4
+        assert n // fits >= world  # each process gets a batch
+
+
+def test_a_sweep_with_no_batch_says_why_and_the_fix_that_fits() -> None:
+    net, tiny = _tiny_net(), {"layers": ["1", "3"], "image_size": 8, "batch_size": 16}
+    with pytest.raises(InputError) as asked_few:
+        compare_scales(net, None, (4, 8), num_images=3, **tiny)  # type: ignore[arg-type]
+    assert str(asked_few.value) == (
+        "3 images make no batch of at least 4 images, the fewest the unbiased HSIC takes. "
+        "Hint: --num-images 4 or more"
+    )
+    with pytest.raises(InputError) as holds_few:
+        compare_scales(net, _images(3), (4, 8), **tiny)  # type: ignore[arg-type]
+    assert str(holds_few.value).endswith(
+        "Hint: the data holds 3 images: give it at least 4 readable ones"
+    )
+    with pytest.raises(InputError) as two_processes:
+        compare_scales(net, _images(6), (4, 8), world_size=2, **tiny)  # type: ignore[arg-type]
+    assert str(two_processes.value) == (  # it holds 6: more --num-images cannot help
+        "6 images make only 1 batch of at least 4 images, and each of the 2 processes needs "
+        "one. Hint: the data holds 6 images: give it at least 8 readable ones, or fewer processes"
+    )
+
+
+def _folder(root: Path, good: int, bad: int) -> Path:
+    from PIL import Image
+
+    (root / "a").mkdir(parents=True)
+    for i in range(good):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "a" / f"{i}.png")
+    for i in range(bad):
+        (root / "a" / f"bad{i}.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:skipped unreadable image")
+def test_unreadable_images_that_leave_no_batch_are_named_as_the_cause(tmp_path: Path) -> None:
+    net, tiny = _tiny_net(), {"layers": ["1", "3"], "image_size": 8, "batch_size": 16}
+    only_bad = str(_folder(tmp_path / "bad", 0, 2))
+    with pytest.raises(InputError) as planned:
+        compare_scales(net, only_bad, (4, 8), **tiny)  # type: ignore[arg-type]
+    assert str(planned.value).endswith(
+        "Hint: the folder holds 2 images, 2 of them unreadable: give it at least 4 readable ones"
+    )
+    half_bad = str(_folder(tmp_path / "half", 2, 2))
+    with pytest.raises(InputError) as loaded:
+        compare_scales(net, half_bad, (4, 8), **tiny)  # type: ignore[arg-type]
+    assert str(loaded.value) == (
+        "no batch held 4 readable images: 2 images could not be read (each named in a note). "
+        "Hint: replace or remove the unreadable files, or add readable images"
+    )
+
+
+def test_a_scale_above_the_image_size_is_a_note() -> None:
+    net, tiny = _tiny_net(), {"layers": ["1", "3"], "batch_size": 8}
+    with pytest.warns(
+        CKAScopeWarning, match="scale 16 is larger than the image size 8: its images"
+    ):
+        compare_scales(net, _images(8), (4, 16), image_size=8, **tiny)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare_scales(net, _images(8), (4, 8), image_size=8, **tiny)  # type: ignore[arg-type]
+
+
+def test_each_sweep_draws_its_images_when_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of many sweeps shows progress from its first batch: drawing every sweep's subset
+    first (a permutation of the whole pool each) kept 100 000 sweeps silent for over an hour."""
+    from ckascope import compare
+
+    drawn: list[int] = []
+    real = compare.subset_indices
+    monkeypatch.setattr(compare, "subset_indices", lambda *a: drawn.append(a[2]) or real(*a))
+    net = _tiny_net()
+    at_first_batch: list[list[int]] = []
+    net.register_forward_pre_hook(lambda m, i: at_first_batch.append(list(drawn)))
+    tiny = {"layers": ["1", "3"], "image_size": 8, "batch_size": 8, "num_images": 8}
+    result = compare_scales(net, None, (4, 8), repeats=3, seed=5, **tiny)  # type: ignore[arg-type]
+    assert at_first_batch[0] == [5]  # the first sweep's subset alone
+    assert drawn == [5, 6, 7]  # every sweep's, once, with its own seed
+    assert result.repeats == 3

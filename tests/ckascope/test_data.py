@@ -138,6 +138,26 @@ def test_bad_specs(spec: str, match: str) -> None:
         build_dataset(spec)
 
 
+def test_a_missing_folder_is_named_as_given_with_every_form_data_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as dotted:
+        build_dataset("./fashionmnist")
+    message = str(dotted.value)
+    assert message.startswith("data directory ./fashionmnist does not exist. Hint: did you mean")
+    assert "--data fashionmnist?" in message  # the installed copy: ./ names a folder
+    for form in ("NAME:PATH", "fashionmnist alone (Debian's dataset-fashion-mnist)", "shapes"):
+        assert form in message
+    with pytest.raises(InputError, match=r"did you mean --data fashionmnist\?"):
+        build_dataset("FashionMNIST")
+    with pytest.raises(InputError, match=r"did you mean --data cifar10:PATH\?"):
+        build_dataset("CIFAR-10")  # no copy without a path: the form that works
+    with pytest.raises(InputError) as other:
+        build_dataset("photos")
+    assert "did you mean" not in str(other.value)
+
+
 def test_empty_and_missing_dataset_dirs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images found"):

@@ -90,6 +90,25 @@ def test_corrupt_and_mismatched_files_are_refused(tmp_path: Path) -> None:
         build_dataset(f"mnist:{other}", "train")
 
 
+def test_a_truncated_gzip_file_is_called_damaged_with_the_way_to_restore_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_idx(tmp_path, 4, gz=True)
+    images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:40])  # a download cut short
+    with pytest.raises(InputError) as caught:
+        build_dataset(f"fashionmnist:{tmp_path}", "val")
+    assert str(caught.value).endswith(
+        "Hint: the file is damaged (cut short or overwritten): download it again"
+    )
+    monkeypatch.setitem(idxdata.SYSTEM_COPIES, "fashionmnist", (tmp_path, "dataset-fashion-mnist"))
+    with pytest.raises(InputError) as installed:
+        build_dataset("fashionmnist", "val")
+    assert str(installed.value).endswith(
+        "download it again, or reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
+    )
+
+
 def test_bare_names_without_a_system_copy_teach(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,6 +101,45 @@ def test_curve_overlays_results_with_std_band() -> None:
     np.testing.assert_allclose(ax.lines[0].get_ydata(), np.diag(_result().matrix))
 
 
+def test_the_curve_legend_names_a_band_only_where_one_is_drawn() -> None:
+    one = CKAResult(_result().matrices[:1], *([_result().layers_a] * 2), _result().settings)
+    ax = curve(one).axes[0]
+    assert ax.lines[0].get_label() == "toy"  # one sweep: no spread, no band
+    assert len(ax.collections) == 0
+    one.calibration.update(ci_low=np.full((4, 4), np.nan), ci_high=np.full((4, 4), np.nan))
+    assert curve(one).axes[0].lines[0].get_label() == "toy"  # one batch: a NaN interval
+    three = curve(_result()).axes[0]
+    assert three.lines[0].get_label() == "toy (± std over sweeps)"
+    assert len(three.collections) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "inputs"),
+    [
+        ({"weights": "none", "checkpoint": None, "data": "shapes"}, "random weights, synthetic"),
+        (
+            {"weights": None, "checkpoint": "runs/fm/last.pt", "data": "fashionmnist"},
+            "checkpoint last.pt, fashionmnist",
+        ),
+        ({"weights": "default", "data": "cifar10:~/data"}, "pretrained weights, cifar10"),
+        ({"weights": "IMAGENET1K_V2", "data": "/data/imagenet/val"}, "IMAGENET1K_V2 weights, "),
+        (
+            {"mode": "models", "model_b": "r34", "weights": "none", "weights_b": "default"},
+            "toy: random weights, r34: pretrained weights",
+        ),
+    ],
+)
+def test_the_heatmap_names_its_weights_and_images_in_every_case(
+    settings: dict[str, object], inputs: str
+) -> None:
+    base = _result()
+    result = CKAResult(base.matrices, base.layers_a, base.layers_b, {**base.settings, **settings})
+    title = " ".join(heatmap(result).axes[0].get_title().split())  # wrapped to its width
+    assert f"({inputs}" in title
+    if "data" in settings and str(settings["data"]).startswith("/"):
+        assert title.endswith("(IMAGENET1K_V2 weights, imagenet/val)")
+
+
 def test_two_model_results_get_only_a_heatmap(tmp_path: Path) -> None:
     paths = save_figures(_result(mode="models"), tmp_path)
     assert sorted(p.name for p in paths) == ["heatmap.pdf", "heatmap.png"]

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -354,6 +355,45 @@ def test_cli_a_two_model_result_is_refused_for_having_no_diagonal(tmp_path: Path
     )
     assert "no same-layer diagonal" in line
     assert "bad scales" not in line
+    # the command line's way, and where its numbers are: not Python's ".matrix" alone
+    assert "Hint: compare one model at two scales (ckascope compare --scales A B)" in line
+    assert "in its cka.csv (CKAResult.matrix in Python)" in line
+
+
+def _reason(*args: str) -> str:
+    return str(_split_json(*args)["reason"])
+
+
+def test_cli_below_the_threshold_more_layers_are_suggested_only_where_they_would_help(
+    tmp_path: Path,
+) -> None:
+    every = _reason("--from", str(_r18(tmp_path)), "--threshold", "0.99")  # blocks: every input
+    assert every.endswith("Hint: a lower --threshold")
+    late = ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    result = CKAResult(
+        np.diag([0.7, 0.6, 0.5, 0.4])[None],
+        late,
+        late,
+        {"mode": "scales", "model": "resnet18", "arch": "resnet18", "scales": [16, 32]},
+    )
+    few = _reason("--from", str(result.save(tmp_path / "late")), "--split-points", "layer4")
+    assert few.endswith(
+        "Hint: a lower --threshold, or an analysis with the default --layers (blocks), to weigh "
+        "layer1, layer2, layer3 too"
+    )
+
+
+def test_cli_a_multi_path_model_is_refused_in_a_whole_sentence(tmp_path: Path) -> None:
+    import msun
+
+    torch.manual_seed(0)
+    msun.save_checkpoint(msun.build_msun("resnet18", scales=(16, 32)), tmp_path / "m.pt")
+    argv = ["suggest-split", "--checkpoint", str(tmp_path / "m.pt"), "--scales", "16", "32"]
+    line = assert_refused(main, argv, "chosen on a single-path network", tmp_path)
+    assert line.startswith(f"Error: {tmp_path / 'm.pt'} holds a multi-path model (each scale")
+    saved = _r18(tmp_path, paths=[0, 1])
+    line = assert_refused(main, ["suggest-split", "--from", str(saved)], "multi-path", tmp_path)
+    assert line.startswith("Error: this result is of a multi-path model (each scale routed")
 
 
 def test_cli_a_checkpoint_or_a_results_file_as_from_gets_the_command_that_fits(
