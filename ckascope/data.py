@@ -412,7 +412,7 @@ def _data_hint(spec: str) -> str:
     bare = ", ".join(f"{n} alone (Debian's {package})" for n, (_, package) in SYSTEM_COPIES.items())
     listed = (
         f"give an ImageFolder directory, NAME:PATH with NAME in {', '.join(names)}, {bare}, "
-        "or shapes (or no --data) for the synthetic set"
+        "or shapes for the synthetic set"
     )
     meant = _meant(spec, names)
     return f"did you mean --data {meant}? Otherwise {listed}" if meant else listed

@@ -969,9 +969,9 @@ def eval_dataset(
         recorded: ``data`` is the checkpoint's own (no --data given).
 
     Raises:
-        InputError: As ``build_dataset`` (in msun eval's words where its hint names ckascope's
-            default data, or the checkpoint's recorded data that cannot be read), and for the
-            folder without val/ above.
+        InputError: As ``build_dataset``, in msun eval's words (leaving --data out scores the
+            run's own data; the checkpoint's recorded data that cannot be read is named so),
+            and for the folder without val/ above.
     """
     try:
         return build_dataset(
@@ -993,24 +993,17 @@ def eval_dataset(
 def _eval_data_hint(message: str, recorded: bool) -> str:
     """``build_dataset``'s refusal in msun eval's words.
 
-    Leaving --data out means the run's own data; when that is what cannot be read, the hint
-    says where else the images can come from.
+    Leaving --data out means the run's own data (ckascope's default is the synthetic set, so
+    its hint does not say it); when that is what cannot be read, the hint says where else the
+    images can come from.
     """
     if not recorded:
-        return message.replace(*EVAL_DEFAULT_DATA)
+        return f"{message}; or omit --data for the data the run was trained on"
     problem = message.split(" Hint:")[0]
     return (
         f"{problem} (the data the checkpoint records). Hint: give --data where those images "
         "are now, or --data shapes for the synthetic set"
     )
-
-
-#: ckascope's hint for a --data folder that does not exist ends with ckascope's default, the
-#: synthetic set; msun eval's is the (first) run's own data, and the synthetic set is named.
-EVAL_DEFAULT_DATA = (
-    ", or omit --data for the synthetic set",
-    ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
-)
 
 
 def scored_in_place(dataset: Dataset[Any], data: str) -> Path | None:

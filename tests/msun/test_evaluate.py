@@ -347,7 +347,7 @@ def _refusals(tmp_path: Path, checkpoint: Path) -> list[tuple[list[str], str]]:
         (
             [ckpt, "--data", str(tmp_path / "nowhere"), *out],
             # leaving --data out scores the run's own data: shapes is the synthetic set
-            ", or shapes (the synthetic set); or omit --data for the data the run was trained on",
+            "or shapes for the synthetic set; or omit --data for the data the run was trained on",
         ),
         (
             [ckpt, "--data", str(tmp_path / "small"), "--num-val", "3", *out],
