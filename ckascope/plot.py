@@ -83,7 +83,9 @@ def _weights_of(settings: dict[str, Any], suffix: str) -> str | None:
     """One side's weights: random, pretrained (which), or the checkpoint's file; None: unknown."""
     checkpoint, weights = settings.get(f"checkpoint{suffix}"), settings.get(f"weights{suffix}")
     if checkpoint:
-        return f"checkpoint {Path(str(checkpoint)).name}"
+        path = Path(str(checkpoint))  # a run's last.pt / best.pt is known by its folder
+        shown = f"{path.parent.name}/{path.name}" if path.stem in ("last", "best") else path.name
+        return f"checkpoint {shown}"
     if weights is None:
         return None
     if weights == "none":
@@ -178,6 +180,10 @@ def _mark_chance(ax: Any, result: CKAResult) -> list[Any]:
     return [Line2D([], [], ls="", marker="o", mfc="none", mec="0.6", label=label)]
 
 
+#: The legend entry of the permutation null's band, after every result's line.
+NULL_BAND = "chance: permutation null, mean ± 2 std"
+
+
 def curve(
     results: CKAResult | Sequence[CKAResult],
     labels: Sequence[str] | None = None,
@@ -212,7 +218,16 @@ def curve(
     ax.set_ylabel(f"CKA, same layer at {scales[0]} vs {scales[1]} px")
     ax.set_xlabel("layer")
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", fontsize=8, ncols=2, frameon=False)  # off the curves
+    handles, texts = ax.get_legend_handles_labels()
+    order = sorted(range(len(texts)), key=lambda k: texts[k] == NULL_BAND)  # chance last
+    fig.legend(  # off the curves
+        [handles[k] for k in order],
+        [texts[k] for k in order],
+        loc="outside lower center",
+        fontsize=8,
+        ncols=2,
+        frameon=False,
+    )
     ax.set_title(
         title or f"Cross-scale CKA per layer ({items[0].settings.get('kernel', 'linear')})"
     )
@@ -230,7 +245,7 @@ def _curve_line(ax: Any, result: CKAResult, name: str, color: str, first_null: b
     null_mean, null_std = result.cell("null_mean"), result.cell("null_std")
     if null_mean is not None and null_std is not None:
         m, s = null_mean[idx, idx], null_std[idx, idx]
-        label = "chance: permutation null, mean ± 2 std" if first_null else None
+        label = NULL_BAND if first_null else None
         ax.fill_between(d["depth"], m - 2 * s, m + 2 * s, color="0.5", alpha=0.25, label=label)
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ckascope.errors import InputError
-from ckascope.plot import curve, heatmap, redraw, save, save_figures
+from ckascope.plot import NULL_BAND, curve, heatmap, redraw, save, save_figures
 from ckascope.result import CKAResult
 
 
@@ -113,13 +113,22 @@ def test_the_curve_legend_names_a_band_only_where_one_is_drawn() -> None:
     assert len(three.collections) == 1
 
 
+def test_the_curve_legend_lists_chance_after_every_line() -> None:
+    first, second = _result(), _result()
+    for r in (first, second):
+        r.calibration.update(null_mean=np.zeros((4, 4)), null_std=np.full((4, 4), 0.01))
+    [legend] = curve([first, second], labels=["a", "b"]).legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["a (± std over sweeps)", "b (± std over sweeps)", NULL_BAND]
+
+
 @pytest.mark.parametrize(
     ("settings", "inputs"),
     [
         ({"weights": "none", "checkpoint": None, "data": "shapes"}, "random weights, synthetic"),
         (
             {"weights": None, "checkpoint": "runs/fm/last.pt", "data": "fashionmnist"},
-            "checkpoint last.pt, fashionmnist",
+            "checkpoint fm/last.pt, fashionmnist",
         ),
         ({"weights": "default", "data": "cifar10:~/data"}, "pretrained weights, cifar10"),
         ({"weights": "IMAGENET1K_V2", "data": "/data/imagenet/val"}, "IMAGENET1K_V2 weights, "),
