@@ -39,6 +39,7 @@ permutations and so is never zero (Phipson & Smyth 2010).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -352,51 +353,60 @@ def bootstrap_gap(batches: int) -> str | None:
     )
 
 
-#: The most memory the calibration's matrices may take at once (``check_calibration_size``):
-#: past it a comparison is refused before its first batch rather than failing at its end.
-CALIBRATION_BYTES = 4 * 2**30
+def memory_bytes() -> int:
+    """This machine's physical memory, where the calibration's matrices end up (float64, CPU)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a modest machine's
+        return 16 * 2**30
 
 
 def calibration_matrices(bootstrap: int, permutations: int, repeats: int) -> int:
     """About how many (La, Lb) float64 matrices the calibration holds at once, at its peak.
 
-    Each sweep's permutation null is kept until the sweeps are averaged (the list, their stack
-    and the mean: 2 S + 1 nulls of N matrices); the bootstrap holds its R replicates, their
-    ratio's terms and a sorted copy for the percentiles (3 R).
+    The larger of its two phases: while the bootstrap runs, each sweep's permutation null
+    (S nulls of N matrices) and its R replicates, their ratio's terms and a sorted copy for the
+    percentiles (3 R); then the nulls' list, their stack and mean (2 S + 1 nulls) beside the
+    R replicates kept.
     """
-    return permutations * (2 * repeats + 1) + 3 * bootstrap
+    during = repeats * permutations + 3 * bootstrap
+    after = (2 * repeats + 1) * permutations + bootstrap
+    return max(during, after)
 
 
 def check_calibration_size(
     bootstrap: int, permutations: int, repeats: int, layers_a: int, layers_b: int
 ) -> None:
-    """Refuses a calibration whose matrices would take more than ``CALIBRATION_BYTES``.
+    """Refuses a calibration whose matrices would not fit in this machine's memory.
+
+    A run that would fail at its end, after every batch, is refused before its first.
 
     Raises:
         InputError: Naming the size, and the largest count of the larger share that fits.
     """
-    per_matrix = 8 * layers_a * layers_b
+    per_matrix, limit = 8 * layers_a * layers_b, memory_bytes()
     need = per_matrix * calibration_matrices(bootstrap, permutations, repeats)
-    if need <= CALIBRATION_BYTES:
+    if need <= limit:
         return
-    flag, fit = _largest_fit(bootstrap, permutations, repeats, CALIBRATION_BYTES // per_matrix)
-    fewer = f"{flag} {fit} or fewer, or " if fit else ""
+    flag, fit = _largest_fit(bootstrap, permutations, repeats, limit // per_matrix)
+    fewer = f"{flag} {fit} or fewer, " if fit else ""
     counts = (("--bootstrap", bootstrap), ("--permutations", permutations))
     asked = " and ".join(f"{name} {count}" for name, count in counts if count)
     raise InputError(
-        f"{asked} over {repeats} sweep(s) of "
-        f"{layers_a} x {layers_b} layer pairs would hold about {need / 2**30:.1f} GiB of "
-        f"matrices at once, more than the {CALIBRATION_BYTES // 2**30} GiB a comparison may "
-        f"take. Hint: {fewer}fewer layers (e.g. --layers blocks)"
+        f"{asked} over {repeats} sweep(s) of {layers_a} x {layers_b} layer pairs would hold "
+        f"about {need / 2**30:.1f} GiB of matrices at once, more than this machine's "
+        f"{limit / 2**30:.1f} GiB. Hint: {fewer}fewer --repeats, or fewer layers (--layers "
+        "stages has the fewest)"
     )
 
 
 def _largest_fit(bootstrap: int, permutations: int, repeats: int, room: int) -> tuple[str, int]:
     """The option holding the larger share of ``room`` matrices, and its largest count that fits."""
-    null = 2 * repeats + 1
-    if permutations * null >= 3 * bootstrap:
-        return "--permutations", max(0, (room - 3 * bootstrap) // null)
-    return "--bootstrap", max(0, (room - permutations * null) // 3)
+    if permutations * (2 * repeats + 1) >= 3 * bootstrap:
+        fit = min((room - 3 * bootstrap) // repeats, (room - bootstrap) // (2 * repeats + 1))
+        return "--permutations", max(0, fit)
+    fit = min((room - repeats * permutations) // 3, room - (2 * repeats + 1) * permutations)
+    return "--bootstrap", max(0, fit)
 
 
 def _warn_lost(boot: Tensor) -> None:

@@ -326,26 +326,39 @@ def test_counts_beyond_the_most_are_refused_before_any_work(
 
 
 def test_a_calibration_too_large_to_hold_is_refused_before_the_first_batch() -> None:
+    """1000 x 1000 layer pairs, 10 sweeps of 10 000 permutations: 1.6 TiB, more than any
+    machine this runs on has."""
     from ckascope import compare_scales
-    from ckascope.calibration import check_calibration_size
+    from ckascope.calibration import check_calibration_size, memory_bytes
     from ckascope.errors import InputError
 
-    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), *(torch.nn.ReLU() for _ in range(299)))
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), *(torch.nn.ReLU() for _ in range(999)))
     ran: list[int] = []
     wide.register_forward_pre_hook(lambda m, i: ran.append(1))
     options = {"image_size": 8, "num_images": 8, "batch_size": 8, "layers": "leaves"}
     with pytest.raises(InputError) as caught:
-        compare_scales(wide, None, (4, 8), permutations=10000, **options)  # type: ignore[arg-type]
+        compare_scales(wide, None, (4, 8), permutations=10000, repeats=10, **options)  # type: ignore[arg-type]
+    limit = memory_bytes()
+    fit = limit // (8 * 1000 * 1000) // 21  # the nulls' stack: (2 x 10 + 1) x permutations
     assert str(caught.value) == (
-        "--permutations 10000 over 1 sweep(s) of 300 x 300 layer pairs would hold about 20.1 GiB of matrices at once, more than the 4 GiB a comparison may take. "
-        "Hint: --permutations 1988 or fewer, or fewer layers (e.g. --layers blocks)"
+        "--permutations 10000 over 10 sweep(s) of 1000 x 1000 layer pairs would hold about "
+        f"{21 * 10000 * 8e6 / 2**30:.1f} GiB of matrices at once, more than this machine's "
+        f"{limit / 2**30:.1f} GiB. Hint: --permutations {fit} or fewer, fewer --repeats, or "
+        "fewer layers (--layers stages has the fewest)"
     )
     assert ran == []  # no forward pass ran
-    check_calibration_size(0, 1988, 1, 300, 300)  # the hint's count fits
-    with pytest.raises(
-        InputError, match=r"--bootstrap 10000 over 2 sweep\(s\) .* --bootstrap 1988 or"
-    ):
-        check_calibration_size(10000, 0, 2, 300, 300)  # the bootstrap's share does not grow
+    check_calibration_size(0, fit, 10, 1000, 1000)  # the hint's count fits
+    with pytest.raises(InputError, match=r"--bootstrap 10000 over 2 sweep\(s\) .* --bootstrap"):
+        check_calibration_size(10000, 0, 2, 1000, 1000)  # the bootstrap's share does not grow
+
+
+def test_the_calibration_peak_is_the_larger_of_its_two_phases() -> None:
+    """While bootstrapping: S nulls and 3 R; then 2 S + 1 nulls beside the R replicates."""
+    from ckascope.calibration import calibration_matrices
+
+    assert calibration_matrices(1000, 100, 10) == 10 * 100 + 3 * 1000  # the bootstrap's phase
+    assert calibration_matrices(100, 1000, 10) == 21 * 1000 + 100  # the nulls' stack
+    assert calibration_matrices(0, 0, 3) == 0
 
 
 def test_one_permutation_has_no_null_std_and_no_z_score() -> None:
