@@ -424,7 +424,7 @@ def _more_batches(n: int, opts: SweepOptions, dataset: Dataset[Any]) -> str:
     if n >= need:
         return f"a --batch-size of {n // world} or less gives each process a batch{fewer}"
     total = dataset_len(dataset)
-    if isinstance(dataset, SyntheticShapes) or n < total:  # more can be asked for
+    if isinstance(dataset, SyntheticShapes) or need <= total:  # more can be asked for
         return f"--num-images {need} or more{fewer}"
     unread = sum(isinstance(dataset[i], Skipped) for i in range(total))  # under 4 per process
     bad = f", {unread} of them unreadable" if unread else ""

@@ -655,6 +655,11 @@ def test_a_sweep_with_no_batch_says_why_and_the_fix_that_fits() -> None:
         "6 images make only 1 batch of at least 4 images, and each of the 2 processes needs "
         "one. Hint: the data holds 6 images: give it at least 8 readable ones, or fewer processes"
     )
+    with pytest.raises(InputError) as asked_few_of_few:  # 16 would be more than the 10 it holds
+        compare_scales(net, _images(10), (4, 8), num_images=8, world_size=4, **tiny)  # type: ignore[arg-type]
+    assert str(asked_few_of_few.value).endswith(
+        "Hint: the data holds 10 images: give it at least 16 readable ones, or fewer processes"
+    )
 
 
 def _folder(root: Path, good: int, bad: int) -> Path:
