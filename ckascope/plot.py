@@ -100,7 +100,14 @@ def _data_words(settings: dict[str, Any]) -> list[str]:
     spec = settings["data"]
     if is_synthetic(spec):
         return ["synthetic images"]
-    return [dataset_name(spec) or "/".join(Path(spec).expanduser().parts[-2:])]
+    return [dataset_name(spec) or _folder_words(str(spec))]
+
+
+def _folder_words(spec: str) -> str:
+    """A folder's last two names (``imagenet/val``); the spec as given where it has none."""
+    path = Path(spec).expanduser()  # as given: a redraw may run elsewhere
+    names = [part for part in path.parts if part != path.anchor][-2:]
+    return "/".join(names) or spec
 
 
 def heatmap(

@@ -132,6 +132,8 @@ def test_the_curve_legend_lists_chance_after_every_line() -> None:
         ),
         ({"weights": "default", "data": "cifar10:~/data"}, "pretrained weights, cifar10"),
         ({"weights": "IMAGENET1K_V2", "data": "/data/imagenet/val"}, "IMAGENET1K_V2 weights, "),
+        ({"weights": "none", "data": "/data"}, "random weights, data)"),  # not //data
+        ({"weights": "none", "data": "."}, "random weights, .)"),  # the folder as given
         (
             {"mode": "models", "model_b": "r34", "weights": "none", "weights_b": "default"},
             "toy: random weights, r34: pretrained weights",
@@ -145,7 +147,7 @@ def test_the_heatmap_names_its_weights_and_images_in_every_case(
     result = CKAResult(base.matrices, base.layers_a, base.layers_b, {**base.settings, **settings})
     title = " ".join(heatmap(result).axes[0].get_title().split())  # wrapped to its width
     assert f"({inputs}" in title
-    if "data" in settings and str(settings["data"]).startswith("/"):
+    if settings.get("data") == "/data/imagenet/val":
         assert title.endswith("(IMAGENET1K_V2 weights, imagenet/val)")
 
 
