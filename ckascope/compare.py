@@ -575,8 +575,9 @@ class _Sweep:
         return plan[self.opts.rank :: self.opts.world_size]
 
     def run(self) -> list[SweepSummary]:
+        self._check_calibration()  # before the plan's notes: a refused run prints one line
         sweeps = self._sweeps()
-        self._check_calibration()
+        self._note_gap()
         total = None if any(n is None for _, n in sweeps) else sum(n or 0 for _, n in sweeps)
         show = self.opts.progress and self.opts.rank == 0
         # Exact by default: TF32 convolutions (cuDNN's default) move CKA by ~1e-3 on a GPU.
@@ -594,14 +595,14 @@ class _Sweep:
             return [self._repeat(r, make(), advance) for r, (make, _) in enumerate(sweeps)]
 
     def _check_calibration(self) -> None:
-        """Refuses a calibration too large to hold, before the first batch.
-
-        And says then, not after the sweep, when the planned batches are too few for any
-        bootstrap interval.
-        """
+        """Refuses a calibration too large to hold, before the first batch."""
         o = self.opts
         layers = [len(side.recorder.layer_names) for side in (self.side_a, self.side_b)]
         check_calibration_size(o.bootstrap, o.permutations, o.repeats, *layers)
+
+    def _note_gap(self) -> None:
+        """Says before the sweep, not after it, when its planned batches allow no interval."""
+        o = self.opts
         gap = bootstrap_gap(self.planned) if o.bootstrap and self.planned is not None else None
         if gap is not None:
             warn(gap)
@@ -883,11 +884,11 @@ def compare_sides(
     view.check()
     size = cast(int, view.image_size)
     scales = [check_scale(size if s.scale is None else s.scale) for s in (a, b)]
-    note_upsampled(scales, size)
     for model in (a.model, b.model):
         if device is not None:
             model.to(device)
     source, opts = as_source(data, view, sweep or SweepOptions())
+    note_upsampled(scales, size)  # after the data's refusals: a refused run prints one line
     side_a, side_b = (
         side_for(s, view.at(x), opts.gram_dtype) for s, x in zip((a, b), scales, strict=True)
     )
