@@ -8,12 +8,13 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from ckascope.views import resize
 from msun import build_msun, save_checkpoint
@@ -367,17 +368,26 @@ def test_eval_refuses_before_scoring(tmp_path: Path, two_classes: Path, case: in
     assert_refused(main, ["eval", *argv], needle, tmp_path)
 
 
+def _ten_classes(path: Path, **extra: Any) -> Path:
+    """A 10-class MSUN checkpoint (16 / 32 px) at ``path``, with ``extra`` entries."""
+    torch.manual_seed(0)
+    save_checkpoint(build_msun("resnet18", scales=(16, 32), num_classes=10).eval(), path, **extra)
+    return path
+
+
+def _scored(tmp_path: Path, *args: str) -> Result:
+    """``msun eval args`` at 32 px, routed paths only, into tmp_path/ev; it must succeed."""
+    argv = ["eval", *args, "--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Path) -> None:
     """As ckascope compare --checkpoint notes it: its scores are not of its own images."""
-    torch.manual_seed(0)
-    model = build_msun("resnet18", scales=(16, 32), num_classes=10).eval()
-    ckpt = tmp_path / "fm.pt"
-    save_checkpoint(model, ckpt, train_config={"data": "fashionmnist", "image_size": 32})
-    args = ["eval", str(ckpt), "--data", "shapes", "--num-val", "8", "--batch-size", "8"]
-    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    ckpt = _ten_classes(tmp_path / "fm.pt", train_config={"data": "fashionmnist", "image_size": 32})
+    result = _scored(tmp_path, str(ckpt), "--data", "shapes", "--num-val", "8", "--batch-size", "8")
     assert (
         f"note: {ckpt.absolute()} was trained on fashionmnist; these are the synthetic images. "
         "Hint: leave --data out (or --data fashionmnist) to score it on its own"
@@ -387,13 +397,8 @@ def test_a_model_of_other_data_scored_on_the_synthetic_set_is_noted(tmp_path: Pa
 
 @pytest.mark.slow  # takes seconds or more (the fast subset leaves it out)
 def test_a_checkpoint_given_twice_is_noted(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    ckpt = tmp_path / "m.pt"
-    save_checkpoint(build_msun("resnet18", scales=(16, 32), num_classes=10).eval(), ckpt)
-    args = ["eval", str(ckpt), str(ckpt), "--num-val", "4", "--batch-size", "4"]
-    args += ["--eval-sizes", "32", "--paths", "routed", "--out", str(tmp_path / "ev")]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    ckpt = _ten_classes(tmp_path / "m.pt")
+    result = _scored(tmp_path, str(ckpt), str(ckpt), "--num-val", "4", "--batch-size", "4")
     assert (
         f"note: {ckpt} is given 2 times: it is evaluated each time, as m, m#2. "
         "Hint: give each checkpoint once"
