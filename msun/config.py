@@ -211,7 +211,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise InputError(f"config file {p} is a folder, not a YAML file. Hint: {_file_in(p)}")
     if not p.is_file():
-        raise InputError(f"config file {p} does not exist")
+        raise InputError(
+            f"config file {p} does not exist. Hint: check the path (a run's options are its "
+            "folder's config.yaml)"
+        )
     if p.stat().st_size > MAX_CONFIG_BYTES:
         raise InputError(f"{p} is {p.stat().st_size} bytes, too large for a config file")
     try:

@@ -174,7 +174,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("msun", T, [*TINY_TRAIN, "--method", "distill"], "--method"),
     ("msun", T, [*TINY_TRAIN, "--data", "/no/such/dir"], "does not exist"),
     ("msun", T, [*TINY_TRAIN, "--batch-size", "1"], "at least 2 images"),
-    ("msun", T, [*TINY_TRAIN, "--config", "{empty}/missing.yaml"], "does not exist"),
+    ("msun", T, [*TINY_TRAIN, "--config", "{empty}/missing.yaml"], "does not exist. Hint:"),
     ("msun", T, [*TINY_TRAIN, "--config", "{bad_yaml}"], "not valid YAML"),
     ("msun", T, [*TINY_TRAIN, "--config", "{unknown_yaml}"], "did you mean 'model'"),
     ("msun", T, [*TINY_TRAIN, "--config", "{list_yaml}"], "mapping"),
