@@ -241,9 +241,7 @@ def train(config_file: Path | None, resume: bool, **values: Any) -> None:
     explicit = explicit_options()
     given = {k: v for k, v in values.items() if k in explicit}
     # a run's own config.yaml repeats the split it chose, not the analysis it chose it from
-    from_file = (
-        without_split_record(config_file, read_options(config_file), given) if config_file else {}
-    )
+    from_file = without_split_record(read_options(config_file), given) if config_file else {}
     cfg = merge(from_file, given)
     files = {k: str(config_file) for k in from_file}
     if resume:  # what was not given is the run's own (config.yaml), not today's defaults

@@ -733,12 +733,10 @@ def saved_value(config: Mapping[str, Any], key: str) -> Any:
     return config.get(key, ADDED_LATER.get(key))
 
 
-def without_split_record(
-    path: Path, options: Mapping[str, Any], given: Mapping[str, Any]
-) -> dict[str, Any]:
+def without_split_record(options: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """A config file's ``options`` less a ``cka_from`` that only records where its split came from.
 
-    A ``--split-at auto`` run's config.yaml (``is_run_config``) holds the split it chose and
+    A ``--split-at auto`` run's config.yaml (``records_a_run``) holds the split it chose and
     the analysis it chose it from: read again (``--config`` of it), the file repeats that
     split, as ``--resume`` does (``run_options``), and its ``cka_from`` asks for no analysis.
     The ``cka_from`` stays where a split is still to be chosen (``--split-at auto`` given or in
@@ -747,7 +745,7 @@ def without_split_record(
     user's own request.
     """
     split = given["split_at"] if "split_at" in given else options.get("split_at")
-    chosen = options.get("split_at") not in (None, "auto") and is_run_config(path)
+    chosen = options.get("split_at") not in (None, "auto") and records_a_run(options)
     if "cka_from" in given or split == "auto" or not chosen:
         return dict(options)
     return {k: v for k, v in options.items() if k != "cka_from"}
@@ -760,6 +758,11 @@ def is_run_config(path: Path) -> bool:
         merge(options)
     except InputError:
         return False
+    return records_a_run(options)
+
+
+def records_a_run(options: Mapping[str, Any]) -> bool:
+    """Whether a config file's ``options`` are a run's: every option a run records."""
     return set(FIELDS) - set(ADDED_LATER) <= set(options)
 
 
